@@ -1,0 +1,218 @@
+"""The indexing pipeline: scan -> read + hash + decode + preprocess (threads) -> embed (batches) -> write.
+
+Reading, decoding and preprocessing run in a thread pool (PIL releases the GIL), a bounded
+window ahead of the model, so decoding overlaps model compute. Results are consumed in scan
+order. Each model batch is committed to the store in one transaction; see
+`searchengine.library` for the write order that makes a crash repairable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+from searchengine.imageio import Decoded, decode_image, read_file, sha256_of
+from indexer.scan import FileEntry, scan_folder
+from searchengine.errors import BadImageError, SearchEngineError
+from searchengine.library import Library, model_info
+from searchengine.models import RetrievalModel
+from searchengine.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Scanner = Callable[..., Iterator[FileEntry]]
+Reader = Callable[[str], bytes]
+
+
+@dataclass
+class Summary:
+    indexed: int = 0  # newly embedded images
+    linked: int = 0  # files whose content was already indexed under another path
+    unchanged: int = 0
+    removed: int = 0  # files gone from disk, dropped from the index
+    failed: Counter = field(default_factory=Counter)  # reason -> count, this run
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # path, reason, message
+    seconds: float = 0.0
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.failed.values())
+
+
+@dataclass
+class _Ready:
+    entry: FileEntry
+    sha256: str
+    decoded: Decoded | None = None  # None: content already in the store (link, no decode)
+    pixels: object = None
+
+
+@dataclass
+class _Failed:
+    entry: FileEntry
+    reason: str
+    message: str
+
+
+class Indexer:
+    def __init__(
+        self,
+        model: RetrievalModel,
+        library: Library,
+        settings: Settings,
+        *,
+        scanner: Scanner = scan_folder,
+        reader: Reader = read_file,
+        on_skip: Callable[[str, str], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+        on_total: Callable[[int], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.library = library
+        self.settings = settings
+        self.scanner = scanner
+        self.reader = reader
+        self.on_skip = on_skip or (lambda path, message: None)
+        self.progress = progress or (lambda n: None)
+        self.on_total = on_total or (lambda n: None)
+        self.library.bind(model_info(model))
+        self.batch_size = settings.batch_size or (64 if model.device.startswith("cuda") else 8)
+        mode = settings.itm_features
+        self.write_features = mode == "cache" or (mode == "auto" and not model.device.startswith("cuda"))
+
+    # -- the run --------------------------------------------------------------------------
+
+    def run(self, roots: Sequence[str | os.PathLike]) -> Summary:
+        start = time.perf_counter()
+        summary = Summary()
+        store = self.library.store
+        folders = [self._check_root(r) for r in roots]
+        todo: list[FileEntry] = []
+        gone: list[str] = []
+        for folder in folders:
+            store.add_root(str(folder))
+            known = store.files_under(str(folder))
+            seen: set[str] = set()
+            for entry in self.scanner(folder, exclude=(Path(self.settings.data_dir).resolve(),)):
+                seen.add(entry.path)
+                state = known.get(entry.path)
+                if state is not None and state.size == entry.size and state.mtime_ns == entry.mtime_ns:
+                    summary.unchanged += 1
+                else:
+                    todo.append(entry)
+            gone.extend(p for p in known if p not in seen)
+        if gone:
+            summary.removed = len(gone)
+            self.library.forget_images(store.remove_files(gone))
+        self.on_total(len(todo))
+        try:
+            self._process(todo, summary)
+        finally:
+            self.library.save()
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    def _check_root(self, root: str | os.PathLike) -> Path:
+        path = Path(root).expanduser()
+        if not path.exists():
+            raise SearchEngineError(f"folder {str(root)!r} does not exist")
+        if not path.is_dir():
+            raise SearchEngineError(f"{str(root)!r} is not a folder")
+        return path.resolve()
+
+    def _process(self, todo: list[FileEntry], summary: Summary) -> None:
+        batch: list[_Ready] = []
+        links: list[_Ready] = []
+        failures: list[_Failed] = []
+        pending: set[str] = set()  # content hashes in `batch`, not yet committed
+
+        def flush() -> None:
+            self._write(batch, links, failures, summary)
+            self.progress(len(batch) + len(links) + len(failures))
+            batch.clear(), links.clear(), failures.clear(), pending.clear()
+
+        for result in self._load_all(todo):
+            if isinstance(result, _Failed):
+                failures.append(result)
+                summary.failed[result.reason] += 1
+                summary.failures.append((result.entry.path, result.reason, result.message))
+                self.on_skip(result.entry.path, result.message)
+            elif result.decoded is None or result.sha256 in pending:
+                links.append(result)
+            else:
+                batch.append(result)
+                pending.add(result.sha256)
+            if len(batch) >= self.batch_size or len(links) + len(failures) >= 256:
+                flush()
+        flush()
+
+    def _load_all(self, todo: list[FileEntry]) -> Iterator[_Ready | _Failed]:
+        """Load files in a thread pool, a bounded window ahead, yielding in order."""
+        window = 2 * self.batch_size + self.settings.decode_workers
+        with ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode") as pool:
+            futures: deque[Future] = deque()
+            entries = iter(todo)
+            for entry in entries:
+                futures.append(pool.submit(self._load, entry))
+                if len(futures) >= window:
+                    yield futures.popleft().result()
+            while futures:
+                yield futures.popleft().result()
+
+    def _load(self, entry: FileEntry) -> _Ready | _Failed:
+        try:
+            data = self.reader(entry.path)
+            sha = sha256_of(data) if data else ""
+            if sha and self.library.store.image_id_for_hash(sha) is not None:
+                return _Ready(entry, sha)
+            decoded = decode_image(data, max_pixels=self.settings.max_image_pixels, sha256=sha or None)
+            pixels = self.model.preprocess([decoded.image])[0]
+            decoded.image = None  # the pixels are all the model needs; free the full-size image
+            return _Ready(entry, sha, decoded, pixels)
+        except BadImageError as e:
+            return _Failed(entry, e.reason, str(e))
+        except MemoryError:
+            return _Failed(entry, "too_large", "not enough memory to decode this image")
+        except Exception as e:  # a decoder bug on one file must not stop the run
+            log.exception("unexpected error reading %s", entry.path)
+            return _Failed(entry, "decode_error", f"{type(e).__name__}: {e}")
+
+    def _write(self, batch: list[_Ready], links: list[_Ready], failures: list[_Failed], summary: Summary) -> None:
+        import torch
+
+        if not (batch or links or failures):
+            return
+        itc = vit = None
+        if batch:
+            emb = self.model.embed_pixels(torch.stack([r.pixels for r in batch]))
+            itc, vit = emb.itc, emb.vit
+        store = self.library.store
+        new_ids, orphans = store.write_batch(
+            new_images=[
+                (r.sha256, r.decoded.meta, itc[i], [(r.entry.path, r.entry.size, r.entry.mtime_ns)])
+                for i, r in enumerate(batch)
+            ],
+            links=[(r.entry.path, r.entry.size, r.entry.mtime_ns, r.sha256) for r in links],
+            failures=[(f.entry.path, f.entry.size, f.entry.mtime_ns, f.reason, f.message) for f in failures],
+        )
+        if batch:
+            if self.write_features and self.library.features is not None:
+                vit_np = vit.float().cpu().numpy()
+                for i, image_id in enumerate(new_ids):
+                    self.library.features.put(image_id, vit_np[i])
+            self.library.add_vectors(new_ids, itc)
+        self.library.forget_images(orphans)
+        summary.indexed += len(batch)
+        summary.linked += len(links)
+
+
+def index_folders(
+    model: RetrievalModel, library: Library, settings: Settings, roots: Iterable[str], **kwargs
+) -> Summary:
+    return Indexer(model, library, settings, **kwargs).run(list(roots))

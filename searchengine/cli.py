@@ -1,0 +1,277 @@
+"""The `searchengine` command: index, search, stats, make-tiny-model.
+
+This module is the composition root: it builds the settings, the model, the library and the
+indexer or searcher, and passes them in. It is the only module of `searchengine` that reaches
+into `indexer` (lazily, in the `index` command); the core never does. Errors the core raises
+become one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Sequence
+
+from pydantic import ValidationError
+
+from searchengine.errors import SearchEngineError
+from searchengine.settings import DEFAULT_MODEL, Settings
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _common(parser: argparse.ArgumentParser, *, model: bool) -> None:
+    g = parser.add_argument_group("common options")
+    g.add_argument("--data-dir", help="where the store and index files live (default: ~/.local/share/searchengine; env SEARCHENGINE_DATA_DIR)")
+    g.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    if model:
+        g.add_argument("--model", help=f"hub id or local directory of a BLIP-2 retrieval model (default: {DEFAULT_MODEL}; env SEARCHENGINE_MODEL)")
+        g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+        g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="model dtype (default: auto)")
+        g.add_argument("--itm-features", choices=["auto", "cache", "recompute"], help="where ITM re-ranking gets ViT features (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="searchengine", description="Semantic image search on BLIP-2.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("index", help="index (or update the index of) photo folders")
+    p.add_argument("folders", nargs="+", metavar="FOLDER")
+    p.add_argument("--batch-size", type=int, help="images per model batch (default: 8 on a CPU, 64 on a GPU)")
+    p.add_argument("--workers", type=int, dest="decode_workers", help="decoding threads (default: 2)")
+    p.add_argument("--max-pixels", type=int, dest="max_image_pixels", help="refuse images larger than this (default: 150M)")
+    _common(p, model=True)
+
+    p = sub.add_parser("search", help="search the index in words")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=10, help="how many results (default: 10)")
+    p.add_argument("--candidates", type=int, dest="k_candidates", help="ITC candidates taken from FAISS (default: 128)")
+    p.add_argument("--rerank", type=int, dest="rerank_top", help="how many candidates ITM re-ranks (default: 20)")
+    p.add_argument("--no-rerank", action="store_true", help="ITC only, no ITM re-ranking")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _common(p, model=True)
+
+    p = sub.add_parser("stats", help="what the index holds")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _common(p, model=False)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random BLIP-2 retrieval model (for tests and trials)")
+    p.add_argument("directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=["tiny", "real"], default="tiny", help="'real': the blip2-itm-vit-g architecture, random weights")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    keys = ("data_dir", "model", "device", "dtype", "itm_features", "batch_size", "decode_workers",
+            "max_image_pixels", "k_candidates", "rerank_top")
+    return Settings(**{k: getattr(args, k) for k in keys if getattr(args, k, None) is not None})
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    if not verbose:  # the hub client logs every retry of an unreachable host as a warning
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
+def _load_model(settings: Settings):
+    from searchengine.models import RetrievalModel
+
+    return RetrievalModel.load(
+        settings.model, device=settings.device, dtype=settings.dtype, text_max_tokens=settings.text_max_tokens
+    )
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def cmd_index(args: argparse.Namespace, out, err) -> int:
+    from tqdm import tqdm
+
+    from indexer.pipeline import Indexer
+    from searchengine.library import Library
+
+    settings = _settings(args)
+    for folder in args.folders:  # fail before loading a 5 GB model
+        if not os.path.isdir(os.path.expanduser(folder)):
+            raise SearchEngineError(f"{folder!r} is not a folder" if os.path.exists(folder) else f"folder {folder!r} does not exist")
+    model = _load_model(settings)
+    library = Library.open(settings, create=True)
+    bar = tqdm(total=0, unit="img", file=err, disable=None, dynamic_ncols=True)
+
+    def on_skip(path: str, message: str) -> None:
+        bar.write(f"skipping {path}: {message}", file=err)
+
+    def on_total(n: int) -> None:
+        bar.reset(total=n)
+
+    try:
+        indexer = Indexer(model, library, settings, on_skip=on_skip, progress=bar.update, on_total=on_total)
+        summary = indexer.run(args.folders)
+    finally:
+        bar.close()
+        library.close()
+    rate = summary.indexed / summary.seconds if summary.seconds > 0 else 0.0
+    line = (
+        f"{summary.indexed} indexed, {summary.linked} duplicates linked, {summary.unchanged} unchanged, "
+        f"{summary.removed} removed, {summary.skipped} skipped"
+    )
+    if summary.failed:
+        line += " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(summary.failed.items())) + ")"
+    print(f"{line}; {summary.seconds:.1f} s ({rate:.2f} images/s)", file=out)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace, out, err) -> int:
+    from searchengine.library import Library
+    from searchengine.search import Searcher
+
+    settings = _settings(args)
+    if not args.query.strip():
+        raise SearchEngineError("the query is empty: type some words that describe the picture")
+    if args.k < 1:
+        raise SearchEngineError("-k must be at least 1")
+    library = Library.open(settings)  # before the model: a missing index is reported at once
+    try:
+        searcher = Searcher(_load_model(settings), library, settings)
+        result = searcher.search(args.query, k=args.k, rerank=0 if args.no_rerank else None)
+    finally:
+        library.close()
+    if args.json:
+        print(json.dumps(_result_json(result), ensure_ascii=False, indent=2), file=out)
+        return 0
+    if not result.hits:
+        print("no results" + ("" if len(library.index or ()) else ": the index is empty"), file=out)
+        return 0
+    print(f"{'rank':>4}  {'final':>7}  {'itm':>6}  {'itc':>7}  path", file=out)
+    for rank, h in enumerate(result.hits, 1):
+        itm = f"{h.itm:6.3f}" if h.itm is not None else f"{'-':>6}"
+        print(f"{rank:>4}  {h.score:7.3f}  {itm}  {h.itc:7.3f}  {h.path}", file=out)
+    t = result.timings_ms
+    print(f"encode {t['encode']:.0f} ms, ann {t['ann']:.1f} ms, re-rank {t['rerank']:.0f} ms ({result.reranked} images)", file=err)
+    return 0
+
+
+def _result_json(result) -> dict:
+    return {
+        "query": result.query,
+        "reranked": result.reranked,
+        "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
+        "results": [
+            {
+                "rank": rank,
+                "id": h.image_id,
+                "path": h.path,
+                "paths": h.paths,
+                "score": h.score,
+                "itm": h.itm,
+                "itc": h.itc,
+                "width": h.width,
+                "height": h.height,
+                "taken_at": h.taken_at,
+                "camera": h.camera,
+            }
+            for rank, h in enumerate(result.hits, 1)
+        ],
+    }
+
+
+def cmd_stats(args: argparse.Namespace, out, err) -> int:
+    from searchengine.library import Library
+
+    settings = _settings(args)
+    library = Library.open(settings)
+    try:
+        stats = library.store.stats()
+        sizes = library.sizes_on_disk()
+        vectors = library.index.index.ntotal if library.index else 0
+    finally:
+        library.close()
+    data = {
+        "data_dir": str(settings.data_dir),
+        "images": stats.images,
+        "files": stats.files,
+        "failed": stats.failed,
+        "failures_by_reason": stats.failures_by_reason,
+        "failures": [{"path": p, "reason": r, "error": e} for p, r, e in stats.failures],
+        "roots": stats.roots,
+        "model": stats.model.name if stats.model else None,
+        "model_fingerprint": stats.model.fingerprint if stats.model else None,
+        "index_type": "exact (flat inner product, max over query vectors)",
+        "vectors": vectors,
+        "bytes_on_disk": sizes,
+    }
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False, indent=2), file=out)
+        return 0
+    print(f"data dir     {data['data_dir']}", file=out)
+    print(f"model        {data['model'] or '-'}" + (f" ({data['model_fingerprint']})" if data["model"] else ""), file=out)
+    print(f"images       {stats.images} ({stats.files} files)", file=out)
+    print(f"index        {data['index_type']}, {vectors} vectors", file=out)
+    print("on disk      " + ", ".join(f"{k} {_human(v)}" for k, v in sizes.items()), file=out)
+    print(f"folders      {', '.join(stats.roots) or '-'}", file=out)
+    print(f"failed       {stats.failed}" + (" (" + ", ".join(f"{r}: {n}" for r, n in sorted(stats.failures_by_reason.items())) + ")" if stats.failed else ""), file=out)
+    for p, r, e in stats.failures:
+        print(f"  {p}: {e}", file=out)
+    if stats.failed > len(stats.failures):
+        print(f"  ... and {stats.failed - len(stats.failures)} more (--json lists the first {len(stats.failures)})", file=out)
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace, out, err) -> int:
+    from searchengine.tiny import build_tiny_model
+
+    path = build_tiny_model(args.directory, seed=args.seed, size=args.size)
+    print(f"wrote a {args.size} random BLIP-2 retrieval model to {path}", file=out)
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+COMMANDS = {"index": cmd_index, "search": cmd_search, "stats": cmd_stats, "make-tiny-model": cmd_make_tiny_model}
+
+
+def main(argv: Sequence[str] | None = None, out=None, err=None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = build_parser().parse_args(argv)
+    try:
+        _quiet_libraries(args.__dict__.get("verbose", False))
+        return COMMANDS[args.command](args, out, err)
+    except SearchEngineError as e:
+        print(f"searchengine: error: {e}", file=err)
+        return EXIT_ERROR
+    except ValidationError as e:  # a setting out of range, from a flag or the environment
+        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        print(f"searchengine: error: invalid setting: {problems}", file=err)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("searchengine: interrupted", file=err)
+        return 130
+    except BrokenPipeError:  # `searchengine search ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:  # pydantic validation of settings, and anything unforeseen: one line
+        if args.__dict__.get("verbose"):
+            raise
+        print(f"searchengine: error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} (run with -v for details)", file=err)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Exceptions the core raises; the CLI (and later the API) turn them into a message or a 4xx."""
+
+
+class SearchEngineError(Exception):
+    """Base class: the message is written for the user and says what to do."""
+
+
+class ModelLoadError(SearchEngineError):
+    """The model could not be loaded, or is not a BLIP-2 retrieval model."""
+
+
+class ModelMismatchError(SearchEngineError):
+    """The index was built with another model than the one opened."""
+
+
+class IndexNotFoundError(SearchEngineError):
+    """There is no index in the data directory yet."""
+
+
+class QueryError(SearchEngineError):
+    """The query cannot be searched (empty, too long)."""
+
+
+class SchemaError(SearchEngineError):
+    """The store's schema is newer than this program knows."""
+
+
+class BadImageError(SearchEngineError):
+    """A file could not be read or decoded as an image. `reason` is a short stable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

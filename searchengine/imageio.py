@@ -1,0 +1,147 @@
+"""Image files: read, hash, decode once, apply EXIF orientation, convert to RGB.
+
+Every way a file can be bad ends in `BadImageError(reason, message)` with a stable reason
+code: empty, not_an_image, too_large, truncated, decode_error, unreadable, vanished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from searchengine.errors import BadImageError
+from searchengine.store import ImageMeta
+
+_BASE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"}
+_HEIF_EXTENSIONS = {".heic", ".heif"}
+
+
+def _heif_available() -> bool:
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def image_extensions() -> set[str]:
+    return _BASE_EXTENSIONS | (_HEIF_EXTENSIONS if _heif_available() else set())
+
+
+def read_file(path: str) -> bytes:
+    """The file's bytes, or BadImageError saying why they cannot be had."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise BadImageError("vanished", "file vanished before it could be read") from None
+    except PermissionError:
+        raise BadImageError("unreadable", "permission denied") from None
+    except OSError as e:
+        raise BadImageError("unreadable", f"cannot read file: {e.strerror or e}") from None
+
+
+@dataclass
+class Decoded:
+    sha256: str
+    image: Image.Image  # RGB, orientation applied
+    meta: ImageMeta
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_image(data: bytes, *, max_pixels: int, sha256: str | None = None) -> Decoded:
+    if not data:
+        raise BadImageError("empty", "file is empty (0 bytes)")
+    sha = sha256 or sha256_of(data)
+    # Our own limit is checked from the header before any pixel is decoded; PIL's bomb check is
+    # set just above it so that it never fires first with a less useful message.
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise BadImageError("too_large", f"image has more than {max_pixels} pixels (decompression bomb guard)") from None
+    except UnidentifiedImageError:
+        raise BadImageError("not_an_image", "not an image (no known image format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImageError("decode_error", f"cannot open image: {e}") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise BadImageError(
+            "too_large", f"{w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,} (raise --max-pixels to allow it)"
+        )
+    if w == 0 or h == 0:
+        raise BadImageError("decode_error", f"image has no pixels ({w}x{h})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im.load()
+            exif = im.getexif()
+            im = ImageOps.exif_transpose(im)
+            rgb = to_rgb(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
+        msg = str(e) or type(e).__name__
+        reason = "truncated" if "truncated" in msg or isinstance(e, EOFError) else "decode_error"
+        raise BadImageError(reason, f"cannot decode image: {msg}") from None
+    return Decoded(sha, rgb, _meta(rgb, exif))
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB. Transparency is composited on white (as transformers' convert_to_rgb does);
+    16- and 32-bit greyscale is scaled down rather than clipped to white."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+    has_alpha = "A" in im.getbands() or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+_EXIF_IFD = 0x8769
+_GPS_IFD = 0x8825
+_TAGS = {v: k for k, v in ExifTags.TAGS.items()}
+
+
+def _meta(im: Image.Image, exif: Image.Exif) -> ImageMeta:
+    meta = ImageMeta(width=im.width, height=im.height)
+    try:
+        sub = exif.get_ifd(_EXIF_IFD)
+        raw = sub.get(_TAGS["DateTimeOriginal"]) or exif.get(_TAGS["DateTime"])
+        if raw:
+            meta.taken_at = datetime.strptime(str(raw).strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S").isoformat()
+    except (ValueError, KeyError, TypeError):
+        pass
+    make = str(exif.get(_TAGS["Make"], "") or "").strip("\x00 ")
+    model = str(exif.get(_TAGS["Model"], "") or "").strip("\x00 ")
+    if model:
+        meta.camera = model if make and model.lower().startswith(make.lower().split()[0]) else f"{make} {model}".strip()
+    elif make:
+        meta.camera = make
+    try:
+        gps = exif.get_ifd(_GPS_IFD)
+        if 2 in gps and 4 in gps:
+            meta.gps_lat = _degrees(gps[2]) * (-1 if str(gps.get(1, "N")).upper().startswith("S") else 1)
+            meta.gps_lon = _degrees(gps[4]) * (-1 if str(gps.get(3, "E")).upper().startswith("W") else 1)
+    except (ValueError, TypeError, ZeroDivisionError, KeyError, IndexError):
+        meta.gps_lat = meta.gps_lon = None
+    return meta
+
+
+def _degrees(dms) -> float:
+    d, m, s = (float(x) for x in dms)
+    return round(d + m / 60 + s / 3600, 7)

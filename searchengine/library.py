@@ -1,0 +1,169 @@
+"""The data directory: the store (truth), the FAISS index (derived) and the ViT feature cache.
+
+Write order, which is what makes a crash at any moment repairable:
+1. one store transaction per batch: images, their vectors, their files (or failures);
+2. feature cache files of the new images (whole-file renames; named by the ids from 1);
+3. the in-memory FAISS index, saved atomically every `save_every_s` and at the end.
+Deletions go store first, then FAISS, then cache.
+
+On open, `reconcile` makes the FAISS index hold exactly the store's images: ids the store has
+and the index lacks are added from the stored vectors, ids the store no longer has are
+removed, and cache entries of gone images are deleted. A missing cache entry is recomputed at
+query time. So a crash loses at most the batch in flight (never committed, so never
+half-visible), and a restart repairs the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from searchengine.errors import IndexNotFoundError
+from searchengine.features import FeatureCache
+from searchengine.settings import Settings
+from searchengine.store import ModelInfo, Store, sqlite_url
+from searchengine.vector_index import VectorIndex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconcileReport:
+    added: int = 0
+    removed: int = 0
+    cache_dropped: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed)
+
+
+class Library:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.index: VectorIndex | None = None
+        self.features: FeatureCache | None = None
+        self._last_save = time.monotonic()
+        self._dirty = False
+        info = store.model_info()
+        if info is not None:
+            self._attach(info)
+
+    @classmethod
+    def open(cls, settings: Settings, *, create: bool = False) -> "Library":
+        data_dir = Path(settings.data_dir)
+        if not create and not settings.store_path.exists():
+            raise IndexNotFoundError(
+                f"no index in {data_dir}: run `searchengine index FOLDER` first, or point --data-dir at one"
+            )
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(settings, Store.open(sqlite_url(settings.store_path)))
+
+    def close(self) -> None:
+        self.store.close()
+
+    @property
+    def model_info(self) -> ModelInfo | None:
+        return self.store.model_info()
+
+    def bind(self, info: ModelInfo) -> None:
+        """Tie the library to a model (refused if it was built with another one)."""
+        self.store.bind_model(info)
+        if self.index is None:
+            self._attach(info)
+
+    def _attach(self, info: ModelInfo) -> None:
+        path = self.settings.vectors_path
+        index = None
+        if path.exists():
+            try:
+                index = VectorIndex.load(path, info.dim, info.num_vectors)
+            except Exception as e:  # a damaged derived file is rebuilt, never trusted
+                log.warning("vector index %s is unreadable (%s); rebuilding it from the store", path, e)
+        self.index = index or VectorIndex(info.dim, info.num_vectors)
+        self.features = FeatureCache(self.settings.features_dir, info.vit_shape)
+        report = self.reconcile()
+        if report.changed or not path.exists():
+            self.save()
+
+    def reconcile(self) -> ReconcileReport:
+        assert self.index is not None
+        report = ReconcileReport()
+        store_ids = self.store.image_ids()
+        index_ids = self.index.ids()
+        extra = np.setdiff1d(index_ids, store_ids)
+        missing = np.setdiff1d(store_ids, index_ids)
+        if len(extra):
+            report.removed = self.index.remove(extra)
+        for ids, vecs in self.store.iter_vectors(missing):
+            self.index.add(ids, vecs)
+            report.added += len(ids)
+        if self.features is not None and self.features.root.is_dir():
+            stale = self.features.ids() - set(store_ids.tolist())
+            self.features.delete(stale)
+            report.cache_dropped = len(stale)
+        if report.changed or report.cache_dropped:
+            log.info("reconciled the vector index with the store: %s", report)
+            self._dirty = True
+        return report
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def add_vectors(self, ids: list[int], vecs: np.ndarray) -> None:
+        assert self.index is not None
+        self.index.add(np.asarray(ids), vecs)
+        self._dirty = True
+        self.maybe_save()
+
+    def forget_images(self, ids: list[int]) -> None:
+        """After the store deleted these images: drop their vectors and cache entries."""
+        if not ids:
+            return
+        if self.index is not None:
+            self.index.remove(ids)
+        if self.features is not None:
+            self.features.delete(ids)
+        self._dirty = True
+
+    def maybe_save(self) -> None:
+        if self._dirty and time.monotonic() - self._last_save >= self.settings.save_every_s:
+            self.save()
+
+    def save(self) -> None:
+        if self.index is None:
+            return
+        self.index.save(self.settings.vectors_path)
+        self._last_save = time.monotonic()
+        self._dirty = False
+
+    # -- sizes ----------------------------------------------------------------------------
+
+    def sizes_on_disk(self) -> dict[str, int]:
+        s = self.settings
+
+        def size(p: Path) -> int:
+            return p.stat().st_size if p.exists() else 0
+
+        store = sum(size(Path(str(s.store_path) + suffix)) for suffix in ("", "-wal", "-shm"))
+        return {
+            "store": store,
+            "vector_index": size(s.vectors_path),
+            "feature_cache": self.features.size_bytes() if self.features else 0,
+        }
+
+
+
+def model_info(model) -> ModelInfo:
+    """What the store records about the model that makes its vectors."""
+    return ModelInfo(
+        name=model.name,
+        fingerprint=model.fingerprint,
+        num_vectors=model.num_query_tokens,
+        dim=model.embed_dim,
+        vit_shape=model.vit_shape,
+    )

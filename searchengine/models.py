@@ -1,0 +1,270 @@
+"""The BLIP-2 retrieval model: images -> ITC vectors (+ ViT output), texts -> ITC vector, ITM.
+
+Every score is computed by calling the submodules of transformers'
+`Blip2ForImageTextRetrieval` in exactly the order its own `forward` does, so that the numbers
+equal the reference (tests/searchengine/test_models.py checks this). We call the submodules
+instead of `forward` because `forward` always re-runs the ViT from pixels, while re-ranking
+wants to start from stored ViT outputs, and indexing wants the ITC vectors and the ViT output
+from one pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from searchengine.errors import ModelLoadError
+
+if TYPE_CHECKING:  # torch and transformers are imported when a model is loaded, not before
+    import torch
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# [N, Q, D] float32, each row L2-normalised (Q = query tokens, 32 for the real checkpoint).
+ImageVectors = np.ndarray
+# [T, D] float32, L2-normalised.
+TextVectors = np.ndarray
+
+_RETRIEVAL_KEYS = ("itm_head", "text_projection", "vision_projection", "query_tokens")
+
+
+@dataclass
+class ImageEmbeddings:
+    itc: ImageVectors
+    vit: "torch.Tensor"  # ViT last_hidden_state [N, patches + 1, width], in the model's dtype
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matrix instructions (bf16 is slower without them)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was asked for, but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.isdir(name) or name.count("/") > 1
+
+
+class RetrievalModel:
+    """A loaded `Blip2ForImageTextRetrieval` with its image processor and tokenizer."""
+
+    def __init__(self, name: str, model, image_processor, tokenizer, *, device: str, text_max_tokens: int = 35):
+        import torch
+
+        self.name = name
+        self.model = model.eval()
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.device = device
+        self.text_max_tokens = text_max_tokens
+        cfg = model.config
+        self.num_query_tokens: int = cfg.num_query_tokens
+        self.embed_dim: int = cfg.image_text_hidden_size
+        self.image_size: int = cfg.vision_config.image_size
+        patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+        self.vit_shape: tuple[int, int] = (patches + 1, cfg.vision_config.hidden_size)
+        self.vision_dtype: torch.dtype = model.vision_model.embeddings.patch_embedding.weight.dtype
+        self.fingerprint: str = self._fingerprint()
+
+    @classmethod
+    def load(
+        cls, name: str, *, device: str = "auto", dtype: str = "auto", text_max_tokens: int = 35
+    ) -> "RetrievalModel":
+        """Load by hub id or local directory, both through `from_pretrained`."""
+        import torch  # noqa: F401  (fail here, with the import error, if torch is missing)
+        from transformers import AutoConfig, AutoProcessor, Blip2ForImageTextRetrieval
+
+        if _looks_local(name):
+            path = os.path.expanduser(name)
+            if not os.path.isdir(path):
+                raise ModelLoadError(f"model directory {name!r} does not exist")
+            source = path
+        else:
+            source = name
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load model {name!r}: {_first_line(e)}") from e
+        if getattr(config, "model_type", None) != "blip-2":
+            raise ModelLoadError(
+                f"model {name!r} is a {getattr(config, 'model_type', 'unknown')!r} model, not BLIP-2; "
+                "use a BLIP-2 retrieval checkpoint such as Salesforce/blip2-itm-vit-g"
+            )
+        device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, device)
+        try:
+            model, info = Blip2ForImageTextRetrieval.from_pretrained(
+                source, dtype=torch_dtype, output_loading_info=True
+            )
+            processor = AutoProcessor.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load model {name!r}: {_first_line(e)}") from e
+        missing = sorted(k for k in info.get("missing_keys", ()) if k.split(".")[0] in _RETRIEVAL_KEYS)
+        if missing:
+            raise ModelLoadError(
+                f"model {name!r} is BLIP-2 but has no image-text retrieval weights (missing {missing[0]}, ...); "
+                "use a retrieval checkpoint such as Salesforce/blip2-itm-vit-g"
+            )
+        model.to(device)
+        image_processor = getattr(processor, "image_processor", None)
+        tokenizer = getattr(processor, "tokenizer", None)
+        if image_processor is None or tokenizer is None:
+            raise ModelLoadError(f"model {name!r} has no image processor and tokenizer saved with it")
+        log.info("loaded %s on %s in %s", name, device, torch_dtype)
+        return cls(name, model, image_processor, tokenizer, device=device, text_max_tokens=text_max_tokens)
+
+    # -- images ---------------------------------------------------------------------------
+
+    def preprocess(self, images: Sequence["Image.Image"]) -> "torch.Tensor":
+        """RGB PIL images -> pixel values [N, 3, S, S], exactly as the checkpoint's processor.
+
+        The size is the ViT's own input size (its position embeddings fix it); the saved
+        processor config of some checkpoints names another.
+        """
+        size = {"height": self.image_size, "width": self.image_size}
+        return self.image_processor(images=list(images), size=size, return_tensors="pt")["pixel_values"]
+
+    def embed_pixels(self, pixel_values: "torch.Tensor") -> ImageEmbeddings:
+        """Pixel values -> ITC vectors [N, Q, D] and the ViT output, in one pass."""
+        import torch
+
+        vit = self.vit(pixel_values)
+        with torch.inference_mode():
+            itc = self._itc_from_vit(vit)
+        return ImageEmbeddings(itc=itc, vit=vit)
+
+    def vit(self, pixel_values: "torch.Tensor") -> "torch.Tensor":
+        """The ViT output alone (what ITM needs), for candidates with no cached features."""
+        import torch
+
+        with torch.inference_mode():
+            pv = pixel_values.to(self.device, dtype=self.vision_dtype)
+            return self.model.vision_model(pixel_values=pv).last_hidden_state
+
+    def embed_images(self, images: Sequence["Image.Image"]) -> ImageEmbeddings:
+        return self.embed_pixels(self.preprocess(images))
+
+    def _itc_from_vit(self, vit: "torch.Tensor") -> ImageVectors:
+        import torch
+        from torch.nn import functional as F
+
+        m = self.model
+        vit_mask = torch.ones(vit.shape[:-1], dtype=torch.long, device=vit.device)
+        queries = m.query_tokens.expand(vit.shape[0], -1, -1)
+        out = m.qformer(query_embeds=queries, encoder_hidden_states=vit, encoder_attention_mask=vit_mask)
+        hidden = out.last_hidden_state.to(dtype=m.vision_projection.weight.dtype)
+        return F.normalize(m.vision_projection(hidden), dim=-1).float().cpu().numpy()
+
+    # -- text -----------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> dict:
+        # The tokenizer directly, never the processor: Blip2Processor with num_query_tokens
+        # prepends <image> tokens, and with max_length it fails (MODEL_NOTES.md).
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.text_max_tokens, return_tensors="pt"
+        )
+
+    def embed_texts(self, texts: Sequence[str]) -> TextVectors:
+        """Texts -> ITC vectors [T, D]: the Q-Former text side, position 0, text projection."""
+        import torch
+        from torch.nn import functional as F
+
+        m = self.model
+        tok = self.tokenize(texts)
+        with torch.inference_mode():
+            ids = tok["input_ids"].to(self.device)
+            mask = tok["attention_mask"].to(self.device)
+            emb = m.embeddings(input_ids=ids)
+            out = m.qformer(query_embeds=emb, query_length=0, attention_mask=mask).last_hidden_state
+            cls = out[:, 0, :].to(dtype=m.text_projection.weight.dtype)
+            return F.normalize(m.text_projection(cls), dim=-1).float().cpu().numpy()
+
+    # -- image-text matching --------------------------------------------------------------
+
+    def itm(self, text: str, vit: "torch.Tensor", batch_size: int = 32) -> np.ndarray:
+        """P(match) of `text` with each of N images given their ViT outputs [N, P, W] -> [N]."""
+        import torch
+
+        m = self.model
+        tok = self.tokenize([text])
+        probs = []
+        with torch.inference_mode():
+            for start in range(0, vit.shape[0], batch_size):
+                chunk = vit[start : start + batch_size].to(self.device, dtype=self.vision_dtype)
+                n = chunk.shape[0]
+                ids = tok["input_ids"].to(self.device).expand(n, -1)
+                text_mask = tok["attention_mask"].to(self.device).expand(n, -1)
+                queries = m.query_tokens.expand(n, -1, -1)
+                query_mask = torch.ones(queries.shape[:-1], dtype=torch.long, device=self.device)
+                vit_mask = torch.ones(chunk.shape[:-1], dtype=torch.long, device=self.device)
+                emb = m.embeddings(input_ids=ids, query_embeds=queries)
+                out = m.qformer(
+                    query_embeds=emb,
+                    query_length=queries.shape[1],
+                    attention_mask=torch.cat([query_mask, text_mask], dim=1),
+                    encoder_hidden_states=chunk,
+                    encoder_attention_mask=vit_mask,
+                ).last_hidden_state
+                out = out.to(dtype=m.itm_head.weight.dtype)
+                logits = m.itm_head(out[:, : queries.shape[1], :]).mean(dim=1)
+                probs.append(torch.softmax(logits.float(), dim=-1)[:, 1].cpu())
+        return torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
+
+    # -- identity -------------------------------------------------------------------------
+
+    def _fingerprint(self) -> str:
+        """Identifies the weights, not the path: the same checkpoint moved elsewhere matches.
+
+        The query tokens are kept in fp32 whatever dtype the model is loaded in, so the
+        fingerprint does not change with --dtype (vectors from bf16 and fp32 runs mix safely:
+        cosine >= 0.9998).
+        """
+        h = hashlib.sha256()
+        h.update(f"{self.num_query_tokens}/{self.embed_dim}/{self.image_size}/{self.vit_shape}".encode())
+        h.update(self.model.query_tokens.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def release(self) -> None:
+        """Free the weights (and GPU memory)."""
+        import torch
+
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,55 @@
+"""All settings in one place: defaults, `SEARCHENGINE_*` environment variables, CLI flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "Salesforce/blip2-itm-vit-g"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "searchengine"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SEARCHENGINE_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    model: str = DEFAULT_MODEL
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    # Indexing.
+    batch_size: int = Field(0, ge=0)  # 0: automatic (8 on a CPU, 64 on a GPU)
+    decode_workers: int = Field(2, ge=1)
+    max_image_pixels: int = Field(150_000_000, ge=1)
+    # Where ITM re-ranking gets each candidate's ViT output. "auto": an fp16 cache written at
+    # index time when indexing runs on a CPU (re-running the ViT there costs seconds per
+    # candidate), none on a GPU (a few ms per candidate); query time reads the cache where it
+    # has an entry and re-runs the ViT otherwise. See benchmarks/query_latency.py.
+    itm_features: Literal["auto", "cache", "recompute"] = "auto"
+    save_every_s: float = Field(60.0, gt=0)
+
+    # Search.
+    k_candidates: int = Field(128, ge=1)  # ITC candidates taken from FAISS, as in the paper
+    rerank_top: int = Field(20, ge=0)  # how many of them ITM re-scores; 0 turns it off
+    text_max_tokens: int = Field(35, ge=2)  # the paper truncates text at 35 tokens
+    max_query_chars: int = Field(1000, ge=1)
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / "store.db"
+
+    @property
+    def vectors_path(self) -> Path:
+        return self.data_dir / "vectors.faiss"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.data_dir / "features"

@@ -1,0 +1,400 @@
+"""The metadata store: the one source of truth (SQLAlchemy 2.x Core; SQLite in WAL mode).
+
+Two tables carry the library:
+- `images`: one row per distinct *content* (sha256). Its integer id is stable (never reused)
+  and is the id its vectors have in the FAISS index. Its ITC vectors are kept in `vectors`,
+  so the FAISS index can always be rebuilt from here without the model.
+- `files`: one row per path. An indexed file points at its image; two paths with the same
+  content point at the same image (embedded once, both listed). A file that could not be read
+  has no image and carries its failure reason and message.
+
+`meta` holds the schema version and the model (name + fingerprint + shapes) that made the
+vectors; opening with another model is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+
+from searchengine.errors import ModelMismatchError, SchemaError
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+roots = Table(
+    "roots",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("path", Text, nullable=False, unique=True),
+    Column("added_at", Float, nullable=False),
+)
+
+images = Table(
+    "images",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sha256", String(64), nullable=False, unique=True),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("taken_at", Text),  # ISO 8601 from EXIF DateTimeOriginal, no time zone
+    Column("camera", Text),
+    Column("gps_lat", Float),
+    Column("gps_lon", Float),
+    Column("caption", Text),
+    Column("caption_model", Text),
+    Column("created_at", Float, nullable=False),
+    sqlite_autoincrement=True,  # ids are never reused: a deleted image's id stays dead
+)
+
+vectors = Table(
+    "vectors",
+    metadata,
+    Column("image_id", Integer, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    Column("data", LargeBinary, nullable=False),  # float32 [Q, D], C order
+)
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("path", Text, nullable=False, unique=True),
+    Column("image_id", Integer, ForeignKey("images.id", ondelete="SET NULL"), index=True),
+    Column("size", BigInteger, nullable=False),
+    Column("mtime_ns", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),  # "indexed" | "failed"
+    Column("reason", String(32)),
+    Column("error", Text),
+    Column("updated_at", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    fingerprint: str
+    num_vectors: int
+    dim: int
+    vit_shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vit_shape", tuple(self.vit_shape))
+
+
+@dataclass
+class ImageMeta:
+    width: int
+    height: int
+    taken_at: str | None = None
+    camera: str | None = None
+    gps_lat: float | None = None
+    gps_lon: float | None = None
+
+
+@dataclass(frozen=True)
+class FileState:
+    size: int
+    mtime_ns: int
+    status: str
+    image_id: int | None
+
+
+@dataclass
+class ImageRecord:
+    id: int
+    paths: list[str]
+    width: int
+    height: int
+    taken_at: str | None
+    camera: str | None
+    caption: str | None
+
+
+@dataclass
+class Stats:
+    images: int
+    files: int
+    failed: int
+    failures_by_reason: dict[str, int]
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # path, reason, error
+    roots: list[str] = field(default_factory=list)
+    model: ModelInfo | None = None
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL: readers never block the writer. synchronous=NORMAL is safe against a killed
+    # process (the case the crash tests cover); FULL would add an fsync per commit.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> "Store":
+        engine = create_engine(url)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_pragmas)
+        store = cls(engine)
+        store._migrate()
+        return store
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self.engine.begin() as conn:
+            metadata.create_all(conn)
+            version = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+            if version is None:
+                conn.execute(insert(meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(version) > SCHEMA_VERSION:
+                raise SchemaError(
+                    f"this index has schema version {version}, newer than this program knows "
+                    f"({SCHEMA_VERSION}); upgrade searchengine"
+                )
+            # Step-by-step upgrades go here: `if int(version) < 2: ...` then bump the row.
+
+    def _get_meta(self, conn: Connection, key: str) -> str | None:
+        return conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
+
+    def _set_meta(self, conn: Connection, key: str, value: str) -> None:
+        if self._get_meta(conn, key) is None:
+            conn.execute(insert(meta).values(key=key, value=value))
+        else:
+            conn.execute(update(meta).where(meta.c.key == key).values(value=value))
+
+    def model_info(self) -> ModelInfo | None:
+        with self.engine.connect() as conn:
+            raw = self._get_meta(conn, "model")
+        return ModelInfo(**json.loads(raw)) if raw else None
+
+    def bind_model(self, info: ModelInfo) -> None:
+        """Record the model on first use; refuse a different one afterwards."""
+        with self.engine.begin() as conn:
+            raw = self._get_meta(conn, "model")
+            if raw is None:
+                self._set_meta(conn, "model", json.dumps(info.__dict__))
+                return
+        have = ModelInfo(**json.loads(raw))
+        if have.fingerprint != info.fingerprint:
+            raise ModelMismatchError(
+                f"this index was built with model {have.name!r} (fingerprint {have.fingerprint}); "
+                f"{info.name!r} (fingerprint {info.fingerprint}) is a different model. "
+                f"Use --model {have.name} or another --data-dir"
+            )
+
+    # -- roots ----------------------------------------------------------------------------
+
+    def add_root(self, path: str) -> None:
+        with self.engine.begin() as conn:
+            if conn.execute(select(roots.c.id).where(roots.c.path == path)).first() is None:
+                conn.execute(insert(roots).values(path=path, added_at=time.time()))
+
+    def roots(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(select(roots.c.path).order_by(roots.c.path))]
+
+    # -- files ----------------------------------------------------------------------------
+
+    def files_under(self, root: str) -> dict[str, FileState]:
+        """Every file the store has below `root` (a directory path without trailing slash)."""
+        prefix = root.rstrip("/") + "/"
+        # Range scan instead of LIKE, which would treat % and _ in folder names as wildcards.
+        q = select(files.c.path, files.c.size, files.c.mtime_ns, files.c.status, files.c.image_id).where(
+            files.c.path >= prefix, files.c.path < prefix[:-1] + "0"
+        )
+        with self.engine.connect() as conn:
+            return {r.path: FileState(r.size, r.mtime_ns, r.status, r.image_id) for r in conn.execute(q)}
+
+    def image_id_for_hash(self, sha256: str) -> int | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(images.c.id).where(images.c.sha256 == sha256)).scalar()
+
+    def write_batch(
+        self,
+        new_images: Sequence[tuple[str, ImageMeta, np.ndarray, Sequence[tuple[str, int, int]]]] = (),
+        links: Sequence[tuple[str, int, int, str]] = (),
+        failures: Sequence[tuple[str, int, int, str, str]] = (),
+    ) -> tuple[list[int], list[int]]:
+        """Commit one batch in one transaction.
+
+        new_images: (sha256, meta, vectors [Q, D], [(path, size, mtime_ns), ...])
+        links: (path, size, mtime_ns, sha256) of files whose content is already indexed
+        failures: (path, size, mtime_ns, reason, error)
+        Returns (ids of the new images, ids of images left with no file, now deleted).
+        """
+        now = time.time()
+        new_ids: list[int] = []
+        touched: set[int] = set()
+        with self.engine.begin() as conn:
+            for sha, m, vec, paths in new_images:
+                image_id = conn.execute(
+                    insert(images).values(sha256=sha, created_at=now, **m.__dict__).returning(images.c.id)
+                ).scalar_one()
+                conn.execute(
+                    insert(vectors).values(image_id=image_id, data=np.ascontiguousarray(vec, np.float32).tobytes())
+                )
+                new_ids.append(image_id)
+                for path, size, mtime_ns in paths:
+                    touched |= self._put_file(conn, path, size, mtime_ns, "indexed", image_id, None, None, now)
+            for path, size, mtime_ns, sha in links:
+                image_id = conn.execute(select(images.c.id).where(images.c.sha256 == sha)).scalar_one()
+                touched |= self._put_file(conn, path, size, mtime_ns, "indexed", image_id, None, None, now)
+            for path, size, mtime_ns, reason, error in failures:
+                touched |= self._put_file(conn, path, size, mtime_ns, "failed", None, reason, error, now)
+            orphans = self._delete_orphans(conn, touched)
+        return new_ids, orphans
+
+    def _put_file(self, conn, path, size, mtime_ns, status, image_id, reason, error, now) -> set[int]:
+        """Insert or update a file row; return the image id it pointed at before, if any."""
+        old = conn.execute(select(files.c.id, files.c.image_id).where(files.c.path == path)).first()
+        values = dict(
+            size=size, mtime_ns=mtime_ns, status=status, image_id=image_id, reason=reason, error=error, updated_at=now
+        )
+        if old is None:
+            conn.execute(insert(files).values(path=path, **values))
+            return set()
+        conn.execute(update(files).where(files.c.id == old.id).values(**values))
+        return {old.image_id} if old.image_id is not None and old.image_id != image_id else set()
+
+    def _delete_orphans(self, conn: Connection, candidates: Iterable[int]) -> list[int]:
+        gone = []
+        for image_id in candidates:
+            n = conn.execute(select(func.count()).select_from(files).where(files.c.image_id == image_id)).scalar()
+            if n == 0:
+                conn.execute(delete(vectors).where(vectors.c.image_id == image_id))
+                conn.execute(delete(images).where(images.c.id == image_id))
+                gone.append(image_id)
+        return gone
+
+    def remove_files(self, paths: Iterable[str]) -> list[int]:
+        """Forget these paths; delete and return the images that no path shows any more."""
+        paths = list(paths)
+        touched: set[int] = set()
+        with self.engine.begin() as conn:
+            for chunk in _chunks(paths, 500):
+                rows = conn.execute(select(files.c.image_id).where(files.c.path.in_(chunk))).scalars()
+                touched |= {i for i in rows if i is not None}
+                conn.execute(delete(files).where(files.c.path.in_(chunk)))
+            return self._delete_orphans(conn, touched)
+
+    # -- images and vectors ---------------------------------------------------------------
+
+    def image_ids(self) -> np.ndarray:
+        with self.engine.connect() as conn:
+            return np.fromiter(conn.execute(select(vectors.c.image_id)).scalars(), dtype=np.int64)
+
+    def iter_vectors(self, ids: Iterable[int] | None = None, chunk: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (ids [n], vectors [n, Q, D]) in chunks; all of them when `ids` is None."""
+        info = self.model_info()
+        if info is None:
+            return
+        shape = (info.num_vectors, info.dim)
+        wanted = None if ids is None else sorted(int(i) for i in ids)
+        with self.engine.connect() as conn:
+            if wanted is None:
+                batches: Iterable = [conn.execute(select(vectors.c.image_id, vectors.c.data).order_by(vectors.c.image_id))]
+            else:
+                batches = (
+                    conn.execute(select(vectors.c.image_id, vectors.c.data).where(vectors.c.image_id.in_(c)))
+                    for c in _chunks(wanted, chunk)
+                )
+            for result in batches:
+                while rows := result.fetchmany(chunk):
+                    out_ids = np.array([r[0] for r in rows], dtype=np.int64)
+                    vecs = np.stack([np.frombuffer(r[1], dtype=np.float32).reshape(shape) for r in rows])
+                    yield out_ids, vecs
+
+    def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
+        out: dict[int, ImageRecord] = {}
+        if not ids:
+            return out
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(ids), 500):
+                for r in conn.execute(select(images).where(images.c.id.in_(chunk))):
+                    out[r.id] = ImageRecord(r.id, [], r.width, r.height, r.taken_at, r.camera, r.caption)
+                q = select(files.c.image_id, files.c.path).where(files.c.image_id.in_(chunk)).order_by(files.c.path)
+                for image_id, path in conn.execute(q):
+                    out[image_id].paths.append(path)
+        return out
+
+    # -- stats ----------------------------------------------------------------------------
+
+    def stats(self, max_failures: int = 20) -> Stats:
+        with self.engine.connect() as conn:
+            n_images = conn.execute(select(func.count()).select_from(images)).scalar()
+            n_files = conn.execute(select(func.count()).select_from(files).where(files.c.status == "indexed")).scalar()
+            by_reason = dict(
+                conn.execute(
+                    select(files.c.reason, func.count()).where(files.c.status == "failed").group_by(files.c.reason)
+                ).all()
+            )
+            failures = [
+                (r.path, r.reason, r.error)
+                for r in conn.execute(
+                    select(files.c.path, files.c.reason, files.c.error)
+                    .where(files.c.status == "failed")
+                    .order_by(files.c.path)
+                    .limit(max_failures)
+                )
+            ]
+        return Stats(
+            images=n_images,
+            files=n_files,
+            failed=sum(by_reason.values()),
+            failures_by_reason=by_reason,
+            failures=failures,
+            roots=self.roots(),
+            model=self.model_info(),
+        )
+
+
+def _chunks(items: Sequence, n: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]

@@ -1,0 +1,120 @@
+"""The multi-vector FAISS index: every image is Q vectors (32 for BLIP-2) under the image's id.
+
+An image's ITC score for a text is the maximum over its Q vectors of the inner product. A
+search fetches the top k*Q vectors, groups them by id and keeps each id's best: that is exact
+for the top k images, because at most k images can score at or above the k-th best image, so
+at most k*Q vectors can outscore that image's own best vector.
+
+The index is derived data: the store keeps every vector, and `Library` reconciles the two on
+open. Files are written atomically (temp file, fsync, rename, fsync of the folder).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+try:
+    import faiss
+except ImportError as e:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "FAISS is not installed: pip install 'searchengine[cpu]' (faiss-cpu) or 'searchengine[gpu]' (faiss-gpu)"
+    ) from e
+
+
+@dataclass
+class Candidates:
+    ids: np.ndarray  # [n] int64, best first
+    scores: np.ndarray  # [n] float32, max-sim ITC score
+
+
+class VectorIndex:
+    def __init__(self, dim: int, num_vectors: int, index: "faiss.Index | None" = None) -> None:
+        self.dim = dim
+        self.num_vectors = num_vectors
+        # IDMap2 over an exact inner-product index: ids repeat (Q per image), and remove_ids
+        # and reconstruction work.
+        self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+    def __len__(self) -> int:
+        return self.index.ntotal // self.num_vectors
+
+    def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        """ids [n], vecs [n, Q, D] (L2-normalised)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return
+        if vecs.shape[1:] != (self.num_vectors, self.dim):
+            raise ValueError(f"vectors of shape {vecs.shape[1:]}, index holds {(self.num_vectors, self.dim)}")
+        flat = np.ascontiguousarray(vecs.reshape(-1, self.dim), dtype=np.float32)
+        self.index.add_with_ids(flat, np.repeat(ids, self.num_vectors))
+
+    def remove(self, ids) -> int:
+        ids = np.asarray(list(ids), dtype=np.int64)
+        if len(ids) == 0:
+            return 0
+        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids))) // self.num_vectors
+
+    def ids(self) -> np.ndarray:
+        """The distinct image ids in the index."""
+        if self.index.ntotal == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.unique(faiss.vector_to_array(self.index.id_map))
+
+    def search(self, queries: np.ndarray, k: int) -> list[Candidates]:
+        """Top k images by max-sim for each query vector [T, D]."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        n_vec = min(self.index.ntotal, k * self.num_vectors)
+        if n_vec == 0 or k <= 0:
+            empty = Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32))
+            return [empty for _ in range(len(queries))]
+        scores, labels = self.index.search(queries, n_vec)
+        return [_group_max(labels[t], scores[t], k) for t in range(len(queries))]
+
+    # -- files ----------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        # write_index streams to the file; serialize_index would hold a second copy in memory.
+        write_atomic(path, lambda tmp: faiss.write_index(self.index, str(tmp)))
+
+    @classmethod
+    def load(cls, path: Path, dim: int, num_vectors: int) -> "VectorIndex":
+        index = faiss.read_index(str(path))
+        if index.d != dim:
+            raise ValueError(f"{path} holds {index.d}-d vectors, expected {dim}")
+        return cls(dim, num_vectors, index)
+
+
+def _group_max(labels: np.ndarray, scores: np.ndarray, k: int) -> Candidates:
+    keep = labels >= 0
+    labels, scores = labels[keep], scores[keep]
+    # FAISS returns scores in descending order, so the first time an id appears is its max.
+    uniq, first = np.unique(labels, return_index=True)
+    order = np.argsort(first, kind="stable")[:k]
+    return Candidates(uniq[order].astype(np.int64), scores[first[order]].astype(np.float32))
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)`, fsync, rename over `path`, fsync the folder: a crash leaves old or new."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
