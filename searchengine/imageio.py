@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,24 +64,24 @@ def decode_image(data: bytes, *, max_pixels: int, sha256: str | None = None) -> 
     if not data:
         raise BadImageError("empty", "file is empty (0 bytes)")
     sha = sha256 or sha256_of(data)
-    # Our own limit is checked from the header before any pixel is decoded; PIL's bomb check is
-    # set just above it so that it never fires first with a less useful message.
+    # Our limit is checked from the header before any pixel is decoded. PIL's own guard stays
+    # on as a second line, at the same limit (it raises at twice it, already in `open`).
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise BadImageError("too_large", f"image has more than {max_pixels} pixels (decompression bomb guard)") from None
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)):,} pixels" if found else "its size"
+        raise BadImageError("too_large", _too_large(size, max_pixels)) from None
     except UnidentifiedImageError:
         raise BadImageError("not_an_image", "not an image (no known image format)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImageError("decode_error", f"cannot open image: {e}") from None
     w, h = im.size
     if w * h > max_pixels:
-        raise BadImageError(
-            "too_large", f"{w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,} (raise --max-pixels to allow it)"
-        )
+        raise BadImageError("too_large", _too_large(f"{w}x{h} = {w * h:,} pixels", max_pixels))
     if w == 0 or h == 0:
         raise BadImageError("decode_error", f"image has no pixels ({w}x{h})")
     try:
@@ -95,6 +96,10 @@ def decode_image(data: bytes, *, max_pixels: int, sha256: str | None = None) -> 
         reason = "truncated" if "truncated" in msg or isinstance(e, EOFError) else "decode_error"
         raise BadImageError(reason, f"cannot decode image: {msg}") from None
     return Decoded(sha, rgb, _meta(rgb, exif))
+
+
+def _too_large(size: str, max_pixels: int) -> str:
+    return f"image is {size}, over the limit of {max_pixels:,} (a decompression-bomb guard; raise --max-pixels to allow it)"
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -86,9 +86,15 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny") 
     config.architectures = ["Blip2ForImageTextRetrieval"]
     torch.manual_seed(seed)
     model = Blip2ForImageTextRetrieval(config).eval()
-    # Random but not degenerate: the default init leaves the query tokens at zero.
+    # Random but not degenerate: the default init leaves the query tokens at zero, and with
+    # BERT's 0.02 init every image scores within 1e-3 of every other, which would let a test
+    # pass with the wrong image. A fan-in scaled init spreads ITC and ITM scores widely.
     with torch.no_grad():
         model.query_tokens.normal_(0.0, 0.5)
+        if size == "tiny":
+            for name, p in model.named_parameters():
+                if p.dim() >= 2 and name != "query_tokens":
+                    p.normal_(0.0, 0.8 / p[0].numel() ** 0.5)
 
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     image_processor = BlipImageProcessorPil(size={"height": vision.image_size, "width": vision.image_size})

@@ -1,0 +1,54 @@
+"""Fixtures: a tiny BLIP-2 model built offline, real photos, fresh data directories."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import transformers
+
+from searchengine.models import RetrievalModel
+from searchengine.settings import Settings
+from searchengine.tiny import build_tiny_model
+
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a network
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-blip2"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def model(tiny_model_dir) -> RetrievalModel:
+    return RetrievalModel.load(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def photos_dir() -> Path:
+    """Debian's mate-backgrounds photos; fetched once into a cache folder."""
+    try:
+        out = subprocess.run(
+            ["bash", str(ROOT / "tests" / "fetch_photos.sh")], check=True, capture_output=True, text=True, timeout=600
+        )
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        pytest.fail(f"cannot fetch the test photos (Debian package mate-backgrounds): {e}")
+    path = Path(out.stdout.strip().splitlines()[-1])
+    assert len(list(path.rglob("*.jpg"))) >= 10, f"too few photos in {path}"
+    return path
+
+
+@pytest.fixture
+def photo_files(photos_dir) -> list[Path]:
+    return sorted(p for p in photos_dir.rglob("*") if p.suffix.lower() in {".jpg", ".png"})
+
+
+@pytest.fixture
+def settings(tmp_path, tiny_model_dir) -> Settings:
+    return Settings(data_dir=tmp_path / "data", model=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=4)

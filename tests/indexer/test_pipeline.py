@@ -1,0 +1,252 @@
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from indexer.pipeline import Indexer
+from indexer.scan import scan_folder
+from searchengine.errors import BadImageError
+from searchengine.imageio import decode_image, read_file
+from searchengine.library import Library
+from searchengine.search import Searcher
+from tests.images import write_awkward, write_bad
+
+
+class CountingModel:
+    """The real model, counting how many images it embeds."""
+
+    def __init__(self, model):
+        self._model = model
+        self.embedded = 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def embed_pixels(self, pixels):
+        self.embedded += len(pixels)
+        return self._model.embed_pixels(pixels)
+
+
+def run(settings, model, *folders, **kwargs):
+    library = Library.open(settings, create=True)
+    try:
+        return Indexer(model, library, settings, **kwargs).run(list(folders))
+    finally:
+        library.close()
+
+
+def consistent(settings) -> set[int]:
+    """Store and FAISS index hold the same images; return their ids."""
+    library = Library.open(settings)
+    try:
+        store_ids = set(library.store.image_ids().tolist())
+        assert set(library.index.ids().tolist()) == store_ids
+        from searchengine.vector_index import VectorIndex
+
+        saved = VectorIndex.load(settings.vectors_path, library.index.dim, library.index.num_vectors)
+        assert set(saved.ids().tolist()) == store_ids  # the file on disk too, without repair
+        return store_ids
+    finally:
+        library.close()
+
+
+@pytest.fixture
+def folder(tmp_path, photo_files):
+    d = tmp_path / "photos"
+    (d / "sub").mkdir(parents=True)
+    for i, f in enumerate(photo_files[:8]):
+        shutil.copy(f, (d / "sub" if i % 2 else d) / f.name)
+    return d
+
+
+def search(settings, model, text, **kw):
+    library = Library.open(settings)
+    try:
+        return Searcher(model, library, settings).search(text, **kw)
+    finally:
+        library.close()
+
+
+def test_scores_from_the_index_equal_the_model(settings, model, folder):
+    summary = run(settings, model, folder)
+    assert summary.indexed == 8 and summary.skipped == 0
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    images = [decode_image(p.read_bytes(), max_pixels=10**9).image for p in files]
+    emb = model.embed_images(images)
+    text = "yellow flower in a green meadow"
+    t = model.embed_texts([text])[0]
+    want_itc = dict(zip(map(str, files), (emb.itc @ t).max(axis=1)))
+    want_itm = dict(zip(map(str, files), model.itm(text, emb.vit)))
+
+    plain = search(settings, model, text, k=8, rerank=0)
+    assert len(plain.hits) == 8 and plain.reranked == 0
+    for h in plain.hits:
+        assert h.itc == pytest.approx(want_itc[h.path], abs=1e-5)
+        assert h.itm is None and h.score == h.itc
+    assert [h.itc for h in plain.hits] == sorted((h.itc for h in plain.hits), reverse=True)
+
+    reranked = search(settings, model, text, k=8, rerank=5)
+    assert reranked.reranked == 5
+    top, rest = reranked.hits[:5], reranked.hits[5:]
+    for h in top:
+        # ITM from the fp16 feature cache: equal up to fp16 rounding of the ViT output.
+        assert h.itm == pytest.approx(want_itm[h.path], abs=2e-3)
+        assert h.score == pytest.approx(h.itm + h.itc, abs=1e-6)
+    assert {h.path for h in top} == {h.path for h in plain.hits[:5]}  # ITM re-ranks the ITC top 5
+    assert [h.score for h in top] == sorted((h.score for h in top), reverse=True)
+    assert all(h.itm is None for h in rest)
+    assert set(reranked.timings_ms) >= {"encode", "ann", "rerank", "total"}
+
+
+def test_recompute_mode_scores_like_the_cache(settings, model, folder):
+    run(settings, model, folder)
+    cached = search(settings, model, "two elephants", k=4, rerank=4)
+    recompute = settings.model_copy(update={"itm_features": "recompute"})
+    fresh = search(recompute, model, "two elephants", k=4, rerank=4)
+    assert [h.path for h in fresh.hits] == [h.path for h in cached.hits]
+    for a, b in zip(fresh.hits, cached.hits):
+        assert a.itm == pytest.approx(b.itm, abs=1e-6)
+
+
+def test_missing_cache_entries_are_recomputed(settings, model, folder):
+    run(settings, model, folder)
+    before = search(settings, model, "a dog on the beach", k=3, rerank=3)
+    shutil.rmtree(settings.features_dir)
+    after = search(settings, model, "a dog on the beach", k=3, rerank=3)
+    assert [(h.path, round(h.itm, 5)) for h in after.hits] == [(h.path, round(h.itm, 5)) for h in before.hits]
+
+
+def test_second_run_embeds_nothing(settings, model, folder):
+    counting = CountingModel(model)
+    run(settings, counting, folder)
+    assert counting.embedded == 8
+    summary = run(settings, counting, folder)
+    assert counting.embedded == 8
+    assert (summary.indexed, summary.unchanged) == (0, 8)
+
+
+def test_duplicates_are_embedded_once_and_both_listed(settings, model, folder):
+    original = next(folder.glob("*.*"))
+    copy = folder / "sub" / "copy-of-it.jpg"
+    shutil.copy(original, copy)
+    counting = CountingModel(model)
+    summary = run(settings, counting, folder)
+    assert counting.embedded == 8 and summary.indexed + summary.linked == 9
+    hits = search(settings, model, "a photo", k=20, rerank=0).hits
+    assert len(hits) == 8
+    (dup,) = [h for h in hits if len(h.paths) == 2]
+    assert set(dup.paths) == {str(original), str(copy)}
+    assert len(consistent(settings)) == 8
+
+
+def test_deleted_and_changed_files_leave_the_index(settings, model, folder, photo_files):
+    run(settings, model, folder)
+    ids_before = consistent(settings)
+    victims = sorted(folder.rglob("*.*"))[:2]
+    victims[0].unlink()
+    replacement = photo_files[-1].read_bytes()  # not among the 8 indexed
+    victims[1].write_bytes(replacement)
+    os.utime(victims[1], ns=(1, 1))
+    summary = run(settings, model, folder)
+    assert (summary.removed, summary.indexed) == (1, 1)
+    ids_after = consistent(settings)
+    assert len(ids_after) == 7 and len(ids_before - ids_after) == 2 and len(ids_after - ids_before) == 1
+    paths = {p for h in search(settings, model, "sky", k=20, rerank=0).hits for p in h.paths}
+    assert str(victims[0]) not in paths and str(victims[1]) in paths
+    library = Library.open(settings)
+    assert library.features.ids() == ids_after  # no cache entries left for gone images
+    library.close()
+
+
+def test_bad_files_are_skipped_with_reasons_and_the_index_stays_consistent(settings, model, folder, photo_files):
+    bad = write_bad(folder / "bad", photo_files[0].read_bytes())
+    awkward = write_awkward(folder / "awkward")
+    skipped = []
+    summary = run(settings, model, folder, on_skip=lambda p, m: skipped.append(p))
+    assert summary.indexed == 8 + len(awkward)
+    assert dict(summary.failed) == {reason: 1 for reason in bad}
+    assert sorted(skipped) == sorted(str(p) for p in bad.values())
+    library = Library.open(settings)
+    stats = library.store.stats()
+    library.close()
+    assert stats.failures_by_reason == {reason: 1 for reason in bad}
+    assert len(consistent(settings)) == stats.images == 8 + len(awkward)
+    # Unchanged bad files are not retried, and stay listed.
+    again = run(settings, model, folder)
+    assert again.skipped == 0 and again.unchanged == 8 + len(awkward) + len(bad)
+
+
+def test_exif_rotation_is_applied_before_embedding(settings, model, tmp_path):
+    from PIL import Image
+
+    from tests.images import exif_rotated_jpeg, gradient
+
+    folder = tmp_path / "rot"
+    folder.mkdir()
+    (folder / "rotated.jpg").write_bytes(exif_rotated_jpeg(gradient(), orientation=6))
+    run(settings, model, folder)
+    library = Library.open(settings)
+    _, stored = next(library.store.iter_vectors())
+    library.close()
+    decoded = decode_image((folder / "rotated.jpg").read_bytes(), max_pixels=10**9).image
+    upright = model.embed_images([decoded]).itc[0]
+    as_stored_on_disk = model.embed_images([Image.open(folder / "rotated.jpg").convert("RGB")]).itc[0]
+    np.testing.assert_allclose(stored[0], upright, atol=1e-5)
+    assert np.abs(stored[0] - as_stored_on_disk).max() > 1e-3  # rotation really changes the vectors
+
+
+def test_a_file_that_vanishes_mid_scan_is_skipped(settings, model, folder):
+    victim = sorted(folder.rglob("*.*"))[3]
+
+    def scanner(root, **kw):
+        for entry in scan_folder(root, **kw):
+            yield entry
+            if entry.path == str(victim):
+                victim.unlink()  # listed, then gone before it is read
+
+    summary = run(settings, model, folder, scanner=scanner)
+    assert summary.indexed == 7 and dict(summary.failed) == {"vanished": 1}
+    assert len(consistent(settings)) == 7
+
+
+def test_an_unreadable_file_is_skipped(settings, model, folder):
+    victim = str(sorted(folder.rglob("*.*"))[2])
+    if os.geteuid() != 0:
+        os.chmod(victim, 0)
+        reader = read_file
+    else:  # root reads any file: make the reader see what a user without permission sees
+
+        def reader(path):
+            if path == victim:
+                raise BadImageError("unreadable", "permission denied")
+            return read_file(path)
+
+    summary = run(settings, model, folder, reader=reader)
+    assert dict(summary.failed) == {"unreadable": 1} and summary.indexed == 7
+    assert len(consistent(settings)) == 7
+
+
+def test_non_folders_are_refused(settings, model, tmp_path):
+    from searchengine.errors import SearchEngineError
+
+    with pytest.raises(SearchEngineError, match="does not exist"):
+        run(settings, model, tmp_path / "missing")
+    (tmp_path / "f.jpg").write_bytes(b"x")
+    with pytest.raises(SearchEngineError, match="not a folder"):
+        run(settings, model, tmp_path / "f.jpg")
+
+
+def test_a_different_model_is_refused(settings, model, folder, tmp_path):
+    from searchengine.errors import ModelMismatchError
+    from searchengine.models import RetrievalModel
+    from searchengine.tiny import build_tiny_model
+
+    run(settings, model, folder)
+    other = RetrievalModel.load(str(build_tiny_model(tmp_path / "other", seed=7)), device="cpu")
+    with pytest.raises(ModelMismatchError, match="different model"):
+        run(settings, other, folder)
+    with pytest.raises(ModelMismatchError):
+        search(settings, other, "dog")

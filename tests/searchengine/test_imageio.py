@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from searchengine.errors import BadImageError
+from searchengine.imageio import decode_image, read_file
+from tests.images import gradient, write_awkward, write_bad
+
+LIMIT = 150_000_000
+
+
+@pytest.fixture
+def awkward(tmp_path):
+    return write_awkward(tmp_path / "awkward")
+
+
+def _decode(path):
+    return decode_image(path.read_bytes(), max_pixels=LIMIT)
+
+
+def test_awkward_images_decode_to_the_right_rgb_pixels(awkward):
+    g = gradient().astype(int)
+    for key, path in awkward.items():
+        d = _decode(path)
+        assert d.image.mode == "RGB", key
+        assert len(d.sha256) == 64
+    # 16-bit grey is scaled to 8 bits, not clipped to white.
+    grey = np.asarray(_decode(awkward["png16"]).image).astype(int)
+    assert np.abs(grey[..., 0] - g[..., 0]).max() <= 1
+    # CMYK JPEG converts back to (nearly) the RGB it came from.
+    assert np.abs(np.asarray(_decode(awkward["cmyk"]).image).astype(int) - g).mean() < 8
+    # Transparency is composited on white: 50% alpha halves the way to 255.
+    webp = np.asarray(_decode(awkward["webp_alpha"]).image).astype(int)
+    assert np.abs(webp - (g * 128 + 255 * 127) / 255).max() <= 2
+    # Palette GIF: its first frame, as the palette says.
+    gif = np.asarray(_decode(awkward["gif"]).image).astype(int)
+    assert np.abs(gif - g).mean() < 8
+
+
+def test_exif_rotation_is_applied(awkward):
+    d = _decode(awkward["rotated"])
+    g = gradient()
+    assert d.image.size == (g.shape[0], g.shape[1])  # 64x96 -> 96 wide becomes 64 wide
+    expected = np.asarray(Image.fromarray(g).transpose(Image.Transpose.ROTATE_270)).astype(int)
+    assert np.abs(np.asarray(d.image).astype(int) - expected).mean() < 4
+    assert (d.meta.width, d.meta.height) == d.image.size
+
+
+def test_exif_metadata_is_read(tmp_path):
+    exif = Image.Exif()
+    exif[0x010F] = "Canon"
+    exif[0x0110] = "Canon EOS 5D"
+    exif.get_ifd(0x8769)[0x9003] = "2021:07:04 18:30:05"
+    exif.get_ifd(0x8825).update({1: "S", 2: (33.0, 51.0, 36.0), 3: "E", 4: (151.0, 12.0, 36.0)})
+    path = tmp_path / "x.jpg"
+    Image.fromarray(gradient()).save(path, exif=exif.tobytes())
+    m = _decode(path).meta
+    assert m.taken_at == "2021-07-04T18:30:05"
+    assert m.camera == "Canon EOS 5D"
+    assert m.gps_lat == pytest.approx(-33.86) and m.gps_lon == pytest.approx(151.21)
+
+
+def test_bad_files_raise_with_their_reason(tmp_path, photo_files):
+    jpeg = next(p for p in photo_files if p.suffix == ".jpg").read_bytes()
+    for reason, path in write_bad(tmp_path, jpeg).items():
+        with pytest.raises(BadImageError) as e:
+            _decode(path)
+        assert e.value.reason == reason, (path, str(e.value))
+        assert str(e.value)
+
+
+def test_the_pixel_limit_is_a_setting(tmp_path):
+    path = tmp_path / "g.png"
+    Image.fromarray(gradient()).save(path)
+    with pytest.raises(BadImageError, match="over the limit") as e:
+        decode_image(path.read_bytes(), max_pixels=1000)
+    assert e.value.reason == "too_large"
+
+
+def test_read_file_reasons(tmp_path):
+    with pytest.raises(BadImageError) as e:
+        read_file(str(tmp_path / "gone.jpg"))
+    assert e.value.reason == "vanished"
+    with pytest.raises(BadImageError) as e:
+        read_file(str(tmp_path))  # a folder: cannot be read as a file
+    assert e.value.reason == "unreadable"

@@ -1,0 +1,62 @@
+"""The store is the truth; the FAISS file is derived and repaired on open."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from searchengine.library import Library
+from searchengine.store import ImageMeta, ModelInfo
+
+INFO = ModelInfo("m", "fp", 2, 4, (3, 2))
+
+
+def _add(library, sha, path, seed):
+    vec = np.random.default_rng(seed).standard_normal((2, 4)).astype(np.float32)
+    vec /= np.linalg.norm(vec, axis=-1, keepdims=True)
+    ids, _ = library.store.write_batch(new_images=[(sha, ImageMeta(1, 1), vec, [(path, 1, 1)])])
+    return ids[0], vec
+
+
+def test_index_missing_commits_are_added_and_deleted_ones_removed(settings):
+    lib = Library.open(settings, create=True)
+    lib.bind(INFO)
+    a, _ = _add(lib, "a", "/p/a.jpg", 1)
+    lib.add_vectors([a], np.stack([next(lib.store.iter_vectors([a]))[1][0]]))
+    lib.save()
+    # As if a run crashed after committing b but before saving the index, and after
+    # deleting a from the store but before removing it from the index.
+    b, vec_b = _add(lib, "b", "/p/b.jpg", 2)
+    lib.store.remove_files(["/p/a.jpg"])
+    lib.features.put(a, np.zeros((3, 2), np.float16))
+    lib.close()
+
+    lib = Library.open(settings)
+    assert lib.index.ids().tolist() == [b]
+    hit = lib.index.search(vec_b[0][None], 1)[0]
+    assert hit.ids.tolist() == [b]
+    assert lib.features.ids() == set()  # the cache entry of a deleted image is dropped
+    lib.close()
+    # The repair was saved: the file alone now holds exactly b.
+    from searchengine.vector_index import VectorIndex
+
+    assert VectorIndex.load(settings.vectors_path, 4, 2).ids().tolist() == [b]
+
+
+def test_damaged_index_file_is_rebuilt_from_the_store(settings):
+    lib = Library.open(settings, create=True)
+    lib.bind(INFO)
+    a, _ = _add(lib, "a", "/p/a.jpg", 1)
+    lib.close()
+    settings.vectors_path.write_bytes(b"not a faiss index")
+    lib = Library.open(settings)
+    assert lib.index.ids().tolist() == [a]
+    lib.close()
+
+
+def test_missing_index_is_a_clear_error(settings):
+    import pytest
+
+    from searchengine.errors import IndexNotFoundError
+
+    with pytest.raises(IndexNotFoundError, match="searchengine index"):
+        Library.open(settings)
