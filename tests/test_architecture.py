@@ -1,0 +1,36 @@
+"""Dependencies point one way: the core (`searchengine`) never imports `indexer`."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_core_never_imports_indexer():
+    # cli.py is the composition root: it wires the indexer into the `index` command.
+    for path in (ROOT / "searchengine").glob("*.py"):
+        if path.name == "cli.py":
+            continue
+        assert not any(n.split(".")[0] == "indexer" for n in _imports(path)), path
+
+
+def test_importing_the_packages_loads_no_model_and_no_torch():
+    code = (
+        "import sys, searchengine.cli, searchengine.search, searchengine.library, indexer.pipeline;"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('torch','transformers')))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -1,0 +1,136 @@
+"""End to end through the real `searchengine` command, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.images import write_awkward, write_bad
+
+EXE = str(Path(sys.executable).with_name("searchengine"))
+
+
+def cli(*args, env_extra=None, check_rc=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    proc = subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, photos_dir, tiny_model_dir):
+    """A real photo folder plus awkward and bad files, indexed once through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    photos = root / "Pictures"
+    shutil.copytree(photos_dir, photos)
+    write_awkward(photos / "awkward")
+    bad = write_bad(photos / "bad", next(photos.rglob("*.jpg")).read_bytes())
+    env = {"SEARCHENGINE_MODEL": str(tiny_model_dir), "SEARCHENGINE_DATA_DIR": str(root / "data")}
+    first = cli("index", photos, "--device", "cpu", env_extra=env, check_rc=0)
+    return {"photos": photos, "env": env, "first": first, "bad": bad, "data": root / "data"}
+
+
+def _search_json(library, query, *extra):
+    proc = cli("search", query, "--json", *extra, env_extra=library["env"], check_rc=0)
+    return json.loads(proc.stdout)
+
+
+def test_index_prints_a_summary_and_skips_bad_files(library):
+    out = library["first"].stdout
+    n_photos = len([p for p in library["photos"].rglob("*") if p.is_file()]) - len(library["bad"])
+    assert f"{n_photos} indexed" in out and f"{len(library['bad'])} skipped" in out
+    for reason in library["bad"]:
+        assert f"{reason}: 1" in out
+    err = library["first"].stderr
+    for path in library["bad"].values():
+        assert f"skipping {path}:" in err
+    assert "Traceback" not in err
+
+
+def test_search_returns_ranked_results_with_three_scores(library):
+    data = _search_json(library, "a yellow flower", "-k", "5")
+    assert [r["rank"] for r in data["results"]] == [1, 2, 3, 4, 5]
+    assert data["reranked"] == 20
+    for r in data["results"]:
+        assert Path(r["path"]).exists()
+        assert r["score"] == pytest.approx(r["itm"] + r["itc"], abs=1e-6)
+        assert 0 <= r["itm"] <= 1 and -1 <= r["itc"] <= 1
+    scores = [r["score"] for r in data["results"]]
+    assert scores == sorted(scores, reverse=True)
+    plain = _search_json(library, "a yellow flower", "-k", "20", "--no-rerank")
+    assert len(plain["results"]) == 20 and all(r["itm"] is None for r in plain["results"])
+    text = cli("search", "a yellow flower", "-k", "3", env_extra=library["env"], check_rc=0).stdout
+    assert "final" in text and "itm" in text and "itc" in text and len(text.strip().splitlines()) == 4
+
+
+def test_non_ascii_and_awkward_files_are_searchable(library):
+    paths = {p for r in _search_json(library, "photo", "-k", "200", "--no-rerank")["results"] for p in r["paths"]}
+    for f in (library["photos"] / "awkward").iterdir():
+        assert str(f) in paths
+    assert any("東京" in p for p in paths)
+
+
+def test_stats_shows_counts_failures_model_and_sizes(library):
+    data = json.loads(cli("stats", "--json", env_extra=library["env"], check_rc=0).stdout)
+    assert data["failures_by_reason"] == {reason: 1 for reason in library["bad"]}
+    assert {f["path"] for f in data["failures"]} == {str(p) for p in library["bad"].values()}
+    assert data["model"] == library["env"]["SEARCHENGINE_MODEL"]
+    assert data["vectors"] == data["images"] * 8  # the tiny model has 8 query tokens
+    assert data["bytes_on_disk"]["store"] > 0 and data["bytes_on_disk"]["vector_index"] > 0
+    text = cli("stats", env_extra=library["env"], check_rc=0).stdout
+    assert "too_large: 1" in text and "exact" in text
+
+
+def test_reindex_is_incremental_and_deletions_leave_results(library):
+    again = cli("index", library["photos"], env_extra=library["env"], check_rc=0).stdout
+    assert again.startswith("0 indexed")
+    victim = next(library["photos"].rglob("Dune.jpg"))
+    before = {r["path"] for r in _search_json(library, "sand", "-k", "200", "--no-rerank")["results"]}
+    assert str(victim) in before
+    victim.unlink()
+    after_index = cli("index", library["photos"], env_extra=library["env"], check_rc=0).stdout
+    assert "1 removed" in after_index
+    after = {r["path"] for r in _search_json(library, "sand", "-k", "200", "--no-rerank")["results"]}
+    assert after == before - {str(victim)}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["index", "{tmp}", "--model", "/no/such/model"], "model directory '/no/such/model' does not exist"),
+        (["search", "   "], "query is empty"),
+        (["search", "dog", "-k", "0"], "at least 1"),
+        (["stats"], "no index in"),
+        (["search", "dog"], "no index in"),
+        (["index", "/no/such/folder"], "does not exist"),
+        (["index", "--batch-size", "-3", "."], "batch_size"),
+    ],
+)
+def test_errors_are_one_clear_line(tmp_path, tiny_model_dir, args, message):
+    env = {"SEARCHENGINE_MODEL": str(tiny_model_dir), "SEARCHENGINE_DATA_DIR": str(tmp_path / "nothing-here")}
+    proc = cli(*(a.replace("{tmp}", str(tmp_path)) for a in args), env_extra=env)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("searchengine: error:"), proc.stderr
+
+
+def test_wrong_model_type_is_one_clear_line(tmp_path, library):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).save_pretrained(tmp_path / "bert")
+    proc = cli("search", "dog", "--model", tmp_path / "bert", env_extra=library["env"])
+    assert proc.returncode == 1 and "not BLIP-2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_opening_with_another_model_is_refused(tmp_path, library):
+    cli("make-tiny-model", tmp_path / "other", "--seed", "3", check_rc=0)
+    proc = cli("search", "dog", "--model", tmp_path / "other", env_extra=library["env"])
+    assert proc.returncode == 1 and "different model" in proc.stderr and "Traceback" not in proc.stderr
