@@ -130,12 +130,14 @@ class Indexer:
         batch: list[_Ready] = []
         links: list[_Ready] = []
         failures: list[_Failed] = []
-        pending: set[str] = set()  # content hashes in `batch`, not yet committed
+        # Content embedded in this run, committed or still in `batch`: a copy of it that the
+        # decode threads read before that commit is linked, not embedded a second time.
+        embedded: set[str] = set()
 
         def flush() -> None:
             self._write(batch, links, failures, summary)
             self.progress(len(batch) + len(links) + len(failures))
-            batch.clear(), links.clear(), failures.clear(), pending.clear()
+            batch.clear(), links.clear(), failures.clear()
 
         for result in self._load_all(todo):
             if isinstance(result, _Failed):
@@ -143,11 +145,11 @@ class Indexer:
                 summary.failed[result.reason] += 1
                 summary.failures.append((result.entry.path, result.reason, result.message))
                 self.on_skip(result.entry.path, result.message)
-            elif result.decoded is None or result.sha256 in pending:
+            elif result.decoded is None or result.sha256 in embedded:
                 links.append(result)
             else:
                 batch.append(result)
-                pending.add(result.sha256)
+                embedded.add(result.sha256)
             if len(batch) >= self.batch_size or len(links) + len(failures) >= 256:
                 flush()
         flush()

@@ -250,3 +250,19 @@ def test_a_different_model_is_refused(settings, model, folder, tmp_path):
         run(settings, other, folder)
     with pytest.raises(ModelMismatchError):
         search(settings, other, "dog")
+
+
+def test_copies_split_across_batches_are_linked(settings, model, tmp_path, photo_files):
+    # The copy is decoded (by the look-ahead threads) before the batch holding the original
+    # is committed, so only the run's own memory of what it embedded can link it.
+    folder = tmp_path / "dups"
+    folder.mkdir()
+    data = photo_files[0].read_bytes()
+    for i, f in enumerate(photo_files[1:6]):
+        shutil.copy(f, folder / f"b{i}{f.suffix}")
+    (folder / "a.jpg").write_bytes(data)
+    (folder / "c.jpg").write_bytes(data)
+    counting = CountingModel(model)
+    summary = run(settings.model_copy(update={"batch_size": 1}), counting, folder)
+    assert (summary.indexed, summary.linked, counting.embedded) == (6, 1, 6)
+    assert len(consistent(settings)) == 6

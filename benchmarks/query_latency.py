@@ -1,0 +1,97 @@
+"""Query latency by stage: text encode, ANN over a large index, ITM re-rank of 20, in one run.
+
+    python benchmarks/query_latency.py [--size real|tiny] [--images 100000] [--rerank 20]
+
+- encode: one text through the Q-Former text side (the real architecture, random weights).
+- ann: exact max-sim over `--images` random images x Q vectors (FAISS flat inner product),
+  top k_candidates=128, grouped by id.
+- ITM re-rank of 20 candidates, from the fp16 ViT feature cache against re-running the ViT
+  on the image files (decode included): the measurement behind `itm_features=auto`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import model_dir, photos, quiet  # noqa: E402
+
+
+def timed(fn, repeat: int) -> float:
+    """Median milliseconds of `repeat` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    import torch
+
+    from searchengine.features import FeatureCache
+    from searchengine.imageio import decode_image, read_file
+    from searchengine.models import RetrievalModel
+    from searchengine.vector_index import VectorIndex
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", choices=["real", "tiny"], default="real")
+    ap.add_argument("--images", type=int, default=100_000)
+    ap.add_argument("--rerank", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    quiet()
+    model = RetrievalModel.load(str(model_dir(args.size)), device="cpu", dtype="auto")
+    q, d = model.num_query_tokens, model.embed_dim
+    print(f"{args.size} model on cpu ({model.vision_dtype}); index of {args.images:,} images x {q} vectors")
+
+    encode = timed(lambda: model.embed_texts(["a dog running on a beach at sunset"]), args.repeat * 4)
+
+    rng = np.random.default_rng(0)
+    index = VectorIndex(d, q)
+    for start in range(0, args.images, 10_000):
+        n = min(10_000, args.images - start)
+        v = rng.standard_normal((n, q, d)).astype(np.float32)
+        index.add(np.arange(start, start + n), v / np.linalg.norm(v, axis=-1, keepdims=True))
+    text = model.embed_texts(["a dog running on a beach at sunset"])
+    ann = timed(lambda: index.search(text, 128), args.repeat * 2)
+
+    files = [str(p) for p in photos(args.rerank)]
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = FeatureCache(Path(tmp), model.vit_shape)
+        vit = model.vit(model.preprocess([decode_image(read_file(f), max_pixels=10**9).image for f in files]))
+        for i, arr in enumerate(vit.float().numpy()):
+            cache.put(i, arr)
+
+        def from_cache():
+            feats = torch.from_numpy(np.stack([np.asarray(cache.get(i)) for i in range(len(files))]))
+            model.itm("a dog running on a beach", feats)
+
+        def from_pixels():
+            images = [decode_image(read_file(f), max_pixels=10**9).image for f in files]
+            model.itm("a dog running on a beach", model.vit(model.preprocess(images)))
+
+        cached = timed(from_cache, args.repeat)
+        recomputed = timed(from_pixels, 1)
+
+    print(f"text encode             : {encode:9.1f} ms")
+    print(f"ANN top-128 (exact)     : {ann:9.1f} ms")
+    print(f"ITM re-rank of {args.rerank}, cache : {cached:9.1f} ms")
+    print(f"ITM re-rank of {args.rerank}, ViT re-run from files: {recomputed:9.1f} ms")
+    print(f"ratio re-run / cache    : {recomputed / cached:.1f}x")
+    print(f"cache size per image    : {np.prod(model.vit_shape) * 2 / 1024:.0f} KiB (fp16)")
+    print(f"query total with cache  : {encode + ann + cached:9.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
