@@ -261,7 +261,7 @@ def test_copies_split_across_batches_are_linked(settings, model, tmp_path, photo
     for i, f in enumerate(photo_files[1:6]):
         shutil.copy(f, folder / f"b{i}{f.suffix}")
     (folder / "a.jpg").write_bytes(data)
-    (folder / "c.jpg").write_bytes(data)
+    (folder / "a_copy.jpg").write_bytes(data)  # next in scan order: read in the same window
     counting = CountingModel(model)
     summary = run(settings.model_copy(update={"batch_size": 1}), counting, folder)
     assert (summary.indexed, summary.linked, counting.embedded) == (6, 1, 6)
