@@ -11,7 +11,6 @@ images/s of each and the ratio; with --bf16 also the pipeline forced to bf16.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time

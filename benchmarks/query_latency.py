@@ -67,22 +67,24 @@ def main() -> None:
     ann = timed(lambda: index.search(text, 128), args.repeat * 2)
 
     files = [str(p) for p in photos(args.rerank)]
+    query = "a dog running on a beach"
     with tempfile.TemporaryDirectory() as tmp:
         cache = FeatureCache(Path(tmp), model.vit_shape)
-        vit = model.vit(model.preprocess([decode_image(read_file(f), max_pixels=10**9).image for f in files]))
+        # The re-run arm is timed once (the real ViT takes seconds per image on a CPU); its
+        # output fills the cache that the other arm then reads.
+        t = time.perf_counter()
+        images = [decode_image(read_file(f), max_pixels=10**9).image for f in files]
+        vit = model.vit(model.preprocess(images))
+        model.itm(query, vit)
+        recomputed = (time.perf_counter() - t) * 1000
         for i, arr in enumerate(vit.float().numpy()):
             cache.put(i, arr)
 
         def from_cache():
             feats = torch.from_numpy(np.stack([np.asarray(cache.get(i)) for i in range(len(files))]))
-            model.itm("a dog running on a beach", feats)
-
-        def from_pixels():
-            images = [decode_image(read_file(f), max_pixels=10**9).image for f in files]
-            model.itm("a dog running on a beach", model.vit(model.preprocess(images)))
+            model.itm(query, feats)
 
         cached = timed(from_cache, args.repeat)
-        recomputed = timed(from_pixels, 1)
 
     print(f"text encode             : {encode:9.1f} ms")
     print(f"ANN top-128 (exact)     : {ann:9.1f} ms")

@@ -15,7 +15,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from searchengine.imageio import Decoded, decode_image, read_file, sha256_of
 from indexer.scan import FileEntry, scan_folder
@@ -213,8 +213,3 @@ class Indexer:
         summary.indexed += len(batch)
         summary.linked += len(links)
 
-
-def index_folders(
-    model: RetrievalModel, library: Library, settings: Settings, roots: Iterable[str], **kwargs
-) -> Summary:
-    return Indexer(model, library, settings, **kwargs).run(list(roots))

@@ -103,7 +103,6 @@ class RetrievalModel:
         cls, name: str, *, device: str = "auto", dtype: str = "auto", text_max_tokens: int = 35
     ) -> "RetrievalModel":
         """Load by hub id or local directory, both through `from_pretrained`."""
-        import torch  # noqa: F401  (fail here, with the import error, if torch is missing)
         from transformers import AutoConfig, AutoProcessor, Blip2ForImageTextRetrieval
 
         if _looks_local(name):
