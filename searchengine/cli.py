@@ -206,6 +206,7 @@ def cmd_stats(args: argparse.Namespace, out, err) -> int:
         "roots": stats.roots,
         "model": stats.model.name if stats.model else None,
         "model_fingerprint": stats.model.fingerprint if stats.model else None,
+        "model_dtype": stats.model.dtype if stats.model else None,
         "index_type": "exact (flat inner product, max over query vectors)",
         "vectors": vectors,
         "bytes_on_disk": sizes,
@@ -214,7 +215,10 @@ def cmd_stats(args: argparse.Namespace, out, err) -> int:
         print(json.dumps(data, ensure_ascii=False, indent=2), file=out)
         return 0
     print(f"data dir     {data['data_dir']}", file=out)
-    print(f"model        {data['model'] or '-'}" + (f" ({data['model_fingerprint']})" if data["model"] else ""), file=out)
+    if stats.model:
+        print(f"model        {stats.model.name} (fingerprint {stats.model.fingerprint}, {stats.model.dtype})", file=out)
+    else:
+        print("model        -", file=out)
     print(f"images       {stats.images} ({stats.files} files)", file=out)
     print(f"index        {data['index_type']}, {vectors} vectors", file=out)
     print("on disk      " + ", ".join(f"{k} {_human(v)}" for k, v in sizes.items()), file=out)

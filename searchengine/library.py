@@ -166,4 +166,5 @@ def model_info(model) -> ModelInfo:
         num_vectors=model.num_query_tokens,
         dim=model.embed_dim,
         vit_shape=model.vit_shape,
+        dtype=str(model.vision_dtype).replace("torch.", ""),
     )

@@ -109,6 +109,7 @@ class ModelInfo:
     num_vectors: int
     dim: int
     vit_shape: tuple[int, int]
+    dtype: str = ""  # what the first run embedded in (bf16 and fp32 vectors mix safely)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vit_shape", tuple(self.vit_shape))

@@ -81,7 +81,7 @@ def test_stats_shows_counts_failures_model_and_sizes(library):
     data = json.loads(cli("stats", "--json", env_extra=library["env"], check_rc=0).stdout)
     assert data["failures_by_reason"] == {reason: 1 for reason in library["bad"]}
     assert {f["path"] for f in data["failures"]} == {str(p) for p in library["bad"].values()}
-    assert data["model"] == library["env"]["SEARCHENGINE_MODEL"]
+    assert data["model"] == library["env"]["SEARCHENGINE_MODEL"] and data["model_dtype"] == "float32"
     assert data["vectors"] == data["images"] * 8  # the tiny model has 8 query tokens
     assert data["bytes_on_disk"]["store"] > 0 and data["bytes_on_disk"]["vector_index"] > 0
     text = cli("stats", env_extra=library["env"], check_rc=0).stdout

@@ -86,3 +86,18 @@ def test_read_file_reasons(tmp_path):
     with pytest.raises(BadImageError) as e:
         read_file(str(tmp_path))  # a folder: cannot be read as a file
     assert e.value.reason == "unreadable"
+
+
+def test_heic_is_listed_and_decoded_with_pillow_heif(tmp_path):
+    import pillow_heif  # in the dev extras: HEIC support is tested, not assumed
+
+    from indexer.scan import scan_folder
+    from tests.images import gradient
+
+    pillow_heif.register_heif_opener()
+    path = tmp_path / "phone.heic"
+    Image.fromarray(gradient()).save(path, "HEIF", quality=95)
+    assert [e.path for e in scan_folder(tmp_path)] == [str(path)]
+    d = _decode(path)
+    assert d.image.size == (96, 64)
+    assert np.abs(np.asarray(d.image).astype(int) - gradient().astype(int)).mean() < 10
