@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from concurrent.futures import ThreadPoolExecutor
 
 from searchengine.errors import BadImageError, QueryError
 from searchengine.imageio import decode_image, read_file
