@@ -1,4 +1,4 @@
-"""The `searchengine` command: index, search, stats, make-tiny-model.
+"""The `searchengine` command: index, search, stats, serve, make-tiny-model.
 
 This module is the composition root: it builds the settings, the model, the library and the
 indexer or searcher, and passes them in. It is the only module of `searchengine` that reaches
@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     _common(p, model=False)
 
+    p = sub.add_parser("serve", help="serve the HTTP API (and, later, the web UI)")
+    p.add_argument("--host", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, help="port (default: 8000)")
+    _common(p, model=True)
+
     p = sub.add_parser("make-tiny-model", help="write a tiny random BLIP-2 retrieval model (for tests and trials)")
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
@@ -68,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     keys = ("data_dir", "model", "device", "dtype", "itm_features", "batch_size", "decode_workers",
-            "max_image_pixels", "k_candidates", "rerank_top")
+            "max_image_pixels", "k_candidates", "rerank_top", "host", "port")
     return Settings(**{k: getattr(args, k) for k in keys if getattr(args, k, None) is not None})
 
 
@@ -191,43 +196,50 @@ def cmd_stats(args: argparse.Namespace, out, err) -> int:
     settings = _settings(args)
     library = Library.open(settings)
     try:
-        stats = library.store.stats()
-        sizes = library.sizes_on_disk()
-        vectors = library.index.index.ntotal if library.index else 0
+        data = library.describe()
     finally:
         library.close()
-    data = {
-        "data_dir": str(settings.data_dir),
-        "images": stats.images,
-        "files": stats.files,
-        "failed": stats.failed,
-        "failures_by_reason": stats.failures_by_reason,
-        "failures": [{"path": p, "reason": r, "error": e} for p, r, e in stats.failures],
-        "roots": stats.roots,
-        "model": stats.model.name if stats.model else None,
-        "model_fingerprint": stats.model.fingerprint if stats.model else None,
-        "model_dtype": stats.model.dtype if stats.model else None,
-        "index_type": "exact (flat inner product, max over query vectors)",
-        "vectors": vectors,
-        "bytes_on_disk": sizes,
-    }
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2), file=out)
         return 0
     print(f"data dir     {data['data_dir']}", file=out)
-    if stats.model:
-        print(f"model        {stats.model.name} (fingerprint {stats.model.fingerprint}, {stats.model.dtype})", file=out)
+    if data["model"]:
+        print(f"model        {data['model']} (fingerprint {data['model_fingerprint']}, {data['model_dtype']})", file=out)
     else:
         print("model        -", file=out)
-    print(f"images       {stats.images} ({stats.files} files)", file=out)
-    print(f"index        {data['index_type']}, {vectors} vectors", file=out)
-    print("on disk      " + ", ".join(f"{k} {_human(v)}" for k, v in sizes.items()), file=out)
-    print(f"folders      {', '.join(stats.roots) or '-'}", file=out)
-    print(f"failed       {stats.failed}" + (" (" + ", ".join(f"{r}: {n}" for r, n in sorted(stats.failures_by_reason.items())) + ")" if stats.failed else ""), file=out)
-    for p, r, e in stats.failures:
-        print(f"  {p}: {e}", file=out)
-    if stats.failed > len(stats.failures):
-        print(f"  ... and {stats.failed - len(stats.failures)} more (--json lists the first {len(stats.failures)})", file=out)
+    print(f"images       {data['images']} ({data['files']} files)", file=out)
+    print(f"index        {data['index_type']}, {data['vectors']} vectors", file=out)
+    print("on disk      " + ", ".join(f"{k} {_human(v)}" for k, v in data["bytes_on_disk"].items()), file=out)
+    print(f"folders      {', '.join(data['roots']) or '-'}", file=out)
+    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(data["failures_by_reason"].items()))
+    print(f"failed       {data['failed']}" + (f" ({reasons})" if data["failed"] else ""), file=out)
+    for f in data["failures"]:
+        print(f"  {f['path']}: {f['error']}", file=out)
+    if data["failed"] > len(data["failures"]):
+        print(f"  ... and {data['failed'] - len(data['failures'])} more (--json lists the first {len(data['failures'])})", file=out)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, out, err) -> int:
+    import ipaddress
+
+    import uvicorn
+
+    from searchengine.api import create_app
+
+    settings = _settings(args)
+    try:
+        loopback = ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:
+        loopback = settings.host == "localhost"
+    if not loopback and settings.api_key is None:
+        print(
+            f"searchengine: warning: serving on {settings.host} without an API key: anyone who can reach it sees "
+            "your photos; set SEARCHENGINE_API_KEY",
+            file=err,
+        )
+    logging.getLogger("searchengine").setLevel(logging.INFO)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False, log_level="info")
     return 0
 
 
@@ -247,7 +259,13 @@ def _human(n: int) -> str:
     return str(n)
 
 
-COMMANDS = {"index": cmd_index, "search": cmd_search, "stats": cmd_stats, "make-tiny-model": cmd_make_tiny_model}
+COMMANDS = {
+    "index": cmd_index,
+    "search": cmd_search,
+    "stats": cmd_stats,
+    "serve": cmd_serve,
+    "make-tiny-model": cmd_make_tiny_model,
+}
 
 
 def main(argv: Sequence[str] | None = None, out=None, err=None) -> int:

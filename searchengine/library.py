@@ -16,6 +16,7 @@ half-visible), and a restart repairs the rest.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,9 @@ class Library:
         self.features: FeatureCache | None = None
         self._last_save = time.monotonic()
         self._dirty = False
+        # Guards the in-memory FAISS index: searches from server threads against reconcile.
+        self.lock = threading.RLock()
+        self.revision = store.revision()
         info = store.model_info()
         if info is not None:
             self._attach(info)
@@ -77,7 +81,7 @@ class Library:
         if self.index is None:
             self._attach(info)
 
-    def _attach(self, info: ModelInfo) -> None:
+    def _attach(self, info: ModelInfo, save: bool = True) -> None:
         path = self.settings.vectors_path
         index = None
         if path.exists():
@@ -88,10 +92,30 @@ class Library:
         self.index = index or VectorIndex(info.dim, info.num_vectors)
         self.features = FeatureCache(self.settings.features_dir, info.vit_shape)
         report = self.reconcile()
-        if report.changed or not path.exists():
+        if save and (report.changed or not path.exists()):
             self.save()
 
+    def refresh(self) -> ReconcileReport | None:
+        """Catch up with writes another process (an indexer) committed since we last looked."""
+        revision = self.store.revision()
+        if revision == self.revision:
+            return None
+        with self.lock:
+            if self.index is None:
+                info = self.store.model_info()
+                if info is None:
+                    return None
+                self.revision = revision
+                self._attach(info, save=False)
+                return ReconcileReport()
+            self.revision = revision
+            return self.reconcile()
+
     def reconcile(self) -> ReconcileReport:
+        with self.lock:
+            return self._reconcile()
+
+    def _reconcile(self) -> ReconcileReport:
         assert self.index is not None
         report = ReconcileReport()
         store_ids = self.store.image_ids()
@@ -116,8 +140,9 @@ class Library:
 
     def add_vectors(self, ids: list[int], vecs: np.ndarray) -> None:
         assert self.index is not None
-        self.index.add(np.asarray(ids), vecs)
-        self._dirty = True
+        with self.lock:
+            self.index.add(np.asarray(ids), vecs)
+            self._dirty = True
         self.maybe_save()
 
     def forget_images(self, ids: list[int]) -> None:
@@ -125,7 +150,8 @@ class Library:
         if not ids:
             return
         if self.index is not None:
-            self.index.remove(ids)
+            with self.lock:
+                self.index.remove(ids)
         if self.features is not None:
             self.features.delete(ids)
         self._dirty = True
@@ -137,9 +163,32 @@ class Library:
     def save(self) -> None:
         if self.index is None:
             return
-        self.index.save(self.settings.vectors_path)
+        with self.lock:
+            self.index.save(self.settings.vectors_path)
         self._last_save = time.monotonic()
         self._dirty = False
+
+    # -- description ----------------------------------------------------------------------
+
+    def describe(self, max_failures: int = 20) -> dict:
+        """What `stats` shows: counts, failures by reason, model, index, sizes on disk."""
+        stats = self.store.stats(max_failures)
+        model = stats.model
+        return {
+            "data_dir": str(self.settings.data_dir),
+            "images": stats.images,
+            "files": stats.files,
+            "failed": stats.failed,
+            "failures_by_reason": stats.failures_by_reason,
+            "failures": [{"path": p, "reason": r, "error": e} for p, r, e in stats.failures],
+            "roots": stats.roots,
+            "model": model.name if model else None,
+            "model_fingerprint": model.fingerprint if model else None,
+            "model_dtype": model.dtype if model else None,
+            "index_type": "exact (flat inner product, max over query vectors)",
+            "vectors": self.index.index.ntotal if self.index else 0,
+            "bytes_on_disk": self.sizes_on_disk(),
+        }
 
     # -- sizes ----------------------------------------------------------------------------
 

@@ -47,6 +47,46 @@ class SearchResult:
     hits: list[Hit]
     reranked: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    has_more: bool = False
+
+
+@dataclass(frozen=True)
+class Filters:
+    folder: str | None = None  # a folder path: images with a file below it
+    taken_after: str | None = None  # ISO date or date-time, inclusive
+    taken_before: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.folder or self.taken_after or self.taken_before)
+
+
+@dataclass
+class Ranking:
+    """The ranked candidates of one query, best first (arrays of equal length)."""
+
+    ids: np.ndarray
+    itc: np.ndarray  # ITC score (for an image query: the image-to-image score)
+    itm: np.ndarray  # ITM P(match), NaN where not re-ranked
+    score: np.ndarray  # final: ITM + ITC where re-ranked, else ITC
+    depth: int  # how many were asked for
+    exhausted: bool  # the index (or the filter) had fewer than `depth`
+    timings: dict[str, float]
+
+    @property
+    def reranked(self) -> int:
+        return int((~np.isnan(self.itm)).sum())
+
+
+def image_similarity(query: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Image-to-image score of `query` [Q, D] against each of `others` [n, Q, D].
+
+    The mean over the query's Q vectors of each one's best match among the other image's Q
+    vectors (ColBERT's MaxSim, averaged). Every query token has its say, unlike a max over
+    all Q x Q pairs, which one shared background patch can decide. 1.0 for identical images.
+    """
+    sims = np.einsum("qd,npd->nqp", query, others)
+    return sims.max(axis=2).mean(axis=1).astype(np.float32)
 
 
 class Searcher:
@@ -59,46 +99,131 @@ class Searcher:
         self.use_cache = mode != "recompute"
         self.fill_cache = mode == "cache" or (mode == "auto" and not model.device.startswith("cuda"))
 
-    def search(self, query: str, *, k: int = 10, k_candidates: int | None = None, rerank: int | None = None) -> SearchResult:
-        text = self._check_query(query)
-        if k < 1:
-            raise QueryError("k must be at least 1")
-        k_candidates = self.settings.k_candidates if k_candidates is None else k_candidates
+    # -- text queries ---------------------------------------------------------------------
+
+    def check_query(self, query: str) -> str:
+        """The query, whitespace-normalised; QueryError if it cannot be searched."""
+        text = " ".join((query or "").split())
+        if not text:
+            raise QueryError("the query is empty: type some words that describe the picture")
+        if len(text) > self.settings.max_query_chars:
+            raise QueryError(f"the query is {len(text)} characters long; the limit is {self.settings.max_query_chars}")
+        return text
+
+    def allowed_ids(self, filters: Filters | None) -> np.ndarray | None:
+        if filters is None or not filters.active:
+            return None
+        return self.library.store.filter_ids(filters.folder, filters.taken_after, filters.taken_before)
+
+    def rank_text(
+        self,
+        text: str,
+        text_vec: np.ndarray,
+        *,
+        depth: int,
+        rerank: int | None = None,
+        filters: Filters | None = None,
+    ) -> Ranking:
+        """The best `depth` images for an encoded query: ITC candidates, ITM re-rank of the top."""
         rerank = self.settings.rerank_top if rerank is None else rerank
-        timings: dict[str, float] = {}
-
         t0 = time.perf_counter()
-        text_vec = self.model.embed_texts([text])
+        allowed = self.allowed_ids(filters)
+        with self.library.lock:
+            cands = self.library.index.search(text_vec[None], depth, allowed)[0]
         t1 = time.perf_counter()
-        cands = self.library.index.search(text_vec, max(k, k_candidates))[0]
-        t2 = time.perf_counter()
-        timings["encode"] = (t1 - t0) * 1000
-        timings["ann"] = (t2 - t1) * 1000
-
         ids, itc = cands.ids, cands.scores
         itm = np.full(len(ids), np.nan, dtype=np.float32)
         n = min(rerank, len(ids))
         if n:
             itm[:n] = self._itm(text, ids[:n])
-        timings["rerank"] = (time.perf_counter() - t2) * 1000
-
         reranked = ~np.isnan(itm)
         final = np.where(reranked, itm + itc, itc)
         # Re-ranked candidates first (by ITM + ITC), then the rest by ITC, as in the paper.
-        order = np.lexsort((-final, ~reranked))[:k]
-        records = self.library.store.images([int(i) for i in ids[order]])
+        order = np.lexsort((-final, ~reranked))
+        timings = {"ann": (t1 - t0) * 1000, "rerank": (time.perf_counter() - t1) * 1000}
+        return Ranking(ids[order], itc[order], itm[order], final[order], depth, len(ids) < depth, timings)
+
+    def search(
+        self,
+        query: str,
+        *,
+        k: int = 10,
+        offset: int = 0,
+        k_candidates: int | None = None,
+        rerank: int | None = None,
+        filters: Filters | None = None,
+        min_score: float | None = None,
+    ) -> SearchResult:
+        """One query, start to end (the CLI's path; the service caches rankings across pages)."""
+        text = self.check_query(query)
+        if k < 1 or offset < 0:
+            raise QueryError("k must be at least 1 and offset at least 0")
+        k_candidates = self.settings.k_candidates if k_candidates is None else k_candidates
+        t0 = time.perf_counter()
+        text_vec = self.model.embed_texts([text])[0]
+        encode = (time.perf_counter() - t0) * 1000
+        ranking = self.rank_text(text, text_vec, depth=max(offset + k, k_candidates), rerank=rerank, filters=filters)
+        hits, has_more = self.page(ranking, offset, k, min_score)
+        timings = {"encode": encode, **ranking.timings, "total": (time.perf_counter() - t0) * 1000}
+        return SearchResult(text, hits, ranking.reranked, timings, has_more)
+
+    # -- image queries --------------------------------------------------------------------
+
+    def rank_image(
+        self, vectors: np.ndarray, *, depth: int, filters: Filters | None = None, exclude: int | None = None
+    ) -> Ranking:
+        """Images most like one given by its ITC vectors [Q, D], by `image_similarity`.
+
+        Candidates: the union of each query vector's top `depth` images (FAISS), cut to the
+        4*depth with the best summed per-vector scores; each is then scored exactly from its
+        stored vectors. Exact whenever the union holds the whole library.
+        """
+        t0 = time.perf_counter()
+        allowed = self.allowed_ids(filters)
+        with self.library.lock:
+            per_vector = self.library.index.search(vectors, depth + 1, allowed)
+        summed: dict[int, float] = {}
+        for cands in per_vector:
+            for image_id, score in zip(cands.ids.tolist(), cands.scores.tolist()):
+                summed[image_id] = summed.get(image_id, 0.0) + score
+        summed.pop(exclude, None)
+        pool = sorted(summed, key=summed.__getitem__, reverse=True)[: 4 * depth]
+        ids_list, scores_list = [], []
+        for ids, stored in self.library.store.iter_vectors(pool):
+            ids_list.append(ids)
+            scores_list.append(image_similarity(vectors, stored))
+        t1 = time.perf_counter()
+        if not ids_list:
+            empty = np.zeros(0, np.float32)
+            return Ranking(np.zeros(0, np.int64), empty, empty, empty, depth, True, {"ann": (t1 - t0) * 1000, "rerank": 0.0})
+        ids, scores = np.concatenate(ids_list), np.concatenate(scores_list)
+        order = np.lexsort((ids, -scores))[:depth]
+        nan = np.full(len(order), np.nan, dtype=np.float32)
+        return Ranking(ids[order], scores[order], nan, scores[order], depth, len(pool) < depth, {"ann": (t1 - t0) * 1000, "rerank": 0.0})
+
+    # -- pages ----------------------------------------------------------------------------
+
+    def page(self, ranking: Ranking, offset: int, k: int, min_score: float | None = None) -> tuple[list[Hit], bool]:
+        """Hits [offset, offset + k) of a ranking, above `min_score`; and whether more follow."""
+        keep = np.arange(len(ranking.ids))
+        if min_score is not None:
+            keep = keep[ranking.score >= min_score]
+        window = keep[offset : offset + k]
+        has_more = len(keep) > offset + k or (not ranking.exhausted and len(window) == k)
+        records = self.library.store.images([int(ranking.ids[j]) for j in window])
         hits = []
-        for j in order:
-            rec = records.get(int(ids[j]))
+        for j in window:
+            rec = records.get(int(ranking.ids[j]))
             if rec is None or not rec.paths:
                 continue  # deleted between the ANN search and now
+            itm = ranking.itm[j]
             hits.append(
                 Hit(
                     image_id=rec.id,
                     paths=rec.paths,
-                    itc=float(itc[j]),
-                    itm=None if np.isnan(itm[j]) else float(itm[j]),
-                    score=float(final[j]),
+                    itc=float(ranking.itc[j]),
+                    itm=None if np.isnan(itm) else float(itm),
+                    score=float(ranking.score[j]),
                     width=rec.width,
                     height=rec.height,
                     taken_at=rec.taken_at,
@@ -106,16 +231,7 @@ class Searcher:
                     caption=rec.caption,
                 )
             )
-        timings["total"] = (time.perf_counter() - t0) * 1000
-        return SearchResult(text, hits, int(reranked.sum()), timings)
-
-    def _check_query(self, query: str) -> str:
-        text = " ".join((query or "").split())
-        if not text:
-            raise QueryError("the query is empty: type some words that describe the picture")
-        if len(text) > self.settings.max_query_chars:
-            raise QueryError(f"the query is {len(text)} characters long; the limit is {self.settings.max_query_chars}")
-        return text
+        return hits, has_more
 
     def _itm(self, text: str, ids: np.ndarray) -> np.ndarray:
         """ITM P(match) for each candidate; NaN where its features cannot be had."""

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "Salesforce/blip2-itm-vit-g"
@@ -41,6 +41,23 @@ class Settings(BaseSettings):
     rerank_top: int = Field(20, ge=0)  # how many of them ITM re-scores; 0 turns it off
     text_max_tokens: int = Field(35, ge=2)  # the paper truncates text at 35 tokens
     max_query_chars: int = Field(1000, ge=1)
+
+    # Service (`searchengine serve`).
+    host: str = "127.0.0.1"  # loopback unless asked: the index shows every photo's path
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = None  # when set, every endpoint wants it
+    cors_origins: list[str] = []  # CORS is off unless origins are named
+    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1)
+    max_upload_pixels: int = Field(50_000_000, ge=1)
+    text_batch_max: int = Field(16, ge=1)  # micro-batcher: queries per text-encoder call
+    text_batch_wait_ms: float = Field(5.0, ge=0)
+    ranking_cache_size: int = Field(256, ge=0)  # rankings kept for paging
+    thumbnail_size: int = Field(320, ge=16, le=2048)
+    refresh_interval_s: float = Field(1.0, ge=0)  # how often the service looks for index writes
+
+    @property
+    def thumbnails_dir(self) -> Path:
+        return self.data_dir / "thumbnails"
 
     @property
     def store_path(self) -> Path:

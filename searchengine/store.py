@@ -210,6 +210,15 @@ class Store:
         else:
             conn.execute(update(meta).where(meta.c.key == key).values(value=value))
 
+    def _bump_revision(self, conn: Connection) -> None:
+        rev = int(self._get_meta(conn, "revision") or 0)
+        self._set_meta(conn, "revision", str(rev + 1))
+
+    def revision(self) -> int:
+        """Grows with every committed change: how a reader in another process notices writes."""
+        with self.engine.connect() as conn:
+            return int(self._get_meta(conn, "revision") or 0)
+
     def model_info(self) -> ModelInfo | None:
         with self.engine.connect() as conn:
             raw = self._get_meta(conn, "model")
@@ -290,6 +299,7 @@ class Store:
             for path, size, mtime_ns, reason, error in failures:
                 touched |= self._put_file(conn, path, size, mtime_ns, "failed", None, reason, error, now)
             orphans = self._delete_orphans(conn, touched)
+            self._bump_revision(conn)
         return new_ids, orphans
 
     def _put_file(self, conn, path, size, mtime_ns, status, image_id, reason, error, now) -> set[int]:
@@ -323,7 +333,9 @@ class Store:
                 rows = conn.execute(select(files.c.image_id).where(files.c.path.in_(chunk))).scalars()
                 touched |= {i for i in rows if i is not None}
                 conn.execute(delete(files).where(files.c.path.in_(chunk)))
-            return self._delete_orphans(conn, touched)
+            orphans = self._delete_orphans(conn, touched)
+            self._bump_revision(conn)
+            return orphans
 
     # -- images and vectors ---------------------------------------------------------------
 
@@ -363,6 +375,40 @@ class Store:
                 q = select(files.c.image_id, files.c.path).where(files.c.image_id.in_(chunk)).order_by(files.c.path)
                 for image_id, path in conn.execute(q):
                     out[image_id].paths.append(path)
+        return out
+
+    def filter_ids(
+        self, folder: str | None = None, taken_after: str | None = None, taken_before: str | None = None
+    ) -> np.ndarray:
+        """Ids of images with a file below `folder` and taken within [after, before] (ISO)."""
+        q = select(images.c.id).distinct()
+        if folder:
+            prefix = folder.rstrip("/") + "/"
+            q = q.join(files, files.c.image_id == images.c.id).where(
+                files.c.path >= prefix, files.c.path < prefix[:-1] + "0"
+            )
+        if taken_after:
+            q = q.where(images.c.taken_at >= taken_after)
+        if taken_before:
+            q = q.where(images.c.taken_at <= taken_before)
+        with self.engine.connect() as conn:
+            return np.fromiter(conn.execute(q).scalars(), dtype=np.int64)
+
+    def image_detail(self, image_id: int) -> dict | None:
+        """Everything the store knows of one image, with its files."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(images).where(images.c.id == image_id)).first()
+            if row is None:
+                return None
+            out = dict(row._mapping)
+            out["files"] = [
+                dict(r._mapping)
+                for r in conn.execute(
+                    select(files.c.path, files.c.size, files.c.mtime_ns)
+                    .where(files.c.image_id == image_id)
+                    .order_by(files.c.path)
+                )
+            ]
         return out
 
     # -- stats ----------------------------------------------------------------------------

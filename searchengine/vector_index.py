@@ -65,14 +65,23 @@ class VectorIndex:
             return np.zeros(0, dtype=np.int64)
         return np.unique(faiss.vector_to_array(self.index.id_map))
 
-    def search(self, queries: np.ndarray, k: int) -> list[Candidates]:
-        """Top k images by max-sim for each query vector [T, D]."""
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[Candidates]:
+        """Top k images by max-sim for each query vector [T, D].
+
+        `allowed`: image ids to search among (a filter); exact, because FAISS skips the other
+        ids inside the search rather than after it.
+        """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         n_vec = min(self.index.ntotal, k * self.num_vectors)
+        if allowed is not None:
+            n_vec = min(n_vec, len(allowed) * self.num_vectors)
         if n_vec == 0 or k <= 0:
             empty = Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32))
             return [empty for _ in range(len(queries))]
-        scores, labels = self.index.search(queries, n_vec)
+        params = None
+        if allowed is not None:
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64)))
+        scores, labels = self.index.search(queries, n_vec, params=params)
         return [_group_max(labels[t], scores[t], k) for t in range(len(queries))]
 
     # -- files ----------------------------------------------------------------------------

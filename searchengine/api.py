@@ -1,0 +1,397 @@
+"""The HTTP API (FastAPI). Routes are thin: the work is in `service.QueryService`.
+
+The model and the library are built in the app's lifespan, in a background thread, so the
+server answers at once: `/healthz` says "loading" (503) until they are ready, and so do the
+routes that need them. Nothing heavy happens at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import mimetypes
+import time
+from contextlib import asynccontextmanager
+from datetime import date, datetime
+from typing import Annotated, Callable
+
+from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from searchengine.errors import BadImageError, ModelMismatchError, QueryError, SearchEngineError
+from searchengine.metrics import Metrics
+from searchengine.search import Filters, Hit
+from searchengine.service import ImageNotFoundError, Page, QueryService
+from searchengine.settings import Settings
+
+log = logging.getLogger("searchengine.api")
+access_log = logging.getLogger("searchengine.access")
+
+MAX_K = 200
+MAX_OFFSET = 10_000
+
+
+# -- response models ----------------------------------------------------------------------
+
+
+class HitOut(BaseModel):
+    id: int
+    path: str
+    paths: list[str]
+    width: int
+    height: int
+    taken_at: str | None
+    camera: str | None
+    caption: str | None
+    score: float
+    itc: float
+    itm: float | None
+    thumbnail_url: str
+    file_url: str
+
+
+class SearchOut(BaseModel):
+    query: str | None
+    k: int
+    offset: int
+    next_offset: int | None
+    reranked: int
+    hits: list[HitOut]
+    timings_ms: dict[str, float]
+
+
+class FileOut(BaseModel):
+    path: str
+    size: int
+
+
+class ImageOut(BaseModel):
+    id: int
+    paths: list[str]
+    files: list[FileOut]
+    width: int
+    height: int
+    taken_at: str | None
+    camera: str | None
+    gps_lat: float | None
+    gps_lon: float | None
+    caption: str | None
+    caption_model: str | None
+    thumbnail_url: str
+    file_url: str
+
+
+class HealthOut(BaseModel):
+    status: str
+    error: str | None = None
+
+
+class ErrorOut(BaseModel):
+    error: str
+
+
+# -- state and dependencies ---------------------------------------------------------------
+
+
+class AppState:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.service: QueryService | None = None
+        self.error: str | None = None
+
+
+class NotReady(Exception):
+    pass
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.searchengine
+
+
+def get_service(state: Annotated[AppState, Depends(get_state)]) -> QueryService:
+    if state.service is None:
+        raise NotReady(state.error)
+    return state.service
+
+
+State = Annotated[AppState, Depends(get_state)]
+Service = Annotated[QueryService, Depends(get_service)]
+K = Annotated[int, Query(ge=1, le=MAX_K, description="how many hits per page")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="hits to skip (paging)")]
+MinScore = Annotated[float | None, Query(description="drop hits whose final score is below this")]
+Folder = Annotated[str | None, Query(description="only images with a file below this folder (absolute path)")]
+TakenAfter = Annotated[date | datetime | None, Query(description="only images taken on or after (ISO date or date-time)")]
+TakenBefore = Annotated[date | datetime | None, Query(description="only images taken on or before (ISO date or date-time)")]
+
+
+def _filters(folder: str | None, taken_after, taken_before) -> Filters:
+    def iso(value, end: bool) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, datetime):
+            return value.replace(tzinfo=None).isoformat(timespec="seconds")
+        return f"{value.isoformat()}T23:59:59" if end else f"{value.isoformat()}T00:00:00"
+
+    if taken_after and taken_before and iso(taken_after, False) > iso(taken_before, True):
+        raise QueryError("taken_after is later than taken_before")
+    return Filters(folder=folder or None, taken_after=iso(taken_after, False), taken_before=iso(taken_before, True))
+
+
+def _hit(h: Hit) -> HitOut:
+    return HitOut(
+        id=h.image_id, path=h.path, paths=h.paths, width=h.width, height=h.height, taken_at=h.taken_at,
+        camera=h.camera, caption=h.caption, score=h.score, itc=h.itc, itm=h.itm,
+        thumbnail_url=f"/api/images/{h.image_id}/thumbnail", file_url=f"/api/images/{h.image_id}/file",
+    )
+
+
+def _search_out(page: Page, k: int, offset: int) -> SearchOut:
+    return SearchOut(
+        query=page.query, k=k, offset=offset, next_offset=offset + k if page.has_more else None,
+        reranked=page.reranked, hits=[_hit(h) for h in page.hits],
+        timings_ms={name: round(ms, 3) for name, ms in page.timings_ms.items()},
+    )
+
+
+# -- the app ------------------------------------------------------------------------------
+
+
+def default_loader(settings: Settings):
+    from searchengine.library import Library
+    from searchengine.models import RetrievalModel
+
+    model = RetrievalModel.load(settings.model, device=settings.device, dtype=settings.dtype, text_max_tokens=settings.text_max_tokens)
+    return model, Library.open(settings, create=True)
+
+
+def create_app(settings: Settings, *, loader: Callable[[Settings], tuple] = default_loader) -> FastAPI:
+    """The app; `loader(settings) -> (model, library)` runs in the lifespan (tests pass their own)."""
+    metrics = Metrics()
+    state = AppState(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def load() -> None:
+            try:
+                model, library = await asyncio.to_thread(loader, settings)
+                state.service = await asyncio.to_thread(QueryService, settings, model, library, metrics)
+                log.info("ready: %d images", len(library.index or ()))
+            except SearchEngineError as e:
+                state.error = str(e)
+                log.error("cannot start: %s", e)
+            except Exception as e:  # the service stays up to say what is wrong
+                state.error = f"{type(e).__name__}: {e}"
+                log.exception("cannot start")
+
+        task = asyncio.create_task(load())
+        yield
+        task.cancel()
+        if state.service is not None:
+            await state.service.close()
+            state.service.library.close()
+
+    app = FastAPI(
+        title="searchengine",
+        summary="Semantic image search on BLIP-2: ITC retrieval, ITM re-ranking.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.searchengine = state
+    _install_middleware(app, settings, metrics)
+    _install_error_handlers(app)
+
+    @app.get("/healthz", response_model=HealthOut, responses={503: {"model": HealthOut}})
+    def healthz(state: State):
+        """Ready (200) once the model and the index are loaded; 503 while loading or broken."""
+        if state.service is not None:
+            return HealthOut(status="ok")
+        status = "error" if state.error else "loading"
+        return JSONResponse(HealthOut(status=status, error=state.error).model_dump(), status_code=503)
+
+    @app.get("/api/search", response_model=SearchOut, responses={400: {"model": ErrorOut}})
+    async def search(
+        service: Service,
+        q: Annotated[str, Query(description="what to look for, in words")],
+        k: K = 24,
+        offset: Offset = 0,
+        rerank: Annotated[bool, Query(description="re-rank the top candidates with the ITM head")] = True,
+        min_score: MinScore = None,
+        folder: Folder = None,
+        taken_after: TakenAfter = None,
+        taken_before: TakenBefore = None,
+    ):
+        """Text-to-image search: ITC candidates, ITM re-rank, final score ITM + ITC."""
+        filters = _filters(folder, taken_after, taken_before)
+        page = await service.search_text(q, k=k, offset=offset, rerank=rerank, min_score=min_score, filters=filters)
+        return _search_out(page, k, offset)
+
+    @app.post("/api/search/image", response_model=SearchOut, responses={400: {"model": ErrorOut}, 413: {"model": ErrorOut}})
+    async def search_image(
+        service: Service,
+        image: Annotated[UploadFile, File(description="the example image")],
+        k: K = 24,
+        offset: Offset = 0,
+        min_score: MinScore = None,
+        folder: Folder = None,
+        taken_after: TakenAfter = None,
+        taken_before: TakenBefore = None,
+    ):
+        """Image-to-image search by an uploaded example (score: mean over query vectors of the best match)."""
+        data = await _read_capped(image, settings.max_upload_bytes)
+        filters = _filters(folder, taken_after, taken_before)
+        page = await service.search_image(data, k=k, offset=offset, min_score=min_score, filters=filters)
+        return _search_out(page, k, offset)
+
+    @app.get("/api/images/{image_id}/similar", response_model=SearchOut, responses={404: {"model": ErrorOut}})
+    async def similar(
+        service: Service,
+        image_id: int,
+        k: K = 24,
+        offset: Offset = 0,
+        min_score: MinScore = None,
+        folder: Folder = None,
+        taken_after: TakenAfter = None,
+        taken_before: TakenBefore = None,
+    ):
+        """Images most like an indexed one ("more like this"), itself left out."""
+        filters = _filters(folder, taken_after, taken_before)
+        page = await service.similar(image_id, k=k, offset=offset, min_score=min_score, filters=filters)
+        return _search_out(page, k, offset)
+
+    @app.get("/api/images/{image_id}", response_model=ImageOut, responses={404: {"model": ErrorOut}})
+    def image(service: Service, image_id: int):
+        """An image's metadata and files."""
+        d = service.image(image_id)
+        return ImageOut(
+            id=d["id"], paths=[f["path"] for f in d["files"]], files=[FileOut(path=f["path"], size=f["size"]) for f in d["files"]],
+            width=d["width"], height=d["height"], taken_at=d["taken_at"], camera=d["camera"], gps_lat=d["gps_lat"],
+            gps_lon=d["gps_lon"], caption=d["caption"], caption_model=d["caption_model"],
+            thumbnail_url=f"/api/images/{image_id}/thumbnail", file_url=f"/api/images/{image_id}/file",
+        )
+
+    @app.get("/api/images/{image_id}/thumbnail", response_class=FileResponse, responses={404: {"model": ErrorOut}})
+    async def thumbnail(service: Service, image_id: int):
+        """A small JPEG of the image, made once and kept."""
+        path = await asyncio.to_thread(service.thumbnail, image_id)
+        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.get("/api/images/{image_id}/file", response_class=FileResponse, responses={404: {"model": ErrorOut}})
+    def original(service: Service, image_id: int):
+        """The original file, with its content type."""
+        path = service.file(image_id)
+        media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/stats")
+    def stats(service: Service) -> dict:
+        """Images, failures by reason, model, index type and sizes on disk."""
+        service.refresh()
+        return service.library.describe()
+
+    @app.get("/metrics", response_class=Response)
+    def prometheus(state: State):
+        """Prometheus metrics: requests, latency per route and per search stage, index size."""
+        if state.service is not None:
+            state.service.update_gauges()
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    return app
+
+
+async def _read_capped(upload: UploadFile, limit: int) -> bytes:
+    chunks, total = [], 0
+    while chunk := await upload.read(1 << 20):
+        total += len(chunk)
+        if total > limit:
+            raise BadImageError("too_large", f"the upload is over the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+
+    @app.middleware("http")
+    async def guard_and_log(request: Request, call_next):
+        start = time.perf_counter()
+        if key is not None and request.method != "OPTIONS" and not _authorised(request, key):
+            response = JSONResponse(
+                {"error": "an API key is needed: send it as the X-API-Key header (or ?api_key=)"}, status_code=401
+            )
+        else:
+            response = await call_next(request)
+        seconds = time.perf_counter() - start
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.requests.labels(request.method, route, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(seconds)
+        query = "&".join(p for p in request.url.query.split("&") if p and not p.startswith("api_key="))
+        access_log.info(
+            "%s %s%s %d %.1fms", request.method, request.url.path, f"?{query}" if query else "", response.status_code, seconds * 1000
+        )
+        return response
+
+    if settings.cors_origins:  # added last, so it wraps the guard: preflights get their headers
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["X-API-Key", "Authorization"]
+        )
+
+
+def _authorised(request: Request, key: str) -> bool:
+    given = request.headers.get("x-api-key") or request.query_params.get("api_key") or ""
+    auth = request.headers.get("authorization", "")
+    if not given and auth.lower().startswith("bearer "):
+        given = auth[7:]
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(NotReady)
+    async def not_ready(request, exc: NotReady):
+        if exc.args and exc.args[0]:
+            return error(503, f"the service could not start: {exc.args[0]}")
+        return error(503, "the service is still loading the model; try again in a moment")
+
+    @app.exception_handler(ImageNotFoundError)
+    async def not_found(request, exc):
+        return error(404, str(exc))
+
+    @app.exception_handler(QueryError)
+    async def bad_query(request, exc):
+        return error(400, str(exc))
+
+    @app.exception_handler(BadImageError)
+    async def bad_image(request, exc: BadImageError):
+        if exc.reason == "too_large":
+            return error(413, str(exc))
+        if exc.reason == "vanished":
+            return error(404, str(exc))
+        return error(400, f"the upload is not a usable image: {exc}")
+
+    @app.exception_handler(ModelMismatchError)
+    async def mismatch(request, exc):
+        return error(409, str(exc))
+
+    @app.exception_handler(SearchEngineError)
+    async def other(request, exc):
+        return error(400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        problems = []
+        for e in exc.errors():
+            where = ".".join(str(x) for x in e.get("loc", ())[1:]) or "request"
+            problems.append(f"{where}: {e.get('msg')}")
+        return error(422, "; ".join(problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail))

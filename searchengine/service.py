@@ -1,0 +1,214 @@
+"""The query service: one model, one library, shared by every request of a long-running server.
+
+It adds what a single CLI query does not need:
+- model calls are serialised by one lock (torch already uses every core for one call);
+- concurrent text queries share encoder calls through the micro-batcher;
+- rankings are kept (LRU, keyed by query, options and store revision), so every page of a
+  query comes from the same ranking: pages neither overlap nor skip, and deep pages cost a
+  slice, not a new re-rank;
+- writes by an indexer in another process are picked up (store revision -> reconcile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Hashable
+
+from searchengine.batcher import MicroBatcher
+from searchengine.errors import BadImageError, SearchEngineError
+from searchengine.imageio import decode_image
+from searchengine.library import Library
+from searchengine.metrics import Metrics
+from searchengine.models import RetrievalModel
+from searchengine.search import Filters, Hit, Ranking, Searcher
+from searchengine.settings import Settings
+from searchengine.thumbnails import ThumbnailCache
+
+
+class ImageNotFoundError(SearchEngineError):
+    """No image has this id."""
+
+
+class LockedModel:
+    """The model with its compute methods under one lock, for use from many threads."""
+
+    _LOCKED = {"embed_texts", "embed_pixels", "embed_images", "itm", "vit"}
+
+    def __init__(self, model: RetrievalModel) -> None:
+        self._model = model
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._model, name)
+        if name not in self._LOCKED:
+            return attr
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return locked
+
+
+@dataclass
+class Page:
+    hits: list[Hit]
+    has_more: bool
+    reranked: int
+    timings_ms: dict[str, float]
+    query: str | None = None
+
+
+class QueryService:
+    def __init__(self, settings: Settings, model: RetrievalModel, library: Library, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.library = library
+        self.metrics = metrics or Metrics()
+        self.model = LockedModel(model)
+        self.searcher = Searcher(self.model, library, settings)
+        self.thumbnails = ThumbnailCache(settings.thumbnails_dir, settings.thumbnail_size, settings.max_image_pixels)
+        self.batcher: MicroBatcher[str] = MicroBatcher(
+            self.model.embed_texts,
+            max_batch=settings.text_batch_max,
+            max_wait_ms=settings.text_batch_wait_ms,
+            on_batch=lambda size, seconds: self.metrics.batch_size.observe(size),
+        )
+        self._rankings: OrderedDict[Hashable, Ranking] = OrderedDict()
+        self._rankings_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self._last_refresh = time.monotonic()
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+    # -- keeping up with the indexer -------------------------------------------------------
+
+    def refresh(self, force: bool = False) -> None:
+        """Reconcile with the store when another process has written to it."""
+        now = time.monotonic()
+        if not force and now - self._last_refresh < self.settings.refresh_interval_s:
+            return
+        with self._refresh_lock:
+            self._last_refresh = now
+            report = self.library.refresh()
+        if report is not None:
+            with self._rankings_lock:
+                self._rankings.clear()
+
+    # -- searches ---------------------------------------------------------------------------
+
+    async def search_text(
+        self, query: str, *, k: int, offset: int, rerank: bool, min_score: float | None, filters: Filters
+    ) -> Page:
+        text = self.searcher.check_query(query)
+        await asyncio.to_thread(self.refresh)
+        t0 = time.perf_counter()
+        depth = max(offset + k, self.settings.k_candidates)
+        rerank_n = self.settings.rerank_top if rerank else 0
+        key = ("text", text, rerank_n, filters, self.library.revision)
+        ranking = self._cached(key, depth)
+        encode = 0.0
+        if ranking is None:
+            vec = await self.batcher.submit(text)
+            encode = (time.perf_counter() - t0) * 1000
+            ranking = await asyncio.to_thread(
+                self.searcher.rank_text, text, vec, depth=depth, rerank=rerank_n, filters=filters
+            )
+            self._keep(key, ranking)
+            self._observe(encode=encode, **ranking.timings)
+        return await self._page(ranking, offset, k, min_score, t0, encode, text)
+
+    async def search_image(
+        self, data: bytes, *, k: int, offset: int, min_score: float | None, filters: Filters
+    ) -> Page:
+        """Images like an uploaded one."""
+        await asyncio.to_thread(self.refresh)
+        t0 = time.perf_counter()
+        image = (await asyncio.to_thread(decode_image, data, max_pixels=self.settings.max_upload_pixels)).image
+        vectors = (await asyncio.to_thread(self.model.embed_images, [image])).itc[0]
+        encode = (time.perf_counter() - t0) * 1000
+        depth = max(offset + k, self.settings.k_candidates)
+        ranking = await asyncio.to_thread(self.searcher.rank_image, vectors, depth=depth, filters=filters)
+        self._observe(encode=encode, **ranking.timings)
+        return await self._page(ranking, offset, k, min_score, t0, encode)
+
+    async def similar(
+        self, image_id: int, *, k: int, offset: int, min_score: float | None, filters: Filters
+    ) -> Page:
+        """Images like an indexed one (itself left out), from its stored vectors: no model call."""
+        await asyncio.to_thread(self.refresh)
+        t0 = time.perf_counter()
+        depth = max(offset + k, self.settings.k_candidates)
+        key = ("similar", image_id, filters, self.library.revision)
+        ranking = self._cached(key, depth)
+        if ranking is None:
+            stored = list(self.library.store.iter_vectors([image_id]))
+            if not stored:
+                raise ImageNotFoundError(f"no image has id {image_id}")
+            vectors = stored[0][1][0]
+            ranking = await asyncio.to_thread(
+                self.searcher.rank_image, vectors, depth=depth, filters=filters, exclude=image_id
+            )
+            self._keep(key, ranking)
+            self._observe(**ranking.timings)
+        return await self._page(ranking, offset, k, min_score, t0, 0.0)
+
+    async def _page(self, ranking, offset, k, min_score, t0, encode, text=None) -> Page:
+        hits, has_more = await asyncio.to_thread(self.searcher.page, ranking, offset, k, min_score)
+        timings = {"encode": encode, "ann": 0.0, "rerank": 0.0}
+        if encode or text is None:  # computed by this request, not taken from the cache
+            timings.update(ranking.timings)
+        timings["total"] = (time.perf_counter() - t0) * 1000
+        return Page(hits, has_more, ranking.reranked, timings, text)
+
+    def _cached(self, key: Hashable, depth: int) -> Ranking | None:
+        with self._rankings_lock:
+            ranking = self._rankings.get(key)
+            if ranking is None or (ranking.depth < depth and not ranking.exhausted):
+                return None
+            self._rankings.move_to_end(key)
+            return ranking
+
+    def _keep(self, key: Hashable, ranking: Ranking) -> None:
+        if self.settings.ranking_cache_size == 0:
+            return
+        with self._rankings_lock:
+            self._rankings[key] = ranking
+            self._rankings.move_to_end(key)
+            while len(self._rankings) > self.settings.ranking_cache_size:
+                self._rankings.popitem(last=False)
+
+    def _observe(self, **timings_ms: float) -> None:
+        for stage, ms in timings_ms.items():
+            self.metrics.stage.labels(stage).observe(ms / 1000)
+
+    # -- images -----------------------------------------------------------------------------
+
+    def image(self, image_id: int) -> dict:
+        detail = self.library.store.image_detail(image_id)
+        if detail is None or not detail["files"]:
+            raise ImageNotFoundError(f"no image has id {image_id}")
+        return detail
+
+    def thumbnail(self, image_id: int) -> str:
+        detail = self.image(image_id)
+        return str(self.thumbnails.get(image_id, [f["path"] for f in detail["files"]]))
+
+    def file(self, image_id: int) -> str:
+        """The image's first file that still exists; never a path from the request."""
+        for f in self.image(image_id)["files"]:
+            if os.path.isfile(f["path"]):
+                return f["path"]
+        raise BadImageError("vanished", f"image {image_id} has no file left on disk; re-index its folder")
+
+    def update_gauges(self) -> None:
+        index = self.library.index
+        n = index.index.ntotal if index is not None else 0
+        self.metrics.vectors.set(n)
+        self.metrics.images.set(len(index) if index is not None else 0)
+

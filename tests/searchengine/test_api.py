@@ -1,0 +1,398 @@
+"""The HTTP API through FastAPI's test client, over a real indexed folder and a tiny model."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from pydantic import SecretStr
+
+from indexer.pipeline import Indexer
+from searchengine.api import create_app
+from searchengine.library import Library
+from searchengine.search import image_similarity
+from tests.images import bomb_png, gradient
+
+
+def dated_jpeg(seed: int, when: str) -> bytes:
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9003] = when
+    arr = np.roll(gradient(), seed * 7, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, photos_dir, tiny_model_dir, model):
+    from searchengine.settings import Settings
+
+    root = tmp_path_factory.mktemp("api")
+    photos = root / "photos"
+    shutil.copytree(photos_dir / "nature", photos / "nature")
+    shutil.copytree(photos_dir / "abstract", photos / "abstract")
+    (photos / "dated").mkdir()
+    for i, when in enumerate(["1989:05:01 10:00:00", "1990:06:15 12:00:00", "1991:07:04 18:30:05"]):
+        (photos / "dated" / f"d{i}.jpg").write_bytes(dated_jpeg(i, when))
+    settings = Settings(
+        data_dir=root / "data", model=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=8,
+        refresh_interval_s=0, text_batch_wait_ms=2,
+    )
+    library = Library.open(settings, create=True)
+    Indexer(model, library, settings).run([photos])
+    library.close()
+    return settings, photos
+
+
+def wait_ready(client: TestClient) -> None:
+    for _ in range(300):
+        if client.get("/healthz").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(client.get("/healthz").json())
+
+
+def make_client(settings, model, **overrides):
+    settings = settings.model_copy(update=overrides)
+    app = create_app(settings, loader=lambda s: (model, Library.open(s)))
+    return TestClient(app)
+
+
+@pytest.fixture(scope="module")
+def client(indexed, model):
+    settings, _ = indexed
+    with make_client(settings, model) as c:
+        wait_ready(c)
+        yield c
+
+
+def ids(resp) -> list[int]:
+    return [h["id"] for h in resp.json()["hits"]]
+
+
+# -- health -------------------------------------------------------------------------------
+
+
+def test_healthz_is_503_until_the_model_is_loaded(indexed, model):
+    settings, _ = indexed
+    release = threading.Event()
+
+    def slow_loader(s):
+        release.wait(10)
+        return model, Library.open(s)
+
+    app = create_app(settings, loader=slow_loader)
+    with TestClient(app) as c:
+        r = c.get("/healthz")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = c.get("/api/search", params={"q": "dog"})
+        assert r.status_code == 503 and "loading" in r.json()["error"]
+        release.set()
+        wait_ready(c)
+        assert c.get("/healthz").json() == {"status": "ok", "error": None}
+
+
+def test_healthz_reports_a_failed_start(indexed):
+    settings, _ = indexed
+    from searchengine.errors import ModelLoadError
+
+    def broken(s):
+        raise ModelLoadError("model directory '/x' does not exist")
+
+    with TestClient(create_app(settings, loader=broken)) as c:
+        for _ in range(100):
+            r = c.get("/healthz")
+            if r.json()["status"] == "error":
+                break
+            time.sleep(0.02)
+        assert r.status_code == 503 and "does not exist" in r.json()["error"]
+        assert "does not exist" in c.get("/api/stats").json()["error"]
+
+
+# -- text search --------------------------------------------------------------------------
+
+
+def test_search_returns_hits_scores_urls_and_timings(client):
+    r = client.get("/api/search", params={"q": "a yellow flower", "k": 5})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["query"] == "a yellow flower" and body["k"] == 5 and body["offset"] == 0
+    assert body["next_offset"] == 5 and body["reranked"] == 20
+    assert set(body["timings_ms"]) == {"encode", "ann", "rerank", "total"}
+    for h in body["hits"]:
+        assert h["score"] == pytest.approx(h["itm"] + h["itc"], abs=1e-6)
+        assert h["thumbnail_url"] == f"/api/images/{h['id']}/thumbnail"
+        assert client.get(h["file_url"]).status_code == 200
+    plain = client.get("/api/search", params={"q": "a yellow flower", "k": 5, "rerank": False}).json()
+    assert plain["reranked"] == 0 and all(h["itm"] is None for h in plain["hits"])
+
+
+def test_pages_neither_overlap_nor_skip(client):
+    total = client.get("/api/stats").json()["images"]
+    whole = ids(client.get("/api/search", params={"q": "green meadow", "k": total}))
+    assert len(whole) == total
+    paged, offset = [], 0
+    while offset is not None:
+        body = client.get("/api/search", params={"q": "green meadow", "k": 4, "offset": offset}).json()
+        paged += [h["id"] for h in body["hits"]]
+        offset = body["next_offset"]
+    assert paged == whole and len(set(paged)) == total
+
+
+def test_min_score_cuts_off(client):
+    hits = client.get("/api/search", params={"q": "sand dune", "k": 50}).json()["hits"]
+    cutoff = hits[len(hits) // 2]["score"]
+    kept = client.get("/api/search", params={"q": "sand dune", "k": 50, "min_score": cutoff}).json()
+    assert kept["hits"] and all(h["score"] >= cutoff for h in kept["hits"])
+    assert len(kept["hits"]) < len(hits) and kept["next_offset"] is None
+
+
+def test_folder_and_date_filters(client, indexed):
+    _, photos = indexed
+    folder = str(photos / "abstract")
+    r = client.get("/api/search", params={"q": "waves", "k": 50, "folder": folder}).json()
+    n_abstract = len(list((photos / "abstract").iterdir()))
+    assert len(r["hits"]) == n_abstract and all(h["path"].startswith(folder + "/") for h in r["hits"])
+    r = client.get("/api/search", params={"q": "waves", "k": 50, "taken_after": "1990-01-01", "taken_before": "1990-12-31"}).json()
+    assert [h["taken_at"] for h in r["hits"]] == ["1990-06-15T12:00:00"]
+    r = client.get("/api/search", params={"q": "waves", "k": 50, "taken_after": "1990-06-15", "taken_before": "1999-01-01"}).json()
+    assert sorted(h["taken_at"] for h in r["hits"]) == ["1990-06-15T12:00:00", "1991-07-04T18:30:05"]
+    r = client.get("/api/search", params={"q": "waves", "k": 50, "taken_before": "1989-05-01"}).json()
+    assert [h["taken_at"] for h in r["hits"]] == ["1989-05-01T10:00:00"]  # the end day is inclusive
+    r = client.get("/api/search", params={"q": "waves", "k": 50, "taken_before": "1990-06-15T11:59:59"}).json()
+    assert [h["taken_at"] for h in r["hits"]] == ["1989-05-01T10:00:00"]
+    assert client.get("/api/search", params={"q": "waves", "taken_after": "yesterday"}).status_code == 422
+    bad = client.get("/api/search", params={"q": "waves", "taken_after": "2021-01-01", "taken_before": "2020-01-01"})
+    assert bad.status_code == 400 and "later" in bad.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "params, status, words",
+    [
+        ({"q": ""}, 400, "empty"),
+        ({"q": "   "}, 400, "empty"),
+        ({"q": "dog " * 400}, 400, "limit"),
+        ({}, 422, "q"),
+        ({"q": "dog", "k": 0}, 422, "k"),
+        ({"q": "dog", "k": 201}, 422, "k"),
+        ({"q": "dog", "offset": -1}, 422, "offset"),
+        ({"q": "dog", "min_score": "high"}, 422, "min_score"),
+    ],
+)
+def test_bad_search_requests_are_4xx_with_a_message(client, params, status, words):
+    r = client.get("/api/search", params=params)
+    assert r.status_code == status and words in r.json()["error"]
+
+
+# -- image search -------------------------------------------------------------------------
+
+
+def test_image_similarity_definition():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((8, 16)).astype(np.float32)
+    a /= np.linalg.norm(a, axis=-1, keepdims=True)
+    others = rng.standard_normal((5, 8, 16)).astype(np.float32)
+    others /= np.linalg.norm(others, axis=-1, keepdims=True)
+    want = [np.mean([max(a[i] @ o[j] for j in range(8)) for i in range(8)]) for o in others]
+    np.testing.assert_allclose(image_similarity(a, others), want, atol=1e-6)
+    assert image_similarity(a, a[None])[0] == pytest.approx(1.0, abs=1e-6)
+
+
+def _brute_force_similar(settings, vectors, exclude=None):
+    library = Library.open(settings)
+    ids, stored = next(library.store.iter_vectors(chunk=10_000))
+    library.close()
+    scores = image_similarity(vectors, stored)
+    order = [int(i) for i in ids[np.lexsort((ids, -scores))] if i != exclude]
+    return order, dict(zip(ids.tolist(), scores.tolist()))
+
+
+def test_similar_equals_brute_force_and_leaves_itself_out(client, indexed):
+    settings, _ = indexed
+    image_id = ids(client.get("/api/search", params={"q": "ladybird", "k": 1}))[0]
+    r = client.get(f"/api/images/{image_id}/similar", params={"k": 200}).json()
+    library = Library.open(settings)
+    vectors = next(library.store.iter_vectors([image_id]))[1][0]
+    library.close()
+    order, scores = _brute_force_similar(settings, vectors, exclude=image_id)
+    assert ids_of(r) == order
+    for h in r["hits"]:
+        assert h["score"] == pytest.approx(scores[h["id"]], abs=1e-5) and h["itm"] is None
+    assert client.get("/api/images/999999/similar").status_code == 404
+
+
+def ids_of(body) -> list[int]:
+    return [h["id"] for h in body["hits"]]
+
+
+def test_upload_finds_the_same_image_first(client, indexed):
+    _, photos = indexed
+    f = sorted((photos / "nature").iterdir())[2]
+    r = client.post("/api/search/image", files={"image": (f.name, f.read_bytes(), "image/jpeg")}, params={"k": 3})
+    assert r.status_code == 200
+    top = r.json()["hits"][0]
+    assert top["path"] == str(f) and top["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "data, status, words",
+    [
+        (b"just some text, not a picture", 400, "not an image"),
+        (b"", 400, "empty"),
+        (None, 400, "truncated"),  # filled in below: the first third of a real JPEG
+        (bomb_png(), 413, "over the limit"),
+    ],
+)
+def test_bad_uploads_are_4xx(client, indexed, data, status, words):
+    _, photos = indexed
+    if data is None:
+        real = sorted((photos / "nature").iterdir())[0].read_bytes()
+        data = real[: len(real) // 3]
+    r = client.post("/api/search/image", files={"image": ("x.jpg", data, "image/jpeg")})
+    assert r.status_code == status and words in r.json()["error"], r.json()
+
+
+def test_upload_limits_and_missing_field(indexed, model, client):
+    settings, photos = indexed
+    assert client.post("/api/search/image").status_code == 422
+    big = sorted((photos / "nature").iterdir())[0].read_bytes()
+    with make_client(settings, model, max_upload_bytes=1000, max_upload_pixels=1000) as c:
+        wait_ready(c)
+        r = c.post("/api/search/image", files={"image": ("x.jpg", big, "image/jpeg")})
+        assert r.status_code == 413 and "bytes" in r.json()["error"]
+        small = io.BytesIO()
+        Image.fromarray(gradient()).save(small, "PNG")  # 96x64 = 6144 pixels > 1000
+        r = c.post("/api/search/image", files={"image": ("x.png", small.getvalue(), "image/png")})
+        assert r.status_code == 413 and "pixels" in r.json()["error"]
+
+
+# -- images -------------------------------------------------------------------------------
+
+
+def test_image_metadata_thumbnail_and_file(client, indexed):
+    settings, photos = indexed
+    hit = client.get("/api/search", params={"q": "flower", "k": 1}).json()["hits"][0]
+    meta = client.get(f"/api/images/{hit['id']}").json()
+    assert meta["paths"] == [hit["path"]] and meta["files"][0]["size"] > 0
+    assert (meta["width"], meta["height"]) == (hit["width"], hit["height"])
+    t = client.get(meta["thumbnail_url"])
+    assert t.status_code == 200 and t.headers["content-type"] == "image/jpeg"
+    thumb = Image.open(io.BytesIO(t.content))
+    assert max(thumb.size) == settings.thumbnail_size
+    assert len(t.content) < (photos / "nature").stat().st_size + 200_000
+    assert any(settings.thumbnails_dir.rglob(f"{hit['id']}.jpg"))  # made once, kept
+    f = client.get(meta["file_url"])
+    assert f.status_code == 200 and f.content == open(hit["path"], "rb").read()
+    expected = "image/png" if hit["path"].endswith(".png") else "image/jpeg"
+    assert f.headers["content-type"] == expected
+
+
+def test_unknown_ids_are_404(client):
+    for url in ["/api/images/424242", "/api/images/424242/thumbnail", "/api/images/424242/file"]:
+        r = client.get(url)
+        assert r.status_code == 404 and "424242" in r.json()["error"]
+    assert client.get("/api/images/abc").status_code == 422
+
+
+def test_files_are_served_by_id_only(client):
+    # Path traversal is impossible by construction: no route takes a path, only integer ids.
+    for route in client.app.routes:
+        for name, convertor in getattr(route, "param_convertors", {}).items():
+            assert name == "image_id", route.path
+    for attempt in ["/api/images/..%2F..%2Fetc%2Fpasswd/file", "/api/images/1%2F..%2F..%2Fetc%2Fpasswd/file",
+                    "/api/images/-1/file", "/api/images/1/file?path=/etc/passwd"]:
+        r = client.get(attempt)
+        assert b"root:x:" not in r.content
+        assert r.status_code in (404, 422) or attempt.endswith("?path=/etc/passwd")
+
+
+def test_stats_and_metrics(client):
+    stats = client.get("/api/stats").json()
+    assert stats["images"] > 20 and stats["model"] and stats["bytes_on_disk"]["store"] > 0
+    client.get("/api/search", params={"q": "metrics please", "k": 2})
+    text = client.get("/metrics").text
+    assert 'searchengine_requests_total{method="GET",route="/api/search",status="200"}' in text
+    assert 'searchengine_stage_seconds_count{stage="encode"}' in text
+    assert 'searchengine_stage_seconds_count{stage="rerank"}' in text
+    assert f"searchengine_index_images {float(stats['images'])}" in text
+    assert "searchengine_request_seconds_bucket" in text
+
+
+def test_openapi_documents_every_endpoint(client):
+    spec = client.get("/openapi.json").json()
+    for path in ["/api/search", "/api/search/image", "/api/images/{image_id}", "/api/images/{image_id}/thumbnail",
+                 "/api/images/{image_id}/file", "/api/images/{image_id}/similar", "/api/stats", "/healthz", "/metrics"]:
+        assert path in spec["paths"], path
+        for op in spec["paths"][path].values():
+            assert op.get("description") or op.get("summary")
+    params = {p["name"] for p in spec["paths"]["/api/search"]["get"]["parameters"]}
+    assert params >= {"q", "k", "offset", "rerank", "min_score", "folder", "taken_after", "taken_before"}
+    assert client.get("/docs").status_code == 200
+
+
+# -- security -----------------------------------------------------------------------------
+
+
+def test_api_key_protects_every_endpoint(indexed, model):
+    settings, _ = indexed
+    with make_client(settings, model, api_key=SecretStr("s3cret")) as c:
+        for url in ["/healthz", "/api/search?q=dog", "/api/stats", "/metrics", "/docs", "/openapi.json", "/api/images/1/file"]:
+            r = c.get(url)
+            assert r.status_code == 401 and "API key" in r.json()["error"], url
+        assert c.get("/healthz", headers={"X-API-Key": "wrong"}).status_code == 401
+        for _ in range(200):
+            if c.get("/healthz", headers={"X-API-Key": "s3cret"}).status_code == 200:
+                break
+            time.sleep(0.05)
+        assert c.get("/api/search?q=dog", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.get("/api/search?q=dog", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/api/search?q=dog&api_key=s3cret").status_code == 200  # for <img src>
+
+
+def test_cors_is_off_unless_configured(client, indexed, model):
+    origin = {"Origin": "https://elsewhere.example"}
+    assert "access-control-allow-origin" not in client.get("/healthz", headers=origin).headers
+    settings, _ = indexed
+    with make_client(settings, model, cors_origins=["https://elsewhere.example"]) as c:
+        r = c.get("/healthz", headers=origin)
+        assert r.headers["access-control-allow-origin"] == "https://elsewhere.example"
+
+
+# -- hot reload ---------------------------------------------------------------------------
+
+
+def test_the_index_is_reloaded_while_serving(tmp_path, photo_files, tiny_model_dir, model):
+    from searchengine.settings import Settings
+
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    for f in photo_files[:3]:
+        shutil.copy(f, folder / f.name)
+    settings = Settings(data_dir=tmp_path / "data", model=str(tiny_model_dir), device="cpu", dtype="float32", refresh_interval_s=0)
+
+    def index() -> None:  # another process's indexer: its own library and FAISS copy
+        library = Library.open(settings, create=True)
+        Indexer(model, library, settings).run([folder])
+        library.close()
+
+    index()
+    with make_client(settings, model) as c:
+        wait_ready(c)
+        assert len(ids(c.get("/api/search", params={"q": "tree", "k": 50}))) == 3
+        new = folder / photo_files[5].name
+        shutil.copy(photo_files[5], new)
+        index()
+        hits = c.get("/api/search", params={"q": "tree", "k": 50}).json()["hits"]
+        assert len(hits) == 4 and str(new) in {h["path"] for h in hits}
+        gone = folder / photo_files[0].name
+        gone.unlink()
+        index()
+        hits = c.get("/api/search", params={"q": "tree", "k": 50}).json()["hits"]
+        assert len(hits) == 3 and str(gone) not in {h["path"] for h in hits}
+        assert c.get("/api/stats").json()["images"] == 3
