@@ -1,9 +1,11 @@
 """A micro-batcher: concurrent requests share one model call.
 
-The first request to arrive opens a batch; it is run when `max_batch` requests have joined or
-`max_wait_ms` has passed, whichever comes first, in a worker thread, so the event loop never
-waits on the model. With `max_batch=1` every request runs alone (the baseline the load
-benchmark compares against).
+Continuous batching: while the model is busy, arriving requests queue up; when it is free, the
+next call takes everything queued (up to `max_batch`). A request that finds the model idle
+runs at once, so batching adds no latency at low load. `max_wait_ms` > 0 additionally holds a
+batch open that long for company (a fixed wait measured worse: it halved requests/s at
+concurrency 1, see benchmarks/load.py). Calls run in a worker thread, so the event loop never
+waits on the model. With `max_batch=1` every request runs alone (the benchmark's baseline).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class MicroBatcher(Generic[T]):
         fn: Callable[[Sequence[T]], np.ndarray],
         *,
         max_batch: int = 16,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 0.0,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self.fn = fn
@@ -55,8 +57,10 @@ class MicroBatcher(Generic[T]):
         queue = self._queue
         while True:
             batch = [await queue.get()]
+            while len(batch) < self.max_batch and not queue.empty():
+                batch.append(queue.get_nowait())
             deadline = time.monotonic() + self.max_wait
-            while len(batch) < self.max_batch:
+            while len(batch) < self.max_batch and self.max_wait > 0:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
                     break

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1)
     max_upload_pixels: int = Field(50_000_000, ge=1)
     text_batch_max: int = Field(16, ge=1)  # micro-batcher: queries per text-encoder call
-    text_batch_wait_ms: float = Field(5.0, ge=0)
+    text_batch_wait_ms: float = Field(0.0, ge=0)  # extra wait for company; 0: continuous batching
     ranking_cache_size: int = Field(256, ge=0)  # rankings kept for paging
     thumbnail_size: int = Field(320, ge=16, le=2048)
     refresh_interval_s: float = Field(1.0, ge=0)  # how often the service looks for index writes
