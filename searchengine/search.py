@@ -73,9 +73,15 @@ class Ranking:
     exhausted: bool  # the index (or the filter) had fewer than `depth`
     timings: dict[str, float]
 
+    query_vector: np.ndarray | None = None  # a text query's vector, kept for deeper rankings
+
     @property
     def reranked(self) -> int:
         return int((~np.isnan(self.itm)).sum())
+
+    def itm_by_id(self) -> dict[int, float]:
+        done = ~np.isnan(self.itm)
+        return dict(zip(self.ids[done].tolist(), self.itm[done].tolist()))
 
 
 def image_similarity(query: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -123,8 +129,13 @@ class Searcher:
         depth: int,
         rerank: int | None = None,
         filters: Filters | None = None,
+        known_itm: dict[int, float] | None = None,
     ) -> Ranking:
-        """The best `depth` images for an encoded query: ITC candidates, ITM re-rank of the top."""
+        """The best `depth` images for an encoded query: ITC candidates, ITM re-rank of the top.
+
+        `known_itm`: ITM scores from a shallower ranking of the same query, reused rather than
+        recomputed when a deeper page needs a deeper ranking (the re-ranked top is the same).
+        """
         rerank = self.settings.rerank_top if rerank is None else rerank
         t0 = time.perf_counter()
         allowed = self.allowed_ids(filters)
@@ -134,14 +145,20 @@ class Searcher:
         ids, itc = cands.ids, cands.scores
         itm = np.full(len(ids), np.nan, dtype=np.float32)
         n = min(rerank, len(ids))
-        if n:
-            itm[:n] = self._itm(text, ids[:n])
+        known = known_itm or {}
+        todo = [j for j in range(n) if int(ids[j]) not in known]
+        for j in range(n):
+            itm[j] = known.get(int(ids[j]), np.nan)
+        if todo:
+            itm[todo] = self._itm(text, ids[todo])
         reranked = ~np.isnan(itm)
         final = np.where(reranked, itm + itc, itc)
         # Re-ranked candidates first (by ITM + ITC), then the rest by ITC, as in the paper.
         order = np.lexsort((-final, ~reranked))
         timings = {"ann": (t1 - t0) * 1000, "rerank": (time.perf_counter() - t1) * 1000}
-        return Ranking(ids[order], itc[order], itm[order], final[order], depth, len(ids) < depth, timings)
+        ranking = Ranking(ids[order], itc[order], itm[order], final[order], depth, len(ids) < depth, timings)
+        ranking.query_vector = text_vec
+        return ranking
 
     def search(
         self,

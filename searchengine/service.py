@@ -111,16 +111,20 @@ class QueryService:
         depth = max(offset + k, self.settings.k_candidates)
         rerank_n = self.settings.rerank_top if rerank else 0
         key = ("text", text, rerank_n, filters, self.library.revision)
-        ranking = self._cached(key, depth)
+        ranking, shallower = self._cached(key, depth)
         encode = 0.0
         if ranking is None:
-            vec = await self.batcher.submit(text)
-            encode = (time.perf_counter() - t0) * 1000
+            if shallower is not None and shallower.query_vector is not None:
+                vec, known = shallower.query_vector, shallower.itm_by_id()  # a deeper page
+            else:
+                vec, known = await self.batcher.submit(text), None
+                encode = (time.perf_counter() - t0) * 1000
             ranking = await asyncio.to_thread(
-                self.searcher.rank_text, text, vec, depth=depth, rerank=rerank_n, filters=filters
+                self.searcher.rank_text, text, vec, depth=depth, rerank=rerank_n, filters=filters, known_itm=known
             )
             self._keep(key, ranking)
             self._observe(encode=encode, **ranking.timings)
+            return await self._page(ranking, offset, k, min_score, t0, encode, text, fresh=True)
         return await self._page(ranking, offset, k, min_score, t0, encode, text)
 
     async def search_image(
@@ -135,7 +139,7 @@ class QueryService:
         depth = max(offset + k, self.settings.k_candidates)
         ranking = await asyncio.to_thread(self.searcher.rank_image, vectors, depth=depth, filters=filters)
         self._observe(encode=encode, **ranking.timings)
-        return await self._page(ranking, offset, k, min_score, t0, encode)
+        return await self._page(ranking, offset, k, min_score, t0, encode, fresh=True)
 
     async def similar(
         self, image_id: int, *, k: int, offset: int, min_score: float | None, filters: Filters
@@ -145,7 +149,7 @@ class QueryService:
         t0 = time.perf_counter()
         depth = max(offset + k, self.settings.k_candidates)
         key = ("similar", image_id, filters, self.library.revision)
-        ranking = self._cached(key, depth)
+        ranking, _ = self._cached(key, depth)
         if ranking is None:
             stored = list(self.library.store.iter_vectors([image_id]))
             if not stored:
@@ -156,23 +160,27 @@ class QueryService:
             )
             self._keep(key, ranking)
             self._observe(**ranking.timings)
+            return await self._page(ranking, offset, k, min_score, t0, 0.0, fresh=True)
         return await self._page(ranking, offset, k, min_score, t0, 0.0)
 
-    async def _page(self, ranking, offset, k, min_score, t0, encode, text=None) -> Page:
+    async def _page(self, ranking, offset, k, min_score, t0, encode, text=None, fresh=False) -> Page:
         hits, has_more = await asyncio.to_thread(self.searcher.page, ranking, offset, k, min_score)
         timings = {"encode": encode, "ann": 0.0, "rerank": 0.0}
-        if encode or text is None:  # computed by this request, not taken from the cache
+        if fresh:  # computed by this request; a kept ranking cost this request nothing
             timings.update(ranking.timings)
         timings["total"] = (time.perf_counter() - t0) * 1000
         return Page(hits, has_more, ranking.reranked, timings, text)
 
-    def _cached(self, key: Hashable, depth: int) -> Ranking | None:
+    def _cached(self, key: Hashable, depth: int) -> tuple[Ranking | None, Ranking | None]:
+        """(a kept ranking deep enough for `depth`, else None; a shallower one, if kept)."""
         with self._rankings_lock:
             ranking = self._rankings.get(key)
-            if ranking is None or (ranking.depth < depth and not ranking.exhausted):
-                return None
+            if ranking is None:
+                return None, None
             self._rankings.move_to_end(key)
-            return ranking
+            if ranking.depth < depth and not ranking.exhausted:
+                return None, ranking
+            return ranking, None
 
     def _keep(self, key: Hashable, ranking: Ranking) -> None:
         if self.settings.ranking_cache_size == 0:

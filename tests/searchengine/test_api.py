@@ -396,3 +396,33 @@ def test_the_index_is_reloaded_while_serving(tmp_path, photo_files, tiny_model_d
         hits = c.get("/api/search", params={"q": "tree", "k": 50}).json()["hits"]
         assert len(hits) == 3 and str(gone) not in {h["path"] for h in hits}
         assert c.get("/api/stats").json()["images"] == 3
+
+
+def test_deep_pages_reuse_the_rerank_and_agree_with_one_big_request(indexed, model):
+    settings, _ = indexed
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def itm(self, text, vit, **kw):
+            calls.append(len(vit))
+            return model.itm(text, vit, **kw)
+
+        def embed_texts(self, texts):
+            calls.append(("encode", len(texts)))
+            return model.embed_texts(texts)
+
+    app = create_app(settings.model_copy(update={"k_candidates": 6, "rerank_top": 4}), loader=lambda s: (Spy(), Library.open(s)))
+    with TestClient(app) as c:
+        wait_ready(c)
+        first = c.get("/api/search", params={"q": "stormy sky", "k": 5})
+        assert first.json()["timings_ms"]["encode"] > 0
+        assert calls == [("encode", 1), 4]
+        deep = c.get("/api/search", params={"q": "stormy sky", "k": 5, "offset": 15}).json()  # past depth 6
+        assert calls == [("encode", 1), 4]  # neither the text nor the top 4 were computed again
+        assert deep["timings_ms"]["encode"] == 0.0
+        whole = c.get("/api/search", params={"q": "stormy sky", "k": 20}).json()
+    assert ids_of(deep) == ids_of(whole)[15:20]
+    assert ids(first) == ids_of(whole)[:5]
