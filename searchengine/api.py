@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from datetime import date, datetime
 from typing import Annotated, Callable
 
-from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -128,6 +128,7 @@ MinScore = Annotated[float | None, Query(description="drop hits whose final scor
 Folder = Annotated[str | None, Query(description="only images with a file below this folder (absolute path)")]
 TakenAfter = Annotated[date | datetime | None, Query(description="only images taken on or after (ISO date or date-time)")]
 TakenBefore = Annotated[date | datetime | None, Query(description="only images taken on or before (ISO date or date-time)")]
+ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="an image id from a search hit")]
 
 
 def _filters(folder: str | None, taken_after, taken_before) -> Filters:
@@ -251,7 +252,7 @@ def create_app(settings: Settings, *, loader: Callable[[Settings], tuple] = defa
     @app.get("/api/images/{image_id}/similar", response_model=SearchOut, responses={404: {"model": ErrorOut}})
     async def similar(
         service: Service,
-        image_id: int,
+        image_id: ImageId,
         k: K = 24,
         offset: Offset = 0,
         min_score: MinScore = None,
@@ -265,7 +266,7 @@ def create_app(settings: Settings, *, loader: Callable[[Settings], tuple] = defa
         return _search_out(page, k, offset)
 
     @app.get("/api/images/{image_id}", response_model=ImageOut, responses={404: {"model": ErrorOut}})
-    def image(service: Service, image_id: int):
+    def image(service: Service, image_id: ImageId):
         """An image's metadata and files."""
         d = service.image(image_id)
         return ImageOut(
@@ -276,13 +277,13 @@ def create_app(settings: Settings, *, loader: Callable[[Settings], tuple] = defa
         )
 
     @app.get("/api/images/{image_id}/thumbnail", response_class=FileResponse, responses={404: {"model": ErrorOut}})
-    async def thumbnail(service: Service, image_id: int):
+    async def thumbnail(service: Service, image_id: ImageId):
         """A small JPEG of the image, made once and kept."""
         path = await asyncio.to_thread(service.thumbnail, image_id)
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
     @app.get("/api/images/{image_id}/file", response_class=FileResponse, responses={404: {"model": ErrorOut}})
-    def original(service: Service, image_id: int):
+    def original(service: Service, image_id: ImageId):
         """The original file, with its content type."""
         path = service.file(image_id)
         media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
@@ -391,6 +392,11 @@ def _install_error_handlers(app: FastAPI) -> None:
             where = ".".join(str(x) for x in e.get("loc", ())[1:]) or "request"
             problems.append(f"{where}: {e.get('msg')}")
         return error(422, "; ".join(problems))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):  # a bug: logged in full, answered in JSON
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error(500, "internal error; the server log has the details")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):

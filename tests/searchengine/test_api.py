@@ -298,6 +298,8 @@ def test_unknown_ids_are_404(client):
         r = client.get(url)
         assert r.status_code == 404 and "424242" in r.json()["error"]
     assert client.get("/api/images/abc").status_code == 422
+    for url in ["/api/images/0", "/api/images/99999999999999999999999", "/api/images/99999999999999999999999/similar"]:
+        assert client.get(url).status_code == 422, url  # out of id range: refused, not a 500
 
 
 def test_files_are_served_by_id_only(client):
