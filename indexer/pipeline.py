@@ -51,6 +51,7 @@ class _Ready:
     sha256: str
     decoded: Decoded | None = None  # None: content already in the store (link, no decode)
     pixels: object = None
+    thumbnail: bytes | None = None
 
 
 @dataclass
@@ -175,8 +176,9 @@ class Indexer:
                 return _Ready(entry, sha)
             decoded = decode_image(data, max_pixels=self.settings.max_image_pixels, sha256=sha or None)
             pixels = self.model.preprocess([decoded.image])[0]
-            decoded.image = None  # the pixels are all the model needs; free the full-size image
-            return _Ready(entry, sha, decoded, pixels)
+            thumbnail = self.library.thumbnails.make(decoded.image)  # decoded once, used twice
+            decoded.image = None  # keep the pixels and the thumbnail; free the full-size image
+            return _Ready(entry, sha, decoded, pixels, thumbnail)
         except BadImageError as e:
             return _Failed(entry, e.reason, str(e))
         except MemoryError:
@@ -208,6 +210,8 @@ class Indexer:
                 vit_np = vit.float().cpu().numpy()
                 for i, image_id in enumerate(new_ids):
                     self.library.features.put(image_id, vit_np[i])
+            for r, image_id in zip(batch, new_ids):
+                self.library.thumbnails.put_bytes(image_id, r.thumbnail)
             self.library.add_vectors(new_ids, itc)
         self.library.forget_images(orphans)
         summary.indexed += len(batch)

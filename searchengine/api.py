@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.util
 import logging
 import mimetypes
 import time
 from contextlib import asynccontextmanager
 from datetime import date, datetime
+from pathlib import Path as FilePath
 from typing import Annotated, Callable
 
 from fastapi import Depends, FastAPI, File, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -207,6 +210,14 @@ def create_app(settings: Settings, *, loader: Callable[[Settings], tuple] = defa
     _install_middleware(app, settings, metrics)
     _install_error_handlers(app)
 
+    web = _web_dir()
+    app.mount("/static", StaticFiles(directory=web), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        """The search page."""
+        return FileResponse(web / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
+
     @app.get("/healthz", response_model=HealthOut, responses={503: {"model": HealthOut}})
     def healthz(state: State):
         """Ready (200) once the model and the index are loaded; 503 while loading or broken."""
@@ -305,6 +316,14 @@ def create_app(settings: Settings, *, loader: Callable[[Settings], tuple] = defa
     return app
 
 
+def _web_dir() -> FilePath:
+    """The UI's files, shipped as package data of `web` (searchengine never imports its code)."""
+    spec = importlib.util.find_spec("web")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the web UI files are missing: reinstall searchengine")
+    return FilePath(list(spec.submodule_search_locations)[0])
+
+
 async def _read_capped(upload: UploadFile, limit: int) -> bytes:
     chunks, total = [], 0
     while chunk := await upload.read(1 << 20):
@@ -321,7 +340,9 @@ def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> N
     @app.middleware("http")
     async def guard_and_log(request: Request, call_next):
         start = time.perf_counter()
-        if key is not None and request.method != "OPTIONS" and not _authorised(request, key):
+        # The page and its scripts hold no data; everything they fetch is guarded.
+        public = request.url.path == "/" or request.url.path.startswith("/static/")
+        if key is not None and request.method != "OPTIONS" and not public and not _authorised(request, key):
             response = JSONResponse(
                 {"error": "an API key is needed: send it as the X-API-Key header (or ?api_key=)"}, status_code=401
             )

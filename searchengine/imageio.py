@@ -64,9 +64,11 @@ def decode_image(data: bytes, *, max_pixels: int, sha256: str | None = None) -> 
     if not data:
         raise BadImageError("empty", "file is empty (0 bytes)")
     sha = sha256 or sha256_of(data)
-    # Our limit is checked from the header before any pixel is decoded. PIL's own guard stays
-    # on as a second line, at the same limit (it raises at twice it, already in `open`).
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    # Our limit (each caller's own) is checked from the header before any pixel is decoded.
+    # PIL's process-wide guard stays on as a second line; it is only ever raised, never
+    # lowered, so one caller's small limit (uploads) never leaks into another's decodes.
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

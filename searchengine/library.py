@@ -1,15 +1,17 @@
-"""The data directory: the store (truth), the FAISS index (derived) and the ViT feature cache.
+"""The data directory: the store (truth), the FAISS index (derived), the ViT feature cache and
+the thumbnails (both caches).
 
 Write order, which is what makes a crash at any moment repairable:
 1. one store transaction per batch: images, their vectors, their files (or failures);
-2. feature cache files of the new images (whole-file renames; named by the ids from 1);
+2. feature cache and thumbnail files of the new images (whole-file renames; named by the ids
+   from 1);
 3. the in-memory FAISS index, saved atomically every `save_every_s` and at the end.
-Deletions go store first, then FAISS, then cache.
+Deletions go store first, then FAISS, then the caches.
 
 On open, `reconcile` makes the FAISS index hold exactly the store's images: ids the store has
 and the index lacks are added from the stored vectors, ids the store no longer has are
-removed, and cache entries of gone images are deleted. A missing cache entry is recomputed at
-query time. So a crash loses at most the batch in flight (never committed, so never
+removed, and cache entries of gone images are deleted. A missing cache entry is recomputed
+when it is needed. So a crash loses at most the batch in flight (never committed, so never
 half-visible), and a restart repairs the rest.
 """
 
@@ -27,6 +29,7 @@ from searchengine.errors import IndexNotFoundError
 from searchengine.features import FeatureCache
 from searchengine.settings import Settings
 from searchengine.store import ModelInfo, Store, sqlite_url
+from searchengine.thumbnails import ThumbnailCache
 from searchengine.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ class Library:
         self.store = store
         self.index: VectorIndex | None = None
         self.features: FeatureCache | None = None
+        self.thumbnails = ThumbnailCache(settings.thumbnails_dir, settings.thumbnail_size, settings.max_image_pixels)
         self._last_save = time.monotonic()
         self._dirty = False
         # Guards the in-memory FAISS index: searches from server threads against reconcile.
@@ -127,10 +131,12 @@ class Library:
         for ids, vecs in self.store.iter_vectors(missing):
             self.index.add(ids, vecs)
             report.added += len(ids)
-        if self.features is not None and self.features.root.is_dir():
-            stale = self.features.ids() - set(store_ids.tolist())
-            self.features.delete(stale)
-            report.cache_dropped = len(stale)
+        present = set(store_ids.tolist())
+        for cache in (self.features, self.thumbnails):
+            if cache is not None:
+                stale = cache.ids() - present
+                cache.delete(stale)
+                report.cache_dropped += len(stale)
         if report.changed or report.cache_dropped:
             log.info("reconciled the vector index with the store: %s", report)
             self._dirty = True
@@ -154,6 +160,7 @@ class Library:
                 self.index.remove(ids)
         if self.features is not None:
             self.features.delete(ids)
+        self.thumbnails.delete(ids)
         self._dirty = True
 
     def maybe_save(self) -> None:
@@ -203,6 +210,7 @@ class Library:
             "store": store,
             "vector_index": size(s.vectors_path),
             "feature_cache": self.features.size_bytes() if self.features else 0,
+            "thumbnails": self.thumbnails.size_bytes(),
         }
 
 

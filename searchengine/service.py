@@ -27,7 +27,6 @@ from searchengine.metrics import Metrics
 from searchengine.models import RetrievalModel
 from searchengine.search import Filters, Hit, Ranking, Searcher
 from searchengine.settings import Settings
-from searchengine.thumbnails import ThumbnailCache
 
 
 class ImageNotFoundError(SearchEngineError):
@@ -71,7 +70,6 @@ class QueryService:
         self.metrics = metrics or Metrics()
         self.model = LockedModel(model)
         self.searcher = Searcher(self.model, library, settings)
-        self.thumbnails = ThumbnailCache(settings.thumbnails_dir, settings.thumbnail_size, settings.max_image_pixels)
         self.batcher: MicroBatcher[str] = MicroBatcher(
             self.model.embed_texts,
             max_batch=settings.text_batch_max,
@@ -205,7 +203,7 @@ class QueryService:
 
     def thumbnail(self, image_id: int) -> str:
         detail = self.image(image_id)
-        return str(self.thumbnails.get(image_id, [f["path"] for f in detail["files"]]))
+        return str(self.library.thumbnails.get(image_id, [f["path"] for f in detail["files"]]))
 
     def file(self, image_id: int) -> str:
         """The image's first file that still exists; never a path from the request."""

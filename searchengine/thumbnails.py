@@ -1,9 +1,9 @@
-"""Small JPEG thumbnails, made once per image on first request and kept in the data dir."""
+"""Small JPEG thumbnails: made at index time from the already decoded image, or on first
+request for images indexed without one; kept in the data dir, deleted with their image."""
 
 from __future__ import annotations
 
 import io
-import os
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -11,18 +11,21 @@ from typing import Sequence
 from PIL import Image
 
 from searchengine.errors import BadImageError
+from searchengine.filecache import IdFileCache
 from searchengine.imageio import decode_image, read_file
 
 
-class ThumbnailCache:
+class ThumbnailCache(IdFileCache):
+    suffix = ".jpg"
+
     def __init__(self, root: Path, size: int = 320, max_pixels: int = 150_000_000) -> None:
-        self.root = Path(root)
+        super().__init__(root)
         self.size = size
         self.max_pixels = max_pixels
         self._locks = [threading.Lock() for _ in range(64)]  # one maker per image at a time
 
-    def path(self, image_id: int) -> Path:
-        return self.root / f"{image_id % 256:02x}" / f"{image_id}.jpg"
+    def make(self, image: Image.Image) -> bytes:
+        return make_thumbnail(image, self.size)
 
     def get(self, image_id: int, sources: Sequence[str]) -> Path:
         """The thumbnail file, made from the first readable source if it is not there yet."""
@@ -41,16 +44,8 @@ class ThumbnailCache:
                     error = e
             else:
                 raise error or BadImageError("vanished", "the image has no file")
-            data = make_thumbnail(image, self.size)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            self.put_bytes(image_id, self.make(image))
             return path
-
-    def delete(self, ids) -> None:
-        for image_id in ids:
-            self.path(int(image_id)).unlink(missing_ok=True)
 
 
 def make_thumbnail(image: Image.Image, size: int) -> bytes:

@@ -3,31 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-EXE = str(Path(sys.executable).with_name("searchengine"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str, timeout: float = 30):
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+from tests.server import EXE, env_for, get, running_server
 
 
 def test_serve_answers_over_http(tmp_path, photo_files, tiny_model_dir):
@@ -35,26 +14,9 @@ def test_serve_answers_over_http(tmp_path, photo_files, tiny_model_dir):
     folder.mkdir()
     for f in photo_files[:4]:
         (folder / f.name).write_bytes(f.read_bytes())
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SEARCHENGINE_MODEL": str(tiny_model_dir),
-           "SEARCHENGINE_DATA_DIR": str(tmp_path / "data")}
+    env = env_for(tiny_model_dir, tmp_path / "data")
     subprocess.run([EXE, "index", str(folder)], env=env, check=True, capture_output=True, timeout=300)
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([EXE, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        status = None
-        while time.monotonic() < deadline:
-            try:
-                status, _ = get(f"{base}/healthz", timeout=2)
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, open(tmp_path / "serve.log").read()
-            time.sleep(0.2)
-        assert status == 200
+    with running_server(env, tmp_path / "serve.log") as (base, log):
         status, body = get(f"{base}/api/search?q=a+yellow+flower&k=3")
         assert status == 200
         hits = json.loads(body)["hits"]
@@ -63,10 +25,8 @@ def test_serve_answers_over_http(tmp_path, photo_files, tiny_model_dir):
         assert status == 200 and thumb[:2] == b"\xff\xd8"  # a JPEG
         status, body = get(f"{base}/api/search?q=")
         assert status == 400 and "empty" in json.loads(body)["error"]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
-    log.seek(0)
-    text = log.read()
+        status, page = get(base + "/")
+        assert status == 200 and b"/static/app.js" in page
+    text = (tmp_path / "serve.log").read_text()
     assert "GET /api/search?q=a+yellow+flower&k=3 200" in text  # one line per request
     assert "Traceback" not in text

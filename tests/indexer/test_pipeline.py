@@ -158,6 +158,7 @@ def test_deleted_and_changed_files_leave_the_index(settings, model, folder, phot
     assert str(victims[0]) not in paths and str(victims[1]) in paths
     library = Library.open(settings)
     assert library.features.ids() == ids_after  # no cache entries left for gone images
+    assert library.thumbnails.ids() == ids_after  # made at index time, gone with the image
     library.close()
 
 

@@ -303,10 +303,14 @@ def test_unknown_ids_are_404(client):
 
 
 def test_files_are_served_by_id_only(client):
-    # Path traversal is impossible by construction: no route takes a path, only integer ids.
+    # Path traversal is impossible by construction: no route takes a path, only integer ids;
+    # the one exception is /static, the UI's own folder, which refuses paths outside it.
     for route in client.app.routes:
         for name, convertor in getattr(route, "param_convertors", {}).items():
-            assert name == "image_id", route.path
+            assert name == "image_id" or route.path == "/static", route.path
+    for attempt in ["/static/../searchengine/api.py", "/static/..%2F..%2Fetc%2Fpasswd", "/static/%2e%2e/%2e%2e/etc/passwd"]:
+        r = client.get(attempt)
+        assert r.status_code == 404 and b"root:x:" not in r.content and b"import" not in r.content, attempt
     for attempt in ["/api/images/..%2F..%2Fetc%2Fpasswd/file", "/api/images/1%2F..%2F..%2Fetc%2Fpasswd/file",
                     "/api/images/-1/file", "/api/images/1/file?path=/etc/passwd"]:
         r = client.get(attempt)

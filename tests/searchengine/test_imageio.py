@@ -101,3 +101,12 @@ def test_heic_is_listed_and_decoded_with_pillow_heif(tmp_path):
     d = _decode(path)
     assert d.image.size == (96, 64)
     assert np.abs(np.asarray(d.image).astype(int) - gradient().astype(int)).mean() < 10
+
+
+def test_a_small_limit_does_not_leak_into_other_decodes(tmp_path):
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((600, 800, 3), np.uint8)).save(big)
+    with pytest.raises(BadImageError):
+        decode_image(big.read_bytes(), max_pixels=1000)  # an upload with a tiny limit
+    assert decode_image(big.read_bytes(), max_pixels=LIMIT).image.size == (800, 600)
+    assert Image.open(big).size == (800, 600)  # PIL's own guard was not lowered either

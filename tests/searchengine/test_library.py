@@ -28,13 +28,15 @@ def test_index_missing_commits_are_added_and_deleted_ones_removed(settings):
     b, vec_b = _add(lib, "b", "/p/b.jpg", 2)
     lib.store.remove_files(["/p/a.jpg"])
     lib.features.put(a, np.zeros((3, 2), np.float16))
+    lib.thumbnails.put_bytes(a, b"jpeg")
     lib.close()
 
     lib = Library.open(settings)
     assert lib.index.ids().tolist() == [b]
     hit = lib.index.search(vec_b[0][None], 1)[0]
     assert hit.ids.tolist() == [b]
-    assert lib.features.ids() == set()  # the cache entry of a deleted image is dropped
+    assert lib.features.ids() == set()  # the cache entries of a deleted image are dropped
+    assert lib.thumbnails.ids() == set()
     lib.close()
     # The repair was saved: the file alone now holds exactly b.
     from searchengine.vector_index import VectorIndex

@@ -1,0 +1,38 @@
+"""Files keyed by image id, in 256 sub-folders, written whole by rename (a reader sees all of
+a file or none). The base of the ViT feature cache and the thumbnails."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Iterable
+
+
+class IdFileCache:
+    suffix = ""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, image_id: int) -> Path:
+        return self.root / f"{image_id % 256:02x}" / f"{image_id}{self.suffix}"
+
+    def put_bytes(self, image_id: int, data: bytes) -> None:
+        path = self.path(image_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def delete(self, ids: Iterable[int]) -> None:
+        for image_id in ids:
+            self.path(int(image_id)).unlink(missing_ok=True)
+
+    def ids(self) -> set[int]:
+        if not self.root.is_dir():
+            return set()
+        return {int(p.name[: -len(self.suffix)]) for p in self.root.glob(f"*/*{self.suffix}") if p.name[: -len(self.suffix)].isdigit()}
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.glob(f"*/*{self.suffix}")) if self.root.is_dir() else 0
