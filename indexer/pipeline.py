@@ -108,15 +108,26 @@ class Indexer:
                 else:
                     todo.append(entry)
             gone.extend(p for p in known if p not in seen)
-        if gone:
-            summary.removed = len(gone)
-            self.library.forget_images(store.remove_files(gone))
         self.on_total(len(todo))
+        self.update(todo, gone, summary)
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    def update(self, changed: Sequence[FileEntry], removed: Sequence[str], summary: Summary | None = None) -> Summary:
+        """Index new or changed files, then forget removed paths (the watcher's entry point).
+
+        Additions go first: a moved file's new path links to its content, still in the store
+        under the old path, so the image keeps its id, vectors and caption; only then does the
+        old path go.
+        """
+        summary = summary if summary is not None else Summary()
         try:
-            self._process(todo, summary)
+            self._process(list(changed), summary)
+            if removed:
+                summary.removed += len(removed)
+                self.library.forget_images(self.library.store.remove_files(removed))
         finally:
             self.library.save()
-        summary.seconds = time.perf_counter() - start
         return summary
 
     def _check_root(self, root: str | os.PathLike) -> Path:

@@ -174,18 +174,33 @@ def default_loader(settings: Settings):
     return model, Library.open(settings, create=True)
 
 
-def create_app(settings: Settings, *, loader: Callable[[Settings], tuple] = default_loader) -> FastAPI:
-    """The app; `loader(settings) -> (model, library)` runs in the lifespan (tests pass their own)."""
+def create_app(
+    settings: Settings,
+    *,
+    loader: Callable[[Settings], tuple] = default_loader,
+    on_ready: Callable[[QueryService], Callable[[], None] | None] | None = None,
+) -> FastAPI:
+    """The app; `loader(settings) -> (model, library)` runs in the lifespan (tests pass their own).
+
+    `on_ready(service)` runs once the service is up (the CLI starts a watcher there, sharing
+    the loaded model) and may return a function that stops what it started.
+    """
     metrics = Metrics()
     state = AppState(settings, metrics)
+    stops: list[Callable[[], None]] = []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async def load() -> None:
             try:
                 model, library = await asyncio.to_thread(loader, settings)
-                state.service = await asyncio.to_thread(QueryService, settings, model, library, metrics)
+                service = await asyncio.to_thread(QueryService, settings, model, library, metrics)
+                state.service = service
                 log.info("ready: %d images", len(library.index or ()))
+                if on_ready is not None:
+                    stop = await asyncio.to_thread(on_ready, service)
+                    if stop is not None:
+                        stops.append(stop)
             except SearchEngineError as e:
                 state.error = str(e)
                 log.error("cannot start: %s", e)
@@ -196,6 +211,8 @@ def create_app(settings: Settings, *, loader: Callable[[Settings], tuple] = defa
         task = asyncio.create_task(load())
         yield
         task.cancel()
+        for stop in stops:
+            await asyncio.to_thread(stop)
         if state.service is not None:
             await state.service.close()
             state.service.library.close()

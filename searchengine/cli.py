@@ -1,4 +1,4 @@
-"""The `searchengine` command: index, search, stats, serve, make-tiny-model.
+"""The `searchengine` command: index, search, stats, watch, serve, make-tiny-model.
 
 This module is the composition root: it builds the settings, the model, the library and the
 indexer or searcher, and passes them in. It is the only module of `searchengine` that reaches
@@ -35,6 +35,11 @@ def _common(parser: argparse.ArgumentParser, *, model: bool) -> None:
         g.add_argument("--itm-features", choices=["auto", "cache", "recompute"], help="where ITM re-ranking gets ViT features (default: auto)")
 
 
+def _watch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--poll", action="store_true", default=None, help="poll instead of native events (automatic on network mounts)")
+    parser.add_argument("--debounce", type=float, default=1.0, metavar="SECONDS", help="quiet time before a changed file is read (default: 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="searchengine", description="Semantic image search on BLIP-2.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -59,9 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     _common(p, model=False)
 
-    p = sub.add_parser("serve", help="serve the HTTP API (and, later, the web UI)")
+    p = sub.add_parser("watch", help="keep the index in step with folders (runs until stopped)")
+    p.add_argument("folders", nargs="+", metavar="FOLDER")
+    _watch_options(p)
+    _common(p, model=True)
+
+    p = sub.add_parser("serve", help="serve the web UI and the HTTP API")
     p.add_argument("--host", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, help="port (default: 8000)")
+    p.add_argument("--watch", nargs="+", metavar="FOLDER", default=[], help="also watch these folders")
+    _watch_options(p)
     _common(p, model=True)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random BLIP-2 retrieval model (for tests and trials)")
@@ -220,6 +232,61 @@ def cmd_stats(args: argparse.Namespace, out, err) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace, out, err) -> int:
+    import signal
+    import threading
+
+    from indexer.pipeline import Indexer
+    from indexer.watch import Watcher
+    from searchengine.library import Library
+
+    settings = _settings(args)
+    for folder in args.folders:
+        if not os.path.isdir(os.path.expanduser(folder)):
+            raise SearchEngineError(f"folder {folder!r} does not exist")
+    logging.getLogger("indexer").setLevel(logging.INFO)
+    model = _load_model(settings)
+    library = Library.open(settings, create=True)
+    indexer = Indexer(model, library, settings, on_skip=lambda p, m: print(f"skipping {p}: {m}", file=err, flush=True))
+    watcher = Watcher(indexer, args.folders, poll=args.poll, debounce_s=args.debounce)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    summary = watcher.start()
+    print(f"caught up: {summary.indexed} indexed, {summary.removed} removed; watching "
+          + ", ".join(f"{root} ({mode})" for root, mode in watcher.modes.items()), file=out, flush=True)
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watcher.stop()
+        library.close()
+    return 0
+
+
+def _watch_in_server(settings: Settings, args: argparse.Namespace):
+    """The `serve --watch` hook: a watcher in the server's process, with its loaded model."""
+
+    def on_ready(service):
+        from indexer.pipeline import Indexer
+        from indexer.watch import Watcher
+        from searchengine.library import Library
+
+        library = Library.open(settings, create=True)
+        # service.model is the locked model: indexing and queries take turns on it.
+        watcher = Watcher(Indexer(service.model, library, settings), args.watch, poll=args.poll, debounce_s=args.debounce)
+        watcher.start()
+        logging.getLogger("indexer.watch").info("watching %s", watcher.modes)
+
+        def stop() -> None:
+            watcher.stop()
+            library.close()
+
+        return stop
+
+    return on_ready
+
+
 def cmd_serve(args: argparse.Namespace, out, err) -> int:
     import ipaddress
 
@@ -238,8 +305,14 @@ def cmd_serve(args: argparse.Namespace, out, err) -> int:
             "your photos; set SEARCHENGINE_API_KEY",
             file=err,
         )
+    for folder in args.watch:
+        if not os.path.isdir(os.path.expanduser(folder)):
+            raise SearchEngineError(f"folder {folder!r} does not exist")
     logging.getLogger("searchengine").setLevel(logging.INFO)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False, log_level="info")
+    logging.getLogger("indexer").setLevel(logging.INFO)
+    on_ready = _watch_in_server(settings, args) if args.watch else None
+    app = create_app(settings, on_ready=on_ready)
+    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="info")
     return 0
 
 
@@ -263,6 +336,7 @@ COMMANDS = {
     "index": cmd_index,
     "search": cmd_search,
     "stats": cmd_stats,
+    "watch": cmd_watch,
     "serve": cmd_serve,
     "make-tiny-model": cmd_make_tiny_model,
 }

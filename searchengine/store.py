@@ -262,6 +262,12 @@ class Store:
         with self.engine.connect() as conn:
             return {r.path: FileState(r.size, r.mtime_ns, r.status, r.image_id) for r in conn.execute(q)}
 
+    def file_state(self, path: str) -> FileState | None:
+        q = select(files.c.size, files.c.mtime_ns, files.c.status, files.c.image_id).where(files.c.path == path)
+        with self.engine.connect() as conn:
+            r = conn.execute(q).first()
+        return FileState(r.size, r.mtime_ns, r.status, r.image_id) if r else None
+
     def image_id_for_hash(self, sha256: str) -> int | None:
         with self.engine.connect() as conn:
             return conn.execute(select(images.c.id).where(images.c.sha256 == sha256)).scalar()

@@ -267,3 +267,18 @@ def test_copies_split_across_batches_are_linked(settings, model, tmp_path, photo
     summary = run(settings.model_copy(update={"batch_size": 1}), counting, folder)
     assert (summary.indexed, summary.linked, counting.embedded) == (6, 1, 6)
     assert len(consistent(settings)) == 6
+
+
+def test_a_moved_file_keeps_its_id_and_is_not_embedded_again(settings, model, folder):
+    run(settings, model, folder)
+    victim = sorted(folder.glob("*.*"))[0]
+    before = search(settings, model, "tree", k=20, rerank=0).hits
+    old_id = next(h.image_id for h in before if h.path == str(victim))
+    target = folder / "sub" / "moved-here.jpg"
+    victim.rename(target)
+    counting = CountingModel(model)
+    summary = run(settings, counting, folder)
+    assert counting.embedded == 0 and summary.removed == 1 and summary.linked == 1
+    after = search(settings, model, "tree", k=20, rerank=0).hits
+    assert next(h.image_id for h in after if h.path == str(target)) == old_id
+    assert len(consistent(settings)) == 8

@@ -1,0 +1,247 @@
+"""Keep the index in step with photo folders as files come, change, move and go.
+
+The protocol, which is what makes `kill -9` at any moment safe:
+1. Events (watchdog: inotify, or polling) only mark paths as dirty. Nothing is written from an
+   event handler.
+2. A dirty path is handled once it has been quiet for `debounce_s` *and* two looks
+   `debounce_s` apart agree (same size and mtime, or missing both times). A file still being
+   copied keeps changing, so it waits, and it is never read half-written.
+3. Settled paths go through `Indexer.update`: new and changed files first, then removed
+   paths. A moved file therefore links to its content, still in the store under the old path,
+   and keeps its id, vectors and caption; a moved folder is the same, file by file. Each model
+   batch is one store transaction; the FAISS file is saved atomically after each update (see
+   `searchengine.library` for the order of writes).
+4. On start, a full incremental scan reconciles the folders with the store (what changed while
+   nothing watched), and opening the library reconciles FAISS with the store (what a crash
+   left). A crash loses at most the batch in flight, which was never committed; its files
+   are still on disk and the start-up scan picks them up. Nothing is indexed twice (content
+   hashes and unique paths), and no vectors of deleted files survive (reconcile drops ids the
+   store no longer has).
+
+Memory stays flat: a path leaves the dirty set once handled, and no per-file state is kept
+beyond it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from indexer.pipeline import Indexer, Summary
+from indexer.scan import FileEntry, scan_folder
+from searchengine.imageio import image_extensions
+
+log = logging.getLogger(__name__)
+
+# File systems where inotify sees nothing of changes made by other machines.
+NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "davfs",
+              "fuse.sshfs", "fuse.rclone", "fuse.s3fs", "fuse.gcsfuse"}
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the file system holding `path`, from /proc/mounts ('' where unknown)."""
+    best, kind = "", ""
+    try:
+        with open("/proc/mounts", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3:
+                    mount = parts[1].replace("\\040", " ")
+                    if (str(path) == mount or str(path).startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+                        best, kind = mount, parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+class Watcher:
+    def __init__(
+        self,
+        indexer: Indexer,
+        roots: Sequence[str | os.PathLike],
+        *,
+        poll: bool | None = None,  # None: polling where native events cannot work
+        debounce_s: float = 1.0,
+        poll_interval_s: float = 1.0,
+        on_update: Callable[[Summary], None] | None = None,
+    ) -> None:
+        self.indexer = indexer
+        self.store = indexer.library.store
+        self.roots = [Path(r).expanduser().resolve() for r in roots]
+        self.poll = poll
+        self.debounce_s = debounce_s
+        self.poll_interval_s = poll_interval_s
+        self.on_update = on_update or (lambda summary: None)
+        self.extensions = image_extensions()
+        self.data_dir = str(Path(indexer.settings.data_dir).resolve())
+        self._dirty: dict[str, float] = {}  # path -> last event time
+        self._looked: dict[str, tuple[int, int] | None] = {}  # path -> (size, mtime_ns) last looked; None: missing
+        self._missing_since: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._observers: list = []
+        self._thread: threading.Thread | None = None
+        self.modes: dict[str, str] = {}
+
+    # -- life ------------------------------------------------------------------------------
+
+    def start(self) -> Summary:
+        """Catch up with the folders, start watching them, and handle events in a thread."""
+        summary = self.indexer.run(self.roots)
+        self.on_update(summary)
+        for root in self.roots:
+            self._observe(root)
+        self._thread = threading.Thread(target=self._loop, name="watcher", daemon=True)
+        self._thread.start()
+        return summary
+
+    def stop(self) -> None:
+        self._stop.set()
+        for observer in self._observers:
+            observer.stop()
+        for observer in self._observers:
+            observer.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def _observe(self, root: Path) -> None:
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserver
+
+        poll = self.poll
+        if poll is None:
+            fs = filesystem_type(root)
+            poll = fs in NETWORK_FS
+            if poll:
+                log.info("%s is on %s: watching it by polling", root, fs)
+        handler = _Handler(self)
+        observer = PollingObserver(timeout=self.poll_interval_s) if poll else Observer()
+        observer.schedule(handler, str(root), recursive=True)
+        try:
+            observer.start()
+        except OSError as e:  # e.g. the inotify watch limit: poll rather than see nothing
+            if poll:
+                raise
+            log.warning("native events failed for %s (%s); watching it by polling", root, e)
+            observer = PollingObserver(timeout=self.poll_interval_s)
+            observer.schedule(handler, str(root), recursive=True)
+            observer.start()
+            poll = True
+        self.modes[str(root)] = "polling" if poll else "native"
+        self._observers.append(observer)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def mark(self, path: str) -> None:
+        if self._wanted(path):
+            with self._lock:
+                self._dirty[path] = time.monotonic()
+
+    def mark_folder(self, folder: str) -> None:
+        """A folder came, went or moved: every file the store or the disk has below it."""
+        paths = set(self.store.files_under(folder))
+        if os.path.isdir(folder):
+            paths |= {e.path for e in scan_folder(Path(folder), exclude=(Path(self.data_dir),))}
+        for path in paths:
+            self.mark(path)
+
+    def _wanted(self, path: str) -> bool:
+        name = os.path.basename(path)
+        return (
+            not name.startswith(".")
+            and os.path.splitext(name)[1].lower() in self.extensions
+            and not path.startswith(self.data_dir + os.sep)
+            and not any(part.startswith(".") for part in Path(path).parts[1:-1])
+        )
+
+    # -- handling settled paths --------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.wait(min(0.25, self.debounce_s / 2)):
+            try:
+                self.step()
+            except Exception:  # one bad round must not end the watch
+                log.exception("watcher step failed")
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._dirty)
+
+    def step(self) -> Summary | None:
+        """Handle the paths that have settled; return what was done, if anything."""
+        now = time.monotonic()
+        with self._lock:
+            settled = [p for p, t in self._dirty.items() if now - t >= self.debounce_s]
+        changed: list[FileEntry] = []
+        gone: list[str] = []
+        for path in settled:
+            try:
+                st = os.stat(path)
+                look: tuple[int, int] | None = (st.st_size, st.st_mtime_ns) if os.path.isfile(path) else None
+            except OSError:
+                look = None
+            if self._looked.get(path, "unseen") != look:  # first look, or still changing
+                with self._lock:
+                    self._looked[path] = look
+                    self._dirty[path] = now
+                    if look is None:
+                        self._missing_since.setdefault(path, now)
+                continue
+            if look is None:
+                gone.append(path)
+                continue
+            self._done(path)
+            known = self.store.file_state(path)
+            if known is None or (known.size, known.mtime_ns) != look:
+                changed.append(FileEntry(path, *look))
+        # A move is a removal and an addition. The addition must go first (it links to the
+        # content the old path still holds), so removals wait while any file is between its
+        # two looks; never longer than 10 debounce periods, so churn cannot starve them.
+        with self._lock:
+            adding = any(look is not None for look in self._looked.values())
+        removed = []
+        for path in gone:
+            if not adding or now - self._missing_since.get(path, now) >= 10 * self.debounce_s:
+                self._done(path)
+                if self.store.file_state(path) is not None:
+                    removed.append(path)
+        if not changed and not removed:
+            return None
+        summary = self.indexer.update(changed, removed)
+        for path, reason, message in summary.failures:
+            log.warning("skipping %s: %s", path, message)
+        log.info("%d indexed, %d linked, %d removed, %d skipped", summary.indexed, summary.linked, summary.removed, summary.skipped)
+        self.on_update(summary)
+        return summary
+
+    def _done(self, path: str) -> None:
+        with self._lock:
+            self._dirty.pop(path, None)
+            self._looked.pop(path, None)
+            self._missing_since.pop(path, None)
+
+
+class _Handler:
+    """watchdog's event handler interface, forwarding to the watcher's marks."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+
+    def dispatch(self, event) -> None:
+        w = self.watcher
+        kind = event.event_type
+        paths = [os.fsdecode(event.src_path)]
+        if kind == "moved":
+            paths.append(os.fsdecode(event.dest_path))
+        if kind in ("opened", "closed_no_write"):
+            return
+        for path in paths:
+            if event.is_directory:
+                if kind in ("created", "deleted", "moved"):
+                    w.mark_folder(path)
+            else:
+                w.mark(path)
