@@ -81,6 +81,7 @@ class Watcher:
         self._dirty: dict[str, float] = {}  # path -> last event time
         self._looked: dict[str, tuple[int, int] | None] = {}  # path -> (size, mtime_ns) last looked; None: missing
         self._missing_since: dict[str, float] = {}
+        self._updating = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._observers: list = []
@@ -168,8 +169,9 @@ class Watcher:
                 log.exception("watcher step failed")
 
     def pending(self) -> int:
+        """Paths not yet handled, counting those in an update that is still running."""
         with self._lock:
-            return len(self._dirty)
+            return len(self._dirty) + self._updating
 
     def step(self) -> Summary | None:
         """Handle the paths that have settled; return what was done, if anything."""
@@ -211,7 +213,13 @@ class Watcher:
                     removed.append(path)
         if not changed and not removed:
             return None
-        summary = self.indexer.update(changed, removed)
+        with self._lock:
+            self._updating = len(changed) + len(removed)
+        try:
+            summary = self.indexer.update(changed, removed)
+        finally:
+            with self._lock:
+                self._updating = 0
         for path, reason, message in summary.failures:
             log.warning("skipping %s: %s", path, message)
         log.info("%d indexed, %d linked, %d removed, %d skipped", summary.indexed, summary.linked, summary.removed, summary.skipped)
