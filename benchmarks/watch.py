@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import shutil
 import statistics
 import sys
@@ -94,12 +95,13 @@ def main() -> None:
             if args.churn <= 0:
                 return
             churn(750, 1)  # warm-up: caches, allocator pools, SQLite pages
-            before = rss_mib()
+            before, fds_before = rss_mib(), len(os.listdir("/proc/self/fd"))
             t = time.perf_counter()
             churn(args.churn, 2)
-            after = rss_mib()
+            after, fds_after = rss_mib(), len(os.listdir("/proc/self/fd"))
             print(f"churn of {args.churn} events in {time.perf_counter() - t:.0f} s: RSS {before:.0f} MiB -> {after:.0f} MiB "
-                  f"(ratio {after / before:.3f}); {len(library.index)} images left (the {args.arrivals} arrivals)")
+                  f"(ratio {after / before:.3f}); open files {fds_before} -> {fds_after}; "
+                  f"{len(library.index)} images left (the {args.arrivals} arrivals)")
         finally:
             watcher.stop()
             library.close()

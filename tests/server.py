@@ -35,11 +35,13 @@ def env_for(model_dir: Path, data_dir: Path) -> dict:
 
 
 @contextlib.contextmanager
-def running_server(env: dict, log_path: Path):
+def running_server(env: dict, log_path: Path, extra_args: list[str] | None = None):
     """Yield (base URL, log file) once /healthz is 200; stop the server with SIGINT after."""
     port = free_port()
     log = open(log_path, "w+")
-    proc = subprocess.Popen([EXE, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [EXE, "serve", "--port", str(port), *(extra_args or [])], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

@@ -30,3 +30,58 @@ def test_serve_answers_over_http(tmp_path, photo_files, tiny_model_dir):
     text = (tmp_path / "serve.log").read_text()
     assert "GET /api/search?q=a+yellow+flower&k=3 200" in text  # one line per request
     assert "Traceback" not in text
+
+
+def test_watch_command_indexes_what_arrives_and_stops_cleanly(tmp_path, photo_files, tiny_model_dir):
+    import signal
+    import time
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / photo_files[0].name).write_bytes(photo_files[0].read_bytes())
+    env = env_for(tiny_model_dir, tmp_path / "data")
+    log = open(tmp_path / "watch.log", "w+")
+    proc = subprocess.Popen([EXE, "watch", str(folder), "--debounce", "0.3"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "caught up" not in (tmp_path / "watch.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "watch.log").read_text()
+            time.sleep(0.1)
+        (folder / "arrived.jpg").write_bytes(photo_files[1].read_bytes())
+        deadline = time.monotonic() + 90  # generous: CI machines are shared and noisy
+        while "1 indexed, 0 linked" not in (tmp_path / "watch.log").read_text():  # the update, not the start-up line
+            assert time.monotonic() < deadline, (tmp_path / "watch.log").read_text()
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    out = subprocess.run([EXE, "stats", "--json"], env=env, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)["images"] == 2
+    assert "Traceback" not in (tmp_path / "watch.log").read_text()
+
+
+def test_serve_with_watch_makes_new_photos_searchable(tmp_path, photo_files, tiny_model_dir):
+    import time
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / photo_files[0].name).write_bytes(photo_files[0].read_bytes())
+    env = env_for(tiny_model_dir, tmp_path / "data")
+    # `serve --watch` on an index that does not exist yet: the watcher builds it.
+    proc_env = {**env, "SEARCHENGINE_REFRESH_INTERVAL_S": "0.2"}
+    import tests.server as server
+
+    exe_args = ["--watch", str(folder), "--debounce", "0.3"]
+    with server.running_server(proc_env, tmp_path / "serve.log", extra_args=exe_args) as (base, _):
+        def paths():
+            return {h["path"] for h in json.loads(get(f"{base}/api/search?q=photo&k=50&rerank=false")[1])["hits"]}
+
+        deadline = time.monotonic() + 90  # generous: CI machines are shared and noisy
+        while paths() != {str(folder / photo_files[0].name)}:
+            assert time.monotonic() < deadline, paths()
+            time.sleep(0.2)
+        (folder / "new.jpg").write_bytes(photo_files[2].read_bytes())
+        deadline = time.monotonic() + 90  # generous: CI machines are shared and noisy
+        while str(folder / "new.jpg") not in paths():
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
