@@ -399,13 +399,15 @@ def _install_error_handlers(app: FastAPI) -> None:
             return error(503, f"the service could not start: {exc.args[0]}")
         return error(503, "the service is still loading the model; try again in a moment")
 
-    @app.exception_handler(ImageNotFoundError)
-    async def not_found(request, exc):
-        return error(404, str(exc))
+    def plain(status: int):
+        async def handler(request, exc):
+            return error(status, str(exc))
 
-    @app.exception_handler(QueryError)
-    async def bad_query(request, exc):
-        return error(400, str(exc))
+        return handler
+
+    # The message of each is written for the user; the status says whose fault it is.
+    for cls, status in ((ImageNotFoundError, 404), (QueryError, 400), (ModelMismatchError, 409), (SearchEngineError, 400)):
+        app.add_exception_handler(cls, plain(status))
 
     @app.exception_handler(BadImageError)
     async def bad_image(request, exc: BadImageError):
@@ -414,14 +416,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.reason == "vanished":
             return error(404, str(exc))
         return error(400, f"the upload is not a usable image: {exc}")
-
-    @app.exception_handler(ModelMismatchError)
-    async def mismatch(request, exc):
-        return error(409, str(exc))
-
-    @app.exception_handler(SearchEngineError)
-    async def other(request, exc):
-        return error(400, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
