@@ -151,13 +151,19 @@ class Watcher:
             self.mark(path)
 
     def _wanted(self, path: str) -> bool:
+        """What the scan would list: image files, not hidden, not in a hidden folder *below* a
+        root (the root itself may sit in one, such as ~/.photos), not in the data dir."""
         name = os.path.basename(path)
-        return (
-            not name.startswith(".")
-            and os.path.splitext(name)[1].lower() in self.extensions
-            and not path.startswith(self.data_dir + os.sep)
-            and not any(part.startswith(".") for part in Path(path).parts[1:-1])
-        )
+        if name.startswith(".") or os.path.splitext(name)[1].lower() not in self.extensions:
+            return False
+        if path.startswith(self.data_dir + os.sep):
+            return False
+        for root in self.roots:
+            root_s = str(root)
+            if path.startswith(root_s + os.sep):
+                below = path[len(root_s) + 1 :].split(os.sep)[:-1]
+                return not any(part.startswith(".") for part in below)
+        return False
 
     # -- handling settled paths --------------------------------------------------------------
 

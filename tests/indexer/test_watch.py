@@ -119,3 +119,21 @@ def test_a_folder_moved_in_from_outside_is_indexed(watched, photo_files, tmp_pat
 def test_filesystem_type_is_read_from_the_mounts(tmp_path):
     assert filesystem_type(Path("/")) != ""
     assert filesystem_type(tmp_path) != ""
+
+
+def test_a_library_inside_a_hidden_folder_is_watched_but_hidden_subfolders_are_not(settings, model, tmp_path, photo_files):
+    folder = tmp_path / ".hidden-home" / "photos"
+    folder.mkdir(parents=True)
+    library = Library.open(settings, create=True)
+    watcher = Watcher(Indexer(model, library, settings), [folder], debounce_s=0.3)
+    watcher.start()
+    try:
+        shutil.copy(photo_files[0], folder / "seen.jpg")
+        (folder / ".thumbs").mkdir()
+        shutil.copy(photo_files[1], folder / ".thumbs" / "unseen.jpg")
+        wait_until(lambda: str(folder.resolve() / "seen.jpg") in ids_by_path(library), "the photo in a hidden home")
+        wait_until(lambda: watcher.pending() == 0, "nothing pending")
+        assert list(ids_by_path(library)) == [str(folder.resolve() / "seen.jpg")]
+    finally:
+        watcher.stop()
+        library.close()
