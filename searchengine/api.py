@@ -334,8 +334,8 @@ def create_app(
 
 
 def _web_dir() -> FilePath:
-    """The UI's files, shipped as package data of `web` (searchengine never imports its code)."""
-    spec = importlib.util.find_spec("web")
+    """The UI's files: the repo's web/ folder, installed as package data of `searchengine_web`."""
+    spec = importlib.util.find_spec("searchengine_web")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the web UI files are missing: reinstall searchengine")
     return FilePath(list(spec.submodule_search_locations)[0])
