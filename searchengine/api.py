@@ -14,6 +14,7 @@ import logging
 import mimetypes
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path as FilePath
 from typing import Annotated, Callable
@@ -134,6 +135,25 @@ TakenBefore = Annotated[date | datetime | None, Query(description="only images t
 ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="an image id from a search hit")]
 
 
+@dataclass
+class PageQuery:
+    """Paging, cutoff and filters: the parameters every search route shares."""
+
+    k: K = 24
+    offset: Offset = 0
+    min_score: MinScore = None
+    folder: Folder = None
+    taken_after: TakenAfter = None
+    taken_before: TakenBefore = None
+
+    @property
+    def filters(self) -> Filters:
+        return _filters(self.folder, self.taken_after, self.taken_before)
+
+
+Paging = Annotated[PageQuery, Depends()]
+
+
 def _filters(folder: str | None, taken_after, taken_before) -> Filters:
     def iso(value, end: bool) -> str | None:
         if value is None:
@@ -247,51 +267,29 @@ def create_app(
     async def search(
         service: Service,
         q: Annotated[str, Query(description="what to look for, in words")],
-        k: K = 24,
-        offset: Offset = 0,
+        p: Paging,
         rerank: Annotated[bool, Query(description="re-rank the top candidates with the ITM head")] = True,
-        min_score: MinScore = None,
-        folder: Folder = None,
-        taken_after: TakenAfter = None,
-        taken_before: TakenBefore = None,
     ):
         """Text-to-image search: ITC candidates, ITM re-rank, final score ITM + ITC."""
-        filters = _filters(folder, taken_after, taken_before)
-        page = await service.search_text(q, k=k, offset=offset, rerank=rerank, min_score=min_score, filters=filters)
-        return _search_out(page, k, offset)
+        page = await service.search_text(q, k=p.k, offset=p.offset, rerank=rerank, min_score=p.min_score, filters=p.filters)
+        return _search_out(page, p.k, p.offset)
 
     @app.post("/api/search/image", response_model=SearchOut, responses={400: {"model": ErrorOut}, 413: {"model": ErrorOut}})
     async def search_image(
         service: Service,
         image: Annotated[UploadFile, File(description="the example image")],
-        k: K = 24,
-        offset: Offset = 0,
-        min_score: MinScore = None,
-        folder: Folder = None,
-        taken_after: TakenAfter = None,
-        taken_before: TakenBefore = None,
+        p: Paging,
     ):
         """Image-to-image search by an uploaded example (score: mean over query vectors of the best match)."""
         data = await _read_capped(image, settings.max_upload_bytes)
-        filters = _filters(folder, taken_after, taken_before)
-        page = await service.search_image(data, k=k, offset=offset, min_score=min_score, filters=filters)
-        return _search_out(page, k, offset)
+        page = await service.search_image(data, k=p.k, offset=p.offset, min_score=p.min_score, filters=p.filters)
+        return _search_out(page, p.k, p.offset)
 
     @app.get("/api/images/{image_id}/similar", response_model=SearchOut, responses={404: {"model": ErrorOut}})
-    async def similar(
-        service: Service,
-        image_id: ImageId,
-        k: K = 24,
-        offset: Offset = 0,
-        min_score: MinScore = None,
-        folder: Folder = None,
-        taken_after: TakenAfter = None,
-        taken_before: TakenBefore = None,
-    ):
+    async def similar(service: Service, image_id: ImageId, p: Paging):
         """Images most like an indexed one ("more like this"), itself left out."""
-        filters = _filters(folder, taken_after, taken_before)
-        page = await service.similar(image_id, k=k, offset=offset, min_score=min_score, filters=filters)
-        return _search_out(page, k, offset)
+        page = await service.similar(image_id, k=p.k, offset=p.offset, min_score=p.min_score, filters=p.filters)
+        return _search_out(page, p.k, p.offset)
 
     @app.get("/api/images/{image_id}", response_model=ImageOut, responses={404: {"model": ErrorOut}})
     def image(service: Service, image_id: ImageId):
