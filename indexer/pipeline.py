@@ -84,8 +84,7 @@ class Indexer:
         self.on_total = on_total or (lambda n: None)
         self.library.bind(model_info(model))
         self.batch_size = settings.batch_size or (64 if model.device.startswith("cuda") else 8)
-        mode = settings.itm_features
-        self.write_features = mode == "cache" or (mode == "auto" and not model.device.startswith("cuda"))
+        self.write_features = settings.writes_feature_cache(model.device)
 
     # -- the run --------------------------------------------------------------------------
 

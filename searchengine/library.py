@@ -75,17 +75,13 @@ class Library:
     def close(self) -> None:
         self.store.close()
 
-    @property
-    def model_info(self) -> ModelInfo | None:
-        return self.store.model_info()
-
     def bind(self, info: ModelInfo) -> None:
         """Tie the library to a model (refused if it was built with another one)."""
         self.store.bind_model(info)
         if self.index is None:
             self._attach(info)
 
-    def _attach(self, info: ModelInfo, save: bool = True) -> None:
+    def _attach(self, info: ModelInfo) -> None:
         path = self.settings.vectors_path
         index = None
         if path.exists():
@@ -96,7 +92,7 @@ class Library:
         self.index = index or VectorIndex(info.dim, info.num_vectors)
         self.features = FeatureCache(self.settings.features_dir, info.vit_shape)
         report = self.reconcile()
-        if save and (report.changed or not path.exists()):
+        if report.changed or not path.exists():
             self.save()
 
     def refresh(self) -> ReconcileReport | None:
@@ -104,16 +100,11 @@ class Library:
         revision = self.store.revision()
         if revision == self.revision:
             return None
+        if self.index is None:  # no model bound yet: nothing to keep in step
+            return None
         with self.lock:
-            if self.index is None:
-                info = self.store.model_info()
-                if info is None:
-                    return None
-                self.revision = revision
-                self._attach(info, save=False)
-                return ReconcileReport()
             self.revision = revision
-            return self.reconcile()
+            return self._reconcile()
 
     def reconcile(self) -> ReconcileReport:
         with self.lock:

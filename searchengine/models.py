@@ -255,14 +255,6 @@ class RetrievalModel:
         h.update(self.model.query_tokens.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def release(self) -> None:
-        """Free the weights (and GPU memory)."""
-        import torch
-
-        self.model = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__

@@ -101,9 +101,8 @@ class Searcher:
         self.library = library
         self.settings = settings
         library.bind(model_info(model))  # refuses an index built with another model
-        mode = settings.itm_features
-        self.use_cache = mode != "recompute"
-        self.fill_cache = mode == "cache" or (mode == "auto" and not model.device.startswith("cuda"))
+        self.use_cache = settings.itm_features != "recompute"
+        self.fill_cache = settings.writes_feature_cache(model.device)
 
     # -- text queries ---------------------------------------------------------------------
 

@@ -149,7 +149,7 @@ class QueryService:
         key = ("similar", image_id, filters, self.library.revision)
         ranking, _ = self._cached(key, depth)
         if ranking is None:
-            stored = list(self.library.store.iter_vectors([image_id]))
+            stored = await asyncio.to_thread(lambda: list(self.library.store.iter_vectors([image_id])))
             if not stored:
                 raise ImageNotFoundError(f"no image has id {image_id}")
             vectors = stored[0][1][0]

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     thumbnail_size: int = Field(320, ge=16, le=2048)
     refresh_interval_s: float = Field(1.0, ge=0)  # how often the service looks for index writes
 
+    def writes_feature_cache(self, device: str) -> bool:
+        """Whether ViT features are cached (at index time, and when re-computed at query time)."""
+        return self.itm_features == "cache" or (self.itm_features == "auto" and not device.startswith("cuda"))
+
     @property
     def thumbnails_dir(self) -> Path:
         return self.data_dir / "thumbnails"
