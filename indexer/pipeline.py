@@ -1,7 +1,9 @@
-"""The indexing pipeline: scan -> read + hash + decode + preprocess (threads) -> embed (batches) -> write.
+"""The indexing pipeline: scan -> read + hash + decode + preprocess (threads) -> embed + caption (batches) -> write.
 
 Reading, decoding and preprocessing run in a thread pool (PIL releases the GIL), a bounded
-window ahead of the model, so decoding overlaps model compute. Results are consumed in scan
+window ahead of the model, so decoding overlaps model compute. Each image is decoded once:
+the retrieval model's pixels, the captioner's pixels and the thumbnail all come from that one
+decode. A caption that fails leaves the image indexed, with the reason recorded. Results are consumed in scan
 order. Each model batch is committed to the store in one transaction; see
 `searchengine.library` for the write order that makes a crash repairable.
 """
@@ -17,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from searchengine.imageio import Decoded, decode_image, read_file, sha256_of
 from indexer.scan import FileEntry, scan_folder
+from searchengine.captions import Caption, Captioner
+from searchengine.imageio import Decoded, decode_image, read_file, sha256_of
 from searchengine.errors import BadImageError, SearchEngineError
 from searchengine.library import Library, model_info
 from searchengine.models import RetrievalModel
@@ -33,6 +36,8 @@ Reader = Callable[[str], bytes]
 @dataclass
 class Summary:
     indexed: int = 0  # newly embedded images
+    captioned: int = 0
+    caption_failed: int = 0
     linked: int = 0  # files whose content was already indexed under another path
     unchanged: int = 0
     removed: int = 0  # files gone from disk, dropped from the index
@@ -52,6 +57,8 @@ class _Ready:
     decoded: Decoded | None = None  # None: content already in the store (link, no decode)
     pixels: object = None
     thumbnail: bytes | None = None
+    caption_pixels: object = None
+    caption_error: str | None = None
 
 
 @dataclass
@@ -73,13 +80,17 @@ class Indexer:
         on_skip: Callable[[str, str], None] | None = None,
         progress: Callable[[int], None] | None = None,
         on_total: Callable[[int], None] | None = None,
+        captioner: Captioner | None = None,
+        on_caption_error: Callable[[str, str], None] | None = None,
     ) -> None:
         self.model = model
+        self.captioner = captioner
         self.library = library
         self.settings = settings
         self.scanner = scanner
         self.reader = reader
         self.on_skip = on_skip or (lambda path, message: None)
+        self.on_caption_error = on_caption_error or (lambda path, message: None)
         self.progress = progress or (lambda n: None)
         self.on_total = on_total or (lambda n: None)
         self.library.bind(model_info(model))
@@ -186,9 +197,15 @@ class Indexer:
                 return _Ready(entry, sha)
             decoded = decode_image(data, max_pixels=self.settings.max_image_pixels, sha256=sha or None)
             pixels = self.model.preprocess([decoded.image])[0]
-            thumbnail = self.library.thumbnails.make(decoded.image)  # decoded once, used twice
+            thumbnail = self.library.thumbnails.make(decoded.image)  # decoded once, used thrice
+            ready = _Ready(entry, sha, decoded, pixels, thumbnail)
+            if self.captioner is not None:
+                try:
+                    ready.caption_pixels = self.captioner.preprocess([decoded.image])[0]
+                except Exception as e:  # noqa: BLE001 - the image is still embedded
+                    ready.caption_error = f"{type(e).__name__}: {e}"
             decoded.image = None  # keep the pixels and the thumbnail; free the full-size image
-            return _Ready(entry, sha, decoded, pixels, thumbnail)
+            return ready
         except BadImageError as e:
             return _Failed(entry, e.reason, str(e))
         except MemoryError:
@@ -206,6 +223,8 @@ class Indexer:
         if batch:
             emb = self.model.embed_pixels(torch.stack([r.pixels for r in batch]))
             itc, vit = emb.itc, emb.vit
+            if self.captioner is not None:
+                self._caption(batch, summary)
         store = self.library.store
         new_ids, orphans = store.write_batch(
             new_images=[
@@ -226,4 +245,21 @@ class Indexer:
         self.library.forget_images(orphans)
         summary.indexed += len(batch)
         summary.linked += len(links)
+
+    def _caption(self, batch: list[_Ready], summary: Summary) -> None:
+        """Caption the batch into each image's metadata; failures keep the image, with a reason."""
+        import torch
+
+        todo = [r for r in batch if r.caption_pixels is not None]
+        captions = self.captioner.caption_pixels(torch.stack([r.caption_pixels for r in todo])) if todo else []
+        done = {id(r): c for r, c in zip(todo, captions)}
+        for r in batch:
+            c = done.get(id(r)) or Caption(None, r.caption_error or "the image could not be prepared for captioning")
+            r.decoded.meta.caption, r.decoded.meta.caption_error = c.text, c.error
+            r.decoded.meta.caption_model = self.captioner.name if c.text is not None else None
+            if c.text is not None:
+                summary.captioned += 1
+            else:
+                summary.caption_failed += 1
+                self.on_caption_error(r.entry.path, c.error)
 

@@ -16,6 +16,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
+from enum import Enum
 from pathlib import Path as FilePath
 from typing import Annotated, Callable
 
@@ -40,6 +41,12 @@ MAX_K = 200
 MAX_OFFSET = 10_000
 
 
+class Mode(str, Enum):
+    hybrid = "hybrid"
+    semantic = "semantic"
+    keyword = "keyword"
+
+
 # -- response models ----------------------------------------------------------------------
 
 
@@ -55,12 +62,14 @@ class HitOut(BaseModel):
     score: float
     itc: float
     itm: float | None
+    keyword: float | None
     thumbnail_url: str
     file_url: str
 
 
 class SearchOut(BaseModel):
     query: str | None
+    mode: str | None
     k: int
     offset: int
     next_offset: int | None
@@ -170,14 +179,14 @@ def _filters(folder: str | None, taken_after, taken_before) -> Filters:
 def _hit(h: Hit) -> HitOut:
     return HitOut(
         id=h.image_id, path=h.path, paths=h.paths, width=h.width, height=h.height, taken_at=h.taken_at,
-        camera=h.camera, caption=h.caption, score=h.score, itc=h.itc, itm=h.itm,
+        camera=h.camera, caption=h.caption, score=h.score, itc=h.itc, itm=h.itm, keyword=h.keyword,
         thumbnail_url=f"/api/images/{h.image_id}/thumbnail", file_url=f"/api/images/{h.image_id}/file",
     )
 
 
-def _search_out(page: Page, k: int, offset: int) -> SearchOut:
+def _search_out(page: Page, k: int, offset: int, mode: str | None = None) -> SearchOut:
     return SearchOut(
-        query=page.query, k=k, offset=offset, next_offset=offset + k if page.has_more else None,
+        query=page.query, mode=mode, k=k, offset=offset, next_offset=offset + k if page.has_more else None,
         reranked=page.reranked, hits=[_hit(h) for h in page.hits],
         timings_ms={name: round(ms, 3) for name, ms in page.timings_ms.items()},
     )
@@ -269,10 +278,18 @@ def create_app(
         q: Annotated[str, Query(description="what to look for, in words")],
         p: Paging,
         rerank: Annotated[bool, Query(description="re-rank the top candidates with the ITM head")] = True,
+        mode: Annotated[
+            Mode | None,
+            Query(description="hybrid (default): semantic and keyword candidates fused, then ITM re-rank; "
+                  "semantic: ITC then ITM only; keyword: captions and file/folder names only"),
+        ] = None,
     ):
-        """Text-to-image search: ITC candidates, ITM re-rank, final score ITM + ITC."""
-        page = await service.search_text(q, k=p.k, offset=p.offset, rerank=rerank, min_score=p.min_score, filters=p.filters)
-        return _search_out(page, p.k, p.offset)
+        """Text-to-image search. `"phrase"` and `-word` work in every mode; see `mode`."""
+        mode_name = mode.value if mode is not None else settings.search_mode
+        page = await service.search_text(
+            q, k=p.k, offset=p.offset, rerank=rerank, min_score=p.min_score, filters=p.filters, mode=mode_name
+        )
+        return _search_out(page, p.k, p.offset, mode_name)
 
     @app.post("/api/search/image", response_model=SearchOut, responses={400: {"model": ErrorOut}, 413: {"model": ErrorOut}})
     async def search_image(

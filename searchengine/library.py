@@ -169,7 +169,7 @@ class Library:
     # -- description ----------------------------------------------------------------------
 
     def describe(self, max_failures: int = 20) -> dict:
-        """What `stats` shows: counts, failures by reason, model, index, sizes on disk."""
+        """What `stats` shows: counts, failures by reason, model, index, sizes on disk, captions."""
         stats = self.store.stats(max_failures)
         model = stats.model
         return {
@@ -186,6 +186,9 @@ class Library:
             "index_type": "exact (flat inner product, max over query vectors)",
             "vectors": self.index.index.ntotal if self.index else 0,
             "bytes_on_disk": self.sizes_on_disk(),
+            "captioned": stats.captioned,
+            "caption_models": stats.caption_models,
+            "caption_failures": stats.caption_failures,
         }
 
     # -- sizes ----------------------------------------------------------------------------

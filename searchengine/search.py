@@ -1,8 +1,16 @@
-"""Text -> ITC candidates from FAISS -> ITM re-rank of the top n -> final score ITM + ITC.
+"""Text queries in three modes, and image queries.
 
-This is the BLIP-2 paper's retrieval evaluation (LAVIS `compute_sim_matrix`): the ITC
-max-sim score picks `k_candidates`, the ITM head re-scores the best `rerank` of them, and the
-re-ranked ones come first, ordered by ITM + ITC. The rest keep their ITC order and score.
+- semantic: the BLIP-2 paper's retrieval evaluation (LAVIS `compute_sim_matrix`): the ITC
+  max-sim score picks `k_candidates` from FAISS, the ITM head re-scores the best `rerank` of
+  them, and the re-ranked ones come first, ordered by ITM + ITC. The rest keep their ITC
+  order and score.
+- keyword: the full-text index over captions and path words; images matching more of the
+  query's words first (score: the share matched), then by BM25. No model scores.
+- hybrid (the default): the semantic candidates and the keyword matches are fused by
+  reciprocal rank fusion; ITM re-ranks the fused top `rerank`. Every candidate's score is its
+  semantic score (ITM + ITC where re-ranked, else ITC) plus its keyword score (the share of
+  the query's words it matches, 0 to 1); re-ranked ones first, as in semantic mode.
+`-word` exclusions leave matching images out in every mode (see `searchengine.keywords`).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import numpy as np
 
 from searchengine.errors import BadImageError, QueryError
 from searchengine.imageio import decode_image, read_file
+from searchengine.keywords import KeywordQuery, parse_query
 from searchengine.library import Library, model_info
 from searchengine.models import RetrievalModel
 from searchengine.settings import Settings
@@ -35,6 +44,7 @@ class Hit:
     taken_at: str | None = None
     camera: str | None = None
     caption: str | None = None
+    keyword: float | None = None  # share of the query's words its caption and names match
 
     @property
     def path(self) -> str:
@@ -74,6 +84,7 @@ class Ranking:
     timings: dict[str, float]
 
     query_vector: np.ndarray | None = None  # a text query's vector, kept for deeper rankings
+    keyword: np.ndarray | None = None  # keyword score (share of words matched), NaN where none
 
     @property
     def reranked(self) -> int:
@@ -82,6 +93,30 @@ class Ranking:
     def itm_by_id(self) -> dict[int, float]:
         done = ~np.isnan(self.itm)
         return dict(zip(self.ids[done].tolist(), self.itm[done].tolist()))
+
+
+MODES = ("hybrid", "semantic", "keyword")
+
+
+def rrf(ranked_lists: list[np.ndarray], k: int) -> dict[int, float]:
+    """Reciprocal rank fusion: each id scores the sum over lists of 1 / (k + its 1-based rank)."""
+    fused: dict[int, float] = {}
+    for ids in ranked_lists:
+        for rank, image_id in enumerate(ids.tolist(), 1):
+            fused[image_id] = fused.get(image_id, 0.0) + 1.0 / (k + rank)
+    return fused
+
+
+def parse_for_mode(text: str, mode: str) -> KeywordQuery:
+    """The keyword reading of a query; QueryError if this mode has nothing in it to look for."""
+    if mode not in MODES:
+        raise QueryError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    kq = parse_query(text)
+    if mode == "keyword" and not kq.searchable:
+        raise QueryError("the query has no words to look for (only exclusions); add a word")
+    if mode != "keyword" and not kq.semantic_text:
+        raise QueryError("the query has nothing to look for, only exclusions (-word); add some words")
+    return kq
 
 
 def image_similarity(query: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -115,10 +150,26 @@ class Searcher:
             raise QueryError(f"the query is {len(text)} characters long; the limit is {self.settings.max_query_chars}")
         return text
 
-    def allowed_ids(self, filters: Filters | None) -> np.ndarray | None:
-        if filters is None or not filters.active:
-            return None
-        return self.library.store.filter_ids(filters.folder, filters.taken_after, filters.taken_before)
+    def parse(self, text: str, mode: str) -> KeywordQuery:
+        return parse_for_mode(text, mode)
+
+    def allowed_ids(self, filters: Filters | None, excluded: np.ndarray | None = None) -> np.ndarray | None:
+        allowed = None
+        if filters is not None and filters.active:
+            allowed = self.library.store.filter_ids(filters.folder, filters.taken_after, filters.taken_before)
+        if excluded is not None and len(excluded):
+            if allowed is None:
+                with self.library.lock:
+                    allowed = self.library.index.ids()
+            allowed = np.setdiff1d(allowed, excluded)
+        return allowed
+
+    def _itc_exact(self, text_vec: np.ndarray, ids: np.ndarray) -> dict[int, float]:
+        """ITC (max over the image's vectors) of images given by id, from the stored vectors."""
+        out: dict[int, float] = {}
+        for got, stored in self.library.store.iter_vectors(ids.tolist()):
+            out.update(zip(got.tolist(), (stored @ text_vec).max(axis=1).tolist()))
+        return out
 
     def rank_text(
         self,
@@ -129,19 +180,47 @@ class Searcher:
         rerank: int | None = None,
         filters: Filters | None = None,
         known_itm: dict[int, float] | None = None,
+        mode: str | None = None,
     ) -> Ranking:
-        """The best `depth` images for an encoded query: ITC candidates, ITM re-rank of the top.
+        """The best `depth` images for a query and its encoded vector (of `parse(...).semantic_text`).
 
         `known_itm`: ITM scores from a shallower ranking of the same query, reused rather than
         recomputed when a deeper page needs a deeper ranking (the re-ranked top is the same).
         """
-        rerank = self.settings.rerank_top if rerank is None else rerank
+        mode = mode or self.settings.search_mode
+        kq = self.parse(text, mode)
+        rerank = 0 if mode == "keyword" else self.settings.rerank_top if rerank is None else rerank
+        filters = filters or Filters()
         t0 = time.perf_counter()
-        allowed = self.allowed_ids(filters)
-        with self.library.lock:
-            cands = self.library.index.search(text_vec[None], depth, allowed)[0]
+        excluded = self.library.store.keyword_matches(kq.excluded) if kq.excluded else None
+        sem_ids, sem_itc = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if mode != "keyword":
+            allowed = self.allowed_ids(filters, excluded)
+            with self.library.lock:
+                cands = self.library.index.search(text_vec[None], depth, allowed)[0]
+            sem_ids, sem_itc = cands.ids, cands.scores
+        kw_hits = []
+        if mode != "semantic" and kq.searchable:
+            kw_hits = self.library.store.keyword_search(
+                kq, depth, filters.folder, filters.taken_after, filters.taken_before
+            )
         t1 = time.perf_counter()
-        ids, itc = cands.ids, cands.scores
+        kw_ids = np.array([h.image_id for h in kw_hits], dtype=np.int64)
+        coverage = {h.image_id: h.coverage for h in kw_hits}
+        itc_of = dict(zip(sem_ids.tolist(), sem_itc.tolist()))
+        missing = np.array([i for i in kw_ids.tolist() if i not in itc_of], dtype=np.int64)
+        if len(missing):
+            itc_of.update(self._itc_exact(text_vec, missing))
+        if mode == "semantic":
+            ids = sem_ids
+        elif mode == "keyword":
+            ids = kw_ids
+        else:  # hybrid: the fused order decides which candidates ITM re-ranks
+            fused = rrf([sem_ids, kw_ids], self.settings.rrf_k)
+            ids = np.array(sorted(fused, key=lambda i: (-fused[i], i)), dtype=np.int64)
+        ids = np.array([i for i in ids.tolist() if i in itc_of], dtype=np.int64)  # deleted meanwhile
+        itc = np.array([itc_of[i] for i in ids.tolist()], dtype=np.float32)
+        kw = np.array([coverage.get(i, np.nan) for i in ids.tolist()], dtype=np.float32)
         itm = np.full(len(ids), np.nan, dtype=np.float32)
         n = min(rerank, len(ids))
         known = known_itm or {}
@@ -149,14 +228,20 @@ class Searcher:
         for j in range(n):
             itm[j] = known.get(int(ids[j]), np.nan)
         if todo:
-            itm[todo] = self._itm(text, ids[todo])
+            itm[todo] = self._itm(kq.semantic_text, ids[todo])
         reranked = ~np.isnan(itm)
-        final = np.where(reranked, itm + itc, itc)
-        # Re-ranked candidates first (by ITM + ITC), then the rest by ITC, as in the paper.
-        order = np.lexsort((-final, ~reranked))
+        if mode == "keyword":
+            final = kw
+            order = np.arange(len(ids))  # already by share of words matched, then BM25
+        else:
+            final = np.where(reranked, itm + itc, itc) + (np.nan_to_num(kw) if mode == "hybrid" else 0.0)
+            # Re-ranked candidates first (by their final score), then the rest, as in the paper.
+            order = np.lexsort((ids, -final, ~reranked))
         timings = {"ann": (t1 - t0) * 1000, "rerank": (time.perf_counter() - t1) * 1000}
-        ranking = Ranking(ids[order], itc[order], itm[order], final[order], depth, len(ids) < depth, timings)
+        exhausted = len(sem_ids) < depth and len(kw_ids) < depth
+        ranking = Ranking(ids[order], itc[order], itm[order], final[order].astype(np.float32), depth, exhausted, timings)
         ranking.query_vector = text_vec
+        ranking.keyword = kw[order]
         return ranking
 
     def search(
@@ -169,16 +254,21 @@ class Searcher:
         rerank: int | None = None,
         filters: Filters | None = None,
         min_score: float | None = None,
+        mode: str | None = None,
     ) -> SearchResult:
         """One query, start to end (the CLI's path; the service caches rankings across pages)."""
         text = self.check_query(query)
+        mode = mode or self.settings.search_mode
+        kq = self.parse(text, mode)
         if k < 1 or offset < 0:
             raise QueryError("k must be at least 1 and offset at least 0")
         k_candidates = self.settings.k_candidates if k_candidates is None else k_candidates
         t0 = time.perf_counter()
-        text_vec = self.model.embed_texts([text])[0]
+        text_vec = self.model.embed_texts([kq.semantic_text or text])[0]
         encode = (time.perf_counter() - t0) * 1000
-        ranking = self.rank_text(text, text_vec, depth=max(offset + k, k_candidates), rerank=rerank, filters=filters)
+        ranking = self.rank_text(
+            text, text_vec, depth=max(offset + k, k_candidates), rerank=rerank, filters=filters, mode=mode
+        )
         hits, has_more = self.page(ranking, offset, k, min_score)
         timings = {"encode": encode, **ranking.timings, "total": (time.perf_counter() - t0) * 1000}
         return SearchResult(text, hits, ranking.reranked, timings, has_more)
@@ -233,6 +323,7 @@ class Searcher:
             if rec is None or not rec.paths:
                 continue  # deleted between the ANN search and now
             itm = ranking.itm[j]
+            kw = ranking.keyword[j] if ranking.keyword is not None else np.nan
             hits.append(
                 Hit(
                     image_id=rec.id,
@@ -245,6 +336,7 @@ class Searcher:
                     taken_at=rec.taken_at,
                     camera=rec.camera,
                     caption=rec.caption,
+                    keyword=None if np.isnan(kw) else float(kw),
                 )
             )
         return hits, has_more

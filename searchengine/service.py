@@ -101,24 +101,34 @@ class QueryService:
     # -- searches ---------------------------------------------------------------------------
 
     async def search_text(
-        self, query: str, *, k: int, offset: int, rerank: bool, min_score: float | None, filters: Filters
+        self,
+        query: str,
+        *,
+        k: int,
+        offset: int,
+        rerank: bool,
+        min_score: float | None,
+        filters: Filters,
+        mode: str | None = None,
     ) -> Page:
         text = self.searcher.check_query(query)
+        mode = mode or self.settings.search_mode
+        kq = self.searcher.parse(text, mode)
         await asyncio.to_thread(self.refresh)
         t0 = time.perf_counter()
         depth = max(offset + k, self.settings.k_candidates)
         rerank_n = self.settings.rerank_top if rerank else 0
-        key = ("text", text, rerank_n, filters, self.library.revision)
+        key = ("text", text, mode, rerank_n, filters, self.library.revision)
         ranking, shallower = self._cached(key, depth)
         encode = 0.0
         if ranking is None:
             if shallower is not None and shallower.query_vector is not None:
                 vec, known = shallower.query_vector, shallower.itm_by_id()  # a deeper page
             else:
-                vec, known = await self.batcher.submit(text), None
+                vec, known = await self.batcher.submit(kq.semantic_text or text), None
                 encode = (time.perf_counter() - t0) * 1000
             ranking = await asyncio.to_thread(
-                self.searcher.rank_text, text, vec, depth=depth, rerank=rerank_n, filters=filters, known_itm=known
+                self.searcher.rank_text, text, vec, depth=depth, rerank=rerank_n, filters=filters, known_itm=known, mode=mode
             )
             self._keep(key, ranking)
             self._observe(encode=encode, **ranking.timings)

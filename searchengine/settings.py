@@ -35,12 +35,19 @@ class Settings(BaseSettings):
     # has an entry and re-runs the ViT otherwise. See benchmarks/query_latency.py.
     itm_features: Literal["auto", "cache", "recompute"] = "auto"
     save_every_s: float = Field(60.0, gt=0)
+    # Captions, made at index time. caption_model None: the CPU or GPU default for the device.
+    captions: bool = True
+    caption_model: str | None = None
+    caption_max_tokens: int = Field(30, ge=1, le=512)  # new tokens per caption
+    caption_beams: int = Field(1, ge=1, le=16)  # 1: greedy, as the model cards' examples
 
     # Search.
     k_candidates: int = Field(128, ge=1)  # ITC candidates taken from FAISS, as in the paper
     rerank_top: int = Field(20, ge=0)  # how many of them ITM re-scores; 0 turns it off
     text_max_tokens: int = Field(35, ge=2)  # the paper truncates text at 35 tokens
     max_query_chars: int = Field(1000, ge=1)
+    search_mode: Literal["hybrid", "semantic", "keyword"] = "hybrid"
+    rrf_k: int = Field(60, ge=1)  # reciprocal rank fusion's constant (Cormack et al. use 60)
 
     # Service (`searchengine serve`).
     host: str = "127.0.0.1"  # loopback unless asked: the index shows every photo's path

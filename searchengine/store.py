@@ -10,6 +10,10 @@ Two tables carry the library:
 
 `meta` holds the schema version and the model (name + fingerprint + shapes) that made the
 vectors; opening with another model is refused.
+
+Every image also has a row in the full-text index (`searchengine.textindex`): its caption and
+the words of its file and folder names. Every write that changes an image's caption or paths
+rewrites that row in the same transaction.
 """
 
 from __future__ import annotations
@@ -38,13 +42,17 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
 
 from searchengine.errors import ModelMismatchError, SchemaError
+from searchengine.keywords import Clause, KeywordQuery, path_words
+from searchengine.textindex import KeywordHit, TextIndex, text_index_for
 
-SCHEMA_VERSION = 1
+# 1: images, vectors, files, roots, meta. 2: images.caption_error and the full-text index.
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -76,6 +84,7 @@ images = Table(
     Column("gps_lon", Float),
     Column("caption", Text),
     Column("caption_model", Text),
+    Column("caption_error", Text),  # why the caption model gave no caption (the image stays indexed)
     Column("created_at", Float, nullable=False),
     sqlite_autoincrement=True,  # ids are never reused: a deleted image's id stays dead
 )
@@ -123,6 +132,9 @@ class ImageMeta:
     camera: str | None = None
     gps_lat: float | None = None
     gps_lon: float | None = None
+    caption: str | None = None
+    caption_model: str | None = None
+    caption_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +165,9 @@ class Stats:
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # path, reason, error
     roots: list[str] = field(default_factory=list)
     model: ModelInfo | None = None
+    captioned: int = 0
+    caption_models: dict[str, int] = field(default_factory=dict)
+    caption_failures: int = 0
 
 
 def sqlite_url(path: Path) -> str:
@@ -173,6 +188,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.text: TextIndex = text_index_for(engine.dialect.name)
 
     @classmethod
     def open(cls, url: str) -> "Store":
@@ -189,17 +205,30 @@ class Store:
     # -- schema ---------------------------------------------------------------------------
 
     def _migrate(self) -> None:
+        """Create the schema, or upgrade an older one step by step, in one transaction."""
         with self.engine.begin() as conn:
-            metadata.create_all(conn)
-            version = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
-            if version is None:
-                conn.execute(insert(meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(version) > SCHEMA_VERSION:
+            version = None
+            if self.engine.dialect.has_table(conn, "meta"):
+                version = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+            if version is not None and int(version) > SCHEMA_VERSION:
                 raise SchemaError(
                     f"this index has schema version {version}, newer than this program knows "
                     f"({SCHEMA_VERSION}); upgrade searchengine"
                 )
-            # Step-by-step upgrades go here: `if int(version) < 2: ...` then bump the row.
+            if version is not None and int(version) < 2:
+                conn.execute(text("ALTER TABLE images ADD COLUMN caption_error TEXT"))
+            metadata.create_all(conn)
+            self.text.create(conn)
+            if version is None or int(version) < SCHEMA_VERSION:
+                self._set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+            # The text index is derived from images + files: rebuilt whenever it is out of
+            # step (after the upgrade above, or if it was ever damaged).
+            n_images = conn.execute(select(func.count()).select_from(images)).scalar()
+            if self.text.count(conn) != n_images:
+                self.text.clear(conn)
+                ids = list(conn.execute(select(images.c.id)).scalars())
+                for chunk in _chunks(ids, 500):
+                    self._refresh_text(conn, chunk)
 
     def _get_meta(self, conn: Connection, key: str) -> str | None:
         return conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
@@ -209,6 +238,19 @@ class Store:
             conn.execute(insert(meta).values(key=key, value=value))
         else:
             conn.execute(update(meta).where(meta.c.key == key).values(value=value))
+
+    def _refresh_text(self, conn: Connection, ids: Iterable[int]) -> None:
+        """Rewrite the full-text rows of these images from their caption and current paths."""
+        ids = sorted(set(ids))
+        if not ids:
+            return
+        root_paths = list(conn.execute(select(roots.c.path)).scalars())
+        for chunk in _chunks(ids, 500):
+            captions = dict(conn.execute(select(images.c.id, images.c.caption).where(images.c.id.in_(chunk))).all())
+            paths: dict[int, list[str]] = {i: [] for i in captions}
+            for image_id, path in conn.execute(select(files.c.image_id, files.c.path).where(files.c.image_id.in_(chunk))):
+                paths[image_id].append(path)
+            self.text.put(conn, [(i, captions[i], path_words(paths[i], root_paths)) for i in captions])
 
     def _bump_revision(self, conn: Connection) -> None:
         rev = int(self._get_meta(conn, "revision") or 0)
@@ -287,7 +329,8 @@ class Store:
         """
         now = time.time()
         new_ids: list[int] = []
-        touched: set[int] = set()
+        touched: set[int] = set()  # images that lost a path (maybe their last)
+        linked: set[int] = set()  # images that gained one
         with self.engine.begin() as conn:
             for sha, m, vec, paths in new_images:
                 image_id = conn.execute(
@@ -301,10 +344,12 @@ class Store:
                     touched |= self._put_file(conn, path, size, mtime_ns, "indexed", image_id, None, None, now)
             for path, size, mtime_ns, sha in links:
                 image_id = conn.execute(select(images.c.id).where(images.c.sha256 == sha)).scalar_one()
+                linked.add(image_id)
                 touched |= self._put_file(conn, path, size, mtime_ns, "indexed", image_id, None, None, now)
             for path, size, mtime_ns, reason, error in failures:
                 touched |= self._put_file(conn, path, size, mtime_ns, "failed", None, reason, error, now)
             orphans = self._delete_orphans(conn, touched)
+            self._refresh_text(conn, (set(new_ids) | linked | touched) - set(orphans))
             self._bump_revision(conn)
         return new_ids, orphans
 
@@ -328,6 +373,7 @@ class Store:
                 conn.execute(delete(vectors).where(vectors.c.image_id == image_id))
                 conn.execute(delete(images).where(images.c.id == image_id))
                 gone.append(image_id)
+        self.text.delete(conn, gone)
         return gone
 
     def remove_files(self, paths: Iterable[str]) -> list[int]:
@@ -340,6 +386,7 @@ class Store:
                 touched |= {i for i in rows if i is not None}
                 conn.execute(delete(files).where(files.c.path.in_(chunk)))
             orphans = self._delete_orphans(conn, touched)
+            self._refresh_text(conn, touched - set(orphans))
             self._bump_revision(conn)
             return orphans
 
@@ -387,6 +434,10 @@ class Store:
         self, folder: str | None = None, taken_after: str | None = None, taken_before: str | None = None
     ) -> np.ndarray:
         """Ids of images with a file below `folder` and taken within [after, before] (ISO)."""
+        with self.engine.connect() as conn:
+            return np.fromiter(conn.execute(self._filter_select(folder, taken_after, taken_before)).scalars(), dtype=np.int64)
+
+    def _filter_select(self, folder: str | None, taken_after: str | None, taken_before: str | None):
         q = select(images.c.id).distinct()
         if folder:
             prefix = folder.rstrip("/") + "/"
@@ -397,8 +448,56 @@ class Store:
             q = q.where(images.c.taken_at >= taken_after)
         if taken_before:
             q = q.where(images.c.taken_at <= taken_before)
+        return q
+
+    # -- captions and keywords ------------------------------------------------------------
+
+    def keyword_search(
+        self,
+        query: KeywordQuery,
+        limit: int,
+        folder: str | None = None,
+        taken_after: str | None = None,
+        taken_before: str | None = None,
+    ) -> list[KeywordHit]:
+        """Images whose caption or path words match, best first (see `TextIndex.search`)."""
+        within = self._filter_select(folder, taken_after, taken_before) if (folder or taken_after or taken_before) else None
         with self.engine.connect() as conn:
-            return np.fromiter(conn.execute(q).scalars(), dtype=np.int64)
+            return self.text.search(conn, query, limit, within)
+
+    def keyword_matches(self, clauses: Sequence[Clause]) -> np.ndarray:
+        """Ids of images whose caption or path words match any of these clauses."""
+        with self.engine.connect() as conn:
+            return np.array(sorted(self.text.matching(conn, clauses)), dtype=np.int64)
+
+    def images_to_caption(self, model: str, redo: bool = False) -> list[tuple[int, list[str]]]:
+        """(id, paths) of images with no caption from `model`, or whose captioning failed; all with `redo`."""
+        q = select(images.c.id).order_by(images.c.id)
+        if not redo:
+            q = q.where(
+                images.c.caption_model.is_(None) | (images.c.caption_model != model) | images.c.caption_error.is_not(None)
+            )
+        with self.engine.connect() as conn:
+            ids = list(conn.execute(q).scalars())
+        records = self.images(ids)
+        return [(i, records[i].paths) for i in ids if i in records]
+
+    def set_captions(self, rows: Sequence[tuple[int, str | None, str, str | None]]) -> None:
+        """Store (image id, caption, model, error) rows; an image deleted meanwhile is skipped.
+
+        A row without a caption records only its error: a caption made earlier, by any model,
+        is kept rather than lost to a failed re-run.
+        """
+        if not rows:
+            return
+        with self.engine.begin() as conn:
+            for image_id, caption, model, error in rows:
+                values = dict(caption_error=error)
+                if caption is not None:
+                    values.update(caption=caption, caption_model=model)
+                conn.execute(update(images).where(images.c.id == image_id).values(**values))
+            self._refresh_text(conn, [r[0] for r in rows])
+            self._bump_revision(conn)
 
     def image_detail(self, image_id: int) -> dict | None:
         """Everything the store knows of one image, with its files."""
@@ -428,6 +527,17 @@ class Store:
                     select(files.c.reason, func.count()).where(files.c.status == "failed").group_by(files.c.reason)
                 ).all()
             )
+            captioned = conn.execute(select(func.count()).select_from(images).where(images.c.caption.is_not(None))).scalar()
+            caption_failures = conn.execute(
+                select(func.count()).select_from(images).where(images.c.caption_error.is_not(None))
+            ).scalar()
+            caption_models = dict(
+                conn.execute(
+                    select(images.c.caption_model, func.count())
+                    .where(images.c.caption_model.is_not(None))
+                    .group_by(images.c.caption_model)
+                ).all()
+            )
             failures = [
                 (r.path, r.reason, r.error)
                 for r in conn.execute(
@@ -445,6 +555,9 @@ class Store:
             failures=failures,
             roots=self.roots(),
             model=self.model_info(),
+            captioned=captioned,
+            caption_models=caption_models,
+            caption_failures=caption_failures,
         )
 
 

@@ -105,3 +105,107 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny") 
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def build_tiny_captioner(out_dir: str | Path, *, kind: str = "blip", seed: int = 0, size: str = "tiny") -> Path:
+    """Write a random captioner and its processor to `out_dir`.
+
+    kind "blip": `BlipForConditionalGeneration` (BertTokenizer, [DEC] as bos), the CPU default's
+    family; with size "real", the blip-image-captioning-base architecture (ViT-B/16 at 384,
+    BERT-base decoder). kind "blip2": `Blip2ForConditionalGeneration` with a tiny OPT and a
+    word-level fast tokenizer, the GPU default's family (tiny only). The tiny vocabularies are
+    whole words, so random captions are words a test can search for.
+    """
+    import torch
+    from transformers import BertTokenizer
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    words = list(dict.fromkeys(_WORDS))
+    torch.manual_seed(seed)
+    if kind == "blip":
+        from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor, BlipTextConfig, BlipVisionConfig
+
+        if size == "real":
+            vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+            vocab += [f"tok{i}" for i in range(30523 - len(vocab))] + ["[DEC]"]
+            text = BlipTextConfig(vocab_size=len(vocab), bos_token_id=len(vocab) - 1, pad_token_id=0, sep_token_id=3)
+            vision = BlipVisionConfig(image_size=384, patch_size=16)
+        elif size == "tiny":
+            vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + ["[DEC]"]
+            text = BlipTextConfig(
+                vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                encoder_hidden_size=32, max_position_embeddings=64, bos_token_id=len(vocab) - 1, pad_token_id=0,
+                sep_token_id=3, eos_token_id=3,
+            )
+            vision = BlipVisionConfig(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                patch_size=8, initializer_range=0.02,
+            )
+        else:
+            raise ValueError(f"size must be 'tiny' or 'real', not {size!r}")
+        config = BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
+        config.architectures = ["BlipForConditionalGeneration"]
+        model = BlipForConditionalGeneration(config).eval()
+        tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True, bos_token="[DEC]")
+        image_size = vision.image_size
+        processor = BlipProcessor(
+            image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}), tokenizer=tokenizer
+        )
+    elif kind == "blip2":
+        if size != "tiny":
+            raise ValueError("only a tiny BLIP-2 captioner can be built")
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import (
+            Blip2Config,
+            Blip2ForConditionalGeneration,
+            Blip2Processor,
+            Blip2QFormerConfig,
+            Blip2VisionConfig,
+            OPTConfig,
+            PreTrainedTokenizerFast,
+        )
+
+        specials = ["<pad>", "</s>", "<unk>", "<image>"]
+        vocab = {w: i for i, w in enumerate(specials + words)}
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+            extra_special_tokens={"image_token": "<image>"},
+        )
+        num_query_tokens = 4
+        vision = Blip2VisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+            patch_size=8, initializer_range=0.02,
+        )
+        qformer = Blip2QFormerConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, encoder_hidden_size=32,
+            vocab_size=len(vocab),
+        )
+        opt = OPTConfig(
+            vocab_size=len(vocab), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+        )
+        config = Blip2Config(
+            vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=opt.to_dict(),
+            num_query_tokens=num_query_tokens, image_token_index=vocab["<image>"],
+        )
+        config.architectures = ["Blip2ForConditionalGeneration"]
+        model = Blip2ForConditionalGeneration(config).eval()
+        processor = Blip2Processor(
+            image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer,
+            num_query_tokens=num_query_tokens,
+        )
+    else:
+        raise ValueError(f"kind must be 'blip' or 'blip2', not {kind!r}")
+    if size == "tiny":  # outputs that depend on the image, as in build_tiny_model
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 1.5 / p[0].numel() ** 0.5)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -11,7 +11,7 @@ import transformers
 
 from searchengine.models import RetrievalModel
 from searchengine.settings import Settings
-from searchengine.tiny import build_tiny_model
+from searchengine.tiny import build_tiny_captioner, build_tiny_model
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -23,6 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-blip2"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner_dir(tmp_path_factory) -> Path:
+    """A tiny BLIP captioner (the CPU default's family); its words are whole English words."""
+    return build_tiny_captioner(tmp_path_factory.mktemp("tiny-blip"), kind="blip", seed=0)
+
+
+@pytest.fixture(scope="session")
+def captioner(tiny_captioner_dir):
+    from searchengine.captions import Captioner
+
+    return Captioner.load(str(tiny_captioner_dir), device="cpu", dtype="float32", max_new_tokens=12)
 
 
 @pytest.fixture(scope="session")

@@ -30,8 +30,11 @@ def get(url: str, timeout: float = 30) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def env_for(model_dir: Path, data_dir: Path) -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "SEARCHENGINE_MODEL": str(model_dir), "SEARCHENGINE_DATA_DIR": str(data_dir)}
+def env_for(model_dir: Path, data_dir: Path, caption_model: Path | None = None) -> dict:
+    """The environment of a `searchengine` process; captions off unless a captioner is named."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SEARCHENGINE_MODEL": str(model_dir), "SEARCHENGINE_DATA_DIR": str(data_dir)}
+    env.update({"SEARCHENGINE_CAPTION_MODEL": str(caption_model)} if caption_model else {"SEARCHENGINE_CAPTIONS": "false"})
+    return env
 
 
 @contextlib.contextmanager

@@ -25,14 +25,15 @@ def cli(*args, env_extra=None, check_rc=None) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory, photos_dir, tiny_model_dir):
-    """A real photo folder plus awkward and bad files, indexed once through the CLI."""
+def library(tmp_path_factory, photos_dir, tiny_model_dir, tiny_captioner_dir):
+    """A real photo folder plus awkward and bad files, indexed and captioned once through the CLI."""
     root = tmp_path_factory.mktemp("cli")
     photos = root / "Pictures"
     shutil.copytree(photos_dir, photos)
     write_awkward(photos / "awkward")
     bad = write_bad(photos / "bad", next(photos.rglob("*.jpg")).read_bytes())
-    env = {"SEARCHENGINE_MODEL": str(tiny_model_dir), "SEARCHENGINE_DATA_DIR": str(root / "data")}
+    env = {"SEARCHENGINE_MODEL": str(tiny_model_dir), "SEARCHENGINE_DATA_DIR": str(root / "data"),
+           "SEARCHENGINE_CAPTION_MODEL": str(tiny_captioner_dir), "SEARCHENGINE_CAPTION_MAX_TOKENS": "12"}
     first = cli("index", photos, "--device", "cpu", env_extra=env, check_rc=0)
     return {"photos": photos, "env": env, "first": first, "bad": bad, "data": root / "data"}
 
@@ -55,8 +56,8 @@ def test_index_prints_a_summary_and_skips_bad_files(library):
 
 
 def test_search_returns_ranked_results_with_three_scores(library):
-    data = _search_json(library, "a yellow flower", "-k", "5")
-    assert [r["rank"] for r in data["results"]] == [1, 2, 3, 4, 5]
+    data = _search_json(library, "a yellow flower", "-k", "5", "--mode", "semantic")
+    assert data["mode"] == "semantic" and [r["rank"] for r in data["results"]] == [1, 2, 3, 4, 5]
     assert data["reranked"] == 20
     for r in data["results"]:
         assert Path(r["path"]).exists()
@@ -67,7 +68,12 @@ def test_search_returns_ranked_results_with_three_scores(library):
     plain = _search_json(library, "a yellow flower", "-k", "20", "--no-rerank")
     assert len(plain["results"]) == 20 and all(r["itm"] is None for r in plain["results"])
     text = cli("search", "a yellow flower", "-k", "3", env_extra=library["env"], check_rc=0).stdout
-    assert "final" in text and "itm" in text and "itc" in text and len(text.strip().splitlines()) == 4
+    lines = text.strip().splitlines()
+    assert "final" in lines[0] and "itm" in lines[0] and "itc" in lines[0] and "words" in lines[0]
+    ranked = [line for line in lines[1:] if line.split()[0].isdigit()]
+    assert [line.split()[0] for line in ranked] == ["1", "2", "3"]
+    captions = [line.strip() for line in lines[1:] if line not in ranked]
+    assert len(captions) == 3  # each hit's caption on the line below it
 
 
 def test_non_ascii_and_awkward_files_are_searchable(library):
@@ -111,15 +117,29 @@ def test_reindex_is_incremental_and_deletions_leave_results(library):
         (["search", "dog"], "no index in"),
         (["index", "/no/such/folder"], "does not exist"),
         (["index", "--batch-size", "-3", "."], "batch_size"),
+        (["search", "--mode", "keyword", "--", "-cat"], "no words to look for"),
     ],
 )
 def test_errors_are_one_clear_line(tmp_path, tiny_model_dir, args, message):
-    env = {"SEARCHENGINE_MODEL": str(tiny_model_dir), "SEARCHENGINE_DATA_DIR": str(tmp_path / "nothing-here")}
+    env = {"SEARCHENGINE_MODEL": str(tiny_model_dir), "SEARCHENGINE_DATA_DIR": str(tmp_path / "nothing-here"),
+           "SEARCHENGINE_CAPTIONS": "false"}
     proc = cli(*(a.replace("{tmp}", str(tmp_path)) for a in args), env_extra=env)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("searchengine: error:"), proc.stderr
+
+
+@pytest.mark.parametrize("caption_args", [[], ["--caption-model", "/no/such/captioner"]])
+def test_a_captioner_that_cannot_load_stops_index_before_any_work(tmp_path, tiny_model_dir, photos_dir, caption_args):
+    # No hub here: the default captioner cannot be fetched, which is what a user without a network meets.
+    env = {"SEARCHENGINE_MODEL": str(tiny_model_dir), "SEARCHENGINE_DATA_DIR": str(tmp_path / "data")}
+    proc = cli("index", photos_dir, *caption_args, env_extra=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "caption model" in lines[0] and "--caption-model" in lines[0] and "--no-captions" in lines[0]
+    assert (caption_args[1] if caption_args else "Salesforce/blip-image-captioning-base") in lines[0]
+    assert not (tmp_path / "data").exists()  # nothing was started
 
 
 def test_wrong_model_type_is_one_clear_line(tmp_path, library):

@@ -63,6 +63,7 @@ def folder(tmp_path, photo_files):
 
 
 def search(settings, model, text, **kw):
+    kw.setdefault("mode", "semantic")  # these tests check the embedding side; test_hybrid checks the rest
     library = Library.open(settings)
     try:
         return Searcher(model, library, settings).search(text, **kw)

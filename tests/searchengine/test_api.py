@@ -119,17 +119,17 @@ def test_healthz_reports_a_failed_start(indexed):
 
 
 def test_search_returns_hits_scores_urls_and_timings(client):
-    r = client.get("/api/search", params={"q": "a yellow flower", "k": 5})
+    r = client.get("/api/search", params={"q": "a yellow flower", "k": 5, "mode": "semantic"})
     assert r.status_code == 200
     body = r.json()
-    assert body["query"] == "a yellow flower" and body["k"] == 5 and body["offset"] == 0
+    assert body["query"] == "a yellow flower" and body["mode"] == "semantic" and body["k"] == 5 and body["offset"] == 0
     assert body["next_offset"] == 5 and body["reranked"] == 20
     assert set(body["timings_ms"]) == {"encode", "ann", "rerank", "total"}
     for h in body["hits"]:
         assert h["score"] == pytest.approx(h["itm"] + h["itc"], abs=1e-6)
         assert h["thumbnail_url"] == f"/api/images/{h['id']}/thumbnail"
         assert client.get(h["file_url"]).status_code == 200
-    plain = client.get("/api/search", params={"q": "a yellow flower", "k": 5, "rerank": False}).json()
+    plain = client.get("/api/search", params={"q": "a yellow flower", "k": 5, "rerank": False, "mode": "semantic"}).json()
     assert plain["reranked"] == 0 and all(h["itm"] is None for h in plain["hits"])
 
 

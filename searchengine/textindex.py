@@ -1,0 +1,142 @@
+"""The full-text index over captions and path words: one row per image, keyed by image id.
+
+The store writes it in the same transaction as the rows it is derived from, so it can never
+disagree with them after a crash. `TextIndex` is what the store needs from a backend; SQLite
+FTS5 is the one built. A PostgreSQL backend would keep a `tsvector` column with a GIN index
+and compile the same `KeywordQuery` to a `tsquery` (`&`, `|`, `!`, `<->` for phrases).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Protocol, Sequence
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql import Select
+
+from searchengine.errors import SchemaError
+from searchengine.keywords import Clause, KeywordQuery
+
+
+@dataclass(frozen=True)
+class KeywordHit:
+    image_id: int
+    coverage: float  # share of the query's clauses the image matches, in (0, 1]
+    relevance: float  # the backend's own relevance (FTS5: -bm25), higher is better
+
+
+class TextIndex(Protocol):
+    def create(self, conn: Connection) -> None: ...
+
+    def put(self, conn: Connection, rows: Iterable[tuple[int, str, str]]) -> None:
+        """Replace the rows of these images: (image id, caption, path words)."""
+
+    def delete(self, conn: Connection, ids: Iterable[int]) -> None: ...
+
+    def count(self, conn: Connection) -> int: ...
+
+    def clear(self, conn: Connection) -> None: ...
+
+    def search(self, conn: Connection, query: KeywordQuery, limit: int, within: Select | None = None) -> list[KeywordHit]:
+        """The best `limit` images by coverage, then relevance; `within`: a select of allowed ids."""
+
+    def matching(self, conn: Connection, clauses: Sequence[Clause]) -> list[int]:
+        """Ids of images that match any of these clauses (for exclusions)."""
+
+
+def _quote(clause: Clause) -> str:
+    # Words are letters and digits only (keywords.words), so they need no escaping; a quoted
+    # string of several words is an FTS5 phrase.
+    return '"' + " ".join(clause) + '"'
+
+
+def _any(clauses: Sequence[Clause]) -> str:
+    return "(" + " OR ".join(_quote(c) for c in clauses) + ")"
+
+
+class SqliteFts5:
+    """FTS5 with the porter stemmer over unicode61 (so "dogs" finds "dog", "café" finds "cafe")."""
+
+    table = "image_text"
+
+    def create(self, conn: Connection) -> None:
+        conn.execute(
+            text(
+                f"CREATE VIRTUAL TABLE IF NOT EXISTS {self.table} USING fts5("
+                "caption, names, tokenize = 'porter unicode61 remove_diacritics 2')"
+            )
+        )
+
+    def put(self, conn: Connection, rows: Iterable[tuple[int, str, str]]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        self.delete(conn, [r[0] for r in rows])
+        conn.execute(
+            text(f"INSERT INTO {self.table}(rowid, caption, names) VALUES (:id, :caption, :names)"),
+            [{"id": i, "caption": c or "", "names": n or ""} for i, c, n in rows],
+        )
+
+    def delete(self, conn: Connection, ids: Iterable[int]) -> None:
+        ids = list(ids)
+        if ids:
+            conn.execute(text(f"DELETE FROM {self.table} WHERE rowid = :id"), [{"id": i} for i in ids])
+
+    def count(self, conn: Connection) -> int:
+        return conn.execute(text(f"SELECT count(*) FROM {self.table}")).scalar_one()
+
+    def clear(self, conn: Connection) -> None:
+        conn.execute(text(f"DELETE FROM {self.table}"))
+
+    def _match(self, query: KeywordQuery) -> str:
+        if query.required:
+            expr = " AND ".join(_quote(c) for c in query.required)
+        else:
+            expr = _any(query.optional)
+        if query.excluded:
+            expr = f"({expr}) NOT {_any(query.excluded)}"
+        return expr
+
+    def search(self, conn: Connection, query: KeywordQuery, limit: int, within: Select | None = None) -> list[KeywordHit]:
+        if not query.searchable or limit <= 0:
+            return []
+        where = ""
+        params: dict = {"q": self._match(query), "n": 4 * limit}
+        if within is not None:
+            compiled = within.compile(conn, compile_kwargs={"literal_binds": True})
+            where = f" AND rowid IN ({compiled})"
+        # bm25 first, generously: coverage then re-orders the pool (bm25 already favours rows
+        # matching more clauses, so the pool holds the best-covered ones).
+        rows = conn.execute(
+            text(f"SELECT rowid, bm25({self.table}) FROM {self.table} WHERE {self.table} MATCH :q{where} "
+                 f"ORDER BY bm25({self.table}) LIMIT :n"),
+            params,
+        ).all()
+        if not rows:
+            return []
+        ids = [r[0] for r in rows]
+        matched = dict.fromkeys(ids, 0)
+        id_list = ",".join(str(int(i)) for i in ids)
+        for clause in query.clauses:
+            for (image_id,) in conn.execute(
+                text(f"SELECT rowid FROM {self.table} WHERE {self.table} MATCH :q AND rowid IN ({id_list})"),
+                {"q": _quote(clause)},
+            ):
+                matched[image_id] += 1
+        total = len(query.clauses)
+        hits = [KeywordHit(int(i), matched[i] / total, -float(b)) for i, b in rows]
+        hits.sort(key=lambda h: (-h.coverage, -h.relevance, h.image_id))
+        return hits[:limit]
+
+    def matching(self, conn: Connection, clauses: Sequence[Clause]) -> list[int]:
+        if not clauses:
+            return []
+        q = text(f"SELECT rowid FROM {self.table} WHERE {self.table} MATCH :q")
+        return [int(r[0]) for r in conn.execute(q, {"q": _any(clauses)})]
+
+
+def text_index_for(dialect: str) -> TextIndex:
+    if dialect == "sqlite":
+        return SqliteFts5()
+    raise SchemaError(f"keyword search is built for SQLite only so far, not {dialect}")
