@@ -5,6 +5,7 @@ import pytest
 from sqlalchemy import update
 
 from searchengine.errors import ModelMismatchError, SchemaError
+from searchengine.keywords import parse_query
 from searchengine.store import SCHEMA_VERSION, ImageMeta, ModelInfo, Store, meta, sqlite_url
 
 INFO = ModelInfo("m", "abc", 2, 3, (5, 4))
@@ -82,3 +83,86 @@ def test_files_under_is_a_prefix_not_a_pattern(store):
     )
     assert sorted(store.files_under("/a/x_y")) == ["/a/x_y/1.jpg", "/a/x_y/sub/4.jpg"]
     assert sorted(store.files_under("/a/x_y/")) == ["/a/x_y/1.jpg", "/a/x_y/sub/4.jpg"]
+
+
+# -- the full-text index ------------------------------------------------------------------
+
+
+def _kw(store, text, limit=50):
+    return [h.image_id for h in store.keyword_search(parse_query(text), limit)]
+
+
+def test_full_text_rows_follow_every_write(store):
+    store.add_root("/lib/Pictures")
+    (a,), _ = store.write_batch(
+        new_images=[("h1", ImageMeta(1, 1, caption="a dog running on the sand"), _vec(1),
+                     [("/lib/Pictures/Holidays/IMG_0001.jpg", 1, 1)])]
+    )
+    assert _kw(store, "dogs") == [a]  # caption, stemmed
+    assert _kw(store, "holidays") == [a] and _kw(store, "pictures") == [a] and _kw(store, "0001") == [a]
+    assert _kw(store, "lib") == [] and _kw(store, "jpg") == []  # above the root; the extension
+    # A second path (a copy) adds its words; moving the first away drops its folder's words.
+    store.write_batch(links=[("/lib/Pictures/Best of/copy.jpg", 1, 2, "h1")])
+    assert _kw(store, "best") == [a]
+    store.remove_files(["/lib/Pictures/Holidays/IMG_0001.jpg"])
+    assert _kw(store, "holidays") == [] and _kw(store, "copy") == [a]
+    # A new caption replaces the old words.
+    store.set_captions([(a, "a cat asleep", "captioner-2", None)])
+    assert _kw(store, "dog") == [] and _kw(store, "cat") == [a]
+    assert store.image_detail(a)["caption_model"] == "captioner-2"
+    # A failed re-caption keeps the caption it had and records why.
+    store.set_captions([(a, None, "captioner-3", "RuntimeError: boom")])
+    d = store.image_detail(a)
+    assert (d["caption"], d["caption_model"], d["caption_error"]) == ("a cat asleep", "captioner-2", "RuntimeError: boom")
+    # The last path gone: the image and its row go.
+    store.remove_files(["/lib/Pictures/Best of/copy.jpg"])
+    assert _kw(store, "cat") == [] and _kw(store, "copy") == []
+    with store.engine.connect() as conn:
+        assert store.text.count(conn) == 0
+
+
+def test_keyword_ranking_phrases_exclusions_and_filters(store):
+    store.add_root("/p")
+    rows = {
+        "h1": ("red car on a street", "/p/cars/red_car.jpg"),
+        "h2": ("a car parked near the red house", "/p/cars/parked.jpg"),
+        "h3": ("a red flower", "/p/garden/flower.jpg"),
+        "h4": ("a blue car", "/p/cars/blue.jpg"),
+    }
+    ids = {}
+    for sha, (caption, path) in rows.items():
+        (ids[sha],), _ = store.write_batch(new_images=[(sha, ImageMeta(1, 1, caption=caption), _vec(1), [(path, 1, 1)])])
+    hits = store.keyword_search(parse_query("red car"), 10)
+    by_id = {h.image_id: h.coverage for h in hits}
+    assert by_id == {ids["h1"]: 1.0, ids["h2"]: 1.0, ids["h3"]: 0.5, ids["h4"]: 0.5}
+    assert {h.image_id for h in hits[:2]} == {ids["h1"], ids["h2"]}  # both words first
+    assert _kw(store, '"red car"') == [ids["h1"]]  # the phrase, words adjacent
+    assert set(_kw(store, "car -red")) == {ids["h4"]}
+    assert set(_kw(store, 'car -"red house"')) == {ids["h1"], ids["h4"]}
+    in_garden = store.keyword_search(parse_query("red"), 10, folder="/p/garden")
+    assert [h.image_id for h in in_garden] == [ids["h3"]]
+    assert store.keyword_matches(parse_query("-flower -blue").excluded).tolist() == sorted([ids["h3"], ids["h4"]])
+
+
+def test_a_version_1_store_is_upgraded_and_its_text_index_built(tmp_path):
+    from sqlalchemy import text
+
+    url = sqlite_url(tmp_path / "old.db")
+    s = Store.open(url)
+    s.bind_model(INFO)
+    s.add_root("/p")
+    s.write_batch(new_images=[("h1", ImageMeta(1, 1, caption="a sunny beach"), _vec(1), [("/p/summer/a.jpg", 1, 1)])])
+    # Make it what version 1 wrote: no caption_error column, no full-text table.
+    with s.engine.begin() as conn:
+        conn.execute(text("DROP TABLE image_text"))
+        conn.execute(text("ALTER TABLE images DROP COLUMN caption_error"))
+        conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="1"))
+    s.close()
+    s = Store.open(url)
+    try:
+        with s.engine.connect() as conn:
+            assert conn.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == str(SCHEMA_VERSION)
+        assert len(_kw(s, "beach")) == 1 and len(_kw(s, "summer")) == 1
+        assert s.image_detail(_kw(s, "beach")[0])["caption_error"] is None
+    finally:
+        s.close()
