@@ -1,0 +1,65 @@
+"""A tiny BLIP-2 retrieval model *trained* for a few seconds to see colour, for ranking tests.
+
+Random weights rank at random, so no test of ranking quality can use them. This model is the
+tiny architecture of `searchengine.tiny`, trained with BLIP-2's own two heads (ITC: contrastive
+over a batch; ITM: matched vs. mismatched pairs) on noisy single-colour pictures captioned
+with the colour and some other word ("a red dog", "car blue", ...). It learns what a real model knows about a photo (its colour here) and
+nothing about the other words, which in the tests only file names carry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 215, 30)}
+FILLER = ["dog", "cat", "bird", "photo", "picture", "horse", "car", "tree"]
+
+
+def colour_picture(colour: str, rng: np.random.Generator, size: int = 48) -> Image.Image:
+    base = np.array(COLOURS[colour], dtype=float)
+    return Image.fromarray(np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8))
+
+
+def train_colour_model(out_dir: Path, *, steps: int = 300, seed: int = 0) -> Path:
+    import torch
+    from torch.nn import functional as F
+    from transformers import AutoProcessor, Blip2ForImageTextRetrieval
+
+    from searchengine.tiny import build_tiny_model
+
+    base = build_tiny_model(Path(out_dir) / "untrained", seed=seed)
+    model = Blip2ForImageTextRetrieval.from_pretrained(base)
+    processor = AutoProcessor.from_pretrained(base)
+    names = list(COLOURS)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    tok = processor.tokenizer
+
+    def text(colour: str) -> str:  # the colour word with any other word around it
+        filler = FILLER[rng.integers(0, len(FILLER))]
+        return [f"a {colour} {filler}", f"{colour} {filler}", f"{filler} {colour}", colour][rng.integers(0, 4)]
+
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(steps):
+        idx = rng.integers(0, len(names), 16)
+        pixels = processor.image_processor([colour_picture(names[i], rng) for i in idx], return_tensors="pt")["pixel_values"]
+        prompts = tok([text(c) for c in names], padding=True, return_tensors="pt")
+        itc = model(pixel_values=pixels, **prompts, use_image_text_matching_head=False).logits_per_image
+        loss = F.cross_entropy(itc * 10, torch.from_numpy(idx))
+        match = rng.integers(0, 2, 16)
+        shown = np.where(match == 1, idx, (idx + rng.integers(1, len(names), 16)) % len(names))
+        texts = tok([text(names[i]) for i in shown], padding=True, return_tensors="pt")
+        itm = model(pixel_values=pixels, **texts, use_image_text_matching_head=True).logits_per_image
+        loss = loss + F.cross_entropy(itm, torch.from_numpy(match))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    out = Path(out_dir) / "trained"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
