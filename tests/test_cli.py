@@ -154,3 +154,27 @@ def test_opening_with_another_model_is_refused(tmp_path, library):
     cli("make-tiny-model", tmp_path / "other", "--seed", "3", check_rc=0)
     proc = cli("search", "dog", "--model", tmp_path / "other", env_extra=library["env"])
     assert proc.returncode == 1 and "different model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_keyword_search_and_captions_through_the_cli(library):
+    data = _search_json(library, "elephants", "--mode", "keyword", "-k", "20")
+    assert data["mode"] == "keyword"
+    assert {Path(r["path"]).name for r in data["results"]} >= {"Elephants.jpg", "Elephants_3840x2160.jpg"}
+    assert all(r["keyword"] > 0 and r["itm"] is None for r in data["results"])
+    assert all(r["caption"] for r in data["results"])  # captioned at index time
+    stats = json.loads(cli("stats", "--json", env_extra=library["env"], check_rc=0).stdout)
+    assert stats["captioned"] == stats["images"] and stats["caption_failures"] == 0
+    assert stats["caption_models"] == {library["env"]["SEARCHENGINE_CAPTION_MODEL"]: stats["images"]}
+
+
+def test_caption_command_recaptions_with_another_model(library, tmp_path):
+    nothing = cli("caption", env_extra=library["env"], check_rc=0).stdout
+    assert nothing.startswith("0 captioned")  # every image already has a caption from this model
+    cli("make-tiny-model", tmp_path / "blip2", "--kind", "blip2", check_rc=0)
+    out = cli("caption", "--caption-model", tmp_path / "blip2", env_extra=library["env"], check_rc=0).stdout
+    stats = json.loads(cli("stats", "--json", env_extra=library["env"], check_rc=0).stdout)
+    assert out.startswith(f"{stats['images']} captioned with {tmp_path / 'blip2'}, 0 failed")
+    assert stats["caption_models"] == {str(tmp_path / "blip2"): stats["images"]}
+    assert f"captions     {stats['images']} of {stats['images']}" in cli("stats", env_extra=library["env"], check_rc=0).stdout
+    proc = cli("caption", "--caption-model", tmp_path / "missing", env_extra=library["env"])
+    assert proc.returncode == 1 and "--caption-model" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

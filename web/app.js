@@ -9,7 +9,7 @@ const state = {
   q: "",
   similar: null,       // image id for "more like this"
   upload: null,        // a File for search by example (not in the URL)
-  folder: "", after: "", before: "", rerank: true, min: 0,
+  folder: "", after: "", before: "", rerank: true, min: 0, match: "hybrid",
   hits: [],
   nextOffset: null,
   busy: false,
@@ -61,15 +61,17 @@ function readURL() {
   state.after = p.get("after") || "";
   state.before = p.get("before") || "";
   state.rerank = p.get("rerank") !== "0";
+  state.match = ["semantic", "keyword"].includes(p.get("mode")) ? p.get("mode") : "hybrid";
   state.min = parseFloat(p.get("min") || "0") || 0;
   $("q").value = state.q;
   $("folder").value = state.folder;
   $("after").value = state.after;
   $("before").value = state.before;
   $("rerank").checked = state.rerank;
+  $("match").value = state.match;
   $("min").value = state.min;
   showMin();
-  if (state.folder || state.after || state.before || !state.rerank || state.min) setFilters(true);
+  if (state.folder || state.after || state.before || !state.rerank || state.min || state.match !== "hybrid") setFilters(true);
 }
 
 function writeURL(push) {
@@ -80,6 +82,7 @@ function writeURL(push) {
   if (state.after) p.set("after", state.after);
   if (state.before) p.set("before", state.before);
   if (!state.rerank) p.set("rerank", "0");
+  if (state.match !== "hybrid") p.set("mode", state.match);
   if (state.min) p.set("min", String(state.min));
   const url = location.pathname + (p.toString() ? "?" + p : "");
   if (url === location.pathname + location.search) return;
@@ -101,6 +104,7 @@ async function fetchPage(offset) {
   if (state.mode === "text") {
     p.set("q", state.q);
     p.set("rerank", state.rerank ? "true" : "false");
+    p.set("mode", state.match);
     return api("/api/search?" + p);
   }
   if (state.mode === "similar") return api(`/api/images/${encodeURIComponent(state.similar)}/similar?` + p);
@@ -127,6 +131,7 @@ async function search() {
     state.hits = page.hits;
     state.nextOffset = page.next_offset;
     state.busy = false;
+    $("grid").textContent = "";  // a new ranking: no tile of the last one may stay
     render();
     if (!page.hits.length) {
       status(state.min ? "No results above the minimum score. Lower it in Filters."
@@ -242,7 +247,8 @@ function render() {
     tile.dataset.id = h.id;
     tile.dataset.index = i;
     tile.setAttribute("role", "listitem");
-    tile.title = `${basename(h.path)}\nscore ${fmt(h.score)} · ITM ${fmt(h.itm)} · ITC ${fmt(h.itc)}`;
+    tile.title = `${basename(h.path)}\nscore ${fmt(h.score)} · ITM ${fmt(h.itm)} · ITC ${fmt(h.itc)}` +
+      (h.keyword == null ? "" : ` · words ${fmt(h.keyword)}`);
     const img = document.createElement("img");
     img.loading = "lazy";
     img.decoding = "async";
@@ -280,6 +286,7 @@ function openDetail(i) {
   $("d-score").textContent = fmt(h.score);
   $("d-itm").textContent = fmt(h.itm);
   $("d-itc").textContent = fmt(h.itc);
+  $("d-kw").textContent = h.keyword == null ? "–" : `${Math.round(h.keyword * 100)}% of the words`;
   $("d-file").href = withKey(h.file_url);
   $("d-prev").disabled = i === 0;
   $("d-next").disabled = i === state.hits.length - 1 && state.nextOffset == null;
@@ -344,6 +351,7 @@ function filtersChanged() {
   state.after = $("after").value;
   state.before = $("before").value;
   state.rerank = $("rerank").checked;
+  state.match = $("match").value;
   state.min = parseFloat($("min").value) || 0;
   showMin();
   writeURL(true);
@@ -373,7 +381,7 @@ function wire() {
     search();
   });
   $("toggle-filters").addEventListener("click", () => setFilters($("filters").hidden));
-  for (const id of ["folder", "after", "before", "rerank"]) $(id).addEventListener("change", filtersChanged);
+  for (const id of ["folder", "after", "before", "rerank", "match"]) $(id).addEventListener("change", filtersChanged);
   $("min").addEventListener("input", () => { state.min = parseFloat($("min").value) || 0; showMin(); });
   $("min").addEventListener("change", filtersChanged);
   $("pick").addEventListener("click", () => $("file").click());

@@ -133,6 +133,26 @@ def test_search_returns_hits_scores_urls_and_timings(client):
     assert plain["reranked"] == 0 and all(h["itm"] is None for h in plain["hits"])
 
 
+def test_modes_keyword_hybrid_and_semantic(client, indexed):
+    _, photos = indexed
+    lady = str(photos / "nature" / "LadyBird.jpg")
+    keyword = client.get("/api/search", params={"q": "ladybird", "mode": "keyword"}).json()
+    assert keyword["mode"] == "keyword" and [h["path"] for h in keyword["hits"]] == [lady]
+    assert keyword["hits"][0]["keyword"] == 1.0 and keyword["hits"][0]["itm"] is None and keyword["reranked"] == 0
+    hybrid = client.get("/api/search", params={"q": "ladybird", "k": 50}).json()
+    assert hybrid["mode"] == "hybrid"  # the default
+    assert lady in [h["path"] for h in hybrid["hits"][: hybrid["reranked"]]]  # fused into the re-ranked top
+    semantic = client.get("/api/search", params={"q": "ladybird", "k": 50, "mode": "semantic"}).json()
+    assert all(h["keyword"] is None for h in semantic["hits"])
+    assert {h["id"] for h in semantic["hits"]} == {h["id"] for h in hybrid["hits"]}  # one library, fused once
+    excluded = client.get("/api/search", params={"q": "flower -yellowflower -nature", "k": 50}).json()
+    assert excluded["hits"] and not any("/nature/" in h["path"] for h in excluded["hits"])
+    bad = client.get("/api/search", params={"q": "dog", "mode": "fuzzy"})
+    assert bad.status_code == 422 and "mode" in bad.json()["error"]
+    only_excluded = client.get("/api/search", params={"q": "-dog", "mode": "keyword"})
+    assert only_excluded.status_code == 400 and "no words" in only_excluded.json()["error"]
+
+
 def test_pages_neither_overlap_nor_skip(client):
     total = client.get("/api/stats").json()["images"]
     whole = ids(client.get("/api/search", params={"q": "green meadow", "k": total}))
@@ -338,7 +358,7 @@ def test_openapi_documents_every_endpoint(client):
         for op in spec["paths"][path].values():
             assert op.get("description") or op.get("summary")
     params = {p["name"] for p in spec["paths"]["/api/search"]["get"]["parameters"]}
-    assert params >= {"q", "k", "offset", "rerank", "min_score", "folder", "taken_after", "taken_before"}
+    assert params >= {"q", "k", "offset", "rerank", "mode", "min_score", "folder", "taken_after", "taken_before"}
     assert client.get("/docs").status_code == 200
 
 

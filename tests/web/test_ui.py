@@ -22,13 +22,14 @@ PHONE = {"width": 390, "height": 844}
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory, photos_dir, tiny_model_dir):
+def library(tmp_path_factory, photos_dir, tiny_model_dir, tiny_captioner_dir):
     root = tmp_path_factory.mktemp("ui")
     photos = root / "photos"
     shutil.copytree(photos_dir / "nature", photos / "nature")
     shutil.copytree(photos_dir / "abstract", photos / "abstract")
-    env = env_for(tiny_model_dir, root / "data")
-    subprocess.run([EXE, "index", str(photos)], env=env, check=True, capture_output=True, timeout=600)
+    env = env_for(tiny_model_dir, root / "data", tiny_captioner_dir)
+    subprocess.run([EXE, "index", str(photos)], env={**env, "SEARCHENGINE_CAPTION_MAX_TOKENS": "8"}, check=True,
+                   capture_output=True, timeout=600)
     with running_server(env, root / "serve.log") as (base, _):
         yield {"base": base, "photos": photos, "root": root, "env": env}
 
@@ -177,11 +178,34 @@ def test_filters_change_the_results(page, library):
     expect(tiles(page).first).to_have_attribute("title", re.compile("ITM –"))  # the new results
     expect(page.locator("#status")).to_contain_text("results")
     expect(page.locator("#status")).not_to_contain_text("re-ranked")
-    # The relevance cutoff drops results.
+    # Picture only: the semantic mode, ITC order.
+    page.locator("#match").select_option("semantic")
+    expect(page).to_have_url(re.compile("mode=semantic"))
+    want = api(library, f"/api/search?q=waves&k=48&rerank=false&mode=semantic&folder={quote(str(folder))}")["hits"]
+    expect(tiles(page).first).to_have_attribute("data-id", str(want[0]["id"]))
+    assert [int(x) for x in tiles(page).evaluate_all("ts => ts.map(t => t.dataset.id)")] == [h["id"] for h in want]
+    # The relevance cutoff drops results (ITC alone never reaches 1.5).
     page.locator("#min").evaluate("(el) => { el.value = '1.5'; el.dispatchEvent(new Event('input')); el.dispatchEvent(new Event('change')); }")
     expect(page).to_have_url(re.compile(r"min=1\.5"))
     expect(page.locator("#status")).to_contain_text("No results above the minimum score")
     expect(tiles(page)).to_have_count(0)
+
+
+def test_words_only_finds_by_file_name_and_shows_captions(page, library, screenshots):
+    page.goto(library["base"] + "/?mode=keyword")
+    expect(page.locator("#match")).to_have_value("keyword")
+    expect(page.locator("#filters")).to_be_visible()
+    page.locator("#q").press_sequentially("ladybird", delay=20)
+    want = api(library, "/api/search?q=ladybird&k=48&mode=keyword")["hits"]
+    assert want[0]["path"].endswith("/LadyBird.jpg") and want[0]["keyword"] == 1.0
+    expect(tiles(page)).to_have_count(len(want))
+    assert [int(x) for x in tiles(page).evaluate_all("ts => ts.map(t => t.dataset.id)")] == [h["id"] for h in want]
+    tiles(page).first.click()
+    expect(page.locator("#d-name")).to_have_text("LadyBird.jpg")
+    expect(page.locator("#d-kw")).to_have_text("100% of the words")
+    expect(page.locator("#d-caption")).to_have_text(want[0]["caption"])
+    assert want[0]["caption"]  # made at index time by the tiny captioner
+    page.screenshot(path=screenshots / "keyword-detail.png")
 
 
 def test_url_round_trips_and_back_forward(page, library):
