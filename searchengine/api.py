@@ -95,6 +95,7 @@ class ImageOut(BaseModel):
     gps_lon: float | None
     caption: str | None
     caption_model: str | None
+    caption_error: str | None
     thumbnail_url: str
     file_url: str
 
@@ -315,7 +316,7 @@ def create_app(
         return ImageOut(
             id=d["id"], paths=[f["path"] for f in d["files"]], files=[FileOut(path=f["path"], size=f["size"]) for f in d["files"]],
             width=d["width"], height=d["height"], taken_at=d["taken_at"], camera=d["camera"], gps_lat=d["gps_lat"],
-            gps_lon=d["gps_lon"], caption=d["caption"], caption_model=d["caption_model"],
+            gps_lon=d["gps_lon"], caption=d["caption"], caption_model=d["caption_model"], caption_error=d["caption_error"],
             thumbnail_url=f"/api/images/{image_id}/thumbnail", file_url=f"/api/images/{image_id}/file",
         )
 

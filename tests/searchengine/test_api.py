@@ -30,7 +30,7 @@ def dated_jpeg(seed: int, when: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def indexed(tmp_path_factory, photos_dir, tiny_model_dir, model):
+def indexed(tmp_path_factory, photos_dir, tiny_model_dir, model, captioner):
     from searchengine.settings import Settings
 
     root = tmp_path_factory.mktemp("api")
@@ -45,7 +45,7 @@ def indexed(tmp_path_factory, photos_dir, tiny_model_dir, model):
         refresh_interval_s=0, text_batch_wait_ms=2,
     )
     library = Library.open(settings, create=True)
-    Indexer(model, library, settings).run([photos])
+    Indexer(model, library, settings, captioner=captioner).run([photos])
     library.close()
     return settings, photos
 
@@ -295,12 +295,14 @@ def test_upload_limits_and_missing_field(indexed, model, client):
 # -- images -------------------------------------------------------------------------------
 
 
-def test_image_metadata_thumbnail_and_file(client, indexed):
+def test_image_metadata_thumbnail_and_file(client, indexed, captioner):
     settings, photos = indexed
     hit = client.get("/api/search", params={"q": "flower", "k": 1}).json()["hits"][0]
     meta = client.get(f"/api/images/{hit['id']}").json()
     assert meta["paths"] == [hit["path"]] and meta["files"][0]["size"] > 0
     assert (meta["width"], meta["height"]) == (hit["width"], hit["height"])
+    assert meta["caption"] == hit["caption"] and meta["caption"]  # made at index time
+    assert meta["caption_model"] == captioner.name and meta["caption_error"] is None
     t = client.get(meta["thumbnail_url"])
     assert t.status_code == 200 and t.headers["content-type"] == "image/jpeg"
     thumb = Image.open(io.BytesIO(t.content))

@@ -1,0 +1,122 @@
+"""The keyword side at library scale: FTS5 queries against a LIKE scan, and what keeping the
+full-text index costs each store write, in one run.
+
+    python benchmarks/keyword_latency.py [--images 100000]
+
+A store is filled with `--images` images, each with a caption of 8 to 14 words drawn
+Zipf-like from a 2,000-word vocabulary and a path in one of 500 folders (tiny vectors: only
+the text side is measured here; benchmarks/query_latency.py times the vectors). Then:
+- queries: `Store.keyword_search` (FTS5: match, BM25, share of words matched) for a rare
+  word, a common word, three words, a phrase and an exclusion, against the baseline a first
+  implementation would write: `caption LIKE '%word%'` for each word, OR-ed, over the images.
+- writes: `write_batch` of 500 images at a time with the text index kept in step, against the
+  same writes with the text index switched off (a no-op backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def median_ms(fn, repeat: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+class NoText:
+    """A text backend that keeps nothing: the baseline for the write cost."""
+
+    def create(self, conn): ...
+    def put(self, conn, rows): ...
+    def delete(self, conn, ids): ...
+    def count(self, conn): return 0
+    def clear(self, conn): ...
+
+
+def fill(store, n: int, rng: np.random.Generator, vocab: list[str]) -> float:
+    from searchengine.store import ImageMeta
+
+    weights = 1.0 / np.arange(1, len(vocab) + 1)
+    weights /= weights.sum()
+    vec = np.zeros((2, 4), np.float32)
+    seconds = 0.0
+    for start in range(0, n, 500):
+        batch = []
+        for i in range(start, min(n, start + 500)):
+            caption = " ".join(rng.choice(vocab, size=rng.integers(8, 15), p=weights))
+            path = f"/photos/folder{i % 500:03d}/IMG_{i:06d}.jpg"
+            batch.append((f"{i:064x}", ImageMeta(640, 480, caption=caption), vec, [(path, 1, 1)]))
+        t = time.perf_counter()
+        store.write_batch(new_images=batch)
+        seconds += time.perf_counter() - t
+    return seconds
+
+
+def main() -> None:
+    from sqlalchemy import or_, select
+    from sqlalchemy import text as sql
+
+    from searchengine.keywords import parse_query
+    from searchengine.store import ModelInfo, Store, images, sqlite_url
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=100_000)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(2000)]
+    vocab[:8] = ["a", "photo", "of", "the", "dog", "beach", "red", "car"]  # the most frequent ones
+    vocab[1500] = "lighthouse"
+    info = ModelInfo("bench", "x", 2, 4, (1, 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store.open(sqlite_url(Path(tmp) / "fts.db"))
+        store.bind_model(info)
+        store.add_root("/photos")
+        with_text = fill(store, args.images, rng, vocab)
+        plain = Store.open(sqlite_url(Path(tmp) / "plain.db"))
+        plain.text = NoText()
+        plain._refresh_text = lambda conn, ids: None  # no path words, no text rows: the store as in version 1
+        plain.bind_model(info)
+        without_text = fill(plain, args.images, np.random.default_rng(0), vocab)
+        print(f"{args.images} images; store writes of 500: {1e6 * without_text / args.images:.0f} us/image "
+              f"without the text index, {1e6 * with_text / args.images:.0f} us/image with it "
+              f"(ratio {with_text / without_text:.2f}x)")
+
+        def like(text: str):
+            q = parse_query(text)
+            words = [" ".join(c) for c in q.clauses]
+            cond = or_(*(images.c.caption.like(f"%{w}%") for w in words))
+            sel = select(images.c.id).where(cond)
+            for c in q.excluded:
+                sel = sel.where(~images.c.caption.like(f"%{' '.join(c)}%"))
+            with store.engine.connect() as conn:
+                return list(conn.execute(sel.limit(128)).scalars())
+
+        print(f"{'query':28s} {'matches':>8s} {'fts5 ms':>8s} {'LIKE ms':>8s}  ratio")
+        for text in ["lighthouse", "dog", "red car beach", '"red car"', "beach -dog", "folder042"]:
+            q = parse_query(text)
+            with store.engine.connect() as conn:
+                matches = conn.execute(sql("SELECT count(*) FROM image_text WHERE image_text MATCH :q"),
+                                       {"q": store.text._match(q)}).scalar()
+            fts = median_ms(lambda: store.keyword_search(q, 128))
+            scan = median_ms(lambda: like(text))
+            print(f"{text:28s} {matches:8d} {fts:8.1f} {scan:8.1f}  {scan / fts:5.1f}x")
+        store.close()
+        plain.close()
+
+
+if __name__ == "__main__":
+    main()
