@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -26,6 +27,17 @@ def photos(n: int) -> list[Path]:
     folder = Path(subprocess.check_output(["bash", str(Path(__file__).parents[1] / "tests" / "fetch_photos.sh")], text=True).strip())
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".png"})
     return (files * (n // len(files) + 1))[:n]
+
+
+def median_ms(fn, repeat: int) -> float:
+    """Median milliseconds of `repeat` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
 
 
 def quiet() -> None:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -22,18 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import model_dir, photos, quiet  # noqa: E402
-
-
-def timed(fn, repeat: int) -> float:
-    """Median milliseconds of `repeat` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+from benchmarks.common import median_ms, model_dir, photos, quiet  # noqa: E402
 
 
 def main() -> None:
@@ -55,7 +43,7 @@ def main() -> None:
     q, d = model.num_query_tokens, model.embed_dim
     print(f"{args.size} model on cpu ({model.vision_dtype}); index of {args.images:,} images x {q} vectors")
 
-    encode = timed(lambda: model.embed_texts(["a dog running on a beach at sunset"]), args.repeat * 4)
+    encode = median_ms(lambda: model.embed_texts(["a dog running on a beach at sunset"]), args.repeat * 4)
 
     rng = np.random.default_rng(0)
     index = VectorIndex(d, q)
@@ -64,7 +52,7 @@ def main() -> None:
         v = rng.standard_normal((n, q, d)).astype(np.float32)
         index.add(np.arange(start, start + n), v / np.linalg.norm(v, axis=-1, keepdims=True))
     text = model.embed_texts(["a dog running on a beach at sunset"])
-    ann = timed(lambda: index.search(text, 128), args.repeat * 2)
+    ann = median_ms(lambda: index.search(text, 128), args.repeat * 2)
 
     files = [str(p) for p in photos(args.rerank)]
     query = "a dog running on a beach"
@@ -84,7 +72,7 @@ def main() -> None:
             feats = torch.from_numpy(np.stack([np.asarray(cache.get(i)) for i in range(len(files))]))
             model.itm(query, feats)
 
-        cached = timed(from_cache, args.repeat)
+        cached = median_ms(from_cache, args.repeat)
 
     print(f"text encode             : {encode:9.1f} ms")
     print(f"ANN top-128 (exact)     : {ann:9.1f} ms")

