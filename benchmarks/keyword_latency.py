@@ -29,16 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import median_ms  # noqa: E402
 
 
-class NoText:
-    """A text backend that keeps nothing: the baseline for the write cost."""
-
-    def create(self, conn): ...
-    def put(self, conn, rows): ...
-    def delete(self, conn, ids): ...
-    def count(self, conn): return 0
-    def clear(self, conn): ...
-
-
 def fill(store, n: int, rng: np.random.Generator, vocab: list[str]) -> float:
     from searchengine.store import ImageMeta
 
@@ -79,7 +69,6 @@ def main() -> None:
         store.add_root("/photos")
         with_text = fill(store, args.images, rng, vocab)
         plain = Store.open(sqlite_url(Path(tmp) / "plain.db"))
-        plain.text = NoText()
         plain._refresh_text = lambda conn, ids: None  # no path words, no text rows: the store as in version 1
         plain.bind_model(info)
         without_text = fill(plain, args.images, np.random.default_rng(0), vocab)

@@ -3,8 +3,8 @@
 Reading, decoding and preprocessing run in a thread pool (PIL releases the GIL), a bounded
 window ahead of the model, so decoding overlaps model compute. Each image is decoded once:
 the retrieval model's pixels, the captioner's pixels and the thumbnail all come from that one
-decode. A caption that fails leaves the image indexed, with the reason recorded. Results are consumed in scan
-order. Each model batch is committed to the store in one transaction; see
+decode. A caption that fails leaves the image indexed, with the reason recorded. Results are
+consumed in scan order. Each model batch is committed to the store in one transaction; see
 `searchengine.library` for the write order that makes a crash repairable.
 """
 
@@ -254,11 +254,10 @@ class Indexer:
         """Caption the batch into each image's metadata; failures keep the image, with a reason."""
         import torch
 
-        todo = [r for r in batch if r.caption_pixels is not None]
-        captions = self.captioner.caption_pixels(torch.stack([r.caption_pixels for r in todo])) if todo else []
-        done = {id(r): c for r, c in zip(todo, captions)}
+        ready = [r.caption_pixels for r in batch if r.caption_pixels is not None]
+        captions = iter(self.captioner.caption_pixels(torch.stack(ready)) if ready else [])
         for r in batch:
-            c = done.get(id(r)) or Caption(None, r.caption_error or "the image could not be prepared for captioning")
+            c = next(captions) if r.caption_pixels is not None else Caption(None, r.caption_error)
             r.decoded.meta.caption, r.decoded.meta.caption_error = c.text, c.error
             r.decoded.meta.caption_model = self.captioner.name if c.text is not None else None
             if c.text is not None:

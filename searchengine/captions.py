@@ -15,12 +15,11 @@ own caption only; its reason is recorded and its embedding is kept.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from searchengine.errors import ModelLoadError
-from searchengine.models import _first_line, _looks_local, resolve_device, resolve_dtype
+from searchengine.models import _first_line, load_config, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -65,17 +64,9 @@ class Captioner:
         cls, name: str, *, device: str = "auto", dtype: str = "auto", max_new_tokens: int = 30, num_beams: int = 1
     ) -> "Captioner":
         import transformers
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoProcessor
 
-        source = name
-        if _looks_local(name):
-            source = os.path.expanduser(name)
-            if not os.path.isdir(source):
-                raise ModelLoadError(f"caption model directory {name!r} does not exist")
-        try:
-            config = AutoConfig.from_pretrained(source)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load caption model {name!r}: {_first_line(e)}") from e
+        source, config = load_config(name, "caption model")
         family = _FAMILIES.get(getattr(config, "model_type", None))
         architectures = getattr(config, "architectures", None) or []
         if family is None or (architectures and family[0] not in architectures):

@@ -77,6 +77,21 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or os.path.isdir(name) or name.count("/") > 1
 
 
+def load_config(name: str, what: str = "model"):
+    """(source for `from_pretrained`, config) of a hub id or local directory; ModelLoadError if neither."""
+    from transformers import AutoConfig
+
+    source = name
+    if _looks_local(name):
+        source = os.path.expanduser(name)
+        if not os.path.isdir(source):
+            raise ModelLoadError(f"{what} directory {name!r} does not exist")
+    try:
+        return source, AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load {what} {name!r}: {_first_line(e)}") from e
+
+
 class RetrievalModel:
     """A loaded `Blip2ForImageTextRetrieval` with its image processor and tokenizer."""
 
@@ -103,19 +118,9 @@ class RetrievalModel:
         cls, name: str, *, device: str = "auto", dtype: str = "auto", text_max_tokens: int = 35
     ) -> "RetrievalModel":
         """Load by hub id or local directory, both through `from_pretrained`."""
-        from transformers import AutoConfig, AutoProcessor, Blip2ForImageTextRetrieval
+        from transformers import AutoProcessor, Blip2ForImageTextRetrieval
 
-        if _looks_local(name):
-            path = os.path.expanduser(name)
-            if not os.path.isdir(path):
-                raise ModelLoadError(f"model directory {name!r} does not exist")
-            source = path
-        else:
-            source = name
-        try:
-            config = AutoConfig.from_pretrained(source)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load model {name!r}: {_first_line(e)}") from e
+        source, config = load_config(name)
         if getattr(config, "model_type", None) != "blip-2":
             raise ModelLoadError(
                 f"model {name!r} is a {getattr(config, 'model_type', 'unknown')!r} model, not BLIP-2; "

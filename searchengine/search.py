@@ -5,7 +5,8 @@
   them, and the re-ranked ones come first, ordered by ITM + ITC. The rest keep their ITC
   order and score.
 - keyword: the full-text index over captions and path words; images matching more of the
-  query's words first (score: the share matched), then by BM25. No model scores.
+  query's words first (score: the share matched), then by BM25. No ITM; the ITC score is
+  reported but takes no part in the order.
 - hybrid (the default): the semantic candidates and the keyword matches are fused by
   reciprocal rank fusion; ITM re-ranks the fused top `rerank`. Every candidate's score is its
   semantic score (ITM + ITC where re-ranked, else ITC) plus its keyword score (the share of
@@ -150,9 +151,6 @@ class Searcher:
             raise QueryError(f"the query is {len(text)} characters long; the limit is {self.settings.max_query_chars}")
         return text
 
-    def parse(self, text: str, mode: str) -> KeywordQuery:
-        return parse_for_mode(text, mode)
-
     def allowed_ids(self, filters: Filters | None, excluded: np.ndarray | None = None) -> np.ndarray | None:
         allowed = None
         if filters is not None and filters.active:
@@ -173,22 +171,21 @@ class Searcher:
 
     def rank_text(
         self,
-        text: str,
+        kq: KeywordQuery,
         text_vec: np.ndarray,
         *,
+        mode: str,
         depth: int,
         rerank: int | None = None,
         filters: Filters | None = None,
         known_itm: dict[int, float] | None = None,
-        mode: str | None = None,
     ) -> Ranking:
-        """The best `depth` images for a query and its encoded vector (of `parse(...).semantic_text`).
+        """The best `depth` images for a query read by `parse_for_mode(text, mode)`, whose
+        `semantic_text` encodes to `text_vec`.
 
         `known_itm`: ITM scores from a shallower ranking of the same query, reused rather than
         recomputed when a deeper page needs a deeper ranking (the re-ranked top is the same).
         """
-        mode = mode or self.settings.search_mode
-        kq = self.parse(text, mode)
         rerank = 0 if mode == "keyword" else self.settings.rerank_top if rerank is None else rerank
         filters = filters or Filters()
         t0 = time.perf_counter()
@@ -259,15 +256,15 @@ class Searcher:
         """One query, start to end (the CLI's path; the service caches rankings across pages)."""
         text = self.check_query(query)
         mode = mode or self.settings.search_mode
-        kq = self.parse(text, mode)
+        kq = parse_for_mode(text, mode)
         if k < 1 or offset < 0:
             raise QueryError("k must be at least 1 and offset at least 0")
         k_candidates = self.settings.k_candidates if k_candidates is None else k_candidates
         t0 = time.perf_counter()
-        text_vec = self.model.embed_texts([kq.semantic_text or text])[0]
+        text_vec = self.model.embed_texts([kq.semantic_text])[0]
         encode = (time.perf_counter() - t0) * 1000
         ranking = self.rank_text(
-            text, text_vec, depth=max(offset + k, k_candidates), rerank=rerank, filters=filters, mode=mode
+            kq, text_vec, mode=mode, depth=max(offset + k, k_candidates), rerank=rerank, filters=filters
         )
         hits, has_more = self.page(ranking, offset, k, min_score)
         timings = {"encode": encode, **ranking.timings, "total": (time.perf_counter() - t0) * 1000}

@@ -25,7 +25,7 @@ from searchengine.imageio import decode_image
 from searchengine.library import Library
 from searchengine.metrics import Metrics
 from searchengine.models import RetrievalModel
-from searchengine.search import Filters, Hit, Ranking, Searcher
+from searchengine.search import Filters, Hit, Ranking, Searcher, parse_for_mode
 from searchengine.settings import Settings
 
 
@@ -113,7 +113,7 @@ class QueryService:
     ) -> Page:
         text = self.searcher.check_query(query)
         mode = mode or self.settings.search_mode
-        kq = self.searcher.parse(text, mode)
+        kq = parse_for_mode(text, mode)
         await asyncio.to_thread(self.refresh)
         t0 = time.perf_counter()
         depth = max(offset + k, self.settings.k_candidates)
@@ -125,10 +125,11 @@ class QueryService:
             if shallower is not None and shallower.query_vector is not None:
                 vec, known = shallower.query_vector, shallower.itm_by_id()  # a deeper page
             else:
-                vec, known = await self.batcher.submit(kq.semantic_text or text), None
+                vec, known = await self.batcher.submit(kq.semantic_text), None
                 encode = (time.perf_counter() - t0) * 1000
             ranking = await asyncio.to_thread(
-                self.searcher.rank_text, text, vec, depth=depth, rerank=rerank_n, filters=filters, known_itm=known, mode=mode
+                self.searcher.rank_text, kq, vec, mode=mode, depth=depth, rerank=rerank_n, filters=filters,
+                known_itm=known,
             )
             self._keep(key, ranking)
             self._observe(encode=encode, **ranking.timings)
