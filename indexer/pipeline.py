@@ -41,11 +41,20 @@ class Summary:
     captioned: int = 0
     caption_failed: int = 0
     linked: int = 0  # files whose content was already indexed under another path
+    moved: int = 0  # files that left one path and appeared under another (renames, moves)
     unchanged: int = 0
     removed: int = 0  # files gone from disk, dropped from the index
     failed: Counter = field(default_factory=Counter)  # reason -> count, this run
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # path, reason, message
     seconds: float = 0.0
+    # (what, path) of every file handled, when asked for (the watcher logs each); a full
+    # run leaves it off, so a million-file scan keeps no per-file list.
+    record: bool = False
+    changes: list[tuple[str, str]] = field(default_factory=list)
+
+    def note(self, what: str, path: str) -> None:
+        if self.record:
+            self.changes.append((what, path))
 
     @property
     def skipped(self) -> int:
@@ -146,13 +155,32 @@ class Indexer:
         """
         summary = summary if summary is not None else Summary()
         try:
-            self._process(list(changed), summary)
+            linked = self._process(list(changed), summary)
             if removed:
-                summary.removed += len(removed)
-                self.library.forget_images(self.library.store.remove_files(removed))
+                store = self.library.store
+                before = store.hashes_of(removed)
+                self.library.forget_images(store.remove_files(removed))
+                self._count_moves(removed, before, linked, summary)
         finally:
             self.library.save()
         return summary
+
+    @staticmethod
+    def _count_moves(removed: Sequence[str], before: dict[str, str], linked: list[tuple[str, str]], summary: Summary) -> None:
+        """A removed path whose content was linked under a new path in the same update moved:
+        count it once as moved, rather than as a duplicate linked plus a removal."""
+        arrivals: dict[str, list[str]] = {}
+        for path, sha in linked:
+            arrivals.setdefault(sha, []).append(path)
+        for path in removed:
+            new_paths = arrivals.get(before.get(path, ""))
+            if new_paths:
+                summary.moved += 1
+                summary.linked -= 1
+                summary.note("moved", f"{path} -> {new_paths.pop(0)}")
+            else:
+                summary.removed += 1
+                summary.note("removed", path)
 
     def _check_root(self, root: str | os.PathLike) -> Path:
         path = Path(root).expanduser()
@@ -162,7 +190,10 @@ class Indexer:
             raise SearchEngineError(f"{str(root)!r} is not a folder")
         return path.resolve()
 
-    def _process(self, todo: list[FileEntry], summary: Summary) -> None:
+    def _process(self, todo: list[FileEntry], summary: Summary) -> list[tuple[str, str]]:
+        """Embed, link or record every file; return (path, sha256) of the files linked to
+        content already indexed (a move's arrival is among them)."""
+        linked: list[tuple[str, str]] = []
         batch: list[_Ready] = []
         links: list[_Ready] = []
         failures: list[_Failed] = []
@@ -172,6 +203,7 @@ class Indexer:
 
         def flush() -> None:
             self._write(batch, links, failures, summary)
+            linked.extend((r.entry.path, r.sha256) for r in links)
             self.progress(len(batch) + len(links) + len(failures))
             batch.clear(), links.clear(), failures.clear()
 
@@ -180,6 +212,7 @@ class Indexer:
                 failures.append(result)
                 summary.failed[result.reason] += 1
                 summary.failures.append((result.entry.path, result.reason, result.message))
+                summary.note("skipped", f"{result.entry.path}: {result.message}")
                 self.on_skip(result.entry.path, result.message)
             elif result.decoded is None or result.sha256 in embedded:
                 links.append(result)
@@ -189,6 +222,7 @@ class Indexer:
             if len(batch) >= self.batch_size or len(links) + len(failures) >= 256:
                 flush()
         flush()
+        return linked
 
     def _load_all(self, todo: list[FileEntry]) -> Iterator[_Ready | _Failed]:
         return map_ahead(self._load, todo, self.settings.decode_workers, 2 * self.batch_size + self.settings.decode_workers)
@@ -249,6 +283,10 @@ class Indexer:
         self.library.forget_images(orphans)
         summary.indexed += len(batch)
         summary.linked += len(links)
+        for r in batch:
+            summary.note("indexed", r.entry.path)
+        for r in links:
+            summary.note("linked", r.entry.path)
 
     def _caption(self, batch: list[_Ready], summary: Summary) -> None:
         """Caption the batch into each image's metadata; failures keep the image, with a reason."""
@@ -264,5 +302,6 @@ class Indexer:
                 summary.captioned += 1
             else:
                 summary.caption_failed += 1
+                summary.note("no caption", f"{r.entry.path}: {c.error}")
                 self.on_caption_error(r.entry.path, c.error)
 

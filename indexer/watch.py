@@ -222,13 +222,20 @@ class Watcher:
         with self._lock:
             self._updating = len(changed) + len(removed)
         try:
-            summary = self.indexer.update(changed, removed)
+            summary = self.indexer.update(changed, removed, Summary(record=True))
         finally:
             with self._lock:
                 self._updating = 0
-        for path, reason, message in summary.failures:
-            log.warning("skipping %s: %s", path, message)
-        log.info("%d indexed, %d linked, %d removed, %d skipped", summary.indexed, summary.linked, summary.removed, summary.skipped)
+        # Each file once, by name; the only place a watcher reports them.
+        for what, detail in summary.changes:
+            if what in ("skipped", "no caption"):
+                log.warning("%s %s", "skipping" if what == "skipped" else "no caption for", detail)
+            else:
+                log.info("%s %s", what, detail)
+        log.info(
+            "%d indexed, %d linked, %d moved, %d removed, %d skipped",
+            summary.indexed, summary.linked, summary.moved, summary.removed, summary.skipped,
+        )
         self.on_update(summary)
         return summary
 

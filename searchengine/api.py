@@ -165,16 +165,7 @@ Paging = Annotated[PageQuery, Depends()]
 
 
 def _filters(folder: str | None, taken_after, taken_before) -> Filters:
-    def iso(value, end: bool) -> str | None:
-        if value is None:
-            return None
-        if isinstance(value, datetime):
-            return value.replace(tzinfo=None).isoformat(timespec="seconds")
-        return f"{value.isoformat()}T23:59:59" if end else f"{value.isoformat()}T00:00:00"
-
-    if taken_after and taken_before and iso(taken_after, False) > iso(taken_before, True):
-        raise QueryError("taken_after is later than taken_before")
-    return Filters(folder=folder or None, taken_after=iso(taken_after, False), taken_before=iso(taken_before, True))
+    return Filters.build(folder, taken_after, taken_before)
 
 
 def _hit(h: Hit) -> HitOut:
@@ -197,11 +188,10 @@ def _search_out(page: Page, k: int, offset: int, mode: str | None = None) -> Sea
 
 
 def default_loader(settings: Settings):
-    from searchengine.library import Library
-    from searchengine.models import RetrievalModel
+    """(model, library) of an existing index, with the model it was built with by default."""
+    from searchengine.wiring import open_for_serving
 
-    model = RetrievalModel.load(settings.model, device=settings.device, dtype=settings.dtype, text_max_tokens=settings.text_max_tokens)
-    return model, Library.open(settings, create=True)
+    return open_for_serving(settings)
 
 
 def create_app(

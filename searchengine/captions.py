@@ -66,7 +66,7 @@ class Captioner:
         import transformers
         from transformers import AutoProcessor
 
-        source, config = load_config(name, "caption model")
+        where, config = load_config(name, "caption model")
         family = _FAMILIES.get(getattr(config, "model_type", None))
         architectures = getattr(config, "architectures", None) or []
         if family is None or (architectures and family[0] not in architectures):
@@ -80,9 +80,9 @@ class Captioner:
         torch_dtype = resolve_dtype(dtype, device)
         try:
             model, info = getattr(transformers, class_name).from_pretrained(
-                source, dtype=torch_dtype, output_loading_info=True
+                where.source, dtype=torch_dtype, output_loading_info=True, local_files_only=where.local_files_only
             )
-            processor = AutoProcessor.from_pretrained(source)
+            processor = AutoProcessor.from_pretrained(where.source, local_files_only=where.local_files_only)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load caption model {name!r}: {_first_line(e)}") from e
         if any(k.startswith(decoder) for k in info.get("missing_keys", ())):

@@ -13,12 +13,15 @@ import json
 import logging
 import os
 import sys
+import time
+from datetime import date, datetime
 from typing import Sequence
 
 from pydantic import ValidationError
 
+from searchengine import __version__, wiring
 from searchengine.captions import CPU_DEFAULT, GPU_DEFAULT
-from searchengine.errors import SearchEngineError
+from searchengine.errors import IndexNotFoundError, SearchEngineError
 from searchengine.settings import DEFAULT_MODEL, Settings
 
 EXIT_ERROR = 1
@@ -27,10 +30,14 @@ EXIT_USAGE = 2
 
 def _common(parser: argparse.ArgumentParser, *, model: bool) -> None:
     g = parser.add_argument_group("common options")
-    g.add_argument("--data-dir", help="where the store and index files live (default: ~/.local/share/searchengine; env SEARCHENGINE_DATA_DIR)")
+    g.add_argument("--data-dir", help="where the index lives (default: ~/.local/share/searchengine; env SEARCHENGINE_DATA_DIR)")
     g.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     if model:
-        g.add_argument("--model", help=f"hub id or local directory of a BLIP-2 retrieval model (default: {DEFAULT_MODEL}; env SEARCHENGINE_MODEL)")
+        g.add_argument(
+            "--model",
+            help=f"hub id or local directory of a BLIP-2 retrieval model (default: the model the index was built with; "
+            f"for a new index {DEFAULT_MODEL}; env SEARCHENGINE_MODEL)",
+        )
         g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
         g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="model dtype (default: auto)")
         g.add_argument("--itm-features", choices=["auto", "cache", "recompute"], help="where ITM re-ranking gets ViT features (default: auto)")
@@ -40,12 +47,12 @@ def _caption_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("captions")
     g.add_argument(
         "--captions", action=argparse.BooleanOptionalAction, default=None,
-        help="caption every new image (default: on; env SEARCHENGINE_CAPTIONS)",
+        help="caption every new image (default: as the index was built; on for a new index; env SEARCHENGINE_CAPTIONS)",
     )
     g.add_argument(
         "--caption-model",
-        help=f"hub id or local directory of a BLIP or BLIP-2 captioner (default: {CPU_DEFAULT} on a CPU, "
-        f"{GPU_DEFAULT} on a GPU; env SEARCHENGINE_CAPTION_MODEL)",
+        help=f"hub id or local directory of a BLIP or BLIP-2 captioner (default: the index's captioner; for a new index "
+        f"{CPU_DEFAULT} on a CPU, {GPU_DEFAULT} on a GPU; env SEARCHENGINE_CAPTION_MODEL)",
     )
 
 
@@ -54,20 +61,100 @@ def _watch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debounce", type=float, default=1.0, metavar="SECONDS", help="quiet time before a changed file is read (default: 1)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="searchengine", description="Semantic image search on BLIP-2.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _filter_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("filters")
+    g.add_argument("--folder", help="only images below this folder: a path, ~/..., or a folder name such as 'Winter 2022'")
+    g.add_argument("--after", type=_date, metavar="DATE", help="only images taken on or after DATE (YYYY-MM-DD or an ISO date-time)")
+    g.add_argument("--before", type=_date, metavar="DATE", help="only images taken on or before DATE (YYYY-MM-DD or an ISO date-time)")
 
-    p = sub.add_parser("index", help="index (or update the index of) photo folders")
-    p.add_argument("folders", nargs="+", metavar="FOLDER")
+
+def _date(text: str) -> date:
+    try:
+        return datetime.fromisoformat(text) if "T" in text or " " in text.strip() else date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date: write it as YYYY-MM-DD (or YYYY-MM-DDTHH:MM)") from None
+
+
+EXAMPLES = {
+    "main": """\
+examples:
+  searchengine index ~/Pictures              index a folder (run again: only what changed)
+  searchengine search a dog on a beach       search in words
+  searchengine serve                         the web UI and HTTP API on http://127.0.0.1:8000
+  searchengine COMMAND --help                what each command takes
+
+Every option is also an environment variable: --data-dir is SEARCHENGINE_DATA_DIR, and so on.""",
+    "index": """\
+examples:
+  searchengine index ~/Pictures /mnt/photos      index these folders (again: only what changed)
+  searchengine index                             re-scan every folder the index already has
+  searchengine index ~/Pictures --no-captions    faster: no captions (`searchengine caption` adds them later)
+  searchengine index ~/Pictures --model DIR      a local model directory (no download)""",
+    "search": """\
+examples:
+  searchengine search a dog on a beach                words (quotes are optional)
+  searchengine search 'beach -dog "at sunset"'        -word leaves out, "a phrase" must match
+  searchengine search beach --folder 'Winter 2022' --after 2022-12-01
+  searchengine search --image ~/query.jpg             photos like this one
+  searchengine search sunset -f | xargs -d '\\n' ls -l   paths only, for pipes
+  searchengine search dogs --mode keyword            words in captions and file names only (no model loaded)""",
+    "caption": """\
+examples:
+  searchengine caption                                       caption what has no caption yet
+  searchengine caption --caption-model Salesforce/blip2-opt-2.7b-coco --redo""",
+    "stats": """\
+examples:
+  searchengine stats
+  searchengine stats --json | jq .failures""",
+    "watch": """\
+examples:
+  searchengine watch                      keep every folder of the index up to date
+  searchengine watch ~/Pictures --poll    poll (network mounts are polled anyway)""",
+    "serve": """\
+examples:
+  searchengine serve                           http://127.0.0.1:8000
+  searchengine serve --watch ~/Pictures        and keep the index live
+  SEARCHENGINE_API_KEY=secret searchengine serve --host 0.0.0.0""",
+    "make-tiny-model": """\
+examples:
+  searchengine make-tiny-model /tmp/tiny-blip2
+  searchengine make-tiny-model /tmp/tiny-captioner --kind blip
+  searchengine index ~/Pictures --model /tmp/tiny-blip2 --caption-model /tmp/tiny-captioner""",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="searchengine", description="Semantic image search on BLIP-2: index photo folders, search them in words.",
+        epilog=EXAMPLES["main"], formatter_class=fmt,
+    )
+    parser.add_argument("--version", action="version", version=f"searchengine {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: dict[str, argparse.ArgumentParser] = {}
+
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        commands[name] = sub.add_parser(name, help=help, description=description, epilog=EXAMPLES[name], formatter_class=fmt)
+        return commands[name]
+
+    p = command(
+        "index", "index (or update the index of) photo folders",
+        "Embed and caption every photo below the folders. Run again, it handles only what changed: new and "
+        "changed files are embedded, moved files keep their entry, deleted files leave the index.",
+    )
+    p.add_argument("folders", nargs="*", metavar="FOLDER", help="folders to index (default: every folder the index already has)")
     p.add_argument("--batch-size", type=int, help="images per model batch (default: 8 on a CPU, 64 on a GPU)")
     p.add_argument("--workers", type=int, dest="decode_workers", help="decoding threads (default: 2)")
     p.add_argument("--max-pixels", type=int, dest="max_image_pixels", help="refuse images larger than this (default: 150M)")
     _caption_options(p)
     _common(p, model=True)
 
-    p = sub.add_parser("search", help="search the index in words")
-    p.add_argument("query")
+    p = command(
+        "search", "search the index in words, or by an example image",
+        "Rank the index's photos for a query in words (or like an example image) and print the best.",
+    )
+    p.add_argument("query", nargs="*", metavar="WORDS", help="what to look for; words starting with - leave out what they match")
+    p.add_argument("--image", metavar="PATH", help="search by this example image instead of words")
     p.add_argument("-k", type=int, default=10, help="how many results (default: 10)")
     p.add_argument("--candidates", type=int, dest="k_candidates", help="ITC candidates taken from FAISS (default: 128)")
     p.add_argument("--rerank", type=int, dest="rerank_top", help="how many candidates ITM re-ranks (default: 20)")
@@ -75,12 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mode", choices=["hybrid", "semantic", "keyword"], dest="search_mode",
         help="hybrid (default): semantic and keyword candidates fused, then ITM re-rank; semantic: ITC then ITM; "
-        "keyword: captions and file/folder names only. \"Quoted phrases\" and -word exclusions work in every mode",
+        "keyword: captions and file/folder names only, no model loaded. \"Quoted phrases\" and -word exclusions work in every mode",
     )
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _filter_options(p)
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON")
+    out.add_argument("-f", "--paths", action="store_true", help="print only the paths, one per line (for pipes)")
     _common(p, model=True)
 
-    p = sub.add_parser("caption", help="caption the images of an index that have no caption from the caption model")
+    p = command(
+        "caption", "caption the images of an index that have no caption from the caption model",
+        "Caption the indexed images that have no caption from the caption model (or whose captioning failed). "
+        "Nothing is re-embedded.",
+    )
     p.add_argument("--redo", action="store_true", help="caption every image again, even those the model already captioned")
     p.add_argument("--batch-size", type=int, help="images per caption batch (default: 8 on a CPU, 32 on a GPU)")
     p.add_argument("--workers", type=int, dest="decode_workers", help="decoding threads (default: 2)")
@@ -89,27 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="model dtype (default: auto)")
 
-    p = sub.add_parser("stats", help="what the index holds")
+    p = command("stats", "what the index holds", "Images, files, failures by reason, model, captions and sizes on disk.")
     p.add_argument("--json", action="store_true", help="print JSON")
     _common(p, model=False)
 
-    p = sub.add_parser("watch", help="keep the index in step with folders (runs until stopped)")
-    p.add_argument("folders", nargs="+", metavar="FOLDER")
+    p = command(
+        "watch", "keep the index in step with folders (runs until stopped)",
+        "Catch up with what changed, then follow the folders: new, changed, moved and deleted files are handled "
+        "as they settle. Each file handled is logged by name.",
+    )
+    p.add_argument("folders", nargs="*", metavar="FOLDER", help="folders to watch (default: every folder the index has)")
     _watch_options(p)
     _caption_options(p)
     _common(p, model=True)
 
-    p = sub.add_parser("serve", help="serve the web UI and the HTTP API")
+    p = command("serve", "serve the web UI and the HTTP API", "Serve the search page and the JSON API (OpenAPI at /docs).")
     p.add_argument("--host", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, help="port (default: 8000)")
-    p.add_argument("--watch", nargs="+", metavar="FOLDER", default=[], help="also watch these folders")
+    p.add_argument("--watch", nargs="+", metavar="FOLDER", default=[], help="also watch these folders (and create the index if there is none)")
     _watch_options(p)
     _caption_options(p)
     _common(p, model=True)
 
-    p = sub.add_parser("make-tiny-model", help="write a tiny random BLIP-2 retrieval model or captioner (for tests and trials)")
-    p.add_argument("directory")
-    p.add_argument("--seed", type=int, default=0)
+    p = command(
+        "make-tiny-model", "write a tiny random BLIP-2 retrieval model or captioner (for tests and trials)",
+        "Write a small model with random weights: everything runs with it, in seconds and offline, but its "
+        "rankings and captions mean nothing.",
+    )
+    p.add_argument("directory", help="where to write it (a new or empty folder)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument(
         "--kind", choices=["retrieval", "blip", "blip2"], default="retrieval",
         help="retrieval (default): Blip2ForImageTextRetrieval; blip, blip2: a BLIP or BLIP-2 captioner",
@@ -118,58 +220,90 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", choices=["tiny", "real"], default="tiny",
         help="'real': the blip2-itm-vit-g (or blip-image-captioning-base) architecture, random weights",
     )
+    parser.commands = commands  # type: ignore[attr-defined]
     return parser
+
+
+def _dash_words_as_query(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`searchengine search beach -dog`: a word that starts with '-' but is no option of
+    `search` is a query word (an exclusion), where argparse would reject it."""
+    if not argv or argv[0] != "search":
+        return argv
+    takes_value: set[str] = set()
+    flags: set[str] = set()
+    for action in parser.commands["search"]._actions:  # type: ignore[attr-defined]
+        (flags if action.nargs == 0 else takes_value).update(action.option_strings)
+    options: list[str] = []
+    words: list[str] = []
+    rest = argv[1:]
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        name = token.split("=", 1)[0]
+        if token == "--":
+            words.extend(rest[i + 1 :])
+            break
+        if name in takes_value:
+            options.append(token)
+            if "=" not in token and i + 1 < len(rest):
+                options.append(rest[i + 1])
+                i += 1
+        elif name in flags or (not token.startswith("--") and token[:2] in takes_value and len(token) > 2):
+            options.append(token)  # a flag, or a short option with its value attached (-k5)
+        else:
+            words.append(token)
+        i += 1
+    return ["search", *options, "--", *words]
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     keys = ("data_dir", "model", "device", "dtype", "itm_features", "batch_size", "decode_workers",
             "max_image_pixels", "k_candidates", "rerank_top", "host", "port", "captions", "caption_model", "search_mode")
     values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    if values.get("caption_model") and "captions" not in values:
-        values["captions"] = True  # naming a captioner asks for captions
     return Settings(**values)
 
 
 def _quiet_libraries(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
     if not verbose:  # the hub client logs every retry of an unreachable host as a warning
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
-def _load_model(settings: Settings):
-    from searchengine.models import RetrievalModel
-
-    return RetrievalModel.load(
-        settings.model, device=settings.device, dtype=settings.dtype, text_max_tokens=settings.text_max_tokens
-    )
-
-
-def _load_captioner(settings: Settings):
-    """The captioner the settings ask for (None with --no-captions); fails with one clear line."""
-    if not settings.captions:
-        return None
-    from searchengine.captions import Captioner, default_caption_model
-    from searchengine.errors import ModelLoadError
-    from searchengine.models import resolve_device
-
-    name = settings.caption_model or default_caption_model(resolve_device(settings.device))
-    try:
-        return Captioner.load(
-            name, device=settings.device, dtype=settings.dtype,
-            max_new_tokens=settings.caption_max_tokens, num_beams=settings.caption_beams,
-        )
-    except ModelLoadError as e:
-        raise SearchEngineError(
-            f"{e}. Name a captioner that can be loaded with --caption-model, or index without captions with --no-captions"
-        ) from e
+def _folders(args: argparse.Namespace, settings: Settings, recorded, err) -> list[str]:
+    """The folders named, or else every folder the index has (those not there now are
+    skipped with a word: an unmounted disk must not empty the index)."""
+    for folder in args.folders:  # fail before loading a 5 GB model
+        path = os.path.expanduser(folder)
+        if not os.path.isdir(path):
+            raise SearchEngineError(f"{folder!r} is not a folder" if os.path.exists(path) else f"folder {folder!r} does not exist")
+    if args.folders:
+        return list(args.folders)
+    roots = list(recorded.roots) if recorded is not None else []
+    if not roots:
+        have = "there is no index" if recorded is None else "the index has no folders"
+        raise SearchEngineError(f"name a folder: `searchengine {args.command} ~/Pictures` ({have} in {settings.data_dir} yet)")
+    present = [r for r in roots if os.path.isdir(r)]
+    for r in roots:
+        if r not in present:
+            print(f"skipping folder {r}: it is not there now (unmounted?); its images stay in the index", file=err)
+    if not present:
+        raise SearchEngineError("none of the index's folders is there now: " + ", ".join(roots))
+    return present
 
 
 # -- commands -----------------------------------------------------------------------------
+
+
+def _load_for_indexing(settings: Settings, recorded):
+    """(captioner or None, model, seconds spent loading): both checked to be at hand before
+    either loads, the captioner loaded first (a captioner that cannot load stops the run
+    before the big model loads and before anything is written)."""
+    t0 = time.perf_counter()
+    choice = wiring.choose(settings, recorded, captions=True)
+    captioner = wiring.load_captioner(settings, choice.caption_model)
+    model = wiring.load_model(settings, choice.model)
+    return captioner, model, time.perf_counter() - t0
 
 
 def cmd_index(args: argparse.Namespace, out, err) -> int:
@@ -178,14 +312,13 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
     from indexer.pipeline import Indexer
     from searchengine.library import Library
 
+    started = time.perf_counter()
     settings = _settings(args)
-    for folder in args.folders:  # fail before loading a 5 GB model
-        if not os.path.isdir(os.path.expanduser(folder)):
-            raise SearchEngineError(f"{folder!r} is not a folder" if os.path.exists(folder) else f"folder {folder!r} does not exist")
-    captioner = _load_captioner(settings)  # before any work: a captioner that cannot load stops the run
-    model = _load_model(settings)
+    recorded = Library.recorded(settings)
+    folders = _folders(args, settings, recorded, err)
+    captioner, model, load_s = _load_for_indexing(settings, recorded)
     library = Library.open(settings, create=True)
-    bar = tqdm(total=0, unit="img", file=err, disable=None, dynamic_ncols=True)
+    bar = tqdm(total=0, unit="file", file=err, disable=None, dynamic_ncols=True)
 
     def on_skip(path: str, message: str) -> None:
         bar.write(f"skipping {path}: {message}", file=err)
@@ -201,20 +334,22 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
             model, library, settings, on_skip=on_skip, progress=bar.update, on_total=on_total,
             captioner=captioner, on_caption_error=on_caption_error,
         )
-        summary = indexer.run(args.folders)
+        library.record_captioner(captioner is not None, captioner.name if captioner else None)
+        summary = indexer.run(folders)
     finally:
         bar.close()
         library.close()
-    rate = summary.indexed / summary.seconds if summary.seconds > 0 else 0.0
-    line = (
-        f"{summary.indexed} indexed, {summary.linked} duplicates linked, {summary.unchanged} unchanged, "
-        f"{summary.removed} removed, {summary.skipped} skipped"
-    )
+    line = f"{summary.indexed} indexed, {summary.linked} duplicates linked, "
+    line += f"{summary.moved} moved, " if summary.moved else ""
+    line += f"{summary.unchanged} unchanged, {summary.removed} removed, {summary.skipped} skipped"
     if summary.failed:
         line += " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(summary.failed.items())) + ")"
     if captioner is not None:
         line += f"; {summary.captioned} captioned" + (f", {summary.caption_failed} without caption" if summary.caption_failed else "")
-    print(f"{line}; {summary.seconds:.1f} s ({rate:.2f} images/s)", file=out)
+    # The rate counts the images embedded, over the time the run took once the models were in.
+    rate = f" ({summary.indexed / summary.seconds:.2f} images/s)" if summary.indexed and summary.seconds > 0 else ""
+    total = time.perf_counter() - started
+    print(f"{line}; {total:.1f} s: loading models {load_s:.1f} s, indexing {summary.seconds:.1f} s{rate}", file=out)
     return 0
 
 
@@ -225,11 +360,12 @@ def cmd_caption(args: argparse.Namespace, out, err) -> int:
     from searchengine.library import Library
 
     settings = _settings(args)
-    if not settings.captions:
+    if settings.captions is False:
         raise SearchEngineError("`caption` with --no-captions has nothing to do")
-    library = Library.open(settings)  # before the model: a missing index is reported at once
+    library = Library.open(settings, vectors=False)  # before the model: a missing index is reported at once
     try:
-        captioner = _load_captioner(settings)
+        name = wiring.caption_model(settings, library.built_with(), force=True)
+        captioner = wiring.load_captioner(settings, wiring.located_captioner(name))
         bar = tqdm(total=0, unit="img", file=err, disable=None, dynamic_ncols=True)
         try:
             summary = Recaptioner(
@@ -239,6 +375,7 @@ def cmd_caption(args: argparse.Namespace, out, err) -> int:
             ).run(redo=args.redo)
         finally:
             bar.close()
+        library.record_captioner(True, captioner.name)
     finally:
         library.close()
     rate = summary.captioned / summary.seconds if summary.seconds > 0 else 0.0
@@ -250,42 +387,83 @@ def cmd_caption(args: argparse.Namespace, out, err) -> int:
     return 0
 
 
+def _search_filters(args: argparse.Namespace):
+    from searchengine.search import Filters
+
+    folder = args.folder
+    if folder:
+        # A folder that exists here is meant as that folder; anything else (a folder name
+        # such as 'Winter 2022') is matched against the index's folders.
+        local = os.path.expanduser(folder)
+        if os.path.isdir(local):
+            folder = os.path.realpath(local)
+    return Filters.build(folder, args.after, args.before)
+
+
 def cmd_search(args: argparse.Namespace, out, err) -> int:
     from searchengine.library import Library
     from searchengine.search import Searcher, parse_for_mode
 
     settings = _settings(args)
-    if not args.query.strip():
-        raise SearchEngineError("the query is empty: type some words that describe the picture")
+    query = " ".join(args.query).strip()
+    if args.image and query:
+        raise SearchEngineError("search by words or by --image, not both")
+    if not args.image and not query:
+        raise SearchEngineError("the query is empty: type some words that describe the picture (or --image PATH)")
     if args.k < 1:
         raise SearchEngineError("-k must be at least 1")
-    parse_for_mode(args.query, settings.search_mode)
-    library = Library.open(settings)  # before the model: a missing index is reported at once
+    filters = _search_filters(args)
+    keyword_only = settings.search_mode == "keyword" and not args.image
+    if not args.image:
+        parse_for_mode(query, settings.search_mode)
+    example = _example_image(args.image, settings) if args.image else None
+    # Keyword search needs no model and no vector index: it answers in well under a second.
+    library = Library.open(settings, vectors=not keyword_only)  # a missing index is reported before any model loads
     try:
-        searcher = Searcher(_load_model(settings), library, settings)
-        result = searcher.search(args.query, k=args.k, rerank=0 if args.no_rerank else None)
+        model = None if keyword_only else wiring.load_model(settings, wiring.retrieval_model(settings, library.built_with()))
+        searcher = Searcher(model, library, settings)
+        if example is not None:
+            result = searcher.search_image(example, k=args.k, filters=filters)
+        else:
+            result = searcher.search(query, k=args.k, rerank=0 if args.no_rerank else None, filters=filters)
     finally:
         library.close()
+    mode = "image" if example is not None else settings.search_mode
     if args.json:
-        print(json.dumps(_result_json(result, settings.search_mode), ensure_ascii=False, indent=2), file=out)
+        print(json.dumps(_result_json(result, mode), ensure_ascii=False, indent=2), file=out)
+        return 0
+    if args.paths:
+        for h in result.hits:
+            print(h.path, file=out)
         return 0
     if not result.hits:
-        print("no results" + ("" if len(library.index or ()) else ": the index is empty"), file=out)
+        print("no results" + (" within the filters" if filters.active else ""), file=out)
         return 0
     print(f"{'rank':>4}  {'final':>7}  {'itm':>6}  {'itc':>7}  {'words':>5}  path", file=out)
     for rank, h in enumerate(result.hits, 1):
         itm = f"{h.itm:6.3f}" if h.itm is not None else f"{'-':>6}"
+        itc = f"{h.itc:7.3f}" if h.itc is not None else f"{'-':>7}"
         kw = f"{h.keyword:5.2f}" if h.keyword is not None else f"{'-':>5}"
-        print(f"{rank:>4}  {h.score:7.3f}  {itm}  {h.itc:7.3f}  {kw}  {h.path}", file=out)
+        print(f"{rank:>4}  {h.score:7.3f}  {itm}  {itc}  {kw}  {h.path}", file=out)
         if h.caption:
             print(f"{'':>39}{h.caption}", file=out)
     t = result.timings_ms
     print(
-        f"{settings.search_mode}: encode {t['encode']:.0f} ms, candidates {t['ann']:.1f} ms, "
+        f"{mode}: encode {t['encode']:.0f} ms, candidates {t['ann']:.1f} ms, "
         f"re-rank {t['rerank']:.0f} ms ({result.reranked} images)",
         file=err,
     )
     return 0
+
+
+def _example_image(path: str, settings: Settings):
+    from searchengine.errors import BadImageError
+    from searchengine.imageio import decode_image, read_file
+
+    try:
+        return decode_image(read_file(os.path.expanduser(path)), max_pixels=settings.max_image_pixels).image
+    except BadImageError as e:
+        raise SearchEngineError(f"cannot search by {path}: {e}") from None
 
 
 def _result_json(result, mode: str) -> dict:
@@ -360,23 +538,20 @@ def cmd_watch(args: argparse.Namespace, out, err) -> int:
     from searchengine.library import Library
 
     settings = _settings(args)
-    for folder in args.folders:
-        if not os.path.isdir(os.path.expanduser(folder)):
-            raise SearchEngineError(f"folder {folder!r} does not exist")
+    recorded = Library.recorded(settings)
+    folders = _folders(args, settings, recorded, err)
     logging.getLogger("indexer").setLevel(logging.INFO)
-    captioner = _load_captioner(settings)
-    model = _load_model(settings)
+    captioner, model, _ = _load_for_indexing(settings, recorded)
     library = Library.open(settings, create=True)
-    indexer = Indexer(
-        model, library, settings, captioner=captioner,
-        on_skip=lambda p, m: print(f"skipping {p}: {m}", file=err, flush=True),
-        on_caption_error=lambda p, m: print(f"no caption for {p}: {m}", file=err, flush=True),
-    )
-    watcher = Watcher(indexer, args.folders, poll=args.poll, debounce_s=args.debounce)
+    library.record_captioner(captioner is not None, captioner.name if captioner else None)
+    # No on_skip here: the watcher logs every file it handles, skipped ones too, once.
+    indexer = Indexer(model, library, settings, captioner=captioner)
+    watcher = Watcher(indexer, folders, poll=args.poll, debounce_s=args.debounce)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     summary = watcher.start()
-    print(f"caught up: {summary.indexed} indexed, {summary.removed} removed; watching "
+    print(f"caught up: {summary.indexed} indexed, {summary.moved} moved, {summary.removed} removed, "
+          f"{summary.skipped} skipped; watching "
           + ", ".join(f"{root} ({mode})" for root, mode in watcher.modes.items()), file=out, flush=True)
     try:
         stop.wait()
@@ -397,6 +572,7 @@ def _watch_in_server(settings: Settings, args: argparse.Namespace, captioner):
         from searchengine.library import Library
 
         library = Library.open(settings, create=True)
+        library.record_captioner(captioner is not None, captioner.name if captioner else None)
         # service.model is the locked model: indexing and queries take turns on it.
         indexer = Indexer(service.model, library, settings, captioner=captioner)
         watcher = Watcher(indexer, args.watch, poll=args.poll, debounce_s=args.debounce)
@@ -413,11 +589,13 @@ def _watch_in_server(settings: Settings, args: argparse.Namespace, captioner):
 
 
 def cmd_serve(args: argparse.Namespace, out, err) -> int:
+    import functools
     import ipaddress
 
     import uvicorn
 
     from searchengine.api import create_app
+    from searchengine.library import Library
 
     settings = _settings(args)
     try:
@@ -433,12 +611,21 @@ def cmd_serve(args: argparse.Namespace, out, err) -> int:
     for folder in args.watch:
         if not os.path.isdir(os.path.expanduser(folder)):
             raise SearchEngineError(f"folder {folder!r} does not exist")
+    recorded = Library.recorded(settings)
+    if recorded is None and not args.watch:  # only index and watch make a new index
+        raise IndexNotFoundError(
+            f"no index in {settings.data_dir}: run `searchengine index FOLDER` first, or `searchengine serve --watch FOLDER`, "
+            "or point --data-dir at one"
+        )
+    # Both models are checked to be at hand, and the captioner loaded, before the server
+    # starts: one that cannot load stops `serve --watch` with one line, rather than leaving a
+    # server that indexes without captions.
+    choice = wiring.choose(settings, recorded, captions=bool(args.watch))
     logging.getLogger("searchengine").setLevel(logging.INFO)
     logging.getLogger("indexer").setLevel(logging.INFO)
-    # The captioner loads before the server starts, so one that cannot load stops `serve --watch`
-    # with one line, rather than leaving a server that indexes without captions.
-    on_ready = _watch_in_server(settings, args, _load_captioner(settings)) if args.watch else None
-    app = create_app(settings, on_ready=on_ready)
+    on_ready = _watch_in_server(settings, args, wiring.load_captioner(settings, choice.caption_model)) if args.watch else None
+    loader = functools.partial(wiring.open_for_serving, create=bool(args.watch), model=choice.model)
+    app = create_app(settings, loader=loader, on_ready=on_ready)
     uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="info")
     return 0
 
@@ -449,10 +636,13 @@ def cmd_make_tiny_model(args: argparse.Namespace, out, err) -> int:
     if args.kind == "retrieval":
         path = build_tiny_model(args.directory, seed=args.seed, size=args.size)
         what = "BLIP-2 retrieval model"
+        step = f"searchengine index FOLDER --model {path} --no-captions   (or with a tiny captioner: --caption-model DIR)"
     else:
         path = build_tiny_captioner(args.directory, kind=args.kind, seed=args.seed, size=args.size)
         what = f"{'BLIP' if args.kind == 'blip' else 'BLIP-2'} captioner"
-    print(f"wrote a {args.size} random {what} to {path}", file=out)
+        step = f"searchengine index FOLDER --model RETRIEVAL_DIR --caption-model {path}"
+    print(f"wrote a {args.size} random {what} to {path} (its rankings and captions mean nothing)", file=out)
+    print(f"next: {step}", file=out)
     return 0
 
 
@@ -478,7 +668,8 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None, out=None, err=None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_dash_words_as_query(parser, list(sys.argv[1:] if argv is None else argv)))
     try:
         _quiet_libraries(args.__dict__.get("verbose", False))
         return COMMANDS[args.command](args, out, err)

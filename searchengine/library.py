@@ -46,8 +46,17 @@ class ReconcileReport:
         return bool(self.added or self.removed)
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """What an index remembers of how it was built: its model and its captioner."""
+
+    model: ModelInfo | None
+    captioner: tuple[bool, str | None] | None  # (captions on, caption model); None: never recorded
+    roots: tuple[str, ...] = ()  # the folders it indexes
+
+
 class Library:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, *, vectors: bool = True) -> None:
         self.settings = settings
         self.store = store
         self.index: VectorIndex | None = None
@@ -59,18 +68,42 @@ class Library:
         self.lock = threading.RLock()
         self.revision = store.revision()
         info = store.model_info()
-        if info is not None:
+        # vectors=False: a reader that needs no vector index (stats, keyword search) skips
+        # loading and reconciling FAISS; `bind` attaches it when a model is bound.
+        if info is not None and vectors:
             self._attach(info)
 
     @classmethod
-    def open(cls, settings: Settings, *, create: bool = False) -> "Library":
+    def open(cls, settings: Settings, *, create: bool = False, vectors: bool = True) -> "Library":
+        """The library in `settings.data_dir`. Only `create=True` (index, watch) makes a new
+        one: any other command reports a missing index rather than starting an empty one."""
         data_dir = Path(settings.data_dir)
         if not create and not settings.store_path.exists():
             raise IndexNotFoundError(
                 f"no index in {data_dir}: run `searchengine index FOLDER` first, or point --data-dir at one"
             )
         data_dir.mkdir(parents=True, exist_ok=True)
-        return cls(settings, Store.open(sqlite_url(settings.store_path)))
+        return cls(settings, Store.open(sqlite_url(settings.store_path)), vectors=vectors)
+
+    @classmethod
+    def recorded(cls, settings: Settings) -> Recorded | None:
+        """The model and captioner an existing index was built with (None: no index there),
+        read without loading anything else, so a command can choose its models first."""
+        if not settings.store_path.exists():
+            return None
+        store = Store.open(sqlite_url(settings.store_path))
+        try:
+            return _recorded(store)
+        finally:
+            store.close()
+
+    def built_with(self) -> Recorded:
+        """What this index remembers of how it was built (see `recorded`)."""
+        return _recorded(self.store)
+
+    def record_captioner(self, captions: bool, model: str | None) -> None:
+        """Remember how this index is captioned, so later runs default to the same."""
+        self.store.record_captioner(captions, model)
 
     def close(self) -> None:
         self.store.close()
@@ -79,7 +112,7 @@ class Library:
         """Tie the library to a model (refused if it was built with another one)."""
         self.store.bind_model(info)
         if self.index is None:
-            self._attach(info)
+            self._attach(self.store.model_info() or info)
 
     def _attach(self, info: ModelInfo) -> None:
         path = self.settings.vectors_path
@@ -207,6 +240,10 @@ class Library:
             "thumbnails": self.thumbnails.size_bytes(),
         }
 
+
+
+def _recorded(store: Store) -> Recorded:
+    return Recorded(store.model_info(), store.captioner(), tuple(store.roots()))
 
 
 def model_info(model) -> ModelInfo:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from searchengine.errors import ModelLoadError
+from searchengine.hub import ModelSource, locate, looks_local, prepare_loading
 
 if TYPE_CHECKING:  # torch and transformers are imported when a model is loaded, not before
     import torch
@@ -73,23 +74,76 @@ def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or os.path.isdir(name) or name.count("/") > 1
-
-
-def load_config(name: str, what: str = "model"):
-    """(source for `from_pretrained`, config) of a hub id or local directory; ModelLoadError if neither."""
+def load_config(name: str, what: str = "model") -> tuple[ModelSource, object]:
+    """(where to load from, config) of a hub id or local directory; ModelLoadError if neither."""
     from transformers import AutoConfig
 
-    source = name
-    if _looks_local(name):
-        source = os.path.expanduser(name)
-        if not os.path.isdir(source):
-            raise ModelLoadError(f"{what} directory {name!r} does not exist")
+    where = locate(name, what)  # fast and clear when the hub cannot be reached
+    prepare_loading()
     try:
-        return source, AutoConfig.from_pretrained(source)
+        return where, AutoConfig.from_pretrained(where.source, local_files_only=where.local_files_only)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load {what} {name!r}: {_first_line(e)}") from e
+
+
+def fingerprint(config, query_tokens: np.ndarray) -> str:
+    """Identifies the weights, not the path: the same checkpoint moved elsewhere matches.
+
+    The query tokens are kept in fp32 whatever dtype the model is loaded in, so the
+    fingerprint does not change with --dtype (vectors from bf16 and fp32 runs mix safely:
+    cosine >= 0.9998).
+    """
+    v = config.vision_config
+    vit_shape = ((v.image_size // v.patch_size) ** 2 + 1, v.hidden_size)
+    h = hashlib.sha256()
+    h.update(f"{config.num_query_tokens}/{config.image_text_hidden_size}/{v.image_size}/{vit_shape}".encode())
+    h.update(np.ascontiguousarray(query_tokens, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def peek_fingerprint(name: str) -> str | None:
+    """The fingerprint of a checkpoint read from its files (config + query tokens), without
+    loading the model; None where that cannot be done cheaply (not on disk, not safetensors)."""
+    import json
+
+    if looks_local(name):
+        directory = os.path.expanduser(name)
+        if not os.path.isdir(directory):
+            return None
+    else:
+        directory = None
+    files: dict[str, str | None] = {}
+    for filename in ("config.json", "model.safetensors", "model.safetensors.index.json"):
+        if directory is not None:
+            path = os.path.join(directory, filename)
+            files[filename] = path if os.path.isfile(path) else None
+        else:  # only what the hub cache already holds: peeking never downloads
+            from huggingface_hub import try_to_load_from_cache
+
+            got = try_to_load_from_cache(name, filename)
+            files[filename] = got if isinstance(got, str) else None
+    if files["config.json"] is None:
+        return None
+    weights = files["model.safetensors"]
+    if weights is None and files["model.safetensors.index.json"] is not None:
+        with open(files["model.safetensors.index.json"], encoding="utf-8") as f:
+            shard = json.load(f).get("weight_map", {}).get("query_tokens")
+        if shard is not None:
+            weights = os.path.join(os.path.dirname(files["model.safetensors.index.json"]), shard)
+    if weights is None or not os.path.isfile(weights):
+        return None
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(directory or name, local_files_only=True)
+        with safe_open(weights, framework="pt") as f:
+            if "query_tokens" not in f.keys():
+                return None
+            tokens = f.get_tensor("query_tokens").float().numpy()
+        return fingerprint(config, tokens)
+    except Exception:  # noqa: BLE001 - "cannot tell cheaply", the caller loads and checks
+        return None
 
 
 class RetrievalModel:
@@ -120,7 +174,7 @@ class RetrievalModel:
         """Load by hub id or local directory, both through `from_pretrained`."""
         from transformers import AutoProcessor, Blip2ForImageTextRetrieval
 
-        source, config = load_config(name)
+        where, config = load_config(name)
         if getattr(config, "model_type", None) != "blip-2":
             raise ModelLoadError(
                 f"model {name!r} is a {getattr(config, 'model_type', 'unknown')!r} model, not BLIP-2; "
@@ -130,9 +184,9 @@ class RetrievalModel:
         torch_dtype = resolve_dtype(dtype, device)
         try:
             model, info = Blip2ForImageTextRetrieval.from_pretrained(
-                source, dtype=torch_dtype, output_loading_info=True
+                where.source, dtype=torch_dtype, output_loading_info=True, local_files_only=where.local_files_only
             )
-            processor = AutoProcessor.from_pretrained(source)
+            processor = AutoProcessor.from_pretrained(where.source, local_files_only=where.local_files_only)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load model {name!r}: {_first_line(e)}") from e
         missing = sorted(k for k in info.get("missing_keys", ()) if k.split(".")[0] in _RETRIEVAL_KEYS)
@@ -249,16 +303,7 @@ class RetrievalModel:
     # -- identity -------------------------------------------------------------------------
 
     def _fingerprint(self) -> str:
-        """Identifies the weights, not the path: the same checkpoint moved elsewhere matches.
-
-        The query tokens are kept in fp32 whatever dtype the model is loaded in, so the
-        fingerprint does not change with --dtype (vectors from bf16 and fp32 runs mix safely:
-        cosine >= 0.9998).
-        """
-        h = hashlib.sha256()
-        h.update(f"{self.num_query_tokens}/{self.embed_dim}/{self.image_size}/{self.vit_shape}".encode())
-        h.update(self.model.query_tokens.detach().float().cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return fingerprint(self.model.config, self.model.query_tokens.detach().float().cpu().numpy())
 
 
 def _first_line(e: BaseException) -> str:

@@ -20,6 +20,9 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import date, datetime
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +33,9 @@ from searchengine.library import Library, model_info
 from searchengine.models import RetrievalModel
 from searchengine.settings import Settings
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +43,7 @@ log = logging.getLogger(__name__)
 class Hit:
     image_id: int
     paths: list[str]
-    itc: float
+    itc: float | None  # None: a keyword search run without the model
     itm: float | None
     score: float
     width: int
@@ -70,6 +76,22 @@ class Filters:
     @property
     def active(self) -> bool:
         return bool(self.folder or self.taken_after or self.taken_before)
+
+    @classmethod
+    def build(cls, folder: str | None = None, taken_after: date | None = None, taken_before: date | None = None) -> "Filters":
+        """From dates or date-times: a date after covers its whole day, and so does one before."""
+
+        def iso(value: date | None, end: bool) -> str | None:
+            if value is None:
+                return None
+            if isinstance(value, datetime):
+                return value.replace(tzinfo=None).isoformat(timespec="seconds")
+            return f"{value.isoformat()}T23:59:59" if end else f"{value.isoformat()}T00:00:00"
+
+        after, before = iso(taken_after, False), iso(taken_before, True)
+        if after and before and after > before:
+            raise QueryError("taken_after is later than taken_before")
+        return cls(folder=folder or None, taken_after=after, taken_before=before)
 
 
 @dataclass
@@ -132,13 +154,16 @@ def image_similarity(query: np.ndarray, others: np.ndarray) -> np.ndarray:
 
 
 class Searcher:
-    def __init__(self, model: RetrievalModel, library: Library, settings: Settings) -> None:
+    """Ranks a library. `model` None: keyword mode only (no model loaded, no ITC scores)."""
+
+    def __init__(self, model: RetrievalModel | None, library: Library, settings: Settings) -> None:
         self.model = model
         self.library = library
         self.settings = settings
-        library.bind(model_info(model))  # refuses an index built with another model
+        if model is not None:
+            library.bind(model_info(model))  # refuses an index built with another model
         self.use_cache = settings.itm_features != "recompute"
-        self.fill_cache = settings.writes_feature_cache(model.device)
+        self.fill_cache = model is not None and settings.writes_feature_cache(model.device)
 
     # -- text queries ---------------------------------------------------------------------
 
@@ -172,7 +197,7 @@ class Searcher:
     def rank_text(
         self,
         kq: KeywordQuery,
-        text_vec: np.ndarray,
+        text_vec: np.ndarray | None,
         *,
         mode: str,
         depth: int,
@@ -181,7 +206,7 @@ class Searcher:
         known_itm: dict[int, float] | None = None,
     ) -> Ranking:
         """The best `depth` images for a query read by `parse_for_mode(text, mode)`, whose
-        `semantic_text` encodes to `text_vec`.
+        `semantic_text` encodes to `text_vec` (None in keyword mode without a model: no ITC).
 
         `known_itm`: ITM scores from a shallower ranking of the same query, reused rather than
         recomputed when a deeper page needs a deeper ranking (the re-ranked top is the same).
@@ -206,7 +231,9 @@ class Searcher:
         coverage = {h.image_id: h.coverage for h in kw_hits}
         itc_of = dict(zip(sem_ids.tolist(), sem_itc.tolist()))
         missing = np.array([i for i in kw_ids.tolist() if i not in itc_of], dtype=np.int64)
-        if len(missing):
+        if text_vec is None:
+            itc_of.update((i, np.nan) for i in missing.tolist())
+        elif len(missing):
             itc_of.update(self._itc_exact(text_vec, missing))
         if mode == "semantic":
             ids = sem_ids
@@ -261,7 +288,10 @@ class Searcher:
             raise QueryError("k must be at least 1 and offset at least 0")
         k_candidates = self.settings.k_candidates if k_candidates is None else k_candidates
         t0 = time.perf_counter()
-        text_vec = self.model.embed_texts([kq.semantic_text])[0]
+        if self.model is None and mode != "keyword":
+            raise QueryError(f"{mode} search needs the model; only keyword search runs without it")
+        # Keyword mode ranks by words alone; the query is encoded only for the ITC column.
+        text_vec = self.model.embed_texts([kq.semantic_text])[0] if self.model is not None else None
         encode = (time.perf_counter() - t0) * 1000
         ranking = self.rank_text(
             kq, text_vec, mode=mode, depth=max(offset + k, k_candidates), rerank=rerank, filters=filters
@@ -271,6 +301,22 @@ class Searcher:
         return SearchResult(text, hits, ranking.reranked, timings, has_more)
 
     # -- image queries --------------------------------------------------------------------
+
+    def search_image(
+        self, image: "Image.Image", *, k: int = 10, filters: Filters | None = None, min_score: float | None = None
+    ) -> SearchResult:
+        """Images like an example image (the CLI's `search --image`)."""
+        if k < 1:
+            raise QueryError("k must be at least 1")
+        if self.model is None:
+            raise QueryError("search by example image needs the model")
+        t0 = time.perf_counter()
+        vectors = self.model.embed_images([image]).itc[0]
+        encode = (time.perf_counter() - t0) * 1000
+        ranking = self.rank_image(vectors, depth=max(k, self.settings.k_candidates), filters=filters)
+        hits, has_more = self.page(ranking, 0, k, min_score)
+        timings = {"encode": encode, **ranking.timings, "total": (time.perf_counter() - t0) * 1000}
+        return SearchResult("", hits, 0, timings, has_more)
 
     def rank_image(
         self, vectors: np.ndarray, *, depth: int, filters: Filters | None = None, exclude: int | None = None
@@ -319,13 +365,13 @@ class Searcher:
             rec = records.get(int(ranking.ids[j]))
             if rec is None or not rec.paths:
                 continue  # deleted between the ANN search and now
-            itm = ranking.itm[j]
+            itm, itc = ranking.itm[j], ranking.itc[j]
             kw = ranking.keyword[j] if ranking.keyword is not None else np.nan
             hits.append(
                 Hit(
                     image_id=rec.id,
                     paths=rec.paths,
-                    itc=float(ranking.itc[j]),
+                    itc=None if np.isnan(itc) else float(itc),
                     itm=None if np.isnan(itm) else float(itm),
                     score=float(ranking.score[j]),
                     width=rec.width,

@@ -21,7 +21,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEARCHENGINE_", extra="ignore")
 
     data_dir: Path = Field(default_factory=default_data_dir)
-    model: str = DEFAULT_MODEL
+    # None: the model the index was built with, or DEFAULT_MODEL for a new index.
+    model: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
@@ -35,8 +36,9 @@ class Settings(BaseSettings):
     # has an entry and re-runs the ViT otherwise. See benchmarks/query_latency.py.
     itm_features: Literal["auto", "cache", "recompute"] = "auto"
     save_every_s: float = Field(60.0, gt=0)
-    # Captions, made at index time. caption_model None: the CPU or GPU default for the device.
-    captions: bool = True
+    # Captions, made at index time. None: as the index was built (on for a new index).
+    # caption_model None: the index's captioner, or the CPU or GPU default for a new index.
+    captions: bool | None = None
     caption_model: str | None = None
     caption_max_tokens: int = Field(30, ge=1, le=512)  # new tokens per caption
     caption_beams: int = Field(1, ge=1, le=16)  # 1: greedy, as the model cards' examples

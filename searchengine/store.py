@@ -266,6 +266,19 @@ class Store:
             raw = self._get_meta(conn, "model")
         return ModelInfo(**json.loads(raw)) if raw else None
 
+    def captioner(self) -> tuple[bool, str | None] | None:
+        """(captions on, caption model) as the last indexing run used them; None if never recorded."""
+        with self.engine.connect() as conn:
+            raw = self._get_meta(conn, "captioner")
+        if not raw:
+            return None
+        data = json.loads(raw)
+        return bool(data.get("captions")), data.get("model")
+
+    def record_captioner(self, captions: bool, model: str | None) -> None:
+        with self.engine.begin() as conn:
+            self._set_meta(conn, "captioner", json.dumps({"captions": captions, "model": model}))
+
     def bind_model(self, info: ModelInfo) -> None:
         """Record the model on first use; refuse a different one afterwards."""
         with self.engine.begin() as conn:
@@ -309,6 +322,15 @@ class Store:
         with self.engine.connect() as conn:
             r = conn.execute(q).first()
         return FileState(r.size, r.mtime_ns, r.status, r.image_id) if r else None
+
+    def hashes_of(self, paths: Sequence[str]) -> dict[str, str]:
+        """path -> content hash of those of these paths that are indexed."""
+        out: dict[str, str] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(paths), 500):
+                q = select(files.c.path, images.c.sha256).join(images, files.c.image_id == images.c.id).where(files.c.path.in_(chunk))
+                out.update(conn.execute(q).tuples().all())
+        return out
 
     def image_id_for_hash(self, sha256: str) -> int | None:
         with self.engine.connect() as conn:

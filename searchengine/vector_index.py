@@ -14,16 +14,24 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-try:
+if TYPE_CHECKING:
     import faiss
-except ImportError as e:  # pragma: no cover - exercised only on a broken install
-    raise ImportError(
-        "FAISS is not installed: pip install 'searchengine[cpu]' (faiss-cpu) or 'searchengine[gpu]' (faiss-gpu)"
-    ) from e
+
+
+def _faiss():
+    """FAISS, imported on first use: commands that need no vector index (stats of an index
+    without vectors, keyword search) do not pay for it."""
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - exercised only on a broken install
+        raise ImportError(
+            "FAISS is not installed: pip install 'searchengine[cpu]' (faiss-cpu) or 'searchengine[gpu]' (faiss-gpu)"
+        ) from e
+    return faiss
 
 
 @dataclass
@@ -38,7 +46,10 @@ class VectorIndex:
         self.num_vectors = num_vectors
         # IDMap2 over an exact inner-product index: ids repeat (Q per image), and remove_ids
         # and reconstruction work.
-        self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        if index is None:
+            faiss = _faiss()
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.index = index
 
     def __len__(self) -> int:
         return self.index.ntotal // self.num_vectors
@@ -57,13 +68,13 @@ class VectorIndex:
         ids = np.asarray(list(ids), dtype=np.int64)
         if len(ids) == 0:
             return 0
-        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids))) // self.num_vectors
+        return int(self.index.remove_ids(_faiss().IDSelectorBatch(ids))) // self.num_vectors
 
     def ids(self) -> np.ndarray:
         """The distinct image ids in the index."""
         if self.index.ntotal == 0:
             return np.zeros(0, dtype=np.int64)
-        return np.unique(faiss.vector_to_array(self.index.id_map))
+        return np.unique(_faiss().vector_to_array(self.index.id_map))
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[Candidates]:
         """Top k images by max-sim for each query vector [T, D].
@@ -80,6 +91,7 @@ class VectorIndex:
             return [empty for _ in range(len(queries))]
         params = None
         if allowed is not None:
+            faiss = _faiss()
             params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64)))
         scores, labels = self.index.search(queries, n_vec, params=params)
         return [_group_max(labels[t], scores[t], k) for t in range(len(queries))]
@@ -88,11 +100,11 @@ class VectorIndex:
 
     def save(self, path: Path) -> None:
         # write_index streams to the file; serialize_index would hold a second copy in memory.
-        write_atomic(path, lambda tmp: faiss.write_index(self.index, str(tmp)))
+        write_atomic(path, lambda tmp: _faiss().write_index(self.index, str(tmp)))
 
     @classmethod
     def load(cls, path: Path, dim: int, num_vectors: int) -> "VectorIndex":
-        index = faiss.read_index(str(path))
+        index = _faiss().read_index(str(path))
         if index.d != dim:
             raise ValueError(f"{path} holds {index.d}-d vectors, expected {dim}")
         return cls(dim, num_vectors, index)

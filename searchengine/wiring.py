@@ -1,0 +1,143 @@
+"""The composition root's choices: which retrieval model and which captioner a command loads.
+
+An index remembers the model that made its vectors and how it was captioned, so every
+command defaults to those: `search`, `serve`, `watch` and `caption` need no `--model`. A
+`--model` that names another model is refused *before* anything is loaded or downloaded
+(by the checkpoint's fingerprint where its files are at hand, by name where they are not).
+Availability is checked for both models before either loads, so a missing one is reported
+in about a second, with the ways forward.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from searchengine.errors import ModelLoadError, ModelMismatchError, SearchEngineError
+from searchengine.hub import locate, looks_local
+from searchengine.library import Recorded
+from searchengine.settings import DEFAULT_MODEL, Settings
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The models a command will load: names as `from_pretrained` takes them."""
+
+    model: str
+    caption_model: str | None  # None: no captions
+
+
+def retrieval_model(settings: Settings, recorded: Recorded | None) -> str:
+    """--model if given (refused at once if the index was built with another), else the
+    index's own model, else the default for a new index."""
+    info = recorded.model if recorded is not None else None
+    if settings.model is None:
+        if info is None:
+            return DEFAULT_MODEL
+        if looks_local(info.name) and not os.path.isdir(os.path.expanduser(info.name)):
+            raise ModelLoadError(
+                f"this index was built with the model in {info.name!r}, which is not there any more; "
+                "name its new location with --model DIR (the index checks that it is the same model)"
+            )
+        return info.name
+    if info is None or settings.model == info.name:
+        return settings.model
+    from searchengine.models import peek_fingerprint
+
+    seen = peek_fingerprint(settings.model)
+    if seen == info.fingerprint:
+        return settings.model  # the same weights under another name or path
+    if seen is not None or not looks_local(settings.model):
+        # A hub id whose files are not at hand could only be compared after downloading it.
+        raise ModelMismatchError(
+            f"this index was built with model {info.name!r} (fingerprint {info.fingerprint}); "
+            f"--model {settings.model!r} is a different model. Leave out --model to use the index's own, "
+            "or use another --data-dir"
+        )
+    return settings.model  # a local checkpoint in another format: loading it checks it
+
+
+def captions_wanted(settings: Settings, recorded: Recorded | None) -> bool:
+    if settings.captions is not None:
+        return settings.captions
+    if settings.caption_model:
+        return True  # naming a captioner asks for captions
+    if recorded is not None and recorded.captioner is not None:
+        return recorded.captioner[0]
+    return True
+
+
+def caption_model(settings: Settings, recorded: Recorded | None, *, force: bool = False) -> str | None:
+    """The captioner to load (None: no captions): --caption-model, else the index's own, else
+    the default for the device. `force`: captions are the point (`searchengine caption`)."""
+    if not force and not captions_wanted(settings, recorded):
+        return None
+    if settings.caption_model:
+        return settings.caption_model
+    if recorded is not None and recorded.captioner is not None and recorded.captioner[1]:
+        return recorded.captioner[1]
+    from searchengine.captions import default_caption_model
+    from searchengine.models import resolve_device
+
+    return default_caption_model(resolve_device(settings.device))
+
+
+def choose(settings: Settings, recorded: Recorded | None, *, captions: bool = False) -> Choice:
+    """Both models for a command that may caption, each checked to be at hand: the retrieval
+    model first (a missing one is the problem to report), then the captioner."""
+    model = retrieval_model(settings, recorded)
+    locate(model)
+    captioner = caption_model(settings, recorded) if captions else None
+    return Choice(model, located_captioner(captioner) if captioner is not None else None)
+
+
+def located_captioner(name: str) -> str:
+    """`name`, once its files are known to be at hand (or downloadable)."""
+    try:
+        locate(name, "caption model")
+    except ModelLoadError as e:
+        raise _captioner_error(e) from e
+    return name
+
+
+def load_model(settings: Settings, name: str):
+    from searchengine.models import RetrievalModel
+
+    return RetrievalModel.load(name, device=settings.device, dtype=settings.dtype, text_max_tokens=settings.text_max_tokens)
+
+
+def load_captioner(settings: Settings, name: str | None):
+    """The captioner (None for none); a failure is one line naming the flags that help."""
+    if name is None:
+        return None
+    from searchengine.captions import Captioner
+
+    try:
+        return Captioner.load(
+            name, device=settings.device, dtype=settings.dtype,
+            max_new_tokens=settings.caption_max_tokens, num_beams=settings.caption_beams,
+        )
+    except ModelLoadError as e:
+        raise _captioner_error(e) from e
+
+
+def _captioner_error(e: ModelLoadError) -> SearchEngineError:
+    text = str(e).rstrip(". ")
+    if "--no-captions" in text:
+        return e
+    return SearchEngineError(
+        f"{text}; name a captioner that can be loaded with --caption-model, or index without captions with --no-captions"
+    )
+
+
+def open_for_serving(settings: Settings, *, create: bool = False, model: str | None = None):
+    """(model, library) for `serve`: the library first (a missing index is reported before
+    any model loads), then `model`, or the one the index was built with."""
+    from searchengine.library import Library
+
+    library = Library.open(settings, create=create)
+    try:
+        return load_model(settings, model or retrieval_model(settings, library.built_with())), library
+    except BaseException:
+        library.close()
+        raise
