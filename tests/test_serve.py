@@ -52,12 +52,21 @@ def test_watch_command_indexes_what_arrives_and_stops_cleanly(tmp_path, photo_fi
         while "1 indexed, 0 linked" not in (tmp_path / "watch.log").read_text():  # the update, not the start-up line
             assert time.monotonic() < deadline, (tmp_path / "watch.log").read_text()
             time.sleep(0.1)
+        (folder / "broken.jpg").write_bytes(b"this is not a picture")
+        while "0 indexed, 0 linked, 0 moved, 0 removed, 1 skipped" not in (tmp_path / "watch.log").read_text():
+            assert time.monotonic() < deadline, (tmp_path / "watch.log").read_text()
+            time.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     out = subprocess.run([EXE, "stats", "--json"], env=env, capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["images"] == 2
-    assert "Traceback" not in (tmp_path / "watch.log").read_text()
+    text = (tmp_path / "watch.log").read_text()
+    assert "Traceback" not in text
+    # Each file by name, once: the arrival, and the skip with its reason.
+    assert f"indexed {folder / 'arrived.jpg'}" in text
+    skips = [line for line in text.splitlines() if "broken.jpg" in line]
+    assert len(skips) == 1 and "skipping" in skips[0] and "not an image" in skips[0], text
 
 
 def test_serve_with_watch_makes_new_photos_searchable(tmp_path, photo_files, tiny_model_dir):

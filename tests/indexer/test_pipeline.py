@@ -279,7 +279,17 @@ def test_a_moved_file_keeps_its_id_and_is_not_embedded_again(settings, model, fo
     victim.rename(target)
     counting = CountingModel(model)
     summary = run(settings, counting, folder)
-    assert counting.embedded == 0 and summary.removed == 1 and summary.linked == 1
+    # A move, said as one: not a removal plus a duplicate linked.
+    assert counting.embedded == 0 and (summary.moved, summary.removed, summary.linked) == (1, 0, 0)
     after = search(settings, model, "tree", k=20, rerank=0).hits
     assert next(h.image_id for h in after if h.path == str(target)) == old_id
     assert len(consistent(settings)) == 8
+
+
+def test_a_copy_is_a_duplicate_and_a_deletion_a_removal(settings, model, folder):
+    run(settings, model, folder)
+    first, second = sorted(folder.glob("*.*"))[:2]
+    shutil.copy(first, folder / "copy.jpg")
+    second.unlink()
+    summary = run(settings, model, folder)
+    assert (summary.moved, summary.removed, summary.linked, summary.indexed) == (0, 1, 1, 0)

@@ -1,0 +1,99 @@
+"""Which models a command loads: the index's own by default, another one refused before loading."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from searchengine import wiring
+from searchengine.errors import ModelMismatchError, ModelLoadError
+from searchengine.library import Library, Recorded
+from searchengine.settings import DEFAULT_MODEL, Settings
+from searchengine.tiny import build_tiny_model
+
+
+@pytest.fixture
+def recorded(settings, model) -> Recorded:
+    from searchengine.library import model_info
+
+    library = Library.open(settings, create=True)
+    library.bind(model_info(model))
+    library.record_captioner(True, "/captioners/blip")
+    library.close()
+    return Library.recorded(settings)
+
+
+def test_a_new_index_gets_the_default_model(tmp_path):
+    settings = Settings(data_dir=tmp_path / "none")
+    assert Library.recorded(settings) is None
+    assert wiring.retrieval_model(settings, None) == DEFAULT_MODEL
+
+
+def test_an_index_remembers_its_model_and_captioner(settings, recorded, tiny_model_dir):
+    bare = Settings(data_dir=settings.data_dir)  # no --model, no captioner named
+    assert wiring.retrieval_model(bare, recorded) == str(tiny_model_dir)
+    assert wiring.caption_model(bare, recorded) == "/captioners/blip"
+    assert wiring.caption_model(bare.model_copy(update={"caption_model": "/other"}), recorded) == "/other"
+    assert wiring.caption_model(bare.model_copy(update={"captions": False}), recorded) is None
+
+
+def test_an_index_built_without_captions_stays_without_unless_asked(settings, recorded):
+    library = Library.open(settings)
+    library.record_captioner(False, None)
+    library.close()
+    again = Library.recorded(settings)
+    bare = Settings(data_dir=settings.data_dir)
+    assert wiring.caption_model(bare, again) is None
+    assert wiring.caption_model(bare.model_copy(update={"captions": True}), again) is not None
+    assert wiring.caption_model(bare, again, force=True) is not None  # `searchengine caption`
+
+
+def test_the_same_weights_moved_elsewhere_are_accepted(settings, recorded, tiny_model_dir, tmp_path):
+    moved = shutil.copytree(tiny_model_dir, tmp_path / "moved")
+    assert wiring.retrieval_model(settings.model_copy(update={"model": str(moved)}), recorded) == str(moved)
+
+
+def test_another_local_model_is_refused_before_loading(settings, recorded, tmp_path, monkeypatch):
+    other = build_tiny_model(tmp_path / "other", seed=5)
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("searchengine.models.RetrievalModel.load", no_loading)
+    with pytest.raises(ModelMismatchError, match="different model"):
+        wiring.retrieval_model(settings.model_copy(update={"model": str(other)}), recorded)
+
+
+def test_another_hub_model_is_refused_without_downloading_it(settings, recorded, monkeypatch):
+    def no_network(*a, **k):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr("searchengine.hub.hub_unreachable_reason", no_network)
+    with pytest.raises(ModelMismatchError) as e:
+        wiring.retrieval_model(settings.model_copy(update={"model": "someone/another-model"}), recorded)
+    assert "Leave out --model" in str(e.value)
+
+
+def test_a_model_directory_that_moved_away_says_so(settings, recorded, tiny_model_dir, tmp_path):
+    moved = tmp_path / "elsewhere"
+    shutil.move(tiny_model_dir, moved)
+    try:
+        with pytest.raises(ModelLoadError, match="not there any more.*--model DIR"):
+            wiring.retrieval_model(Settings(data_dir=settings.data_dir), Library.recorded(settings))
+    finally:
+        shutil.move(moved, tiny_model_dir)
+
+
+def test_serving_loads_the_index_model_and_never_creates_an_index(settings, recorded, tmp_path, tiny_model_dir):
+    from searchengine.errors import IndexNotFoundError
+
+    model, library = wiring.open_for_serving(Settings(data_dir=settings.data_dir, device="cpu", dtype="float32"))
+    try:
+        assert model.name == str(tiny_model_dir)
+    finally:
+        library.close()
+    typo = tmp_path / "typo"
+    with pytest.raises(IndexNotFoundError):
+        wiring.open_for_serving(Settings(data_dir=typo))
+    assert not typo.exists()
