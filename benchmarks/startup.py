@@ -1,0 +1,83 @@
+"""Start-up cost of the commands that need no model: `stats` and `search --mode keyword`.
+
+    python benchmarks/startup.py [--images 2000] [--repeat 7]
+
+Each command runs as a fresh process (what a user waits for), on an index of `--images`
+synthetic images (tiny model, no files needed for keyword search). The baseline, measured in
+the same run and alternated with it, is the same command in a process that first imports
+torch and transformers, as every command did before (`_quiet_libraries` imported
+transformers, and keyword search loaded the model and encoded the query). Prints medians
+and the ratio baseline / now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_index(data_dir: Path, images: int) -> None:
+    from searchengine.library import Library
+    from searchengine.settings import Settings
+    from searchengine.store import ImageMeta, ModelInfo
+
+    settings = Settings(data_dir=data_dir)
+    library = Library.open(settings, create=True)
+    info = ModelInfo(name="bench/tiny", fingerprint="0" * 16, num_vectors=8, dim=16, vit_shape=(17, 32), dtype="float32")
+    library.bind(info)
+    rng = np.random.default_rng(0)
+    words = ["beach", "dog", "snow", "mountain", "city", "flower", "car", "sunset", "forest", "lake"]
+    for start in range(0, images, 500):
+        batch = []
+        for i in range(start, min(start + 500, images)):
+            vec = rng.normal(size=(8, 16)).astype(np.float32)
+            vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+            caption = " ".join(rng.choice(words, 4))
+            path = f"/photos/{words[i % 10]}/img_{i:06d}.jpg"
+            batch.append((f"{i:064x}", ImageMeta(width=64, height=48, caption=caption), vec, [(path, 1000, 1)]))
+        ids, _ = library.store.write_batch(new_images=batch)
+        library.add_vectors(ids, np.stack([b[2] for b in batch]))
+    library.save()
+    library.close()
+
+
+def timed(code: str, env: dict) -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=7)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        build_index(data, args.images)
+        env = {**os.environ, "SEARCHENGINE_DATA_DIR": str(data), "OMP_WAIT_POLICY": "PASSIVE"}
+        commands = {"stats": "['stats']", "keyword search": "['search', 'dog beach', '--mode', 'keyword']"}
+        before = "import torch, transformers; "
+        print(f"{args.images} images, {args.repeat} runs each, alternated; median seconds per fresh process")
+        for name, argv in commands.items():
+            now_code = f"from searchengine.cli import main; main({argv})"
+            now, then = [], []
+            for _ in range(args.repeat):
+                now.append(timed(now_code, env))
+                then.append(timed(before + now_code, env))
+            a, b = statistics.median(now), statistics.median(then)
+            print(f"{name:16s} now {a:6.2f} s   with torch+transformers imported (before) {b:6.2f} s   ratio {b / a:5.1f}x")
+
+
+if __name__ == "__main__":
+    main()
