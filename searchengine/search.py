@@ -34,6 +34,7 @@ from searchengine.models import RetrievalModel
 from searchengine.settings import Settings
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,11 @@ class Searcher:
                 kq, depth, filters.folder, filters.taken_after, filters.taken_before
             )
         t1 = time.perf_counter()
+        if mode == "hybrid":
+            # Images that match only words the whole library shares (coverage 0) are no
+            # keyword evidence: fusing them would hand ITM slots to an arbitrary list (a
+            # library under ~/Pictures and the query "a picture of a dog").
+            kw_hits = [h for h in kw_hits if h.coverage > 0]
         kw_ids = np.array([h.image_id for h in kw_hits], dtype=np.int64)
         coverage = {h.image_id: h.coverage for h in kw_hits}
         itc_of = dict(zip(sem_ids.tolist(), sem_itc.tolist()))
@@ -385,10 +391,15 @@ class Searcher:
         return hits, has_more
 
     def _itm(self, text: str, ids: np.ndarray) -> np.ndarray:
-        """ITM P(match) for each candidate; NaN where its features cannot be had."""
+        """ITM P(match) for each candidate; NaN where its features cannot be had.
+
+        Cached features are fp16 (ITM differs from the reference by at most ~4e-4 for them);
+        recomputed ones stay in the model's dtype, so a candidate with no cache entry is
+        scored exactly as the reference scores it.
+        """
         import torch
 
-        features: dict[int, np.ndarray] = {}
+        features: dict[int, torch.Tensor] = {}
         cache = self.library.features if self.use_cache else None
         missing = []
         for image_id in ids.tolist():
@@ -396,21 +407,24 @@ class Searcher:
             if arr is None:
                 missing.append(image_id)
             else:
-                features[image_id] = arr
+                features[image_id] = torch.from_numpy(np.array(arr))  # a private copy of the memory map
         if missing:
             features.update(self._recompute_vit(missing))
         have = [i for i in ids.tolist() if i in features]
         out = np.full(len(ids), np.nan, dtype=np.float32)
         if not have:
             return out
-        vit = torch.from_numpy(np.stack([np.asarray(features[i]) for i in have]))
+        dtype = self.model.vision_dtype
+        vit = torch.stack([features[i].to(dtype) for i in have])
         probs = self.model.itm(text, vit)
         pos = {image_id: j for j, image_id in enumerate(ids.tolist())}
         for image_id, p in zip(have, probs):
             out[pos[image_id]] = p
         return out
 
-    def _recompute_vit(self, ids: list[int]) -> dict[int, np.ndarray]:
+    def _recompute_vit(self, ids: list[int]) -> dict[int, "torch.Tensor"]:
+        """ViT outputs re-run from the files, in the model's dtype (and into the cache, as fp16,
+        where the settings keep one)."""
         records = self.library.store.images(ids)
 
         def load(image_id: int):
@@ -428,11 +442,10 @@ class Searcher:
         images = [im for _, im in loaded if im is not None]
         if not images:
             return {}
-        vit = self.model.vit(self.model.preprocess(images))
-        # Kept in the dtype the cache uses, so cached and recomputed candidates are scored alike.
-        arrays = vit.float().cpu().numpy().astype(np.float16)
-        out = dict(zip(got, arrays))
+        vit = self.model.vit(self.model.preprocess(images)).cpu()
+        out = {image_id: vit[j] for j, image_id in enumerate(got)}
         if self.fill_cache and self.library.features is not None:
-            for image_id, arr in out.items():
-                self.library.features.put(image_id, arr)
+            arrays = vit.float().numpy().astype(np.float16)
+            for j, image_id in enumerate(got):
+                self.library.features.put(image_id, arrays[j])
         return out

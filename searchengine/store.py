@@ -485,7 +485,8 @@ class Store:
         """Images whose caption or path words match, best first (see `TextIndex.search`)."""
         within = self._filter_select(folder, taken_after, taken_before) if (folder or taken_after or taken_before) else None
         with self.engine.connect() as conn:
-            return self.text.search(conn, query, limit, within)
+            total = conn.execute(select(func.count()).select_from(images)).scalar_one()
+            return self.text.search(conn, query, limit, within, total)
 
     def keyword_matches(self, clauses: Sequence[Clause]) -> np.ndarray:
         """Ids of images whose caption or path words match any of these clauses."""

@@ -8,6 +8,7 @@ and compile the same `KeywordQuery` to a `tsquery` (`&`, `|`, `!`, `<->` for phr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
@@ -22,8 +23,28 @@ from searchengine.keywords import Clause, KeywordQuery
 @dataclass(frozen=True)
 class KeywordHit:
     image_id: int
-    coverage: float  # share of the query's clauses the image matches, in (0, 1]
+    coverage: float  # weighted share of the query's clauses the image matches, in [0, 1]
     relevance: float  # the backend's own relevance (FTS5: -bm25), higher is better
+
+
+def clause_weight(matches: int, total: int) -> float:
+    """How much a clause says, from how many of `total` images it matches: its IDF in bits,
+    log2(total / matches), capped at 1. A clause that at least halves the library (or matches
+    nothing) counts fully; one that matches most of it counts less, and one every image
+    carries (the library's own folder name, "photo" under ~/Photos) counts nothing, so it
+    cannot decide the ranking."""
+    if matches <= 0 or total <= 0:
+        return 1.0
+    return min(1.0, max(0.0, math.log2(total / matches)))
+
+
+def weighted_coverage(matched: Sequence[bool], weights: Sequence[float]) -> float:
+    """The share of the query's weight an image's matched clauses carry (0 when no clause
+    carries any: the words then say nothing about any image)."""
+    total = sum(weights)
+    if total <= 1e-9:
+        return 0.0
+    return sum(w for m, w in zip(matched, weights) if m) / total
 
 
 class TextIndex(Protocol):
@@ -38,8 +59,11 @@ class TextIndex(Protocol):
 
     def clear(self, conn: Connection) -> None: ...
 
-    def search(self, conn: Connection, query: KeywordQuery, limit: int, within: Select | None = None) -> list[KeywordHit]:
-        """The best `limit` images by coverage, then relevance; `within`: a select of allowed ids."""
+    def search(
+        self, conn: Connection, query: KeywordQuery, limit: int, within: Select | None = None, total: int = 0
+    ) -> list[KeywordHit]:
+        """The best `limit` images by weighted coverage (see `clause_weight`; `total`: images in
+        the library), then relevance; `within`: a select of allowed ids."""
 
     def matching(self, conn: Connection, clauses: Sequence[Clause]) -> list[int]:
         """Ids of images that match any of these clauses (for exclusions)."""
@@ -98,7 +122,9 @@ class SqliteFts5:
             expr = f"({expr}) NOT {_any(query.excluded)}"
         return expr
 
-    def search(self, conn: Connection, query: KeywordQuery, limit: int, within: Select | None = None) -> list[KeywordHit]:
+    def search(
+        self, conn: Connection, query: KeywordQuery, limit: int, within: Select | None = None, total: int = 0
+    ) -> list[KeywordHit]:
         if not query.searchable or limit <= 0:
             return []
         where = ""
@@ -115,16 +141,20 @@ class SqliteFts5:
         ).all()
         if not rows:
             return []
-        matched = dict.fromkeys((r[0] for r in rows), 0)
+        pool = {r[0]: [False] * len(query.clauses) for r in rows}
+        weights = []
         # Each clause's whole match list, intersected here: FTS5 reads a doclist fast, while
-        # MATCH with `rowid IN (pool)` probes the index once per id (measured 5x slower).
-        for clause in query.clauses:
+        # MATCH with `rowid IN (pool)` probes the index once per id (measured 5x slower). Its
+        # length is the clause's document frequency, which weighs it.
+        for j, clause in enumerate(query.clauses):
             q = text(f"SELECT rowid FROM {self.table} WHERE {self.table} MATCH :q")
+            n = 0
             for (image_id,) in conn.execute(q, {"q": _quote(clause)}):
-                if image_id in matched:
-                    matched[image_id] += 1
-        total = len(query.clauses)
-        hits = [KeywordHit(int(i), matched[i] / total, -float(b)) for i, b in rows]
+                n += 1
+                if image_id in pool:
+                    pool[image_id][j] = True
+            weights.append(clause_weight(n, total) if total else 1.0)
+        hits = [KeywordHit(int(i), weighted_coverage(pool[i], weights), -float(b)) for i, b in rows]
         hits.sort(key=lambda h: (-h.coverage, -h.relevance, h.image_id))
         return hits[:limit]
 
