@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 from indexer.scan import FileEntry, scan_folder
 from searchengine.captions import Caption, Captioner
 from searchengine.imageio import Decoded, decode_image, read_file, sha256_of
-from searchengine.errors import BadImageError, SearchEngineError
+from searchengine.errors import BadImageError, ReadOnlyIndexError, SearchEngineError
 from searchengine.library import Library, model_info
 from searchengine.models import RetrievalModel
 from searchengine.settings import Settings
@@ -107,6 +107,9 @@ class Indexer:
         self.on_caption_error = on_caption_error or (lambda path, message: None)
         self.progress = progress or (lambda n: None)
         self.on_total = on_total or (lambda n: None)
+        if not library.writable:
+            Library.check_writable(settings)  # names the path that cannot be written
+            raise ReadOnlyIndexError(f"the index in {settings.data_dir} was opened read-only; indexing writes to it")
         self.library.bind(model_info(model))
         self.batch_size = settings.batch_size or (64 if model.device.startswith("cuda") else 8)
         self.write_features = settings.writes_feature_cache(model.device)

@@ -182,9 +182,10 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
     for folder in args.folders:  # fail before loading a 5 GB model
         if not os.path.isdir(os.path.expanduser(folder)):
             raise SearchEngineError(f"{folder!r} is not a folder" if os.path.exists(folder) else f"folder {folder!r} does not exist")
+    Library.check_writable(settings)
     captioner = _load_captioner(settings)  # before any work: a captioner that cannot load stops the run
     model = _load_model(settings)
-    library = Library.open(settings, create=True)
+    library = Library.open(settings, create=True, writable=True)
     bar = tqdm(total=0, unit="img", file=err, disable=None, dynamic_ncols=True)
 
     def on_skip(path: str, message: str) -> None:
@@ -227,7 +228,8 @@ def cmd_caption(args: argparse.Namespace, out, err) -> int:
     settings = _settings(args)
     if not settings.captions:
         raise SearchEngineError("`caption` with --no-captions has nothing to do")
-    library = Library.open(settings)  # before the model: a missing index is reported at once
+    # Before the model: a missing or read-only index is reported at once.
+    library = Library.open(settings, writable=True)
     try:
         captioner = _load_captioner(settings)
         bar = tqdm(total=0, unit="img", file=err, disable=None, dynamic_ncols=True)
@@ -363,10 +365,11 @@ def cmd_watch(args: argparse.Namespace, out, err) -> int:
     for folder in args.folders:
         if not os.path.isdir(os.path.expanduser(folder)):
             raise SearchEngineError(f"folder {folder!r} does not exist")
+    Library.check_writable(settings)
     logging.getLogger("indexer").setLevel(logging.INFO)
     captioner = _load_captioner(settings)
     model = _load_model(settings)
-    library = Library.open(settings, create=True)
+    library = Library.open(settings, create=True, writable=True)
     indexer = Indexer(
         model, library, settings, captioner=captioner,
         on_skip=lambda p, m: print(f"skipping {p}: {m}", file=err, flush=True),
@@ -396,7 +399,7 @@ def _watch_in_server(settings: Settings, args: argparse.Namespace, captioner):
         from indexer.watch import Watcher
         from searchengine.library import Library
 
-        library = Library.open(settings, create=True)
+        library = Library.open(settings, create=True, writable=True)
         # service.model is the locked model: indexing and queries take turns on it.
         indexer = Indexer(service.model, library, settings, captioner=captioner)
         watcher = Watcher(indexer, args.watch, poll=args.poll, debounce_s=args.debounce)
@@ -433,6 +436,10 @@ def cmd_serve(args: argparse.Namespace, out, err) -> int:
     for folder in args.watch:
         if not os.path.isdir(os.path.expanduser(folder)):
             raise SearchEngineError(f"folder {folder!r} does not exist")
+    if args.watch:
+        from searchengine.library import Library
+
+        Library.check_writable(settings)  # a read-only index can be served, not watched
     logging.getLogger("searchengine").setLevel(logging.INFO)
     logging.getLogger("indexer").setLevel(logging.INFO)
     # The captioner loads before the server starts, so one that cannot load stops `serve --watch`

@@ -138,7 +138,7 @@ class Searcher:
         self.settings = settings
         library.bind(model_info(model))  # refuses an index built with another model
         self.use_cache = settings.itm_features != "recompute"
-        self.fill_cache = settings.writes_feature_cache(model.device)
+        self.fill_cache = settings.writes_feature_cache(model.device) and library.writable
 
     # -- text queries ---------------------------------------------------------------------
 
