@@ -79,8 +79,8 @@ def decode_image(data: bytes, *, max_pixels: int, sha256: str | None = None) -> 
         raise BadImageError("too_large", _too_large(size, max_pixels)) from None
     except UnidentifiedImageError:
         raise BadImageError("not_an_image", "not an image (no known image format)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImageError("decode_error", f"cannot open image: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise _decode_failure("cannot open image", e) from None
     w, h = im.size
     if w * h > max_pixels:
         raise BadImageError("too_large", _too_large(f"{w}x{h} = {w * h:,} pixels", max_pixels))
@@ -94,10 +94,21 @@ def decode_image(data: bytes, *, max_pixels: int, sha256: str | None = None) -> 
             im = ImageOps.exif_transpose(im)
             rgb = to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
-        msg = str(e) or type(e).__name__
-        reason = "truncated" if "truncated" in msg or isinstance(e, EOFError) else "decode_error"
-        raise BadImageError(reason, f"cannot decode image: {msg}") from None
+        raise _decode_failure("cannot decode image", e) from None
     return Decoded(sha, rgb, _meta(rgb, exif))
+
+
+def _decode_failure(what: str, e: BaseException) -> BadImageError:
+    """`truncated` when PIL ran out of bytes, else `decode_error`.
+
+    PIL says so in several ways, depending on where the file ends: "image file is truncated"
+    (in the pixel data), "Truncated File Read" (in a header segment such as EXIF or an ICC
+    profile, while opening), "truncated PNG file", or an EOFError.
+    """
+    msg = str(e) or type(e).__name__
+    if isinstance(e, EOFError) or "truncated" in msg.lower():
+        return BadImageError("truncated", f"file is truncated ({what}: {msg})")
+    return BadImageError("decode_error", f"{what}: {msg}")
 
 
 def _too_large(size: str, max_pixels: int) -> str:
