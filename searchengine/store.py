@@ -153,7 +153,7 @@ class FileState:
 @dataclass
 class ImageRecord:
     id: int
-    paths: list[str]
+    paths: list[str]  # in the order they were first indexed: the original first
     width: int
     height: int
     taken_at: str | None
@@ -502,7 +502,9 @@ class Store:
             for chunk in _chunks(list(ids), 500):
                 for r in conn.execute(select(images).where(images.c.id.in_(chunk))):
                     out[r.id] = ImageRecord(r.id, [], r.width, r.height, r.taken_at, r.camera, r.caption)
-                q = select(files.c.image_id, files.c.path).where(files.c.image_id.in_(chunk)).order_by(files.c.path)
+                # Oldest file first (row ids grow; an update in place keeps its row): a copy
+                # added later never takes the original's place as the path a hit shows.
+                q = select(files.c.image_id, files.c.path).where(files.c.image_id.in_(chunk)).order_by(files.c.id)
                 for image_id, path in conn.execute(q):
                     out[image_id].paths.append(path)
         return out
@@ -588,7 +590,7 @@ class Store:
                 for r in conn.execute(
                     select(files.c.path, files.c.size, files.c.mtime_ns)
                     .where(files.c.image_id == image_id)
-                    .order_by(files.c.path)
+                    .order_by(files.c.id)  # oldest first, as `images` lists them
                 )
             ]
         return out

@@ -283,3 +283,18 @@ def test_a_moved_file_keeps_its_id_and_is_not_embedded_again(settings, model, fo
     after = search(settings, model, "tree", k=20, rerank=0).hits
     assert next(h.image_id for h in after if h.path == str(target)) == old_id
     assert len(consistent(settings)) == 8
+
+
+def test_a_duplicate_is_shown_under_the_original_path(settings, model, tmp_path, photo_files):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    original = folder / "zebra.jpg"
+    shutil.copy(photo_files[0], original)
+    run(settings, model, folder)
+    copy = folder / "aardvark.jpg"  # added later; sorts before the original
+    shutil.copy(original, copy)
+    summary = run(settings, model, folder)
+    assert summary.linked == 1
+    for mode in ("semantic", "keyword"):
+        (hit,) = search(settings, model, "zebra", k=5, rerank=0, mode=mode).hits
+        assert hit.path == str(original) and hit.paths == [str(original), str(copy)], mode
