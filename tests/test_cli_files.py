@@ -81,3 +81,19 @@ def test_write_commands_refuse_a_read_only_index_in_one_line(indexed, read_only,
         "make it writable (a read-only mount or a backup can be searched, not updated), "
         "or pass --data-dir with a writable folder"
     ], proc.stderr
+
+
+def test_iphone_heic_and_avif_photos_are_indexed(tmp_path, tiny_model_dir):
+    import pillow_heif
+
+    from tests.images import gradient
+
+    pillow_heif.register_heif_opener()
+    photos = tmp_path / "iphone"
+    photos.mkdir()
+    Image.fromarray(gradient()).save(photos / "IMG_5001.HEIC", "HEIF", quality=90)
+    Image.fromarray(gradient()[:, ::-1].copy()).save(photos / "IMG_5002.avif", "AVIF", quality=90)
+    proc = cli("index", photos, "--data-dir", tmp_path / "data", "--device", "cpu", "--no-captions",
+               env_extra={"SEARCHENGINE_MODEL": str(tiny_model_dir)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("2 indexed, 0 duplicates linked, 0 unchanged, 0 removed, 0 skipped;"), proc.stdout

@@ -142,3 +142,20 @@ def _random_image(fmt: str) -> bytes:
 
     pixels = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)  # noise: no tiny encodings
     return save(Image.fromarray(pixels), fmt)
+
+
+def test_avif_is_listed_and_decoded(tmp_path):
+    from indexer.scan import scan_folder
+
+    path = tmp_path / "still.avif"
+    Image.fromarray(gradient()).save(path, "AVIF", quality=95)
+    assert [e.path for e in scan_folder(tmp_path)] == [str(path)]
+    d = _decode(path)
+    assert d.image.size == (96, 64)
+    assert np.abs(np.asarray(d.image).astype(int) - gradient().astype(int)).mean() < 10
+
+
+def test_a_file_that_is_no_image_in_a_photo_format_is_not_an_image():
+    with pytest.raises(BadImageError) as e:
+        decode_image(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + bytes(64), max_pixels=LIMIT)
+    assert e.value.reason == "not_an_image"  # an MP4 is an ISO media file too, but not HEIC or AVIF
