@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
-from indexer.scan import FileEntry, scan_folder
+from indexer.scan import LINK_DUPLICATE, LINK_LOOP, FileEntry, scan_folder
 from searchengine.captions import Caption, Captioner
 from searchengine.imageio import Decoded, decode_image, read_file, sha256_of
 from searchengine.errors import BadImageError, ReadOnlyIndexError, SearchEngineError
@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 Scanner = Callable[..., Iterator[FileEntry]]
+
+LINK_MESSAGES = {
+    LINK_LOOP: "folder link not followed: it leads back to a folder that contains it",
+    LINK_DUPLICATE: "folder link not followed: its folder is already listed under another path",
+}
 Reader = Callable[[str], bytes]
 
 
@@ -45,6 +50,7 @@ class Summary:
     removed: int = 0  # files gone from disk, dropped from the index
     failed: Counter = field(default_factory=Counter)  # reason -> count, this run
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # path, reason, message
+    links_skipped: int = 0  # symlinked folders not followed: loops, or folders listed under another path
     seconds: float = 0.0
 
     @property
@@ -123,11 +129,16 @@ class Indexer:
         folders = [self._check_root(r) for r in roots]
         todo: list[FileEntry] = []
         gone: list[str] = []
+
+        def skipped_link(path: str, reason: str) -> None:
+            summary.links_skipped += 1
+            self.on_skip(path, LINK_MESSAGES[reason])
+
         for folder in folders:
             store.add_root(str(folder))
             known = store.files_under(str(folder))
             seen: set[str] = set()
-            for entry in self.scanner(folder, exclude=(Path(self.settings.data_dir).resolve(),)):
+            for entry in self.scanner(folder, exclude=(Path(self.settings.data_dir).resolve(),), on_skipped_link=skipped_link):
                 seen.add(entry.path)
                 state = known.get(entry.path)
                 if state is not None and state.size == entry.size and state.mtime_ns == entry.mtime_ns:

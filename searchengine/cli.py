@@ -213,6 +213,8 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
     )
     if summary.failed:
         line += " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(summary.failed.items())) + ")"
+    if summary.links_skipped:
+        line += f", {summary.links_skipped} folder link{'s' if summary.links_skipped > 1 else ''} not followed (loops or already listed)"
     if captioner is not None:
         line += f"; {summary.captioned} captioned" + (f", {summary.caption_failed} without caption" if summary.caption_failed else "")
     print(f"{line}; {summary.seconds:.1f} s ({rate:.2f} images/s)", file=out)

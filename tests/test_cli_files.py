@@ -97,3 +97,17 @@ def test_iphone_heic_and_avif_photos_are_indexed(tmp_path, tiny_model_dir):
                env_extra={"SEARCHENGINE_MODEL": str(tiny_model_dir)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("2 indexed, 0 duplicates linked, 0 unchanged, 0 removed, 0 skipped;"), proc.stdout
+
+
+def test_index_follows_folder_links_and_says_how_many_it_did_not(tmp_path, tiny_model_dir):
+    from tests.indexer.test_scan import linked_tree
+
+    root, _ = linked_tree(tmp_path)
+    proc = cli("index", root, "--data-dir", tmp_path / "data", "--device", "cpu", "--no-captions",
+               env_extra={"SEARCHENGINE_MODEL": str(tiny_model_dir)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(
+        "3 indexed, 0 duplicates linked, 0 unchanged, 0 removed, 0 skipped, "
+        "4 folder links not followed (loops or already listed); "
+    ), proc.stdout
+    assert f"skipping {root / 'sub' / 'up'}: folder link not followed: it leads back" in proc.stderr

@@ -338,3 +338,18 @@ def test_a_missing_codec_is_a_skip_that_names_the_package(settings, model, tmp_p
     messages = dict(skipped)
     assert "pip install pillow-heif" in messages[str(heic)]
     assert "AVIF" in messages[str(avif)] and "pip install -U pillow" in messages[str(avif)]
+
+
+def test_photos_in_symlinked_folders_are_indexed_once(settings, model, tmp_path):
+    from tests.indexer.test_scan import linked_tree
+
+    root, _ = linked_tree(tmp_path)
+    counting = CountingModel(model)
+    skips = []
+    summary = run(settings, counting, root, on_skip=lambda path, message: skips.append(path))
+    assert (summary.indexed, summary.linked, summary.skipped, summary.links_skipped) == (3, 0, 0, 4)
+    assert counting.embedded == 3 and len(skips) == 4  # each not-followed link is reported
+    paths = {p for h in search(settings, model, "a photo", k=10, rerank=0).hits for p in h.paths}
+    assert paths == {str(root / "a.jpg"), str(root / "sub" / "b.jpg"), str(root / "ext1" / "c.jpg")}
+    again = run(settings, counting, root)
+    assert (again.unchanged, again.indexed, again.removed) == (3, 0, 0)
