@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ def indexed(tmp_path_factory, tiny_model_dir):
     proc = cli("index", root / "photos", "--data-dir", root / "data", "--device", "cpu", env_extra=env)
     assert proc.returncode == 0, proc.stderr
     assert "3 indexed" in proc.stdout
+    shutil.rmtree(root / "data" / "thumbnails")  # so that serving must make them elsewhere
     return {"root": root, "env": env}
 
 
@@ -63,6 +65,20 @@ def test_search_on_a_read_only_index(indexed, read_only, mode):
     assert paths[0].endswith("red_square.jpg")
     if mode == "semantic":
         assert len(paths) == 3
+
+
+def test_serve_on_a_read_only_index(indexed, read_only, tiny_model_dir, tmp_path):
+    from tests.server import env_for, get, running_server
+
+    with running_server(env_for(tiny_model_dir, read_only), tmp_path / "serve.log") as (base, _):
+        status, body = get(f"{base}/api/search?q=red+square&k=3")
+        assert status == 200, body
+        hits = json.loads(body)["hits"]
+        assert len(hits) == 3
+        status, thumb = get(base + hits[0]["thumbnail_url"])
+        assert status == 200 and thumb[:2] == b"\xff\xd8"  # made outside the read-only folder
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+    assert not (read_only / "thumbnails").exists()
 
 
 @pytest.mark.parametrize(
