@@ -16,7 +16,7 @@ from typing import Callable
 
 from indexer.pipeline import map_ahead
 from searchengine.captions import Caption, Captioner
-from searchengine.errors import BadImageError
+from searchengine.errors import BadImageError, ReadOnlyIndexError
 from searchengine.imageio import decode_image, read_file
 from searchengine.library import Library
 from searchengine.settings import Settings
@@ -50,6 +50,9 @@ class Recaptioner:
         self.on_error = on_error or (lambda path, message: None)
         self.progress = progress or (lambda n: None)
         self.on_total = on_total or (lambda n: None)
+        if not library.writable:
+            Library.check_writable(settings)  # names the path that cannot be written
+            raise ReadOnlyIndexError(f"the index in {settings.data_dir} was opened read-only; captioning writes to it")
         self.batch_size = settings.batch_size or (32 if captioner.device.startswith("cuda") else 8)
 
     def run(self, *, redo: bool = False) -> CaptionSummary:

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
-from indexer.scan import FileEntry, scan_folder
+from indexer.scan import LINK_DUPLICATE, LINK_LOOP, FileEntry, scan_folder
 from searchengine.captions import Caption, Captioner
 from searchengine.imageio import Decoded, decode_image, read_file, sha256_of
-from searchengine.errors import BadImageError, SearchEngineError
+from searchengine.errors import BadImageError, ReadOnlyIndexError, SearchEngineError
 from searchengine.library import Library, model_info
 from searchengine.models import RetrievalModel
 from searchengine.settings import Settings
@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 Scanner = Callable[..., Iterator[FileEntry]]
+
+LINK_MESSAGES = {
+    LINK_LOOP: "folder link not followed: it leads back to a folder that contains it",
+    LINK_DUPLICATE: "folder link not followed: its folder is already listed under another path",
+}
 Reader = Callable[[str], bytes]
 
 
@@ -46,6 +51,7 @@ class Summary:
     removed: int = 0  # files gone from disk, dropped from the index
     failed: Counter = field(default_factory=Counter)  # reason -> count, this run
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # path, reason, message
+    links_skipped: int = 0  # symlinked folders not followed: loops, or folders listed under another path
     seconds: float = 0.0
     # (what, path) of every file handled, when asked for (the watcher logs each); a full
     # run leaves it off, so a million-file scan keeps no per-file list.
@@ -116,6 +122,9 @@ class Indexer:
         self.on_caption_error = on_caption_error or (lambda path, message: None)
         self.progress = progress or (lambda n: None)
         self.on_total = on_total or (lambda n: None)
+        if not library.writable:
+            Library.check_writable(settings)  # names the path that cannot be written
+            raise ReadOnlyIndexError(f"the index in {settings.data_dir} was opened read-only; indexing writes to it")
         self.library.bind(model_info(model))
         self.batch_size = settings.batch_size or (64 if model.device.startswith("cuda") else 8)
         self.write_features = settings.writes_feature_cache(model.device)
@@ -129,11 +138,16 @@ class Indexer:
         folders = [self._check_root(r) for r in roots]
         todo: list[FileEntry] = []
         gone: list[str] = []
+
+        def skipped_link(path: str, reason: str) -> None:
+            summary.links_skipped += 1
+            self.on_skip(path, LINK_MESSAGES[reason])
+
         for folder in folders:
             store.add_root(str(folder))
             known = store.files_under(str(folder))
             seen: set[str] = set()
-            for entry in self.scanner(folder, exclude=(Path(self.settings.data_dir).resolve(),)):
+            for entry in self.scanner(folder, exclude=(Path(self.settings.data_dir).resolve(),), on_skipped_link=skipped_link):
                 seen.add(entry.path)
                 state = known.get(entry.path)
                 if state is not None and state.size == entry.size and state.mtime_ns == entry.mtime_ns:

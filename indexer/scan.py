@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -11,6 +12,11 @@ from typing import Callable, Iterator
 from searchengine.imageio import image_extensions
 
 log = logging.getLogger(__name__)
+
+# Why a symlinked folder was not walked: it leads back to a folder that contains it, or to a
+# folder already listed under another path.
+LINK_LOOP = "loop"
+LINK_DUPLICATE = "duplicate"
 
 
 @dataclass(frozen=True)
@@ -20,42 +26,96 @@ class FileEntry:
     mtime_ns: int
 
 
+def _folder_key(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
 def scan_folder(
     root: Path,
     *,
     exclude: tuple[Path, ...] = (),
     on_error: Callable[[str, str], None] | None = None,
+    on_skipped_link: Callable[[str, str], None] | None = None,
 ) -> Iterator[FileEntry]:
     """Yield every image file below `root`, depth first, in a stable (sorted) order.
 
-    Hidden files and folders are skipped, as are folder symlinks (they can loop) and the
-    folders in `exclude` (the data directory, if it lies inside a library).
+    Hidden files and folders are skipped, as are the folders in `exclude` (the data
+    directory, if it lies inside a library). Symlinked folders are followed, each real folder
+    once: folders are told apart by (st_dev, st_ino), so a link that leads to a folder already
+    listed is skipped, as is one that leads to a folder containing the link (a loop), and both
+    are reported to `on_skipped_link(path, reason)` with reason LINK_DUPLICATE or LINK_LOOP. Links are walked after every folder
+    reachable without them, so a folder that is both in the tree and linked to is listed
+    under its real path, whatever the names sort like. File symlinks are listed as files.
     """
     extensions = image_extensions()
-    excluded = {str(p) for p in exclude}
-    stack = [str(root)]
-    while stack:
-        folder = stack.pop()
-        if folder in excluded:
-            continue
+    excluded: set[tuple[int, int]] = set()
+    for path in exclude:
         try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            log.warning("cannot list %s: %s", folder, e.strerror or e)
-            if on_error:
-                on_error(folder, f"cannot list folder: {e.strerror or e}")
-            continue
-        subfolders = []
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
+            excluded.add(_folder_key(os.stat(path)))
+        except OSError:
+            pass  # not there: nothing to leave out
+    try:
+        visited = {_folder_key(os.stat(root))}
+    except OSError as e:
+        if on_error:
+            on_error(str(root), f"cannot list folder: {e.strerror or e}")
+        return
+    links: deque[str] = deque()  # symlinked folders, walked once the real tree is done
+
+    def walk(start: str) -> Iterator[FileEntry]:
+        stack = [start]
+        while stack:
+            folder = stack.pop()
             try:
-                if entry.is_dir(follow_symlinks=False):
-                    subfolders.append(entry.path)
-                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in extensions:
-                    st = entry.stat()
-                    yield FileEntry(entry.path, st.st_size, st.st_mtime_ns)
-            except OSError:
-                continue  # vanished between listing and stat: it is simply not there
-        stack.extend(reversed(subfolders))
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as e:
+                log.warning("cannot list %s: %s", folder, e.strerror or e)
+                if on_error:
+                    on_error(folder, f"cannot list folder: {e.strerror or e}")
+                continue
+            subfolders = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        key = _folder_key(entry.stat(follow_symlinks=False))
+                        if key not in excluded and key not in visited:
+                            visited.add(key)
+                            subfolders.append(entry.path)
+                    elif entry.is_symlink() and entry.is_dir():
+                        links.append(entry.path)
+                    elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in extensions:
+                        st = entry.stat()
+                        yield FileEntry(entry.path, st.st_size, st.st_mtime_ns)
+                except OSError:
+                    continue  # vanished between listing and stat: it is simply not there
+            stack.extend(reversed(subfolders))
+
+    yield from walk(str(root))
+    while links:
+        link = links.popleft()
+        try:
+            key = _folder_key(os.stat(link))
+        except OSError:
+            continue  # the link broke meanwhile
+        if key in excluded:
+            continue
+        # A link to a folder that contains it is a loop even where that folder was not listed
+        # (a link to `..` in the root): following it would walk everything around the library.
+        reason = LINK_LOOP if _leads_to_an_ancestor(link) else LINK_DUPLICATE if key in visited else None
+        if reason is not None:
+            log.info("not following %s: %s", link, "it loops back" if reason == LINK_LOOP else "already listed")
+            if on_skipped_link:
+                on_skipped_link(link, reason)
+            continue
+        visited.add(key)
+        yield from walk(link)
+
+
+def _leads_to_an_ancestor(link: str) -> bool:
+    """Whether the folder `link` points at contains the link itself."""
+    target = os.path.realpath(link)
+    here = os.path.realpath(os.path.dirname(link))
+    return here == target or here.startswith(target.rstrip(os.sep) + os.sep)

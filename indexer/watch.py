@@ -20,6 +20,14 @@ The protocol, which is what makes `kill -9` at any moment safe:
 
 Memory stays flat: a path leaves the dirty set once handled, and no per-file state is kept
 beyond it.
+
+Symlinked folders: the start-up scan follows them (see `indexer.scan`). Native events do not:
+inotify watches real folders only, and watchdog is asked not to follow links, because a link
+that loops would make it add watches without end. So a folder link that is made or removed is
+seen (its files are marked), but changes *inside* a linked folder that lies outside the root
+are not, until the next start. Polling follows such links, except those that loop back or lead
+into the root (the scan lists those folders under their real path), so `--poll` sees inside
+them.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from stat import S_ISLNK
 from typing import Callable, Sequence
 
 from indexer.pipeline import Indexer, Summary
@@ -111,7 +120,6 @@ class Watcher:
 
     def _observe(self, root: Path) -> None:
         from watchdog.observers import Observer
-        from watchdog.observers.polling import PollingObserver
 
         poll = self.poll
         if poll is None:
@@ -120,7 +128,7 @@ class Watcher:
             if poll:
                 log.info("%s is on %s: watching it by polling", root, fs)
         handler = _Handler(self)
-        observer = PollingObserver(timeout=self.poll_interval_s) if poll else Observer()
+        observer = self._polling_observer(root) if poll else Observer()
         observer.schedule(handler, str(root), recursive=True)
         try:
             observer.start()
@@ -128,12 +136,34 @@ class Watcher:
             if poll:
                 raise
             log.warning("native events failed for %s (%s); watching it by polling", root, e)
-            observer = PollingObserver(timeout=self.poll_interval_s)
+            observer = self._polling_observer(root)
             observer.schedule(handler, str(root), recursive=True)
             observer.start()
             poll = True
         self.modes[str(root)] = "polling" if poll else "native"
         self._observers.append(observer)
+
+    def _polling_observer(self, root: Path):
+        from watchdog.observers.polling import PollingObserverVFS
+
+        def stat(path: str) -> os.stat_result:
+            # A folder link that loops back or leads into the root reads as a link, not a
+            # folder, so the snapshot does not walk it: a loop would make it walk without end,
+            # and the scan lists a folder inside the root under its real path only.
+            st = os.lstat(path)
+            if S_ISLNK(st.st_mode) and not self._followed(path, root):
+                return st
+            return os.stat(path) if S_ISLNK(st.st_mode) else st
+
+        return PollingObserverVFS(stat, os.scandir, polling_interval=self.poll_interval_s)
+
+    @staticmethod
+    def _followed(link: str, root: Path) -> bool:
+        """Whether the scan walks this folder link: not into the root, not back up to it."""
+        target = os.path.realpath(link)
+        root_s = str(root)
+        inside = target == root_s or target.startswith(root_s + os.sep)
+        return not inside and not (root_s + os.sep).startswith(target.rstrip(os.sep) + os.sep)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -149,6 +179,16 @@ class Watcher:
             paths |= {e.path for e in scan_folder(Path(folder), exclude=(Path(self.data_dir),))}
         for path in paths:
             self.mark(path)
+
+    def mark_link(self, path: str) -> None:
+        """A name that is not an image file came or went: maybe a folder link. Its files are
+        marked as the scan would list them (none for a link the scan does not follow)."""
+        if os.path.isdir(path):
+            root = next((r for r in self.roots if path.startswith(str(r) + os.sep)), None)
+            if root is not None and os.path.islink(path) and self._followed(path, root):
+                self.mark_folder(path)
+        elif self.store.files_under(path):
+            self.mark_folder(path)
 
     def _wanted(self, path: str) -> bool:
         """What the scan would list: image files, not hidden, not in a hidden folder *below* a
@@ -264,5 +304,7 @@ class _Handler:
             if event.is_directory:
                 if kind in ("created", "deleted", "moved"):
                     w.mark_folder(path)
+            elif kind in ("created", "deleted", "moved") and os.path.splitext(path)[1].lower() not in w.extensions:
+                w.mark_link(path)  # inotify reports a folder link as a file
             else:
                 w.mark(path)

@@ -260,6 +260,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     keys = ("data_dir", "model", "device", "dtype", "itm_features", "batch_size", "decode_workers",
             "max_image_pixels", "k_candidates", "rerank_top", "host", "port", "captions", "caption_model", "search_mode")
     values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if values.get("caption_model") and "captions" not in values:
+        values["captions"] = True  # naming a captioner asks for captions
     return Settings(**values)
 
 
@@ -316,8 +318,9 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
     settings = _settings(args)
     recorded = Library.recorded(settings)
     folders = _folders(args, settings, recorded, err)
+    Library.check_writable(settings)  # before any model loads
     captioner, model, load_s = _load_for_indexing(settings, recorded)
-    library = Library.open(settings, create=True)
+    library = Library.open(settings, create=True, writable=True)
     bar = tqdm(total=0, unit="file", file=err, disable=None, dynamic_ncols=True)
 
     def on_skip(path: str, message: str) -> None:
@@ -344,6 +347,8 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
     line += f"{summary.unchanged} unchanged, {summary.removed} removed, {summary.skipped} skipped"
     if summary.failed:
         line += " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(summary.failed.items())) + ")"
+    if summary.links_skipped:
+        line += f", {summary.links_skipped} folder link{'s' if summary.links_skipped > 1 else ''} not followed (loops or already listed)"
     if captioner is not None:
         line += f"; {summary.captioned} captioned" + (f", {summary.caption_failed} without caption" if summary.caption_failed else "")
     # The rate counts the images embedded, over the time the run took once the models were in.
@@ -362,7 +367,8 @@ def cmd_caption(args: argparse.Namespace, out, err) -> int:
     settings = _settings(args)
     if settings.captions is False:
         raise SearchEngineError("`caption` with --no-captions has nothing to do")
-    library = Library.open(settings, vectors=False)  # before the model: a missing index is reported at once
+    # Before the model: a missing or read-only index is reported at once.
+    library = Library.open(settings, writable=True, vectors=False)
     try:
         name = wiring.caption_model(settings, library.built_with(), force=True)
         captioner = wiring.load_captioner(settings, wiring.located_captioner(name))
@@ -540,9 +546,10 @@ def cmd_watch(args: argparse.Namespace, out, err) -> int:
     settings = _settings(args)
     recorded = Library.recorded(settings)
     folders = _folders(args, settings, recorded, err)
+    Library.check_writable(settings)  # before any model loads
     logging.getLogger("indexer").setLevel(logging.INFO)
     captioner, model, _ = _load_for_indexing(settings, recorded)
-    library = Library.open(settings, create=True)
+    library = Library.open(settings, create=True, writable=True)
     library.record_captioner(captioner is not None, captioner.name if captioner else None)
     # No on_skip here: the watcher logs every file it handles, skipped ones too, once.
     indexer = Indexer(model, library, settings, captioner=captioner)
@@ -571,7 +578,7 @@ def _watch_in_server(settings: Settings, args: argparse.Namespace, captioner):
         from indexer.watch import Watcher
         from searchengine.library import Library
 
-        library = Library.open(settings, create=True)
+        library = Library.open(settings, create=True, writable=True)
         library.record_captioner(captioner is not None, captioner.name if captioner else None)
         # service.model is the locked model: indexing and queries take turns on it.
         indexer = Indexer(service.model, library, settings, captioner=captioner)
@@ -611,6 +618,8 @@ def cmd_serve(args: argparse.Namespace, out, err) -> int:
     for folder in args.watch:
         if not os.path.isdir(os.path.expanduser(folder)):
             raise SearchEngineError(f"folder {folder!r} does not exist")
+    if args.watch:
+        Library.check_writable(settings)  # a read-only index can be served, not watched
     recorded = Library.recorded(settings)
     if recorded is None and not args.watch:  # only index and watch make a new index
         raise IndexNotFoundError(

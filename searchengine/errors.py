@@ -31,3 +31,7 @@ class BadImageError(SearchEngineError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ReadOnlyIndexError(SearchEngineError):
+    """The data directory cannot be written, and the command needs to write to it."""

@@ -1,11 +1,18 @@
 """Image files: read, hash, decode once, apply EXIF orientation, convert to RGB.
 
 Every way a file can be bad ends in `BadImageError(reason, message)` with a stable reason
-code: empty, not_an_image, too_large, truncated, decode_error, unreadable, vanished.
+code: empty, not_an_image, unsupported_format, too_large, truncated, decode_error, unreadable,
+vanished.
+
+HEIC/HEIF (iPhone photos) are read through pillow-heif and AVIF by Pillow itself (its wheels
+carry libavif), both in the default install. Their files are listed whether or not the codec
+is there at run time: a file whose codec is missing is skipped as `unsupported_format` with the
+package to install, never silently left out.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
@@ -20,20 +27,46 @@ from searchengine.errors import BadImageError
 from searchengine.store import ImageMeta
 
 _BASE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"}
-_HEIF_EXTENSIONS = {".heic", ".heif"}
+_HEIF_EXTENSIONS = {".heic", ".heif", ".hif"}
+_AVIF_EXTENSIONS = {".avif"}
+
+# ISO base media file brands (the `ftyp` box that opens the file) of the two formats.
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+_INSTALL_HINT = {
+    "HEIC": "HEIC/HEIF photos need the pillow-heif package: pip install pillow-heif",
+    "AVIF": "AVIF images need a Pillow built with AVIF (the PyPI wheels of Pillow 11.3 and later): pip install -U pillow",
+}
 
 
-def _heif_available() -> bool:
+@functools.cache
+def _register_heif() -> None:
+    """Register pillow-heif's opener with PIL, once per process (it is a dependency, but a
+    broken or removed install degrades to `unsupported_format`, not to a crash)."""
     try:
         import pillow_heif
     except ImportError:
-        return False
+        return
     pillow_heif.register_heif_opener()
-    return True
 
 
 def image_extensions() -> set[str]:
-    return _BASE_EXTENSIONS | (_HEIF_EXTENSIONS if _heif_available() else set())
+    """File name extensions the scan lists, with or without their codec at run time."""
+    return _BASE_EXTENSIONS | _HEIF_EXTENSIONS | _AVIF_EXTENSIONS
+
+
+def _container_format(data: bytes) -> str | None:
+    """'HEIC' or 'AVIF' when the bytes open with such an ISO media `ftyp` box, else None."""
+    if data[4:8] != b"ftyp":
+        return None
+    size = int.from_bytes(data[:4], "big")
+    # major brand, then (after the minor version) the compatible brands, 4 bytes each
+    brands = [data[8:12]] + [data[i : i + 4] for i in range(16, min(size, len(data), 256), 4)]
+    if any(b in _AVIF_BRANDS for b in brands):
+        return "AVIF"
+    if any(b in _HEIF_BRANDS for b in brands):
+        return "HEIC"
+    return None
 
 
 def read_file(path: str) -> bytes:
@@ -63,6 +96,7 @@ def sha256_of(data: bytes) -> str:
 def decode_image(data: bytes, *, max_pixels: int, sha256: str | None = None) -> Decoded:
     if not data:
         raise BadImageError("empty", "file is empty (0 bytes)")
+    _register_heif()
     sha = sha256 or sha256_of(data)
     # Our limit (each caller's own) is checked from the header before any pixel is decoded.
     # PIL's process-wide guard stays on as a second line; it is only ever raised, never
@@ -78,9 +112,12 @@ def decode_image(data: bytes, *, max_pixels: int, sha256: str | None = None) -> 
         size = f"{int(found.group(1)):,} pixels" if found else "its size"
         raise BadImageError("too_large", _too_large(size, max_pixels)) from None
     except UnidentifiedImageError:
+        container = _container_format(data)
+        if container is not None:  # an image, but no codec for it here
+            raise BadImageError("unsupported_format", f"cannot read {container}: {_INSTALL_HINT[container]}") from None
         raise BadImageError("not_an_image", "not an image (no known image format)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImageError("decode_error", f"cannot open image: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise _decode_failure("cannot open image", e) from None
     w, h = im.size
     if w * h > max_pixels:
         raise BadImageError("too_large", _too_large(f"{w}x{h} = {w * h:,} pixels", max_pixels))
@@ -94,10 +131,21 @@ def decode_image(data: bytes, *, max_pixels: int, sha256: str | None = None) -> 
             im = ImageOps.exif_transpose(im)
             rgb = to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
-        msg = str(e) or type(e).__name__
-        reason = "truncated" if "truncated" in msg or isinstance(e, EOFError) else "decode_error"
-        raise BadImageError(reason, f"cannot decode image: {msg}") from None
+        raise _decode_failure("cannot decode image", e) from None
     return Decoded(sha, rgb, _meta(rgb, exif))
+
+
+def _decode_failure(what: str, e: BaseException) -> BadImageError:
+    """`truncated` when PIL ran out of bytes, else `decode_error`.
+
+    PIL says so in several ways, depending on where the file ends: "image file is truncated"
+    (in the pixel data), "Truncated File Read" (in a header segment such as EXIF or an ICC
+    profile, while opening), "truncated PNG file", or an EOFError.
+    """
+    msg = str(e) or type(e).__name__
+    if isinstance(e, EOFError) or "truncated" in msg.lower():
+        return BadImageError("truncated", f"file is truncated ({what}: {msg})")
+    return BadImageError("decode_error", f"{what}: {msg}")
 
 
 def _too_large(size: str, max_pixels: int) -> str:

@@ -13,11 +13,19 @@ and the index lacks are added from the stored vectors, ids the store no longer h
 removed, and cache entries of gone images are deleted. A missing cache entry is recomputed
 when it is needed. So a crash loses at most the batch in flight (never committed, so never
 half-visible), and a restart repairs the rest.
+
+A data directory that cannot be written (a read-only mount, a backup, `chmod -R a-w`) opens
+read-only: the store is opened as it is (no journal-mode change, no upgrade), the FAISS file
+is read but never saved (a stale one is reconciled in memory only), cache files are read and
+never deleted, and thumbnails that are not there yet are made in a temporary folder of this
+process. Commands that write ask for a writable library and are refused at once, with the
+path that cannot be written.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -25,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from searchengine.errors import IndexNotFoundError
+from searchengine.errors import IndexNotFoundError, ReadOnlyIndexError
 from searchengine.features import FeatureCache
 from searchengine.settings import Settings
-from searchengine.store import ModelInfo, Store, sqlite_url
+from searchengine.store import ModelInfo, Store, sqlite_readonly_url, sqlite_url
 from searchengine.thumbnails import ThumbnailCache
 from searchengine.vector_index import VectorIndex
 
@@ -55,13 +63,39 @@ class Recorded:
     roots: tuple[str, ...] = ()  # the folders it indexes
 
 
+def unwritable_path(settings: Settings) -> Path | None:
+    """The first part of the data directory this process cannot write, or None.
+
+    The data directory itself (new files and renames happen there), then the store and its WAL
+    files where they exist. A data directory that does not exist yet counts as its nearest
+    existing parent, which must let it be created. os.access also sees a read-only mount
+    (EROFS) and immutable files, which a permission check alone would miss when run as root.
+    """
+    data_dir = Path(settings.data_dir).expanduser().absolute()
+    if not data_dir.exists():
+        parent = data_dir.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        return None if os.access(parent, os.W_OK | os.X_OK) else parent
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        return data_dir
+    store = settings.store_path
+    for path in (store, Path(f"{store}-wal"), Path(f"{store}-shm"), settings.vectors_path):
+        if path.exists() and not os.access(path, os.W_OK):
+            return path
+    return None
+
+
 class Library:
-    def __init__(self, settings: Settings, store: Store, *, vectors: bool = True) -> None:
+    def __init__(self, settings: Settings, store: Store, *, writable: bool = True, vectors: bool = True) -> None:
         self.settings = settings
         self.store = store
+        self.writable = writable
         self.index: VectorIndex | None = None
         self.features: FeatureCache | None = None
-        self.thumbnails = ThumbnailCache(settings.thumbnails_dir, settings.thumbnail_size, settings.max_image_pixels)
+        self.thumbnails = ThumbnailCache(
+            settings.thumbnails_dir, settings.thumbnail_size, settings.max_image_pixels, read_only=not writable
+        )
         self._last_save = time.monotonic()
         self._dirty = False
         # Guards the in-memory FAISS index: searches from server threads against reconcile.
@@ -74,16 +108,53 @@ class Library:
             self._attach(info)
 
     @classmethod
-    def open(cls, settings: Settings, *, create: bool = False, vectors: bool = True) -> "Library":
-        """The library in `settings.data_dir`. Only `create=True` (index, watch) makes a new
-        one: any other command reports a missing index rather than starting an empty one."""
+    def open(
+        cls, settings: Settings, *, create: bool = False, writable: bool | None = None, vectors: bool = True
+    ) -> "Library":
+        """The library in `settings.data_dir`.
+
+        create: make the directory and the store if there is none (else IndexNotFoundError):
+        only `index` and `watch` do, so a typo in --data-dir never starts an empty index.
+        writable: True for commands that write (ReadOnlyIndexError at once where the directory
+        cannot be written); False to open read-only; None (readers) for read-only exactly when
+        the directory cannot be written, so a reader on a writable index still saves a
+        repaired FAISS file for the next one.
+        vectors: False for readers that need no vector index (stats, keyword search): FAISS is
+        neither loaded nor reconciled until a model is bound.
+        """
         data_dir = Path(settings.data_dir)
         if not create and not settings.store_path.exists():
             raise IndexNotFoundError(
                 f"no index in {data_dir}: run `searchengine index FOLDER` first, or point --data-dir at one"
             )
-        data_dir.mkdir(parents=True, exist_ok=True)
-        return cls(settings, Store.open(sqlite_url(settings.store_path)), vectors=vectors)
+        blocked = unwritable_path(settings)
+        if writable is None:
+            writable = blocked is None
+        if writable:
+            cls.check_writable(settings)
+            data_dir.mkdir(parents=True, exist_ok=True)
+            return cls(settings, Store.open(sqlite_url(settings.store_path)), vectors=vectors)
+        if not settings.store_path.exists():
+            # create=True but nothing may be written: there is no index to read either.
+            raise ReadOnlyIndexError(
+                f"no index in {data_dir}, and {blocked or data_dir} is not writable, so none can be made there"
+            )
+        store = Store.open(sqlite_readonly_url(settings.store_path), read_only=True, location=str(settings.store_path))
+        return cls(settings, store, writable=False, vectors=vectors)
+
+    @staticmethod
+    def check_writable(settings: Settings) -> None:
+        """ReadOnlyIndexError naming the path, where a write command could not write the index.
+
+        Cheap (no store is opened), so a command can call it before loading any model.
+        """
+        blocked = unwritable_path(settings)
+        if blocked is not None:
+            raise ReadOnlyIndexError(
+                f"{blocked} is not writable, and this command writes to the index in {settings.data_dir}: "
+                "make it writable (a read-only mount or a backup can be searched, not updated), "
+                "or pass --data-dir with a writable folder"
+            )
 
     @classmethod
     def recorded(cls, settings: Settings) -> Recorded | None:
@@ -91,7 +162,10 @@ class Library:
         read without loading anything else, so a command can choose its models first."""
         if not settings.store_path.exists():
             return None
-        store = Store.open(sqlite_url(settings.store_path))
+        if unwritable_path(settings) is None:
+            store = Store.open(sqlite_url(settings.store_path))
+        else:  # a read-only index: read it as `open` would, without a write
+            store = Store.open(sqlite_readonly_url(settings.store_path), read_only=True, location=str(settings.store_path))
         try:
             return _recorded(store)
         finally:
@@ -107,6 +181,7 @@ class Library:
 
     def close(self) -> None:
         self.store.close()
+        self.thumbnails.close()
 
     def bind(self, info: ModelInfo) -> None:
         """Tie the library to a model (refused if it was built with another one)."""
@@ -125,7 +200,7 @@ class Library:
         self.index = index or VectorIndex(info.dim, info.num_vectors)
         self.features = FeatureCache(self.settings.features_dir, info.vit_shape)
         report = self.reconcile()
-        if report.changed or not path.exists():
+        if self.writable and (report.changed or not path.exists()):
             self.save()
 
     def refresh(self) -> ReconcileReport | None:
@@ -156,7 +231,9 @@ class Library:
             self.index.add(ids, vecs)
             report.added += len(ids)
         present = set(store_ids.tolist())
-        for cache in (self.features, self.thumbnails):
+        # A read-only library leaves stale cache entries on disk: it never asks for them (the
+        # ids are gone from the store), and the next writer drops them.
+        for cache in (self.features, self.thumbnails) if self.writable else ():
             if cache is not None:
                 stale = cache.ids() - present
                 cache.delete(stale)
@@ -168,7 +245,12 @@ class Library:
 
     # -- writes ---------------------------------------------------------------------------
 
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise ReadOnlyIndexError(f"the index in {self.settings.data_dir} was opened read-only; it cannot be changed")
+
     def add_vectors(self, ids: list[int], vecs: np.ndarray) -> None:
+        self._require_writable()
         assert self.index is not None
         with self.lock:
             self.index.add(np.asarray(ids), vecs)
@@ -179,6 +261,7 @@ class Library:
         """After the store deleted these images: drop their vectors and cache entries."""
         if not ids:
             return
+        self._require_writable()
         if self.index is not None:
             with self.lock:
                 self.index.remove(ids)
@@ -192,7 +275,7 @@ class Library:
             self.save()
 
     def save(self) -> None:
-        if self.index is None:
+        if self.index is None or not self.writable:
             return
         with self.lock:
             self.index.save(self.settings.vectors_path)

@@ -164,7 +164,7 @@ class Searcher:
         if model is not None:
             library.bind(model_info(model))  # refuses an index built with another model
         self.use_cache = settings.itm_features != "recompute"
-        self.fill_cache = model is not None and settings.writes_feature_cache(model.device)
+        self.fill_cache = model is not None and settings.writes_feature_cache(model.device) and library.writable
 
     # -- text queries ---------------------------------------------------------------------
 

@@ -19,7 +19,10 @@ rewrites that row in the same transaction.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -45,11 +48,13 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 
-from searchengine.errors import ModelMismatchError, SchemaError
+from searchengine.errors import ModelMismatchError, ReadOnlyIndexError, SchemaError
 from searchengine.keywords import Clause, KeywordQuery, path_words
 from searchengine.textindex import KeywordHit, TextIndex, text_index_for
+
+log = logging.getLogger(__name__)
 
 # 1: images, vectors, files, roots, meta. 2: images.caption_error and the full-text index.
 SCHEMA_VERSION = 2
@@ -148,7 +153,7 @@ class FileState:
 @dataclass
 class ImageRecord:
     id: int
-    paths: list[str]
+    paths: list[str]  # in the order they were first indexed: the original first
     width: int
     height: int
     taken_at: str | None
@@ -174,6 +179,25 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+def sqlite_readonly_url(path: Path) -> URL:
+    """A URL that opens `path` for reading only, never creating or changing a file.
+
+    A WAL reader normally creates the -shm file next to the database. Where the folder cannot
+    be written and no -shm exists (a backup copy, a read-only mount of a cleanly closed
+    index), SQLite could not open it at all; `immutable=1` tells it nothing will change the
+    file meanwhile, so it reads without the shared memory file. Where -wal and -shm exist,
+    they are read as they are (committed transactions still in the WAL count).
+    """
+    path = Path(path).absolute()
+    query = {"mode": "ro", "uri": "true"}
+    side_files = [Path(f"{path}-wal"), Path(f"{path}-shm")]
+    if not any(p.exists() for p in side_files) and not os.access(path.parent, os.W_OK):
+        query["immutable"] = "1"
+    # The path is percent-encoded: SQLite decodes it, and a '?' or '#' in a folder name would
+    # otherwise end the file name.
+    return URL.create("sqlite", database="file:" + urllib.parse.quote(str(path)), query=query)
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     # WAL: readers never block the writer. synchronous=NORMAL is safe against a killed
@@ -185,18 +209,40 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def _sqlite_readonly_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    # No journal_mode: setting it is a write. query_only turns any write that slips through
+    # into an error here rather than a surprise on a mount that happens to be writable.
+    cur.execute("PRAGMA query_only=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
 class Store:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, read_only: bool = False) -> None:
         self.engine = engine
+        self.read_only = read_only
         self.text: TextIndex = text_index_for(engine.dialect.name)
 
     @classmethod
-    def open(cls, url: str) -> "Store":
+    def open(cls, url: str | URL, *, read_only: bool = False, location: str = "") -> "Store":
+        """Open (and create or upgrade) the store; with `read_only`, open it as it is.
+
+        A read-only store is never created, upgraded or written: its schema must be the one
+        this program writes. `location` names the store in messages (the URL may hold a secret).
+        """
         engine = create_engine(url)
         if engine.dialect.name == "sqlite":
-            event.listen(engine, "connect", _sqlite_pragmas)
-        store = cls(engine)
-        store._migrate()
+            event.listen(engine, "connect", _sqlite_readonly_pragmas if read_only else _sqlite_pragmas)
+        store = cls(engine, read_only=read_only)
+        try:
+            if read_only:
+                store._check_schema(location or engine.url.render_as_string(hide_password=True))
+            else:
+                store._migrate()
+        except BaseException:
+            engine.dispose()
+            raise
         return store
 
     def close(self) -> None:
@@ -229,6 +275,32 @@ class Store:
                 ids = list(conn.execute(select(images.c.id)).scalars())
                 for chunk in _chunks(ids, 500):
                     self._refresh_text(conn, chunk)
+
+    def _check_schema(self, location: str) -> None:
+        """What `_migrate` would do, as checks only: the read-only path."""
+        with self.engine.connect() as conn:
+            version = None
+            if self.engine.dialect.has_table(conn, "meta"):
+                version = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+            if version is None:
+                raise SchemaError(f"{location} holds no index (no schema version); it cannot be created read-only")
+            if int(version) > SCHEMA_VERSION:
+                raise SchemaError(
+                    f"this index has schema version {version}, newer than this program knows "
+                    f"({SCHEMA_VERSION}); upgrade searchengine"
+                )
+            if int(version) < SCHEMA_VERSION:
+                raise ReadOnlyIndexError(
+                    f"the index in {location} has schema version {version} and this program needs "
+                    f"{SCHEMA_VERSION}; it cannot be upgraded while it is read-only: run a write command "
+                    "(`searchengine index FOLDER`) once where it can be written"
+                )
+            n_images = conn.execute(select(func.count()).select_from(images)).scalar()
+            if self.text.count(conn) != n_images:
+                log.warning(
+                    "the keyword index of %s is out of step with its images and cannot be rebuilt read-only; "
+                    "keyword results may miss images until a write command runs", location,
+                )
 
     def _get_meta(self, conn: Connection, key: str) -> str | None:
         return conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
@@ -280,11 +352,16 @@ class Store:
             self._set_meta(conn, "captioner", json.dumps({"captions": captions, "model": model}))
 
     def bind_model(self, info: ModelInfo) -> None:
-        """Record the model on first use; refuse a different one afterwards."""
+        """Record the model on first use; refuse a different one afterwards.
+
+        A read-only store with no model yet has no vectors either: nothing is recorded, and
+        there is nothing the model could be mixed with.
+        """
         with self.engine.begin() as conn:
             raw = self._get_meta(conn, "model")
             if raw is None:
-                self._set_meta(conn, "model", json.dumps(info.__dict__))
+                if not self.read_only:
+                    self._set_meta(conn, "model", json.dumps(info.__dict__))
                 return
         have = ModelInfo(**json.loads(raw))
         if have.fingerprint != info.fingerprint:
@@ -447,7 +524,9 @@ class Store:
             for chunk in _chunks(list(ids), 500):
                 for r in conn.execute(select(images).where(images.c.id.in_(chunk))):
                     out[r.id] = ImageRecord(r.id, [], r.width, r.height, r.taken_at, r.camera, r.caption)
-                q = select(files.c.image_id, files.c.path).where(files.c.image_id.in_(chunk)).order_by(files.c.path)
+                # Oldest file first (row ids grow; an update in place keeps its row): a copy
+                # added later never takes the original's place as the path a hit shows.
+                q = select(files.c.image_id, files.c.path).where(files.c.image_id.in_(chunk)).order_by(files.c.id)
                 for image_id, path in conn.execute(q):
                     out[image_id].paths.append(path)
         return out
@@ -534,7 +613,7 @@ class Store:
                 for r in conn.execute(
                     select(files.c.path, files.c.size, files.c.mtime_ns)
                     .where(files.c.image_id == image_id)
-                    .order_by(files.c.path)
+                    .order_by(files.c.id)  # oldest first, as `images` lists them
                 )
             ]
         return out

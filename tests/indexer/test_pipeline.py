@@ -306,3 +306,73 @@ def test_a_copy_is_a_duplicate_and_a_deletion_a_removal(settings, model, folder)
     second.unlink()
     summary = run(settings, model, folder)
     assert (summary.moved, summary.removed, summary.linked, summary.indexed) == (0, 1, 1, 0)
+
+
+def test_a_duplicate_is_shown_under_the_original_path(settings, model, tmp_path, photo_files):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    original = folder / "zebra.jpg"
+    shutil.copy(photo_files[0], original)
+    run(settings, model, folder)
+    copy = folder / "aardvark.jpg"  # added later; sorts before the original
+    shutil.copy(original, copy)
+    summary = run(settings, model, folder)
+    assert summary.linked == 1
+    for mode in ("semantic", "keyword"):
+        (hit,) = search(settings, model, "zebra", k=5, rerank=0, mode=mode).hits
+        assert hit.path == str(original) and hit.paths == [str(original), str(copy)], mode
+
+
+def _phone_photos(folder):
+    """A real HEIC (as iPhones write) and a real AVIF, of the same picture."""
+    import pillow_heif
+    from PIL import Image
+
+    from tests.images import gradient
+
+    pillow_heif.register_heif_opener()
+    folder.mkdir()
+    Image.fromarray(gradient()).save(folder / "IMG_5001.HEIC", "HEIF", quality=90)
+    Image.fromarray(gradient()[::-1].copy()).save(folder / "sunset.avif", "AVIF", quality=90)
+    return folder / "IMG_5001.HEIC", folder / "sunset.avif"
+
+
+def test_heic_and_avif_photos_are_indexed(settings, model, tmp_path):
+    heic, avif = _phone_photos(tmp_path / "phone")
+    summary = run(settings, model, tmp_path / "phone")
+    assert (summary.indexed, summary.skipped) == (2, 0), summary.failures
+    paths = {p for h in search(settings, model, "a photo", k=5, rerank=0).hits for p in h.paths}
+    assert paths == {str(heic), str(avif)}
+
+
+def test_a_missing_codec_is_a_skip_that_names_the_package(settings, model, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from searchengine.imageio import decode_image
+
+    heic, avif = _phone_photos(tmp_path / "phone")
+    decode_image(heic.read_bytes(), max_pixels=10**6)  # the codecs are there and registered...
+    for fmt in ("HEIF", "AVIF"):  # ...until they are taken away, as on an install without them
+        monkeypatch.setattr(Image, "ID", [i for i in Image.ID if i != fmt])
+        monkeypatch.delitem(Image.OPEN, fmt)
+    skipped = []
+    summary = run(settings, model, tmp_path / "phone", on_skip=lambda path, message: skipped.append((path, message)))
+    assert summary.indexed == 0 and summary.failed == {"unsupported_format": 2}
+    messages = dict(skipped)
+    assert "pip install pillow-heif" in messages[str(heic)]
+    assert "AVIF" in messages[str(avif)] and "pip install -U pillow" in messages[str(avif)]
+
+
+def test_photos_in_symlinked_folders_are_indexed_once(settings, model, tmp_path):
+    from tests.indexer.test_scan import linked_tree
+
+    root, _ = linked_tree(tmp_path)
+    counting = CountingModel(model)
+    skips = []
+    summary = run(settings, counting, root, on_skip=lambda path, message: skips.append(path))
+    assert (summary.indexed, summary.linked, summary.skipped, summary.links_skipped) == (3, 0, 0, 4)
+    assert counting.embedded == 3 and len(skips) == 4  # each not-followed link is reported
+    paths = {p for h in search(settings, model, "a photo", k=10, rerank=0).hits for p in h.paths}
+    assert paths == {str(root / "a.jpg"), str(root / "sub" / "b.jpg"), str(root / "ext1" / "c.jpg")}
+    again = run(settings, counting, root)
+    assert (again.unchanged, again.indexed, again.removed) == (3, 0, 0)

@@ -137,3 +137,34 @@ def test_a_library_inside_a_hidden_folder_is_watched_but_hidden_subfolders_are_n
     finally:
         watcher.stop()
         library.close()
+
+
+@pytest.mark.parametrize("mode", ["native", "polling"])
+def test_symlinked_folders_are_indexed_at_start_and_when_linked(mode, settings, model, tmp_path, photo_files):
+    import os
+
+    folder, outside, later = tmp_path / "lib", tmp_path / "outside", tmp_path / "later"
+    for d, f in ((folder, photo_files[0]), (outside, photo_files[1]), (later, photo_files[2])):
+        d.mkdir()
+        shutil.copy(f, d / f.name)
+    os.symlink(outside, folder / "ext")
+    os.symlink("..", folder / "loop")
+    library = Library.open(settings, create=True)
+    watcher = Watcher(Indexer(model, library, settings), [folder], poll=mode == "polling", debounce_s=0.3, poll_interval_s=0.3)
+    try:
+        summary = watcher.start()
+        assert (summary.indexed, summary.links_skipped) == (2, 1)
+        assert str(folder / "ext" / photo_files[1].name) in ids_by_path(library)
+        # A folder link made while watching: inotify reports it as a file; its files are marked.
+        os.symlink(later, folder / "later")
+        new_path = str(folder / "later" / photo_files[2].name)
+        wait_until(lambda: new_path in ids_by_path(library), "the files of a new folder link indexed")
+        (folder / "later").unlink()
+        wait_until(lambda: new_path not in ids_by_path(library), "the files of a removed folder link dropped")
+        if mode == "polling":  # polling also sees inside a linked folder (inotify does not)
+            shutil.copy(photo_files[3], outside / photo_files[3].name)
+            inside = str(folder / "ext" / photo_files[3].name)
+            wait_until(lambda: inside in ids_by_path(library), "a file added inside a linked folder indexed")
+    finally:
+        watcher.stop()
+        library.close()

@@ -110,3 +110,52 @@ def test_a_small_limit_does_not_leak_into_other_decodes(tmp_path):
         decode_image(big.read_bytes(), max_pixels=1000)  # an upload with a tiny limit
     assert decode_image(big.read_bytes(), max_pixels=LIMIT).image.size == (800, 600)
     assert Image.open(big).size == (800, 600)  # PIL's own guard was not lowered either
+
+
+def _header_heavy(fmt: str) -> bytes:
+    """An image whose header (an ICC profile) is most of the file, so half of it ends there."""
+    from tests.images import save
+
+    return save(Image.fromarray(gradient()), fmt, icc_profile=bytes(range(256)) * 200)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _random_image("JPEG"),  # PIL: "image file is truncated (N bytes not processed)"
+        lambda: _random_image("PNG"),  # PIL: "image file is truncated"
+        lambda: _header_heavy("JPEG"),  # PIL: "Truncated File Read", while opening
+        lambda: _header_heavy("PNG"),
+    ],
+    ids=["jpeg", "png", "jpeg-cut-in-header", "png-cut-in-header"],
+)
+def test_a_file_cut_in_half_is_truncated(make):
+    data = make()
+    with pytest.raises(BadImageError) as e:
+        decode_image(data[: len(data) // 2], max_pixels=LIMIT)
+    assert e.value.reason == "truncated", str(e.value)
+    assert str(e.value).startswith("file is truncated")
+
+
+def _random_image(fmt: str) -> bytes:
+    from tests.images import save
+
+    pixels = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)  # noise: no tiny encodings
+    return save(Image.fromarray(pixels), fmt)
+
+
+def test_avif_is_listed_and_decoded(tmp_path):
+    from indexer.scan import scan_folder
+
+    path = tmp_path / "still.avif"
+    Image.fromarray(gradient()).save(path, "AVIF", quality=95)
+    assert [e.path for e in scan_folder(tmp_path)] == [str(path)]
+    d = _decode(path)
+    assert d.image.size == (96, 64)
+    assert np.abs(np.asarray(d.image).astype(int) - gradient().astype(int)).mean() < 10
+
+
+def test_a_file_that_is_no_image_in_a_photo_format_is_not_an_image():
+    with pytest.raises(BadImageError) as e:
+        decode_image(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + bytes(64), max_pixels=LIMIT)
+    assert e.value.reason == "not_an_image"  # an MP4 is an ISO media file too, but not HEIC or AVIF

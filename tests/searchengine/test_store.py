@@ -166,3 +166,11 @@ def test_a_version_1_store_is_upgraded_and_its_text_index_built(tmp_path):
         assert s.image_detail(_kw(s, "beach")[0])["caption_error"] is None
     finally:
         s.close()
+
+
+def test_paths_are_listed_oldest_first(store):
+    (image_id,), _ = store.write_batch(new_images=[("h1", ImageMeta(10, 20), _vec(1), [("/p/zebra.jpg", 1, 1)])])
+    store.write_batch(links=[("/p/aardvark.jpg", 1, 2, "h1")])  # a copy, added later, sorting first
+    store.write_batch(links=[("/p/zebra.jpg", 1, 3, "h1")])  # touched again: updated in place
+    assert store.images([image_id])[image_id].paths == ["/p/zebra.jpg", "/p/aardvark.jpg"]
+    assert [f["path"] for f in store.image_detail(image_id)["files"]] == ["/p/zebra.jpg", "/p/aardvark.jpg"]
