@@ -100,6 +100,16 @@ class ImageOut(BaseModel):
     file_url: str
 
 
+class FolderOut(BaseModel):
+    path: str
+    images: int
+
+
+class FoldersOut(BaseModel):
+    folders: list[FolderOut]
+    total: int  # folders that matched, before `limit`
+
+
 class HealthOut(BaseModel):
     status: str
     error: str | None = None
@@ -139,7 +149,13 @@ Service = Annotated[QueryService, Depends(get_service)]
 K = Annotated[int, Query(ge=1, le=MAX_K, description="how many hits per page")]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="hits to skip (paging)")]
 MinScore = Annotated[float | None, Query(description="drop hits whose final score is below this")]
-Folder = Annotated[str | None, Query(description="only images with a file below this folder (absolute path)")]
+Folder = Annotated[
+    str | None,
+    Query(description="only images with a file below this folder: an absolute path (/home/me/Pictures/Trips) or "
+          "one from home (~/Pictures), matched as it is; or a folder's name or the last parts of its path "
+          "(Trips, Trips/Winter 2022), matched anywhere in the library, in any case. 400 if no indexed "
+          "folder matches"),
+]
 TakenAfter = Annotated[date | datetime | None, Query(description="only images taken on or after (ISO date or date-time)")]
 TakenBefore = Annotated[date | datetime | None, Query(description="only images taken on or before (ISO date or date-time)")]
 ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="an image id from a search hit")]
@@ -332,6 +348,16 @@ def create_app(
         path = service.file(image_id)
         media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/folders", response_model=FoldersOut)
+    async def folders(
+        service: Service,
+        q: Annotated[str, Query(max_length=1000, description="only folders whose path contains this, in any case")] = "",
+        limit: Annotated[int, Query(ge=1, le=1000, description="at most this many folders")] = 50,
+    ):
+        """Indexed folders, subfolders included, with image counts (for the folder filter's suggestions)."""
+        found, total = await asyncio.to_thread(service.folders, q, limit)
+        return FoldersOut(folders=[FolderOut(path=f.path, images=f.images) for f in found], total=total)
 
     @app.get("/api/stats")
     def stats(service: Service) -> dict:

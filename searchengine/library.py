@@ -28,7 +28,7 @@ import numpy as np
 from searchengine.errors import IndexNotFoundError
 from searchengine.features import FeatureCache
 from searchengine.settings import Settings
-from searchengine.store import ModelInfo, Store, sqlite_url
+from searchengine.store import FolderCount, ModelInfo, Store, sqlite_url
 from searchengine.thumbnails import ThumbnailCache
 from searchengine.vector_index import VectorIndex
 
@@ -165,6 +165,16 @@ class Library:
             self.index.save(self.settings.vectors_path)
         self._last_save = time.monotonic()
         self._dirty = False
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def folders(self) -> list[FolderCount]:
+        """Every folder with indexed images below it, subfolders included (see `Store.folders`)."""
+        return self.store.folders()
+
+    def folder_has_images(self, folder: str) -> bool:
+        """Whether a folder filter (a path or a folder's name) matches any indexed file."""
+        return self.store.folder_has_images(folder)
 
     # -- description ----------------------------------------------------------------------
 

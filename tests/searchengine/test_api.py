@@ -40,6 +40,10 @@ def indexed(tmp_path_factory, photos_dir, tiny_model_dir, model, captioner):
     (photos / "dated").mkdir()
     for i, when in enumerate(["1989:05:01 10:00:00", "1990:06:15 12:00:00", "1991:07:04 18:30:05"]):
         (photos / "dated" / f"d{i}.jpg").write_bytes(dated_jpeg(i, when))
+    # Folders found by name (issue 16): nested, with spaces, and with LIKE's wildcards.
+    for seed, rel in enumerate(FOLDER_FILES, 10):
+        (photos / rel).parent.mkdir(parents=True, exist_ok=True)
+        (photos / rel).write_bytes(dated_jpeg(seed, "2022:01:15 09:00:00"))
     settings = Settings(
         data_dir=root / "data", model=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=8,
         refresh_interval_s=0, text_batch_wait_ms=2,
@@ -50,6 +54,10 @@ def indexed(tmp_path_factory, photos_dir, tiny_model_dir, model, captioner):
     return settings, photos
 
 
+FOLDER_FILES = [
+    "Trips/Winter 2022/w0.jpg", "Trips/Winter 2022/day 2/w1.jpg", "archive/2022/Winter/w2.jpg",
+    "odd/100%/p.jpg", "odd/x_y/u.jpg", "odd/xzy/z.jpg",
+]
 def wait_ready(client: TestClient) -> None:
     for _ in range(300):
         if client.get("/healthz").status_code == 200:
@@ -190,6 +198,94 @@ def test_folder_and_date_filters(client, indexed):
     assert client.get("/api/search", params={"q": "waves", "taken_after": "yesterday"}).status_code == 422
     bad = client.get("/api/search", params={"q": "waves", "taken_after": "2021-01-01", "taken_before": "2020-01-01"})
     assert bad.status_code == 400 and "later" in bad.json()["error"]
+
+
+def test_folder_filter_takes_a_name_a_relative_path_or_a_home_path(client, indexed, monkeypatch):
+    _, photos = indexed
+
+    def found(folder: str, **params) -> list[str]:
+        r = client.get("/api/search", params={"q": "photo", "k": 200, "folder": folder, **params})
+        assert r.status_code == 200, (folder, r.json())
+        return sorted(h["path"] for h in r.json()["hits"])
+
+    def under(*rels: str) -> list[str]:
+        return sorted(str(photos / r) for r in rels)
+
+    winter = under("Trips/Winter 2022/w0.jpg", "Trips/Winter 2022/day 2/w1.jpg")
+    assert found(str(photos / "Trips")) == winter  # an absolute path, as before
+    assert found(str(photos / "Trips") + "/") == winter
+    assert found("Winter 2022") == winter  # a bare name: anywhere in the library, subfolders too
+    assert found("winter 2022/") == winter  # any case, a trailing slash is fine
+    assert found("Trips/Winter 2022") == winter  # the last parts of a path
+    assert found("2022/Winter") == under("archive/2022/Winter/w2.jpg")
+    assert found("Winter") == under("archive/2022/Winter/w2.jpg")  # whole names: not "Winter 2022"
+    assert found("day 2") == under("Trips/Winter 2022/day 2/w1.jpg")
+    # LIKE's wildcards are plain characters in a folder name.
+    assert found("100%") == under("odd/100%/p.jpg")
+    assert found("x_y") == under("odd/x_y/u.jpg")  # not xzy
+    # The home folder is expanded on the server.
+    monkeypatch.setenv("HOME", str(photos.parent))
+    assert found("~/photos/Trips") == winter
+    assert len(found("~")) == client.get("/api/stats").json()["images"]
+    # The keyword side filters the same way ("winter" is also a word of archive/2022/Winter).
+    assert found("Trips", q="winter", mode="keyword") == winter
+
+
+@pytest.mark.parametrize("folder", ["Winter 2023", "1%", "x%", "w0.jpg", "/nowhere/Trips", "Winter 2022/x", "../photos"])
+def test_a_folder_filter_matching_no_folder_is_a_400_that_says_how_to_write_one(client, folder):
+    hit = client.get("/api/search", params={"q": "photo", "k": 1}).json()["hits"][0]
+    requests = [
+        lambda: client.get("/api/search", params={"q": "photo", "folder": folder}),
+        lambda: client.get("/api/search", params={"q": "photo", "folder": folder, "mode": "keyword"}),
+        lambda: client.get(f"/api/images/{hit['id']}/similar", params={"folder": folder}),
+        lambda: client.post("/api/search/image", params={"folder": folder},
+                            files={"image": ("x.jpg", dated_jpeg(1, "2000:01:01 00:00:00"), "image/jpeg")}),
+    ]
+    for request in requests:
+        r = request()
+        assert r.status_code == 400, r.json()
+        message = r.json()["error"]
+        if ".." in folder:
+            assert "'..'" in message
+        else:
+            assert f"no indexed folder matches {folder!r}" in message
+            assert "absolute path" in message and "~/" in message and "name" in message
+
+
+def test_similar_and_image_search_take_a_folder_name(client, indexed):
+    _, photos = indexed
+    winter = {str(photos / "Trips/Winter 2022/w0.jpg"), str(photos / "Trips/Winter 2022/day 2/w1.jpg")}
+    hit = client.get("/api/search", params={"q": "w0", "mode": "keyword", "folder": "Trips"}).json()["hits"][0]
+    similar = client.get(f"/api/images/{hit['id']}/similar", params={"folder": "winter 2022"}).json()["hits"]
+    assert {h["path"] for h in similar} == winter - {hit["path"]}
+    upload = client.post("/api/search/image", params={"folder": "Winter 2022"},
+                         files={"image": ("w0.jpg", open(hit["path"], "rb").read(), "image/jpeg")}).json()["hits"]
+    assert {h["path"] for h in upload} == winter and upload[0]["path"] == hit["path"]
+
+
+def test_folders_lists_subfolders_with_image_counts(client, indexed):
+    _, photos = indexed
+    everything = client.get("/api/folders", params={"limit": 1000}).json()
+    got = {f["path"]: f["images"] for f in everything["folders"]}
+    assert everything["total"] == len(got)
+    assert got[str(photos)] == client.get("/api/stats").json()["images"]
+    assert got[str(photos / "Trips")] == got[str(photos / "Trips/Winter 2022")] == 2
+    assert got[str(photos / "Trips/Winter 2022/day 2")] == 1 and got[str(photos / "nature")] > 5
+    assert not any(p in got for p in (str(photos.parent), "/"))  # nothing above the library's root
+    # A folder's count is what the folder filter finds.
+    for path in (str(photos / "Trips"), str(photos / "odd"), str(photos / "archive/2022")):
+        hits = client.get("/api/search", params={"q": "photo", "k": 200, "folder": path}).json()["hits"]
+        assert len(hits) == got[path], path
+    # What the user typed, anywhere in the path, in any case; folders named so first.
+    r = client.get("/api/folders", params={"q": "WINTER"}).json()
+    assert [f["path"] for f in r["folders"]] == [
+        str(photos / "Trips/Winter 2022"), str(photos / "archive/2022/Winter"), str(photos / "Trips/Winter 2022/day 2")
+    ]
+    r = client.get("/api/folders", params={"q": "winter", "limit": 1}).json()
+    assert len(r["folders"]) == 1 and r["total"] == 3
+    assert [f["path"] for f in client.get("/api/folders", params={"q": "%"}).json()["folders"]] == [str(photos / "odd/100%")]
+    assert client.get("/api/folders", params={"q": "no such folder"}).json() == {"folders": [], "total": 0}
+    assert client.get("/api/folders", params={"limit": 0}).status_code == 422
 
 
 @pytest.mark.parametrize(
@@ -355,7 +451,7 @@ def test_stats_and_metrics(client):
 def test_openapi_documents_every_endpoint(client):
     spec = client.get("/openapi.json").json()
     for path in ["/api/search", "/api/search/image", "/api/images/{image_id}", "/api/images/{image_id}/thumbnail",
-                 "/api/images/{image_id}/file", "/api/images/{image_id}/similar", "/api/stats", "/healthz", "/metrics"]:
+                 "/api/folders", "/api/images/{image_id}/file", "/api/images/{image_id}/similar", "/api/stats", "/healthz", "/metrics"]:
         assert path in spec["paths"], path
         for op in spec["paths"][path].values():
             assert op.get("description") or op.get("summary")

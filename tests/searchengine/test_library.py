@@ -62,3 +62,18 @@ def test_missing_index_is_a_clear_error(settings):
 
     with pytest.raises(IndexNotFoundError, match="searchengine index"):
         Library.open(settings)
+
+
+def test_folders_list_subfolders_with_image_counts(settings):
+    lib = Library.open(settings, create=True)
+    lib.bind(INFO)
+    lib.store.add_root("/lib")
+    _add(lib, "a", "/lib/Trips/Winter 2022/a.jpg", 1)
+    _add(lib, "b", "/lib/Trips/Winter 2022/day 2/b.jpg", 2)
+    _add(lib, "c", "/lib/c.jpg", 3)
+    # The same content under two paths of one folder counts once.
+    lib.store.write_batch(links=[("/lib/Trips/Winter 2022/copy of a.jpg", 1, 1, "a")])
+    got = {f.path: f.images for f in lib.folders()}
+    assert got == {"/lib": 3, "/lib/Trips": 2, "/lib/Trips/Winter 2022": 2, "/lib/Trips/Winter 2022/day 2": 1}
+    assert [f.path for f in lib.folders()] == sorted(got)  # above the root: nothing
+    lib.close()
