@@ -64,6 +64,7 @@ class HitOut(BaseModel):
     itm: float | None
     keyword: float | None
     thumbnail_url: str
+    preview_url: str
     file_url: str
 
 
@@ -97,6 +98,7 @@ class ImageOut(BaseModel):
     caption_model: str | None
     caption_error: str | None
     thumbnail_url: str
+    preview_url: str
     file_url: str
 
 
@@ -197,7 +199,8 @@ def _hit(h: Hit) -> HitOut:
     return HitOut(
         id=h.image_id, path=h.path, paths=h.paths, width=h.width, height=h.height, taken_at=h.taken_at,
         camera=h.camera, caption=h.caption, score=h.score, itc=h.itc, itm=h.itm, keyword=h.keyword,
-        thumbnail_url=f"/api/images/{h.image_id}/thumbnail", file_url=f"/api/images/{h.image_id}/file",
+        thumbnail_url=f"/api/images/{h.image_id}/thumbnail", preview_url=f"/api/images/{h.image_id}/preview",
+        file_url=f"/api/images/{h.image_id}/file",
     )
 
 
@@ -333,13 +336,20 @@ def create_app(
             id=d["id"], paths=[f["path"] for f in d["files"]], files=[FileOut(path=f["path"], size=f["size"]) for f in d["files"]],
             width=d["width"], height=d["height"], taken_at=d["taken_at"], camera=d["camera"], gps_lat=d["gps_lat"],
             gps_lon=d["gps_lon"], caption=d["caption"], caption_model=d["caption_model"], caption_error=d["caption_error"],
-            thumbnail_url=f"/api/images/{image_id}/thumbnail", file_url=f"/api/images/{image_id}/file",
+            thumbnail_url=f"/api/images/{image_id}/thumbnail", preview_url=f"/api/images/{image_id}/preview",
+            file_url=f"/api/images/{image_id}/file",
         )
 
     @app.get("/api/images/{image_id}/thumbnail", response_class=FileResponse, responses={404: {"model": ErrorOut}})
     async def thumbnail(service: Service, image_id: ImageId):
         """A small JPEG of the image, made once and kept."""
         path = await asyncio.to_thread(service.thumbnail, image_id)
+        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.get("/api/images/{image_id}/preview", response_class=FileResponse, responses={404: {"model": ErrorOut}})
+    async def preview(service: Service, image_id: ImageId):
+        """A screen-sized JPEG of the image (longest side `preview_size`, 1600 px), made on first request and kept."""
+        path = await asyncio.to_thread(service.preview, image_id)
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
     @app.get("/api/images/{image_id}/file", response_class=FileResponse, responses={404: {"model": ErrorOut}})

@@ -1,10 +1,10 @@
-"""The data directory: the store (truth), the FAISS index (derived), the ViT feature cache and
-the thumbnails (both caches).
+"""The data directory: the store (truth), the FAISS index (derived), the ViT feature cache,
+the thumbnails and the previews (all three caches).
 
 Write order, which is what makes a crash at any moment repairable:
 1. one store transaction per batch: images, their vectors, their files (or failures);
 2. feature cache and thumbnail files of the new images (whole-file renames; named by the ids
-   from 1);
+   from 1); previews are made on first request;
 3. the in-memory FAISS index, saved atomically every `save_every_s` and at the end.
 Deletions go store first, then FAISS, then the caches.
 
@@ -29,7 +29,7 @@ from searchengine.errors import IndexNotFoundError
 from searchengine.features import FeatureCache
 from searchengine.settings import Settings
 from searchengine.store import FolderCount, ModelInfo, Store, sqlite_url
-from searchengine.thumbnails import ThumbnailCache
+from searchengine.thumbnails import PreviewCache, ThumbnailCache
 from searchengine.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class Library:
         self.index: VectorIndex | None = None
         self.features: FeatureCache | None = None
         self.thumbnails = ThumbnailCache(settings.thumbnails_dir, settings.thumbnail_size, settings.max_image_pixels)
+        self.previews = PreviewCache(settings.previews_dir, settings.preview_size, settings.max_image_pixels)
         self._last_save = time.monotonic()
         self._dirty = False
         # Guards the in-memory FAISS index: searches from server threads against reconcile.
@@ -123,7 +124,7 @@ class Library:
             self.index.add(ids, vecs)
             report.added += len(ids)
         present = set(store_ids.tolist())
-        for cache in (self.features, self.thumbnails):
+        for cache in (self.features, self.thumbnails, self.previews):
             if cache is not None:
                 stale = cache.ids() - present
                 cache.delete(stale)
@@ -152,6 +153,7 @@ class Library:
         if self.features is not None:
             self.features.delete(ids)
         self.thumbnails.delete(ids)
+        self.previews.delete(ids)
         self._dirty = True
 
     def maybe_save(self) -> None:
@@ -215,6 +217,7 @@ class Library:
             "vector_index": size(s.vectors_path),
             "feature_cache": self.features.size_bytes() if self.features else 0,
             "thumbnails": self.thumbnails.size_bytes(),
+            "previews": self.previews.size_bytes(),
         }
 
 

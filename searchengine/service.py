@@ -222,6 +222,11 @@ class QueryService:
         detail = self.image(image_id)
         return str(self.library.thumbnails.get(image_id, [f["path"] for f in detail["files"]]))
 
+    def preview(self, image_id: int) -> str:
+        """A screen-sized JPEG of the image for the detail view, made on first request."""
+        detail = self.image(image_id)
+        return str(self.library.previews.get(image_id, [f["path"] for f in detail["files"]]))
+
     def folders(self, contains: str = "", limit: int = 50) -> tuple[list[FolderCount], int]:
         """Indexed folders (subfolders included) whose path contains `contains` (any case),
         those whose own name contains it first, then by path; and how many matched in all."""

@@ -1,5 +1,10 @@
-"""Small JPEG thumbnails: made at index time from the already decoded image, or on first
-request for images indexed without one; kept in the data dir, deleted with their image."""
+"""JPEG thumbnails and previews, kept in the data dir and deleted with their image.
+
+- Thumbnails (the grid's tiles, 320 px): made at index time from the already decoded image,
+  or on first request for images indexed without one.
+- Previews (the detail view, 1600 px): made on first request, so a 16 MB original is read
+  once rather than sent to the browser on every arrow key.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from searchengine.imageio import decode_image, read_file
 
 class ThumbnailCache(IdFileCache):
     suffix = ".jpg"
+    quality = 82
 
     def __init__(self, root: Path, size: int = 320, max_pixels: int = 150_000_000) -> None:
         super().__init__(root)
@@ -25,10 +31,11 @@ class ThumbnailCache(IdFileCache):
         self._locks = [threading.Lock() for _ in range(64)]  # one maker per image at a time
 
     def make(self, image: Image.Image) -> bytes:
-        return make_thumbnail(image, self.size)
+        """JPEG bytes of `image` at most `size` px a side."""
+        return make_thumbnail(image, self.size, self.quality)
 
     def get(self, image_id: int, sources: Sequence[str]) -> Path:
-        """The thumbnail file, made from the first readable source if it is not there yet."""
+        """The cached file, made from the first readable source if it is not there yet."""
         path = self.path(image_id)
         if path.exists():
             return path
@@ -48,9 +55,19 @@ class ThumbnailCache(IdFileCache):
             return path
 
 
-def make_thumbnail(image: Image.Image, size: int) -> bytes:
+class PreviewCache(ThumbnailCache):
+    """Screen-sized JPEGs for the detail view; an image smaller than `size` is re-encoded."""
+
+    quality = 85  # looked at full screen, unlike a tile
+
+    def __init__(self, root: Path, size: int = 1600, max_pixels: int = 150_000_000) -> None:
+        super().__init__(root, size, max_pixels)
+
+
+def make_thumbnail(image: Image.Image, size: int, quality: int = 82) -> bytes:
+    """JPEG bytes, at most `size` px a side (never enlarged)."""
     im = image.copy()
     im.thumbnail((size, size), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=82, optimize=True, progressive=True)
+    im.save(buf, "JPEG", quality=quality, optimize=True, progressive=True)
     return buf.getvalue()

@@ -411,8 +411,28 @@ def test_image_metadata_thumbnail_and_file(client, indexed, captioner):
     assert f.headers["content-type"] == expected
 
 
+def test_preview_is_screen_sized_made_once_and_kept(client, indexed):
+    settings, photos = indexed
+    big = photos / "abstract" / "Elephants_5640x3172.jpg"  # 16 MB: the example
+    hits = client.get("/api/search", params={"q": "elephants", "k": 200, "mode": "keyword"}).json()["hits"]
+    hit = next(h for h in hits if h["path"] == str(big))
+    assert hit["preview_url"] == f"/api/images/{hit['id']}/preview"
+    assert client.get(f"/api/images/{hit['id']}").json()["preview_url"] == hit["preview_url"]
+    r = client.get(hit["preview_url"])
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    preview = Image.open(io.BytesIO(r.content))
+    assert max(preview.size) == settings.preview_size == 1600
+    assert abs(preview.size[0] / preview.size[1] - 5640 / 3172) < 0.01
+    assert len(r.content) < big.stat().st_size / 20
+    kept = settings.previews_dir / f"{hit['id'] % 256:02x}" / f"{hit['id']}.jpg"
+    assert kept.read_bytes() == r.content and client.get(hit["preview_url"]).content == r.content
+    # A small image is not enlarged.
+    small = client.get("/api/search", params={"q": "d0", "mode": "keyword", "folder": "dated"}).json()["hits"][0]
+    assert Image.open(io.BytesIO(client.get(small["preview_url"]).content)).size == (96, 64)
+
+
 def test_unknown_ids_are_404(client):
-    for url in ["/api/images/424242", "/api/images/424242/thumbnail", "/api/images/424242/file"]:
+    for url in ["/api/images/424242", "/api/images/424242/thumbnail", "/api/images/424242/preview", "/api/images/424242/file"]:
         r = client.get(url)
         assert r.status_code == 404 and "424242" in r.json()["error"]
     assert client.get("/api/images/abc").status_code == 422
@@ -451,7 +471,7 @@ def test_stats_and_metrics(client):
 def test_openapi_documents_every_endpoint(client):
     spec = client.get("/openapi.json").json()
     for path in ["/api/search", "/api/search/image", "/api/images/{image_id}", "/api/images/{image_id}/thumbnail",
-                 "/api/folders", "/api/images/{image_id}/file", "/api/images/{image_id}/similar", "/api/stats", "/healthz", "/metrics"]:
+                 "/api/images/{image_id}/preview", "/api/folders", "/api/images/{image_id}/file", "/api/images/{image_id}/similar", "/api/stats", "/healthz", "/metrics"]:
         assert path in spec["paths"], path
         for op in spec["paths"][path].values():
             assert op.get("description") or op.get("summary")
