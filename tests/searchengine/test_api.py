@@ -44,6 +44,9 @@ def indexed(tmp_path_factory, photos_dir, tiny_model_dir, model, captioner):
     for seed, rel in enumerate(FOLDER_FILES, 10):
         (photos / rel).parent.mkdir(parents=True, exist_ok=True)
         (photos / rel).write_bytes(dated_jpeg(seed, "2022:01:15 09:00:00"))
+    (photos / "alpha").mkdir()
+    (photos / "alpha" / "clear.png").write_bytes(_png(CLEAR))
+    (photos / "alpha" / "half.png").write_bytes(_png(HALF))
     settings = Settings(
         data_dir=root / "data", model=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=8,
         refresh_interval_s=0, text_batch_wait_ms=2,
@@ -58,6 +61,18 @@ FOLDER_FILES = [
     "Trips/Winter 2022/w0.jpg", "Trips/Winter 2022/day 2/w1.jpg", "archive/2022/Winter/w2.jpg",
     "odd/100%/p.jpg", "odd/x_y/u.jpg", "odd/xzy/z.jpg",
 ]
+CLEAR = np.dstack([np.roll(gradient(), 30, axis=0), np.zeros((64, 96), np.uint8)])  # nothing shows
+HALF = np.dstack([np.roll(gradient(), 50, axis=1), np.full((64, 96), 255, np.uint8)])
+HALF[:, 48:, 3] = 0  # the right half shows nothing
+HALF[:32, :48, 3] = 100  # the top left shows a little
+
+
+def _png(rgba: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    return buf.getvalue()
+
+
 def wait_ready(client: TestClient) -> None:
     for _ in range(300):
         if client.get("/healthz").status_code == 200:
@@ -429,6 +444,28 @@ def test_preview_is_screen_sized_made_once_and_kept(client, indexed):
     # A small image is not enlarged.
     small = client.get("/api/search", params={"q": "d0", "mode": "keyword", "folder": "dated"}).json()["hits"][0]
     assert Image.open(io.BytesIO(client.get(small["preview_url"]).content)).size == (96, 64)
+
+
+def test_transparent_images_show_on_grey_while_the_model_saw_white(client, indexed, model):
+    settings, photos = indexed
+    library = Library.open(settings)
+    try:
+        for name, rgba in [("clear", CLEAR), ("half", HALF)]:
+            hit = client.get("/api/search", params={"q": name, "mode": "keyword", "folder": "alpha"}).json()["hits"][0]
+            assert hit["path"] == str(photos / "alpha" / f"{name}.png")
+            for url in (hit["thumbnail_url"], hit["preview_url"]):  # made at index time; on request
+                shown = np.asarray(Image.open(io.BytesIO(client.get(url).content))).astype(int)
+                see_through = shown if name == "clear" else shown[:, 52:]  # clear of the JPEG-blurred edge
+                assert see_through.max() < 200 and see_through.min() > 60, (name, url)  # grey, not white
+            # What the model embedded is exactly the white composite, as before.
+            im = Image.fromarray(rgba, "RGBA")
+            white = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+            stored = next(library.store.iter_vectors([hit["id"]]))[1][0]
+            assert np.allclose(stored, model.embed_images([white]).itc[0], atol=1e-5)
+            grey = Image.alpha_composite(Image.new("RGBA", im.size, (128, 128, 128, 255)), im).convert("RGB")
+            assert not np.allclose(stored, model.embed_images([grey]).itc[0], atol=1e-3)  # the check can tell
+    finally:
+        library.close()
 
 
 def test_unknown_ids_are_404(client):
