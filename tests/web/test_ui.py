@@ -37,6 +37,9 @@ def library(tmp_path_factory, photos_dir, tiny_model_dir, tiny_captioner_dir):
     rgba = np.dstack([gradient(300, 200), np.full((200, 300), 255, np.uint8)])
     rgba[:, 150:, 3] = 0
     Image.fromarray(rgba, "RGBA").save(deep / "transparent-logo.png")
+    for i in range(5):  # the same file in more folders: one image with six paths, a long panel
+        (photos / "Backups" / f"copy {i}").mkdir(parents=True)
+        shutil.copy(deep / "transparent-logo.png", photos / "Backups" / f"copy {i}" / "transparent-logo.png")
     env = env_for(tiny_model_dir, root / "data", tiny_captioner_dir)
     subprocess.run([EXE, "index", str(photos)], env={**env, "SEARCHENGINE_CAPTION_MAX_TOKENS": "8"}, check=True,
                    capture_output=True, timeout=600)
@@ -441,10 +444,13 @@ def test_phone_layout(phone, library, screenshots):
     deep = next(i for i, h in enumerate(hits) if h["path"].endswith("transparent-logo.png"))
     tiles(page).nth(deep).tap()
     expect(page.locator("#d-name")).to_have_text("transparent-logo.png")
-    expect(page.locator("#d-path")).to_have_text(hits[deep]["path"])
+    assert len(hits[deep]["paths"]) == 6
+    expect(page.locator("#d-path span")).to_have_text(hits[deep]["paths"])
     wrapped = lines_and_bad_breaks(page.locator("#d-path"))
-    assert wrapped["lines"] >= 2 and wrapped["bad"] == [], wrapped  # it wraps, and only between words
-    # "More like this" and "Open original" in view, not under anything, without scrolling.
+    assert wrapped["lines"] >= 10 and wrapped["bad"] == [], wrapped  # it wraps, and only between words
+    # The panel is longer than the room it has ...
+    assert page.locator("aside").evaluate("a => a.scrollHeight > a.clientHeight + 100")
+    # ... yet "More like this" and "Open original" are in view, not under anything, without scrolling.
     for action in ("#d-more", "#d-file"):
         box = page.locator(action).bounding_box()
         assert box and box["y"] >= 0 and box["y"] + box["height"] <= PHONE["height"], (action, box)
