@@ -249,14 +249,15 @@ class Indexer:
                 return _Ready(entry, sha)
             decoded = decode_image(data, max_pixels=self.settings.max_image_pixels, sha256=sha or None)
             pixels = self.model.preprocess([decoded.image])[0]
-            thumbnail = self.library.thumbnails.make(decoded.image)  # decoded once, used thrice
+            # Decoded once, used thrice; the thumbnail shows transparency, the models do not.
+            thumbnail = self.library.thumbnails.make(decoded.display)
             ready = _Ready(entry, sha, decoded, pixels, thumbnail)
             if self.captioner is not None:
                 try:
                     ready.caption_pixels = self.captioner.preprocess([decoded.image])[0]
                 except Exception as e:  # noqa: BLE001 - the image is still embedded
                     ready.caption_error = f"{type(e).__name__}: {e}"
-            decoded.image = None  # keep the pixels and the thumbnail; free the full-size image
+            decoded.image = decoded.rgba = None  # keep the pixels and the thumbnail; free the full-size image
             return ready
         except BadImageError as e:
             return _Failed(entry, e.reason, str(e))

@@ -64,6 +64,7 @@ class HitOut(BaseModel):
     itm: float | None
     keyword: float | None
     thumbnail_url: str
+    preview_url: str
     file_url: str
 
 
@@ -97,7 +98,18 @@ class ImageOut(BaseModel):
     caption_model: str | None
     caption_error: str | None
     thumbnail_url: str
+    preview_url: str
     file_url: str
+
+
+class FolderOut(BaseModel):
+    path: str
+    images: int
+
+
+class FoldersOut(BaseModel):
+    folders: list[FolderOut]
+    total: int  # folders that matched, before `limit`
 
 
 class HealthOut(BaseModel):
@@ -139,7 +151,13 @@ Service = Annotated[QueryService, Depends(get_service)]
 K = Annotated[int, Query(ge=1, le=MAX_K, description="how many hits per page")]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="hits to skip (paging)")]
 MinScore = Annotated[float | None, Query(description="drop hits whose final score is below this")]
-Folder = Annotated[str | None, Query(description="only images with a file below this folder (absolute path)")]
+Folder = Annotated[
+    str | None,
+    Query(description="only images with a file below this folder: an absolute path (/home/me/Pictures/Trips) or "
+          "one from home (~/Pictures), matched as it is; or a folder's name or the last parts of its path "
+          "(Trips, Trips/Winter 2022), matched anywhere in the library, in any case. 400 if no indexed "
+          "folder matches"),
+]
 TakenAfter = Annotated[date | datetime | None, Query(description="only images taken on or after (ISO date or date-time)")]
 TakenBefore = Annotated[date | datetime | None, Query(description="only images taken on or before (ISO date or date-time)")]
 ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="an image id from a search hit")]
@@ -172,7 +190,8 @@ def _hit(h: Hit) -> HitOut:
     return HitOut(
         id=h.image_id, path=h.path, paths=h.paths, width=h.width, height=h.height, taken_at=h.taken_at,
         camera=h.camera, caption=h.caption, score=h.score, itc=h.itc, itm=h.itm, keyword=h.keyword,
-        thumbnail_url=f"/api/images/{h.image_id}/thumbnail", file_url=f"/api/images/{h.image_id}/file",
+        thumbnail_url=f"/api/images/{h.image_id}/thumbnail", preview_url=f"/api/images/{h.image_id}/preview",
+        file_url=f"/api/images/{h.image_id}/file",
     )
 
 
@@ -307,7 +326,8 @@ def create_app(
             id=d["id"], paths=[f["path"] for f in d["files"]], files=[FileOut(path=f["path"], size=f["size"]) for f in d["files"]],
             width=d["width"], height=d["height"], taken_at=d["taken_at"], camera=d["camera"], gps_lat=d["gps_lat"],
             gps_lon=d["gps_lon"], caption=d["caption"], caption_model=d["caption_model"], caption_error=d["caption_error"],
-            thumbnail_url=f"/api/images/{image_id}/thumbnail", file_url=f"/api/images/{image_id}/file",
+            thumbnail_url=f"/api/images/{image_id}/thumbnail", preview_url=f"/api/images/{image_id}/preview",
+            file_url=f"/api/images/{image_id}/file",
         )
 
     @app.get("/api/images/{image_id}/thumbnail", response_class=FileResponse, responses={404: {"model": ErrorOut}})
@@ -316,12 +336,28 @@ def create_app(
         path = await asyncio.to_thread(service.thumbnail, image_id)
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
+    @app.get("/api/images/{image_id}/preview", response_class=FileResponse, responses={404: {"model": ErrorOut}})
+    async def preview(service: Service, image_id: ImageId):
+        """A screen-sized JPEG of the image (longest side `preview_size`, 1600 px), made on first request and kept."""
+        path = await asyncio.to_thread(service.preview, image_id)
+        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
     @app.get("/api/images/{image_id}/file", response_class=FileResponse, responses={404: {"model": ErrorOut}})
     def original(service: Service, image_id: ImageId):
         """The original file, with its content type."""
         path = service.file(image_id)
         media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/folders", response_model=FoldersOut)
+    async def folders(
+        service: Service,
+        q: Annotated[str, Query(max_length=1000, description="only folders whose path contains this, in any case")] = "",
+        limit: Annotated[int, Query(ge=1, le=1000, description="at most this many folders")] = 50,
+    ):
+        """Indexed folders, subfolders included, with image counts (for the folder filter's suggestions)."""
+        found, total = await asyncio.to_thread(service.folders, q, limit)
+        return FoldersOut(folders=[FolderOut(path=f.path, images=f.images) for f in found], total=total)
 
     @app.get("/api/stats")
     def stats(service: Service) -> dict:

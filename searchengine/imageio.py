@@ -85,8 +85,16 @@ def read_file(path: str) -> bytes:
 @dataclass
 class Decoded:
     sha256: str
-    image: Image.Image  # RGB, orientation applied
+    image: Image.Image  # RGB, orientation applied, transparency on white: what the models see
     meta: ImageMeta
+    # The same pixels with their transparency (RGBA), for images that have any: thumbnails
+    # and previews show it on a checkerboard, where white would leave a blank tile.
+    rgba: Image.Image | None = None
+
+    @property
+    def display(self) -> Image.Image:
+        """What thumbnails and previews are made from (`thumbnails.make_thumbnail` takes either)."""
+        return self.rgba if self.rgba is not None else self.image
 
 
 def sha256_of(data: bytes) -> str:
@@ -129,10 +137,10 @@ def decode_image(data: bytes, *, max_pixels: int, sha256: str | None = None) -> 
             im.load()
             exif = im.getexif()
             im = ImageOps.exif_transpose(im)
-            rgb = to_rgb(im)
+            rgb, rgba = _to_rgb_keeping_alpha(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
         raise _decode_failure("cannot decode image", e) from None
-    return Decoded(sha, rgb, _meta(rgb, exif))
+    return Decoded(sha, rgb, _meta(rgb, exif), rgba)
 
 
 def _decode_failure(what: str, e: BaseException) -> BadImageError:
@@ -155,6 +163,12 @@ def _too_large(size: str, max_pixels: int) -> str:
 def to_rgb(im: Image.Image) -> Image.Image:
     """8-bit RGB. Transparency is composited on white (as transformers' convert_to_rgb does);
     16- and 32-bit greyscale is scaled down rather than clipped to white."""
+    return _to_rgb_keeping_alpha(im)[0]
+
+
+def _to_rgb_keeping_alpha(im: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """(`to_rgb(im)`, the RGBA image it was composited from, or None if `im` has no alpha):
+    one conversion serves the model's pixels and the thumbnail's."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
         top = 65535.0 if arr.max(initial=0) > 255 else 255.0
@@ -163,8 +177,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if has_alpha:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im if im.mode == "RGB" else im.convert("RGB")
+        return Image.alpha_composite(background, rgba).convert("RGB"), rgba
+    return (im if im.mode == "RGB" else im.convert("RGB")), None
 
 
 _EXIF_IFD = 0x8769

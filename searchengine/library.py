@@ -1,10 +1,10 @@
-"""The data directory: the store (truth), the FAISS index (derived), the ViT feature cache and
-the thumbnails (both caches).
+"""The data directory: the store (truth), the FAISS index (derived), the ViT feature cache,
+the thumbnails and the previews (all three caches).
 
 Write order, which is what makes a crash at any moment repairable:
 1. one store transaction per batch: images, their vectors, their files (or failures);
 2. feature cache and thumbnail files of the new images (whole-file renames; named by the ids
-   from 1);
+   from 1); previews are made on first request;
 3. the in-memory FAISS index, saved atomically every `save_every_s` and at the end.
 Deletions go store first, then FAISS, then the caches.
 
@@ -36,8 +36,8 @@ import numpy as np
 from searchengine.errors import IndexNotFoundError, ReadOnlyIndexError
 from searchengine.features import FeatureCache
 from searchengine.settings import Settings
-from searchengine.store import ModelInfo, Store, sqlite_readonly_url, sqlite_url
-from searchengine.thumbnails import ThumbnailCache
+from searchengine.store import FolderCount, ModelInfo, Store, sqlite_readonly_url, sqlite_url
+from searchengine.thumbnails import PreviewCache, ThumbnailCache
 from searchengine.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,9 @@ class Library:
         self.features: FeatureCache | None = None
         self.thumbnails = ThumbnailCache(
             settings.thumbnails_dir, settings.thumbnail_size, settings.max_image_pixels, read_only=not writable
+        )
+        self.previews = PreviewCache(
+            settings.previews_dir, settings.preview_size, settings.max_image_pixels, read_only=not writable
         )
         self._last_save = time.monotonic()
         self._dirty = False
@@ -182,6 +185,7 @@ class Library:
     def close(self) -> None:
         self.store.close()
         self.thumbnails.close()
+        self.previews.close()
 
     def bind(self, info: ModelInfo) -> None:
         """Tie the library to a model (refused if it was built with another one)."""
@@ -233,7 +237,7 @@ class Library:
         present = set(store_ids.tolist())
         # A read-only library leaves stale cache entries on disk: it never asks for them (the
         # ids are gone from the store), and the next writer drops them.
-        for cache in (self.features, self.thumbnails) if self.writable else ():
+        for cache in (self.features, self.thumbnails, self.previews) if self.writable else ():
             if cache is not None:
                 stale = cache.ids() - present
                 cache.delete(stale)
@@ -268,6 +272,7 @@ class Library:
         if self.features is not None:
             self.features.delete(ids)
         self.thumbnails.delete(ids)
+        self.previews.delete(ids)
         self._dirty = True
 
     def maybe_save(self) -> None:
@@ -281,6 +286,16 @@ class Library:
             self.index.save(self.settings.vectors_path)
         self._last_save = time.monotonic()
         self._dirty = False
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def folders(self) -> list[FolderCount]:
+        """Every folder with indexed images below it, subfolders included (see `Store.folders`)."""
+        return self.store.folders()
+
+    def folder_has_images(self, folder: str) -> bool:
+        """Whether a folder filter (a path or a folder's name) matches any indexed file."""
+        return self.store.folder_has_images(folder)
 
     # -- description ----------------------------------------------------------------------
 
@@ -321,6 +336,7 @@ class Library:
             "vector_index": size(s.vectors_path),
             "feature_cache": self.features.size_bytes() if self.features else 0,
             "thumbnails": self.thumbnails.size_bytes(),
+            "previews": self.previews.size_bytes(),
         }
 
 

@@ -70,7 +70,7 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class Filters:
-    folder: str | None = None  # a folder path: images with a file below it
+    folder: str | None = None  # images with a file below it: a path or a folder's name (`store.folder_condition`)
     taken_after: str | None = None  # ISO date or date-time, inclusive
     taken_before: str | None = None
 
@@ -176,6 +176,18 @@ class Searcher:
         if len(text) > self.settings.max_query_chars:
             raise QueryError(f"the query is {len(text)} characters long; the limit is {self.settings.max_query_chars}")
         return text
+
+    def check_filters(self, filters: Filters | None) -> None:
+        """QueryError when the folder filter names no indexed folder: a typo or a path written
+        the wrong way would otherwise look like a search with no results."""
+        if filters is None or not filters.folder or self.library.folder_has_images(filters.folder):
+            return
+        raise QueryError(
+            f"no indexed folder matches {filters.folder!r}. Give a folder's absolute path "
+            "(/home/me/Pictures/Trips), a path from your home folder (~/Pictures/Trips), or a folder's "
+            "name or the last parts of its path (Trips, Trips/Winter 2022); see /api/folders for the "
+            "indexed folders"
+        )
 
     def allowed_ids(self, filters: Filters | None, excluded: np.ndarray | None = None) -> np.ndarray | None:
         allowed = None
@@ -293,6 +305,7 @@ class Searcher:
         if k < 1 or offset < 0:
             raise QueryError("k must be at least 1 and offset at least 0")
         k_candidates = self.settings.k_candidates if k_candidates is None else k_candidates
+        self.check_filters(filters)
         t0 = time.perf_counter()
         if self.model is None and mode != "keyword":
             raise QueryError(f"{mode} search needs the model; only keyword search runs without it")

@@ -27,6 +27,7 @@ from searchengine.metrics import Metrics
 from searchengine.models import RetrievalModel
 from searchengine.search import Filters, Hit, Ranking, Searcher, parse_for_mode
 from searchengine.settings import Settings
+from searchengine.store import FolderCount
 
 
 class ImageNotFoundError(SearchEngineError):
@@ -80,6 +81,8 @@ class QueryService:
         self._rankings_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._last_refresh = time.monotonic()
+        self._folders: tuple[int, list[FolderCount]] | None = None  # (library revision, folders)
+        self._folders_lock = threading.Lock()
 
     async def close(self) -> None:
         await self.batcher.close()
@@ -122,6 +125,7 @@ class QueryService:
         ranking, shallower = self._cached(key, depth)
         encode = 0.0
         if ranking is None:
+            await asyncio.to_thread(self.searcher.check_filters, filters)
             if shallower is not None and shallower.query_vector is not None:
                 vec, known = shallower.query_vector, shallower.itm_by_id()  # a deeper page
             else:
@@ -141,6 +145,7 @@ class QueryService:
     ) -> Page:
         """Images like an uploaded one."""
         await asyncio.to_thread(self.refresh)
+        await asyncio.to_thread(self.searcher.check_filters, filters)  # before the model's work
         t0 = time.perf_counter()
         image = (await asyncio.to_thread(decode_image, data, max_pixels=self.settings.max_upload_pixels)).image
         vectors = (await asyncio.to_thread(self.model.embed_images, [image])).itc[0]
@@ -160,6 +165,7 @@ class QueryService:
         key = ("similar", image_id, filters, self.library.revision)
         ranking, _ = self._cached(key, depth)
         if ranking is None:
+            await asyncio.to_thread(self.searcher.check_filters, filters)
             stored = await asyncio.to_thread(lambda: list(self.library.store.iter_vectors([image_id])))
             if not stored:
                 raise ImageNotFoundError(f"no image has id {image_id}")
@@ -215,6 +221,28 @@ class QueryService:
     def thumbnail(self, image_id: int) -> str:
         detail = self.image(image_id)
         return str(self.library.thumbnails.get(image_id, [f["path"] for f in detail["files"]]))
+
+    def preview(self, image_id: int) -> str:
+        """A screen-sized JPEG of the image for the detail view, made on first request."""
+        detail = self.image(image_id)
+        return str(self.library.previews.get(image_id, [f["path"] for f in detail["files"]]))
+
+    def folders(self, contains: str = "", limit: int = 50) -> tuple[list[FolderCount], int]:
+        """Indexed folders (subfolders included) whose path contains `contains` (any case),
+        those whose own name contains it first, then by path; and how many matched in all."""
+        self.refresh()
+        revision = self.library.revision
+        with self._folders_lock:
+            if self._folders is None or self._folders[0] != revision:
+                # Derived from every file's path: kept until the library changes, as the UI
+                # asks again on every keystroke.
+                self._folders = (revision, self.library.folders())
+            every = self._folders[1]
+        needle = contains.strip().casefold()
+        found = [f for f in every if needle in f.path.casefold()]
+        if needle:
+            found.sort(key=lambda f: (needle not in os.path.basename(f.path).casefold(), f.path))
+        return found[:limit], len(found)
 
     def file(self, image_id: int) -> str:
         """The image's first file that still exists; never a path from the request."""

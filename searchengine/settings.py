@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     text_batch_wait_ms: float = Field(0.0, ge=0)  # extra wait for company; 0: continuous batching
     ranking_cache_size: int = Field(256, ge=0)  # rankings kept for paging
     thumbnail_size: int = Field(320, ge=16, le=2048)
+    # The detail view's image: screen-sized, so paging through results never loads a 16 MB
+    # original; made on first request and kept.
+    preview_size: int = Field(1600, ge=64, le=8192)
     refresh_interval_s: float = Field(1.0, ge=0)  # how often the service looks for index writes
 
     def writes_feature_cache(self, device: str) -> bool:
@@ -71,6 +74,10 @@ class Settings(BaseSettings):
     @property
     def thumbnails_dir(self) -> Path:
         return self.data_dir / "thumbnails"
+
+    @property
+    def previews_dir(self) -> Path:
+        return self.data_dir / "previews"
 
     @property
     def store_path(self) -> Path:

@@ -50,7 +50,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL, Connection, Engine
 
-from searchengine.errors import ModelMismatchError, ReadOnlyIndexError, SchemaError
+from searchengine.errors import ModelMismatchError, QueryError, ReadOnlyIndexError, SchemaError
 from searchengine.keywords import Clause, KeywordQuery, path_words
 from searchengine.textindex import KeywordHit, TextIndex, text_index_for
 
@@ -159,6 +159,12 @@ class ImageRecord:
     taken_at: str | None
     camera: str | None
     caption: str | None
+
+
+@dataclass(frozen=True)
+class FolderCount:
+    path: str
+    images: int  # distinct images with a file in this folder or below it
 
 
 @dataclass
@@ -534,22 +540,47 @@ class Store:
     def filter_ids(
         self, folder: str | None = None, taken_after: str | None = None, taken_before: str | None = None
     ) -> np.ndarray:
-        """Ids of images with a file below `folder` and taken within [after, before] (ISO)."""
+        """Ids of images with a file below `folder` (see `folder_condition`) and taken within [after, before] (ISO)."""
         with self.engine.connect() as conn:
             return np.fromiter(conn.execute(self._filter_select(folder, taken_after, taken_before)).scalars(), dtype=np.int64)
 
     def _filter_select(self, folder: str | None, taken_after: str | None, taken_before: str | None):
         q = select(images.c.id).distinct()
         if folder:
-            prefix = folder.rstrip("/") + "/"
-            q = q.join(files, files.c.image_id == images.c.id).where(
-                files.c.path >= prefix, files.c.path < prefix[:-1] + "0"
-            )
+            q = q.join(files, files.c.image_id == images.c.id).where(folder_condition(folder))
         if taken_after:
             q = q.where(images.c.taken_at >= taken_after)
         if taken_before:
             q = q.where(images.c.taken_at <= taken_before)
         return q
+
+    def folder_has_images(self, folder: str) -> bool:
+        """Whether any indexed file lies below `folder` (read as `folder_condition` reads it)."""
+        q = select(files.c.id).where(files.c.image_id.is_not(None), folder_condition(folder)).limit(1)
+        with self.engine.connect() as conn:
+            return conn.execute(q).first() is not None
+
+    def folders(self) -> list[FolderCount]:
+        """Every folder that holds indexed images, subfolders included, with its image count
+        (a folder counts the images below it too, as the folder filter does), by path.
+
+        Folders are derived from the file paths: each file's folder and its parents up to the
+        library root it was indexed under (the root's own parents are not listed).
+        """
+        with self.engine.connect() as conn:
+            root_paths = sorted(conn.execute(select(roots.c.path)).scalars(), key=len, reverse=True)
+            rows = conn.execute(select(files.c.path, files.c.image_id).where(files.c.image_id.is_not(None))).all()
+        below: dict[str, set[int]] = {}
+        for path, image_id in rows:
+            # The longest root the file is under: nested roots end the walk at the inner one.
+            top = next((r for r in root_paths if path.startswith(r.rstrip("/") + "/")), None)
+            folder = os.path.dirname(path)
+            while True:
+                below.setdefault(folder, set()).add(image_id)
+                if top is None or len(folder) <= len(top.rstrip("/")) or folder in ("/", ""):
+                    break
+                folder = os.path.dirname(folder)
+        return [FolderCount(f, len(ids)) for f, ids in sorted(below.items())]
 
     # -- captions and keywords ------------------------------------------------------------
 
@@ -661,6 +692,34 @@ class Store:
             caption_models=caption_models,
             caption_failures=caption_failures,
         )
+
+
+def folder_condition(folder: str):
+    """The condition on `files.path` that a folder filter stands for.
+
+    - An absolute path, or one from the home folder (`~`, `~/Pictures`, expanded here, on the
+      server): every file below that folder. A range scan on the path index rather than LIKE,
+      which would treat `%` and `_` in folder names as wildcards; case-sensitive, like the
+      file system.
+    - Anything else is a folder name or the last parts of a folder's path (`Winter 2022`,
+      `2022/Winter`): every file below any folder whose path ends with those whole parts,
+      anywhere in the library. Case-insensitive (on SQLite for ASCII letters only), because
+      a name typed from memory rarely has the right case; `%` and `_` are escaped.
+    QueryError when the filter cannot name a folder (empty, or with `..`).
+    """
+    spec = folder.strip()
+    if spec.startswith("~"):
+        spec = os.path.expanduser(spec)  # `~unknown-user` stays as it is: read as a name below
+    if spec.startswith("/"):
+        prefix = spec.rstrip("/") + "/"
+        return (files.c.path >= prefix) & (files.c.path < prefix[:-1] + "0")
+    parts = [p for p in spec.split("/") if p not in ("", ".")]
+    if not parts:
+        raise QueryError("the folder filter is empty: give a folder's name or its path")
+    if ".." in parts:
+        raise QueryError(f"the folder filter {folder!r} has '..': give a folder's name, or its absolute path")
+    # Between slashes, so `Winter` matches the folder `Winter`, not `Winter 2022` or a file name.
+    return files.c.path.icontains("/" + "/".join(parts) + "/", autoescape=True)
 
 
 def _chunks(items: Sequence, n: int) -> Iterator[Sequence]:

@@ -1,8 +1,16 @@
-"""Small JPEG thumbnails: made at index time from the already decoded image, or on first
-request for images indexed without one; kept in the data dir, deleted with their image.
+"""JPEG thumbnails and previews, kept in the data dir and deleted with their image.
 
-A read-only data dir still serves the thumbnails it has; one it lacks is made in a spill
-folder that belongs to this process (a temporary folder, removed on close)."""
+- Thumbnails (the grid's tiles, 320 px): made at index time from the already decoded image,
+  or on first request for images indexed without one.
+- Previews (the detail view, 1600 px): made on first request, so a 16 MB original is read
+  once rather than sent to the browser on every arrow key.
+
+Transparent images are shown on a grey checkerboard (the usual sign of transparency), not on
+the white the model sees them on: a white logo on white would be a blank tile.
+
+A read-only data dir still serves the files it has; one it lacks is made in a spill folder
+that belongs to this process (a temporary folder, removed on close).
+"""
 
 from __future__ import annotations
 
@@ -19,9 +27,15 @@ from searchengine.errors import BadImageError
 from searchengine.filecache import IdFileCache
 from searchengine.imageio import decode_image, read_file
 
+# Two mid greys: neither white nor black, so light and dark artwork both stay visible, and
+# the dark page around a tile does not swallow it either.
+CHECKER_LIGHT = (153, 153, 153)
+CHECKER_DARK = (102, 102, 102)
+
 
 class ThumbnailCache(IdFileCache):
     suffix = ".jpg"
+    quality = 82
 
     def __init__(self, root: Path, size: int = 320, max_pixels: int = 150_000_000, *, read_only: bool = False) -> None:
         super().__init__(root)
@@ -47,10 +61,11 @@ class ThumbnailCache(IdFileCache):
             return self._spill
 
     def make(self, image: Image.Image) -> bytes:
-        return make_thumbnail(image, self.size)
+        """JPEG bytes of `image` (RGB, or RGBA: see `make_thumbnail`) at most `size` px a side."""
+        return make_thumbnail(image, self.size, self.quality)
 
     def get(self, image_id: int, sources: Sequence[str]) -> Path:
-        """The thumbnail file, made from the first readable source if it is not there yet."""
+        """The cached file, made from the first readable source if it is not there yet."""
         path = self.path(image_id)
         if path.exists():
             return path
@@ -62,7 +77,7 @@ class ThumbnailCache(IdFileCache):
             error: BadImageError | None = None
             for source in sources:
                 try:
-                    image = decode_image(read_file(source), max_pixels=self.max_pixels).image
+                    image = decode_image(read_file(source), max_pixels=self.max_pixels).display
                     break
                 except BadImageError as e:
                     error = e
@@ -76,9 +91,40 @@ class _SpillFolder(IdFileCache):
     suffix = ThumbnailCache.suffix
 
 
-def make_thumbnail(image: Image.Image, size: int) -> bytes:
+class PreviewCache(ThumbnailCache):
+    """Screen-sized JPEGs for the detail view; an image smaller than `size` is re-encoded."""
+
+    quality = 85  # looked at full screen, unlike a tile
+
+    def __init__(self, root: Path, size: int = 1600, max_pixels: int = 150_000_000, *, read_only: bool = False) -> None:
+        super().__init__(root, size, max_pixels, read_only=read_only)
+
+
+def make_thumbnail(image: Image.Image, size: int, quality: int = 82) -> bytes:
+    """JPEG bytes, at most `size` px a side (never enlarged). An RGBA image is scaled first
+    (Pillow scales RGBA with premultiplied alpha, so edges do not pick up the colour of
+    transparent pixels) and then laid on a checkerboard whose squares stay the same size
+    on screen whatever the original's size."""
     im = image.copy()
     im.thumbnail((size, size), Image.Resampling.LANCZOS)
+    if im.mode == "RGBA":
+        im = Image.alpha_composite(checkerboard(im.size, max(8, max(im.size) // 100)), im).convert("RGB")
+    elif im.mode != "RGB":
+        im = im.convert("RGB")
     buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=82, optimize=True, progressive=True)
+    im.save(buf, "JPEG", quality=quality, optimize=True, progressive=True)
     return buf.getvalue()
+
+
+def checkerboard(size: tuple[int, int], square: int = 8) -> Image.Image:
+    """An opaque RGBA grey checkerboard of `size` with `square`-pixel squares."""
+    w, h = size
+    tile = Image.new("RGBA", (2 * square, 2 * square), CHECKER_LIGHT + (255,))
+    dark = CHECKER_DARK + (255,)
+    tile.paste(dark, (square, 0, 2 * square, square))
+    tile.paste(dark, (0, square, square, 2 * square))
+    board = Image.new("RGBA", (w, h))
+    for y in range(0, h, 2 * square):
+        for x in range(0, w, 2 * square):
+            board.paste(tile, (x, y))
+    return board

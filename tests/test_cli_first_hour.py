@@ -105,6 +105,9 @@ def test_filters_image_queries_and_paths_only(lib):
     assert names(run(lib, "search", "photo", "--json", "--before", "2022-12-31")) == ["snow.jpg"]
     assert names(run(lib, "search", "photo", "--json", "--folder", lib["photos"] / "Winter 2022")) == ["snow.jpg"]
     assert names(run(lib, "search", "photo", "--json", "--folder", "~/Pictures/Summer 2023")) == ["beach.jpg"]
+    assert names(run(lib, "search", "photo", "--json", "--folder", "Winter 2022")) == ["snow.jpg"]  # a name, anywhere
+    nowhere = run(lib, "search", "photo", "--folder", "Winter 1999")
+    assert nowhere.returncode == 1 and "no indexed folder" in nowhere.stderr, nowhere.stderr
     bad = run(lib, "search", "photo", "--after", "yesterday")
     assert bad.returncode == 2 and "YYYY-MM-DD" in bad.stderr
     proc = run(lib, "search", "--image", lib["photos"] / "flower.jpg", "--json", "-k", "3")

@@ -190,7 +190,9 @@ function idle() {
     $("status").innerHTML = "Your library is empty. Index a folder of photos, then search here:" +
       "<br><br><code>searchengine index ~/Pictures</code>";
   } else if (state.images != null) {
-    status(`Search ${state.images} photos in words, or drop an image here to find photos like it.`, "big");
+    // Nothing can be dragged onto a page on a phone: there it says how to pick one.
+    const how = noDrag() ? "pick an image (Image…)" : "drop an image here";
+    status(`Search ${state.images} photos in words, or ${how} to find photos like it.`, "big");
   } else {
     status("");
   }
@@ -233,6 +235,18 @@ function banner() {
 
 function fmt(x) { return x == null ? "–" : x.toFixed(3); }
 function basename(path) { return path.split("/").pop(); }
+function noDrag() { return matchMedia("(hover: none), (pointer: coarse)").matches; }
+
+// A path as text with a line-break opportunity after each "/", so it wraps between folders
+// rather than mid-name (CSS breaks a name only when it is longer than a whole line).
+function pathNodes(path) {
+  const out = [];
+  path.split("/").forEach((part, i, parts) => {
+    out.push(document.createTextNode(part + (i < parts.length - 1 ? "/" : "")));
+    if (i < parts.length - 1) out.push(document.createElement("wbr"));
+  });
+  return out;
+}
 
 function render() {
   const grid = $("grid");
@@ -258,6 +272,16 @@ function render() {
     score.className = "score";
     score.textContent = fmt(h.score);
     tile.append(img, score);
+    const meta = document.createElement("span");  // shown where there is no hover (touch)
+    meta.className = "meta";
+    const name = document.createElement("span");
+    name.className = "n";
+    name.textContent = basename(h.path);
+    const s = document.createElement("span");
+    s.className = "s";
+    s.textContent = fmt(h.score);
+    meta.append(name, s);
+    tile.append(meta);
     if (h.caption) {
       const cap = document.createElement("span");
       cap.className = "cap";
@@ -275,11 +299,15 @@ function openDetail(i) {
   if (i < 0 || i >= state.hits.length) return;
   state.detail = i;
   const h = state.hits[i];
-  $("d-img").src = withKey(h.file_url);
+  $("d-img").src = withKey(h.preview_url);  // screen-sized; the original only on "Open original"
   $("d-img").alt = h.caption || basename(h.path);
   $("d-name").textContent = basename(h.path);
   $("d-caption").textContent = h.caption || "";
-  $("d-path").textContent = h.paths.join("\n");
+  $("d-path").replaceChildren(...h.paths.map((path) => {
+    const line = document.createElement("span");
+    line.append(...pathNodes(path));
+    return line;
+  }));
   $("d-date").textContent = h.taken_at ? h.taken_at.replace("T", " ") : "–";
   $("d-camera").textContent = h.camera || "–";
   $("d-size").textContent = `${h.width} × ${h.height}`;
@@ -292,6 +320,7 @@ function openDetail(i) {
   $("d-next").disabled = i === state.hits.length - 1 && state.nextOffset == null;
   $("detail").hidden = false;
   $("d-close").focus();
+  if (i + 1 < state.hits.length) new Image().src = withKey(state.hits[i + 1].preview_url);  // the next arrow key
   if (i >= state.hits.length - 4) loadMore();
 }
 
@@ -342,11 +371,14 @@ function setFilters(open) {
   $("toggle-filters").setAttribute("aria-expanded", String(open));
 }
 
-function showMin() {
-  $("min-out").textContent = state.min ? state.min.toFixed(2) : "off";
+function showMin(value = state.min) {
+  $("min-out").textContent = value ? value.toFixed(2) : "off";
 }
 
 function filtersChanged() {
+  // A field's change fires again when it loses focus (say, to a tap on a result): the same
+  // filters must not start the same search over, clearing the results under the tap.
+  const before = [state.folder, state.after, state.before, state.rerank, state.match, state.min].join("\n");
   state.folder = $("folder").value.trim();
   state.after = $("after").value;
   state.before = $("before").value;
@@ -354,11 +386,53 @@ function filtersChanged() {
   state.match = $("match").value;
   state.min = parseFloat($("min").value) || 0;
   showMin();
+  if ([state.folder, state.after, state.before, state.rerank, state.match, state.min].join("\n") === before) return;
   writeURL(true);
   if (state.mode !== "text" || state.q) search();
 }
 
+// -- the search box's placeholder: the long example where it fits, else the short one --------
+
+function fitPlaceholder() {
+  const q = $("q");
+  q.dataset.longPlaceholder = q.dataset.longPlaceholder || q.placeholder;
+  const css = getComputedStyle(q);
+  const ctx = document.createElement("canvas").getContext("2d");
+  ctx.font = `${css.fontStyle} ${css.fontWeight} ${css.fontSize} ${css.fontFamily}`;
+  const room = q.clientWidth - parseFloat(css.paddingLeft) - parseFloat(css.paddingRight) - 24;  // the clear button
+  const long = q.dataset.longPlaceholder;
+  q.placeholder = ctx.measureText(long).width <= room ? long : q.dataset.shortPlaceholder;
+}
+
+// -- folder suggestions: every indexed folder, subfolders too, matching what was typed -------
+
+let folderTimer = 0;
+let foldersAsked = null;
+
+async function suggestFolders() {
+  const typed = $("folder").value.trim();
+  if (typed === foldersAsked) return;
+  foldersAsked = typed;
+  try {
+    const found = await api("/api/folders?" + new URLSearchParams({ q: typed, limit: 30 }));
+    if (typed !== $("folder").value.trim()) return;  // typed on meanwhile: a newer answer comes
+    $("folders").replaceChildren(...found.folders.map((f) => {
+      const option = document.createElement("option");
+      option.value = f.path;
+      option.label = `${f.images} photo${f.images === 1 ? "" : "s"}`;
+      return option;
+    }));
+  } catch (e) {
+    foldersAsked = null;  // suggestions are a help, not a requirement: ask again next time
+  }
+}
+
 // -- wiring ----------------------------------------------------------------------------------
+
+function typing(el) {
+  if (el.isContentEditable || el.tagName === "TEXTAREA" || el.tagName === "SELECT") return true;
+  return el.tagName === "INPUT" && !["checkbox", "radio", "range", "button", "submit", "file"].includes(el.type);
+}
 
 let debounce = 0;
 
@@ -382,7 +456,9 @@ function wire() {
   });
   $("toggle-filters").addEventListener("click", () => setFilters($("filters").hidden));
   for (const id of ["folder", "after", "before", "rerank", "match"]) $(id).addEventListener("change", filtersChanged);
-  $("min").addEventListener("input", () => { state.min = parseFloat($("min").value) || 0; showMin(); });
+  $("folder").addEventListener("input", () => { clearTimeout(folderTimer); folderTimer = setTimeout(suggestFolders, 150); });
+  $("folder").addEventListener("focus", suggestFolders);
+  $("min").addEventListener("input", () => showMin(parseFloat($("min").value) || 0));  // the search waits for change
   $("min").addEventListener("change", filtersChanged);
   $("pick").addEventListener("click", () => $("file").click());
   $("file").addEventListener("change", () => { searchByImage($("file").files[0]); $("file").value = ""; });
@@ -392,6 +468,14 @@ function wire() {
   $("d-more").addEventListener("click", moreLikeThis);
   $("detail").addEventListener("click", (e) => { if (e.target.classList.contains("detail-image")) closeDetail(); });
   document.addEventListener("keydown", (e) => {
+    // "/" goes to the search box from anywhere but a field being typed in (as on GitHub, MDN).
+    if (e.key === "/" && !e.ctrlKey && !e.metaKey && !e.altKey && !typing(e.target)) {
+      e.preventDefault();
+      if (!$("detail").hidden) closeDetail();
+      $("q").focus();
+      $("q").select();
+      return;
+    }
     if ($("detail").hidden) return;
     if (e.key === "Escape") closeDetail();
     else if (e.key === "ArrowRight") step(1);
@@ -409,6 +493,7 @@ function wire() {
     $("drop").hidden = true;
     searchByImage(e.dataTransfer.files[0]);
   });
+  window.addEventListener("resize", fitPlaceholder);
   window.addEventListener("popstate", () => { closeDetailSilently(); readURL(); search(); });
   new IntersectionObserver((entries) => {
     if (entries.some((e) => e.isIntersecting)) loadMore();
@@ -421,12 +506,6 @@ async function start() {
   try {
     const stats = await api("/api/stats");
     state.images = stats.images;
-    $("roots").textContent = "";
-    for (const root of stats.roots) {
-      const option = document.createElement("option");
-      option.value = root;
-      $("roots").append(option);
-    }
   } catch (e) {
     return failed(e);
   }
@@ -434,5 +513,6 @@ async function start() {
 }
 
 wire();
+fitPlaceholder();
 readURL();
 start();

@@ -40,6 +40,13 @@ def indexed(tmp_path_factory, photos_dir, tiny_model_dir, model, captioner):
     (photos / "dated").mkdir()
     for i, when in enumerate(["1989:05:01 10:00:00", "1990:06:15 12:00:00", "1991:07:04 18:30:05"]):
         (photos / "dated" / f"d{i}.jpg").write_bytes(dated_jpeg(i, when))
+    # Folders found by name (issue 16): nested, with spaces, and with LIKE's wildcards.
+    for seed, rel in enumerate(FOLDER_FILES, 10):
+        (photos / rel).parent.mkdir(parents=True, exist_ok=True)
+        (photos / rel).write_bytes(dated_jpeg(seed, "2022:01:15 09:00:00"))
+    (photos / "alpha").mkdir()
+    (photos / "alpha" / "clear.png").write_bytes(_png(CLEAR))
+    (photos / "alpha" / "half.png").write_bytes(_png(HALF))
     settings = Settings(
         data_dir=root / "data", model=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=8,
         refresh_interval_s=0, text_batch_wait_ms=2,
@@ -48,6 +55,22 @@ def indexed(tmp_path_factory, photos_dir, tiny_model_dir, model, captioner):
     Indexer(model, library, settings, captioner=captioner).run([photos])
     library.close()
     return settings, photos
+
+
+FOLDER_FILES = [
+    "Trips/Winter 2022/w0.jpg", "Trips/Winter 2022/day 2/w1.jpg", "archive/2022/Winter/w2.jpg",
+    "odd/100%/p.jpg", "odd/x_y/u.jpg", "odd/xzy/z.jpg",
+]
+CLEAR = np.dstack([np.roll(gradient(), 30, axis=0), np.zeros((64, 96), np.uint8)])  # nothing shows
+HALF = np.dstack([np.roll(gradient(), 50, axis=1), np.full((64, 96), 255, np.uint8)])
+HALF[:, 48:, 3] = 0  # the right half shows nothing
+HALF[:32, :48, 3] = 100  # the top left shows a little
+
+
+def _png(rgba: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    return buf.getvalue()
 
 
 def wait_ready(client: TestClient) -> None:
@@ -192,6 +215,94 @@ def test_folder_and_date_filters(client, indexed):
     assert bad.status_code == 400 and "later" in bad.json()["error"]
 
 
+def test_folder_filter_takes_a_name_a_relative_path_or_a_home_path(client, indexed, monkeypatch):
+    _, photos = indexed
+
+    def found(folder: str, **params) -> list[str]:
+        r = client.get("/api/search", params={"q": "photo", "k": 200, "folder": folder, **params})
+        assert r.status_code == 200, (folder, r.json())
+        return sorted(h["path"] for h in r.json()["hits"])
+
+    def under(*rels: str) -> list[str]:
+        return sorted(str(photos / r) for r in rels)
+
+    winter = under("Trips/Winter 2022/w0.jpg", "Trips/Winter 2022/day 2/w1.jpg")
+    assert found(str(photos / "Trips")) == winter  # an absolute path, as before
+    assert found(str(photos / "Trips") + "/") == winter
+    assert found("Winter 2022") == winter  # a bare name: anywhere in the library, subfolders too
+    assert found("winter 2022/") == winter  # any case, a trailing slash is fine
+    assert found("Trips/Winter 2022") == winter  # the last parts of a path
+    assert found("2022/Winter") == under("archive/2022/Winter/w2.jpg")
+    assert found("Winter") == under("archive/2022/Winter/w2.jpg")  # whole names: not "Winter 2022"
+    assert found("day 2") == under("Trips/Winter 2022/day 2/w1.jpg")
+    # LIKE's wildcards are plain characters in a folder name.
+    assert found("100%") == under("odd/100%/p.jpg")
+    assert found("x_y") == under("odd/x_y/u.jpg")  # not xzy
+    # The home folder is expanded on the server.
+    monkeypatch.setenv("HOME", str(photos.parent))
+    assert found("~/photos/Trips") == winter
+    assert len(found("~")) == client.get("/api/stats").json()["images"]
+    # The keyword side filters the same way ("winter" is also a word of archive/2022/Winter).
+    assert found("Trips", q="winter", mode="keyword") == winter
+
+
+@pytest.mark.parametrize("folder", ["Winter 2023", "1%", "x%", "w0.jpg", "/nowhere/Trips", "Winter 2022/x", "../photos"])
+def test_a_folder_filter_matching_no_folder_is_a_400_that_says_how_to_write_one(client, folder):
+    hit = client.get("/api/search", params={"q": "photo", "k": 1}).json()["hits"][0]
+    requests = [
+        lambda: client.get("/api/search", params={"q": "photo", "folder": folder}),
+        lambda: client.get("/api/search", params={"q": "photo", "folder": folder, "mode": "keyword"}),
+        lambda: client.get(f"/api/images/{hit['id']}/similar", params={"folder": folder}),
+        lambda: client.post("/api/search/image", params={"folder": folder},
+                            files={"image": ("x.jpg", dated_jpeg(1, "2000:01:01 00:00:00"), "image/jpeg")}),
+    ]
+    for request in requests:
+        r = request()
+        assert r.status_code == 400, r.json()
+        message = r.json()["error"]
+        if ".." in folder:
+            assert "'..'" in message
+        else:
+            assert f"no indexed folder matches {folder!r}" in message
+            assert "absolute path" in message and "~/" in message and "name" in message
+
+
+def test_similar_and_image_search_take_a_folder_name(client, indexed):
+    _, photos = indexed
+    winter = {str(photos / "Trips/Winter 2022/w0.jpg"), str(photos / "Trips/Winter 2022/day 2/w1.jpg")}
+    hit = client.get("/api/search", params={"q": "w0", "mode": "keyword", "folder": "Trips"}).json()["hits"][0]
+    similar = client.get(f"/api/images/{hit['id']}/similar", params={"folder": "winter 2022"}).json()["hits"]
+    assert {h["path"] for h in similar} == winter - {hit["path"]}
+    upload = client.post("/api/search/image", params={"folder": "Winter 2022"},
+                         files={"image": ("w0.jpg", open(hit["path"], "rb").read(), "image/jpeg")}).json()["hits"]
+    assert {h["path"] for h in upload} == winter and upload[0]["path"] == hit["path"]
+
+
+def test_folders_lists_subfolders_with_image_counts(client, indexed):
+    _, photos = indexed
+    everything = client.get("/api/folders", params={"limit": 1000}).json()
+    got = {f["path"]: f["images"] for f in everything["folders"]}
+    assert everything["total"] == len(got)
+    assert got[str(photos)] == client.get("/api/stats").json()["images"]
+    assert got[str(photos / "Trips")] == got[str(photos / "Trips/Winter 2022")] == 2
+    assert got[str(photos / "Trips/Winter 2022/day 2")] == 1 and got[str(photos / "nature")] > 5
+    assert not any(p in got for p in (str(photos.parent), "/"))  # nothing above the library's root
+    # A folder's count is what the folder filter finds.
+    for path in (str(photos / "Trips"), str(photos / "odd"), str(photos / "archive/2022")):
+        hits = client.get("/api/search", params={"q": "photo", "k": 200, "folder": path}).json()["hits"]
+        assert len(hits) == got[path], path
+    # What the user typed, anywhere in the path, in any case; folders named so first.
+    r = client.get("/api/folders", params={"q": "WINTER"}).json()
+    assert [f["path"] for f in r["folders"]] == [
+        str(photos / "Trips/Winter 2022"), str(photos / "archive/2022/Winter"), str(photos / "Trips/Winter 2022/day 2")
+    ]
+    r = client.get("/api/folders", params={"q": "winter", "limit": 1}).json()
+    assert len(r["folders"]) == 1 and r["total"] == 3
+    assert [f["path"] for f in client.get("/api/folders", params={"q": "%"}).json()["folders"]] == [str(photos / "odd/100%")]
+    assert client.get("/api/folders", params={"q": "no such folder"}).json() == {"folders": [], "total": 0}
+    assert client.get("/api/folders", params={"limit": 0}).status_code == 422
+
+
 @pytest.mark.parametrize(
     "params, status, words",
     [
@@ -315,8 +426,50 @@ def test_image_metadata_thumbnail_and_file(client, indexed, captioner):
     assert f.headers["content-type"] == expected
 
 
+def test_preview_is_screen_sized_made_once_and_kept(client, indexed):
+    settings, photos = indexed
+    big = photos / "abstract" / "Elephants_5640x3172.jpg"  # 16 MB: the issue's example
+    hits = client.get("/api/search", params={"q": "elephants", "k": 200, "mode": "keyword"}).json()["hits"]
+    hit = next(h for h in hits if h["path"] == str(big))
+    assert hit["preview_url"] == f"/api/images/{hit['id']}/preview"
+    assert client.get(f"/api/images/{hit['id']}").json()["preview_url"] == hit["preview_url"]
+    r = client.get(hit["preview_url"])
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    preview = Image.open(io.BytesIO(r.content))
+    assert max(preview.size) == settings.preview_size == 1600
+    assert abs(preview.size[0] / preview.size[1] - 5640 / 3172) < 0.01
+    assert len(r.content) < big.stat().st_size / 20
+    kept = settings.previews_dir / f"{hit['id'] % 256:02x}" / f"{hit['id']}.jpg"
+    assert kept.read_bytes() == r.content and client.get(hit["preview_url"]).content == r.content
+    # A small image is not enlarged.
+    small = client.get("/api/search", params={"q": "d0", "mode": "keyword", "folder": "dated"}).json()["hits"][0]
+    assert Image.open(io.BytesIO(client.get(small["preview_url"]).content)).size == (96, 64)
+
+
+def test_transparent_images_show_on_grey_while_the_model_saw_white(client, indexed, model):
+    settings, photos = indexed
+    library = Library.open(settings)
+    try:
+        for name, rgba in [("clear", CLEAR), ("half", HALF)]:
+            hit = client.get("/api/search", params={"q": name, "mode": "keyword", "folder": "alpha"}).json()["hits"][0]
+            assert hit["path"] == str(photos / "alpha" / f"{name}.png")
+            for url in (hit["thumbnail_url"], hit["preview_url"]):  # made at index time; on request
+                shown = np.asarray(Image.open(io.BytesIO(client.get(url).content))).astype(int)
+                see_through = shown if name == "clear" else shown[:, 52:]  # clear of the JPEG-blurred edge
+                assert see_through.max() < 200 and see_through.min() > 60, (name, url)  # grey, not white
+            # What the model embedded is exactly the white composite, as before.
+            im = Image.fromarray(rgba, "RGBA")
+            white = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+            stored = next(library.store.iter_vectors([hit["id"]]))[1][0]
+            assert np.allclose(stored, model.embed_images([white]).itc[0], atol=1e-5)
+            grey = Image.alpha_composite(Image.new("RGBA", im.size, (128, 128, 128, 255)), im).convert("RGB")
+            assert not np.allclose(stored, model.embed_images([grey]).itc[0], atol=1e-3)  # the check can tell
+    finally:
+        library.close()
+
+
 def test_unknown_ids_are_404(client):
-    for url in ["/api/images/424242", "/api/images/424242/thumbnail", "/api/images/424242/file"]:
+    for url in ["/api/images/424242", "/api/images/424242/thumbnail", "/api/images/424242/preview", "/api/images/424242/file"]:
         r = client.get(url)
         assert r.status_code == 404 and "424242" in r.json()["error"]
     assert client.get("/api/images/abc").status_code == 422
@@ -355,7 +508,7 @@ def test_stats_and_metrics(client):
 def test_openapi_documents_every_endpoint(client):
     spec = client.get("/openapi.json").json()
     for path in ["/api/search", "/api/search/image", "/api/images/{image_id}", "/api/images/{image_id}/thumbnail",
-                 "/api/images/{image_id}/file", "/api/images/{image_id}/similar", "/api/stats", "/healthz", "/metrics"]:
+                 "/api/images/{image_id}/preview", "/api/folders", "/api/images/{image_id}/file", "/api/images/{image_id}/similar", "/api/stats", "/healthz", "/metrics"]:
         assert path in spec["paths"], path
         for op in spec["paths"][path].values():
             assert op.get("description") or op.get("summary")

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from searchengine.errors import BadImageError
 from searchengine.imageio import decode_image, read_file
+from searchengine.thumbnails import make_thumbnail
 from tests.images import gradient, write_awkward, write_bad
 
 LIMIT = 150_000_000
@@ -159,3 +162,42 @@ def test_a_file_that_is_no_image_in_a_photo_format_is_not_an_image():
     with pytest.raises(BadImageError) as e:
         decode_image(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + bytes(64), max_pixels=LIMIT)
     assert e.value.reason == "not_an_image"  # an MP4 is an ISO media file too, but not HEIC or AVIF
+
+
+def _white_composite(rgba: np.ndarray) -> np.ndarray:
+    """How transparency was flattened for the model before thumbnails learnt to show it."""
+    im = Image.fromarray(rgba, "RGBA")
+    return np.asarray(Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB"))
+
+
+def _png(arr: np.ndarray, mode: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_transparency_the_model_sees_on_white_and_thumbnails_show_on_grey():
+    g = gradient(200, 120)
+    clear = np.dstack([g, np.zeros(g.shape[:2], np.uint8)])  # fully transparent (colour data kept)
+    half = np.dstack([g, np.full(g.shape[:2], 255, np.uint8)])
+    half[:, 100:, 3] = 0  # the right half transparent
+    half[:60, :100, 3] = 128  # and a half-see-through corner
+    for rgba in (clear, half):
+        d = decode_image(_png(rgba, "RGBA"), max_pixels=LIMIT)
+        # The model's pixels are exactly what they always were.
+        assert d.image.mode == "RGB" and np.array_equal(np.asarray(d.image), _white_composite(rgba))
+        assert d.rgba is not None and d.display is d.rgba and np.array_equal(np.asarray(d.rgba), rgba)
+        thumb = np.asarray(Image.open(io.BytesIO(make_thumbnail(d.display, 100)))).astype(int)
+        assert thumb.shape == (60, 100, 3)
+        see_through = thumb[:, 55:] if rgba is half else thumb  # away from the JPEG-blurred edge
+        assert see_through.max() < 200 and see_through.min() > 60  # grey checks, not white or black
+        assert see_through.std() > 5  # a checkerboard, not a flat fill
+    # The opaque part keeps its colours.
+    opaque = thumb[35:, :45]
+    assert np.abs(opaque - np.asarray(Image.fromarray(g[70:, :90]).resize((45, 25)))).mean() < 12
+    # An image without transparency carries no second copy.
+    d = decode_image(_png(g, "RGB"), max_pixels=LIMIT)
+    assert d.rgba is None and d.display is d.image
+    # Palette transparency and grey + alpha count as transparency too.
+    la = np.dstack([g[..., 0], np.zeros(g.shape[:2], np.uint8)])
+    assert decode_image(_png(la, "LA"), max_pixels=LIMIT).rgba is not None

@@ -29,6 +29,8 @@ def test_index_missing_commits_are_added_and_deleted_ones_removed(settings):
     lib.store.remove_files(["/p/a.jpg"])
     lib.features.put(a, np.zeros((3, 2), np.float16))
     lib.thumbnails.put_bytes(a, b"jpeg")
+    lib.previews.put_bytes(a, b"jpeg")
+    lib.previews.put_bytes(b, b"jpeg")
     lib.close()
 
     lib = Library.open(settings)
@@ -37,6 +39,7 @@ def test_index_missing_commits_are_added_and_deleted_ones_removed(settings):
     assert hit.ids.tolist() == [b]
     assert lib.features.ids() == set()  # the cache entries of a deleted image are dropped
     assert lib.thumbnails.ids() == set()
+    assert lib.previews.ids() == {b}  # a live image's preview stays
     lib.close()
     # The repair was saved: the file alone now holds exactly b.
     from searchengine.vector_index import VectorIndex
@@ -62,3 +65,33 @@ def test_missing_index_is_a_clear_error(settings):
 
     with pytest.raises(IndexNotFoundError, match="searchengine index"):
         Library.open(settings)
+
+
+def test_forgotten_images_lose_their_thumbnails_and_previews(settings):
+    lib = Library.open(settings, create=True)
+    lib.bind(INFO)
+    a, _ = _add(lib, "a", "/p/a.jpg", 1)
+    b, _ = _add(lib, "b", "/p/b.jpg", 2)
+    for cache in (lib.thumbnails, lib.previews):
+        cache.put_bytes(a, b"jpeg")
+        cache.put_bytes(b, b"jpeg")
+    lib.forget_images(lib.store.remove_files(["/p/a.jpg"]))
+    assert lib.thumbnails.ids() == lib.previews.ids() == {b}
+    assert settings.previews_dir in lib.previews.path(b).parents  # next to thumbnails/, in the data dir
+    assert lib.sizes_on_disk()["previews"] == 4
+    lib.close()
+
+
+def test_folders_list_subfolders_with_image_counts(settings):
+    lib = Library.open(settings, create=True)
+    lib.bind(INFO)
+    lib.store.add_root("/lib")
+    _add(lib, "a", "/lib/Trips/Winter 2022/a.jpg", 1)
+    _add(lib, "b", "/lib/Trips/Winter 2022/day 2/b.jpg", 2)
+    _add(lib, "c", "/lib/c.jpg", 3)
+    # The same content under two paths of one folder counts once.
+    lib.store.write_batch(links=[("/lib/Trips/Winter 2022/copy of a.jpg", 1, 1, "a")])
+    got = {f.path: f.images for f in lib.folders()}
+    assert got == {"/lib": 3, "/lib/Trips": 2, "/lib/Trips/Winter 2022": 2, "/lib/Trips/Winter 2022/day 2": 1}
+    assert [f.path for f in lib.folders()] == sorted(got)  # above the root: nothing
+    lib.close()

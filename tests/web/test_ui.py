@@ -10,9 +10,12 @@ import subprocess
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
 import pytest
+from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
+from tests.images import gradient
 from tests.server import EXE, env_for, get, running_server
 
 CHROMIUM = os.environ.get("SEARCHENGINE_CHROMIUM", "/usr/bin/chromium")
@@ -27,6 +30,16 @@ def library(tmp_path_factory, photos_dir, tiny_model_dir, tiny_captioner_dir):
     photos = root / "photos"
     shutil.copytree(photos_dir / "nature", photos / "nature")
     shutil.copytree(photos_dir / "abstract", photos / "abstract")
+    # A long path (issue 16: paths broke mid-word on a phone), in a subfolder found by name,
+    # holding a transparent image.
+    deep = photos / "Trips" / "Winter 2022" / "Mountains above the lake at dawn"
+    deep.mkdir(parents=True)
+    rgba = np.dstack([gradient(300, 200), np.full((200, 300), 255, np.uint8)])
+    rgba[:, 150:, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(deep / "transparent-logo.png")
+    for i in range(5):  # the same file in more folders: one image with six paths, a long panel
+        (photos / "Backups" / f"copy {i}").mkdir(parents=True)
+        shutil.copy(deep / "transparent-logo.png", photos / "Backups" / f"copy {i}" / "transparent-logo.png")
     env = env_for(tiny_model_dir, root / "data", tiny_captioner_dir)
     subprocess.run([EXE, "index", str(photos)], env={**env, "SEARCHENGINE_CAPTION_MAX_TOKENS": "8"}, check=True,
                    capture_output=True, timeout=600)
@@ -52,18 +65,29 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, library):
-    context = browser.new_context(viewport=DESKTOP)
+def _page(browser, library, **context_options):
+    context = browser.new_context(**context_options)
     page = context.new_page()
     requests: list[str] = []
     page.on("request", lambda r: requests.append(r.url))
     page.set_default_timeout(20_000)
+    page.requests = requests
     yield page
     context.close()
     # The page never reaches any host but the one serving it: no CDN, no web fonts.
     foreign = [u for u in requests if not (u.startswith(library["base"] + "/") or u.startswith("data:"))]
     assert not foreign, foreign
+
+
+@pytest.fixture
+def page(browser, library):
+    yield from _page(browser, library, viewport=DESKTOP)
+
+
+@pytest.fixture
+def phone(browser, library):
+    """A phone: 390 x 844, touch, no hover."""
+    yield from _page(browser, library, viewport=PHONE, has_touch=True, is_mobile=True, device_scale_factor=2)
 
 
 def api(library, path: str) -> dict:
@@ -270,3 +294,169 @@ def test_the_page_is_small(library):
     sizes = {name: len(get(library["base"] + path)[1]) for name, path in
              [("html", "/"), ("js", "/static/app.js"), ("css", "/static/app.css")]}
     assert sum(sizes.values()) < 60_000, sizes
+
+
+# -- issue 16: the detail view's image, folders by name, a phone --------------------------
+
+
+def test_detail_view_shows_the_preview_and_loads_the_original_only_when_asked(page, library):
+    big = library["photos"] / "abstract" / "Elephants_5640x3172.jpg"  # 16 MB
+    hit = api(library, "/api/search?q=Elephants_5640x3172&mode=keyword&k=1")["hits"][0]
+    assert hit["path"] == str(big)
+    page.goto(f"{library['base']}/?q=Elephants_5640x3172&mode=keyword")
+    tiles(page).first.click()
+    expect(page.locator("#d-img")).to_have_attribute("src", hit["preview_url"])
+    page.wait_for_function("document.getElementById('d-img').complete && document.getElementById('d-img').naturalWidth > 0")
+    assert page.locator("#d-img").evaluate("i => [i.naturalWidth, i.naturalHeight]") == [1600, 900]
+    expect(page.locator("#d-file")).to_have_attribute("href", hit["file_url"])
+    assert len(get(library["base"] + hit["preview_url"])[1]) < big.stat().st_size / 20
+    assert any(u.endswith(hit["preview_url"]) for u in page.requests)
+    assert not [u for u in page.requests if u.endswith("/file")]  # no original was fetched
+    with page.expect_popup() as popup:
+        page.locator("#d-file").click()  # "Open original": now, and only now, the file
+    popup.value.wait_for_load_state()
+    assert popup.value.url == library["base"] + hit["file_url"]
+    popup.value.close()
+
+
+def test_folder_field_suggests_subfolders_and_takes_a_name(page, library):
+    photos = library["photos"]
+    page.goto(f"{library['base']}/?q=mountains")
+    page.locator("#toggle-filters").click()
+    page.locator("#folder").press_sequentially("winter", delay=20)
+    options = page.locator("#folders option")
+    expect(options).to_have_count(2)
+    assert options.evaluate_all("os => os.map(o => [o.value, o.label])") == [
+        [str(photos / "Trips" / "Winter 2022"), "1 photo"],
+        [str(photos / "Trips" / "Winter 2022" / "Mountains above the lake at dawn"), "1 photo"],
+    ]
+    page.locator("#folder").fill("")
+    page.locator("#folder").press_sequentially("NATURE", delay=20)  # any case, anywhere in the path
+    expect(options).to_have_count(1)
+    expect(options.first).to_have_attribute("value", str(photos / "nature"))
+    # A bare folder name filters (no absolute path needed) ...
+    page.locator("#folder").fill("Winter 2022")
+    page.locator("#folder").dispatch_event("change")
+    expect(page).to_have_url(re.compile("folder=Winter"))
+    expect(tiles(page)).to_have_count(1)
+    tiles(page).first.click()
+    expect(page.locator("#d-name")).to_have_text("transparent-logo.png")
+    page.keyboard.press("Escape")
+    # ... and one that matches no folder says so, rather than showing an empty page.
+    page.locator("#folder").fill("Winter 2023")
+    page.locator("#folder").dispatch_event("change")
+    expect(page.locator("#status.error")).to_contain_text("no indexed folder matches 'Winter 2023'")
+
+
+def test_slash_focuses_the_search_box(page, library):
+    search(page, library, "garden")
+    page.locator("main").click(position={"x": 5, "y": 5})
+    expect(page.locator("#q")).not_to_be_focused()
+    page.keyboard.press("/")
+    expect(page.locator("#q")).to_be_focused()
+    expect(page.locator("#q")).to_have_value("garden")  # the "/" is not typed into it
+    tiles(page).first.click()  # from the detail view too
+    expect(page.locator("#detail")).to_be_visible()
+    page.keyboard.press("/")
+    expect(page.locator("#detail")).to_be_hidden()
+    expect(page.locator("#q")).to_be_focused()
+    # In a field, "/" is just a character.
+    page.locator("#toggle-filters").click()
+    page.locator("#folder").click()
+    page.keyboard.type("a/b")
+    expect(page.locator("#folder")).to_have_value("a/b")
+    expect(page.locator("#folder")).to_be_focused()
+
+
+def placeholder_fits(page) -> tuple[float, float]:
+    """(the placeholder's text width, the room for it in the search box), in CSS pixels."""
+    return page.locator("#q").evaluate("""q => {
+        const css = getComputedStyle(q);
+        const ctx = document.createElement('canvas').getContext('2d');
+        ctx.font = `${css.fontStyle} ${css.fontWeight} ${css.fontSize} ${css.fontFamily}`;
+        return [ctx.measureText(q.placeholder).width, q.clientWidth - parseFloat(css.paddingLeft) - parseFloat(css.paddingRight)];
+    }""")
+
+
+def test_desktop_keeps_the_long_placeholder_and_the_drop_hint(page, library):
+    page.goto(library["base"] + "/")
+    expect(page.locator("#status")).to_contain_text("drop an image here")
+    expect(page.locator("#q")).to_have_attribute("placeholder", re.compile("e.g. a dog on a beach"))
+    width, room = placeholder_fits(page)
+    assert width <= room
+    search(page, library, "garden")
+    expect(tiles(page).first.locator(".meta")).to_be_hidden()  # a mouse can hover for the score
+
+
+def lines_and_bad_breaks(locator) -> dict:
+    """Where the text of each line box of `locator`'s block children wraps, from the browser's
+    own layout: a break is allowed after "/", "-" or at a space, nowhere else."""
+    return locator.evaluate("""el => {
+        const out = {lines: 0, bad: []};
+        for (const block of el.children.length ? el.children : [el]) {
+            let prev = null;
+            out.lines++;
+            const walker = document.createTreeWalker(block, NodeFilter.SHOW_TEXT);
+            for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+                for (let i = 0; i < n.length; i++) {
+                    const r = document.createRange();
+                    r.setStart(n, i); r.setEnd(n, i + 1);
+                    const rect = r.getClientRects()[0];
+                    if (!rect) continue;
+                    const ch = n.data[i];
+                    if (prev && rect.top > prev.top + 2) {
+                        out.lines++;
+                        if (!"/- ".includes(prev.ch) && ch !== " ") out.bad.push(prev.ch + "|" + ch);
+                    }
+                    prev = {top: rect.top, ch};
+                }
+            }
+        }
+        return out;
+    }""")
+
+
+def test_phone_layout(phone, library, screenshots):
+    page = phone
+    page.goto(library["base"] + "/")
+    # No dragging on a phone: the hint says how to pick an image.
+    expect(page.locator("#status")).to_contain_text("pick an image")
+    expect(page.locator("#status")).not_to_contain_text("drop")
+    # The placeholder fits the narrow search box.
+    width, room = placeholder_fits(page)
+    assert width <= room, (page.locator("#q").get_attribute("placeholder"), width, room)
+    page.screenshot(path=screenshots / "start-phone.png")
+    # Tiles show a name and score without hover.
+    page.locator("#q").press_sequentially("mountains lake", delay=20)
+    expect(tiles(page).first).to_be_visible()
+    hits = api(library, "/api/search?q=mountains+lake&k=48")["hits"]
+    first = tiles(page).first
+    meta = first.locator(".meta")
+    expect(meta).to_be_visible()
+    expect(meta.locator(".n")).to_have_text(Path(hits[0]["path"]).name)
+    expect(meta.locator(".s")).to_have_text(f"{hits[0]['score']:.3f}")
+    assert meta.evaluate("m => getComputedStyle(m).opacity") == "1"
+    box, tile_box = meta.bounding_box(), first.bounding_box()
+    assert box["height"] >= 12 and tile_box["y"] <= box["y"] and box["y"] + box["height"] <= tile_box["y"] + tile_box["height"] + 0.5
+    images_loaded(page)
+    page.screenshot(path=screenshots / "results-phone-touch.png")
+    # The detail view of the photo with the long path.
+    deep = next(i for i, h in enumerate(hits) if h["path"].endswith("transparent-logo.png"))
+    tiles(page).nth(deep).tap()
+    expect(page.locator("#d-name")).to_have_text("transparent-logo.png")
+    assert len(hits[deep]["paths"]) == 6
+    expect(page.locator("#d-path span")).to_have_text(hits[deep]["paths"])
+    wrapped = lines_and_bad_breaks(page.locator("#d-path"))
+    assert wrapped["lines"] >= 10 and wrapped["bad"] == [], wrapped  # it wraps, and only between words
+    # The panel is longer than the room it has ...
+    assert page.locator("aside").evaluate("a => a.scrollHeight > a.clientHeight + 100")
+    # ... yet "More like this" and "Open original" are in view, not under anything, without scrolling.
+    for action in ("#d-more", "#d-file"):
+        box = page.locator(action).bounding_box()
+        assert box and box["y"] >= 0 and box["y"] + box["height"] <= PHONE["height"], (action, box)
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        assert page.evaluate(f"document.elementFromPoint({cx}, {cy}).closest('{action}') !== null"), action
+    page.wait_for_function("document.getElementById('d-img').complete")
+    page.screenshot(path=screenshots / "detail-phone-touch.png")
+    page.locator("#d-more").tap()
+    expect(page.locator("#banner")).to_contain_text("More like this")
