@@ -276,6 +276,7 @@ class Watcher:
             "%d indexed, %d linked, %d moved, %d removed, %d skipped",
             summary.indexed, summary.linked, summary.moved, summary.removed, summary.skipped,
         )
+        self.indexer.library.maybe_backup()  # at most once per backup_interval_s
         self.on_update(summary)
         return summary
 

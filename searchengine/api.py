@@ -26,13 +26,22 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
+from sqlalchemy.exc import DatabaseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from searchengine.errors import BadImageError, ModelMismatchError, QueryError, SearchEngineError
+from searchengine.errors import (
+    BadImageError,
+    ModelMismatchError,
+    QueryError,
+    SearchEngineError,
+    StoreDamagedError,
+    StoreMissingError,
+)
 from searchengine.metrics import Metrics
 from searchengine.search import Filters, Hit
 from searchengine.service import ImageNotFoundError, Page, QueryService
 from searchengine.settings import Settings
+from searchengine.store import damage, is_damage
 
 log = logging.getLogger("searchengine.api")
 access_log = logging.getLogger("searchengine.access")
@@ -278,7 +287,10 @@ def create_app(
     def healthz(state: State):
         """Ready (200) once the model and the index are loaded; 503 while loading or broken."""
         if state.service is not None:
-            return HealthOut(status="ok")
+            problem = state.service.library.health()
+            if problem is None:
+                return HealthOut(status="ok")
+            return JSONResponse(HealthOut(status="error", error=problem).model_dump(), status_code=503)
         status = "error" if state.error else "loading"
         return JSONResponse(HealthOut(status=status, error=state.error).model_dump(), status_code=503)
 
@@ -450,6 +462,17 @@ def _install_error_handlers(app: FastAPI) -> None:
     # The message of each is written for the user; the status says whose fault it is.
     for cls, status in ((ImageNotFoundError, 404), (QueryError, 400), (ModelMismatchError, 409), (SearchEngineError, 400)):
         app.add_exception_handler(cls, plain(status))
+
+    for cls in (StoreDamagedError, StoreMissingError):  # the index cannot answer until it is restored
+        app.add_exception_handler(cls, plain(503))
+
+    @app.exception_handler(DatabaseError)
+    async def database(request, exc: DatabaseError):
+        if is_damage(exc):  # damaged under a running server: say so, rather than "internal error"
+            log.error("the store is damaged: %s", damage(exc))
+            return error(503, f"the index store is damaged ({damage(exc)}): `searchengine check` and `searchengine restore` repair it")
+        log.exception("database error on %s %s", request.method, request.url.path)
+        return error(500, "internal error; the server log has the details")
 
     @app.exception_handler(BadImageError)
     async def bad_image(request, exc: BadImageError):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from searchengine.errors import SearchEngineError
 
-_NAME = re.compile(r"^store-(\d{8}T\d{6})-(\d+)\.db$")
+_NAME = re.compile(r"^store-(\d{8}T\d{6}\.\d{6})-(\d+)\.db$")
 
 
 class BackupError(SearchEngineError):
@@ -33,7 +33,7 @@ class BackupError(SearchEngineError):
 @dataclass(frozen=True)
 class Backup:
     path: Path
-    taken: str  # UTC, YYYYmmddTHHMMSS
+    taken: str  # UTC, YYYYmmddTHHMMSS.ffffff
     revision: int  # the store's revision when it was taken
     size: int
 
@@ -85,7 +85,8 @@ def make_backup(store_path: Path, revision: int, keep: int) -> Backup:
     """A consistent copy of the live store in `backups/`; the oldest beyond `keep` go."""
     folder = backups_dir(store_path)
     folder.mkdir(parents=True, exist_ok=True)
-    taken = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    now = time.time()
+    taken = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}"
     final = folder / f"store-{taken}-{revision}.db"
     tmp = folder / f".{final.name}.{os.getpid()}.tmp"
     try:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from searchengine import __version__, wiring
 from searchengine.captions import CPU_DEFAULT, GPU_DEFAULT
-from searchengine.errors import IndexNotFoundError, SearchEngineError
+from searchengine.errors import IndexNotFoundError, SearchEngineError, StoreDamagedError, StoreMissingError
 from searchengine.settings import DEFAULT_MODEL, Settings
 
 EXIT_ERROR = 1
@@ -115,6 +115,18 @@ examples:
   searchengine serve                           http://127.0.0.1:8000
   searchengine serve --watch ~/Pictures        and keep the index live
   SEARCHENGINE_API_KEY=secret searchengine serve --host 0.0.0.0""",
+    "check": """\
+examples:
+  searchengine check
+  searchengine check --json""",
+    "backup": """\
+examples:
+  searchengine backup          (made after every index run that changed something anyway)""",
+    "restore": """\
+examples:
+  searchengine restore --list
+  searchengine restore                                  the newest backup
+  searchengine restore store-20261123T101500.000000-42.db""",
     "make-tiny-model": """\
 examples:
   searchengine make-tiny-model /tmp/tiny-blip2
@@ -204,6 +216,27 @@ def build_parser() -> argparse.ArgumentParser:
     _watch_options(p)
     _caption_options(p)
     _common(p, model=True)
+
+    p = command(
+        "check", "check the index: store, vector index, caches and files against each other",
+        "Check every part of the index against the store, changing nothing. Exits 1 when something needs "
+        "repair: derived files are repaired by the next index, watch or serve; a damaged store by restore.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _common(p, model=False)
+
+    p = command("backup", "back up the store now", "Make a backup of the store in the data dir's backups/ folder.")
+    _common(p, model=False)
+
+    p = command(
+        "restore", "put a backup of the store back",
+        "Replace the store with a backup (the newest by default), after checking it. Stop `serve` and `watch` "
+        "first. The vector index and the caches follow the restored store when it is next opened; "
+        "`searchengine index` then adds what came after the backup.",
+    )
+    p.add_argument("backup", nargs="?", metavar="BACKUP", help="a backup's file name (see `stats`) or path (default: the newest)")
+    p.add_argument("--list", action="store_true", help="list the backups and restore nothing")
+    _common(p, model=False)
 
     p = command(
         "make-tiny-model", "write a tiny random BLIP-2 retrieval model or captioner (for tests and trials)",
@@ -339,6 +372,8 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
         )
         library.record_captioner(captioner is not None, captioner.name if captioner else None)
         summary = indexer.run(folders)
+        if summary.indexed or summary.linked or summary.moved or summary.removed or summary.skipped:
+            library.backup()  # the store is the one thing not rebuilt from the others
     finally:
         bar.close()
         library.close()
@@ -526,6 +561,8 @@ def cmd_stats(args: argparse.Namespace, out, err) -> int:
         file=out,
     )
     print(f"folders      {', '.join(data['roots']) or '-'}", file=out)
+    backups = data["backups"]
+    print(f"backups      {len(backups)}" + (f", newest {backups[0]['name']}" if backups else ""), file=out)
     reasons = ", ".join(f"{r}: {n}" for r, n in sorted(data["failures_by_reason"].items()))
     print(f"failed       {data['failed']}" + (f" ({reasons})" if data["failed"] else ""), file=out)
     for f in data["failures"]:
@@ -639,6 +676,70 @@ def cmd_serve(args: argparse.Namespace, out, err) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace, out, err) -> int:
+    from searchengine.library import Library
+
+    settings = _settings(args)
+    try:
+        library = Library.open(settings, writable=False, vectors=False)  # reads only: a check changes nothing
+    except (StoreDamagedError, StoreMissingError) as e:
+        findings = [(False, str(e))]
+    else:
+        try:
+            findings = library.check()
+        finally:
+            library.close()
+    if args.json:
+        print(json.dumps([{"ok": ok, "what": what} for ok, what in findings], ensure_ascii=False, indent=2), file=out)
+    else:
+        for ok, what in findings:
+            print(f"{'ok  ' if ok else 'FIX '} {what}", file=out)
+    return 0 if all(ok for ok, _ in findings) else 1
+
+
+def cmd_backup(args: argparse.Namespace, out, err) -> int:
+    from searchengine.library import Library
+
+    settings = _settings(args).model_copy(update={"backups": max(_settings(args).backups, 1)})
+    library = Library.open(settings, writable=True, vectors=False)
+    try:
+        made = library.backup()
+    finally:
+        library.close()
+    print(f"backed up the store to {made.path} ({_human(made.size)})", file=out)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, out, err) -> int:
+    from searchengine import backup
+    from searchengine.library import Library, unwritable_path
+
+    settings = _settings(args)
+    if args.list:
+        backups = backup.list_backups(settings.store_path)
+        for b in backups:
+            print(f"{b.name}  {_human(b.size)}", file=out)
+        if not backups:
+            print(f"no backups in {backup.backups_dir(settings.store_path)}", file=out)
+        return 0
+    blocked = unwritable_path(settings)
+    if blocked is not None:
+        raise SearchEngineError(f"{blocked} is not writable: a backup cannot be restored there")
+    chosen = backup.find_backup(settings.store_path, args.backup)
+    backup.restore(settings.store_path, chosen)
+    library = Library.open(settings)  # reconciles the vector index and the caches with it
+    try:
+        images = library.describe(max_failures=0)["images"]
+    finally:
+        library.close()
+    print(
+        f"restored {chosen.name}: {images} images; the vector index and caches now follow it "
+        "(`searchengine index` adds what came after the backup)",
+        file=out,
+    )
+    return 0
+
+
 def cmd_make_tiny_model(args: argparse.Namespace, out, err) -> int:
     from searchengine.tiny import build_tiny_captioner, build_tiny_model
 
@@ -671,6 +772,9 @@ COMMANDS = {
     "watch": cmd_watch,
     "serve": cmd_serve,
     "make-tiny-model": cmd_make_tiny_model,
+    "check": cmd_check,
+    "backup": cmd_backup,
+    "restore": cmd_restore,
 }
 
 

@@ -35,3 +35,11 @@ class BadImageError(SearchEngineError):
 
 class ReadOnlyIndexError(SearchEngineError):
     """The data directory cannot be written, and the command needs to write to it."""
+
+
+class StoreMissingError(SearchEngineError):
+    """The store is missing or empty where an index was: never replaced by a new empty one."""
+
+
+class StoreDamagedError(SearchEngineError):
+    """The store cannot be read as a database (truncated, overwritten, malformed)."""

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from searchengine.errors import IndexNotFoundError, ReadOnlyIndexError
+from searchengine import backup
+from searchengine.errors import IndexNotFoundError, ReadOnlyIndexError, StoreDamagedError, StoreMissingError
 from searchengine.features import FeatureCache
 from searchengine.settings import Settings
 from searchengine.store import FolderCount, ModelInfo, Store, sqlite_readonly_url, sqlite_url
@@ -86,6 +87,53 @@ def unwritable_path(settings: Settings) -> Path | None:
     return None
 
 
+def _open_store(settings: Settings, *, read_only: bool) -> Store:
+    """The store, or StoreDamagedError that says how to get it back."""
+    try:
+        if read_only:
+            return Store.open(sqlite_readonly_url(settings.store_path), read_only=True, location=str(settings.store_path))
+        return Store.open(sqlite_url(settings.store_path))
+    except StoreDamagedError as e:
+        backups = backup.list_backups(settings.store_path)
+        way = (
+            f"`searchengine restore` puts back the newest backup ({backups[0].name}); `searchengine check` says more"
+            if backups else "there is no backup to restore; re-index into another --data-dir"
+        )
+        raise StoreDamagedError(f"{e}. {way}") from e
+
+
+def index_traces(settings: Settings) -> list[str]:
+    """What in the data dir shows that an index was there (besides the store)."""
+    traces = []
+    if settings.vectors_path.exists():
+        traces.append(settings.vectors_path.name)
+    for folder in (settings.backups_dir, settings.features_dir, settings.thumbnails_dir, settings.previews_dir):
+        if folder.is_dir() and any(folder.iterdir()):
+            traces.append(folder.name + "/")
+    return traces
+
+
+def check_store_present(settings: Settings) -> None:
+    """StoreMissingError where the store is gone (or empty) but an index was there: a new empty
+    store would silently lose every id, vector and caption, and reconciling would then wipe
+    the derived files to match it. Never replace it: say what is missing and how to get it back."""
+    store = settings.store_path
+    missing = not store.exists() or store.stat().st_size == 0
+    traces = index_traces(settings) if missing else []
+    if not traces:
+        return
+    what = "is missing" if not store.exists() else "is empty (0 bytes)"
+    backups = backup.list_backups(store)
+    way = (
+        f"`searchengine restore` puts back the newest backup ({backups[0].name}, of {len(backups)})"
+        if backups else "there is no backup to restore; re-index into another --data-dir"
+    )
+    raise StoreMissingError(
+        f"the store {store} {what}, but {settings.data_dir} holds an index ({', '.join(traces)}): {way}. "
+        "Nothing was changed"
+    )
+
+
 class Library:
     def __init__(self, settings: Settings, store: Store, *, writable: bool = True, vectors: bool = True) -> None:
         self.settings = settings
@@ -100,6 +148,7 @@ class Library:
             settings.previews_dir, settings.preview_size, settings.max_image_pixels, read_only=not writable
         )
         self._last_save = time.monotonic()
+        self._last_backup = float("-inf")
         self._dirty = False
         # Guards the in-memory FAISS index: searches from server threads against reconcile.
         self.lock = threading.RLock()
@@ -126,6 +175,7 @@ class Library:
         neither loaded nor reconciled until a model is bound.
         """
         data_dir = Path(settings.data_dir)
+        check_store_present(settings)
         if not create and not settings.store_path.exists():
             raise IndexNotFoundError(
                 f"no index in {data_dir}: run `searchengine index FOLDER` first, or point --data-dir at one"
@@ -136,14 +186,13 @@ class Library:
         if writable:
             cls.check_writable(settings)
             data_dir.mkdir(parents=True, exist_ok=True)
-            return cls(settings, Store.open(sqlite_url(settings.store_path)), vectors=vectors)
+            return cls(settings, _open_store(settings, read_only=False), vectors=vectors)
         if not settings.store_path.exists():
             # create=True but nothing may be written: there is no index to read either.
             raise ReadOnlyIndexError(
                 f"no index in {data_dir}, and {blocked or data_dir} is not writable, so none can be made there"
             )
-        store = Store.open(sqlite_readonly_url(settings.store_path), read_only=True, location=str(settings.store_path))
-        return cls(settings, store, writable=False, vectors=vectors)
+        return cls(settings, _open_store(settings, read_only=True), writable=False, vectors=vectors)
 
     @staticmethod
     def check_writable(settings: Settings) -> None:
@@ -163,12 +212,11 @@ class Library:
     def recorded(cls, settings: Settings) -> Recorded | None:
         """The model and captioner an existing index was built with (None: no index there),
         read without loading anything else, so a command can choose its models first."""
-        if not settings.store_path.exists():
+        if not settings.store_path.exists() and not index_traces(settings):
             return None
-        if unwritable_path(settings) is None:
-            store = Store.open(sqlite_url(settings.store_path))
-        else:  # a read-only index: read it as `open` would, without a write
-            store = Store.open(sqlite_readonly_url(settings.store_path), read_only=True, location=str(settings.store_path))
+        check_store_present(settings)
+        # A read-only index is read as `open` would, without a write.
+        store = _open_store(settings, read_only=unwritable_path(settings) is not None)
         try:
             return _recorded(store)
         finally:
@@ -297,6 +345,83 @@ class Library:
         """Whether a folder filter (a path or a folder's name) matches any indexed file."""
         return self.store.folder_has_images(folder)
 
+    def health(self) -> str | None:
+        """None while the store is there and readable; else what is wrong and what to do (a
+        serving process reports it at /healthz and answers 503 rather than 500s)."""
+        path = self.settings.store_path
+        if not path.exists() or path.stat().st_size == 0:
+            what = "is missing" if not path.exists() else "is empty (0 bytes)"
+        else:
+            damage = self.store.problem()
+            if damage is None:
+                return None
+            what = f"is damaged ({damage})"
+        return f"the store {path} {what}: stop the server, then `searchengine check` and `searchengine restore`"
+
+    # -- checking ---------------------------------------------------------------------------
+
+    def check(self) -> list[tuple[bool, str]]:
+        """(sound, what) of each part, read only: the store against itself, the vector index,
+        the caches and the files against the store. Changes nothing; what is derived is
+        repaired by the next command that opens the index for writing."""
+        out: list[tuple[bool, str]] = []
+        s = self.settings
+        problem = backup.integrity_problem(s.store_path)
+        out.append((problem is None, f"store {s.store_path}: " + (problem or "sound (integrity check ok)")))
+        if problem is not None:
+            return out
+        c = self.store.consistency()
+        out.append((c["vectors"] == c["images"] and not c["bad_vectors"],
+                    f"vectors in the store: {c['vectors']} for {c['images']} images" + (f", {c['bad_vectors']} of the wrong size" if c["bad_vectors"] else "")))
+        out.append((c["text_rows"] == c["images"], f"full-text rows: {c['text_rows']} for {c['images']} images (rebuilt on open when they differ)"))
+        out.append((c["images_without_file"] == 0, f"images with no file: {c['images_without_file']}"))
+        store_ids = set(self.store.image_ids().tolist())
+        info = self.store.model_info()
+        if info is not None:
+            try:
+                ids = set(VectorIndex.load(s.vectors_path, info.dim, info.num_vectors).ids().tolist()) if s.vectors_path.exists() else None
+            except Exception as e:  # noqa: BLE001 - a damaged derived file is reported, then rebuilt
+                out.append((False, f"vector index {s.vectors_path}: unreadable ({e}); rebuilt from the store on open"))
+            else:
+                if ids is None:
+                    out.append((not store_ids, f"vector index {s.vectors_path}: missing; rebuilt from the store on open"))
+                else:
+                    lacking, extra = len(store_ids - ids), len(ids - store_ids)
+                    out.append((not lacking and not extra, f"vector index: {len(ids)} images; {lacking} to add and {extra} to drop on open"))
+        for name, cache in (("feature cache", self.features), ("thumbnails", self.thumbnails), ("previews", self.previews)):
+            if cache is not None:
+                stale = len(cache.ids() - store_ids)
+                out.append((stale == 0, f"{name}: {stale} entries of images no longer indexed (dropped on open)"))
+        gone = sum(1 for p in self.store.indexed_paths() if not os.path.exists(p))
+        out.append((gone == 0, f"files on disk: {gone} indexed files not there now (`searchengine index` updates the index)"))
+        backups = self.backups()
+        out.append((bool(backups) or s.backups == 0, f"backups: {len(backups)}" + (f", newest {backups[0].name}" if backups else "")))
+        return out
+
+    # -- backups --------------------------------------------------------------------------
+
+    def backup(self) -> backup.Backup | None:
+        """Back the store up now (None where backups are off or nothing may be written)."""
+        if not self.writable or self.settings.backups == 0:
+            return None
+        made = backup.make_backup(self.settings.store_path, self.store.revision(), self.settings.backups)
+        self._last_backup = time.monotonic()
+        log.info("backed up the store to %s (%d bytes)", made.path, made.size)
+        return made
+
+    def maybe_backup(self) -> backup.Backup | None:
+        """A backup if the store changed since the last one and `backup_interval_s` has passed
+        (the watcher's cadence: its updates come one by one, all day)."""
+        newest = backup.list_backups(self.settings.store_path)
+        if newest and newest[0].revision == self.store.revision():
+            return None
+        if time.monotonic() - self._last_backup < self.settings.backup_interval_s:
+            return None
+        return self.backup()
+
+    def backups(self) -> list[backup.Backup]:
+        return backup.list_backups(self.settings.store_path)
+
     # -- description ----------------------------------------------------------------------
 
     def describe(self, max_failures: int = 20) -> dict:
@@ -320,6 +445,7 @@ class Library:
             "captioned": stats.captioned,
             "caption_models": stats.caption_models,
             "caption_failures": stats.caption_failures,
+            "backups": [{"name": b.name, "taken": b.taken, "bytes": b.size} for b in self.backups()],
         }
 
     # -- sizes ----------------------------------------------------------------------------
@@ -337,6 +463,7 @@ class Library:
             "feature_cache": self.features.size_bytes() if self.features else 0,
             "thumbnails": self.thumbnails.size_bytes(),
             "previews": self.previews.size_bytes(),
+            "backups": sum(b.size for b in self.backups()),
         }
 
 

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     # has an entry and re-runs the ViT otherwise. See benchmarks/query_latency.py.
     itm_features: Literal["auto", "cache", "recompute"] = "auto"
     save_every_s: float = Field(60.0, gt=0)
+    # Store backups (backups/ in the data dir), after an indexing run that changed something;
+    # a watcher makes one at most every backup_interval_s. 0 backups: none are made.
+    backups: int = Field(3, ge=0)
+    backup_interval_s: float = Field(3600.0, ge=0)
     # Captions, made at index time. None: as the index was built (on for a new index).
     # caption_model None: the index's captioner, or the CPU or GPU default for a new index.
     captions: bool | None = None
@@ -78,6 +82,10 @@ class Settings(BaseSettings):
     @property
     def previews_dir(self) -> Path:
         return self.data_dir / "previews"
+
+    @property
+    def backups_dir(self) -> Path:
+        return self.data_dir / "backups"
 
     @property
     def store_path(self) -> Path:

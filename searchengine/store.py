@@ -49,8 +49,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.exc import DatabaseError
 
-from searchengine.errors import ModelMismatchError, QueryError, ReadOnlyIndexError, SchemaError
+from searchengine.errors import ModelMismatchError, QueryError, ReadOnlyIndexError, SchemaError, StoreDamagedError
 from searchengine.keywords import Clause, KeywordQuery, path_words
 from searchengine.textindex import KeywordHit, TextIndex, text_index_for
 
@@ -224,6 +225,20 @@ def _sqlite_readonly_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def damage(e: BaseException) -> str:
+    """What SQLite said about a damaged file, in its own words (first line, no SQL)."""
+    orig = getattr(e, "orig", None) or e
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+
+
+def is_damage(e: BaseException) -> bool:
+    """A database error that says the file is not (any more) a sound database."""
+    text = damage(e).lower()
+    return isinstance(e, DatabaseError) and any(
+        w in text for w in ("malformed", "not a database", "disk i/o error", "database disk image", "file is encrypted")
+    )
+
+
 class Store:
     def __init__(self, engine: Engine, *, read_only: bool = False) -> None:
         self.engine = engine
@@ -241,11 +256,17 @@ class Store:
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_readonly_pragmas if read_only else _sqlite_pragmas)
         store = cls(engine, read_only=read_only)
+        where = location or engine.url.render_as_string(hide_password=True)
         try:
             if read_only:
-                store._check_schema(location or engine.url.render_as_string(hide_password=True))
+                store._check_schema(where)
             else:
                 store._migrate()
+        except DatabaseError as e:
+            engine.dispose()
+            if is_damage(e):
+                raise StoreDamagedError(f"the store {where} is damaged: {damage(e)}") from e
+            raise
         except BaseException:
             engine.dispose()
             raise
@@ -333,6 +354,18 @@ class Store:
     def _bump_revision(self, conn: Connection) -> None:
         rev = int(self._get_meta(conn, "revision") or 0)
         self._set_meta(conn, "revision", str(rev + 1))
+
+    def problem(self) -> str | None:
+        """None when the store answers a read; else what SQLite says is wrong with its file."""
+        try:
+            self.revision()
+            with self.engine.connect() as conn:
+                conn.execute(select(images.c.id).limit(1)).all()
+        except DatabaseError as e:
+            if is_damage(e):
+                return damage(e)
+            raise
+        return None
 
     def revision(self) -> int:
         """Grows with every committed change: how a reader in another process notices writes."""
@@ -650,6 +683,27 @@ class Store:
         return out
 
     # -- stats ----------------------------------------------------------------------------
+
+    def consistency(self) -> dict[str, int]:
+        """Counts that must agree in a sound store (what `searchengine check` compares)."""
+        info = self.model_info()
+        want = info.num_vectors * info.dim * 4 if info else None
+        with self.engine.connect() as conn:
+            n_images = conn.execute(select(func.count()).select_from(images)).scalar_one()
+            n_vectors = conn.execute(select(func.count()).select_from(vectors)).scalar_one()
+            bad_vectors = (
+                conn.execute(select(func.count()).select_from(vectors).where(func.length(vectors.c.data) != want)).scalar_one()
+                if want else 0
+            )
+            text_rows = self.text.count(conn)
+            no_file = conn.execute(
+                select(func.count()).select_from(images).where(~images.c.id.in_(select(files.c.image_id).where(files.c.image_id.is_not(None))))
+            ).scalar_one()
+        return {"images": n_images, "vectors": n_vectors, "bad_vectors": bad_vectors, "text_rows": text_rows, "images_without_file": no_file}
+
+    def indexed_paths(self) -> Iterator[str]:
+        with self.engine.connect() as conn:
+            yield from conn.execute(select(files.c.path).where(files.c.status == "indexed")).scalars()
 
     def stats(self, max_failures: int = 20) -> Stats:
         with self.engine.connect() as conn:
