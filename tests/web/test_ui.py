@@ -280,7 +280,12 @@ def test_loading_state_until_the_model_is_ready(page, library):
 
 
 def test_empty_library_says_how_to_index(browser, tmp_path, tiny_model_dir, screenshots):
-    with running_server(env_for(tiny_model_dir, tmp_path / "empty"), tmp_path / "serve.log") as (base, _):
+    # An index with no photos yet (only `index` makes one: `serve` on a data dir with no index
+    # refuses to start, so a typo in --data-dir is never shown as an empty library).
+    env = env_for(tiny_model_dir, tmp_path / "empty")
+    (tmp_path / "nothing").mkdir()
+    subprocess.run([EXE, "index", str(tmp_path / "nothing")], env=env, check=True, capture_output=True, timeout=300)
+    with running_server(env, tmp_path / "serve.log") as (base, _):
         context = browser.new_context(viewport=PHONE)
         page = context.new_page()
         page.goto(base + "/")
