@@ -46,6 +46,20 @@ from searchengine.imageio import image_extensions
 
 log = logging.getLogger(__name__)
 
+ROOT_CHECK_S = 2.0  # how often the roots are checked for having gone and come back
+RETRY_BASE_S = 2.0  # a failed update is retried after 2, 4, 8 ... seconds
+RETRY_MAX_S = 300.0
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, None when it is not there: a remount or a folder made again
+    has a new one, and its old inotify watches see nothing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if os.path.isdir(path) else None
+
 # File systems where inotify sees nothing of changes made by other machines.
 NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "davfs",
               "fuse.sshfs", "fuse.rclone", "fuse.s3fs", "fuse.gcsfuse"}
@@ -93,9 +107,15 @@ class Watcher:
         self._updating = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._observers: list = []
+        self._observers: dict[str, object] = {}  # root -> its watchdog observer
+        self._identity: dict[str, tuple[int, int] | None] = {}  # root -> (st_dev, st_ino) when observed
         self._thread: threading.Thread | None = None
         self.modes: dict[str, str] = {}
+        # Paths whose update failed (disk full, a store error): retried with backoff, never
+        # forgotten. path -> failed attempts so far.
+        self._attempts: dict[str, int] = {}
+        self.failure: str | None = None  # the last update's error, while paths wait for a retry
+        self._next_root_check = 0.0
 
     # -- life ------------------------------------------------------------------------------
 
@@ -111,12 +131,20 @@ class Watcher:
 
     def stop(self) -> None:
         self._stop.set()
-        for observer in self._observers:
+        for observer in self._observers.values():
             observer.stop()
-        for observer in self._observers:
+        for observer in self._observers.values():
             observer.join(timeout=10)
         if self._thread is not None:
             self._thread.join(timeout=60)
+
+    def health(self) -> str | None:
+        """None while the watcher works; else what is wrong (for /healthz)."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            return "the watcher has stopped: new photos are not indexed; see the log, then restart"
+        if self.failure is not None:
+            return f"indexing {len(self._attempts)} changed files failed ({self.failure}); retrying"
+        return None
 
     def _observe(self, root: Path) -> None:
         from watchdog.observers import Observer
@@ -141,7 +169,34 @@ class Watcher:
             observer.start()
             poll = True
         self.modes[str(root)] = "polling" if poll else "native"
-        self._observers.append(observer)
+        self._observers[str(root)] = observer
+        self._identity[str(root)] = _identity(root)
+
+    def check_roots(self) -> list[Path]:
+        """Re-attach to roots that went and came back (unmounted and mounted again, removed and
+        made again) or whose observer died: their inotify watches are gone, so without this the
+        watcher goes deaf. Returns the roots re-attached; each is then scanned again."""
+        back = []
+        for root in self.roots:
+            key = str(root)
+            now = _identity(root)
+            observer = self._observers.get(key)
+            was = self._identity.get(key)
+            if now is None:
+                if was is not None:
+                    log.warning("folder %s is gone (unmounted or removed?); watching for it to come back", root)
+                    self._identity[key] = None
+                continue
+            if now == was and observer is not None and observer.is_alive():
+                continue
+            log.warning("folder %s is %s: watching it again and rescanning", root, "back" if was is None else "a new folder now")
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=10)
+                self._observers.pop(key, None)
+            self._observe(root)
+            back.append(root)
+        return back
 
     def _polling_observer(self, root: Path):
         from watchdog.observers.polling import PollingObserverVFS
@@ -210,9 +265,18 @@ class Watcher:
     def _loop(self) -> None:
         while not self._stop.wait(min(0.25, self.debounce_s / 2)):
             try:
+                if time.monotonic() >= self._next_root_check:
+                    self._next_root_check = time.monotonic() + ROOT_CHECK_S
+                    for root in self.check_roots():
+                        self._rescan(root)
                 self.step()
             except Exception:  # one bad round must not end the watch
                 log.exception("watcher step failed")
+
+    def _rescan(self, root: Path) -> None:
+        """What changed under a root while nothing watched it: every path the store or the disk
+        has there goes through the usual settle-and-update steps."""
+        self.mark_folder(str(root))
 
     def pending(self) -> int:
         """Paths not yet handled, counting those in an update that is still running."""
@@ -252,7 +316,13 @@ class Watcher:
         with self._lock:
             adding = any(look is not None for look in self._looked.values())
         removed = []
+        # Below a root that is not there (an unmounted disk), a missing file is not a deleted
+        # one: it stays indexed, and the root's rescan when it comes back settles it.
+        absent = [str(r) + os.sep for r in self.roots if _identity(r) is None]
         for path in gone:
+            if any(path.startswith(a) for a in absent):
+                self._done(path)
+                continue
             if not adding or now - self._missing_since.get(path, now) >= 10 * self.debounce_s:
                 self._done(path)
                 if self.store.file_state(path) is not None:
@@ -263,9 +333,17 @@ class Watcher:
             self._updating = len(changed) + len(removed)
         try:
             summary = self.indexer.update(changed, removed, Summary(record=True))
+        except Exception as e:  # noqa: BLE001 - kept and retried, never forgotten
+            self._retry([c.path for c in changed] + removed, e)
+            return None
         finally:
             with self._lock:
                 self._updating = 0
+        with self._lock:
+            for path in [c.path for c in changed] + removed:
+                self._attempts.pop(path, None)
+            if not self._attempts:
+                self.failure = None
         # Each file once, by name; the only place a watcher reports them.
         for what, detail in summary.changes:
             if what in ("skipped", "no caption"):
@@ -279,6 +357,18 @@ class Watcher:
         self.indexer.library.maybe_backup()  # at most once per backup_interval_s
         self.on_update(summary)
         return summary
+
+    def _retry(self, paths: list[str], error: Exception) -> None:
+        """Put paths whose update failed back, due again after a backoff (2, 4, 8 ... 300 s)."""
+        now = time.monotonic()
+        with self._lock:
+            attempts = max((self._attempts.get(p, 0) for p in paths), default=0) + 1
+            delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempts - 1))
+            for path in paths:
+                self._attempts[path] = attempts
+                self._dirty[path] = now + delay - self.debounce_s  # settles when the delay is up
+            self.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        log.warning("could not index %d changed files (%s); retrying in %.0f s", len(paths), self.failure, delay)
 
     def _done(self, path: str) -> None:
         with self._lock:

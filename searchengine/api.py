@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from enum import Enum
 from pathlib import Path as FilePath
-from typing import Annotated, Callable
+from typing import Annotated, Callable, Protocol
 
 from fastapi import Depends, FastAPI, File, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -133,12 +133,31 @@ class ErrorOut(BaseModel):
 # -- state and dependencies ---------------------------------------------------------------
 
 
+class Companion(Protocol):
+    """Something started beside the service (the watcher of `serve --watch`)."""
+
+    def stop(self) -> None: ...
+
+    def health(self) -> str | None:
+        """None while it works; else what is wrong, for /healthz."""
+
+
 class AppState:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.service: QueryService | None = None
         self.error: str | None = None
+        self.companions: list[Companion] = []
+
+    def problem(self) -> str | None:
+        """What keeps the service from being healthy once it is up: a damaged store, a
+        companion that failed to start or stopped working."""
+        if self.service is None:
+            return self.error
+        return self.service.library.health() or self.error or next(
+            (p for p in (c.health() for c in self.companions) if p), None
+        )
 
 
 class NotReady(Exception):
@@ -226,16 +245,16 @@ def create_app(
     settings: Settings,
     *,
     loader: Callable[[Settings], tuple] = default_loader,
-    on_ready: Callable[[QueryService], Callable[[], None] | None] | None = None,
+    on_ready: Callable[[QueryService], Companion | None] | None = None,
 ) -> FastAPI:
     """The app; `loader(settings) -> (model, library)` runs in the lifespan (tests pass their own).
 
     `on_ready(service)` runs once the service is up (the CLI starts a watcher there, sharing
-    the loaded model) and may return a function that stops what it started.
+    the loaded model) and may return a `Companion`: stopped with the app, and asked for its
+    health by /healthz (a watcher that died must not leave the server saying "ok").
     """
     metrics = Metrics()
     state = AppState(settings, metrics)
-    stops: list[Callable[[], None]] = []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -246,21 +265,22 @@ def create_app(
                 state.service = service
                 log.info("ready: %d images", len(library.index or ()))
                 if on_ready is not None:
-                    stop = await asyncio.to_thread(on_ready, service)
-                    if stop is not None:
-                        stops.append(stop)
+                    companion = await asyncio.to_thread(on_ready, service)
+                    if companion is not None:
+                        state.companions.append(companion)
             except SearchEngineError as e:
-                state.error = str(e)
+                state.error = str(e) if state.service is None else f"the watcher could not start: {e}"
                 log.error("cannot start: %s", e)
             except Exception as e:  # the service stays up to say what is wrong
-                state.error = f"{type(e).__name__}: {e}"
+                what = f"{type(e).__name__}: {e}"
+                state.error = what if state.service is None else f"the watcher could not start: {what}"
                 log.exception("cannot start")
 
         task = asyncio.create_task(load())
         yield
         task.cancel()
-        for stop in stops:
-            await asyncio.to_thread(stop)
+        for companion in state.companions:
+            await asyncio.to_thread(companion.stop)
         if state.service is not None:
             await state.service.close()
             state.service.library.close()
@@ -286,13 +306,11 @@ def create_app(
     @app.get("/healthz", response_model=HealthOut, responses={503: {"model": HealthOut}})
     def healthz(state: State):
         """Ready (200) once the model and the index are loaded; 503 while loading or broken."""
-        if state.service is not None:
-            problem = state.service.library.health()
-            if problem is None:
-                return HealthOut(status="ok")
-            return JSONResponse(HealthOut(status="error", error=problem).model_dump(), status_code=503)
-        status = "error" if state.error else "loading"
-        return JSONResponse(HealthOut(status=status, error=state.error).model_dump(), status_code=503)
+        problem = state.problem()
+        if state.service is not None and problem is None:
+            return HealthOut(status="ok")
+        status = "error" if problem else "loading"
+        return JSONResponse(HealthOut(status=status, error=problem).model_dump(), status_code=503)
 
     @app.get("/api/search", response_model=SearchOut, responses={400: {"model": ErrorOut}})
     async def search(

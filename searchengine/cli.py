@@ -620,16 +620,31 @@ def _watch_in_server(settings: Settings, args: argparse.Namespace, captioner):
         # service.model is the locked model: indexing and queries take turns on it.
         indexer = Indexer(service.model, library, settings, captioner=captioner)
         watcher = Watcher(indexer, args.watch, poll=args.poll, debounce_s=args.debounce)
-        watcher.start()
-        logging.getLogger("indexer.watch").info("watching %s", watcher.modes)
-
-        def stop() -> None:
-            watcher.stop()
+        try:
+            watcher.start()
+        except BaseException:
             library.close()
-
-        return stop
+            raise
+        logging.getLogger("indexer.watch").info("watching %s", watcher.modes)
+        return _ServerWatch(watcher, library)
 
     return on_ready
+
+
+class _ServerWatch:
+    """The watcher of `serve --watch`, as the API's companion: stopped with it, and asked by
+    /healthz whether it still works."""
+
+    def __init__(self, watcher, library) -> None:
+        self.watcher = watcher
+        self.library = library
+
+    def stop(self) -> None:
+        self.watcher.stop()
+        self.library.close()
+
+    def health(self) -> str | None:
+        return self.watcher.health()
 
 
 def cmd_serve(args: argparse.Namespace, out, err) -> int:

@@ -1,0 +1,148 @@
+"""The watcher never forgets a change and never goes deaf: updates that fail (a full disk) are
+retried until they commit, and a folder that is unmounted and mounted again, or removed and
+made again, is watched again. Real mounts (tmpfs, bind): these tests need root, as CI has."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.pipeline import Indexer
+from indexer.watch import Watcher
+from searchengine.library import Library
+from tests.indexer.test_watch import wait_until
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs or a bind mount needs root")
+
+
+def small_jpeg(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((40, 56, 3)) * 255).astype(np.uint8)).save(path, "JPEG")
+    return path
+
+
+def indexed_paths(library) -> set[str]:
+    return {p for p, s in library.store.files_under("/").items() if s.status == "indexed"}
+
+
+def on_disk(folder: Path) -> set[str]:
+    return {str(p) for p in folder.rglob("*.jpg")}
+
+
+def mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+
+
+def umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    mount("-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where))
+    yield where
+    umount(where)
+
+
+def test_a_full_disk_delays_indexing_but_loses_nothing(settings, model, tmp_path, tmpfs):
+    settings = settings.model_copy(update={"data_dir": tmpfs / "data", "backups": 0})
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    small_jpeg(folder / "first.jpg", 0)
+    library = Library.open(settings, create=True)
+    watcher = Watcher(Indexer(model, library, settings), [folder], debounce_s=0.3)
+    watcher.start()
+    try:
+        filler = tmpfs / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # the data dir's disk, full to the last byte
+        for size in (1 << 16, 512, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+        os.close(fd)
+        for i in range(12):
+            small_jpeg(folder / f"new_{i:02d}.jpg", i + 1)
+        wait_until(lambda: watcher.failure is not None, "an update failing on the full disk", timeout=30)
+        assert watcher.health() is not None and "retrying" in watcher.health()
+        assert watcher.pending() > 0  # kept, not forgotten
+        filler.unlink()  # space again
+        wait_until(lambda: indexed_paths(library) == on_disk(folder) and watcher.pending() == 0,
+                   "every file indexed once the disk has room", timeout=60)
+        assert watcher.health() is None
+    finally:
+        watcher.stop()
+        library.close()
+
+
+def test_a_folder_removed_and_made_again_is_watched_again(settings, model, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    small_jpeg(folder / "old.jpg", 0)
+    library = Library.open(settings, create=True)
+    watcher = Watcher(Indexer(model, library, settings), [folder], debounce_s=0.3)
+    watcher.start()
+    try:
+        shutil.rmtree(folder)
+        time.sleep(0.5)
+        folder.mkdir()
+        small_jpeg(folder / "new.jpg", 1)
+        wait_until(lambda: indexed_paths(library) == {str(folder / "new.jpg")},
+                   "the new folder's file indexed and the old one's gone", timeout=30)
+        small_jpeg(folder / "later.jpg", 2)  # and events are seen again, not just a rescan
+        wait_until(lambda: str(folder / "later.jpg") in indexed_paths(library), "a later arrival indexed", timeout=30)
+    finally:
+        watcher.stop()
+        library.close()
+
+
+def test_a_folder_unmounted_and_mounted_again_is_watched_again(settings, model, tmp_path):
+    source = tmp_path / "nas-share"
+    source.mkdir()
+    small_jpeg(source / "on-the-nas.jpg", 0)
+    folder = tmp_path / "mnt" / "photos"
+    folder.mkdir(parents=True)
+    mount("--bind", str(source), str(folder))
+    library = Library.open(settings, create=True)
+    watcher = Watcher(Indexer(model, library, settings), [folder], debounce_s=0.3)
+    watcher.start()
+    try:
+        assert indexed_paths(library) == {str(folder / "on-the-nas.jpg")}
+        umount(folder)
+        time.sleep(3)  # the watcher notices (it checks its folders every 2 s)
+        mount("--bind", str(source), str(folder))
+        small_jpeg(folder / "arrived.jpg", 1)
+        wait_until(lambda: indexed_paths(library) == on_disk(folder), "a file arriving after the remount indexed",
+                   timeout=30)
+    finally:
+        watcher.stop()
+        library.close()
+        umount(folder)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_watcher_that_died_is_reported(settings, model, tmp_path, monkeypatch):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    library = Library.open(settings, create=True)
+    watcher = Watcher(Indexer(model, library, settings), [folder], debounce_s=0.3)
+    watcher.start()
+    try:
+        assert watcher.health() is None
+        monkeypatch.setattr(watcher._stop, "wait", lambda timeout=None: (_ for _ in ()).throw(SystemExit()))
+        watcher._thread.join(timeout=10)
+        assert "stopped" in (watcher.health() or "")
+    finally:
+        monkeypatch.undo()
+        watcher.stop()
+        library.close()
