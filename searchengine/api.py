@@ -25,10 +25,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 from sqlalchemy.exc import DatabaseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from searchengine.api_guards import (
+    PLAIN_TEXT,
+    UploadLimit,
+    loggable_query,
+    refuse_control_characters,
+    strict_image_id,
+    strict_iso_date,
+)
 from searchengine.errors import (
     BadImageError,
     ModelMismatchError,
@@ -130,6 +138,13 @@ class ErrorOut(BaseModel):
     error: str
 
 
+FILE_RESPONSES: dict = {
+    200: {"content": {"image/*": {}}, "description": "the image"},
+    404: {"model": ErrorOut, "description": "no image has this id, or its file is gone"},
+    409: {"model": ErrorOut, "description": "the file is there but no longer a readable image"},
+}
+
+
 # -- state and dependencies ---------------------------------------------------------------
 
 
@@ -164,6 +179,11 @@ class NotReady(Exception):
     pass
 
 
+def _plain_text_parameters(request: Request) -> None:
+    """A NUL or other control character in a query parameter is a 400 before any store call."""
+    refuse_control_characters(request.query_params)
+
+
 def get_state(request: Request) -> AppState:
     return request.app.state.searchengine
 
@@ -184,11 +204,19 @@ Folder = Annotated[
     Query(description="only images with a file below this folder: an absolute path (/home/me/Pictures/Trips) or "
           "one from home (~/Pictures), matched as it is; or a folder's name or the last parts of its path "
           "(Trips, Trips/Winter 2022), matched anywhere in the library, in any case. 400 if no indexed "
-          "folder matches"),
+          "folder matches", pattern=PLAIN_TEXT),
 ]
-TakenAfter = Annotated[date | datetime | None, Query(description="only images taken on or after (ISO date or date-time)")]
-TakenBefore = Annotated[date | datetime | None, Query(description="only images taken on or before (ISO date or date-time)")]
-ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="an image id from a search hit")]
+TakenAfter = Annotated[
+    date | datetime | None, BeforeValidator(strict_iso_date),
+    Query(description="only images taken on or after (ISO date or date-time)"),
+]
+TakenBefore = Annotated[
+    date | datetime | None, BeforeValidator(strict_iso_date),
+    Query(description="only images taken on or before (ISO date or date-time)"),
+]
+ImageId = Annotated[
+    int, BeforeValidator(strict_image_id), Path(ge=1, le=2**63 - 1, description="an image id from a search hit")
+]
 
 
 @dataclass
@@ -290,6 +318,12 @@ def create_app(
         summary="Semantic image search on BLIP-2: ITC retrieval, ITM re-ranking.",
         version="0.1.0",
         lifespan=lifespan,
+        dependencies=[Depends(_plain_text_parameters)],
+        responses={
+            400: {"model": ErrorOut, "description": "the request cannot be answered as it is; the message says what to fix"},
+            401: {"model": ErrorOut, "description": "an API key is set on the server and was not sent"},
+            503: {"model": ErrorOut, "description": "still loading, or the index cannot answer (the message says why)"},
+        },
     )
     app.state.searchengine = state
     _install_middleware(app, settings, metrics)
@@ -315,7 +349,7 @@ def create_app(
     @app.get("/api/search", response_model=SearchOut, responses={400: {"model": ErrorOut}})
     async def search(
         service: Service,
-        q: Annotated[str, Query(description="what to look for, in words")],
+        q: Annotated[str, Query(description="what to look for, in words", pattern=PLAIN_TEXT)],
         p: Paging,
         rerank: Annotated[bool, Query(description="re-rank the top candidates with the ITM head")] = True,
         mode: Annotated[
@@ -360,19 +394,19 @@ def create_app(
             file_url=f"/api/images/{image_id}/file",
         )
 
-    @app.get("/api/images/{image_id}/thumbnail", response_class=FileResponse, responses={404: {"model": ErrorOut}})
+    @app.get("/api/images/{image_id}/thumbnail", response_class=FileResponse, responses=FILE_RESPONSES)
     async def thumbnail(service: Service, image_id: ImageId):
         """A small JPEG of the image, made once and kept."""
         path = await asyncio.to_thread(service.thumbnail, image_id)
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
-    @app.get("/api/images/{image_id}/preview", response_class=FileResponse, responses={404: {"model": ErrorOut}})
+    @app.get("/api/images/{image_id}/preview", response_class=FileResponse, responses=FILE_RESPONSES)
     async def preview(service: Service, image_id: ImageId):
         """A screen-sized JPEG of the image (longest side `preview_size`, 1600 px), made on first request and kept."""
         path = await asyncio.to_thread(service.preview, image_id)
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
-    @app.get("/api/images/{image_id}/file", response_class=FileResponse, responses={404: {"model": ErrorOut}})
+    @app.get("/api/images/{image_id}/file", response_class=FileResponse, responses=FILE_RESPONSES)
     def original(service: Service, image_id: ImageId):
         """The original file, with its content type."""
         path = service.file(image_id)
@@ -425,6 +459,8 @@ async def _read_capped(upload: UploadFile, limit: int) -> bytes:
 
 def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     key = settings.api_key.get_secret_value() if settings.api_key else None
+    # Inside the guard (added first): a refused upload is logged and counted like any answer.
+    app.add_middleware(UploadLimit, limit=settings.max_upload_bytes, paths={"/api/search/image"})
 
     @app.middleware("http")
     async def guard_and_log(request: Request, call_next):
@@ -436,12 +472,16 @@ def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> N
                 {"error": "an API key is needed: send it as the X-API-Key header (or ?api_key=)"}, status_code=401
             )
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception:  # a bug: answered here, so it is logged, counted, and the connection kept
+                log.exception("unexpected error on %s %s", request.method, request.url.path)
+                response = JSONResponse({"error": "internal error; the server log has the details"}, status_code=500)
         seconds = time.perf_counter() - start
         route = getattr(request.scope.get("route"), "path", "unmatched")
         metrics.requests.labels(request.method, route, str(response.status_code)).inc()
         metrics.latency.labels(route).observe(seconds)
-        query = "&".join(p for p in request.url.query.split("&") if p and not p.startswith("api_key="))
+        query = loggable_query(request.url.query)
         access_log.info(
             "%s %s%s %d %.1fms", request.method, request.url.path, f"?{query}" if query else "", response.status_code, seconds * 1000
         )
@@ -494,11 +534,15 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BadImageError)
     async def bad_image(request, exc: BadImageError):
-        if exc.reason == "too_large":
+        upload = request.url.path == "/api/search/image"
+        if exc.reason == "too_large" and upload:
             return error(413, str(exc))
         if exc.reason == "vanished":
             return error(404, str(exc))
-        return error(400, f"the upload is not a usable image: {exc}")
+        if upload:
+            return error(400, f"the upload is not a usable image: {exc}")
+        # An indexed image whose file can no longer be read as one (changed or damaged on disk).
+        return error(409, f"the image's file cannot be read any more ({exc}); re-index its folder")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -515,4 +559,6 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
-        return error(exc.status_code, str(exc.detail))
+        response = error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # 405 carries Allow (RFC 9110)
+        return response

@@ -101,7 +101,11 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_image(data: bytes, *, max_pixels: int, sha256: str | None = None) -> Decoded:
+def decode_image(
+    data: bytes, *, max_pixels: int, sha256: str | None = None, limit_hint: str = "raise --max-pixels to allow it"
+) -> Decoded:
+    """Decode once (see the module's docstring). `limit_hint`: what to do about an image over
+    `max_pixels`, for the caller's audience (an indexing flag, or the API's upload limit)."""
     if not data:
         raise BadImageError("empty", "file is empty (0 bytes)")
     _register_heif()
@@ -118,7 +122,7 @@ def decode_image(data: bytes, *, max_pixels: int, sha256: str | None = None) -> 
     except Image.DecompressionBombError as e:
         found = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{int(found.group(1)):,} pixels" if found else "its size"
-        raise BadImageError("too_large", _too_large(size, max_pixels)) from None
+        raise BadImageError("too_large", _too_large(size, max_pixels, limit_hint)) from None
     except UnidentifiedImageError:
         container = _container_format(data)
         if container is not None:  # an image, but no codec for it here
@@ -128,7 +132,7 @@ def decode_image(data: bytes, *, max_pixels: int, sha256: str | None = None) -> 
         raise _decode_failure("cannot open image", e) from None
     w, h = im.size
     if w * h > max_pixels:
-        raise BadImageError("too_large", _too_large(f"{w}x{h} = {w * h:,} pixels", max_pixels))
+        raise BadImageError("too_large", _too_large(f"{w}x{h} = {w * h:,} pixels", max_pixels, limit_hint))
     if w == 0 or h == 0:
         raise BadImageError("decode_error", f"image has no pixels ({w}x{h})")
     try:
@@ -156,8 +160,8 @@ def _decode_failure(what: str, e: BaseException) -> BadImageError:
     return BadImageError("decode_error", f"{what}: {msg}")
 
 
-def _too_large(size: str, max_pixels: int) -> str:
-    return f"image is {size}, over the limit of {max_pixels:,} (a decompression-bomb guard; raise --max-pixels to allow it)"
+def _too_large(size: str, max_pixels: int, hint: str) -> str:
+    return f"image is {size}, over the limit of {max_pixels:,} (a decompression-bomb guard; {hint})"
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

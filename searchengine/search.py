@@ -28,7 +28,7 @@ import numpy as np
 
 from searchengine.errors import BadImageError, QueryError
 from searchengine.imageio import decode_image, read_file
-from searchengine.keywords import KeywordQuery, parse_query
+from searchengine.keywords import KeywordQuery, parse_query, words
 from searchengine.library import Library, model_info
 from searchengine.models import RetrievalModel
 from searchengine.settings import Settings
@@ -136,10 +136,11 @@ def parse_for_mode(text: str, mode: str) -> KeywordQuery:
     if mode not in MODES:
         raise QueryError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     kq = parse_query(text)
-    if mode == "keyword" and not kq.searchable:
-        raise QueryError("the query has no words to look for (only exclusions); add a word")
-    if mode != "keyword" and not kq.semantic_text:
-        raise QueryError("the query has nothing to look for, only exclusions (-word); add some words")
+    # Semantic text with no letter or digit at all ("!!!", a lone quote mark) says nothing.
+    if (mode == "keyword" and not kq.searchable) or (mode != "keyword" and not words(kq.semantic_text)):
+        if kq.excluded:
+            raise QueryError("the query has no words to look for, only exclusions (-word); add a word")
+        raise QueryError("the query has no words to look for (only punctuation or quote marks); type some words")
     return kq
 
 

@@ -147,7 +147,10 @@ class QueryService:
         await asyncio.to_thread(self.refresh)
         await asyncio.to_thread(self.searcher.check_filters, filters)  # before the model's work
         t0 = time.perf_counter()
-        image = (await asyncio.to_thread(decode_image, data, max_pixels=self.settings.max_upload_pixels)).image
+        image = (await asyncio.to_thread(
+            decode_image, data, max_pixels=self.settings.max_upload_pixels,
+            limit_hint="the server takes uploads up to this size; send a smaller image",
+        )).image
         vectors = (await asyncio.to_thread(self.model.embed_images, [image])).itc[0]
         encode = (time.perf_counter() - t0) * 1000
         depth = max(offset + k, self.settings.k_candidates)
