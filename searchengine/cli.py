@@ -779,6 +779,20 @@ def _human(n: int) -> str:
     return str(n)
 
 
+# Commands that write to the index: one at a time per data dir (see `writer_lock`).
+WRITERS = {"index", "watch", "caption", "restore"}
+
+
+def _as_the_writer(args: argparse.Namespace, out, err) -> int:
+    from searchengine.library import Library, writer_lock
+
+    settings = _settings(args)
+    if args.command != "restore":
+        Library.check_writable(settings)  # a read-only index: that message, not a lock error
+    with writer_lock(settings, " ".join(sys.argv[1:3]) or args.command, create=args.command in ("index", "watch", "serve")):
+        return COMMANDS[args.command](args, out, err)
+
+
 COMMANDS = {
     "index": cmd_index,
     "search": cmd_search,
@@ -800,6 +814,8 @@ def main(argv: Sequence[str] | None = None, out=None, err=None) -> int:
     args = parser.parse_args(_dash_words_as_query(parser, list(sys.argv[1:] if argv is None else argv)))
     try:
         _quiet_libraries(args.__dict__.get("verbose", False))
+        if args.command in WRITERS or (args.command == "serve" and args.watch):
+            return _as_the_writer(args, out, err)
         return COMMANDS[args.command](args, out, err)
     except SearchEngineError as e:
         print(f"searchengine: error: {e}", file=err)

@@ -43,3 +43,7 @@ class StoreMissingError(SearchEngineError):
 
 class StoreDamagedError(SearchEngineError):
     """The store cannot be read as a database (truncated, overwritten, malformed)."""
+
+
+class IndexBusyError(SearchEngineError):
+    """Another indexing process holds the data dir's writer lock."""

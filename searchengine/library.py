@@ -28,13 +28,15 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from searchengine import backup
-from searchengine.errors import IndexNotFoundError, ReadOnlyIndexError, StoreDamagedError, StoreMissingError
+from searchengine.errors import IndexBusyError, IndexNotFoundError, ReadOnlyIndexError, StoreDamagedError, StoreMissingError
 from searchengine.features import FeatureCache
 from searchengine.settings import Settings
 from searchengine.store import FolderCount, ModelInfo, Store, sqlite_readonly_url, sqlite_url
@@ -132,6 +134,38 @@ def check_store_present(settings: Settings) -> None:
         f"the store {store} {what}, but {settings.data_dir} holds an index ({', '.join(traces)}): {way}. "
         "Nothing was changed"
     )
+
+
+@contextmanager
+def writer_lock(settings: Settings, command: str, *, create: bool = False) -> Iterator[None]:
+    """One indexing writer per data dir (index, watch, serve --watch, caption, restore): a second
+    one is refused at once with who holds the lock, rather than racing the first and dying
+    on a raw IntegrityError. The lock (flock) goes with the process, however it ends.
+    `create`: make the data dir (the commands that may start an index); else a missing one
+    has nothing to lock, and the command reports it."""
+    import fcntl
+
+    data_dir = Path(settings.data_dir)
+    if not data_dir.is_dir():
+        if not create:
+            yield
+            return
+        data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "writer.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+            raise IndexBusyError(
+                f"another indexer is running on {data_dir} ({holder}); wait for it to finish, or stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: searchengine {command}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class Library:

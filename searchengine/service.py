@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -222,13 +223,30 @@ class QueryService:
         return detail
 
     def thumbnail(self, image_id: int) -> str:
-        detail = self.image(image_id)
-        return str(self.library.thumbnails.get(image_id, [f["path"] for f in detail["files"]]))
+        return str(self.library.thumbnails.get(image_id, self._indexed_files(image_id)))
 
     def preview(self, image_id: int) -> str:
         """A screen-sized JPEG of the image for the detail view, made on first request."""
+        return str(self.library.previews.get(image_id, self._indexed_files(image_id)))
+
+    def _indexed_files(self, image_id: int) -> list[str]:
+        """The image's files that still hold the content that was indexed (same size and
+        mtime, read through any link): a file changed since, or a link pointed elsewhere (at a
+        secret text file, say), is never read or served for it."""
         detail = self.image(image_id)
-        return str(self.library.previews.get(image_id, [f["path"] for f in detail["files"]]))
+        current = []
+        for f in detail["files"]:
+            try:
+                st = os.stat(f["path"])
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_size == f["size"] and st.st_mtime_ns == f["mtime_ns"]:
+                current.append(f["path"])
+        if not current:
+            raise BadImageError(
+                "vanished", f"image {image_id} has no file left that is still the indexed content; re-index its folder"
+            )
+        return current
 
     def folders(self, contains: str = "", limit: int = 50) -> tuple[list[FolderCount], int]:
         """Indexed folders (subfolders included) whose path contains `contains` (any case),
@@ -248,11 +266,8 @@ class QueryService:
         return found[:limit], len(found)
 
     def file(self, image_id: int) -> str:
-        """The image's first file that still exists; never a path from the request."""
-        for f in self.image(image_id)["files"]:
-            if os.path.isfile(f["path"]):
-                return f["path"]
-        raise BadImageError("vanished", f"image {image_id} has no file left on disk; re-index its folder")
+        """The image's first file that is still the indexed content; never a path from the request."""
+        return self._indexed_files(image_id)[0]
 
     def update_gauges(self) -> None:
         index = self.library.index
