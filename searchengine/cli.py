@@ -9,6 +9,7 @@ become one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -771,6 +772,10 @@ def cmd_make_tiny_model(args: argparse.Namespace, out, err) -> int:
     return 0
 
 
+def _disk_full(e: BaseException) -> bool:
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "database or disk is full" in str(e)
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -827,10 +832,15 @@ def main(argv: Sequence[str] | None = None, out=None, err=None) -> int:
     except KeyboardInterrupt:
         print("searchengine: interrupted", file=err)
         return 130
+
     except BrokenPipeError:  # `searchengine search ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # pydantic validation of settings, and anything unforeseen: one line
+        if _disk_full(e):  # from the OS, from SQLite, or from FAISS (see vector_index.write_atomic)
+            print("searchengine: error: the disk holding the index is full: free some space and run it again; "
+                  "what was indexed before is kept", file=err)
+            return EXIT_ERROR
         if args.__dict__.get("verbose"):
             raise
         print(f"searchengine: error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} (run with -v for details)", file=err)

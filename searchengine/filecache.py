@@ -22,8 +22,17 @@ class IdFileCache:
         path = self.path(image_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half file behind
+            raise
+
+    def sweep(self) -> int:
+        """Remove temporary files that a process which is gone left behind (a crash or a kill
+        between write and rename); those of a live process are its writes in flight."""
+        return sweep_temporary(self.root.glob("*/.*.tmp"))
 
     def delete(self, ids: Iterable[int]) -> None:
         for image_id in ids:
@@ -36,3 +45,28 @@ class IdFileCache:
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob(f"*/*{self.suffix}")) if self.root.is_dir() else 0
+
+
+def sweep_temporary(paths: Iterable[Path]) -> int:
+    """Delete `.NAME.PID[.THREAD].tmp` files whose process is no longer running."""
+    swept = 0
+    for p in paths:
+        parts = p.name.split(".")
+        pid = next((int(x) for x in parts[2:] if x.isdigit()), None)
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            continue
+        if pid == os.getpid():
+            continue
+        p.unlink(missing_ok=True)
+        swept += 1
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

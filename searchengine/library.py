@@ -24,6 +24,7 @@ path that cannot be written.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -38,6 +39,7 @@ import numpy as np
 from searchengine import backup
 from searchengine.errors import IndexBusyError, IndexNotFoundError, ReadOnlyIndexError, StoreDamagedError, StoreMissingError
 from searchengine.features import FeatureCache
+from searchengine.filecache import sweep_temporary
 from searchengine.settings import Settings
 from searchengine.store import FolderCount, ModelInfo, Store, sqlite_readonly_url, sqlite_url
 from searchengine.thumbnails import PreviewCache, ThumbnailCache
@@ -89,12 +91,13 @@ def unwritable_path(settings: Settings) -> Path | None:
     return None
 
 
-def _open_store(settings: Settings, *, read_only: bool) -> Store:
+def _open_store(settings: Settings, *, read_only: bool, no_room: bool = False) -> Store:
     """The store, or StoreDamagedError that says how to get it back."""
     try:
         if read_only:
-            return Store.open(sqlite_readonly_url(settings.store_path), read_only=True, location=str(settings.store_path))
-        return Store.open(sqlite_url(settings.store_path))
+            url = sqlite_readonly_url(settings.store_path, no_room=no_room)
+            return Store.open(url, read_only=True, location=str(settings.store_path))
+        return Store.open(sqlite_url(settings.store_path), location=str(settings.store_path))
     except StoreDamagedError as e:
         backups = backup.list_backups(settings.store_path)
         way = (
@@ -215,12 +218,20 @@ class Library:
                 f"no index in {data_dir}: run `searchengine index FOLDER` first, or point --data-dir at one"
             )
         blocked = unwritable_path(settings)
+        reader = writable is None  # a reader takes the index as it finds it
         if writable is None:
             writable = blocked is None
         if writable:
             cls.check_writable(settings)
             data_dir.mkdir(parents=True, exist_ok=True)
-            return cls(settings, _open_store(settings, read_only=False), vectors=vectors)
+            try:
+                return cls(settings, _open_store(settings, read_only=False), vectors=vectors)
+            except OSError as e:
+                if not (reader and e.errno == errno.ENOSPC and settings.store_path.exists()):
+                    raise
+                # A full disk: a reader still reads, read-only, changing nothing.
+                log.warning("the disk holding %s is full; reading the index read-only", data_dir)
+                return cls(settings, _open_store(settings, read_only=True, no_room=True), writable=False, vectors=vectors)
         if not settings.store_path.exists():
             # create=True but nothing may be written: there is no index to read either.
             raise ReadOnlyIndexError(
@@ -286,8 +297,16 @@ class Library:
         self.index = index or VectorIndex(info.dim, info.num_vectors)
         self.features = FeatureCache(self.settings.features_dir, info.vit_shape)
         report = self.reconcile()
+        if self.writable:
+            swept = sweep_temporary(Path(self.settings.data_dir).glob(".*.tmp"))
+            swept += sum(c.sweep() for c in (self.features, self.thumbnails, self.previews))
+            if swept:
+                log.info("removed %d temporary files left by a process that is gone", swept)
         if self.writable and (report.changed or not path.exists()):
-            self.save()
+            try:
+                self.save()
+            except OSError as e:  # a full disk: reading goes on from the index in memory
+                log.warning("cannot save the vector index %s (%s); it is rebuilt from the store next time", path, e)
 
     def refresh(self) -> ReconcileReport | None:
         """Catch up with writes another process (an indexer) committed since we last looked."""

@@ -18,6 +18,7 @@ rewrites that row in the same transaction.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -186,7 +187,7 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
-def sqlite_readonly_url(path: Path) -> URL:
+def sqlite_readonly_url(path: Path, *, no_room: bool = False) -> URL:
     """A URL that opens `path` for reading only, never creating or changing a file.
 
     A WAL reader normally creates the -shm file next to the database. Where the folder cannot
@@ -199,6 +200,11 @@ def sqlite_readonly_url(path: Path) -> URL:
     query = {"mode": "ro", "uri": "true"}
     side_files = [Path(f"{path}-wal"), Path(f"{path}-shm")]
     if not any(p.exists() for p in side_files) and not os.access(path.parent, os.W_OK):
+        query["immutable"] = "1"
+    # `no_room` (a full disk): the shared memory file cannot grow; where the WAL holds nothing
+    # the main file is the whole index, and is read as it is.
+    wal = side_files[0]
+    if no_room and (not wal.exists() or wal.stat().st_size == 0):
         query["immutable"] = "1"
     # The path is percent-encoded: SQLite decodes it, and a '?' or '#' in a folder name would
     # otherwise end the file name.
@@ -225,6 +231,14 @@ def _sqlite_readonly_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def _disk_full(folder: Path) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
+
+
 def damage(e: BaseException) -> str:
     """What SQLite said about a damaged file, in its own words (first line, no SQL)."""
     orig = getattr(e, "orig", None) or e
@@ -235,7 +249,7 @@ def is_damage(e: BaseException) -> bool:
     """A database error that says the file is not (any more) a sound database."""
     text = damage(e).lower()
     return isinstance(e, DatabaseError) and any(
-        w in text for w in ("malformed", "not a database", "disk i/o error", "database disk image", "file is encrypted")
+        w in text for w in ("malformed", "not a database", "database disk image", "file is encrypted")
     )
 
 
@@ -266,6 +280,8 @@ class Store:
             engine.dispose()
             if is_damage(e):
                 raise StoreDamagedError(f"the store {where} is damaged: {damage(e)}") from e
+            if location and _disk_full(Path(location).parent):  # SQLite says "disk I/O error"
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), location) from e
             raise
         except BaseException:
             engine.dispose()

@@ -60,3 +60,71 @@ def test_a_file_that_changed_or_a_link_pointed_elsewhere_is_never_served(setting
                 r = client.get(f"/api/images/{image_id}/{what}")
                 assert r.status_code == 404 and "indexed content" in r.json()["error"], r.text
                 assert b"hunter2" not in r.content
+
+
+def test_a_full_disk_is_one_clear_line_and_reading_goes_on(tmp_path, settings):
+    import subprocess
+
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    try:
+        folder = tmp_path / "photos"
+        folder.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(4):
+            Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / f"first_{i}.jpg")
+        env = {"SEARCHENGINE_MODEL": settings.model, "SEARCHENGINE_DATA_DIR": str(disk / "data"),
+               "SEARCHENGINE_CAPTIONS": "false", "SEARCHENGINE_BACKUPS": "0"}
+        cli("index", folder, env_extra=env, check_rc=0)
+        fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+        for size in (1 << 16, 512, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+        os.close(fd)
+        for i in range(40):  # noisy, so that thumbnails and features need room
+            Image.fromarray((rng.random((160, 160, 3)) * 255).astype(np.uint8)).save(folder / f"more_{i:02d}.png")
+        full = cli("index", folder, env_extra=env)
+        lines = full.stderr.strip().splitlines()
+        assert full.returncode == 1 and lines[-1].startswith("searchengine: error: the disk holding the index is full")
+        assert "Traceback" not in full.stderr and "assert" not in full.stderr.lower() and "close error" not in full.stderr
+        assert not list((disk / "data").rglob("*.tmp"))  # nothing half-written left behind
+        # Reading goes on while the disk is full.
+        assert "images       " in cli("stats", env_extra=env, check_rc=0).stdout
+        assert cli("search", "first", "--mode", "keyword", env_extra=env, check_rc=0).stdout
+        assert cli("search", "a photo", "--no-rerank", env_extra=env, check_rc=0).stdout
+        (disk / "filler").unlink()
+        again = cli("index", folder, env_extra=env, check_rc=0)
+        assert "0 skipped" in again.stdout
+        import json
+
+        assert json.loads(cli("stats", "--json", env_extra=env, check_rc=0).stdout)["images"] == 44
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_temporary_files_of_a_dead_process_are_swept_on_open(settings, model):
+    library = Library.open(settings, create=True)
+    library.close()
+    stale = settings.thumbnails_dir / "07" / ".7.jpg.999999999.1.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a thumbnail")
+    mine = settings.thumbnails_dir / "07" / f".8.jpg.{os.getpid()}.1.tmp"  # a live writer's, in flight
+    mine.write_bytes(b"being written")
+    top = settings.data_dir / ".vectors.faiss.999999999.tmp"
+    top.write_bytes(b"half an index")
+    from searchengine.library import model_info
+
+    library = Library.open(settings)
+    library.bind(model_info(model))
+    library.close()
+    assert not stale.exists() and not top.exists() and mine.exists()
