@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
-from indexer.scan import LINK_DUPLICATE, LINK_LOOP, FileEntry, scan_folder
+from indexer.scan import BAD_NAME, LINK_DUPLICATE, LINK_LOOP, FileEntry, printable, scan_folder, storable
 from searchengine.captions import Caption, Captioner
 from searchengine.imageio import Decoded, decode_image, read_file, sha256_of
 from searchengine.errors import BadImageError, ReadOnlyIndexError, SearchEngineError
@@ -148,6 +148,13 @@ class Indexer:
             known = store.files_under(str(folder))
             seen: set[str] = set()
             for entry in self.scanner(folder, exclude=(Path(self.settings.data_dir).resolve(),), on_skipped_link=skipped_link):
+                if not storable(entry.path):  # one bad name is skipped, never the end of the run
+                    shown = printable(entry.path)
+                    summary.failed["bad_name"] += 1
+                    summary.failures.append((shown, "bad_name", BAD_NAME))
+                    summary.note("skipped", f"{shown}: {BAD_NAME}")
+                    self.on_skip(shown, BAD_NAME)
+                    continue
                 seen.add(entry.path)
                 state = known.get(entry.path)
                 if state is not None and state.size == entry.size and state.mtime_ns == entry.mtime_ns:
@@ -198,6 +205,8 @@ class Indexer:
 
     def _check_root(self, root: str | os.PathLike) -> Path:
         path = Path(root).expanduser()
+        if not storable(str(path)):
+            raise SearchEngineError(f"the folder name {printable(str(path))!r} is not valid UTF-8; rename it to index it")
         if not path.exists():
             raise SearchEngineError(f"folder {str(root)!r} does not exist")
         if not path.is_dir():

@@ -119,3 +119,24 @@ def _leads_to_an_ancestor(link: str) -> bool:
     target = os.path.realpath(link)
     here = os.path.realpath(os.path.dirname(link))
     return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
+
+
+BAD_NAME = (
+    "the file name is not valid UTF-8, and the index stores names as text; rename the file "
+    "(`convmv` converts names from another encoding)"
+)
+
+
+def storable(path: str) -> bool:
+    """Whether a path can be stored and served as text: names in another encoding than UTF-8
+    come from the OS with surrogate escapes, which no database text column takes."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(path: str) -> str:
+    """The path as a user can read it in a message, bad bytes shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")

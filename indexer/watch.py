@@ -41,7 +41,7 @@ from stat import S_ISLNK
 from typing import Callable, Sequence
 
 from indexer.pipeline import Indexer, Summary
-from indexer.scan import FileEntry, scan_folder
+from indexer.scan import BAD_NAME, FileEntry, printable, scan_folder, storable
 from searchengine.imageio import image_extensions
 
 log = logging.getLogger(__name__)
@@ -250,6 +250,9 @@ class Watcher:
         root (the root itself may sit in one, such as ~/.photos), not in the data dir."""
         name = os.path.basename(path)
         if name.startswith(".") or os.path.splitext(name)[1].lower() not in self.extensions:
+            return False
+        if not storable(path):
+            log.warning("skipping %s: %s", printable(path), BAD_NAME)
             return False
         if path.startswith(self.data_dir + os.sep):
             return False

@@ -128,3 +128,32 @@ def test_temporary_files_of_a_dead_process_are_swept_on_open(settings, model):
     library.bind(model_info(model))
     library.close()
     assert not stale.exists() and not top.exists() and mine.exists()
+
+
+def test_a_name_that_is_not_utf8_is_skipped_and_the_run_goes_on(tmp_path, settings, model, photo_files):
+    from indexer.watch import Watcher
+    from tests.indexer.test_watch import wait_until
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(photo_files[0], folder / "good.jpg")
+    bad = os.path.join(os.fsencode(folder), b"bad\xff.jpg")  # Latin-1 bytes from an old camera or disk
+    shutil.copy(photo_files[1], bad)
+    env = {"SEARCHENGINE_MODEL": settings.model, "SEARCHENGINE_DATA_DIR": str(settings.data_dir),
+           "SEARCHENGINE_CAPTIONS": "false"}
+    proc = cli("index", folder, env_extra=env, check_rc=0)
+    assert proc.stdout.startswith("1 indexed") and "1 skipped (bad_name: 1)" in proc.stdout
+    assert f"skipping {folder}/bad\\xff.jpg: the file name is not valid UTF-8" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # The watcher: a bad name arriving is skipped, and the next good file is still indexed.
+    library = Library.open(settings)
+    watcher = Watcher(Indexer(model, library, settings), [folder], debounce_s=0.3)
+    watcher.start()
+    try:
+        shutil.copy(photo_files[2], os.path.join(os.fsencode(folder), b"also\xfe.jpg"))
+        shutil.copy(photo_files[3], folder / "later.jpg")
+        wait_until(lambda: str(folder / "later.jpg") in library.store.files_under(str(folder)), "the good file indexed")
+        assert watcher.health() is None
+    finally:
+        watcher.stop()
+        library.close()
