@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import mimetypes
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -142,6 +143,7 @@ FILE_RESPONSES: dict = {
     200: {"content": {"image/*": {}}, "description": "the image"},
     404: {"model": ErrorOut, "description": "no image has this id, or its file is gone"},
     409: {"model": ErrorOut, "description": "the file is there but no longer a readable image"},
+    504: {"model": ErrorOut, "description": "reading the file took too long (a slow or hung disk)"},
 }
 
 
@@ -177,6 +179,30 @@ class AppState:
 
 class NotReady(Exception):
     pass
+
+
+class FileTimeout(Exception):
+    pass
+
+
+class FileReads:
+    """Reads of image files (thumbnails, previews, originals) on a small pool of their own,
+    each given `timeout_s`: a file that blocks (a hung network mount, a FIFO) ties up this pool
+    at worst, never the threads searches run on, and its request ends in a 504."""
+
+    def __init__(self, workers: int, timeout_s: float) -> None:
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="file-read")
+        self.timeout_s = timeout_s
+
+    async def run(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self.pool, fn, *args), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise FileTimeout(f"reading the image's file took over {self.timeout_s:g} s (a slow or hung disk?)") from None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _plain_text_parameters(request: Request) -> None:
@@ -283,6 +309,7 @@ def create_app(
     """
     metrics = Metrics()
     state = AppState(settings, metrics)
+    files = FileReads(settings.file_workers, settings.file_read_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -309,6 +336,7 @@ def create_app(
         task.cancel()
         for companion in state.companions:
             await asyncio.to_thread(companion.stop)
+        files.close()
         if state.service is not None:
             await state.service.close()
             state.service.library.close()
@@ -397,19 +425,19 @@ def create_app(
     @app.get("/api/images/{image_id}/thumbnail", response_class=FileResponse, responses=FILE_RESPONSES)
     async def thumbnail(service: Service, image_id: ImageId):
         """A small JPEG of the image, made once and kept."""
-        path = await asyncio.to_thread(service.thumbnail, image_id)
+        path = await files.run(service.thumbnail, image_id)
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
     @app.get("/api/images/{image_id}/preview", response_class=FileResponse, responses=FILE_RESPONSES)
     async def preview(service: Service, image_id: ImageId):
         """A screen-sized JPEG of the image (longest side `preview_size`, 1600 px), made on first request and kept."""
-        path = await asyncio.to_thread(service.preview, image_id)
+        path = await files.run(service.preview, image_id)
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
     @app.get("/api/images/{image_id}/file", response_class=FileResponse, responses=FILE_RESPONSES)
-    def original(service: Service, image_id: ImageId):
+    async def original(service: Service, image_id: ImageId):
         """The original file, with its content type."""
-        path = service.file(image_id)
+        path = await files.run(service.file, image_id)
         media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
@@ -521,6 +549,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     for cls, status in ((ImageNotFoundError, 404), (QueryError, 400), (ModelMismatchError, 409), (SearchEngineError, 400)):
         app.add_exception_handler(cls, plain(status))
 
+    app.add_exception_handler(FileTimeout, plain(504))
     for cls in (StoreDamagedError, StoreMissingError):  # the index cannot answer until it is restored
         app.add_exception_handler(cls, plain(503))
 

@@ -157,3 +157,43 @@ def test_a_name_that_is_not_utf8_is_skipped_and_the_run_goes_on(tmp_path, settin
     finally:
         watcher.stop()
         library.close()
+
+
+def test_files_that_block_never_hold_up_searches(settings, model, tmp_path, photo_files):
+    import threading
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for f in photo_files[:3]:
+        shutil.copy(f, folder / f.name)
+    library = Library.open(settings, create=True)
+    Indexer(model, library, settings).run([folder])
+    library.close()
+    settings = settings.model_copy(update={"file_read_timeout_s": 1.0, "file_workers": 2})
+    app = create_app(settings, loader=lambda s: (model, Library.open(s)))
+    release = threading.Event()
+    with TestClient(app) as client:
+        for _ in range(300):
+            if client.get("/healthz").status_code == 200:
+                break
+            time.sleep(0.05)
+        service = app.state.searchengine.service
+
+        def hung(image_id):  # a FIFO, a hung network mount: a read that does not return
+            release.wait(60)
+            raise AssertionError("released")
+
+        service.thumbnail = hung
+        answers: list[int] = []
+        readers = [threading.Thread(target=lambda: answers.append(client.get("/api/images/1/thumbnail").status_code))
+                   for _ in range(8)]
+        for t in readers:
+            t.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        r = client.get("/api/search", params={"q": "a photo", "rerank": "false"})
+        assert r.status_code == 200 and time.monotonic() - t0 < 5
+        for t in readers:
+            t.join(timeout=30)
+        assert answers == [504] * 8
+        release.set()
