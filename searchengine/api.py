@@ -48,7 +48,7 @@ from searchengine.errors import (
 )
 from searchengine.metrics import Metrics
 from searchengine.search import Filters, Hit
-from searchengine.service import ImageNotFoundError, Page, QueryService
+from searchengine.service import ImageNotFoundError, Page, QueryService, ServiceBusy
 from searchengine.settings import Settings
 from searchengine.store import damage, is_damage
 
@@ -550,6 +550,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(cls, plain(status))
 
     app.add_exception_handler(FileTimeout, plain(504))
+
+    @app.exception_handler(ServiceBusy)
+    async def busy(request, exc: ServiceBusy):
+        response = error(503, str(exc))
+        response.headers["Retry-After"] = "2"
+        return response
     for cls in (StoreDamagedError, StoreMissingError):  # the index cannot answer until it is restored
         app.add_exception_handler(cls, plain(503))
 

@@ -102,10 +102,18 @@ def sha256_of(data: bytes) -> str:
 
 
 def decode_image(
-    data: bytes, *, max_pixels: int, sha256: str | None = None, limit_hint: str = "raise --max-pixels to allow it"
+    data: bytes,
+    *,
+    max_pixels: int,
+    sha256: str | None = None,
+    limit_hint: str = "raise --max-pixels to allow it",
+    draft: int | None = None,
 ) -> Decoded:
     """Decode once (see the module's docstring). `limit_hint`: what to do about an image over
-    `max_pixels`, for the caller's audience (an indexing flag, or the API's upload limit)."""
+    `max_pixels`, for the caller's audience (an indexing flag, or the API's upload limit).
+    `draft`: a JPEG is decoded at the smallest DCT scale still at least this many pixels a
+    side (a fraction of the memory and time of a full decode; query images only, since the
+    indexed pixels must match the reference processor's)."""
     if not data:
         raise BadImageError("empty", "file is empty (0 bytes)")
     _register_heif()
@@ -138,6 +146,8 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if draft and im.format == "JPEG":
+                im.draft("RGB", (draft, draft))
             im.load()
             exif = im.getexif()
             im = ImageOps.exif_transpose(im)

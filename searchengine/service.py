@@ -20,6 +20,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable
 
+from PIL import Image
+
 from searchengine.batcher import MicroBatcher
 from searchengine.errors import BadImageError, SearchEngineError
 from searchengine.imageio import decode_image
@@ -33,6 +35,23 @@ from searchengine.store import FolderCount
 
 class ImageNotFoundError(SearchEngineError):
     """No image has this id."""
+
+
+class ServiceBusy(SearchEngineError):
+    """Too much work of one kind in flight: answered 503 with Retry-After."""
+
+
+def release_memory() -> None:
+    """Give freed heap back to the system (glibc keeps it otherwise, and a burst of large
+    decodes would leave the process that much bigger for good)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 class LockedModel:
@@ -80,6 +99,8 @@ class QueryService:
         )
         self._rankings: OrderedDict[Hashable, Ranking] = OrderedDict()
         self._rankings_lock = threading.Lock()
+        self._upload_turn = asyncio.Semaphore(settings.upload_decodes)
+        self._upload_waiting = 0
         self._refresh_lock = threading.Lock()
         self._last_refresh = time.monotonic()
         self._folders: tuple[int, list[FolderCount]] | None = None  # (library revision, folders)
@@ -148,16 +169,42 @@ class QueryService:
         await asyncio.to_thread(self.refresh)
         await asyncio.to_thread(self.searcher.check_filters, filters)  # before the model's work
         t0 = time.perf_counter()
-        image = (await asyncio.to_thread(
-            decode_image, data, max_pixels=self.settings.max_upload_pixels,
-            limit_hint="the server takes uploads up to this size; send a smaller image",
-        )).image
-        vectors = (await asyncio.to_thread(self.model.embed_images, [image])).itc[0]
+        vectors = await self._embed_upload(data)
         encode = (time.perf_counter() - t0) * 1000
         depth = max(offset + k, self.settings.k_candidates)
         ranking = await asyncio.to_thread(self.searcher.rank_image, vectors, depth=depth, filters=filters)
         self._observe(encode=encode, **ranking.timings)
         return await self._page(ranking, offset, k, min_score, t0, encode, fresh=True)
+
+    async def _embed_upload(self, data: bytes):
+        """An upload's ITC vectors. Decodes take turns (a 49 MP PNG costs ~330 MiB while it
+        decodes): at most `upload_decodes` at once, at most `upload_queue` waiting, and past
+        that a 503 with Retry-After rather than memory that grows with the burst. JPEGs are
+        decoded at a reduced DCT scale; freed memory goes back to the system afterwards."""
+        if self._upload_turn.locked() and self._upload_waiting >= self.settings.upload_queue:
+            raise ServiceBusy("too many images are being searched by at the moment; try again in a few seconds")
+        self._upload_waiting += 1
+        try:
+            await self._upload_turn.acquire()
+        finally:
+            self._upload_waiting -= 1
+        try:
+            image = (await asyncio.to_thread(
+                decode_image, data, max_pixels=self.settings.max_upload_pixels,
+                limit_hint="the server takes uploads up to this size; send a smaller image",
+                draft=2 * self.model.image_size,
+            )).image
+            # Straight to the model's input size, with the bicubic filter its processor uses:
+            # the processor would otherwise turn the full-size image into float arrays first
+            # (a 49 MP upload: ~600 MiB more).
+            size = self.model.image_size
+            image = await asyncio.to_thread(image.resize, (size, size), Image.Resampling.BICUBIC)
+            vectors = (await asyncio.to_thread(self.model.embed_images, [image])).itc[0]
+            del image
+        finally:
+            self._upload_turn.release()
+            await asyncio.to_thread(release_memory)
+        return vectors
 
     async def similar(
         self, image_id: int, *, k: int, offset: int, min_score: float | None, filters: Filters

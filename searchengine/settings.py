@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     text_batch_max: int = Field(16, ge=1)  # micro-batcher: queries per text-encoder call
     text_batch_wait_ms: float = Field(0.0, ge=0)  # extra wait for company; 0: continuous batching
     ranking_cache_size: int = Field(256, ge=0)  # rankings kept for paging
+    upload_decodes: int = Field(1, ge=1)  # uploads decoded at once (a 49 MP PNG: ~330 MiB each)
+    upload_queue: int = Field(8, ge=0)  # uploads waiting for a turn; past it, 503 + Retry-After
     file_workers: int = Field(4, ge=1)  # threads for reading image files (their own pool)
     file_read_timeout_s: float = Field(15.0, gt=0)  # past this, a file read answers 504
     thumbnail_size: int = Field(320, ge=16, le=2048)

@@ -197,3 +197,71 @@ def test_files_that_block_never_hold_up_searches(settings, model, tmp_path, phot
             t.join(timeout=30)
         assert answers == [504] * 8
         release.set()
+
+
+def _rss_mib(field: str = "VmRSS") -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(field)
+
+
+def test_a_burst_of_large_uploads_takes_turns_and_gives_memory_back(settings, model, tmp_path, photo_files):
+    import io
+    import threading
+
+    from PIL import Image
+
+    from searchengine.service import release_memory
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(photo_files[0], folder / "a.jpg")
+    library = Library.open(settings, create=True)
+    Indexer(model, library, settings).run([folder])
+    library.close()
+    buf = io.BytesIO()
+    Image.new("RGB", (7000, 7000), (90, 140, 60)).save(buf, "PNG")  # 49 MP, a few hundred KB
+    png = buf.getvalue()
+    release_memory()
+    app = create_app(settings.model_copy(update={"upload_queue": 8}), loader=lambda s: (model, Library.open(s)))
+    with TestClient(app) as client:
+        for _ in range(300):
+            if client.get("/healthz").status_code == 200:
+                break
+            time.sleep(0.05)
+        client.post("/api/search/image", files={"image": ("g.png", png, "image/png")})  # warm up
+        release_memory()
+        base = _rss_mib()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # peak RSS counts from here
+        statuses: list[int] = []
+        burst = [threading.Thread(target=lambda: statuses.append(
+            client.post("/api/search/image", files={"image": ("g.png", png, "image/png")}).status_code)) for _ in range(4)]
+        for t in burst:
+            t.start()
+        for t in burst:
+            t.join(timeout=300)
+        peak, after = _rss_mib("VmHWM") - base, _rss_mib() - base
+        print(f"4 concurrent 49 MP uploads: peak +{peak:.0f} MiB, after +{after:.0f} MiB")
+        assert statuses == [200] * 4
+        assert peak < 800, peak  # one decode at a time (~350-550 MiB), not four (+1.3 GiB before)
+        assert after < 120, after  # given back (1 GiB kept before)
+
+    busy = create_app(settings.model_copy(update={"upload_queue": 0}), loader=lambda s: (model, Library.open(s)))
+    with TestClient(busy) as client:
+        for _ in range(300):
+            if client.get("/healthz").status_code == 200:
+                break
+            time.sleep(0.05)
+        answers = []
+        burst = [threading.Thread(target=lambda: answers.append(
+            client.post("/api/search/image", files={"image": ("g.png", png, "image/png")}))) for _ in range(3)]
+        for t in burst:
+            t.start()
+        for t in burst:
+            t.join(timeout=300)
+        refused = [r for r in answers if r.status_code == 503]
+        assert refused and all(r.headers["retry-after"] == "2" for r in refused)
+        assert any(r.status_code == 200 for r in answers)
