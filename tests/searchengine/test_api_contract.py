@@ -154,17 +154,21 @@ def test_messages_say_what_is_wrong(served, tmp_path):
 
 @pytest.fixture(scope="module")
 def over_http(served):
-    """The same app behind a real uvicorn on a free loopback port (a real client's view)."""
+    """The API behind a real uvicorn on a free loopback port (a real client's view)."""
     import threading
 
     import httpx
     import uvicorn
 
-    app, _, _ = served
+    # An app of its own, started by uvicorn: its lifespan and everything asyncio in it (the
+    # micro-batcher, the upload turns) belong to uvicorn's event loop, not the test client's.
+    _, _, settings = served
+    model = served[0].state.searchengine.service.model._model
+    app = create_app(settings, loader=lambda s: (model, Library.open(s)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
