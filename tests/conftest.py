@@ -51,6 +51,14 @@ def captioner(tiny_captioner_dir):
 
 
 @pytest.fixture(scope="session")
+def colour_model_dir() -> Path:
+    """The tiny model trained to see colour (tests/trained.py); cached between runs."""
+    from tests.trained import colour_model
+
+    return colour_model()
+
+
+@pytest.fixture(scope="session")
 def model(tiny_model_dir) -> RetrievalModel:
     return RetrievalModel.load(str(tiny_model_dir), device="cpu", dtype="float32")
 

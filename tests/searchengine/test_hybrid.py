@@ -22,7 +22,7 @@ from searchengine.library import Library
 from searchengine.models import RetrievalModel
 from searchengine.search import Searcher
 from searchengine.settings import Settings
-from tests.trained import COLOURS, colour_picture, train_colour_model
+from tests.trained import COLOURS, colour_picture
 
 ANIMALS = ["dog", "cat", "bird"]
 
@@ -37,9 +37,9 @@ def average_precision(ranked: list[str], relevant: set[str]) -> float:
 
 
 @pytest.fixture(scope="module")
-def pets(tmp_path_factory):
+def pets(tmp_path_factory, colour_model_dir):
     root = tmp_path_factory.mktemp("hybrid")
-    model_dir = train_colour_model(root / "model")
+    model_dir = colour_model_dir
     folder = root / "pets"
     folder.mkdir()
     rng = np.random.default_rng(7)
