@@ -103,12 +103,15 @@ def test_exclusions_apply_to_the_semantic_side_of_hybrid(pets):
 # -- real photos, tiny random model: words in file names, folders and captions --------------
 
 
-@pytest.fixture
-def named(tmp_path, photo_files, settings, model, captioner):
-    lib = tmp_path / "Pictures"
+@pytest.fixture(scope="module")
+def named(tmp_path_factory, photos_dir, tiny_model_dir, model, captioner):
+    """Indexed (and captioned) once for the module: the tests below only search it."""
+    root = tmp_path_factory.mktemp("named")
+    lib = root / "Pictures"
     (lib / "Holidays 2023").mkdir(parents=True)
     (lib / "Garden").mkdir()
-    jpgs = [f for f in photo_files if f.suffix == ".jpg"]
+    jpgs = sorted(p for p in photos_dir.rglob("*.jpg"))
+    settings = Settings(data_dir=root / "data", model=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=4)
     shutil.copy(jpgs[0], lib / "Holidays 2023" / "SunflowerField.jpg")
     shutil.copy(jpgs[1], lib / "Holidays 2023" / "IMG_0042.jpg")
     for f in jpgs[2:8]:
