@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import os
+
+# torch's OpenMP (libgomp) worker threads spin while they wait for work. On a small machine
+# that is busy with anything else, those spinning threads take the cores the real work needs:
+# tiny-model training ran ~6x slower here (MODEL_NOTES: up to 15x), with identical numbers.
+# libgomp reads this once, when torch loads it, so it is set before anything imports torch;
+# the CLI and server processes the tests start inherit it through os.environ.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a network (read when the hub loads)
+
 import subprocess
+import sys
 from pathlib import Path
+
+if "torch" in sys.modules:  # a plugin loaded torch first: the setting above came too late
+    print("conftest: torch was imported before OMP_WAIT_POLICY was set; tests may run slowly", file=sys.stderr)
 
 import pytest
 import transformers
@@ -15,7 +28,6 @@ from searchengine.tiny import build_tiny_captioner, build_tiny_model
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a network
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +48,14 @@ def captioner(tiny_captioner_dir):
     from searchengine.captions import Captioner
 
     return Captioner.load(str(tiny_captioner_dir), device="cpu", dtype="float32", max_new_tokens=12)
+
+
+@pytest.fixture(scope="session")
+def colour_model_dir() -> Path:
+    """The tiny model trained to see colour (tests/trained.py); cached between runs."""
+    from tests.trained import colour_model
+
+    return colour_model()
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ import pytest
 
 from tests.images import write_awkward, write_bad
 
+pytestmark = pytest.mark.slow  # each test runs the real CLI: a new process loading torch and the models
+
 EXE = str(Path(sys.executable).with_name("searchengine"))
 
 

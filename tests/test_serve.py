@@ -6,7 +6,11 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.server import EXE, env_for, get, running_server
+
+pytestmark = pytest.mark.slow  # the real `serve` and `watch` processes
 
 
 def test_serve_answers_over_http(tmp_path, photo_files, tiny_model_dir):

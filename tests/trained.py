@@ -5,10 +5,20 @@ tiny architecture of `searchengine.tiny`, trained with BLIP-2's own two heads (I
 over a batch; ITM: matched vs. mismatched pairs) on noisy single-colour pictures captioned
 with the colour and some other word ("a red dog", "car blue", ...). It learns what a real model knows about a photo (its colour here) and
 nothing about the other words, which in the tests only file names carry.
+
+Training takes seconds, but every test run would pay them, so `colour_model()` keeps the
+trained weights in a cache folder keyed by everything that decides them: this file's and
+`searchengine/tiny.py`'s source, the library versions, the steps, the seed and torch's thread
+count (its float sums, and so the weights, depend on it). A miss (a fresh clone, an edit to
+either file) trains again; delete the folder to force it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +26,9 @@ from PIL import Image
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 215, 30)}
 FILLER = ["dog", "cat", "bird", "photo", "picture", "horse", "car", "tree"]
+# 100 steps of batch 16: the hybrid tests pass with seeds 0-4 from 60 steps up and fail at 30
+# (MAP hybrid 0.90 or lower), so 100 leaves a margin.
+STEPS = 100
 
 
 def colour_picture(colour: str, rng: np.random.Generator, size: int = 48) -> Image.Image:
@@ -23,7 +36,7 @@ def colour_picture(colour: str, rng: np.random.Generator, size: int = 48) -> Ima
     return Image.fromarray(np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8))
 
 
-def train_colour_model(out_dir: Path, *, steps: int = 300, seed: int = 0) -> Path:
+def train_colour_model(out_dir: Path, *, steps: int = STEPS, seed: int = 0) -> Path:
     import torch
     from torch.nn import functional as F
     from transformers import AutoProcessor, Blip2ForImageTextRetrieval
@@ -63,3 +76,40 @@ def train_colour_model(out_dir: Path, *, steps: int = 300, seed: int = 0) -> Pat
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SEARCHENGINE_TEST_CACHE") or Path.home() / ".cache" / "searchengine-tests")
+
+
+def colour_model_key(*, steps: int = STEPS, seed: int = 0) -> str:
+    import PIL
+    import torch
+    import transformers
+
+    h = hashlib.sha256()
+    for source in (Path(__file__), Path(__file__).resolve().parents[1] / "searchengine" / "tiny.py"):
+        h.update(source.read_bytes())
+    versions = (torch.__version__, transformers.__version__, np.__version__, PIL.__version__)
+    h.update(repr((versions, steps, seed, torch.get_num_threads())).encode())
+    return h.hexdigest()
+
+
+def colour_model(*, steps: int = STEPS, seed: int = 0) -> Path:
+    """The trained colour model's folder: from the cache, or trained now and cached."""
+    root = cache_root()
+    final = root / f"colour-model-{colour_model_key(steps=steps, seed=seed)[:24]}"
+    if (final / "model.safetensors").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".training-", dir=root))
+    try:
+        trained = train_colour_model(work, steps=steps, seed=seed)
+        try:  # one rename: a reader sees the whole model or none; a concurrent run's copy wins ties
+            trained.rename(final)
+        except OSError:
+            if not (final / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final

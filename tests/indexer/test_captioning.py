@@ -100,6 +100,7 @@ def test_an_image_that_fails_to_caption_keeps_its_embedding(settings, model, cap
     assert captions(settings)[str(victim)]["caption"] == reference_caption(captioner, str(victim))
 
 
+@pytest.mark.slow  # three captioning passes and a second captioner built
 def test_an_existing_index_is_captioned_later_and_recaptioned_with_another_model(
     settings, model, captioner, folder, tmp_path
 ):

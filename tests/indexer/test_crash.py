@@ -19,6 +19,8 @@ from searchengine.library import Library
 from searchengine.settings import Settings
 from tests.server import EXE, env_for
 
+pytestmark = pytest.mark.slow  # the real indexer process, killed and restarted
+
 N = 48
 
 

@@ -51,6 +51,7 @@ def ids_by_path(library) -> dict[str, int]:
     return {p: s.image_id for p, s in library.store.files_under("/").items() if s.status == "indexed"}
 
 
+@pytest.mark.slow  # a live watcher: real file-system events, debounce and polling waits
 def test_the_index_follows_the_folder(watched, photo_files, settings):
     watcher, folder, library = watched
     before = ids_by_path(library)
@@ -86,6 +87,7 @@ def test_the_index_follows_the_folder(watched, photo_files, settings):
     assert len(consistent(settings)) == 5  # 4 + 2 new - 1 deleted (moves and edits keep the count)
 
 
+@pytest.mark.slow  # a live watcher: real file-system events, debounce and polling waits
 def test_a_file_copied_slowly_is_indexed_once_whole(watched, photo_files):
     watcher, folder, library = watched
     data = max((f.read_bytes() for f in photo_files[:10]), key=len)
@@ -106,6 +108,7 @@ def test_a_file_copied_slowly_is_indexed_once_whole(watched, photo_files):
     assert library.store.image_id_for_hash(sha) == image_id  # the whole file's content
 
 
+@pytest.mark.slow  # a live watcher: real file-system events, debounce and polling waits
 def test_a_folder_moved_in_from_outside_is_indexed(watched, photo_files, tmp_path):
     watcher, folder, library = watched
     outside = tmp_path / "outside"
@@ -121,6 +124,7 @@ def test_filesystem_type_is_read_from_the_mounts(tmp_path):
     assert filesystem_type(tmp_path) != ""
 
 
+@pytest.mark.slow  # a live watcher: real file-system events, debounce and polling waits
 def test_a_library_inside_a_hidden_folder_is_watched_but_hidden_subfolders_are_not(settings, model, tmp_path, photo_files):
     folder = tmp_path / ".hidden-home" / "photos"
     folder.mkdir(parents=True)

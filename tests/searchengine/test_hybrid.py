@@ -22,7 +22,7 @@ from searchengine.library import Library
 from searchengine.models import RetrievalModel
 from searchengine.search import Searcher
 from searchengine.settings import Settings
-from tests.trained import COLOURS, colour_picture, train_colour_model
+from tests.trained import COLOURS, colour_picture
 
 ANIMALS = ["dog", "cat", "bird"]
 
@@ -37,9 +37,9 @@ def average_precision(ranked: list[str], relevant: set[str]) -> float:
 
 
 @pytest.fixture(scope="module")
-def pets(tmp_path_factory):
+def pets(tmp_path_factory, colour_model_dir):
     root = tmp_path_factory.mktemp("hybrid")
-    model_dir = train_colour_model(root / "model")
+    model_dir = colour_model_dir
     folder = root / "pets"
     folder.mkdir()
     rng = np.random.default_rng(7)
@@ -103,12 +103,15 @@ def test_exclusions_apply_to_the_semantic_side_of_hybrid(pets):
 # -- real photos, tiny random model: words in file names, folders and captions --------------
 
 
-@pytest.fixture
-def named(tmp_path, photo_files, settings, model, captioner):
-    lib = tmp_path / "Pictures"
+@pytest.fixture(scope="module")
+def named(tmp_path_factory, photos_dir, tiny_model_dir, model, captioner):
+    """Indexed (and captioned) once for the module: the tests below only search it."""
+    root = tmp_path_factory.mktemp("named")
+    lib = root / "Pictures"
     (lib / "Holidays 2023").mkdir(parents=True)
     (lib / "Garden").mkdir()
-    jpgs = [f for f in photo_files if f.suffix == ".jpg"]
+    jpgs = sorted(p for p in photos_dir.rglob("*.jpg"))
+    settings = Settings(data_dir=root / "data", model=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=4)
     shutil.copy(jpgs[0], lib / "Holidays 2023" / "SunflowerField.jpg")
     shutil.copy(jpgs[1], lib / "Holidays 2023" / "IMG_0042.jpg")
     for f in jpgs[2:8]:

@@ -18,6 +18,8 @@ from playwright.sync_api import expect, sync_playwright
 from tests.images import gradient
 from tests.server import EXE, env_for, get, running_server
 
+pytestmark = pytest.mark.slow  # a real server and a real browser
+
 CHROMIUM = os.environ.get("SEARCHENGINE_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 DESKTOP = {"width": 1280, "height": 800}
