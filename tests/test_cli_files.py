@@ -15,6 +15,8 @@ from PIL import Image
 
 from tests.readonly import read_only_view
 
+pytestmark = pytest.mark.slow  # real processes, mounts and waits
+
 EXE = str(Path(sys.executable).with_name("searchengine"))
 
 

@@ -6,12 +6,15 @@ import os
 import shutil
 import time
 
+import pytest
 from fastapi.testclient import TestClient
 
 from indexer.pipeline import Indexer
 from searchengine.api import create_app
 from searchengine.library import Library, writer_lock
 from tests.test_cli import cli
+
+pytestmark = pytest.mark.slow  # real processes, mounts and waits
 
 
 def test_a_second_indexer_on_the_same_data_dir_is_refused_in_one_line(tmp_path, settings, photo_files):

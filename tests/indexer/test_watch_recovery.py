@@ -19,7 +19,7 @@ from indexer.watch import Watcher
 from searchengine.library import Library
 from tests.indexer.test_watch import wait_until
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs or a bind mount needs root")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs or a bind mount needs root")]
 
 
 def small_jpeg(path: Path, seed: int) -> Path:

@@ -21,15 +21,15 @@ from searchengine.search import Searcher
 from searchengine.settings import Settings
 from searchengine.textindex import clause_weight
 from tests.searchengine.test_hybrid import ANIMALS, average_precision
-from tests.trained import COLOURS, colour_picture, train_colour_model
+from tests.trained import COLOURS, colour_picture
 
 PER_COLOUR = 24
 
 
 @pytest.fixture(scope="module")
-def libraries(tmp_path_factory):
+def libraries(tmp_path_factory, colour_model_dir):
     root = tmp_path_factory.mktemp("common-words")
-    model_dir = train_colour_model(root / "model")
+    model_dir = colour_model_dir
     model = RetrievalModel.load(str(model_dir), device="cpu", dtype="float32")
     out = {}
     for name in ("pictures", "pets"):
