@@ -9,6 +9,7 @@ become one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -355,6 +356,7 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
     Library.check_writable(settings)  # before any model loads
     captioner, model, load_s = _load_for_indexing(settings, recorded)
     library = Library.open(settings, create=True, writable=True)
+    _lock_new_index(args)
     bar = tqdm(total=0, unit="file", file=err, disable=None, dynamic_ncols=True)
 
     def on_skip(path: str, message: str) -> None:
@@ -588,6 +590,7 @@ def cmd_watch(args: argparse.Namespace, out, err) -> int:
     logging.getLogger("indexer").setLevel(logging.INFO)
     captioner, model, _ = _load_for_indexing(settings, recorded)
     library = Library.open(settings, create=True, writable=True)
+    _lock_new_index(args)
     library.record_captioner(captioner is not None, captioner.name if captioner else None)
     # No on_skip here: the watcher logs every file it handles, skipped ones too, once.
     indexer = Indexer(model, library, settings, captioner=captioner)
@@ -617,6 +620,7 @@ def _watch_in_server(settings: Settings, args: argparse.Namespace, captioner):
         from searchengine.library import Library
 
         library = Library.open(settings, create=True, writable=True)
+        _lock_new_index(args)
         library.record_captioner(captioner is not None, captioner.name if captioner else None)
         # service.model is the locked model: indexing and queries take turns on it.
         indexer = Indexer(service.model, library, settings, captioner=captioner)
@@ -789,13 +793,31 @@ WRITERS = {"index", "watch", "caption", "restore"}
 
 
 def _as_the_writer(args: argparse.Namespace, out, err) -> int:
+    """The command, holding the data dir's writer lock. A data dir that does not exist yet is
+    not made here (a command that fails first must leave nothing behind): the command takes
+    the lock itself, through `_lock_new_index`, once it has made the index."""
     from searchengine.library import Library, writer_lock
 
     settings = _settings(args)
     if args.command != "restore":
         Library.check_writable(settings)  # a read-only index: that message, not a lock error
-    with writer_lock(settings, " ".join(sys.argv[1:3]) or args.command, create=args.command in ("index", "watch", "serve")):
+    with contextlib.ExitStack() as stack:
+        args.lock = lambda: stack.enter_context(writer_lock(settings, _command_line(args)))
+        if settings.data_dir.is_dir():
+            args.lock()
+            args.lock = None
         return COMMANDS[args.command](args, out, err)
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    return " ".join(sys.argv[1:3]) or args.command
+
+
+def _lock_new_index(args: argparse.Namespace) -> None:
+    """Take the writer lock of an index this command has just made (see `_as_the_writer`)."""
+    if getattr(args, "lock", None) is not None:
+        args.lock()
+        args.lock = None
 
 
 COMMANDS = {

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from indexer.pipeline import Indexer
 from searchengine.api import create_app
 from searchengine.library import Library, writer_lock
-from tests.test_cli import cli
+from tests.inprocess import cli  # the real command, in this process
 
 pytestmark = pytest.mark.slow  # real processes, mounts and waits
 

@@ -368,7 +368,9 @@ def test_upload_finds_the_same_image_first(client, indexed):
     r = client.post("/api/search/image", files={"image": (f.name, f.read_bytes(), "image/jpeg")}, params={"k": 3})
     assert r.status_code == 200
     top = r.json()["hits"][0]
-    assert top["path"] == str(f) and top["score"] == pytest.approx(1.0, abs=1e-5)
+    # An upload is decoded at a reduced JPEG scale, straight to the model's size (memory):
+    # its vectors are within 1e-4 of the indexed copy's, not bit-equal.
+    assert top["path"] == str(f) and top["score"] == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.parametrize(

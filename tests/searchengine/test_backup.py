@@ -14,7 +14,7 @@ from indexer.pipeline import Indexer
 from searchengine import backup
 from searchengine.errors import StoreDamagedError, StoreMissingError
 from searchengine.library import Library
-from tests.test_cli import cli
+from tests.inprocess import cli  # the real command, in this process
 
 
 def snapshot(settings) -> dict:
