@@ -12,15 +12,21 @@ from pathlib import Path
 import pytest
 
 from tests.images import write_awkward, write_bad
+from tests.inprocess import run_cli
 
-pytestmark = pytest.mark.slow  # each test runs the real CLI: a new process loading torch and the models
+pytestmark = pytest.mark.slow  # the real CLI over real photos, indexed by a real process
 
 EXE = str(Path(sys.executable).with_name("searchengine"))
 
 
-def cli(*args, env_extra=None, check_rc=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    proc = subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+def cli(*args, env_extra=None, check_rc=None, process=False) -> subprocess.CompletedProcess:
+    """The command; in this process unless `process` (tests/inprocess.py: the same `main`,
+    argv and environment, without ~6 s of a fresh transformers import per call)."""
+    if process:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+        proc = subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    else:
+        proc = run_cli(*args, env=env_extra, clean=False)
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stderr
     return proc
@@ -36,7 +42,7 @@ def library(tmp_path_factory, photos_dir, tiny_model_dir, tiny_captioner_dir):
     bad = write_bad(photos / "bad", next(photos.rglob("*.jpg")).read_bytes())
     env = {"SEARCHENGINE_MODEL": str(tiny_model_dir), "SEARCHENGINE_DATA_DIR": str(root / "data"),
            "SEARCHENGINE_CAPTION_MODEL": str(tiny_captioner_dir), "SEARCHENGINE_CAPTION_MAX_TOKENS": "12"}
-    first = cli("index", photos, "--device", "cpu", env_extra=env, check_rc=0)
+    first = cli("index", photos, "--device", "cpu", env_extra=env, check_rc=0, process=True)  # the real command
     return {"photos": photos, "env": env, "first": first, "bad": bad, "data": root / "data"}
 
 
