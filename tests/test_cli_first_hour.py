@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import offline_hub_env
 from tests.inprocess import run_cli
 from tests.test_cli import EXE
 
@@ -165,12 +166,7 @@ def test_a_data_dir_typo_never_creates_an_index(lib, tmp_path, command):
 
 def test_the_main_command_offline_says_why_in_a_second(tmp_path, photos_dir):
     """The README's main command on a machine with no network: one line about the model, fast."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEARCHENGINE_", "HF_"))}
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_CACHE=str(tmp_path / "cache"),
-               SEARCHENGINE_DATA_DIR=str(tmp_path / "data"))
+    env = offline_hub_env(tmp_path)
     t0 = time.monotonic()
     proc = subprocess.run([EXE, "index", str(photos_dir)], capture_output=True, text=True, env=env, timeout=120)
     elapsed = time.monotonic() - t0
@@ -192,12 +188,7 @@ def test_a_model_in_the_hub_cache_loads_without_a_network(tmp_path, tiny_model_d
     folder = tmp_path / "photos"
     folder.mkdir()
     shutil.copy(next(photos_dir.rglob("*.jpg")), folder / "one.jpg")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEARCHENGINE_", "HF_"))}
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_CACHE=str(tmp_path / "cache"),
-               SEARCHENGINE_DATA_DIR=str(tmp_path / "data"))
+    env = offline_hub_env(tmp_path)
     proc = subprocess.run([EXE, "index", folder, "--model", "someone/tiny-blip2", "--no-captions"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("1 indexed"), proc.stderr

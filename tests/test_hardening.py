@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from indexer.pipeline import Indexer
 from searchengine.api import create_app
 from searchengine.library import Library, writer_lock
+from tests.helpers import fill_disk, wait_healthy
 from tests.inprocess import cli  # the real command, in this process
 
 pytestmark = pytest.mark.slow  # real processes, mounts and waits
@@ -48,10 +49,7 @@ def test_a_file_that_changed_or_a_link_pointed_elsewhere_is_never_served(setting
     secret.write_text("password=hunter2\n")
 
     with TestClient(create_app(settings, loader=lambda s: (model, Library.open(s)))) as client:
-        for _ in range(300):
-            if client.get("/healthz").status_code == 200:
-                break
-            time.sleep(0.05)
+        wait_healthy(client)
         linked, edited = ids["linked.jpg"], ids["edited.jpg"]
         assert client.get(f"/api/images/{linked}/file").content == real.read_bytes()
         (folder / "linked.jpg").unlink()
@@ -86,14 +84,7 @@ def test_a_full_disk_is_one_clear_line_and_reading_goes_on(tmp_path, settings):
         env = {"SEARCHENGINE_MODEL": settings.model, "SEARCHENGINE_DATA_DIR": str(disk / "data"),
                "SEARCHENGINE_CAPTIONS": "false", "SEARCHENGINE_BACKUPS": "0"}
         cli("index", folder, env_extra=env, check_rc=0)
-        fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
-        for size in (1 << 16, 512, 1):
-            while True:
-                try:
-                    os.write(fd, b"\0" * size)
-                except OSError:
-                    break
-        os.close(fd)
+        fill_disk(disk / "filler")
         for i in range(40):  # noisy, so that thumbnails and features need room
             Image.fromarray((rng.random((160, 160, 3)) * 255).astype(np.uint8)).save(folder / f"more_{i:02d}.png")
         full = cli("index", folder, env_extra=env)
@@ -176,10 +167,7 @@ def test_files_that_block_never_hold_up_searches(settings, model, tmp_path, phot
     app = create_app(settings, loader=lambda s: (model, Library.open(s)))
     release = threading.Event()
     with TestClient(app) as client:
-        for _ in range(300):
-            if client.get("/healthz").status_code == 200:
-                break
-            time.sleep(0.05)
+        wait_healthy(client)
         service = app.state.searchengine.service
 
         def hung(image_id):  # a FIFO, a hung network mount: a read that does not return
@@ -230,10 +218,7 @@ def test_a_burst_of_large_uploads_takes_turns_and_gives_memory_back(settings, mo
     release_memory()
     app = create_app(settings.model_copy(update={"upload_queue": 8}), loader=lambda s: (model, Library.open(s)))
     with TestClient(app) as client:
-        for _ in range(300):
-            if client.get("/healthz").status_code == 200:
-                break
-            time.sleep(0.05)
+        wait_healthy(client)
         client.post("/api/search/image", files={"image": ("g.png", png, "image/png")})  # warm up
         release_memory()
         base = _rss_mib()
@@ -254,10 +239,7 @@ def test_a_burst_of_large_uploads_takes_turns_and_gives_memory_back(settings, mo
 
     busy = create_app(settings.model_copy(update={"upload_queue": 0}), loader=lambda s: (model, Library.open(s)))
     with TestClient(busy) as client:
-        for _ in range(300):
-            if client.get("/healthz").status_code == 200:
-                break
-            time.sleep(0.05)
+        wait_healthy(client)
         answers = []
         burst = [threading.Thread(target=lambda: answers.append(
             client.post("/api/search/image", files={"image": ("g.png", png, "image/png")}))) for _ in range(3)]

@@ -17,6 +17,7 @@ from PIL import Image
 from indexer.pipeline import Indexer
 from indexer.watch import Watcher
 from searchengine.library import Library
+from tests.helpers import fill_disk
 from tests.indexer.test_watch import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs or a bind mount needs root")]
@@ -63,14 +64,7 @@ def test_a_full_disk_delays_indexing_but_loses_nothing(settings, model, tmp_path
     watcher.start()
     try:
         filler = tmpfs / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # the data dir's disk, full to the last byte
-        for size in (1 << 16, 512, 1):
-            while True:
-                try:
-                    os.write(fd, b"\0" * size)
-                except OSError:
-                    break
-        os.close(fd)
+        fill_disk(filler)  # the data dir's disk, full to the last byte
         for i in range(12):
             small_jpeg(folder / f"new_{i:02d}.jpg", i + 1)
         wait_until(lambda: watcher.failure is not None, "an update failing on the full disk", timeout=30)

@@ -19,6 +19,7 @@ from pydantic import SecretStr
 from indexer.pipeline import Indexer
 from searchengine.api import create_app
 from searchengine.library import Library
+from tests.helpers import wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +38,7 @@ def served(tmp_path_factory, photos_dir, tiny_model_dir, model):
     library.close()
     app = create_app(settings, loader=lambda s: (model, Library.open(s)))
     with TestClient(app) as client:
-        for _ in range(300):
-            if client.get("/healthz").status_code == 200:
-                break
-            time.sleep(0.05)
+        wait_healthy(client)
         yield app, client, settings
 
 

@@ -14,6 +14,7 @@ from indexer.pipeline import Indexer
 from searchengine import backup
 from searchengine.errors import StoreDamagedError, StoreMissingError
 from searchengine.library import Library
+from tests.helpers import wait_healthy
 from tests.inprocess import cli  # the real command, in this process
 
 
@@ -147,10 +148,7 @@ def test_a_store_damaged_under_a_running_server_answers_503(settings, indexed, m
         return model, Library.open(s)
 
     with TestClient(create_app(settings, loader=loader)) as client:
-        for _ in range(200):
-            if client.get("/healthz").status_code == 200:
-                break
-            __import__("time").sleep(0.05)
+        wait_healthy(client)
         assert client.get("/api/search", params={"q": "a photo"}).status_code == 200
         with sqlite3.connect(settings.store_path) as conn:  # every page in the main file, none in the WAL
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -1,0 +1,43 @@
+"""Small things several tests do: wait for a server to be ready, fill a disk, an offline hub."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+
+def wait_healthy(client, tries: int = 300) -> None:
+    """Until /healthz says the service is up (the model loads in the background)."""
+    for _ in range(tries):
+        if client.get("/healthz").status_code == 200:
+            return
+        time.sleep(0.05)
+
+
+def fill_disk(path: Path) -> None:
+    """Write `path` until its file system has not a byte left (unbuffered: a buffered file
+    would fail again on close)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (1 << 16, 512, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+
+
+def offline_hub_env(tmp_path: Path) -> dict[str, str]:
+    """This environment with the hub at a closed local port (connections refused at once) and
+    an empty or test-made hub cache in `tmp_path / "cache"`; no SEARCHENGINE_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEARCHENGINE_", "HF_"))}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_CACHE=str(tmp_path / "cache"),
+               SEARCHENGINE_DATA_DIR=str(tmp_path / "data"))
+    return env
