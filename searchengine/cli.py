@@ -761,7 +761,11 @@ def cmd_restore(args: argparse.Namespace, out, err) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace, out, err) -> int:
+    import transformers
+
     from searchengine.tiny import build_tiny_captioner, build_tiny_model
+
+    transformers.logging.disable_progress_bar()  # its "Writing model shards" bars say nothing here
 
     if args.kind == "retrieval":
         path = build_tiny_model(args.directory, seed=args.seed, size=args.size)
