@@ -541,7 +541,7 @@ def cmd_stats(args: argparse.Namespace, out, err) -> int:
     from searchengine.library import Library
 
     settings = _settings(args)
-    library = Library.open(settings)
+    library = Library.open(settings, vectors=False)  # counts come from the store: no FAISS to load
     try:
         data = library.describe()
     finally:

@@ -493,7 +493,8 @@ class Library:
             "model_fingerprint": model.fingerprint if model else None,
             "model_dtype": model.dtype if model else None,
             "index_type": "exact (flat inner product, max over query vectors)",
-            "vectors": self.index.index.ntotal if self.index else 0,
+            # Opened without the vector index (`stats`): what reconciling makes it hold.
+            "vectors": self.index.index.ntotal if self.index else stats.images * (model.num_vectors if model else 0),
             "bytes_on_disk": self.sizes_on_disk(),
             "captioned": stats.captioned,
             "caption_models": stats.caption_models,
