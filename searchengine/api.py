@@ -258,14 +258,10 @@ class PageQuery:
 
     @property
     def filters(self) -> Filters:
-        return _filters(self.folder, self.taken_after, self.taken_before)
+        return Filters.build(self.folder, self.taken_after, self.taken_before)
 
 
 Paging = Annotated[PageQuery, Depends()]
-
-
-def _filters(folder: str | None, taken_after, taken_before) -> Filters:
-    return Filters.build(folder, taken_after, taken_before)
 
 
 def _hit(h: Hit) -> HitOut:

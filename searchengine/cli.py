@@ -806,15 +806,12 @@ def _as_the_writer(args: argparse.Namespace, out, err) -> int:
     if args.command != "restore":
         Library.check_writable(settings)  # a read-only index: that message, not a lock error
     with contextlib.ExitStack() as stack:
-        args.lock = lambda: stack.enter_context(writer_lock(settings, _command_line(args)))
+        command = " ".join(sys.argv[1:3]) or args.command
+        args.lock = lambda: stack.enter_context(writer_lock(settings, command))
         if settings.data_dir.is_dir():
             args.lock()
             args.lock = None
         return COMMANDS[args.command](args, out, err)
-
-
-def _command_line(args: argparse.Namespace) -> str:
-    return " ".join(sys.argv[1:3]) or args.command
 
 
 def _lock_new_index(args: argparse.Namespace) -> None:

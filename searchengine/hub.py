@@ -38,10 +38,6 @@ class ModelSource:
     source: str
     local_files_only: bool = False
 
-    @property
-    def is_dir(self) -> bool:
-        return os.path.isdir(self.source)
-
 
 def looks_local(name: str) -> bool:
     """A path rather than a hub id (`owner/name`)."""

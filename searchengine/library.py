@@ -140,20 +140,14 @@ def check_store_present(settings: Settings) -> None:
 
 
 @contextmanager
-def writer_lock(settings: Settings, command: str, *, create: bool = False) -> Iterator[None]:
+def writer_lock(settings: Settings, command: str) -> Iterator[None]:
     """One indexing writer per data dir (index, watch, serve --watch, caption, restore): a second
     one is refused at once with who holds the lock, rather than racing the first and dying
-    on a raw IntegrityError. The lock (flock) goes with the process, however it ends.
-    `create`: make the data dir (the commands that may start an index); else a missing one
-    has nothing to lock, and the command reports it."""
+    on a raw IntegrityError. The lock (flock) goes with the process, however it ends. The
+    data dir must exist: only the commands that make an index make it (see the CLI)."""
     import fcntl
 
     data_dir = Path(settings.data_dir)
-    if not data_dir.is_dir():
-        if not create:
-            yield
-            return
-        data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "writer.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -24,7 +24,8 @@ def test_a_second_indexer_on_the_same_data_dir_is_refused_in_one_line(tmp_path, 
     shutil.copy(photo_files[0], folder / "a.jpg")
     env = {"SEARCHENGINE_MODEL": settings.model, "SEARCHENGINE_DATA_DIR": str(settings.data_dir),
            "SEARCHENGINE_CAPTIONS": "false"}
-    with writer_lock(settings, "watch ~/Pictures", create=True):
+    settings.data_dir.mkdir(parents=True)
+    with writer_lock(settings, "watch ~/Pictures"):
         for args in (["index", folder], ["caption", "--caption-model", "x"], ["restore"]):
             proc = cli(*args, env_extra=env)
             lines = proc.stderr.strip().splitlines()

@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -45,6 +47,19 @@ def umount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
 
 
+@contextmanager
+def watching(settings, model, folder: Path) -> Iterator[tuple[Watcher, Library]]:
+    """A started watcher on `folder` over a library in `settings`; stopped and closed after."""
+    library = Library.open(settings, create=True)
+    watcher = Watcher(Indexer(model, library, settings), [folder], debounce_s=0.3)
+    watcher.start()
+    try:
+        yield watcher, library
+    finally:
+        watcher.stop()
+        library.close()
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     where = tmp_path / "small-disk"
@@ -59,10 +74,7 @@ def test_a_full_disk_delays_indexing_but_loses_nothing(settings, model, tmp_path
     folder = tmp_path / "photos"
     folder.mkdir()
     small_jpeg(folder / "first.jpg", 0)
-    library = Library.open(settings, create=True)
-    watcher = Watcher(Indexer(model, library, settings), [folder], debounce_s=0.3)
-    watcher.start()
-    try:
+    with watching(settings, model, folder) as (watcher, library):
         filler = tmpfs / "filler"
         fill_disk(filler)  # the data dir's disk, full to the last byte
         for i in range(12):
@@ -74,19 +86,13 @@ def test_a_full_disk_delays_indexing_but_loses_nothing(settings, model, tmp_path
         wait_until(lambda: indexed_paths(library) == on_disk(folder) and watcher.pending() == 0,
                    "every file indexed once the disk has room", timeout=60)
         assert watcher.health() is None
-    finally:
-        watcher.stop()
-        library.close()
 
 
 def test_a_folder_removed_and_made_again_is_watched_again(settings, model, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
     small_jpeg(folder / "old.jpg", 0)
-    library = Library.open(settings, create=True)
-    watcher = Watcher(Indexer(model, library, settings), [folder], debounce_s=0.3)
-    watcher.start()
-    try:
+    with watching(settings, model, folder) as (watcher, library):
         shutil.rmtree(folder)
         time.sleep(0.5)
         folder.mkdir()
@@ -95,9 +101,6 @@ def test_a_folder_removed_and_made_again_is_watched_again(settings, model, tmp_p
                    "the new folder's file indexed and the old one's gone", timeout=30)
         small_jpeg(folder / "later.jpg", 2)  # and events are seen again, not just a rescan
         wait_until(lambda: str(folder / "later.jpg") in indexed_paths(library), "a later arrival indexed", timeout=30)
-    finally:
-        watcher.stop()
-        library.close()
 
 
 def test_a_folder_unmounted_and_mounted_again_is_watched_again(settings, model, tmp_path):
@@ -107,20 +110,16 @@ def test_a_folder_unmounted_and_mounted_again_is_watched_again(settings, model, 
     folder = tmp_path / "mnt" / "photos"
     folder.mkdir(parents=True)
     mount("--bind", str(source), str(folder))
-    library = Library.open(settings, create=True)
-    watcher = Watcher(Indexer(model, library, settings), [folder], debounce_s=0.3)
-    watcher.start()
     try:
-        assert indexed_paths(library) == {str(folder / "on-the-nas.jpg")}
-        umount(folder)
-        time.sleep(3)  # the watcher notices (it checks its folders every 2 s)
-        mount("--bind", str(source), str(folder))
-        small_jpeg(folder / "arrived.jpg", 1)
-        wait_until(lambda: indexed_paths(library) == on_disk(folder), "a file arriving after the remount indexed",
-                   timeout=30)
+        with watching(settings, model, folder) as (watcher, library):
+            assert indexed_paths(library) == {str(folder / "on-the-nas.jpg")}
+            umount(folder)
+            time.sleep(3)  # the watcher notices (it checks its folders every 2 s)
+            mount("--bind", str(source), str(folder))
+            small_jpeg(folder / "arrived.jpg", 1)
+            wait_until(lambda: indexed_paths(library) == on_disk(folder), "a file arriving after the remount indexed",
+                       timeout=30)
     finally:
-        watcher.stop()
-        library.close()
         umount(folder)
 
 
@@ -128,15 +127,11 @@ def test_a_folder_unmounted_and_mounted_again_is_watched_again(settings, model, 
 def test_a_watcher_that_died_is_reported(settings, model, tmp_path, monkeypatch):
     folder = tmp_path / "photos"
     folder.mkdir()
-    library = Library.open(settings, create=True)
-    watcher = Watcher(Indexer(model, library, settings), [folder], debounce_s=0.3)
-    watcher.start()
     try:
-        assert watcher.health() is None
-        monkeypatch.setattr(watcher._stop, "wait", lambda timeout=None: (_ for _ in ()).throw(SystemExit()))
-        watcher._thread.join(timeout=10)
-        assert "stopped" in (watcher.health() or "")
+        with watching(settings, model, folder) as (watcher, library):
+            assert watcher.health() is None
+            monkeypatch.setattr(watcher._stop, "wait", lambda timeout=None: (_ for _ in ()).throw(SystemExit()))
+            watcher._thread.join(timeout=10)
+            assert "stopped" in (watcher.health() or "")
     finally:
         monkeypatch.undo()
-        watcher.stop()
-        library.close()
