@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
-from indexer.scan import BAD_NAME, LINK_DUPLICATE, LINK_LOOP, FileEntry, printable, scan_folder, storable
+from indexer.scan import BAD_NAME, LINK_DUPLICATE, LINK_LOOP, LINK_OUTSIDE, FileEntry, printable, scan_folder, storable
+from searchengine import links
 from searchengine.captions import Caption, Captioner
 from searchengine.imageio import Decoded, decode_image, read_file, sha256_of
 from searchengine.errors import BadImageError, ReadOnlyIndexError, SearchEngineError
@@ -52,6 +53,7 @@ class Summary:
     failed: Counter = field(default_factory=Counter)  # reason -> count, this run
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # path, reason, message
     links_skipped: int = 0  # symlinked folders not followed: loops, or folders listed under another path
+    links_outside: int = 0  # links not followed because they lead outside the library (searchengine.links)
     seconds: float = 0.0
     # (what, path) of every file handled, when asked for (the watcher logs each); a full
     # run leaves it off, so a million-file scan keeps no per-file list.
@@ -140,14 +142,24 @@ class Indexer:
         gone: list[str] = []
 
         def skipped_link(path: str, reason: str) -> None:
-            summary.links_skipped += 1
-            self.on_skip(path, LINK_MESSAGES[reason])
+            if reason == LINK_OUTSIDE:
+                summary.links_outside += 1
+                # A folder link leads outside only under the `none` policy; a file link under `folders` too.
+                self.on_skip(path, links.OUTSIDE_FOLDER_MESSAGE if os.path.isdir(path) else links.OUTSIDE_MESSAGE)
+            else:
+                summary.links_skipped += 1
+                self.on_skip(path, LINK_MESSAGES[reason])
 
+        self.library.record_link_policy()
+        policy = self.library.link_policy
         for folder in folders:
             store.add_root(str(folder))
+        library_roots = tuple(Path(r) for r in store.roots())
+        for folder in folders:
             known = store.files_under(str(folder))
             seen: set[str] = set()
-            for entry in self.scanner(folder, exclude=(Path(self.settings.data_dir).resolve(),), on_skipped_link=skipped_link):
+            exclude = (Path(self.settings.data_dir).resolve(),)
+            for entry in self.scanner(folder, exclude=exclude, on_skipped_link=skipped_link, links=policy, roots=library_roots):
                 if not storable(entry.path):  # one bad name is skipped, never the end of the run
                     shown = printable(entry.path)
                     summary.failed["bad_name"] += 1

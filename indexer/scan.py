@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from searchengine.imageio import image_extensions
+from searchengine.links import DEFAULT, LinkPolicy, folder_link_allowed, inside_library
 
 log = logging.getLogger(__name__)
 
 # Why a symlinked folder was not walked: it leads back to a folder that contains it, or to a
-# folder already listed under another path.
+# folder already listed under another path; or why a link was not followed at all: it leads
+# outside the library, which the link policy does not allow (see searchengine.links).
 LINK_LOOP = "loop"
 LINK_DUPLICATE = "duplicate"
+LINK_OUTSIDE = "outside"
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ def scan_folder(
     exclude: tuple[Path, ...] = (),
     on_error: Callable[[str, str], None] | None = None,
     on_skipped_link: Callable[[str, str], None] | None = None,
+    links: LinkPolicy = DEFAULT,
+    roots: tuple[Path, ...] = (),
 ) -> Iterator[FileEntry]:
     """Yield every image file below `root`, depth first, in a stable (sorted) order.
 
@@ -45,8 +50,15 @@ def scan_folder(
     listed is skipped, as is one that leads to a folder containing the link (a loop), and both
     are reported to `on_skipped_link(path, reason)` with reason LINK_DUPLICATE or LINK_LOOP. Links are walked after every folder
     reachable without them, so a folder that is both in the tree and linked to is listed
-    under its real path, whatever the names sort like. File symlinks are listed as files.
+    under its real path, whatever the names sort like.
+
+    `links` says which links may lead outside the library (`roots`, the library's folders,
+    default just `root`): a file link or a folder link it does not allow is reported as
+    LINK_OUTSIDE and not listed or walked. File links it allows are listed as files.
     """
+    library = [str(r) for r in (roots or (root,))]
+    if str(root) not in library:
+        library.append(str(root))
     extensions = image_extensions()
     excluded: set[tuple[int, int]] = set()
     for path in exclude:
@@ -60,7 +72,7 @@ def scan_folder(
         if on_error:
             on_error(str(root), f"cannot list folder: {e.strerror or e}")
         return
-    links: deque[str] = deque()  # symlinked folders, walked once the real tree is done
+    folder_links: deque[str] = deque()  # symlinked folders, walked once the real tree is done
 
     def walk(start: str) -> Iterator[FileEntry]:
         stack = [start]
@@ -85,8 +97,13 @@ def scan_folder(
                             visited.add(key)
                             subfolders.append(entry.path)
                     elif entry.is_symlink() and entry.is_dir():
-                        links.append(entry.path)
+                        folder_links.append(entry.path)
                     elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in extensions:
+                        if entry.is_symlink() and not inside_library(entry.path, library, links):
+                            log.info("not following %s: it leads outside the library", entry.path)
+                            if on_skipped_link:
+                                on_skipped_link(entry.path, LINK_OUTSIDE)
+                            continue
                         st = entry.stat()
                         yield FileEntry(entry.path, st.st_size, st.st_mtime_ns)
                 except OSError:
@@ -94,8 +111,8 @@ def scan_folder(
             stack.extend(reversed(subfolders))
 
     yield from walk(str(root))
-    while links:
-        link = links.popleft()
+    while folder_links:
+        link = folder_links.popleft()
         try:
             key = _folder_key(os.stat(link))
         except OSError:
@@ -104,14 +121,22 @@ def scan_folder(
             continue
         # A link to a folder that contains it is a loop even where that folder was not listed
         # (a link to `..` in the root): following it would walk everything around the library.
-        reason = LINK_LOOP if _leads_to_an_ancestor(link) else LINK_DUPLICATE if key in visited else None
+        reason = (
+            LINK_LOOP if _leads_to_an_ancestor(link)
+            else LINK_DUPLICATE if key in visited
+            else LINK_OUTSIDE if not folder_link_allowed(link, library, links)
+            else None
+        )
         if reason is not None:
-            log.info("not following %s: %s", link, "it loops back" if reason == LINK_LOOP else "already listed")
+            log.info("not following %s: %s", link, WHY_NOT[reason])
             if on_skipped_link:
                 on_skipped_link(link, reason)
             continue
         visited.add(key)
         yield from walk(link)
+
+
+WHY_NOT = {LINK_LOOP: "it loops back", LINK_DUPLICATE: "already listed", LINK_OUTSIDE: "it leads outside the library"}
 
 
 def _leads_to_an_ancestor(link: str) -> bool:

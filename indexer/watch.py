@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 
 from indexer.pipeline import Indexer, Summary
 from indexer.scan import BAD_NAME, FileEntry, printable, scan_folder, storable
+from searchengine.links import OUTSIDE_MESSAGE, LinkPolicy, folder_link_allowed
 from searchengine.imageio import image_extensions
 
 log = logging.getLogger(__name__)
@@ -206,19 +207,21 @@ class Watcher:
             # folder, so the snapshot does not walk it: a loop would make it walk without end,
             # and the scan lists a folder inside the root under its real path only.
             st = os.lstat(path)
-            if S_ISLNK(st.st_mode) and not self._followed(path, root):
+            if S_ISLNK(st.st_mode) and not self._followed(path, root, self.indexer.library.link_policy):
                 return st
             return os.stat(path) if S_ISLNK(st.st_mode) else st
 
         return PollingObserverVFS(stat, os.scandir, polling_interval=self.poll_interval_s)
 
     @staticmethod
-    def _followed(link: str, root: Path) -> bool:
-        """Whether the scan walks this folder link: not into the root, not back up to it."""
+    def _followed(link: str, root: Path, policy: LinkPolicy) -> bool:
+        """Whether the scan walks this folder link: not into the root, not back up to it, and
+        not outside the library where the link policy forbids it."""
         target = os.path.realpath(link)
         root_s = str(root)
         inside = target == root_s or target.startswith(root_s + os.sep)
-        return not inside and not (root_s + os.sep).startswith(target.rstrip(os.sep) + os.sep)
+        loops = (root_s + os.sep).startswith(target.rstrip(os.sep) + os.sep)
+        return not inside and not loops and folder_link_allowed(link, [root_s], policy)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -231,7 +234,11 @@ class Watcher:
         """A folder came, went or moved: every file the store or the disk has below it."""
         paths = set(self.store.files_under(folder))
         if os.path.isdir(folder):
-            paths |= {e.path for e in scan_folder(Path(folder), exclude=(Path(self.data_dir),))}
+            library = self.indexer.library
+            found = scan_folder(
+                Path(folder), exclude=(Path(self.data_dir),), links=library.link_policy, roots=tuple(map(Path, self.store.roots()))
+            )
+            paths |= {e.path for e in found}
         for path in paths:
             self.mark(path)
 
@@ -240,7 +247,7 @@ class Watcher:
         marked as the scan would list them (none for a link the scan does not follow)."""
         if os.path.isdir(path):
             root = next((r for r in self.roots if path.startswith(str(r) + os.sep)), None)
-            if root is not None and os.path.islink(path) and self._followed(path, root):
+            if root is not None and os.path.islink(path) and self._followed(path, root, self.indexer.library.link_policy):
                 self.mark_folder(path)
         elif self.store.files_under(path):
             self.mark_folder(path)
@@ -298,6 +305,11 @@ class Watcher:
                 st = os.stat(path)
                 look: tuple[int, int] | None = (st.st_size, st.st_mtime_ns) if os.path.isfile(path) else None
             except OSError:
+                look = None
+            if look is not None and os.path.islink(path) and not self.indexer.library.inside(path):
+                # A file link that leads outside the library reads as no file: not indexed,
+                # and dropped if it was (re-pointed after indexing).
+                log.info("not following %s: %s", path, OUTSIDE_MESSAGE)
                 look = None
             if self._looked.get(path, "unseen") != look:  # first look, or still changing
                 with self._lock:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import importlib.util
+import ipaddress
 import logging
 import mimetypes
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -448,10 +450,22 @@ def create_app(
         return FoldersOut(folders=[FolderOut(path=f.path, images=f.images) for f in found], total=total)
 
     @app.get("/api/stats")
-    def stats(service: Service) -> dict:
-        """Images, failures by reason, model, index type and sizes on disk."""
+    def stats(service: Service, request: Request) -> dict:
+        """Images, failures by reason, model, index type and sizes on disk.
+
+        The server's own paths (its data directory, a model directory) are shown to callers
+        that hold the API key, or, where no key is set, to callers on this machine; others get
+        names only (`server_paths_hidden`). Failed files' paths are photo paths, shown as
+        search hits show them."""
         service.refresh()
-        return service.library.describe()
+        described = service.library.describe()
+        trusted = settings.api_key is not None or _loopback(request)
+        if not trusted:
+            described["data_dir"] = None
+            if described["model"] and os.path.isabs(described["model"]):
+                described["model"] = os.path.basename(described["model"].rstrip("/"))
+        described["server_paths_hidden"] = not trusted
+        return described
 
     @app.get("/metrics", response_class=Response)
     def prometheus(state: State):
@@ -515,6 +529,16 @@ def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> N
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["X-API-Key", "Authorization"]
         )
+
+
+def _loopback(request: Request) -> bool:
+    """Whether the caller is on this machine (a loopback address or a Unix socket)."""
+    if request.client is None:
+        return True  # a Unix socket: only this machine can connect
+    try:
+        return ipaddress.ip_address(request.client.host).is_loopback
+    except ValueError:
+        return False
 
 
 def _authorised(request: Request, key: str) -> bool:

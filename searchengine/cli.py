@@ -30,6 +30,15 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
+def _links_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--links", choices=["folders", "none", "all"],
+        help="which symlinks to follow: folders (linked folders anywhere; file links only when they lead into "
+        "the indexed folders), none (nothing outside the folders), all (anything). Default: as the index was "
+        "built; folders for a new index; env SEARCHENGINE_LINKS",
+    )
+
+
 def _common(parser: argparse.ArgumentParser, *, model: bool) -> None:
     g = parser.add_argument_group("common options")
     g.add_argument("--data-dir", help="where the index lives (default: ~/.local/share/searchengine; env SEARCHENGINE_DATA_DIR)")
@@ -160,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per model batch (default: 8 on a CPU, 64 on a GPU)")
     p.add_argument("--workers", type=int, dest="decode_workers", help="decoding threads (default: 2)")
     p.add_argument("--max-pixels", type=int, dest="max_image_pixels", help="refuse images larger than this (default: 150M)")
+    _links_option(p)
     _caption_options(p)
     _common(p, model=True)
 
@@ -208,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("folders", nargs="*", metavar="FOLDER", help="folders to watch (default: every folder the index has)")
     _watch_options(p)
+    _links_option(p)
     _caption_options(p)
     _common(p, model=True)
 
@@ -216,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default: 8000)")
     p.add_argument("--watch", nargs="+", metavar="FOLDER", default=[], help="also watch these folders (and create the index if there is none)")
     _watch_options(p)
+    _links_option(p)
     _caption_options(p)
     _common(p, model=True)
 
@@ -293,7 +305,7 @@ def _dash_words_as_query(parser: argparse.ArgumentParser, argv: list[str]) -> li
 
 def _settings(args: argparse.Namespace) -> Settings:
     keys = ("data_dir", "model", "device", "dtype", "itm_features", "batch_size", "decode_workers",
-            "max_image_pixels", "k_candidates", "rerank_top", "host", "port", "captions", "caption_model", "search_mode")
+            "max_image_pixels", "k_candidates", "rerank_top", "host", "port", "captions", "caption_model", "search_mode", "links")
     values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if values.get("caption_model") and "captions" not in values:
         values["captions"] = True  # naming a captioner asks for captions
@@ -387,6 +399,8 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
         line += " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(summary.failed.items())) + ")"
     if summary.links_skipped:
         line += f", {summary.links_skipped} folder link{'s' if summary.links_skipped > 1 else ''} not followed (loops or already listed)"
+    if summary.links_outside:
+        line += f", {summary.links_outside} link{'s' if summary.links_outside > 1 else ''} leading outside the folders not followed (--links all follows them)"
     if captioner is not None:
         line += f"; {summary.captioned} captioned" + (f", {summary.caption_failed} without caption" if summary.caption_failed else "")
     # The rate counts the images embedded, over the time the run took once the models were in.
@@ -563,7 +577,7 @@ def cmd_stats(args: argparse.Namespace, out, err) -> int:
         + (f", {data['caption_failures']} failed (`searchengine caption` retries them)" if data["caption_failures"] else ""),
         file=out,
     )
-    print(f"folders      {', '.join(data['roots']) or '-'}", file=out)
+    print(f"folders      {', '.join(data['roots']) or '-'}  (links: {data['links']})", file=out)
     backups = data["backups"]
     print(f"backups      {len(backups)}" + (f", newest {backups[0]['name']}" if backups else ""), file=out)
     reasons = ", ".join(f"{r}: {n}" for r, n in sorted(data["failures_by_reason"].items()))

@@ -36,10 +36,11 @@ from typing import Iterator
 
 import numpy as np
 
-from searchengine import backup
+from searchengine import backup, links
 from searchengine.errors import IndexBusyError, IndexNotFoundError, ReadOnlyIndexError, StoreDamagedError, StoreMissingError
 from searchengine.features import FeatureCache
 from searchengine.filecache import sweep_temporary
+from searchengine.links import LinkPolicy
 from searchengine.settings import Settings
 from searchengine.store import FolderCount, ModelInfo, Store, sqlite_readonly_url, sqlite_url
 from searchengine.thumbnails import PreviewCache, ThumbnailCache
@@ -269,6 +270,21 @@ class Library:
         """Remember how this index is captioned, so later runs default to the same."""
         self.store.record_captioner(captions, model)
 
+    @property
+    def link_policy(self) -> LinkPolicy:
+        """Which symlinks lead into this library: the setting, else what the index was built
+        with, else the default (see searchengine.links)."""
+        return self.settings.links or self.store.link_policy() or links.DEFAULT
+
+    def record_link_policy(self) -> None:
+        """Remember a link policy given for this run, so later runs (serve) default to it."""
+        if self.settings.links is not None and self.settings.links != self.store.link_policy():
+            self.store.record_link_policy(self.settings.links)
+
+    def inside(self, path: str) -> bool:
+        """Whether an indexed file's path resolves inside the library under its link policy."""
+        return links.inside_library(path, self.store.roots(), self.link_policy)
+
     def close(self) -> None:
         self.store.close()
         self.thumbnails.close()
@@ -487,6 +503,7 @@ class Library:
             "model_fingerprint": model.fingerprint if model else None,
             "model_dtype": model.dtype if model else None,
             "index_type": "exact (flat inner product, max over query vectors)",
+            "links": self.link_policy,
             # Opened without the vector index (`stats`): what reconciling makes it hold.
             "vectors": self.index.index.ntotal if self.index else stats.images * (model.num_vectors if model else 0),
             "bytes_on_disk": self.sizes_on_disk(),

@@ -12,6 +12,7 @@ It adds what a single CLI query does not need:
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import stat
 import threading
@@ -31,6 +32,8 @@ from searchengine.models import RetrievalModel
 from searchengine.search import Filters, Hit, Ranking, Searcher, parse_for_mode
 from searchengine.settings import Settings
 from searchengine.store import FolderCount
+
+log = logging.getLogger(__name__)
 
 
 class ImageNotFoundError(SearchEngineError):
@@ -278,21 +281,30 @@ class QueryService:
 
     def _indexed_files(self, image_id: int) -> list[str]:
         """The image's files that still hold the content that was indexed (same size and
-        mtime, read through any link): a file changed since, or a link pointed elsewhere (at a
-        secret text file, say), is never read or served for it."""
+        mtime, read through any link) and that resolve inside the library under its link
+        policy: a file changed since, or a link pointed elsewhere (at a secret text file, or
+        at a copy outside the library), is never read or served for it."""
         detail = self.image(image_id)
-        current = []
+        current, outside = [], 0
         for f in detail["files"]:
             try:
                 st = os.stat(f["path"])
             except OSError:
                 continue
-            if stat.S_ISREG(st.st_mode) and st.st_size == f["size"] and st.st_mtime_ns == f["mtime_ns"]:
-                current.append(f["path"])
+            if not (stat.S_ISREG(st.st_mode) and st.st_size == f["size"] and st.st_mtime_ns == f["mtime_ns"]):
+                continue
+            if not self.library.inside(f["path"]):
+                outside += 1
+                log.warning("not serving %s: it leads outside the library's folders", f["path"])
+                continue
+            current.append(f["path"])
         if not current:
-            raise BadImageError(
-                "vanished", f"image {image_id} has no file left that is still the indexed content; re-index its folder"
+            why = (
+                "its file now leads outside the library's folders (a link), which is not served unless the index "
+                "allows links anywhere (--links all)" if outside
+                else "it has no file left that is still the indexed content; re-index its folder"
             )
+            raise BadImageError("vanished", f"image {image_id}: {why}")
         return current
 
     def folders(self, contains: str = "", limit: int = 50) -> tuple[list[FolderCount], int]:

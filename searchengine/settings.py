@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     # a watcher makes one at most every backup_interval_s. 0 backups: none are made.
     backups: int = Field(3, ge=0)
     backup_interval_s: float = Field(3600.0, ge=0)
+    # Which symlinks lead into the library (see searchengine/links.py): "folders" follows
+    # linked folders anywhere and file links that stay inside; "none" nothing outside the
+    # indexed folders; "all" everything. None: as the index was built ("folders" for a new one).
+    links: Literal["none", "folders", "all"] | None = None
     # Captions, made at index time. None: as the index was built (on for a new index).
     # caption_model None: the index's captioner, or the CPU or GPU default for a new index.
     captions: bool | None = None

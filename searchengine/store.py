@@ -402,6 +402,15 @@ class Store:
         data = json.loads(raw)
         return bool(data.get("captions")), data.get("model")
 
+    def link_policy(self) -> str | None:
+        """The link policy the last indexing run used (see searchengine.links); None if never recorded."""
+        with self.engine.connect() as conn:
+            return self._get_meta(conn, "links")
+
+    def record_link_policy(self, policy: str) -> None:
+        with self.engine.begin() as conn:
+            self._set_meta(conn, "links", policy)
+
     def record_captioner(self, captions: bool, model: str | None) -> None:
         with self.engine.begin() as conn:
             self._set_meta(conn, "captioner", json.dumps({"captions": captions, "model": model}))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from indexer.scan import LINK_DUPLICATE, LINK_LOOP, scan_folder
+from indexer.scan import LINK_DUPLICATE, LINK_LOOP, LINK_OUTSIDE, scan_folder
 from tests.images import gradient
 
 
@@ -50,11 +50,49 @@ def test_folder_links_are_followed_once_each_and_loops_are_not(tmp_path):
     }
 
 
-def test_a_file_link_is_listed_as_a_file(tmp_path):
-    _photo(tmp_path / "real" / "x.jpg", 0)
-    (tmp_path / "lib").mkdir()
-    os.symlink(tmp_path / "real" / "x.jpg", tmp_path / "lib" / "y.jpg")
-    assert [e.path for e in scan_folder(tmp_path / "lib")] == [str(tmp_path / "lib" / "y.jpg")]
+def test_a_file_link_is_listed_where_it_leads_inside_the_library(tmp_path):
+    lib = tmp_path / "lib"
+    _photo(lib / "originals" / "x.jpg", 0)
+    _photo(tmp_path / "other" / "z.jpg", 1)
+    os.symlink(lib / "originals" / "x.jpg", lib / "y.jpg")
+    os.symlink(tmp_path / "other" / "z.jpg", lib / "w.jpg")  # into another folder of the library
+    assert [e.path for e in scan_folder(lib, roots=(lib, tmp_path / "other"))] == [
+        str(lib / "w.jpg"), str(lib / "y.jpg"), str(lib / "originals" / "x.jpg")
+    ]
+
+
+def test_a_file_link_that_leads_outside_the_library_is_followed_only_when_allowed(tmp_path):
+    lib, outside = tmp_path / "lib", tmp_path / "home" / "other-user"
+    _photo(lib / "a.jpg", 0)
+    _photo(outside / "private.jpg", 1)
+    os.symlink(outside / "private.jpg", lib / "b.jpg")
+    for policy in ("folders", "none"):
+        skipped: dict[str, str] = {}
+        got = [e.path for e in scan_folder(lib, links=policy, on_skipped_link=skipped.__setitem__)]
+        assert got == [str(lib / "a.jpg")] and skipped == {str(lib / "b.jpg"): LINK_OUTSIDE}, policy
+    assert [e.path for e in scan_folder(lib, links="all")] == [str(lib / "a.jpg"), str(lib / "b.jpg")]
+
+
+def test_inside_a_linked_folder_file_links_may_lead_within_that_folder_only(tmp_path):
+    root, _ = linked_tree(tmp_path)  # root/ext1 -> outside/, which holds c.jpg
+    outside = tmp_path / "outside"
+    _photo(outside / "deep" / "d.jpg", 3)
+    _photo(tmp_path / "elsewhere" / "e.jpg", 4)
+    os.symlink(outside / "deep" / "d.jpg", outside / "d-link.jpg")  # within the linked folder: listed
+    os.symlink(tmp_path / "elsewhere" / "e.jpg", outside / "e-link.jpg")  # out of it: not
+    skipped: dict[str, str] = {}
+    got = [e.path for e in scan_folder(root, on_skipped_link=skipped.__setitem__)]
+    assert str(root / "ext1" / "d-link.jpg") in got and str(root / "ext1" / "deep" / "d.jpg") in got
+    assert str(root / "ext1" / "e-link.jpg") not in got
+    assert skipped[str(root / "ext1" / "e-link.jpg")] == LINK_OUTSIDE
+
+
+def test_with_links_none_folder_links_that_lead_outside_are_not_followed(tmp_path):
+    root, _ = linked_tree(tmp_path)
+    skipped: dict[str, str] = {}
+    got = [e.path for e in scan_folder(root, links="none", on_skipped_link=skipped.__setitem__)]
+    assert got == [str(root / "a.jpg"), str(root / "sub" / "b.jpg")]
+    assert skipped[str(root / "ext1")] == LINK_OUTSIDE
 
 
 def test_a_link_to_the_excluded_data_dir_is_not_followed(tmp_path):

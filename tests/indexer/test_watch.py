@@ -165,6 +165,15 @@ def test_symlinked_folders_are_indexed_at_start_and_when_linked(mode, settings, 
         wait_until(lambda: new_path in ids_by_path(library), "the files of a new folder link indexed")
         (folder / "later").unlink()
         wait_until(lambda: new_path not in ids_by_path(library), "the files of a removed folder link dropped")
+        # File links made while watching: one into the library is indexed, one out of it never.
+        private = tmp_path / "private"
+        private.mkdir()
+        shutil.copy(photo_files[4], private / "p.jpg")
+        os.symlink(private / "p.jpg", folder / "secret.jpg")
+        os.symlink(folder / photo_files[0].name, folder / "again.jpg")
+        wait_until(lambda: str(folder / "again.jpg") in ids_by_path(library), "a file link into the library indexed")
+        time.sleep(1.0)  # the two links settle together; give the outside one its chance too
+        assert str(folder / "secret.jpg") not in ids_by_path(library)
         if mode == "polling":  # polling also sees inside a linked folder (inotify does not)
             shutil.copy(photo_files[3], outside / photo_files[3].name)
             inside = str(folder / "ext" / photo_files[3].name)

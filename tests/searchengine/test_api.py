@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import shutil
 import threading
 import time
@@ -536,6 +538,37 @@ def test_api_key_protects_every_endpoint(indexed, model):
         assert c.get("/api/search?q=dog", headers={"X-API-Key": "s3cret"}).status_code == 200
         assert c.get("/api/search?q=dog", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert c.get("/api/search?q=dog&api_key=s3cret").status_code == 200  # for <img src>
+
+
+def test_the_servers_own_paths_are_shown_only_to_the_key_holder_or_this_machine(indexed, model):
+    settings, _ = indexed
+    data_dir = str(settings.data_dir)
+
+    def stats(c: TestClient, **headers) -> dict:
+        if not headers:
+            wait_ready(c)
+        return c.get("/api/stats", headers=headers).json()
+
+    # No key: a caller on another machine sees no data dir and only the model directory's name.
+    with make_client(settings, model) as c:
+        seen = stats(c)
+        assert seen["data_dir"] is None and seen["server_paths_hidden"] is True
+        assert seen["model"] == os.path.basename(settings.model.rstrip("/")) and "/" not in seen["model"]
+        assert data_dir not in json.dumps(seen)
+    # No key, a caller on this machine: everything.
+    app = create_app(settings, loader=lambda s: (model, Library.open(s)))
+    with TestClient(app, client=("127.0.0.1", 50000)) as c:
+        seen = stats(c)
+        assert seen["data_dir"] == data_dir and seen["model"] == settings.model and seen["server_paths_hidden"] is False
+    # A key: whoever gets past it holds it, from anywhere.
+    with make_client(settings, model, api_key=SecretStr("s3cret")) as c:
+        for _ in range(200):
+            if c.get("/healthz", headers={"X-API-Key": "s3cret"}).status_code == 200:
+                break
+            time.sleep(0.05)
+        assert c.get("/api/stats").status_code == 401
+        seen = stats(c, **{"X-API-Key": "s3cret"})
+        assert seen["data_dir"] == data_dir and seen["server_paths_hidden"] is False
 
 
 def test_cors_is_off_unless_configured(client, indexed, model):
