@@ -30,7 +30,7 @@ from benchmarks.common import median_ms  # noqa: E402
 
 
 def fill(store, n: int, rng: np.random.Generator, vocab: list[str]) -> float:
-    from searchengine.store import ImageMeta
+    from searchengine.imageio import ImageMeta
 
     weights = 1.0 / np.arange(1, len(vocab) + 1)
     weights /= weights.sum()

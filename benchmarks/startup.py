@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build_index(data_dir: Path, images: int) -> None:
     from searchengine.library import Library
     from searchengine.settings import Settings
-    from searchengine.store import ImageMeta, ModelInfo
+    from searchengine.imageio import ImageMeta
+    from searchengine.store import ModelInfo
 
     settings = Settings(data_dir=data_dir)
     library = Library.open(settings, create=True)

@@ -1,11 +1,15 @@
-"""The indexing pipeline: scan -> read + hash + decode + preprocess (threads) -> embed + caption (batches) -> write.
+"""The indexer: scan the folders, then drive the stages of `indexer.stages` locally.
 
-Reading, decoding and preprocessing run in a thread pool (PIL releases the GIL), a bounded
-window ahead of the model, so decoding overlaps model compute. Each image is decoded once:
-the retrieval model's pixels, the captioner's pixels and the thumbnail all come from that one
-decode. A caption that fails leaves the image indexed, with the reason recorded. Results are
-consumed in scan order. Each model batch is committed to the store in one transaction; see
-`searchengine.library` for the write order that makes a crash repairable.
+    scan -> read + hash (threads) -> known content? (one query per batch) -> decode +
+    preprocess + thumbnail (threads) -> embed -> caption (batches) -> Library.write_batch
+
+Reading and decoding run in thread pools (PIL and hashlib release the GIL), a bounded window
+ahead of the model, so they overlap model compute. Each image is decoded once: the retrieval
+model's pixels, the captioner's pixels and the thumbnail all come from that one decode; a
+file whose content is indexed already is linked without being decoded. A caption that fails
+leaves the image indexed, with the reason recorded. Results are consumed in scan order. Each
+model batch is committed through the Library in one transaction; see `searchengine.library`
+for the write order that makes a crash repairable.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from indexer.scan import BAD_NAME, LINK_DUPLICATE, LINK_LOOP, LINK_OUTSIDE, FileEntry, printable, scan_folder, storable
+from indexer.stages import CaptionStage, Decoded, DecodeStage, Embedded, EmbedStage, Failed, Known, Read, ReadStage
 from searchengine import links
-from searchengine.captions import Caption, Captioner
-from searchengine.imageio import Decoded, decode_image, read_file, sha256_of
-from searchengine.errors import BadImageError, ReadOnlyIndexError, SearchEngineError
-from searchengine.library import Library, model_info
+from searchengine.captions import Captioner
+from searchengine.errors import ReadOnlyIndexError, SearchEngineError
+from searchengine.imageio import read_file
+from searchengine.library import Library, NewImage, model_info
 from searchengine.models import RetrievalModel
 from searchengine.settings import Settings
 
@@ -69,24 +74,6 @@ class Summary:
         return sum(self.failed.values())
 
 
-@dataclass
-class _Ready:
-    entry: FileEntry
-    sha256: str
-    decoded: Decoded | None = None  # None: content already in the store (link, no decode)
-    pixels: object = None
-    thumbnail: bytes | None = None
-    caption_pixels: object = None
-    caption_error: str | None = None
-
-
-@dataclass
-class _Failed:
-    entry: FileEntry
-    reason: str
-    message: str
-
-
 def map_ahead(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:
     """`fn` over `items` in a thread pool, at most `window` ahead of the consumer, in order."""
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
@@ -119,7 +106,6 @@ class Indexer:
         self.library = library
         self.settings = settings
         self.scanner = scanner
-        self.reader = reader
         self.on_skip = on_skip or (lambda path, message: None)
         self.on_caption_error = on_caption_error or (lambda path, message: None)
         self.progress = progress or (lambda n: None)
@@ -129,7 +115,13 @@ class Indexer:
             raise ReadOnlyIndexError(f"the index in {settings.data_dir} was opened read-only; indexing writes to it")
         self.library.bind(model_info(model))
         self.batch_size = settings.batch_size or (64 if model.device.startswith("cuda") else 8)
-        self.write_features = settings.writes_feature_cache(model.device)
+        self.read_stage = ReadStage(reader)
+        self.decode_stage = DecodeStage(
+            model.preprocessor, settings.max_image_pixels, library.thumbnails.size, library.thumbnails.quality,
+            captioner.preprocessor if captioner is not None else None,
+        )
+        self.embed_stage = EmbedStage(model, keep_vit=settings.writes_feature_cache(model.device) and library.features is not None)
+        self.caption_stage = CaptionStage(captioner) if captioner is not None else None
 
     # -- the run --------------------------------------------------------------------------
 
@@ -227,117 +219,91 @@ class Indexer:
 
     def _process(self, todo: list[FileEntry], summary: Summary) -> list[tuple[str, str]]:
         """Embed, link or record every file; return (path, sha256) of the files linked to
-        content already indexed (a move's arrival is among them)."""
+        content already indexed (a move's arrival is among them).
+
+        The local runner of the stages in `indexer.stages`: reads and decodes run in threads,
+        a bounded window ahead of the model; whether content is indexed already is asked once
+        per batch of reads, so a known file is never decoded; each model batch is embedded,
+        captioned and committed through the Library in one transaction.
+        """
         linked: list[tuple[str, str]] = []
-        batch: list[_Ready] = []
-        links: list[_Ready] = []
-        failures: list[_Failed] = []
+        batch: list[Decoded] = []
+        known: list[Known] = []
+        failures: list[Failed] = []
         # Content embedded in this run, committed or still in `batch`: a copy of it that the
         # decode threads read before that commit is linked, not embedded a second time.
         embedded: set[str] = set()
 
         def flush() -> None:
-            self._write(batch, links, failures, summary)
-            linked.extend((r.entry.path, r.sha256) for r in links)
-            self.progress(len(batch) + len(links) + len(failures))
-            batch.clear(), links.clear(), failures.clear()
+            self._write(batch, known, failures, summary)
+            linked.extend((k.entry.path, k.sha256) for k in known)
+            self.progress(len(batch) + len(known) + len(failures))
+            batch.clear(), known.clear(), failures.clear()
 
-        for result in self._load_all(todo):
-            if isinstance(result, _Failed):
+        workers, window = self.settings.decode_workers, 2 * self.batch_size + self.settings.decode_workers
+        reads = map_ahead(self.read_stage, todo, workers, window)
+        decoded = map_ahead(self.decode_stage, self._known_content(reads), workers, window)
+        for result in decoded:
+            if isinstance(result, Failed):
                 failures.append(result)
                 summary.failed[result.reason] += 1
                 summary.failures.append((result.entry.path, result.reason, result.message))
                 summary.note("skipped", f"{result.entry.path}: {result.message}")
                 self.on_skip(result.entry.path, result.message)
-            elif result.decoded is None or result.sha256 in embedded:
-                links.append(result)
+            elif isinstance(result, Known) or result.sha256 in embedded:
+                known.append(result if isinstance(result, Known) else Known(result.entry, result.sha256))
             else:
                 batch.append(result)
                 embedded.add(result.sha256)
-            if len(batch) >= self.batch_size or len(links) + len(failures) >= 256:
+            if len(batch) >= self.batch_size or len(known) + len(failures) >= 256:
                 flush()
         flush()
         return linked
 
-    def _load_all(self, todo: list[FileEntry]) -> Iterator[_Ready | _Failed]:
-        return map_ahead(self._load, todo, self.settings.decode_workers, 2 * self.batch_size + self.settings.decode_workers)
+    def _known_content(self, reads: Iterable[Read | Failed]) -> Iterator[Read | Known | Failed]:
+        """Reads whose content the library has already become Known (not decoded): one
+        question to the library per batch of reads."""
+        chunk: list[Read | Failed] = []
 
-    def _load(self, entry: FileEntry) -> _Ready | _Failed:
-        try:
-            data = self.reader(entry.path)
-            sha = sha256_of(data) if data else ""
-            if sha and self.library.store.image_id_for_hash(sha) is not None:
-                return _Ready(entry, sha)
-            decoded = decode_image(data, max_pixels=self.settings.max_image_pixels, sha256=sha or None)
-            pixels = self.model.preprocess([decoded.image])[0]
-            # Decoded once, used thrice; the thumbnail shows transparency, the models do not.
-            thumbnail = self.library.thumbnails.make(decoded.display)
-            ready = _Ready(entry, sha, decoded, pixels, thumbnail)
-            if self.captioner is not None:
-                try:
-                    ready.caption_pixels = self.captioner.preprocess([decoded.image])[0]
-                except Exception as e:  # noqa: BLE001 - the image is still embedded
-                    ready.caption_error = f"{type(e).__name__}: {e}"
-            decoded.image = decoded.rgba = None  # keep the pixels and the thumbnail; free the full-size image
-            return ready
-        except BadImageError as e:
-            return _Failed(entry, e.reason, str(e))
-        except MemoryError:
-            return _Failed(entry, "too_large", "not enough memory to decode this image")
-        except Exception as e:  # a decoder bug on one file must not stop the run
-            log.exception("unexpected error reading %s", entry.path)
-            return _Failed(entry, "decode_error", f"{type(e).__name__}: {e}")
+        def settle() -> Iterator[Read | Known | Failed]:
+            have = self.library.indexed_hashes(r.sha256 for r in chunk if isinstance(r, Read) and r.sha256)
+            for r in chunk:
+                yield Known(r.entry, r.sha256) if isinstance(r, Read) and r.sha256 in have else r
+            chunk.clear()
 
-    def _write(self, batch: list[_Ready], links: list[_Ready], failures: list[_Failed], summary: Summary) -> None:
-        import torch
+        for read in reads:
+            chunk.append(read)
+            if len(chunk) >= self.batch_size:
+                yield from settle()
+        yield from settle()
 
-        if not (batch or links or failures):
+    def _write(self, batch: list[Decoded], known: list[Known], failures: list[Failed], summary: Summary) -> None:
+        if not (batch or known or failures):
             return
-        itc = vit = None
-        if batch:
-            emb = self.model.embed_pixels(torch.stack([r.pixels for r in batch]))
-            itc, vit = emb.itc, emb.vit
-            if self.captioner is not None:
-                self._caption(batch, summary)
-        store = self.library.store
-        new_ids, orphans = store.write_batch(
-            new_images=[
-                (r.sha256, r.decoded.meta, itc[i], [(r.entry.path, r.entry.size, r.entry.mtime_ns)])
-                for i, r in enumerate(batch)
+        embedded = self.embed_stage(batch)
+        if embedded and self.caption_stage is not None:
+            embedded = self.caption_stage(embedded)
+            for e in embedded:
+                self._count_caption(e, summary)
+        self.library.write_batch(
+            new=[
+                NewImage(e.item.sha256, e.meta, e.itc, e.vit, e.item.thumbnail, (e.entry.path, e.entry.size, e.entry.mtime_ns))
+                for e in embedded
             ],
-            links=[(r.entry.path, r.entry.size, r.entry.mtime_ns, r.sha256) for r in links],
+            links=[(k.entry.path, k.entry.size, k.entry.mtime_ns, k.sha256) for k in known],
             failures=[(f.entry.path, f.entry.size, f.entry.mtime_ns, f.reason, f.message) for f in failures],
         )
-        if batch:
-            if self.write_features and self.library.features is not None:
-                vit_np = vit.float().cpu().numpy()
-                for i, image_id in enumerate(new_ids):
-                    self.library.features.put(image_id, vit_np[i])
-            for r, image_id in zip(batch, new_ids):
-                self.library.thumbnails.put_bytes(image_id, r.thumbnail)
-            self.library.add_vectors(new_ids, itc)
-        self.library.forget_images(orphans)
         summary.indexed += len(batch)
-        summary.linked += len(links)
-        for r in batch:
-            summary.note("indexed", r.entry.path)
-        for r in links:
-            summary.note("linked", r.entry.path)
+        summary.linked += len(known)
+        for d in batch:
+            summary.note("indexed", d.entry.path)
+        for k in known:
+            summary.note("linked", k.entry.path)
 
-    def _caption(self, batch: list[_Ready], summary: Summary) -> None:
-        """Caption the batch into each image's metadata; failures keep the image, with a reason."""
-        import torch
-
-        ready = [r.caption_pixels for r in batch if r.caption_pixels is not None]
-        captions = iter(self.captioner.caption_pixels(torch.stack(ready)) if ready else [])
-        for r in batch:
-            c = next(captions) if r.caption_pixels is not None else Caption(None, r.caption_error)
-            r.decoded.meta.caption, r.decoded.meta.caption_error = c.text, c.error
-            r.decoded.meta.caption_model = self.captioner.name if c.text is not None else None
-            if c.text is not None:
-                summary.captioned += 1
-            else:
-                summary.caption_failed += 1
-                summary.note("no caption", f"{r.entry.path}: {c.error}")
-                self.on_caption_error(r.entry.path, c.error)
-
+    def _count_caption(self, e: Embedded, summary: Summary) -> None:
+        if e.meta.caption is not None:
+            summary.captioned += 1
+        else:
+            summary.caption_failed += 1
+            summary.note("no caption", f"{e.entry.path}: {e.meta.caption_error}")
+            self.on_caption_error(e.entry.path, e.meta.caption_error)

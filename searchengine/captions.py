@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from searchengine.errors import ModelLoadError
-from searchengine.models import _first_line, load_config, resolve_device, resolve_dtype
+from searchengine.models import Preprocessor, _first_line, load_config, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -93,7 +93,11 @@ class Captioner:
 
     def preprocess(self, images: Sequence["Image.Image"]) -> "torch.Tensor":
         """RGB PIL images -> pixel values, by the checkpoint's own image processor."""
-        return self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return self.preprocessor(images)
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        return Preprocessor(self.processor.image_processor)
 
     def generate(self, pixel_values: "torch.Tensor") -> list[str]:
         """Captions for a batch of pixel values; raises if the batch fails."""

@@ -24,7 +24,6 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from searchengine.errors import BadImageError
-from searchengine.store import ImageMeta
 
 _BASE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"}
 _HEIF_EXTENSIONS = {".heic", ".heif", ".hif"}
@@ -80,6 +79,21 @@ def read_file(path: str) -> bytes:
         raise BadImageError("unreadable", "permission denied") from None
     except OSError as e:
         raise BadImageError("unreadable", f"cannot read file: {e.strerror or e}") from None
+
+
+@dataclass
+class ImageMeta:
+    """What an image's file says about it (size, EXIF), and its caption once made."""
+
+    width: int
+    height: int
+    taken_at: str | None = None
+    camera: str | None = None
+    gps_lat: float | None = None
+    gps_lon: float | None = None
+    caption: str | None = None
+    caption_model: str | None = None
+    caption_error: str | None = None
 
 
 @dataclass

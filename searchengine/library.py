@@ -32,7 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from searchengine import backup, links
 from searchengine.errors import IndexBusyError, IndexNotFoundError, ReadOnlyIndexError, StoreDamagedError, StoreMissingError
 from searchengine.features import FeatureCache
 from searchengine.filecache import sweep_temporary
+from searchengine.imageio import ImageMeta
 from searchengine.links import LinkPolicy
 from searchengine.settings import Settings
 from searchengine.store import FolderCount, ModelInfo, Store, sqlite_readonly_url, sqlite_url
@@ -58,6 +59,19 @@ class ReconcileReport:
     @property
     def changed(self) -> bool:
         return bool(self.added or self.removed)
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """An embedded image for `Library.write_batch`: its content hash, metadata (caption
+    included), ITC vectors [Q, D], ViT output (None: not cached), thumbnail JPEG, and file."""
+
+    sha256: str
+    meta: ImageMeta
+    itc: np.ndarray
+    vit: np.ndarray | None
+    thumbnail: bytes
+    file: tuple[str, int, int]  # path, size, mtime_ns
 
 
 @dataclass(frozen=True)
@@ -363,6 +377,39 @@ class Library:
     def _require_writable(self) -> None:
         if not self.writable:
             raise ReadOnlyIndexError(f"the index in {self.settings.data_dir} was opened read-only; it cannot be changed")
+
+    def indexed_hashes(self, hashes: Iterable[str]) -> set[str]:
+        """Which of these contents (sha256) the library has already: linked, never re-embedded."""
+        return self.store.indexed_hashes(hashes)
+
+    def write_batch(
+        self,
+        new: Sequence[NewImage] = (),
+        links: Sequence[tuple[str, int, int, str]] = (),
+        failures: Sequence[tuple[str, int, int, str, str]] = (),
+    ) -> list[int]:
+        """Commit one batch in the write order above; return the new images' ids.
+
+        new: embedded images; links: (path, size, mtime_ns, sha256) of files whose content is
+        indexed already; failures: (path, size, mtime_ns, reason, message). Images left with
+        no file (a path that now holds other content, or failed) are forgotten.
+        """
+        self._require_writable()
+        if not (new or links or failures):
+            return []
+        new_ids, orphans = self.store.write_batch(
+            new_images=[(n.sha256, n.meta, n.itc, [n.file]) for n in new], links=links, failures=failures
+        )
+        if new:
+            if self.features is not None:  # the ViT output of those the indexer keeps it for
+                for image_id, n in zip(new_ids, new):
+                    if n.vit is not None:
+                        self.features.put(image_id, n.vit)
+            for image_id, n in zip(new_ids, new):
+                self.thumbnails.put_bytes(image_id, n.thumbnail)
+            self.add_vectors(new_ids, np.stack([n.itc for n in new]))
+        self.forget_images(orphans)
+        return new_ids
 
     def add_vectors(self, ids: list[int], vecs: np.ndarray) -> None:
         self._require_writable()

@@ -146,6 +146,22 @@ def peek_fingerprint(name: str) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class Preprocessor:
+    """RGB PIL images -> pixel values [N, 3, S, S], as a checkpoint's image processor makes them.
+
+    Plain data (the processor's settings, no model), so a decode worker in another thread,
+    process or machine can hold one: the indexer's decode stage runs it.
+    """
+
+    image_processor: object
+    size: int | None = None  # a square size to force, else the processor's own
+
+    def __call__(self, images: Sequence["Image.Image"]) -> "torch.Tensor":
+        extra = {"size": {"height": self.size, "width": self.size}} if self.size else {}
+        return self.image_processor(images=list(images), return_tensors="pt", **extra)["pixel_values"]
+
+
 class RetrievalModel:
     """A loaded `Blip2ForImageTextRetrieval` with its image processor and tokenizer."""
 
@@ -211,8 +227,11 @@ class RetrievalModel:
         The size is the ViT's own input size (its position embeddings fix it); the saved
         processor config of some checkpoints names another.
         """
-        size = {"height": self.image_size, "width": self.image_size}
-        return self.image_processor(images=list(images), size=size, return_tensors="pt")["pixel_values"]
+        return self.preprocessor(images)
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        return Preprocessor(self.image_processor, self.image_size)
 
     def embed_pixels(self, pixel_values: "torch.Tensor") -> ImageEmbeddings:
         """Pixel values -> ITC vectors [N, Q, D] and the ViT output, in one pass."""

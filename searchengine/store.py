@@ -53,6 +53,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DatabaseError
 
 from searchengine.errors import ModelMismatchError, QueryError, ReadOnlyIndexError, SchemaError, StoreDamagedError
+from searchengine.imageio import ImageMeta
 from searchengine.keywords import Clause, KeywordQuery, path_words
 from searchengine.textindex import KeywordHit, TextIndex, text_index_for
 
@@ -129,19 +130,6 @@ class ModelInfo:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vit_shape", tuple(self.vit_shape))
-
-
-@dataclass
-class ImageMeta:
-    width: int
-    height: int
-    taken_at: str | None = None
-    camera: str | None = None
-    gps_lat: float | None = None
-    gps_lon: float | None = None
-    caption: str | None = None
-    caption_model: str | None = None
-    caption_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -472,6 +460,16 @@ class Store:
                 q = select(files.c.path, images.c.sha256).join(images, files.c.image_id == images.c.id).where(files.c.path.in_(chunk))
                 out.update(conn.execute(q).tuples().all())
         return out
+
+    def indexed_hashes(self, hashes: Iterable[str]) -> set[str]:
+        """Which of these contents the store has an image for: one query per call."""
+        wanted = sorted(set(hashes))
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for i in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
+                chunk = wanted[i : i + 500]
+                found.update(conn.execute(select(images.c.sha256).where(images.c.sha256.in_(chunk))).scalars())
+        return found
 
     def image_id_for_hash(self, sha256: str) -> int | None:
         with self.engine.connect() as conn:

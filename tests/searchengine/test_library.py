@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from searchengine.library import Library
-from searchengine.store import ImageMeta, ModelInfo
+from searchengine.imageio import ImageMeta
+from searchengine.store import ModelInfo
 
 INFO = ModelInfo("m", "fp", 2, 4, (3, 2))
 

@@ -12,7 +12,8 @@ from sqlalchemy import update
 
 from searchengine.errors import ReadOnlyIndexError
 from searchengine.library import Library
-from searchengine.store import ImageMeta, ModelInfo, meta
+from searchengine.imageio import ImageMeta
+from searchengine.store import ModelInfo, meta
 from tests.readonly import read_only_view
 
 INFO = ModelInfo("m", "fp", 2, 4, (3, 2))

@@ -6,7 +6,8 @@ from sqlalchemy import update
 
 from searchengine.errors import ModelMismatchError, SchemaError
 from searchengine.keywords import parse_query
-from searchengine.store import SCHEMA_VERSION, ImageMeta, ModelInfo, Store, meta, sqlite_url
+from searchengine.imageio import ImageMeta
+from searchengine.store import SCHEMA_VERSION, ModelInfo, Store, meta, sqlite_url
 
 INFO = ModelInfo("m", "abc", 2, 3, (5, 4))
 

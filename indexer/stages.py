@@ -1,0 +1,194 @@
+"""The indexer's stages: plain callables on plain data, in the shape reader -> mapper -> writer.
+
+    scan (FileEntry) -> Read (bytes, sha256) -> [runner: content already indexed?] -> Decode
+    (pixels for the retrieval model and the captioner, thumbnail, metadata) -> Embed (a batch:
+    ITC vectors + ViT output) -> Caption (a batch) -> the Library writes the batch
+
+Each stage holds only what it needs to do its job (a reader function, a preprocessor, the
+thumbnail size, a model) and maps immutable values to new immutable values: nothing here
+opens the store or the vector index, so the read and decode stages can run in threads
+(`indexer.pipeline`), in processes or on a cluster's workers, and any runner that keeps the
+order "embed, caption, write" can drive them. The one database question, "is this content
+indexed already?", is the runner's, asked once per batch of reads (`Library.indexed_hashes`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from indexer.scan import FileEntry
+from searchengine.captions import Caption
+from searchengine.errors import BadImageError
+from searchengine.imageio import ImageMeta, decode_image, read_file, sha256_of
+from searchengine.models import Preprocessor
+from searchengine.thumbnails import make_thumbnail
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from searchengine.captions import Captioner
+    from searchengine.models import RetrievalModel
+
+log = logging.getLogger(__name__)
+
+
+# -- values passed between stages ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A file that could not be read or decoded, and why (`reason` is a short code)."""
+
+    entry: FileEntry
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Read:
+    """A file's bytes and their hash. `data` is empty for an empty file (then no hash)."""
+
+    entry: FileEntry
+    sha256: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Known:
+    """A file whose content the index already has: linked to it, never decoded."""
+
+    entry: FileEntry
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A file ready for the models: pixels for each, its thumbnail and metadata."""
+
+    entry: FileEntry
+    sha256: str
+    meta: ImageMeta
+    pixels: "torch.Tensor"  # the retrieval model's input [3, S, S]
+    thumbnail: bytes  # JPEG
+    caption_pixels: "torch.Tensor | None" = None  # the captioner's input, when captioning
+    caption_error: str | None = None  # why the captioner's input could not be made
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A decoded image with its ITC vectors [Q, D] and ViT output (for the feature cache)."""
+
+    item: Decoded
+    itc: "np.ndarray"
+    vit: "np.ndarray | None"
+
+    @property
+    def entry(self) -> FileEntry:
+        return self.item.entry
+
+    @property
+    def meta(self) -> ImageMeta:
+        return self.item.meta
+
+
+# -- stages --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadStage:
+    """FileEntry -> Read | Failed."""
+
+    reader: Callable[[str], bytes] = read_file
+
+    def __call__(self, entry: FileEntry) -> Read | Failed:
+        try:
+            data = self.reader(entry.path)
+        except BadImageError as e:
+            return Failed(entry, e.reason, str(e))
+        except MemoryError:
+            return Failed(entry, "too_large", "not enough memory to read this file")
+        except Exception as e:  # noqa: BLE001 - one file must not stop the run
+            log.exception("unexpected error reading %s", entry.path)
+            return Failed(entry, "read_error", f"{type(e).__name__}: {e}")
+        return Read(entry, sha256_of(data) if data else "", data)
+
+
+@dataclass(frozen=True)
+class DecodeStage:
+    """Read -> Decoded | Failed; anything else (Known, Failed) passes through unchanged.
+
+    Each image is decoded once: the retrieval pixels, the caption pixels and the thumbnail all
+    come from that one decode (the thumbnail shows transparency, the models do not).
+    """
+
+    preprocess: Preprocessor
+    max_pixels: int
+    thumbnail_size: int
+    thumbnail_quality: int = 82
+    caption_preprocess: Preprocessor | None = None
+
+    def __call__(self, item: Read | Known | Failed) -> Decoded | Known | Failed:
+        if not isinstance(item, Read):
+            return item
+        try:
+            decoded = decode_image(item.data, max_pixels=self.max_pixels, sha256=item.sha256 or None)
+            pixels = self.preprocess([decoded.image])[0]
+            thumbnail = make_thumbnail(decoded.display, self.thumbnail_size, self.thumbnail_quality)
+            caption_pixels = caption_error = None
+            if self.caption_preprocess is not None:
+                try:
+                    caption_pixels = self.caption_preprocess([decoded.image])[0]
+                except Exception as e:  # noqa: BLE001 - the image is still embedded
+                    caption_error = f"{type(e).__name__}: {e}"
+            return Decoded(item.entry, item.sha256, decoded.meta, pixels, thumbnail, caption_pixels, caption_error)
+        except BadImageError as e:
+            return Failed(item.entry, e.reason, str(e))
+        except MemoryError:
+            return Failed(item.entry, "too_large", "not enough memory to decode this image")
+        except Exception as e:  # a decoder bug on one file must not stop the run
+            log.exception("unexpected error decoding %s", item.entry.path)
+            return Failed(item.entry, "decode_error", f"{type(e).__name__}: {e}")
+
+
+@dataclass(frozen=True)
+class EmbedStage:
+    """A batch of Decoded -> Embedded, in one model pass. `keep_vit`: return the ViT output
+    too (for the feature cache that ITM re-ranking reads on CPUs)."""
+
+    model: "RetrievalModel"
+    keep_vit: bool = False
+
+    def __call__(self, batch: Sequence[Decoded]) -> list[Embedded]:
+        import torch
+
+        if not batch:
+            return []
+        emb = self.model.embed_pixels(torch.stack([d.pixels for d in batch]))
+        vit = emb.vit.float().cpu().numpy() if self.keep_vit else None
+        return [Embedded(d, emb.itc[i], vit[i] if vit is not None else None) for i, d in enumerate(batch)]
+
+
+@dataclass(frozen=True)
+class CaptionStage:
+    """A batch of Embedded -> the same with each image's caption (or why it has none) in its
+    metadata. A batch that fails leaves its images without captions, with the reason."""
+
+    captioner: "Captioner"
+
+    def __call__(self, batch: Sequence[Embedded]) -> list[Embedded]:
+        import torch
+
+        ready = [e.item.caption_pixels for e in batch if e.item.caption_pixels is not None]
+        captions = iter(self.captioner.caption_pixels(torch.stack(ready)) if ready else [])
+        out = []
+        for e in batch:
+            c = next(captions) if e.item.caption_pixels is not None else Caption(None, e.item.caption_error)
+            meta = replace(
+                e.item.meta, caption=c.text, caption_error=c.error,
+                caption_model=self.captioner.name if c.text is not None else None,
+            )
+            out.append(replace(e, item=replace(e.item, meta=meta)))
+        return out
