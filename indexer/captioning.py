@@ -60,7 +60,7 @@ class Recaptioner:
 
         start = time.perf_counter()
         summary = CaptionSummary()
-        todo = self.library.store.images_to_caption(self.captioner.name, redo=redo)
+        todo = self.library.images_to_caption(self.captioner.name, redo=redo)
         self.on_total(len(todo))
         batch: list[tuple[int, str, object]] = []
         rows: list[tuple[int, str | None, str, str | None]] = []
@@ -70,7 +70,7 @@ class Recaptioner:
                 captions = self.captioner.caption_pixels(torch.stack([px for _, _, px in batch]))
                 for (image_id, path, _), c in zip(batch, captions):
                     self._record(rows, summary, image_id, path, c)
-            self.library.store.set_captions(rows)
+            self.library.set_captions(rows)
             self.progress(len(rows))
             batch.clear(), rows.clear()
 

@@ -117,10 +117,10 @@ class Indexer:
         self.batch_size = settings.batch_size or (64 if model.device.startswith("cuda") else 8)
         self.read_stage = ReadStage(reader)
         self.decode_stage = DecodeStage(
-            model.preprocessor, settings.max_image_pixels, library.thumbnails.size, library.thumbnails.quality,
+            model.preprocessor, settings.max_image_pixels, *library.thumbnail_format,
             captioner.preprocessor if captioner is not None else None,
         )
-        self.embed_stage = EmbedStage(model, keep_vit=settings.writes_feature_cache(model.device) and library.features is not None)
+        self.embed_stage = EmbedStage(model, keep_vit=settings.writes_feature_cache(model.device) and library.keeps_features)
         self.caption_stage = CaptionStage(captioner) if captioner is not None else None
 
     # -- the run --------------------------------------------------------------------------
@@ -128,7 +128,7 @@ class Indexer:
     def run(self, roots: Sequence[str | os.PathLike]) -> Summary:
         start = time.perf_counter()
         summary = Summary()
-        store = self.library.store
+        library = self.library
         folders = [self._check_root(r) for r in roots]
         todo: list[FileEntry] = []
         gone: list[str] = []
@@ -145,10 +145,10 @@ class Indexer:
         self.library.record_link_policy()
         policy = self.library.link_policy
         for folder in folders:
-            store.add_root(str(folder))
-        library_roots = tuple(Path(r) for r in store.roots())
+            library.add_root(str(folder))
+        library_roots = tuple(Path(r) for r in library.roots())
         for folder in folders:
-            known = store.files_under(str(folder))
+            known = library.files_under(str(folder))
             seen: set[str] = set()
             exclude = (Path(self.settings.data_dir).resolve(),)
             for entry in self.scanner(folder, exclude=exclude, on_skipped_link=skipped_link, links=policy, roots=library_roots):
@@ -182,9 +182,8 @@ class Indexer:
         try:
             linked = self._process(list(changed), summary)
             if removed:
-                store = self.library.store
-                before = store.hashes_of(removed)
-                self.library.forget_images(store.remove_files(removed))
+                before = self.library.hashes_of(removed)
+                self.library.remove_files(removed)
                 self._count_moves(removed, before, linked, summary)
         finally:
             self.library.save()

@@ -94,7 +94,7 @@ class Watcher:
         on_update: Callable[[Summary], None] | None = None,
     ) -> None:
         self.indexer = indexer
-        self.store = indexer.library.store
+        self.library = indexer.library
         self.roots = [Path(r).expanduser().resolve() for r in roots]
         self.poll = poll
         self.debounce_s = debounce_s
@@ -207,7 +207,7 @@ class Watcher:
             # folder, so the snapshot does not walk it: a loop would make it walk without end,
             # and the scan lists a folder inside the root under its real path only.
             st = os.lstat(path)
-            if S_ISLNK(st.st_mode) and not self._followed(path, root, self.indexer.library.link_policy):
+            if S_ISLNK(st.st_mode) and not self._followed(path, root, self.library.link_policy):
                 return st
             return os.stat(path) if S_ISLNK(st.st_mode) else st
 
@@ -232,12 +232,10 @@ class Watcher:
 
     def mark_folder(self, folder: str) -> None:
         """A folder came, went or moved: every file the store or the disk has below it."""
-        paths = set(self.store.files_under(folder))
+        paths = set(self.library.files_under(folder))
         if os.path.isdir(folder):
-            library = self.indexer.library
-            found = scan_folder(
-                Path(folder), exclude=(Path(self.data_dir),), links=library.link_policy, roots=tuple(map(Path, self.store.roots()))
-            )
+            roots = tuple(map(Path, self.library.roots()))
+            found = scan_folder(Path(folder), exclude=(Path(self.data_dir),), links=self.library.link_policy, roots=roots)
             paths |= {e.path for e in found}
         for path in paths:
             self.mark(path)
@@ -247,9 +245,9 @@ class Watcher:
         marked as the scan would list them (none for a link the scan does not follow)."""
         if os.path.isdir(path):
             root = next((r for r in self.roots if path.startswith(str(r) + os.sep)), None)
-            if root is not None and os.path.islink(path) and self._followed(path, root, self.indexer.library.link_policy):
+            if root is not None and os.path.islink(path) and self._followed(path, root, self.library.link_policy):
                 self.mark_folder(path)
-        elif self.store.files_under(path):
+        elif self.library.files_under(path):
             self.mark_folder(path)
 
     def _wanted(self, path: str) -> bool:
@@ -306,7 +304,7 @@ class Watcher:
                 look: tuple[int, int] | None = (st.st_size, st.st_mtime_ns) if os.path.isfile(path) else None
             except OSError:
                 look = None
-            if look is not None and os.path.islink(path) and not self.indexer.library.inside(path):
+            if look is not None and os.path.islink(path) and not self.library.inside(path):
                 # A file link that leads outside the library reads as no file: not indexed,
                 # and dropped if it was (re-pointed after indexing).
                 log.info("not following %s: %s", path, OUTSIDE_MESSAGE)
@@ -322,7 +320,7 @@ class Watcher:
                 gone.append(path)
                 continue
             self._done(path)
-            known = self.store.file_state(path)
+            known = self.library.file_state(path)
             if known is None or (known.size, known.mtime_ns) != look:
                 changed.append(FileEntry(path, *look))
         # A move is a removal and an addition. The addition must go first (it links to the
@@ -340,7 +338,7 @@ class Watcher:
                 continue
             if not adding or now - self._missing_since.get(path, now) >= 10 * self.debounce_s:
                 self._done(path)
-                if self.store.file_state(path) is not None:
+                if self.library.file_state(path) is not None:
                     removed.append(path)
         if not changed and not removed:
             return None
@@ -369,7 +367,7 @@ class Watcher:
             "%d indexed, %d linked, %d moved, %d removed, %d skipped",
             summary.indexed, summary.linked, summary.moved, summary.removed, summary.skipped,
         )
-        self.indexer.library.maybe_backup()  # at most once per backup_interval_s
+        self.library.maybe_backup()  # at most once per backup_interval_s
         self.on_update(summary)
         return summary
 

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from searchengine import __version__, wiring
 from searchengine.captions import CPU_DEFAULT, GPU_DEFAULT
-from searchengine.errors import IndexNotFoundError, SearchEngineError, StoreDamagedError, StoreMissingError
+from searchengine.errors import IndexNotFoundError, ReadOnlyIndexError, SearchEngineError, StoreDamagedError, StoreMissingError
 from searchengine.settings import DEFAULT_MODEL, Settings
 
 EXIT_ERROR = 1
@@ -633,19 +633,20 @@ def _watch_in_server(settings: Settings, args: argparse.Namespace, captioner):
         from indexer.watch import Watcher
         from searchengine.library import Library
 
-        library = Library.open(settings, create=True, writable=True)
+        # The server's own Library: one vector index in memory, which the watcher's writes
+        # update in place for the queries (no second copy, no re-reading from the store).
+        library = service.library
+        if not library.writable:
+            Library.check_writable(settings)  # names the path that cannot be written
+            raise ReadOnlyIndexError(f"the index in {settings.data_dir} was opened read-only; --watch writes to it")
         _lock_new_index(args)
         library.record_captioner(captioner is not None, captioner.name if captioner else None)
         # service.model is the locked model: indexing and queries take turns on it.
         indexer = Indexer(service.model, library, settings, captioner=captioner)
         watcher = Watcher(indexer, args.watch, poll=args.poll, debounce_s=args.debounce)
-        try:
-            watcher.start()
-        except BaseException:
-            library.close()
-            raise
+        watcher.start()
         logging.getLogger("indexer.watch").info("watching %s", watcher.modes)
-        return _ServerWatch(watcher, library)
+        return _ServerWatch(watcher)
 
     return on_ready
 
@@ -654,13 +655,11 @@ class _ServerWatch:
     """The watcher of `serve --watch`, as the API's companion: stopped with it, and asked by
     /healthz whether it still works."""
 
-    def __init__(self, watcher, library) -> None:
+    def __init__(self, watcher) -> None:
         self.watcher = watcher
-        self.library = library
 
     def stop(self) -> None:
-        self.watcher.stop()
-        self.library.close()
+        self.watcher.stop()  # the library is the server's, closed by it
 
     def health(self) -> str | None:
         return self.watcher.health()

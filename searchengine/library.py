@@ -43,7 +43,7 @@ from searchengine.filecache import sweep_temporary
 from searchengine.imageio import ImageMeta
 from searchengine.links import LinkPolicy
 from searchengine.settings import Settings
-from searchengine.store import FolderCount, ModelInfo, Store, sqlite_readonly_url, sqlite_url
+from searchengine.store import FileState, FolderCount, ModelInfo, Store, sqlite_readonly_url, sqlite_url
 from searchengine.thumbnails import PreviewCache, ThumbnailCache
 from searchengine.vector_index import VectorIndex
 
@@ -198,6 +198,11 @@ class Library:
         self._dirty = False
         # Guards the in-memory FAISS index: searches from server threads against reconcile.
         self.lock = threading.RLock()
+        # The single writer lane: in-process writers (the indexer, the watcher of `serve
+        # --watch`, captioning) take turns here rather than in SQLite's busy timeout. A batch
+        # holds `lock` from its store commit to its vectors' arrival in FAISS, so a reconcile
+        # in between cannot add the same ids a second time.
+        self._write_lane = threading.Lock()
         self.revision = store.revision()
         info = store.model_info()
         # vectors=False: a reader that needs no vector index (stats, keyword search) skips
@@ -297,7 +302,7 @@ class Library:
 
     def inside(self, path: str) -> bool:
         """Whether an indexed file's path resolves inside the library under its link policy."""
-        return links.inside_library(path, self.store.roots(), self.link_policy)
+        return links.inside_library(path, self.roots(), self.link_policy)
 
     def close(self) -> None:
         self.store.close()
@@ -397,19 +402,35 @@ class Library:
         self._require_writable()
         if not (new or links or failures):
             return []
-        new_ids, orphans = self.store.write_batch(
-            new_images=[(n.sha256, n.meta, n.itc, [n.file]) for n in new], links=links, failures=failures
-        )
-        if new:
-            if self.features is not None:  # the ViT output of those the indexer keeps it for
+        with self._write_lane, self.lock:
+            new_ids, orphans = self.store.write_batch(
+                new_images=[(n.sha256, n.meta, n.itc, [n.file]) for n in new], links=links, failures=failures
+            )
+            if new:
+                if self.features is not None:  # the ViT output of those the indexer keeps it for
+                    for image_id, n in zip(new_ids, new):
+                        if n.vit is not None:
+                            self.features.put(image_id, n.vit)
                 for image_id, n in zip(new_ids, new):
-                    if n.vit is not None:
-                        self.features.put(image_id, n.vit)
-            for image_id, n in zip(new_ids, new):
-                self.thumbnails.put_bytes(image_id, n.thumbnail)
-            self.add_vectors(new_ids, np.stack([n.itc for n in new]))
-        self.forget_images(orphans)
+                    self.thumbnails.put_bytes(image_id, n.thumbnail)
+                self.add_vectors(new_ids, np.stack([n.itc for n in new]))
+            self.forget_images(orphans)
         return new_ids
+
+    def remove_files(self, paths: Sequence[str]) -> list[int]:
+        """Forget these paths (gone from disk); images left with no file go too, from the store
+        first, then FAISS and the caches. Returns the ids of the images that went."""
+        self._require_writable()
+        with self._write_lane, self.lock:
+            orphans = self.store.remove_files(paths)
+            self.forget_images(orphans)
+        return orphans
+
+    def set_captions(self, rows: Sequence[tuple[int, str | None, str, str | None]]) -> None:
+        """Store captions: (image id, caption or None, caption model, error or None)."""
+        self._require_writable()
+        with self._write_lane:
+            self.store.set_captions(rows)
 
     def add_vectors(self, ids: list[int], vecs: np.ndarray) -> None:
         self._require_writable()
@@ -446,6 +467,40 @@ class Library:
         self._dirty = False
 
     # -- reads ----------------------------------------------------------------------------
+
+    @property
+    def thumbnail_format(self) -> tuple[int, int]:
+        """(longest side in px, JPEG quality) of the thumbnails `write_batch` takes."""
+        return self.thumbnails.size, self.thumbnails.quality
+
+    @property
+    def keeps_features(self) -> bool:
+        """Whether `write_batch` stores the ViT output it is given (the feature cache)."""
+        return self.features is not None
+
+    def roots(self) -> list[str]:
+        """The folders this library indexes."""
+        return self.store.roots()
+
+    def add_root(self, path: str) -> None:
+        self._require_writable()
+        with self._write_lane:
+            self.store.add_root(path)
+
+    def files_under(self, folder: str) -> dict[str, FileState]:
+        """Every file the library has below `folder`: path -> size, mtime, status, image id."""
+        return self.store.files_under(folder)
+
+    def file_state(self, path: str) -> FileState | None:
+        return self.store.file_state(path)
+
+    def hashes_of(self, paths: Sequence[str]) -> dict[str, str]:
+        """path -> sha256 of the content indexed under it (paths the library has)."""
+        return self.store.hashes_of(paths)
+
+    def images_to_caption(self, model: str, redo: bool = False) -> list[tuple[int, list[str]]]:
+        """(image id, its paths) of the images without a caption from `model` (all: `redo`)."""
+        return self.store.images_to_caption(model, redo=redo)
 
     def folders(self) -> list[FolderCount]:
         """Every folder with indexed images below it, subfolders included (see `Store.folders`)."""

@@ -34,3 +34,33 @@ def test_importing_the_packages_loads_no_model_and_no_torch():
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('torch','transformers')))"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def _reaches_into_the_library(path: Path) -> list[str]:
+    """`<something>library.store` (or .index, .features, .thumbnails, .previews) in a file."""
+    parts = ("store", "index", "features", "thumbnails", "previews")
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr in parts:
+            owner = node.value
+            name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+            if name == "library":
+                found.append(f"{path.name}:{node.lineno} .{node.attr}")
+    return found
+
+
+def test_the_indexer_goes_through_the_library_and_never_past_it():
+    # The Library owns the write order and the writer lane; the indexer, the watcher and
+    # captioning use its methods, never its store, vector index or caches directly.
+    for path in (ROOT / "indexer").glob("*.py"):
+        assert not _reaches_into_the_library(path), _reaches_into_the_library(path)
+
+
+def test_the_read_and_decode_stages_import_no_database_code():
+    code = (
+        "import sys, indexer.stages, indexer.scan;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'faiss')"
+        " or m in ('searchengine.store', 'searchengine.library', 'searchengine.vector_index'));"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -4,8 +4,6 @@ of the library (one known-content question per batch of reads)."""
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +14,6 @@ from indexer.scan import FileEntry
 from indexer.stages import CaptionStage, Decoded, DecodeStage, EmbedStage, Failed, Known, Read, ReadStage
 from searchengine.imageio import decode_image
 from searchengine.library import Library
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _entry(path: Path) -> FileEntry:
@@ -56,16 +52,6 @@ def test_the_stages_round_trip_through_pickle_and_compute_what_the_models_do(mod
     assert isinstance(gone, Failed) and gone.reason == "vanished"
     known = Known(entry, r.sha256)
     assert decode(known) is known and decode(gone) is gone
-
-
-def test_reading_and_decoding_touch_no_database_and_no_model_code():
-    code = (
-        "import sys, indexer.stages, indexer.scan;"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'faiss', 'torch', 'transformers')"
-        " or m in ('searchengine.store', 'searchengine.library', 'searchengine.vector_index'));"
-        "assert not bad, bad"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_the_runner_asks_the_library_about_known_content_once_per_batch(settings, model, photo_files, tmp_path):
