@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from searchengine.store import ImageRecord
+
 log = logging.getLogger(__name__)
 
 
@@ -108,6 +110,9 @@ class Ranking:
 
     query_vector: np.ndarray | None = None  # a text query's vector, kept for deeper rankings
     keyword: np.ndarray | None = None  # keyword score (share of words matched), NaN where none
+    # Records read while ranking (re-running the ViT needs the files' paths): a page of hits
+    # among them needs no second read.
+    records: dict[int, ImageRecord] = field(default_factory=dict)
 
     @property
     def reranked(self) -> int:
@@ -201,11 +206,11 @@ class Searcher:
         return allowed
 
     def _itc_exact(self, text_vec: np.ndarray, ids: np.ndarray) -> dict[int, float]:
-        """ITC (max over the image's vectors) of images given by id, from the stored vectors."""
-        out: dict[int, float] = {}
-        for got, stored in self.library.store.iter_vectors(ids.tolist()):
-            out.update(zip(got.tolist(), (stored @ text_vec).max(axis=1).tolist()))
-        return out
+        """ITC (max over the image's vectors) of images given by id: an exact search of the
+        vector index restricted to them (no store query)."""
+        with self.library.lock:
+            found = self.library.index.search(text_vec[None], len(ids), ids)[0]
+        return dict(zip(found.ids.tolist(), found.scores.tolist()))
 
     def rank_text(
         self,
@@ -269,8 +274,9 @@ class Searcher:
         todo = [j for j in range(n) if int(ids[j]) not in known]
         for j in range(n):
             itm[j] = known.get(int(ids[j]), np.nan)
+        records: dict[int, ImageRecord] = {}
         if todo:
-            itm[todo] = self._itm(kq.semantic_text, ids[todo])
+            itm[todo] = self._itm(kq.semantic_text, ids[todo], records)
         reranked = ~np.isnan(itm)
         if mode == "keyword":
             final = kw
@@ -284,6 +290,7 @@ class Searcher:
         ranking = Ranking(ids[order], itc[order], itm[order], final[order].astype(np.float32), depth, exhausted, timings)
         ranking.query_vector = text_vec
         ranking.keyword = kw[order]
+        ranking.records = records
         return ranking
 
     def search(
@@ -378,7 +385,11 @@ class Searcher:
             keep = keep[ranking.score >= min_score]
         window = keep[offset : offset + k]
         has_more = len(keep) > offset + k or (not ranking.exhausted and len(window) == k)
-        records = self.library.store.images([int(ranking.ids[j]) for j in window])
+        wanted = [int(ranking.ids[j]) for j in window]
+        records = {i: ranking.records[i] for i in wanted if i in ranking.records}
+        unread = [i for i in wanted if i not in records]
+        if unread:
+            records.update(self.library.store.images(unread))
         hits = []
         for j in window:
             rec = records.get(int(ranking.ids[j]))
@@ -403,8 +414,9 @@ class Searcher:
             )
         return hits, has_more
 
-    def _itm(self, text: str, ids: np.ndarray) -> np.ndarray:
-        """ITM P(match) for each candidate; NaN where its features cannot be had.
+    def _itm(self, text: str, ids: np.ndarray, records: dict[int, ImageRecord]) -> np.ndarray:
+        """ITM P(match) for each candidate; NaN where its features cannot be had. The records
+        read to re-run the ViT are left in `records`.
 
         Cached features are fp16 (ITM differs from the reference by at most ~4e-4 for them);
         recomputed ones stay in the model's dtype, so a candidate with no cache entry is
@@ -422,7 +434,8 @@ class Searcher:
             else:
                 features[image_id] = torch.from_numpy(np.array(arr))  # a private copy of the memory map
         if missing:
-            features.update(self._recompute_vit(missing))
+            records.update(self.library.store.images(missing))
+            features.update(self._recompute_vit(missing, records))
         have = [i for i in ids.tolist() if i in features]
         out = np.full(len(ids), np.nan, dtype=np.float32)
         if not have:
@@ -435,10 +448,9 @@ class Searcher:
             out[pos[image_id]] = p
         return out
 
-    def _recompute_vit(self, ids: list[int]) -> dict[int, "torch.Tensor"]:
+    def _recompute_vit(self, ids: list[int], records: dict[int, ImageRecord]) -> dict[int, "torch.Tensor"]:
         """ViT outputs re-run from the files, in the model's dtype (and into the cache, as fp16,
         where the settings keep one)."""
-        records = self.library.store.images(ids)
 
         def load(image_id: int):
             rec = records.get(image_id)

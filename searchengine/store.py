@@ -582,15 +582,24 @@ class Store:
         out: dict[int, ImageRecord] = {}
         if not ids:
             return out
+        # One statement per 500 ids: a row per file, its image's columns alongside. Oldest file
+        # first (row ids grow; an update in place keeps its row): a copy added later never
+        # takes the original's place as the path a hit shows.
+        columns = (images.c.id, images.c.width, images.c.height, images.c.taken_at, images.c.camera, images.c.caption)
         with self.engine.connect() as conn:
             for chunk in _chunks(list(ids), 500):
-                for r in conn.execute(select(images).where(images.c.id.in_(chunk))):
-                    out[r.id] = ImageRecord(r.id, [], r.width, r.height, r.taken_at, r.camera, r.caption)
-                # Oldest file first (row ids grow; an update in place keeps its row): a copy
-                # added later never takes the original's place as the path a hit shows.
-                q = select(files.c.image_id, files.c.path).where(files.c.image_id.in_(chunk)).order_by(files.c.id)
-                for image_id, path in conn.execute(q):
-                    out[image_id].paths.append(path)
+                q = (
+                    select(*columns, files.c.path)
+                    .select_from(images.outerjoin(files, files.c.image_id == images.c.id))
+                    .where(images.c.id.in_(chunk))
+                    .order_by(files.c.id)
+                )
+                for r in conn.execute(q):
+                    rec = out.get(r.id)
+                    if rec is None:
+                        rec = out[r.id] = ImageRecord(r.id, [], r.width, r.height, r.taken_at, r.camera, r.caption)
+                    if r.path is not None:
+                        rec.paths.append(r.path)
         return out
 
     def filter_ids(
@@ -651,8 +660,7 @@ class Store:
         """Images whose caption or path words match, best first (see `TextIndex.search`)."""
         within = self._filter_select(folder, taken_after, taken_before) if (folder or taken_after or taken_before) else None
         with self.engine.connect() as conn:
-            total = conn.execute(select(func.count()).select_from(images)).scalar_one()
-            return self.text.search(conn, query, limit, within, total)
+            return self.text.search(conn, query, limit, within, select(func.count()).select_from(images))
 
     def keyword_matches(self, clauses: Sequence[Clause]) -> np.ndarray:
         """Ids of images whose caption or path words match any of these clauses."""

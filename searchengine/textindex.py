@@ -60,10 +60,11 @@ class TextIndex(Protocol):
     def clear(self, conn: Connection) -> None: ...
 
     def search(
-        self, conn: Connection, query: KeywordQuery, limit: int, within: Select | None = None, total: int = 0
+        self, conn: Connection, query: KeywordQuery, limit: int, within: Select | None = None, total: Select | None = None
     ) -> list[KeywordHit]:
-        """The best `limit` images by weighted coverage (see `clause_weight`; `total`: images in
-        the library), then relevance; `within`: a select of allowed ids."""
+        """The best `limit` images by weighted coverage (see `clause_weight`; `total`: a select
+        that counts the images in the library), then relevance; `within`: a select of allowed
+        ids. One statement."""
 
     def matching(self, conn: Connection, clauses: Sequence[Clause]) -> list[int]:
         """Ids of images that match any of these clauses (for exclusions)."""
@@ -123,38 +124,41 @@ class SqliteFts5:
         return expr
 
     def search(
-        self, conn: Connection, query: KeywordQuery, limit: int, within: Select | None = None, total: int = 0
+        self, conn: Connection, query: KeywordQuery, limit: int, within: Select | None = None, total: Select | None = None
     ) -> list[KeywordHit]:
         if not query.searchable or limit <= 0:
             return []
+        t = self.table
         where = ""
         params: dict = {"q": self._match(query), "n": 4 * limit}
         if within is not None:
             compiled = within.compile(conn, compile_kwargs={"literal_binds": True})
             where = f" AND rowid IN ({compiled})"
-        # bm25 first, generously: coverage then re-orders the pool (bm25 already favours rows
-        # matching more clauses, so the pool holds the best-covered ones).
-        rows = conn.execute(
-            text(f"SELECT rowid, bm25({self.table}) FROM {self.table} WHERE {self.table} MATCH :q{where} "
-                 f"ORDER BY bm25({self.table}) LIMIT :n"),
-            params,
-        ).all()
+        # One statement. The pool: bm25 first, generously (coverage then re-orders it; bm25
+        # already favours rows matching more clauses, so it holds the best-covered ones). Each
+        # clause's whole match list, materialised once: FTS5 reads a doclist fast, while MATCH
+        # with `rowid IN (pool)` probes the index once per id (measured 5x slower); its length
+        # is the clause's document frequency, which weighs it.
+        ctes = [f"pool AS (SELECT rowid AS id, bm25({t}) AS b FROM {t} WHERE {t} MATCH :q{where} ORDER BY bm25({t}) LIMIT :n)"]
+        columns = ["pool.id", "pool.b"]
+        for j, clause in enumerate(query.clauses):
+            params[f"c{j}"] = _quote(clause)
+            ctes.append(f"c{j} AS MATERIALIZED (SELECT rowid AS id FROM {t} WHERE {t} MATCH :c{j})")
+            columns += [f"pool.id IN (SELECT id FROM c{j})", f"(SELECT count(*) FROM c{j})"]
+        if total is not None:
+            columns.append(f"({total.compile(conn, compile_kwargs={'literal_binds': True})})")
+        sql = f"WITH {', '.join(ctes)} SELECT {', '.join(columns)} FROM pool ORDER BY pool.b"
+        rows = conn.execute(text(sql), params).all()
         if not rows:
             return []
-        pool = {r[0]: [False] * len(query.clauses) for r in rows}
-        weights = []
-        # Each clause's whole match list, intersected here: FTS5 reads a doclist fast, while
-        # MATCH with `rowid IN (pool)` probes the index once per id (measured 5x slower). Its
-        # length is the clause's document frequency, which weighs it.
-        for j, clause in enumerate(query.clauses):
-            q = text(f"SELECT rowid FROM {self.table} WHERE {self.table} MATCH :q")
-            n = 0
-            for (image_id,) in conn.execute(q, {"q": _quote(clause)}):
-                n += 1
-                if image_id in pool:
-                    pool[image_id][j] = True
-            weights.append(clause_weight(n, total) if total else 1.0)
-        hits = [KeywordHit(int(i), weighted_coverage(pool[i], weights), -float(b)) for i, b in rows]
+        n = len(query.clauses)
+        first = rows[0]
+        library_size = first[2 + 2 * n] if total is not None else 0
+        weights = [clause_weight(first[3 + 2 * j], library_size) if library_size else 1.0 for j in range(n)]
+        hits = [
+            KeywordHit(int(r[0]), weighted_coverage([bool(r[2 + 2 * j]) for j in range(n)], weights), -float(r[1]))
+            for r in rows
+        ]
         hits.sort(key=lambda h: (-h.coverage, -h.relevance, h.image_id))
         return hits[:limit]
 
