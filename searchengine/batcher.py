@@ -4,14 +4,16 @@ Continuous batching: while the model is busy, arriving requests queue up; when i
 next call takes everything queued (up to `max_batch`). A request that finds the model idle
 runs at once, so batching adds no latency at low load. `max_wait_ms` > 0 additionally holds a
 batch open that long for company (a fixed wait measured worse: it halved requests/s at
-concurrency 1, see benchmarks/load.py). Calls run in a worker thread, so the event loop never
-waits on the model. With `max_batch=1` every request runs alone (the benchmark's baseline).
+concurrency 1, see benchmarks/load.py). Calls run in a thread of the batcher's own, so the
+event loop never waits on the model, and callers that wait in the loop's shared worker threads
+(the query pipeline) can never take every thread the model call needs. With `max_batch=1` every request runs alone (the benchmark's baseline).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Generic, Sequence, TypeVar
 
 import numpy as np
@@ -34,6 +36,7 @@ class MicroBatcher(Generic[T]):
         self.on_batch = on_batch or (lambda size, seconds: None)
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="batcher")
 
     async def submit(self, item: T) -> np.ndarray:
         if self._worker is None or self._worker.done():
@@ -51,6 +54,7 @@ class MicroBatcher(Generic[T]):
             except asyncio.CancelledError:
                 pass
             self._worker = None
+        self._thread.shutdown(wait=False)
 
     async def _run(self) -> None:
         assert self._queue is not None
@@ -71,7 +75,7 @@ class MicroBatcher(Generic[T]):
             items = [item for item, _ in batch]
             start = time.perf_counter()
             try:
-                out = await asyncio.to_thread(self.fn, items)
+                out = await asyncio.get_running_loop().run_in_executor(self._thread, self.fn, items)
             except Exception as e:  # every waiter gets the error, the worker lives on
                 for _, future in batch:
                     if not future.done():

@@ -17,6 +17,10 @@ class IndexNotFoundError(SearchEngineError):
     """There is no index in the data directory yet."""
 
 
+class ImageNotFoundError(SearchEngineError):
+    """No image has this id."""
+
+
 class QueryError(SearchEngineError):
     """The query cannot be searched (empty, too long)."""
 

@@ -494,6 +494,11 @@ class Library:
     def file_state(self, path: str) -> FileState | None:
         return self.store.file_state(path)
 
+    def vectors_of(self, image_id: int) -> np.ndarray | None:
+        """An image's stored ITC vectors [Q, D] (None: no such image)."""
+        stored = list(self.store.iter_vectors([image_id]))
+        return stored[0][1][0] if stored else None
+
     def hashes_of(self, paths: Sequence[str]) -> dict[str, str]:
         """path -> sha256 of the content indexed under it (paths the library has)."""
         return self.store.hashes_of(paths)

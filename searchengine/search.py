@@ -17,15 +17,17 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import TYPE_CHECKING
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Callable, Hashable
 
 import numpy as np
 
-from searchengine.errors import BadImageError, QueryError
+from searchengine.errors import BadImageError, ImageNotFoundError, QueryError
 from searchengine.imageio import decode_image, read_file
 from searchengine.keywords import KeywordQuery, parse_query, words
 from searchengine.library import Library, model_info
@@ -61,12 +63,15 @@ class Hit:
 
 
 @dataclass
-class SearchResult:
-    query: str
+class Page:
+    """A page of hits of one query, for the CLI and the API alike."""
+
     hits: list[Hit]
-    reranked: int
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    has_more: bool = False
+    has_more: bool
+    reranked: int  # how many of the ranking's candidates ITM re-scored
+    timings_ms: dict[str, float]
+    query: str | None = None  # the text query as searched (whitespace normalised)
+    fresh: bool = False  # the ranking was computed for this request (not a kept one)
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,41 @@ class Ranking:
 
 
 MODES = ("hybrid", "semantic", "keyword")
+
+
+class RankingCache:
+    """Rankings kept across requests, least recently used out first (the service's), so that
+    the next page of a query costs no model call and a deeper one re-uses its ITM scores.
+    Keys carry the library's revision: a change to the library makes every ranking stale."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._kept: OrderedDict[Hashable, Ranking] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, depth: int) -> tuple[Ranking | None, Ranking | None]:
+        """(a kept ranking deep enough for `depth`, else None; a shallower one, if kept)."""
+        with self._lock:
+            ranking = self._kept.get(key)
+            if ranking is None:
+                return None, None
+            self._kept.move_to_end(key)
+            if ranking.depth < depth and not ranking.exhausted:
+                return None, ranking
+            return ranking, None
+
+    def keep(self, key: Hashable, ranking: Ranking) -> None:
+        if self.size == 0:
+            return
+        with self._lock:
+            self._kept[key] = ranking
+            self._kept.move_to_end(key)
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kept.clear()
 
 
 def rrf(ranked_lists: list[np.ndarray], k: int) -> dict[int, float]:
@@ -299,50 +339,117 @@ class Searcher:
         *,
         k: int = 10,
         offset: int = 0,
-        k_candidates: int | None = None,
         rerank: int | None = None,
         filters: Filters | None = None,
         min_score: float | None = None,
         mode: str | None = None,
-    ) -> SearchResult:
-        """One query, start to end (the CLI's path; the service caches rankings across pages)."""
+        encode: Callable[[str], np.ndarray] | None = None,
+        rankings: "RankingCache | None" = None,
+    ) -> Page:
+        """A text query, start to end: the one path of the CLI and the service.
+
+        `encode`: how the query's text becomes its vector (default: the model, directly; the
+        service passes its micro-batcher). `rankings`: rankings kept across requests (the
+        service's), so that the next page of a query costs no model call, and a deeper one
+        re-uses the ITM scores it has.
+        """
         text = self.check_query(query)
         mode = mode or self.settings.search_mode
         kq = parse_for_mode(text, mode)
         if k < 1 or offset < 0:
             raise QueryError("k must be at least 1 and offset at least 0")
-        k_candidates = self.settings.k_candidates if k_candidates is None else k_candidates
-        self.check_filters(filters)
+        filters = filters or Filters()
         t0 = time.perf_counter()
+        depth = max(offset + k, self.settings.k_candidates)
+        rerank = 0 if mode == "keyword" else self.settings.rerank_top if rerank is None else rerank
+        key = ("text", text, mode, rerank, filters, self.library.revision)
+        ranking, shallower = rankings.get(key, depth) if rankings is not None else (None, None)
+        if ranking is not None:
+            return self._page(ranking, offset, k, min_score, t0, 0.0, text, fresh=False)
+        self.check_filters(filters)
         if self.model is None and mode != "keyword":
             raise QueryError(f"{mode} search needs the model; only keyword search runs without it")
-        # Keyword mode ranks by words alone; the query is encoded only for the ITC column.
-        text_vec = self.model.embed_texts([kq.semantic_text])[0] if self.model is not None else None
-        encode = (time.perf_counter() - t0) * 1000
-        ranking = self.rank_text(
-            kq, text_vec, mode=mode, depth=max(offset + k, k_candidates), rerank=rerank, filters=filters
-        )
+        known = None
+        if shallower is not None and shallower.query_vector is not None:
+            text_vec, known = shallower.query_vector, shallower.itm_by_id()  # a deeper page
+        elif self.model is not None:
+            # Keyword mode ranks by words alone; the query is encoded only for the ITC column.
+            text_vec = (encode or self._encode)(kq.semantic_text)
+        else:
+            text_vec = None
+        encode_ms = (time.perf_counter() - t0) * 1000 if known is None and text_vec is not None else 0.0
+        ranking = self.rank_text(kq, text_vec, mode=mode, depth=depth, rerank=rerank, filters=filters, known_itm=known)
+        if rankings is not None:
+            rankings.keep(key, ranking)
+        return self._page(ranking, offset, k, min_score, t0, encode_ms, text, fresh=True)
+
+    def _encode(self, text: str) -> np.ndarray:
+        return self.model.embed_texts([text])[0]
+
+    def _page(
+        self, ranking: Ranking, offset: int, k: int, min_score: float | None, t0: float, encode_ms: float,
+        text: str | None, *, fresh: bool,
+    ) -> Page:
+        """A page of a ranking, timed: `fresh` when this request computed the ranking (a kept
+        one cost it nothing)."""
         hits, has_more = self.page(ranking, offset, k, min_score)
-        timings = {"encode": encode, **ranking.timings, "total": (time.perf_counter() - t0) * 1000}
-        return SearchResult(text, hits, ranking.reranked, timings, has_more)
+        timings = {"encode": encode_ms, "ann": 0.0, "rerank": 0.0}
+        if fresh:
+            timings.update(ranking.timings)
+        timings["total"] = (time.perf_counter() - t0) * 1000
+        return Page(hits, has_more, ranking.reranked, timings, text, fresh)
 
     # -- image queries --------------------------------------------------------------------
 
     def search_image(
-        self, image: "Image.Image", *, k: int = 10, filters: Filters | None = None, min_score: float | None = None
-    ) -> SearchResult:
-        """Images like an example image (the CLI's `search --image`)."""
-        if k < 1:
-            raise QueryError("k must be at least 1")
+        self,
+        image: "Image.Image | None" = None,
+        *,
+        vectors: np.ndarray | None = None,
+        k: int = 10,
+        offset: int = 0,
+        filters: Filters | None = None,
+        min_score: float | None = None,
+    ) -> Page:
+        """Images like an example image, or like the ITC vectors [Q, D] of one (the service
+        embeds its uploads itself, taking turns): the one path of the CLI and the service."""
+        if k < 1 or offset < 0:
+            raise QueryError("k must be at least 1 and offset at least 0")
         if self.model is None:
             raise QueryError("search by example image needs the model")
+        self.check_filters(filters)  # before the model's work
         t0 = time.perf_counter()
-        vectors = self.model.embed_images([image]).itc[0]
-        encode = (time.perf_counter() - t0) * 1000
-        ranking = self.rank_image(vectors, depth=max(k, self.settings.k_candidates), filters=filters)
-        hits, has_more = self.page(ranking, 0, k, min_score)
-        timings = {"encode": encode, **ranking.timings, "total": (time.perf_counter() - t0) * 1000}
-        return SearchResult("", hits, 0, timings, has_more)
+        if vectors is None:
+            vectors = self.model.embed_images([image]).itc[0]
+        encode_ms = (time.perf_counter() - t0) * 1000
+        ranking = self.rank_image(vectors, depth=max(offset + k, self.settings.k_candidates), filters=filters)
+        return self._page(ranking, offset, k, min_score, t0, encode_ms, None, fresh=True)
+
+    def similar(
+        self,
+        image_id: int,
+        *,
+        k: int = 10,
+        offset: int = 0,
+        filters: Filters | None = None,
+        min_score: float | None = None,
+        rankings: "RankingCache | None" = None,
+    ) -> Page:
+        """Images like an indexed one (itself left out), from its stored vectors: no model call."""
+        t0 = time.perf_counter()
+        depth = max(offset + k, self.settings.k_candidates)
+        key = ("similar", image_id, filters, self.library.revision)
+        ranking, _ = rankings.get(key, depth) if rankings is not None else (None, None)
+        if ranking is not None:
+            return self._page(ranking, offset, k, min_score, t0, 0.0, None, fresh=False)
+        self.check_filters(filters)
+        vectors = self.library.vectors_of(image_id)
+        if vectors is None:
+            raise ImageNotFoundError(f"no image has id {image_id}")
+        ranking = self.rank_image(vectors, depth=depth, filters=filters, exclude=image_id)
+        if rankings is not None:
+            rankings.keep(key, ranking)
+        return self._page(ranking, offset, k, min_score, t0, 0.0, None, fresh=True)
 
     def rank_image(
         self, vectors: np.ndarray, *, depth: int, filters: Filters | None = None, exclude: int | None = None

@@ -17,27 +17,20 @@ import os
 import stat
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Hashable
 
 from PIL import Image
 
 from searchengine.batcher import MicroBatcher
-from searchengine.errors import BadImageError, SearchEngineError
+from searchengine.errors import BadImageError, ImageNotFoundError, SearchEngineError
 from searchengine.imageio import decode_image
 from searchengine.library import Library
 from searchengine.metrics import Metrics
 from searchengine.models import RetrievalModel
-from searchengine.search import Filters, Hit, Ranking, Searcher, parse_for_mode
+from searchengine.search import Filters, Page, RankingCache, Searcher
 from searchengine.settings import Settings
 from searchengine.store import FolderCount
 
 log = logging.getLogger(__name__)
-
-
-class ImageNotFoundError(SearchEngineError):
-    """No image has this id."""
 
 
 class ServiceBusy(SearchEngineError):
@@ -78,15 +71,6 @@ class LockedModel:
         return locked
 
 
-@dataclass
-class Page:
-    hits: list[Hit]
-    has_more: bool
-    reranked: int
-    timings_ms: dict[str, float]
-    query: str | None = None
-
-
 class QueryService:
     def __init__(self, settings: Settings, model: RetrievalModel, library: Library, metrics: Metrics | None = None) -> None:
         self.settings = settings
@@ -100,8 +84,7 @@ class QueryService:
             max_wait_ms=settings.text_batch_wait_ms,
             on_batch=lambda size, seconds: self.metrics.batch_size.observe(size),
         )
-        self._rankings: OrderedDict[Hashable, Ranking] = OrderedDict()
-        self._rankings_lock = threading.Lock()
+        self.rankings = RankingCache(settings.ranking_cache_size)
         self._upload_turn = asyncio.Semaphore(settings.upload_decodes)
         self._upload_waiting = 0
         self._refresh_lock = threading.Lock()
@@ -123,10 +106,11 @@ class QueryService:
             self._last_refresh = now
             report = self.library.refresh()
         if report is not None:
-            with self._rankings_lock:
-                self._rankings.clear()
+            self.rankings.clear()
 
     # -- searches ---------------------------------------------------------------------------
+    # Each is the Searcher's one path, in a worker thread, with the service's parts plugged in:
+    # the micro-batcher encodes texts, the ranking cache keeps rankings across pages.
 
     async def search_text(
         self,
@@ -139,31 +123,18 @@ class QueryService:
         filters: Filters,
         mode: str | None = None,
     ) -> Page:
-        text = self.searcher.check_query(query)
-        mode = mode or self.settings.search_mode
-        kq = parse_for_mode(text, mode)
+        self.searcher.check_query(query)  # before anything else: a bad query costs nothing
         await asyncio.to_thread(self.refresh)
-        t0 = time.perf_counter()
-        depth = max(offset + k, self.settings.k_candidates)
-        rerank_n = self.settings.rerank_top if rerank else 0
-        key = ("text", text, mode, rerank_n, filters, self.library.revision)
-        ranking, shallower = self._cached(key, depth)
-        encode = 0.0
-        if ranking is None:
-            await asyncio.to_thread(self.searcher.check_filters, filters)
-            if shallower is not None and shallower.query_vector is not None:
-                vec, known = shallower.query_vector, shallower.itm_by_id()  # a deeper page
-            else:
-                vec, known = await self.batcher.submit(kq.semantic_text), None
-                encode = (time.perf_counter() - t0) * 1000
-            ranking = await asyncio.to_thread(
-                self.searcher.rank_text, kq, vec, mode=mode, depth=depth, rerank=rerank_n, filters=filters,
-                known_itm=known,
-            )
-            self._keep(key, ranking)
-            self._observe(encode=encode, **ranking.timings)
-            return await self._page(ranking, offset, k, min_score, t0, encode, text, fresh=True)
-        return await self._page(ranking, offset, k, min_score, t0, encode, text)
+        loop = asyncio.get_running_loop()
+
+        def encode(text: str):
+            return asyncio.run_coroutine_threadsafe(self.batcher.submit(text), loop).result()
+
+        page = await asyncio.to_thread(
+            self.searcher.search, query, k=k, offset=offset, rerank=None if rerank else 0, filters=filters,
+            min_score=min_score, mode=mode, encode=encode, rankings=self.rankings,
+        )
+        return self._observed(page)
 
     async def search_image(
         self, data: bytes, *, k: int, offset: int, min_score: float | None, filters: Filters
@@ -174,10 +145,12 @@ class QueryService:
         t0 = time.perf_counter()
         vectors = await self._embed_upload(data)
         encode = (time.perf_counter() - t0) * 1000
-        depth = max(offset + k, self.settings.k_candidates)
-        ranking = await asyncio.to_thread(self.searcher.rank_image, vectors, depth=depth, filters=filters)
-        self._observe(encode=encode, **ranking.timings)
-        return await self._page(ranking, offset, k, min_score, t0, encode, fresh=True)
+        page = await asyncio.to_thread(
+            self.searcher.search_image, vectors=vectors, k=k, offset=offset, filters=filters, min_score=min_score
+        )
+        page.timings_ms["encode"] = encode
+        page.timings_ms["total"] += encode
+        return self._observed(page)
 
     async def _embed_upload(self, data: bytes):
         """An upload's ITC vectors. Decodes take turns (a 49 MP PNG costs ~330 MiB while it
@@ -214,55 +187,20 @@ class QueryService:
     ) -> Page:
         """Images like an indexed one (itself left out), from its stored vectors: no model call."""
         await asyncio.to_thread(self.refresh)
-        t0 = time.perf_counter()
-        depth = max(offset + k, self.settings.k_candidates)
-        key = ("similar", image_id, filters, self.library.revision)
-        ranking, _ = self._cached(key, depth)
-        if ranking is None:
-            await asyncio.to_thread(self.searcher.check_filters, filters)
-            stored = await asyncio.to_thread(lambda: list(self.library.store.iter_vectors([image_id])))
-            if not stored:
-                raise ImageNotFoundError(f"no image has id {image_id}")
-            vectors = stored[0][1][0]
-            ranking = await asyncio.to_thread(
-                self.searcher.rank_image, vectors, depth=depth, filters=filters, exclude=image_id
-            )
-            self._keep(key, ranking)
-            self._observe(**ranking.timings)
-            return await self._page(ranking, offset, k, min_score, t0, 0.0, fresh=True)
-        return await self._page(ranking, offset, k, min_score, t0, 0.0)
+        page = await asyncio.to_thread(
+            self.searcher.similar, image_id, k=k, offset=offset, filters=filters, min_score=min_score,
+            rankings=self.rankings,
+        )
+        return self._observed(page)
 
-    async def _page(self, ranking, offset, k, min_score, t0, encode, text=None, fresh=False) -> Page:
-        hits, has_more = await asyncio.to_thread(self.searcher.page, ranking, offset, k, min_score)
-        timings = {"encode": encode, "ann": 0.0, "rerank": 0.0}
-        if fresh:  # computed by this request; a kept ranking cost this request nothing
-            timings.update(ranking.timings)
-        timings["total"] = (time.perf_counter() - t0) * 1000
-        return Page(hits, has_more, ranking.reranked, timings, text)
-
-    def _cached(self, key: Hashable, depth: int) -> tuple[Ranking | None, Ranking | None]:
-        """(a kept ranking deep enough for `depth`, else None; a shallower one, if kept)."""
-        with self._rankings_lock:
-            ranking = self._rankings.get(key)
-            if ranking is None:
-                return None, None
-            self._rankings.move_to_end(key)
-            if ranking.depth < depth and not ranking.exhausted:
-                return None, ranking
-            return ranking, None
-
-    def _keep(self, key: Hashable, ranking: Ranking) -> None:
-        if self.settings.ranking_cache_size == 0:
-            return
-        with self._rankings_lock:
-            self._rankings[key] = ranking
-            self._rankings.move_to_end(key)
-            while len(self._rankings) > self.settings.ranking_cache_size:
-                self._rankings.popitem(last=False)
-
-    def _observe(self, **timings_ms: float) -> None:
-        for stage, ms in timings_ms.items():
-            self.metrics.stage.labels(stage).observe(ms / 1000)
+    def _observed(self, page: Page) -> Page:
+        """The page, its stage timings recorded in the metrics when this request computed them."""
+        if page.fresh:
+            t = page.timings_ms
+            stages = ("encode", "ann", "rerank") if t.get("encode") else ("ann", "rerank")  # similar: no model
+            for stage in stages:
+                self.metrics.stage.labels(stage).observe(t.get(stage, 0.0) / 1000)
+        return page
 
     # -- images -----------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""A fresh text query costs at most two statements in the store, in every mode, through the
-CLI's path and the service's, with the ViT feature cache and without it."""
+"""The one query pipeline (the CLI's and the service's): a fresh text query costs at most two
+statements in the store in every mode, with the ViT feature cache and without it; many
+queries at once share the model."""
 
 from __future__ import annotations
 
@@ -44,3 +45,23 @@ def test_a_fresh_text_query_makes_at_most_two_statements(counted, model, mode, f
         page = asyncio.run(service.search_text(f"{query} {i}", k=5, offset=0, rerank=True, min_score=None,
                                                filters=Filters(), mode=mode))
         assert page.hits and len(statements) <= 2 + ("-" in query), statements
+
+
+def test_many_concurrent_queries_share_the_model_and_never_wait_on_each_other_forever(counted, model):
+    # More queries at once than the event loop has worker threads: each waits in one for its
+    # encoding, which the batcher's own thread makes (a shared pool would deadlock here).
+    settings, library, _ = counted
+    service = QueryService(settings, model, library)
+
+    async def many():
+        pages = [
+            service.search_text(f"beach {i}", k=3, offset=0, rerank=False, min_score=None, filters=Filters(), mode="semantic")
+            for i in range(40)
+        ]
+        return await asyncio.wait_for(asyncio.gather(*pages), 60)
+
+    pages = asyncio.run(many())
+    assert all(p.hits and p.fresh for p in pages)
+    # The same query again is a kept ranking: no model call, no ranking work.
+    again = asyncio.run(service.search_text("beach 3", k=3, offset=0, rerank=False, min_score=None, filters=Filters(), mode="semantic"))
+    assert not again.fresh and again.timings_ms["encode"] == 0.0 and [h.image_id for h in again.hits] == [h.image_id for h in pages[3].hits]
