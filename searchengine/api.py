@@ -316,7 +316,7 @@ def create_app(
                 model, library = await asyncio.to_thread(loader, settings)
                 service = await asyncio.to_thread(QueryService, settings, model, library, metrics)
                 state.service = service
-                log.info("ready: %d images", len(library.index or ()))
+                log.info("ready: %d images", library.counts()[0])
                 if on_ready is not None:
                     companion = await asyncio.to_thread(on_ready, service)
                     if companion is not None:

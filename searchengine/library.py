@@ -43,9 +43,11 @@ from searchengine.filecache import sweep_temporary
 from searchengine.imageio import ImageMeta
 from searchengine.links import LinkPolicy
 from searchengine.settings import Settings
-from searchengine.store import FileState, FolderCount, ModelInfo, Store, sqlite_readonly_url, sqlite_url
+from searchengine.keywords import Clause, KeywordQuery
+from searchengine.store import FileState, FolderCount, ImageRecord, ModelInfo, Store, sqlite_readonly_url, sqlite_url
+from searchengine.textindex import KeywordHit
 from searchengine.thumbnails import PreviewCache, ThumbnailCache
-from searchengine.vector_index import VectorIndex
+from searchengine.vector_index import Candidates, VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -493,6 +495,65 @@ class Library:
 
     def file_state(self, path: str) -> FileState | None:
         return self.store.file_state(path)
+
+    # Queries: the vector index under its lock, the store's lookups, the caches.
+
+    def search_vectors(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[Candidates]:
+        """Top k images by max-sim for each query vector [T, D] (see `VectorIndex.search`)."""
+        with self.lock:
+            return self.index.search(queries, k, allowed)
+
+    def indexed_ids(self) -> np.ndarray:
+        """Every image id in the vector index."""
+        with self.lock:
+            return self.index.ids()
+
+    def counts(self) -> tuple[int, int]:
+        """(images, vectors) in the vector index (0, 0 without one)."""
+        with self.lock:
+            return (len(self.index), self.index.index.ntotal) if self.index is not None else (0, 0)
+
+    def filter_ids(self, filters) -> np.ndarray:
+        """Ids of the images within a search's filters (folder, dates)."""
+        return self.store.filter_ids(filters.folder, filters.taken_after, filters.taken_before)
+
+    def keyword_search(self, query: KeywordQuery, limit: int, filters) -> list[KeywordHit]:
+        """Images whose caption or path words match, best first, within the filters."""
+        return self.store.keyword_search(query, limit, filters.folder, filters.taken_after, filters.taken_before)
+
+    def keyword_matches(self, clauses: Sequence[Clause]) -> np.ndarray:
+        """Ids of images whose caption or path words match any of these clauses."""
+        return self.store.keyword_matches(clauses)
+
+    def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
+        """What a hit shows of each image (paths, size, date, camera, caption), by id."""
+        return self.store.images(ids)
+
+    def image_detail(self, image_id: int) -> dict | None:
+        """Everything the library knows of one image, with its files (None: no such image)."""
+        return self.store.image_detail(image_id)
+
+    def cached_vit(self, image_id: int) -> np.ndarray | None:
+        """The image's ViT output from the feature cache (fp16), if it has one."""
+        return self.features.get(image_id) if self.features is not None else None
+
+    def cache_vit(self, ids: Sequence[int], arrays: np.ndarray) -> None:
+        """Keep ViT outputs (fp16) in the feature cache, where the library has one."""
+        if self.features is not None:
+            for image_id, array in zip(ids, arrays):
+                self.features.put(image_id, array)
+
+    def thumbnail(self, image_id: int, sources: Sequence[str]) -> Path:
+        """The image's thumbnail file, made from the first readable source if not there yet."""
+        return self.thumbnails.get(image_id, sources)
+
+    def preview(self, image_id: int, sources: Sequence[str]) -> Path:
+        """The image's screen-sized preview, made from the first readable source if not there yet."""
+        return self.previews.get(image_id, sources)
+
+    def iter_vectors(self, ids: Iterable[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids [n], stored ITC vectors [n, Q, D]) in chunks, for images given by id."""
+        return self.store.iter_vectors(ids)
 
     def vectors_of(self, image_id: int) -> np.ndarray | None:
         """An image's stored ITC vectors [Q, D] (None: no such image)."""

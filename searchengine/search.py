@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from collections import OrderedDict
@@ -27,15 +26,14 @@ from typing import TYPE_CHECKING, Callable, Hashable
 
 import numpy as np
 
-from searchengine.errors import BadImageError, ImageNotFoundError, QueryError
-from searchengine.imageio import decode_image, read_file
+from searchengine.errors import ImageNotFoundError, QueryError
 from searchengine.keywords import KeywordQuery, parse_query, words
 from searchengine.library import Library, model_info
 from searchengine.models import RetrievalModel
 from searchengine.settings import Settings
+from searchengine.vit_features import VitFeatures
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
 
     from searchengine.store import ImageRecord
@@ -208,8 +206,7 @@ class Searcher:
         self.settings = settings
         if model is not None:
             library.bind(model_info(model))  # refuses an index built with another model
-        self.use_cache = settings.itm_features != "recompute"
-        self.fill_cache = model is not None and settings.writes_feature_cache(model.device) and library.writable
+        self.vit_features = VitFeatures(model, library, settings) if model is not None else None
 
     # -- text queries ---------------------------------------------------------------------
 
@@ -237,19 +234,17 @@ class Searcher:
     def allowed_ids(self, filters: Filters | None, excluded: np.ndarray | None = None) -> np.ndarray | None:
         allowed = None
         if filters is not None and filters.active:
-            allowed = self.library.store.filter_ids(filters.folder, filters.taken_after, filters.taken_before)
+            allowed = self.library.filter_ids(filters)
         if excluded is not None and len(excluded):
             if allowed is None:
-                with self.library.lock:
-                    allowed = self.library.index.ids()
+                allowed = self.library.indexed_ids()
             allowed = np.setdiff1d(allowed, excluded)
         return allowed
 
     def _itc_exact(self, text_vec: np.ndarray, ids: np.ndarray) -> dict[int, float]:
         """ITC (max over the image's vectors) of images given by id: an exact search of the
         vector index restricted to them (no store query)."""
-        with self.library.lock:
-            found = self.library.index.search(text_vec[None], len(ids), ids)[0]
+        found = self.library.search_vectors(text_vec[None], len(ids), ids)[0]
         return dict(zip(found.ids.tolist(), found.scores.tolist()))
 
     def rank_text(
@@ -272,18 +267,15 @@ class Searcher:
         rerank = 0 if mode == "keyword" else self.settings.rerank_top if rerank is None else rerank
         filters = filters or Filters()
         t0 = time.perf_counter()
-        excluded = self.library.store.keyword_matches(kq.excluded) if kq.excluded else None
+        excluded = self.library.keyword_matches(kq.excluded) if kq.excluded else None
         sem_ids, sem_itc = np.zeros(0, np.int64), np.zeros(0, np.float32)
         if mode != "keyword":
             allowed = self.allowed_ids(filters, excluded)
-            with self.library.lock:
-                cands = self.library.index.search(text_vec[None], depth, allowed)[0]
+            cands = self.library.search_vectors(text_vec[None], depth, allowed)[0]
             sem_ids, sem_itc = cands.ids, cands.scores
         kw_hits = []
         if mode != "semantic" and kq.searchable:
-            kw_hits = self.library.store.keyword_search(
-                kq, depth, filters.folder, filters.taken_after, filters.taken_before
-            )
+            kw_hits = self.library.keyword_search(kq, depth, filters)
         t1 = time.perf_counter()
         if mode == "hybrid":
             # Images that match only words the whole library shares (coverage 0) are no
@@ -462,8 +454,7 @@ class Searcher:
         """
         t0 = time.perf_counter()
         allowed = self.allowed_ids(filters)
-        with self.library.lock:
-            per_vector = self.library.index.search(vectors, depth + 1, allowed)
+        per_vector = self.library.search_vectors(vectors, depth + 1, allowed)
         summed: dict[int, float] = {}
         for cands in per_vector:
             for image_id, score in zip(cands.ids.tolist(), cands.scores.tolist()):
@@ -471,7 +462,7 @@ class Searcher:
         summed.pop(exclude, None)
         pool = sorted(summed, key=summed.__getitem__, reverse=True)[: 4 * depth]
         ids_list, scores_list = [], []
-        for ids, stored in self.library.store.iter_vectors(pool):
+        for ids, stored in self.library.iter_vectors(pool):
             ids_list.append(ids)
             scores_list.append(image_similarity(vectors, stored))
         t1 = time.perf_counter()
@@ -496,7 +487,7 @@ class Searcher:
         records = {i: ranking.records[i] for i in wanted if i in ranking.records}
         unread = [i for i in wanted if i not in records]
         if unread:
-            records.update(self.library.store.images(unread))
+            records.update(self.library.images(unread))
         hits = []
         for j in window:
             rec = records.get(int(ranking.ids[j]))
@@ -522,27 +513,11 @@ class Searcher:
         return hits, has_more
 
     def _itm(self, text: str, ids: np.ndarray, records: dict[int, ImageRecord]) -> np.ndarray:
-        """ITM P(match) for each candidate; NaN where its features cannot be had. The records
-        read to re-run the ViT are left in `records`.
-
-        Cached features are fp16 (ITM differs from the reference by at most ~4e-4 for them);
-        recomputed ones stay in the model's dtype, so a candidate with no cache entry is
-        scored exactly as the reference scores it.
-        """
+        """ITM P(match) for each candidate; NaN where its ViT output cannot be had (see
+        `VitFeatures`). Records read to find files are left in `records`."""
         import torch
 
-        features: dict[int, torch.Tensor] = {}
-        cache = self.library.features if self.use_cache else None
-        missing = []
-        for image_id in ids.tolist():
-            arr = cache.get(image_id) if cache is not None else None
-            if arr is None:
-                missing.append(image_id)
-            else:
-                features[image_id] = torch.from_numpy(np.array(arr))  # a private copy of the memory map
-        if missing:
-            records.update(self.library.store.images(missing))
-            features.update(self._recompute_vit(missing, records))
+        features = self.vit_features.get(ids.tolist(), records)
         have = [i for i in ids.tolist() if i in features]
         out = np.full(len(ids), np.nan, dtype=np.float32)
         if not have:
@@ -553,31 +528,4 @@ class Searcher:
         pos = {image_id: j for j, image_id in enumerate(ids.tolist())}
         for image_id, p in zip(have, probs):
             out[pos[image_id]] = p
-        return out
-
-    def _recompute_vit(self, ids: list[int], records: dict[int, ImageRecord]) -> dict[int, "torch.Tensor"]:
-        """ViT outputs re-run from the files, in the model's dtype (and into the cache, as fp16,
-        where the settings keep one)."""
-
-        def load(image_id: int):
-            rec = records.get(image_id)
-            for path in rec.paths if rec else []:
-                try:
-                    return decode_image(read_file(path), max_pixels=self.settings.max_image_pixels).image
-                except BadImageError as e:
-                    log.warning("cannot re-rank %s: %s", path, e)
-            return None
-
-        with ThreadPoolExecutor(self.settings.decode_workers) as pool:
-            loaded = list(zip(ids, pool.map(load, ids)))
-        got = [image_id for image_id, im in loaded if im is not None]
-        images = [im for _, im in loaded if im is not None]
-        if not images:
-            return {}
-        vit = self.model.vit(self.model.preprocess(images)).cpu()
-        out = {image_id: vit[j] for j, image_id in enumerate(got)}
-        if self.fill_cache and self.library.features is not None:
-            arrays = vit.float().numpy().astype(np.float16)
-            for j, image_id in enumerate(got):
-                self.library.features.put(image_id, arrays[j])
         return out

@@ -205,17 +205,17 @@ class QueryService:
     # -- images -----------------------------------------------------------------------------
 
     def image(self, image_id: int) -> dict:
-        detail = self.library.store.image_detail(image_id)
+        detail = self.library.image_detail(image_id)
         if detail is None or not detail["files"]:
             raise ImageNotFoundError(f"no image has id {image_id}")
         return detail
 
     def thumbnail(self, image_id: int) -> str:
-        return str(self.library.thumbnails.get(image_id, self._indexed_files(image_id)))
+        return str(self.library.thumbnail(image_id, self._indexed_files(image_id)))
 
     def preview(self, image_id: int) -> str:
         """A screen-sized JPEG of the image for the detail view, made on first request."""
-        return str(self.library.previews.get(image_id, self._indexed_files(image_id)))
+        return str(self.library.preview(image_id, self._indexed_files(image_id)))
 
     def _indexed_files(self, image_id: int) -> list[str]:
         """The image's files that still hold the content that was indexed (same size and
@@ -267,8 +267,7 @@ class QueryService:
         return self._indexed_files(image_id)[0]
 
     def update_gauges(self) -> None:
-        index = self.library.index
-        n = index.index.ntotal if index is not None else 0
-        self.metrics.vectors.set(n)
-        self.metrics.images.set(len(index) if index is not None else 0)
+        images, vectors = self.library.counts()
+        self.metrics.vectors.set(vectors)
+        self.metrics.images.set(images)
 
