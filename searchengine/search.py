@@ -129,6 +129,17 @@ class Ranking:
 MODES = ("hybrid", "semantic", "keyword")
 
 
+@dataclass(frozen=True)
+class _Pool:
+    """A mode's candidates, in the order ITM takes them: ITC (NaN without a model) and keyword
+    share (NaN where no word matched) alongside; `exhausted`: fewer than asked for exist."""
+
+    ids: np.ndarray
+    itc: np.ndarray
+    keyword: np.ndarray
+    exhausted: bool
+
+
 class RankingCache:
     """Rankings kept across requests, least recently used out first (the service's), so that
     the next page of a query costs no model call and a deeper one re-uses its ITM scores.
@@ -261,6 +272,8 @@ class Searcher:
         """The best `depth` images for a query read by `parse_for_mode(text, mode)`, whose
         `semantic_text` encodes to `text_vec` (None in keyword mode without a model: no ITC).
 
+        Each mode gathers its candidates its own way (`_semantic_pool`, `_keyword_pool`,
+        `_hybrid_pool`); ITM then re-scores the first `rerank` of them (`_rerank`).
         `known_itm`: ITM scores from a shallower ranking of the same query, reused rather than
         recomputed when a deeper page needs a deeper ranking (the re-ranked top is the same).
         """
@@ -268,59 +281,83 @@ class Searcher:
         filters = filters or Filters()
         t0 = time.perf_counter()
         excluded = self.library.keyword_matches(kq.excluded) if kq.excluded else None
-        sem_ids, sem_itc = np.zeros(0, np.int64), np.zeros(0, np.float32)
-        if mode != "keyword":
-            allowed = self.allowed_ids(filters, excluded)
-            cands = self.library.search_vectors(text_vec[None], depth, allowed)[0]
-            sem_ids, sem_itc = cands.ids, cands.scores
-        kw_hits = []
-        if mode != "semantic" and kq.searchable:
-            kw_hits = self.library.keyword_search(kq, depth, filters)
-        t1 = time.perf_counter()
-        if mode == "hybrid":
-            # Images that match only words the whole library shares (coverage 0) are no
-            # keyword evidence: fusing them would hand ITM slots to an arbitrary list (a
-            # library under ~/Pictures and the query "a picture of a dog").
-            kw_hits = [h for h in kw_hits if h.coverage > 0]
-        kw_ids = np.array([h.image_id for h in kw_hits], dtype=np.int64)
-        coverage = {h.image_id: h.coverage for h in kw_hits}
-        itc_of = dict(zip(sem_ids.tolist(), sem_itc.tolist()))
-        missing = np.array([i for i in kw_ids.tolist() if i not in itc_of], dtype=np.int64)
-        if text_vec is None:
-            itc_of.update((i, np.nan) for i in missing.tolist())
-        elif len(missing):
-            itc_of.update(self._itc_exact(text_vec, missing))
         if mode == "semantic":
-            ids = sem_ids
+            pool = self._semantic_pool(text_vec, depth, filters, excluded)
         elif mode == "keyword":
-            ids = kw_ids
-        else:  # hybrid: the fused order decides which candidates ITM re-ranks
-            fused = rrf([sem_ids, kw_ids], self.settings.rrf_k)
-            ids = np.array(sorted(fused, key=lambda i: (-fused[i], i)), dtype=np.int64)
-        ids = np.array([i for i in ids.tolist() if i in itc_of], dtype=np.int64)  # deleted meanwhile
-        itc = np.array([itc_of[i] for i in ids.tolist()], dtype=np.float32)
-        kw = np.array([coverage.get(i, np.nan) for i in ids.tolist()], dtype=np.float32)
+            pool = self._keyword_pool(kq, text_vec, depth, filters)
+        else:
+            pool = self._hybrid_pool(kq, text_vec, depth, filters, excluded)
+        t1 = time.perf_counter()
+        ranking = self._rerank(pool, kq.semantic_text, mode=mode, rerank=rerank, depth=depth, known_itm=known_itm or {})
+        ranking.timings = {"ann": (t1 - t0) * 1000, "rerank": (time.perf_counter() - t1) * 1000}
+        ranking.query_vector = text_vec
+        return ranking
+
+    def _semantic_pool(self, text_vec: np.ndarray, depth: int, filters: Filters, excluded: np.ndarray | None) -> _Pool:
+        """The top `depth` images by ITC (max over each image's vectors), within the filters."""
+        found = self.library.search_vectors(text_vec[None], depth, self.allowed_ids(filters, excluded))[0]
+        return _Pool(found.ids, found.scores.astype(np.float32), np.full(len(found.ids), np.nan, np.float32), len(found.ids) < depth)
+
+    def _keyword_pool(self, kq: KeywordQuery, text_vec: np.ndarray | None, depth: int, filters: Filters) -> _Pool:
+        """The top `depth` images by share of the query's words matched, then BM25; with their
+        ITC where the query was encoded (keyword mode still shows it)."""
+        hits = self.library.keyword_search(kq, depth, filters) if kq.searchable else []
+        ids = np.array([h.image_id for h in hits], dtype=np.int64)
+        if text_vec is None:
+            itc_of = {i: np.nan for i in ids.tolist()}
+        else:
+            itc_of = self._itc_exact(text_vec, ids) if len(ids) else {}
+        keep = [j for j, i in enumerate(ids.tolist()) if i in itc_of]  # deleted meanwhile
+        return _Pool(
+            ids[keep], np.array([itc_of[int(i)] for i in ids[keep]], np.float32),
+            np.array([hits[j].coverage for j in keep], np.float32), len(hits) < depth,
+        )
+
+    def _hybrid_pool(
+        self, kq: KeywordQuery, text_vec: np.ndarray, depth: int, filters: Filters, excluded: np.ndarray | None
+    ) -> _Pool:
+        """Semantic and keyword candidates fused by reciprocal rank: the fused order decides
+        which candidates ITM re-ranks."""
+        semantic = self._semantic_pool(text_vec, depth, filters, excluded)
+        hits = self.library.keyword_search(kq, depth, filters) if kq.searchable else []
+        # Images that match only words the whole library shares (coverage 0) are no keyword
+        # evidence: fusing them would hand ITM slots to an arbitrary list (a library under
+        # ~/Pictures and the query "a picture of a dog").
+        useful = [h for h in hits if h.coverage > 0]
+        kw_ids = np.array([h.image_id for h in useful], dtype=np.int64)
+        coverage = {h.image_id: h.coverage for h in useful}
+        itc_of = dict(zip(semantic.ids.tolist(), semantic.itc.tolist()))
+        missing = np.array([i for i in kw_ids.tolist() if i not in itc_of], dtype=np.int64)
+        if len(missing):
+            itc_of.update(self._itc_exact(text_vec, missing))
+        fused = rrf([semantic.ids, kw_ids], self.settings.rrf_k)
+        ids = [i for i in sorted(fused, key=lambda i: (-fused[i], i)) if i in itc_of]  # deleted meanwhile
+        return _Pool(
+            np.array(ids, dtype=np.int64), np.array([itc_of[i] for i in ids], np.float32),
+            np.array([coverage.get(i, np.nan) for i in ids], np.float32), semantic.exhausted and len(kw_ids) < depth,
+        )
+
+    def _rerank(self, pool: _Pool, text: str, *, mode: str, rerank: int, depth: int, known_itm: dict[int, float]) -> Ranking:
+        """ITM for the pool's first `rerank` candidates (reusing `known_itm`), and the final
+        order: re-ranked candidates first by ITM + ITC (+ keyword share in hybrid mode), then
+        the rest by ITC, as in the paper; keyword mode keeps its own order."""
+        ids, itc, kw = pool.ids, pool.itc, pool.keyword
         itm = np.full(len(ids), np.nan, dtype=np.float32)
         n = min(rerank, len(ids))
-        known = known_itm or {}
-        todo = [j for j in range(n) if int(ids[j]) not in known]
+        todo = [j for j in range(n) if int(ids[j]) not in known_itm]
         for j in range(n):
-            itm[j] = known.get(int(ids[j]), np.nan)
+            itm[j] = known_itm.get(int(ids[j]), np.nan)
         records: dict[int, ImageRecord] = {}
         if todo:
-            itm[todo] = self._itm(kq.semantic_text, ids[todo], records)
+            itm[todo] = self._itm(text, ids[todo], records)
         reranked = ~np.isnan(itm)
         if mode == "keyword":
             final = kw
             order = np.arange(len(ids))  # already by share of words matched, then BM25
         else:
             final = np.where(reranked, itm + itc, itc) + (np.nan_to_num(kw) if mode == "hybrid" else 0.0)
-            # Re-ranked candidates first (by their final score), then the rest, as in the paper.
             order = np.lexsort((ids, -final, ~reranked))
-        timings = {"ann": (t1 - t0) * 1000, "rerank": (time.perf_counter() - t1) * 1000}
-        exhausted = len(sem_ids) < depth and len(kw_ids) < depth
-        ranking = Ranking(ids[order], itc[order], itm[order], final[order].astype(np.float32), depth, exhausted, timings)
-        ranking.query_vector = text_vec
+        ranking = Ranking(ids[order], itc[order], itm[order], final[order].astype(np.float32), depth, pool.exhausted, {})
         ranking.keyword = kw[order]
         ranking.records = records
         return ranking
