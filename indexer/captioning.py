@@ -16,6 +16,7 @@ from typing import Callable
 
 from indexer.pipeline import map_ahead
 from searchengine.captions import Caption, Captioner
+from searchengine.devices import defaults_for
 from searchengine.errors import BadImageError, ReadOnlyIndexError
 from searchengine.imageio import decode_image, read_file
 from searchengine.library import Library
@@ -53,7 +54,7 @@ class Recaptioner:
         if not library.writable:
             Library.check_writable(settings)  # names the path that cannot be written
             raise ReadOnlyIndexError(f"the index in {settings.data_dir} was opened read-only; captioning writes to it")
-        self.batch_size = settings.batch_size or (32 if captioner.device.startswith("cuda") else 8)
+        self.batch_size = settings.batch_size or defaults_for(captioner.device).caption_batch
 
     def run(self, *, redo: bool = False) -> CaptionSummary:
         import torch

@@ -27,6 +27,7 @@ from indexer.scan import BAD_NAME, LINK_DUPLICATE, LINK_LOOP, LINK_OUTSIDE, File
 from indexer.stages import CaptionStage, Decoded, DecodeStage, Embedded, EmbedStage, Failed, Known, Read, ReadStage
 from searchengine import links
 from searchengine.captions import Captioner
+from searchengine.devices import defaults_for
 from searchengine.errors import ReadOnlyIndexError, SearchEngineError
 from searchengine.imageio import read_file
 from searchengine.library import Library, NewImage, model_info
@@ -114,7 +115,7 @@ class Indexer:
             Library.check_writable(settings)  # names the path that cannot be written
             raise ReadOnlyIndexError(f"the index in {settings.data_dir} was opened read-only; indexing writes to it")
         self.library.bind(model_info(model))
-        self.batch_size = settings.batch_size or (64 if model.device.startswith("cuda") else 8)
+        self.batch_size = settings.batch_size or defaults_for(model.device).index_batch
         self.read_stage = ReadStage(reader)
         self.decode_stage = DecodeStage(
             model.preprocessor, settings.max_image_pixels, *library.thumbnail_format,

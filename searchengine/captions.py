@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from searchengine.devices import CPU_CAPTIONER, GPU_CAPTIONER, defaults_for
 from searchengine.errors import ModelLoadError
 from searchengine.models import Preprocessor, _first_line, load_config, resolve_device, resolve_dtype
 
@@ -27,8 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CPU_DEFAULT = "Salesforce/blip-image-captioning-base"
-GPU_DEFAULT = "Salesforce/blip2-opt-2.7b-coco"
+CPU_DEFAULT, GPU_DEFAULT = CPU_CAPTIONER, GPU_CAPTIONER
 
 # model_type -> (the class that writes captions, the weights it needs beyond the vision side)
 _FAMILIES = {
@@ -38,7 +38,7 @@ _FAMILIES = {
 
 
 def default_caption_model(device: str) -> str:
-    return GPU_DEFAULT if device.startswith("cuda") else CPU_DEFAULT
+    return defaults_for(device).caption_model
 
 
 @dataclass

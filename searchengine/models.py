@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from searchengine.devices import auto_dtype, on_gpu
 from searchengine.errors import ModelLoadError
 from searchengine.hub import ModelSource, locate, looks_local, prepare_loading
 
@@ -59,7 +60,7 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if on_gpu(device) and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} was asked for, but no CUDA GPU is available; use --device cpu")
     return device
 
@@ -68,9 +69,8 @@ def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
     import torch
 
     if dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+        gpu_bf16 = on_gpu(device) and torch.cuda.is_bf16_supported()
+        dtype = auto_dtype(device, gpu_bf16=gpu_bf16, cpu_bf16=not on_gpu(device) and cpu_supports_bf16())
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from searchengine.devices import defaults_for
+
 DEFAULT_MODEL = "Salesforce/blip2-itm-vit-g"
 
 
@@ -81,7 +83,7 @@ class Settings(BaseSettings):
 
     def writes_feature_cache(self, device: str) -> bool:
         """Whether ViT features are cached (at index time, and when re-computed at query time)."""
-        return self.itm_features == "cache" or (self.itm_features == "auto" and not device.startswith("cuda"))
+        return self.itm_features == "cache" or (self.itm_features == "auto" and defaults_for(device).vit_cache)
 
     @property
     def thumbnails_dir(self) -> Path:

@@ -66,3 +66,10 @@ def test_the_read_and_decode_stages_import_no_database_code():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_what_depends_on_the_device_is_decided_in_one_place():
+    # Batch sizes, the feature cache, the captioner and the dtype of a GPU or a CPU: devices.py.
+    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py")]:
+        if path.name != "devices.py":
+            assert 'startswith("cuda")' not in path.read_text(), path

@@ -1,0 +1,41 @@
+"""Everything that depends on where the models run, decided in this one place.
+
+A GPU embeds 64 images a batch and re-runs the ViT for ITM in milliseconds, so it keeps no
+ViT feature cache, and it captions with BLIP-2 OPT-2.7b; a CPU embeds 8 a batch, keeps an fp16
+ViT cache (re-running the ViT there costs seconds per candidate, see
+benchmarks/query_latency.py), and captions with BLIP base. The dtype follows the hardware:
+bf16 (or fp16) on a GPU, bf16 on a CPU that has it in hardware, else fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CPU_CAPTIONER = "Salesforce/blip-image-captioning-base"
+GPU_CAPTIONER = "Salesforce/blip2-opt-2.7b-coco"
+
+
+def on_gpu(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+@dataclass(frozen=True)
+class DeviceDefaults:
+    index_batch: int  # images per embedding batch
+    caption_batch: int  # images per captioning batch (`searchengine caption`)
+    caption_model: str  # the captioner of a new index
+    vit_cache: bool  # keep each image's ViT output for ITM re-ranking (itm_features "auto")
+
+
+def defaults_for(device: str) -> DeviceDefaults:
+    """The defaults for a resolved device ("cpu", "cuda", "cuda:1")."""
+    if on_gpu(device):
+        return DeviceDefaults(index_batch=64, caption_batch=32, caption_model=GPU_CAPTIONER, vit_cache=False)
+    return DeviceDefaults(index_batch=8, caption_batch=8, caption_model=CPU_CAPTIONER, vit_cache=True)
+
+
+def auto_dtype(device: str, *, gpu_bf16: bool, cpu_bf16: bool) -> str:
+    """The dtype "auto" means on `device`, given what its hardware supports."""
+    if on_gpu(device):
+        return "bfloat16" if gpu_bf16 else "float16"
+    return "bfloat16" if cpu_bf16 else "float32"
