@@ -32,6 +32,7 @@ from pydantic import BaseModel, BeforeValidator
 from sqlalchemy.exc import DatabaseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from searchengine import wiring
 from searchengine.api_guards import (
     PLAIN_TEXT,
     UploadLimit,
@@ -288,9 +289,8 @@ def _search_out(page: Page, k: int, offset: int, mode: str | None = None) -> Sea
 
 def default_loader(settings: Settings):
     """(model, library) of an existing index, with the model it was built with by default."""
-    from searchengine.wiring import open_for_serving
 
-    return open_for_serving(settings)
+    return wiring.open_for_serving(settings)
 
 
 def create_app(
@@ -314,7 +314,7 @@ def create_app(
         async def load() -> None:
             try:
                 model, library = await asyncio.to_thread(loader, settings)
-                service = await asyncio.to_thread(QueryService, settings, model, library, metrics)
+                service = await asyncio.to_thread(wiring.query_service, settings, model, library, metrics)
                 state.service = service
                 log.info("ready: %d images", library.counts()[0])
                 if on_ready is not None:

@@ -344,17 +344,6 @@ def _folders(args: argparse.Namespace, settings: Settings, recorded, err) -> lis
 # -- commands -----------------------------------------------------------------------------
 
 
-def _load_for_indexing(settings: Settings, recorded):
-    """(captioner or None, model, seconds spent loading): both checked to be at hand before
-    either loads, the captioner loaded first (a captioner that cannot load stops the run
-    before the big model loads and before anything is written)."""
-    t0 = time.perf_counter()
-    choice = wiring.choose(settings, recorded, captions=True)
-    captioner = wiring.load_captioner(settings, choice.caption_model)
-    model = wiring.load_model(settings, choice.model)
-    return captioner, model, time.perf_counter() - t0
-
-
 def cmd_index(args: argparse.Namespace, out, err) -> int:
     from tqdm import tqdm
 
@@ -365,9 +354,8 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
     settings = _settings(args)
     recorded = Library.recorded(settings)
     folders = _folders(args, settings, recorded, err)
-    Library.check_writable(settings)  # before any model loads
-    captioner, model, load_s = _load_for_indexing(settings, recorded)
-    library = Library.open(settings, create=True, writable=True)
+    parts = wiring.open_for_indexing(settings, recorded)
+    library, model, captioner, load_s = parts.library, parts.model, parts.captioner, parts.load_s
     _lock_new_index(args)
     bar = tqdm(total=0, unit="file", file=err, disable=None, dynamic_ncols=True)
 
@@ -414,16 +402,13 @@ def cmd_caption(args: argparse.Namespace, out, err) -> int:
     from tqdm import tqdm
 
     from indexer.captioning import Recaptioner
-    from searchengine.library import Library
 
     settings = _settings(args)
     if settings.captions is False:
         raise SearchEngineError("`caption` with --no-captions has nothing to do")
     # Before the model: a missing or read-only index is reported at once.
-    library = Library.open(settings, writable=True, vectors=False)
+    library, captioner = wiring.open_for_captioning(settings)
     try:
-        name = wiring.caption_model(settings, library.built_with(), force=True)
-        captioner = wiring.load_captioner(settings, wiring.located_captioner(name))
         bar = tqdm(total=0, unit="img", file=err, disable=None, dynamic_ncols=True)
         try:
             summary = Recaptioner(
@@ -459,8 +444,7 @@ def _search_filters(args: argparse.Namespace):
 
 
 def cmd_search(args: argparse.Namespace, out, err) -> int:
-    from searchengine.library import Library
-    from searchengine.search import Searcher, parse_for_mode
+    from searchengine.search import parse_for_mode
 
     settings = _settings(args)
     query = " ".join(args.query).strip()
@@ -475,17 +459,14 @@ def cmd_search(args: argparse.Namespace, out, err) -> int:
     if not args.image:
         parse_for_mode(query, settings.search_mode)
     example = _example_image(args.image, settings) if args.image else None
-    # Keyword search needs no model and no vector index: it answers in well under a second.
-    library = Library.open(settings, vectors=not keyword_only)  # a missing index is reported before any model loads
+    searcher = wiring.open_for_search(settings, keyword_only=keyword_only)
     try:
-        model = None if keyword_only else wiring.load_model(settings, wiring.retrieval_model(settings, library.built_with()))
-        searcher = Searcher(model, library, settings)
         if example is not None:
             result = searcher.search_image(example, k=args.k, filters=filters)
         else:
             result = searcher.search(query, k=args.k, rerank=0 if args.no_rerank else None, filters=filters)
     finally:
-        library.close()
+        searcher.library.close()
     mode = "image" if example is not None else settings.search_mode
     if args.json:
         print(json.dumps(_result_json(result, mode), ensure_ascii=False, indent=2), file=out)
@@ -600,10 +581,9 @@ def cmd_watch(args: argparse.Namespace, out, err) -> int:
     settings = _settings(args)
     recorded = Library.recorded(settings)
     folders = _folders(args, settings, recorded, err)
-    Library.check_writable(settings)  # before any model loads
     logging.getLogger("indexer").setLevel(logging.INFO)
-    captioner, model, _ = _load_for_indexing(settings, recorded)
-    library = Library.open(settings, create=True, writable=True)
+    parts = wiring.open_for_indexing(settings, recorded)
+    library, model, captioner = parts.library, parts.model, parts.captioner
     _lock_new_index(args)
     library.record_captioner(captioner is not None, captioner.name if captioner else None)
     # No on_skip here: the watcher logs every file it handles, skipped ones too, once.

@@ -141,3 +141,68 @@ def open_for_serving(settings: Settings, *, create: bool = False, model: str | N
     except BaseException:
         library.close()
         raise
+
+
+# -- what each command opens -----------------------------------------------------------------
+# The CLI's commands and the API's app get their parts here, built one way: the library
+# first where it exists (a missing index is reported before any model loads), models checked
+# to be at hand before either loads, the captioner before the big model.
+
+
+@dataclass
+class ForIndexing:
+    library: object  # Library, writable
+    model: object  # RetrievalModel
+    captioner: object | None  # Captioner, or None for no captions
+    load_s: float  # seconds spent loading the models
+
+
+def open_for_indexing(settings: Settings, recorded: Recorded | None) -> ForIndexing:
+    """What `index` and `watch` need: a writable library (created if there is none), the
+    retrieval model and the captioner the index is built with, or those the settings name."""
+    import time
+
+    from searchengine.library import Library
+
+    Library.check_writable(settings)  # before any model loads
+    t0 = time.perf_counter()
+    choice = choose(settings, recorded, captions=True)
+    captioner = load_captioner(settings, choice.caption_model)
+    model = load_model(settings, choice.model)
+    load_s = time.perf_counter() - t0
+    return ForIndexing(Library.open(settings, create=True, writable=True), model, captioner, load_s)
+
+
+def open_for_search(settings: Settings, *, keyword_only: bool):
+    """A Searcher for the CLI's `search` (its library: `searcher.library`). Keyword search
+    loads no model and no vector index: it answers in well under a second."""
+    from searchengine.library import Library
+    from searchengine.search import Searcher
+
+    library = Library.open(settings, vectors=not keyword_only)
+    try:
+        model = None if keyword_only else load_model(settings, retrieval_model(settings, library.built_with()))
+        return Searcher(model, library, settings)
+    except BaseException:
+        library.close()
+        raise
+
+
+def open_for_captioning(settings: Settings):
+    """(library, captioner) for `caption`: the index's own captioner unless one is named."""
+    from searchengine.library import Library
+
+    library = Library.open(settings, writable=True, vectors=False)
+    try:
+        name = caption_model(settings, library.built_with(), force=True)
+        return library, load_captioner(settings, located_captioner(name))
+    except BaseException:
+        library.close()
+        raise
+
+
+def query_service(settings: Settings, model, library, metrics=None):
+    """The API's query service over a loaded model and library."""
+    from searchengine.service import QueryService
+
+    return QueryService(settings, model, library, metrics)
