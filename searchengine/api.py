@@ -269,10 +269,8 @@ Paging = Annotated[PageQuery, Depends()]
 
 def _hit(h: Hit) -> HitOut:
     return HitOut(
-        id=h.image_id, path=h.path, paths=h.paths, width=h.width, height=h.height, taken_at=h.taken_at,
-        camera=h.camera, caption=h.caption, score=h.score, itc=h.itc, itm=h.itm, keyword=h.keyword,
-        thumbnail_url=f"/api/images/{h.image_id}/thumbnail", preview_url=f"/api/images/{h.image_id}/preview",
-        file_url=f"/api/images/{h.image_id}/file",
+        **h.as_json(), thumbnail_url=f"/api/images/{h.image_id}/thumbnail",
+        preview_url=f"/api/images/{h.image_id}/preview", file_url=f"/api/images/{h.image_id}/file",
     )
 
 

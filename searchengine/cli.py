@@ -511,24 +511,7 @@ def _result_json(result, mode: str) -> dict:
         "mode": mode,
         "reranked": result.reranked,
         "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
-        "results": [
-            {
-                "rank": rank,
-                "id": h.image_id,
-                "path": h.path,
-                "paths": h.paths,
-                "score": h.score,
-                "itm": h.itm,
-                "itc": h.itc,
-                "keyword": h.keyword,
-                "caption": h.caption,
-                "width": h.width,
-                "height": h.height,
-                "taken_at": h.taken_at,
-                "camera": h.camera,
-            }
-            for rank, h in enumerate(result.hits, 1)
-        ],
+        "results": [{"rank": rank, **h.as_json()} for rank, h in enumerate(result.hits, 1)],
     }
 
 

@@ -59,6 +59,15 @@ class Hit:
     def path(self) -> str:
         return self.paths[0]
 
+    def as_json(self) -> dict:
+        """The one JSON form of a hit: `search --json`'s results and /api/search's hits (which
+        add the URLs of the image's files) hold these fields."""
+        return {
+            "id": self.image_id, "path": self.path, "paths": self.paths, "score": self.score, "itm": self.itm,
+            "itc": self.itc, "keyword": self.keyword, "caption": self.caption, "width": self.width,
+            "height": self.height, "taken_at": self.taken_at, "camera": self.camera,
+        }
+
 
 @dataclass
 class Page:

@@ -642,3 +642,13 @@ def test_deep_pages_reuse_the_rerank_and_agree_with_one_big_request(indexed, mod
         whole = c.get("/api/search", params={"q": "stormy sky", "k": 20}).json()
     assert ids_of(deep) == ids_of(whole)[15:20]
     assert ids(first) == ids_of(whole)[:5]
+
+
+def test_a_hit_has_one_json_form_for_the_api_and_the_cli():
+    from searchengine.api import HitOut
+    from searchengine.search import Hit
+
+    hit = Hit(7, ["/p/a.jpg", "/p/b.jpg"], 0.31, 0.9, 1.21, 64, 48, "2023-01-02T03:04:05", "X100", "a dog", 0.5)
+    api = HitOut(**hit.as_json(), thumbnail_url="t", preview_url="p", file_url="f").model_dump()
+    assert {k: api[k] for k in hit.as_json()} == hit.as_json()
+    assert set(api) - set(hit.as_json()) == {"thumbnail_url", "preview_url", "file_url"}
