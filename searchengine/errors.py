@@ -51,3 +51,20 @@ class StoreDamagedError(SearchEngineError):
 
 class IndexBusyError(SearchEngineError):
     """Another indexing process holds the data dir's writer lock."""
+
+
+class UploadError(SearchEngineError):
+    """An uploaded image that cannot be searched by: not an image, damaged, too many pixels."""
+
+
+class UploadTooLarge(UploadError):
+    """An upload over the size limit."""
+
+
+class IndexedFileError(SearchEngineError):
+    """An indexed image's file can no longer be read as an image (changed or damaged on disk)."""
+
+
+class IndexedFileGone(IndexedFileError):
+    """An indexed image has no file left that is still the content that was indexed (deleted,
+    changed, or a link that now leads elsewhere)."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import contextmanager
+from typing import Iterator
 import os
 import stat
 import threading
@@ -21,7 +23,7 @@ import time
 from PIL import Image
 
 from searchengine.batcher import MicroBatcher
-from searchengine.errors import BadImageError, ImageNotFoundError, SearchEngineError
+from searchengine.errors import BadImageError, ImageNotFoundError, IndexedFileError, IndexedFileGone, SearchEngineError, UploadError, UploadTooLarge
 from searchengine.imageio import decode_image
 from searchengine.library import Library
 from searchengine.metrics import Metrics
@@ -31,6 +33,18 @@ from searchengine.settings import Settings
 from searchengine.store import FolderCount
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _indexed_file_errors() -> Iterator[None]:
+    """An indexed image's file that cannot be made into a thumbnail or preview: gone (404), or
+    there but no longer an image (409); never "the upload is not a usable image"."""
+    try:
+        yield
+    except BadImageError as e:
+        if e.reason == "vanished":
+            raise IndexedFileGone(f"the image's file is gone: {e}") from e
+        raise IndexedFileError(f"the image's file cannot be read any more ({e}); re-index its folder") from e
 
 
 class ServiceBusy(SearchEngineError):
@@ -165,11 +179,16 @@ class QueryService:
         finally:
             self._upload_waiting -= 1
         try:
-            image = (await asyncio.to_thread(
-                decode_image, data, max_pixels=self.settings.max_upload_pixels,
-                limit_hint="the server takes uploads up to this size; send a smaller image",
-                draft=2 * self.model.image_size,
-            )).image
+            try:
+                image = (await asyncio.to_thread(
+                    decode_image, data, max_pixels=self.settings.max_upload_pixels,
+                    limit_hint="the server takes uploads up to this size; send a smaller image",
+                    draft=2 * self.model.image_size,
+                )).image
+            except BadImageError as e:
+                if e.reason == "too_large":  # more pixels than the server takes
+                    raise UploadTooLarge(str(e)) from e
+                raise UploadError(f"the upload is not a usable image: {e}") from e
             # Straight to the model's input size, with the bicubic filter its processor uses:
             # the processor would otherwise turn the full-size image into float arrays first
             # (a 49 MP upload: ~600 MiB more).
@@ -211,11 +230,13 @@ class QueryService:
         return detail
 
     def thumbnail(self, image_id: int) -> str:
-        return str(self.library.thumbnail(image_id, self._indexed_files(image_id)))
+        with _indexed_file_errors():
+            return str(self.library.thumbnail(image_id, self._indexed_files(image_id)))
 
     def preview(self, image_id: int) -> str:
         """A screen-sized JPEG of the image for the detail view, made on first request."""
-        return str(self.library.preview(image_id, self._indexed_files(image_id)))
+        with _indexed_file_errors():
+            return str(self.library.preview(image_id, self._indexed_files(image_id)))
 
     def _indexed_files(self, image_id: int) -> list[str]:
         """The image's files that still hold the content that was indexed (same size and
@@ -242,7 +263,7 @@ class QueryService:
                 "allows links anywhere (--links all)" if outside
                 else "it has no file left that is still the indexed content; re-index its folder"
             )
-            raise BadImageError("vanished", f"image {image_id}: {why}")
+            raise IndexedFileGone(f"image {image_id}: {why}")
         return current
 
     def folders(self, contains: str = "", limit: int = 50) -> tuple[list[FolderCount], int]:

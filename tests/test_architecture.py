@@ -22,7 +22,7 @@ def _imports(path: Path) -> set[str]:
 
 def test_core_never_imports_indexer():
     # cli.py is the composition root: it wires the indexer into the `index` command.
-    for path in (ROOT / "searchengine").glob("*.py"):
+    for path in (ROOT / "searchengine").glob("**/*.py"):
         if path.name == "cli.py":
             continue
         assert not any(n.split(".")[0] == "indexer" for n in _imports(path)), path
@@ -30,7 +30,7 @@ def test_core_never_imports_indexer():
 
 def test_importing_the_packages_loads_no_model_and_no_torch():
     code = (
-        "import sys, searchengine.cli, searchengine.search, searchengine.library, indexer.pipeline;"
+        "import sys, searchengine.cli, searchengine.search, searchengine.library, searchengine.api, indexer.pipeline;"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('torch','transformers')))"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -73,3 +73,12 @@ def test_what_depends_on_the_device_is_decided_in_one_place():
     for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py")]:
         if path.name != "devices.py":
             assert 'startswith("cuda")' not in path.read_text(), path
+
+
+def test_the_api_maps_errors_by_type_and_its_routes_reach_no_storage():
+    for path in ROOT.glob("searchengine/api/**/*.py"):
+        assert ".reason ==" not in path.read_text(), f"{path}: map errors by exception type (api/errors.py)"
+    for path in ROOT.glob("searchengine/api/routes/*.py"):
+        banned = {n for n in _imports(path) if n.split(".")[0] in ("sqlalchemy", "faiss", "torch")
+                  or n in ("searchengine.store", "searchengine.vector_index", "searchengine.library")}
+        assert not banned, (path, banned)

@@ -5,17 +5,31 @@
 - Control characters (NUL above all) in query parameters are a 400 before any store call.
 - Image ids and dates are read strictly: `1_0` is not 10, `0.5` is not a date.
 - The API key never reaches the access log, however its parameter name is percent-encoded.
+- Every request (an unexpected error included) gets an access-log line and a metrics count.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
+import logging
 import re
+import time
 from datetime import date, datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
 from searchengine.errors import QueryError
+from searchengine.metrics import Metrics
+from searchengine.settings import Settings
+
+log = logging.getLogger("searchengine.api")
+access_log = logging.getLogger("searchengine.access")
 
 # Multipart framing around the file: boundary lines and part headers.
 MULTIPART_SLACK = 64 * 1024
@@ -123,3 +137,59 @@ def loggable_query(query: str) -> str:
             continue
         kept.append(part)
     return "&".join(kept)
+
+
+def install(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """The key check, the access log and the request metrics, around every route; the upload cap
+    inside them; CORS outside, when origins are configured."""
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    # Inside the guard (added first): a refused upload is logged and counted like any answer.
+    app.add_middleware(UploadLimit, limit=settings.max_upload_bytes, paths={"/api/search/image"})
+
+    @app.middleware("http")
+    async def guard_and_log(request: Request, call_next):
+        start = time.perf_counter()
+        # The page and its scripts hold no data; everything they fetch is guarded.
+        public = request.url.path == "/" or request.url.path.startswith("/static/")
+        if key is not None and request.method != "OPTIONS" and not public and not authorised(request, key):
+            response = JSONResponse(
+                {"error": "an API key is needed: send it as the X-API-Key header (or ?api_key=)"}, status_code=401
+            )
+        else:
+            try:
+                response = await call_next(request)
+            except Exception:  # a bug: answered here, so it is logged, counted, and the connection kept
+                log.exception("unexpected error on %s %s", request.method, request.url.path)
+                response = JSONResponse({"error": "internal error; the server log has the details"}, status_code=500)
+        seconds = time.perf_counter() - start
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.requests.labels(request.method, route, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(seconds)
+        query = loggable_query(request.url.query)
+        access_log.info(
+            "%s %s%s %d %.1fms", request.method, request.url.path, f"?{query}" if query else "", response.status_code, seconds * 1000
+        )
+        return response
+
+    if settings.cors_origins:  # added last, so it wraps the guard: preflights get their headers
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["X-API-Key", "Authorization"]
+        )
+
+
+def loopback(request: Request) -> bool:
+    """Whether the caller is on this machine (a loopback address or a Unix socket)."""
+    if request.client is None:
+        return True  # a Unix socket: only this machine can connect
+    try:
+        return ipaddress.ip_address(request.client.host).is_loopback
+    except ValueError:
+        return False
+
+
+def authorised(request: Request, key: str) -> bool:
+    given = request.headers.get("x-api-key") or request.query_params.get("api_key") or ""
+    auth = request.headers.get("authorization", "")
+    if not given and auth.lower().startswith("bearer "):
+        given = auth[7:]
+    return hmac.compare_digest(given.encode(), key.encode())

@@ -1,0 +1,114 @@
+"""How errors become HTTP answers: by exception type, one table.
+
+Every message is written for the user; the status says whose fault it is. An error raised in a
+route is looked up here by its class (the most specific entry wins, as Starlette looks up
+handlers along the class's MRO), never by the text of its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DatabaseError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from searchengine.errors import (
+    BadImageError,
+    ImageNotFoundError,
+    IndexBusyError,
+    IndexedFileError,
+    IndexedFileGone,
+    ModelMismatchError,
+    QueryError,
+    SearchEngineError,
+    StoreDamagedError,
+    StoreMissingError,
+    UploadError,
+    UploadTooLarge,
+)
+from searchengine.service import ServiceBusy
+from searchengine.store import damage, is_damage
+
+log = logging.getLogger("searchengine.api")
+
+
+class NotReady(Exception):
+    """The service is still loading (or could not start: the reason is the argument)."""
+
+
+class FileReadTimeout(Exception):
+    """Reading an image's file took too long (a slow or hung disk)."""
+
+
+STATUS: dict[type[BaseException], int] = {
+    SearchEngineError: 400,  # the request cannot be answered as it is; the message says what to fix
+    QueryError: 400,
+    UploadError: 400,  # the upload is not a usable image
+    UploadTooLarge: 413,
+    BadImageError: 400,
+    ImageNotFoundError: 404,
+    IndexedFileGone: 404,  # the image's file is gone or changed since it was indexed
+    IndexedFileError: 409,  # the file is there, but no longer readable as an image: re-index
+    ModelMismatchError: 409,
+    FileReadTimeout: 504,
+    ServiceBusy: 503,  # with Retry-After
+    IndexBusyError: 503,
+    StoreDamagedError: 503,  # the index cannot answer until it is restored
+    StoreMissingError: 503,
+}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def install(app: FastAPI) -> None:
+    """Register the table's handlers and those that need more than a status."""
+
+    def by_table(status: int):
+        async def handler(request, exc):
+            response = _error(status, str(exc))
+            if isinstance(exc, ServiceBusy):
+                response.headers["Retry-After"] = "2"
+            return response
+
+        return handler
+
+    for cls, status in STATUS.items():
+        app.add_exception_handler(cls, by_table(status))
+
+    @app.exception_handler(NotReady)
+    async def not_ready(request, exc: NotReady):
+        if exc.args and exc.args[0]:
+            return _error(503, f"the service could not start: {exc.args[0]}")
+        return _error(503, "the service is still loading the model; try again in a moment")
+
+    @app.exception_handler(DatabaseError)
+    async def database(request, exc: DatabaseError):
+        if is_damage(exc):  # damaged under a running server: say so, rather than "internal error"
+            log.error("the store is damaged: %s", damage(exc))
+            return _error(503, f"the index store is damaged ({damage(exc)}): `searchengine check` and `searchengine restore` repair it")
+        log.exception("database error on %s %s", request.method, request.url.path)
+        return _error(500, "internal error; the server log has the details")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        problems = []
+        for e in exc.errors():
+            where = ".".join(str(x) for x in e.get("loc", ())[1:]) or "request"
+            problems.append(f"{where}: {e.get('msg')}")
+        return _error(422, "; ".join(problems))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):  # a bug: logged in full, answered in JSON
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error(500, "internal error; the server log has the details")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        response = _error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # 405 carries Allow (RFC 9110)
+        return response

@@ -1,0 +1,48 @@
+"""One image: its metadata, thumbnail, preview and original file (read on a pool of their own)."""
+
+from __future__ import annotations
+
+import mimetypes
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from searchengine.api.deps import Files, ImageId, Service
+from searchengine.api.schemas import FILE_RESPONSES, ErrorOut, FileOut, ImageOut
+
+router = APIRouter()
+
+
+@router.get("/api/images/{image_id}", response_model=ImageOut, responses={404: {"model": ErrorOut}})
+def image(service: Service, image_id: ImageId):
+    """An image's metadata and files."""
+    d = service.image(image_id)
+    return ImageOut(
+        id=d["id"], paths=[f["path"] for f in d["files"]], files=[FileOut(path=f["path"], size=f["size"]) for f in d["files"]],
+        width=d["width"], height=d["height"], taken_at=d["taken_at"], camera=d["camera"], gps_lat=d["gps_lat"],
+        gps_lon=d["gps_lon"], caption=d["caption"], caption_model=d["caption_model"], caption_error=d["caption_error"],
+        thumbnail_url=f"/api/images/{image_id}/thumbnail", preview_url=f"/api/images/{image_id}/preview",
+        file_url=f"/api/images/{image_id}/file",
+    )
+
+
+@router.get("/api/images/{image_id}/thumbnail", response_class=FileResponse, responses=FILE_RESPONSES)
+async def thumbnail(service: Service, files: Files, image_id: ImageId):
+    """A small JPEG of the image, made once and kept."""
+    path = await files.run(service.thumbnail, image_id)
+    return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+
+@router.get("/api/images/{image_id}/preview", response_class=FileResponse, responses=FILE_RESPONSES)
+async def preview(service: Service, files: Files, image_id: ImageId):
+    """A screen-sized JPEG of the image (longest side `preview_size`, 1600 px), made on first request and kept."""
+    path = await files.run(service.preview, image_id)
+    return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+
+@router.get("/api/images/{image_id}/file", response_class=FileResponse, responses=FILE_RESPONSES)
+async def original(service: Service, files: Files, image_id: ImageId):
+    """The original file, with its content type."""
+    path = await files.run(service.file, image_id)
+    media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})

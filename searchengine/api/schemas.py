@@ -1,0 +1,113 @@
+"""The API's request and response models: what the OpenAPI schema documents."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel
+
+from searchengine.search import Hit, Page
+
+MAX_K = 200
+MAX_OFFSET = 10_000
+
+
+class Mode(str, Enum):
+    hybrid = "hybrid"
+    semantic = "semantic"
+    keyword = "keyword"
+
+
+class HitOut(BaseModel):
+    id: int
+    path: str
+    paths: list[str]
+    width: int
+    height: int
+    taken_at: str | None
+    camera: str | None
+    caption: str | None
+    score: float
+    itc: float
+    itm: float | None
+    keyword: float | None
+    thumbnail_url: str
+    preview_url: str
+    file_url: str
+
+
+class SearchOut(BaseModel):
+    query: str | None
+    mode: str | None
+    k: int
+    offset: int
+    next_offset: int | None
+    reranked: int
+    hits: list[HitOut]
+    timings_ms: dict[str, float]
+
+
+class FileOut(BaseModel):
+    path: str
+    size: int
+
+
+class ImageOut(BaseModel):
+    id: int
+    paths: list[str]
+    files: list[FileOut]
+    width: int
+    height: int
+    taken_at: str | None
+    camera: str | None
+    gps_lat: float | None
+    gps_lon: float | None
+    caption: str | None
+    caption_model: str | None
+    caption_error: str | None
+    thumbnail_url: str
+    preview_url: str
+    file_url: str
+
+
+class FolderOut(BaseModel):
+    path: str
+    images: int
+
+
+class FoldersOut(BaseModel):
+    folders: list[FolderOut]
+    total: int  # folders that matched, before `limit`
+
+
+class HealthOut(BaseModel):
+    status: str
+    error: str | None = None
+
+
+class ErrorOut(BaseModel):
+    error: str
+
+
+FILE_RESPONSES: dict = {
+    200: {"content": {"image/*": {}}, "description": "the image"},
+    404: {"model": ErrorOut, "description": "no image has this id, or its file is gone"},
+    409: {"model": ErrorOut, "description": "the file is there but no longer a readable image"},
+    504: {"model": ErrorOut, "description": "reading the file took too long (a slow or hung disk)"},
+}
+
+
+def hit_out(h: Hit) -> HitOut:
+    """The one JSON form of a hit (`Hit.as_json`), with the URLs of the image's files."""
+    return HitOut(
+        **h.as_json(), thumbnail_url=f"/api/images/{h.image_id}/thumbnail",
+        preview_url=f"/api/images/{h.image_id}/preview", file_url=f"/api/images/{h.image_id}/file",
+    )
+
+
+def search_out(page: Page, k: int, offset: int, mode: str | None = None) -> SearchOut:
+    return SearchOut(
+        query=page.query, mode=mode, k=k, offset=offset, next_offset=offset + k if page.has_more else None,
+        reranked=page.reranked, hits=[hit_out(h) for h in page.hits],
+        timings_ms={name: round(ms, 3) for name, ms in page.timings_ms.items()},
+    )
