@@ -29,7 +29,7 @@ from benchmarks.common import CACHE, model_dir, photos, quiet  # noqa: E402
 
 
 def captioner_dir(size: str) -> Path:
-    from searchengine.tiny import build_tiny_captioner
+    from searchengine.random_models import build_tiny_captioner
 
     path = CACHE / f"blip-{size}-random"
     if not (path / "config.json").exists():
@@ -78,7 +78,7 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from searchengine.captions import Captioner
+    from searchengine.captioner import Captioner
     from searchengine.imageio import decode_image, read_file
 
     cap = Captioner.load(str(captioner_dir(args.size)), device="cpu", max_new_tokens=args.tokens)

@@ -13,7 +13,7 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "search
 
 def model_dir(size: str) -> Path:
     """A random model of `size` ('real': blip2-itm-vit-g's architecture), built once and kept."""
-    from searchengine.tiny import build_tiny_model
+    from searchengine.random_models import build_tiny_model
 
     path = CACHE / f"{size}-random"
     if not (path / "config.json").exists():

@@ -30,8 +30,12 @@ quiet()
 from indexer.pipeline import Indexer
 from searchengine.library import Library
 from searchengine.models import RetrievalModel
-from searchengine.search import Filters
-from searchengine.service import QueryService
+try:  # the module names since the architecture work, and before it
+    from searchengine.queries import Filters
+    from searchengine.serving import QueryService
+except ImportError:
+    from searchengine.search import Filters
+    from searchengine.service import QueryService
 from searchengine.settings import Settings
 
 size, n = sys.argv[2], int(sys.argv[3])

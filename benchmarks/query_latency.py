@@ -27,7 +27,7 @@ from benchmarks.common import median_ms, model_dir, photos, quiet  # noqa: E402
 def main() -> None:
     import torch
 
-    from searchengine.features import FeatureCache
+    from searchengine.feature_cache import FeatureCache
     from searchengine.imageio import decode_image, read_file
     from searchengine.models import RetrievalModel
     from searchengine.vector_index import VectorIndex

@@ -41,13 +41,13 @@ def main() -> None:
     from indexer.pipeline import Indexer
     from searchengine.library import Library
     from searchengine.models import RetrievalModel
-    from searchengine.search import Filters
     from searchengine.settings import Settings
 
-    try:
-        from searchengine.queries import QueryService, Searcher  # after the query pipeline merge
+    try:  # the module names since the architecture work, and before it
+        from searchengine.queries import Filters, Searcher
+        from searchengine.serving import QueryService
     except ImportError:
-        from searchengine.search import Searcher
+        from searchengine.search import Filters, Searcher
         from searchengine.service import QueryService
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 from indexer.scan import BAD_NAME, LINK_DUPLICATE, LINK_LOOP, LINK_OUTSIDE, FileEntry, printable, scan_folder, storable
 from indexer.stages import CaptionStage, Decoded, DecodeStage, Embedded, EmbedStage, Failed, Known, Read, ReadStage
 from searchengine import links
-from searchengine.captions import Captioner
+from searchengine.captioner import Captioner
 from searchengine.devices import defaults_for
 from searchengine.errors import ReadOnlyIndexError, SearchEngineError
 from searchengine.imageio import read_file

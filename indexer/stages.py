@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from indexer.scan import FileEntry
-from searchengine.captions import Caption
+from searchengine.captioner import Caption
 from searchengine.errors import BadImageError
 from searchengine.imageio import ImageMeta, decode_image, read_file, sha256_of
 from searchengine.models import Preprocessor
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from searchengine.captions import Captioner
+    from searchengine.captioner import Captioner
     from searchengine.models import RetrievalModel
 
 log = logging.getLogger(__name__)

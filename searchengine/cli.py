@@ -22,7 +22,7 @@ from typing import Sequence
 from pydantic import ValidationError
 
 from searchengine import __version__, wiring
-from searchengine.captions import CPU_DEFAULT, GPU_DEFAULT
+from searchengine.captioner import CPU_DEFAULT, GPU_DEFAULT
 from searchengine.errors import IndexNotFoundError, ReadOnlyIndexError, SearchEngineError, StoreDamagedError, StoreMissingError
 from searchengine.settings import DEFAULT_MODEL, Settings
 
@@ -401,7 +401,7 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
 def cmd_caption(args: argparse.Namespace, out, err) -> int:
     from tqdm import tqdm
 
-    from indexer.captioning import Recaptioner
+    from indexer.recaption import Recaptioner
 
     settings = _settings(args)
     if settings.captions is False:
@@ -431,7 +431,7 @@ def cmd_caption(args: argparse.Namespace, out, err) -> int:
 
 
 def _search_filters(args: argparse.Namespace):
-    from searchengine.search import Filters
+    from searchengine.queries import Filters
 
     folder = args.folder
     if folder:
@@ -444,7 +444,7 @@ def _search_filters(args: argparse.Namespace):
 
 
 def cmd_search(args: argparse.Namespace, out, err) -> int:
-    from searchengine.search import parse_for_mode
+    from searchengine.queries import parse_for_mode
 
     settings = _settings(args)
     query = " ".join(args.query).strip()
@@ -739,7 +739,7 @@ def cmd_restore(args: argparse.Namespace, out, err) -> int:
 def cmd_make_tiny_model(args: argparse.Namespace, out, err) -> int:
     import transformers
 
-    from searchengine.tiny import build_tiny_captioner, build_tiny_model
+    from searchengine.random_models import build_tiny_captioner, build_tiny_model
 
     transformers.logging.disable_progress_bar()  # its "Writing model shards" bars say nothing here
 

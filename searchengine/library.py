@@ -38,7 +38,7 @@ import numpy as np
 
 from searchengine import backup, links
 from searchengine.errors import IndexBusyError, IndexNotFoundError, ReadOnlyIndexError, StoreDamagedError, StoreMissingError
-from searchengine.features import FeatureCache
+from searchengine.feature_cache import FeatureCache
 from searchengine.filecache import sweep_temporary
 from searchengine.imageio import ImageMeta
 from searchengine.links import LinkPolicy

@@ -76,7 +76,7 @@ def caption_model(settings: Settings, recorded: Recorded | None, *, force: bool 
         return settings.caption_model
     if recorded is not None and recorded.captioner is not None and recorded.captioner[1]:
         return recorded.captioner[1]
-    from searchengine.captions import default_caption_model
+    from searchengine.captioner import default_caption_model
     from searchengine.models import resolve_device
 
     return default_caption_model(resolve_device(settings.device))
@@ -110,7 +110,7 @@ def load_captioner(settings: Settings, name: str | None):
     """The captioner (None for none); a failure is one line naming the flags that help."""
     if name is None:
         return None
-    from searchengine.captions import Captioner
+    from searchengine.captioner import Captioner
 
     try:
         return Captioner.load(
@@ -177,7 +177,7 @@ def open_for_search(settings: Settings, *, keyword_only: bool):
     """A Searcher for the CLI's `search` (its library: `searcher.library`). Keyword search
     loads no model and no vector index: it answers in well under a second."""
     from searchengine.library import Library
-    from searchengine.search import Searcher
+    from searchengine.queries import Searcher
 
     library = Library.open(settings, vectors=not keyword_only)
     try:
@@ -203,6 +203,6 @@ def open_for_captioning(settings: Settings):
 
 def query_service(settings: Settings, model, library, metrics=None):
     """The API's query service over a loaded model and library."""
-    from searchengine.service import QueryService
+    from searchengine.serving import QueryService
 
     return QueryService(settings, model, library, metrics)

@@ -24,7 +24,7 @@ import transformers
 
 from searchengine.models import RetrievalModel
 from searchengine.settings import Settings
-from searchengine.tiny import build_tiny_captioner, build_tiny_model
+from searchengine.random_models import build_tiny_captioner, build_tiny_model
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -45,7 +45,7 @@ def tiny_captioner_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def captioner(tiny_captioner_dir):
-    from searchengine.captions import Captioner
+    from searchengine.captioner import Captioner
 
     return Captioner.load(str(tiny_captioner_dir), device="cpu", dtype="float32", max_new_tokens=12)
 

@@ -30,7 +30,7 @@ def test_core_never_imports_indexer():
 
 def test_importing_the_packages_loads_no_model_and_no_torch():
     code = (
-        "import sys, searchengine.cli, searchengine.search, searchengine.library, searchengine.api, indexer.pipeline;"
+        "import sys, searchengine.cli, searchengine.queries, searchengine.library, searchengine.api, indexer.pipeline;"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('torch','transformers')))"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

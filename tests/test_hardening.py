@@ -171,7 +171,7 @@ def test_files_that_block_never_hold_up_searches(settings, model, tmp_path, phot
     release = threading.Event()
     with TestClient(app) as client:
         wait_healthy(client)
-        service = app.state.searchengine.service
+        service = app.state.searchengine.serving
 
         def hung(image_id):  # a FIFO, a hung network mount: a read that does not return
             release.wait(60)
@@ -207,7 +207,7 @@ def test_a_burst_of_large_uploads_takes_turns_and_gives_memory_back(settings, mo
 
     from PIL import Image
 
-    from searchengine.service import release_memory
+    from searchengine.serving import release_memory
 
     folder = tmp_path / "photos"
     folder.mkdir()

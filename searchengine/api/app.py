@@ -24,7 +24,7 @@ from searchengine.api.routes import search as search_routes
 from searchengine.api.schemas import ErrorOut
 from searchengine.errors import SearchEngineError
 from searchengine.metrics import Metrics
-from searchengine.service import QueryService
+from searchengine.serving import QueryService
 from searchengine.settings import Settings
 
 log = logging.getLogger("searchengine.api")

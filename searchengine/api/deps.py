@@ -16,8 +16,8 @@ from searchengine.api.guards import PLAIN_TEXT, refuse_control_characters, stric
 from searchengine.api.schemas import MAX_K, MAX_OFFSET
 from searchengine.api.errors import FileReadTimeout, NotReady
 from searchengine.metrics import Metrics
-from searchengine.search import Filters
-from searchengine.service import QueryService
+from searchengine.queries import Filters
+from searchengine.serving import QueryService
 from searchengine.settings import Settings
 
 

@@ -29,7 +29,7 @@ from searchengine.errors import (
     UploadError,
     UploadTooLarge,
 )
-from searchengine.service import ServiceBusy
+from searchengine.serving import ServiceBusy
 from searchengine.store import damage, is_damage
 
 log = logging.getLogger("searchengine.api")

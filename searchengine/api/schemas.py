@@ -6,7 +6,7 @@ from enum import Enum
 
 from pydantic import BaseModel
 
-from searchengine.search import Hit, Page
+from searchengine.queries import Hit, Page
 
 MAX_K = 200
 MAX_OFFSET = 10_000

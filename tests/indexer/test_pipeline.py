@@ -11,7 +11,7 @@ from indexer.scan import scan_folder
 from searchengine.errors import BadImageError
 from searchengine.imageio import decode_image, read_file
 from searchengine.library import Library
-from searchengine.search import Searcher
+from searchengine.queries import Searcher
 from tests.images import write_awkward, write_bad
 
 
@@ -257,7 +257,7 @@ def test_non_folders_are_refused(settings, model, tmp_path):
 def test_a_different_model_is_refused(settings, model, folder, tmp_path):
     from searchengine.errors import ModelMismatchError
     from searchengine.models import RetrievalModel
-    from searchengine.tiny import build_tiny_model
+    from searchengine.random_models import build_tiny_model
 
     run(settings, model, folder)
     other = RetrievalModel.load(str(build_tiny_model(tmp_path / "other", seed=7)), device="cpu")

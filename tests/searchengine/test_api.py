@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from indexer.pipeline import Indexer
 from searchengine.api import create_app
 from searchengine.library import Library
-from searchengine.search import image_similarity
+from searchengine.queries import image_similarity
 from tests.images import bomb_png, gradient
 
 
@@ -646,7 +646,7 @@ def test_deep_pages_reuse_the_rerank_and_agree_with_one_big_request(indexed, mod
 
 def test_a_hit_has_one_json_form_for_the_api_and_the_cli():
     from searchengine.api import HitOut
-    from searchengine.search import Hit
+    from searchengine.queries import Hit
 
     hit = Hit(7, ["/p/a.jpg", "/p/b.jpg"], 0.31, 0.9, 1.21, 64, 48, "2023-01-02T03:04:05", "X100", "a dog", 0.5)
     api = HitOut(**hit.as_json(), thumbnail_url="t", preview_url="p", file_url="f").model_dump()

@@ -18,7 +18,7 @@ from searchengine.errors import (
     UploadError,
     UploadTooLarge,
 )
-from searchengine.service import ServiceBusy
+from searchengine.serving import ServiceBusy
 
 CASES = [
     (QueryError("the query is empty"), 400),

@@ -20,7 +20,7 @@ from indexer.pipeline import Indexer
 from searchengine.errors import QueryError
 from searchengine.library import Library
 from searchengine.models import RetrievalModel
-from searchengine.search import Searcher
+from searchengine.queries import Searcher
 from searchengine.settings import Settings
 from tests.trained import COLOURS, colour_picture
 

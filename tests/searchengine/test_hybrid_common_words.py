@@ -17,7 +17,7 @@ import pytest
 from indexer.pipeline import Indexer
 from searchengine.library import Library
 from searchengine.models import RetrievalModel
-from searchengine.search import Searcher
+from searchengine.queries import Searcher
 from searchengine.settings import Settings
 from searchengine.textindex import clause_weight
 from tests.searchengine.test_hybrid import ANIMALS, average_precision

@@ -100,7 +100,7 @@ def test_fingerprint_identifies_weights_not_path(tiny_model_dir, tmp_path, model
 
     moved = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere")
     assert RetrievalModel.load(str(moved), device="cpu").fingerprint == model.fingerprint
-    from searchengine.tiny import build_tiny_model
+    from searchengine.random_models import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", seed=1)
     assert RetrievalModel.load(str(other), device="cpu").fingerprint != model.fingerprint

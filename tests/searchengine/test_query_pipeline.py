@@ -12,8 +12,8 @@ from sqlalchemy import event
 
 from indexer.pipeline import Indexer
 from searchengine.library import Library
-from searchengine.search import Filters, Searcher
-from searchengine.service import QueryService
+from searchengine.queries import Filters, Searcher
+from searchengine.serving import QueryService
 
 
 @pytest.fixture()

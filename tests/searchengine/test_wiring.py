@@ -10,7 +10,7 @@ from searchengine import wiring
 from searchengine.errors import ModelMismatchError, ModelLoadError
 from searchengine.library import Library, Recorded
 from searchengine.settings import DEFAULT_MODEL, Settings
-from searchengine.tiny import build_tiny_model
+from searchengine.random_models import build_tiny_model
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class VitFeatures:
+class ItmFeatures:
     def __init__(self, model: RetrievalModel, library: Library, settings: Settings) -> None:
         self.model = model
         self.library = library

@@ -28,7 +28,7 @@ from searchengine.imageio import decode_image
 from searchengine.library import Library
 from searchengine.metrics import Metrics
 from searchengine.models import RetrievalModel
-from searchengine.search import Filters, Page, RankingCache, Searcher
+from searchengine.queries import Filters, Page, RankingCache, Searcher
 from searchengine.settings import Settings
 from searchengine.store import FolderCount
 

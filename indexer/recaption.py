@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from indexer.pipeline import map_ahead
-from searchengine.captions import Caption, Captioner
+from searchengine.captioner import Caption, Captioner
 from searchengine.devices import defaults_for
 from searchengine.errors import BadImageError, ReadOnlyIndexError
 from searchengine.imageio import decode_image, read_file

@@ -31,7 +31,7 @@ from searchengine.keywords import KeywordQuery, parse_query, words
 from searchengine.library import Library, model_info
 from searchengine.models import RetrievalModel
 from searchengine.settings import Settings
-from searchengine.vit_features import VitFeatures
+from searchengine.itm_features import ItmFeatures
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -226,7 +226,7 @@ class Searcher:
         self.settings = settings
         if model is not None:
             library.bind(model_info(model))  # refuses an index built with another model
-        self.vit_features = VitFeatures(model, library, settings) if model is not None else None
+        self.itm_features = ItmFeatures(model, library, settings) if model is not None else None
 
     # -- text queries ---------------------------------------------------------------------
 
@@ -560,10 +560,10 @@ class Searcher:
 
     def _itm(self, text: str, ids: np.ndarray, records: dict[int, ImageRecord]) -> np.ndarray:
         """ITM P(match) for each candidate; NaN where its ViT output cannot be had (see
-        `VitFeatures`). Records read to find files are left in `records`."""
+        `ItmFeatures`). Records read to find files are left in `records`."""
         import torch
 
-        features = self.vit_features.get(ids.tolist(), records)
+        features = self.itm_features.get(ids.tolist(), records)
         have = [i for i in ids.tolist() if i in features]
         out = np.full(len(ids), np.nan, dtype=np.float32)
         if not have:
