@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from indexer.pipeline import map_ahead
-from searchengine.captioner import Caption, Captioner
+from indexer.stages import CaptionDecodeStage, CaptionInput, caption_batch
+from searchengine.captioner import Captioner
 from searchengine.devices import defaults_for
-from searchengine.errors import BadImageError, ReadOnlyIndexError
-from searchengine.imageio import decode_image, read_file
+from searchengine.errors import ReadOnlyIndexError
+from searchengine.imageio import read_file
 from searchengine.library import Library
 from searchengine.settings import Settings
 
@@ -57,61 +58,37 @@ class Recaptioner:
         self.batch_size = settings.batch_size or defaults_for(captioner.device).caption_batch
 
     def run(self, *, redo: bool = False) -> CaptionSummary:
-        import torch
-
+        """The indexer's runner shape with a caption-only mapper: decode in threads
+        (`CaptionDecodeStage`), caption in batches (`caption_batch`), write each batch
+        through the Library."""
         start = time.perf_counter()
         summary = CaptionSummary()
         todo = self.library.images_to_caption(self.captioner.name, redo=redo)
         self.on_total(len(todo))
-        batch: list[tuple[int, str, object]] = []
-        rows: list[tuple[int, str | None, str, str | None]] = []
+        decode = CaptionDecodeStage(self.captioner.preprocessor, self.settings.max_image_pixels, self.reader)
+        window = 2 * self.batch_size + self.settings.decode_workers
+        batch: list[CaptionInput] = []
 
         def flush() -> None:
-            if batch:
-                captions = self.captioner.caption_pixels(torch.stack([px for _, _, px in batch]))
-                for (image_id, path, _), c in zip(batch, captions):
-                    self._record(rows, summary, image_id, path, c)
+            captions = caption_batch(self.captioner, [b.pixels for b in batch], [b.error for b in batch])
+            rows = []
+            for item, c in zip(batch, captions):
+                rows.append((item.image_id, c.text, self.captioner.name, c.error))
+                if c.text is None:
+                    summary.failed += 1
+                    self.on_error(item.path, c.error or "no caption")
+                else:
+                    summary.captioned += 1
             self.library.set_captions(rows)
             self.progress(len(rows))
-            batch.clear(), rows.clear()
+            batch.clear()
 
-        for image_id, paths, loaded in self._load_all(todo):
-            if isinstance(loaded, Caption):  # no file could be read or prepared
-                self._record(rows, summary, image_id, paths[0] if paths else f"image {image_id}", loaded)
-            else:
-                path, pixels = loaded
-                batch.append((image_id, path, pixels))
-            if len(batch) >= self.batch_size or len(rows) >= 256:
+        for item in map_ahead(decode, todo, self.settings.decode_workers, window):
+            batch.append(item)
+            # A batch is `batch_size` images for the captioner; those without pixels ride along.
+            if sum(b.pixels is not None for b in batch) >= self.batch_size or len(batch) >= 256:
                 flush()
-        flush()
+        if batch:
+            flush()
         summary.seconds = time.perf_counter() - start
         return summary
-
-    def _record(self, rows, summary: CaptionSummary, image_id: int, path: str, c: Caption) -> None:
-        rows.append((image_id, c.text, self.captioner.name, c.error))
-        if c.text is None:
-            summary.failed += 1
-            self.on_error(path, c.error or "no caption")
-        else:
-            summary.captioned += 1
-
-    def _load_all(self, todo: list[tuple[int, list[str]]]):
-        """(image id, paths, loaded) in order, decoded a bounded window ahead in threads."""
-        window = 2 * self.batch_size + self.settings.decode_workers
-        loaded = map_ahead(lambda item: self._load(item[1]), todo, self.settings.decode_workers, window)
-        for (image_id, paths), result in zip(todo, loaded):
-            yield image_id, paths, result
-
-    def _load(self, paths: list[str]):
-        """(path, caption pixels) from the first file that decodes, else a failed Caption."""
-        problems = []
-        for path in paths:
-            try:
-                image = decode_image(self.reader(path), max_pixels=self.settings.max_image_pixels).image
-                return path, self.captioner.preprocess([image])[0]
-            except BadImageError as e:
-                problems.append(str(e))
-            except Exception as e:  # noqa: BLE001 - one file must not stop the run
-                log.exception("unexpected error reading %s", path)
-                problems.append(f"{type(e).__name__}: {e}")
-        return Caption(None, "; ".join(problems) or "the image has no file")

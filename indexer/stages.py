@@ -171,6 +171,16 @@ class EmbedStage:
         return [Embedded(d, emb.itc[i], vit[i] if vit is not None else None) for i, d in enumerate(batch)]
 
 
+def caption_batch(captioner: "Captioner", pixels: Sequence["torch.Tensor | None"], errors: Sequence[str | None]) -> list[Caption]:
+    """One Caption per image of a batch, in one captioner call: an image without pixels gets
+    its error instead (a batch that fails is retried image by image by the captioner)."""
+    import torch
+
+    ready = [p for p in pixels if p is not None]
+    made = iter(captioner.caption_pixels(torch.stack(ready)) if ready else [])
+    return [next(made) if p is not None else Caption(None, e or "no caption input") for p, e in zip(pixels, errors)]
+
+
 @dataclass(frozen=True)
 class CaptionStage:
     """A batch of Embedded -> the same with each image's caption (or why it has none) in its
@@ -179,16 +189,51 @@ class CaptionStage:
     captioner: "Captioner"
 
     def __call__(self, batch: Sequence[Embedded]) -> list[Embedded]:
-        import torch
-
-        ready = [e.item.caption_pixels for e in batch if e.item.caption_pixels is not None]
-        captions = iter(self.captioner.caption_pixels(torch.stack(ready)) if ready else [])
+        captions = caption_batch(
+            self.captioner, [e.item.caption_pixels for e in batch], [e.item.caption_error for e in batch]
+        )
         out = []
-        for e in batch:
-            c = next(captions) if e.item.caption_pixels is not None else Caption(None, e.item.caption_error)
+        for e, c in zip(batch, captions):
             meta = replace(
                 e.item.meta, caption=c.text, caption_error=c.error,
                 caption_model=self.captioner.name if c.text is not None else None,
             )
             out.append(replace(e, item=replace(e.item, meta=meta)))
         return out
+
+
+# -- captioning an existing index (`searchengine caption`): the caption-only mapper ----------
+
+
+@dataclass(frozen=True)
+class CaptionInput:
+    """An indexed image ready for the captioner: the file it was read from and its pixels, or
+    why none of its files could be read."""
+
+    image_id: int
+    path: str
+    pixels: "torch.Tensor | None"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class CaptionDecodeStage:
+    """(image id, its paths) -> CaptionInput from the first of its files that decodes."""
+
+    preprocess: Preprocessor
+    max_pixels: int
+    reader: Callable[[str], bytes] = read_file
+
+    def __call__(self, item: tuple[int, list[str]]) -> CaptionInput:
+        image_id, paths = item
+        problems = []
+        for path in paths:
+            try:
+                image = decode_image(self.reader(path), max_pixels=self.max_pixels).image
+                return CaptionInput(image_id, path, self.preprocess([image])[0])
+            except BadImageError as e:
+                problems.append(str(e))
+            except Exception as e:  # noqa: BLE001 - one file must not stop the run
+                log.exception("unexpected error reading %s", path)
+                problems.append(f"{type(e).__name__}: {e}")
+        return CaptionInput(image_id, paths[0] if paths else f"image {image_id}", None, "; ".join(problems) or "the image has no file")

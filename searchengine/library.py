@@ -64,6 +64,30 @@ class ReconcileReport:
 
 
 @dataclass(frozen=True)
+class IndexedFile:
+    path: str
+    size: int
+    mtime_ns: int  # size and mtime as indexed: a file that differs is not the indexed content
+
+
+@dataclass(frozen=True)
+class ImageDetail:
+    """Everything the library knows of one image, with its files (oldest first)."""
+
+    id: int
+    files: list[IndexedFile]
+    width: int
+    height: int
+    taken_at: str | None
+    camera: str | None
+    gps_lat: float | None
+    gps_lon: float | None
+    caption: str | None
+    caption_model: str | None
+    caption_error: str | None
+
+
+@dataclass(frozen=True)
 class NewImage:
     """An embedded image for `Library.write_batch`: its content hash, metadata (caption
     included), ITC vectors [Q, D], ViT output (None: not cached), thumbnail JPEG, and file."""
@@ -529,9 +553,15 @@ class Library:
         """What a hit shows of each image (paths, size, date, camera, caption), by id."""
         return self.store.images(ids)
 
-    def image_detail(self, image_id: int) -> dict | None:
+    def image_detail(self, image_id: int) -> ImageDetail | None:
         """Everything the library knows of one image, with its files (None: no such image)."""
-        return self.store.image_detail(image_id)
+        d = self.store.image_detail(image_id)
+        if d is None:
+            return None
+        return ImageDetail(
+            d["id"], [IndexedFile(f["path"], f["size"], f["mtime_ns"]) for f in d["files"]], d["width"], d["height"],
+            d["taken_at"], d["camera"], d["gps_lat"], d["gps_lon"], d["caption"], d["caption_model"], d["caption_error"],
+        )
 
     def cached_vit(self, image_id: int) -> np.ndarray | None:
         """The image's ViT output from the feature cache (fp16), if it has one."""

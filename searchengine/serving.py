@@ -25,7 +25,7 @@ from PIL import Image
 from searchengine.batcher import MicroBatcher
 from searchengine.errors import BadImageError, ImageNotFoundError, IndexedFileError, IndexedFileGone, SearchEngineError, UploadError, UploadTooLarge
 from searchengine.imageio import decode_image
-from searchengine.library import Library
+from searchengine.library import ImageDetail, Library
 from searchengine.metrics import Metrics
 from searchengine.models import RetrievalModel
 from searchengine.queries import Filters, Page, RankingCache, Searcher
@@ -223,9 +223,9 @@ class QueryService:
 
     # -- images -----------------------------------------------------------------------------
 
-    def image(self, image_id: int) -> dict:
+    def image(self, image_id: int) -> ImageDetail:
         detail = self.library.image_detail(image_id)
-        if detail is None or not detail["files"]:
+        if detail is None or not detail.files:
             raise ImageNotFoundError(f"no image has id {image_id}")
         return detail
 
@@ -245,18 +245,18 @@ class QueryService:
         at a copy outside the library), is never read or served for it."""
         detail = self.image(image_id)
         current, outside = [], 0
-        for f in detail["files"]:
+        for f in detail.files:
             try:
-                st = os.stat(f["path"])
+                st = os.stat(f.path)
             except OSError:
                 continue
-            if not (stat.S_ISREG(st.st_mode) and st.st_size == f["size"] and st.st_mtime_ns == f["mtime_ns"]):
+            if not (stat.S_ISREG(st.st_mode) and st.st_size == f.size and st.st_mtime_ns == f.mtime_ns):
                 continue
-            if not self.library.inside(f["path"]):
+            if not self.library.inside(f.path):
                 outside += 1
-                log.warning("not serving %s: it leads outside the library's folders", f["path"])
+                log.warning("not serving %s: it leads outside the library's folders", f.path)
                 continue
-            current.append(f["path"])
+            current.append(f.path)
         if not current:
             why = (
                 "its file now leads outside the library's folders (a link), which is not served unless the index "

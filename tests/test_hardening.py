@@ -171,7 +171,7 @@ def test_files_that_block_never_hold_up_searches(settings, model, tmp_path, phot
     release = threading.Event()
     with TestClient(app) as client:
         wait_healthy(client)
-        service = app.state.searchengine.serving
+        service = app.state.searchengine.service
 
         def hung(image_id):  # a FIFO, a hung network mount: a read that does not return
             release.wait(60)

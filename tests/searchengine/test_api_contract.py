@@ -110,7 +110,7 @@ def test_an_oversized_upload_is_refused_without_reading_it(served):
 
 def test_an_unexpected_error_is_logged_counted_and_keeps_the_connection(served, monkeypatch, caplog):
     app, client, _ = served
-    service = app.state.searchengine.serving
+    service = app.state.searchengine.service
 
     def broken(*a, **k):
         raise RuntimeError("a bug")
@@ -129,7 +129,7 @@ def test_an_unexpected_error_is_logged_counted_and_keeps_the_connection(served, 
 def test_the_api_key_never_reaches_the_log(tmp_path, served, caplog):
     app, _, settings = served
     keyed = create_app(settings.model_copy(update={"api_key": SecretStr("s3cret")}),
-                       loader=lambda s: (app.state.searchengine.serving.model._model, Library.open(s)))
+                       loader=lambda s: (app.state.searchengine.service.model._model, Library.open(s)))
     with TestClient(keyed) as client, caplog.at_level(logging.INFO, logger="searchengine.access"):
         for spelled in ("api_key", "api%5Fkey", "api%5fkey", "%61pi_key", "api_key+"):
             client.get(f"/healthz?{spelled}=s3cret&x=1")
@@ -161,7 +161,7 @@ def over_http(served):
     # An app of its own, started by uvicorn: its lifespan and everything asyncio in it (the
     # micro-batcher, the upload turns) belong to uvicorn's event loop, not the test client's.
     _, _, settings = served
-    model = served[0].state.searchengine.serving.model._model
+    model = served[0].state.searchengine.service.model._model
     app = create_app(settings, loader=lambda s: (model, Library.open(s)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
