@@ -723,7 +723,9 @@ class Library:
         return {
             "store": store,
             "vector_index": size(s.vectors_path),
-            "feature_cache": self.features.size_bytes() if self.features else 0,
+            # Counted from its folder: a reader that loads no vector index (`stats`) has no
+            # FeatureCache object, and the cache is on disk all the same.
+            "feature_cache": sum(p.stat().st_size for p in Path(s.features_dir).glob(f"*/*{FeatureCache.suffix}")),
             "thumbnails": self.thumbnails.size_bytes(),
             "previews": self.previews.size_bytes(),
             "backups": sum(b.size for b in self.backups()),

@@ -98,6 +98,7 @@ def test_stats_shows_counts_failures_model_and_sizes(library):
     assert data["model"] == library["env"]["SEARCHENGINE_MODEL"] and data["model_dtype"] == "float32"
     assert data["vectors"] == data["images"] * 8  # the tiny model has 8 query tokens
     assert data["bytes_on_disk"]["store"] > 0 and data["bytes_on_disk"]["vector_index"] > 0
+    assert data["bytes_on_disk"]["feature_cache"] > 0  # indexed on a CPU: the ViT outputs are kept
     text = cli("stats", env_extra=library["env"], check_rc=0).stdout
     assert "too_large: 1" in text and "exact" in text
 
