@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -61,6 +62,9 @@ class Summary:
     links_skipped: int = 0  # symlinked folders not followed: loops, or folders listed under another path
     links_outside: int = 0  # links not followed because they lead outside the library (searchengine.links)
     seconds: float = 0.0
+    # Where the time went: "read" and "decode" are seconds summed over the decode threads
+    # (they overlap the rest); "model", "captions" and "write" are wall seconds of this thread.
+    time: Counter = field(default_factory=Counter)
     # (what, path) of every file handled, when asked for (the watcher logs each); a full
     # run leaves it off, so a million-file scan keeps no per-file list.
     record: bool = False
@@ -119,7 +123,7 @@ class Indexer:
         self.read_stage = ReadStage(reader)
         self.decode_stage = DecodeStage(
             model.preprocessor, settings.max_image_pixels, *library.thumbnail_format,
-            captioner.preprocessor if captioner is not None else None,
+            captioner.preprocessor if captioner is not None else None, settings.decode,
         )
         self.embed_stage = EmbedStage(model, keep_vit=settings.writes_feature_cache(model.device) and library.keeps_features)
         self.caption_stage = CaptionStage(captioner) if captioner is not None else None
@@ -240,9 +244,22 @@ class Indexer:
             self.progress(len(batch) + len(known) + len(failures))
             batch.clear(), known.clear(), failures.clear()
 
-        workers, window = self.settings.decode_workers, 2 * self.batch_size + self.settings.decode_workers
-        reads = map_ahead(self.read_stage, todo, workers, window)
-        decoded = map_ahead(self.decode_stage, self._known_content(reads), workers, window)
+        workers, window = self.settings.decode_threads, 2 * self.batch_size + self.settings.decode_threads
+        lock = threading.Lock()
+
+        def timed(stage, name: str):
+            def run(item):
+                t = time.perf_counter()
+                try:
+                    return stage(item)
+                finally:
+                    with lock:
+                        summary.time[name] += time.perf_counter() - t
+
+            return run
+
+        reads = map_ahead(timed(self.read_stage, "read"), todo, workers, window)
+        decoded = map_ahead(timed(self.decode_stage, "decode"), self._known_content(reads), workers, window)
         for result in decoded:
             if isinstance(result, Failed):
                 failures.append(result)
@@ -280,11 +297,14 @@ class Indexer:
     def _write(self, batch: list[Decoded], known: list[Known], failures: list[Failed], summary: Summary) -> None:
         if not (batch or known or failures):
             return
+        t0 = time.perf_counter()
         embedded = self.embed_stage(batch)
+        t1 = time.perf_counter()
         if embedded and self.caption_stage is not None:
             embedded = self.caption_stage(embedded)
             for e in embedded:
                 self._count_caption(e, summary)
+        t2 = time.perf_counter()
         self.library.write_batch(
             new=[
                 NewImage(e.item.sha256, e.meta, e.itc, e.vit, e.item.thumbnail, (e.entry.path, e.entry.size, e.entry.mtime_ns))
@@ -293,6 +313,7 @@ class Indexer:
             links=[(k.entry.path, k.entry.size, k.entry.mtime_ns, k.sha256) for k in known],
             failures=[(f.entry.path, f.entry.size, f.entry.mtime_ns, f.reason, f.message) for f in failures],
         )
+        summary.time.update({"model": t1 - t0, "captions": t2 - t1, "write": time.perf_counter() - t2})
         summary.indexed += len(batch)
         summary.linked += len(known)
         for d in batch:

@@ -66,7 +66,7 @@ class Recaptioner:
         todo = self.library.images_to_caption(self.captioner.name, redo=redo)
         self.on_total(len(todo))
         decode = CaptionDecodeStage(self.captioner.preprocessor, self.settings.max_image_pixels, self.reader)
-        window = 2 * self.batch_size + self.settings.decode_workers
+        window = 2 * self.batch_size + self.settings.decode_threads
         batch: list[CaptionInput] = []
 
         def flush() -> None:
@@ -83,7 +83,7 @@ class Recaptioner:
             self.progress(len(rows))
             batch.clear()
 
-        for item in map_ahead(decode, todo, self.settings.decode_workers, window):
+        for item in map_ahead(decode, todo, self.settings.decode_threads, window):
             batch.append(item)
             # A batch is `batch_size` images for the captioner; those without pixels ride along.
             if sum(b.pixels is not None for b in batch) >= self.batch_size or len(batch) >= 256:

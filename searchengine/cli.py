@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("folders", nargs="*", metavar="FOLDER", help="folders to index (default: every folder the index already has)")
     p.add_argument("--batch-size", type=int, help="images per model batch (default: 8 on a CPU, 64 on a GPU)")
-    p.add_argument("--workers", type=int, dest="decode_workers", help="decoding threads (default: 2)")
+    p.add_argument("--workers", type=int, dest="decode_workers", help="decoding threads (default: one per core)")
     p.add_argument("--max-pixels", type=int, dest="max_image_pixels", help="refuse images larger than this (default: 150M)")
     _links_option(p)
     _caption_options(p)
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--redo", action="store_true", help="caption every image again, even those the model already captioned")
     p.add_argument("--batch-size", type=int, help="images per caption batch (default: 8 on a CPU, 32 on a GPU)")
-    p.add_argument("--workers", type=int, dest="decode_workers", help="decoding threads (default: 2)")
+    p.add_argument("--workers", type=int, dest="decode_workers", help="decoding threads (default: one per core)")
     _caption_options(p)
     _common(p, model=False)
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -315,6 +315,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _quiet_libraries(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Torch's OpenMP threads spin while they wait for work by default, taking the cores the
+    # decode threads (and anything else on the machine) need: 5-6x slower indexing measured
+    # under load (benchmarks/threads.py). Set before torch loads; an explicit value is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not verbose:  # the hub client logs every retry of an unreachable host as a warning
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
@@ -395,6 +399,13 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
     rate = f" ({summary.indexed / summary.seconds:.2f} images/s)" if summary.indexed and summary.seconds > 0 else ""
     total = time.perf_counter() - started
     print(f"{line}; {total:.1f} s: loading models {load_s:.1f} s, indexing {summary.seconds:.1f} s{rate}", file=out)
+    if summary.time:
+        t = summary.time
+        print(
+            f"time: read {t['read']:.1f} s and decode {t['decode']:.1f} s (over {settings.decode_threads} threads, "
+            f"alongside), model {t['model']:.1f} s, captions {t['captions']:.1f} s, write {t['write']:.1f} s",
+            file=out,
+        )
     return 0
 
 

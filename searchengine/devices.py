@@ -4,7 +4,9 @@ A GPU embeds 64 images a batch and re-runs the ViT for ITM in milliseconds, so i
 ViT feature cache, and it captions with BLIP-2 OPT-2.7b; a CPU embeds 8 a batch, keeps an fp16
 ViT cache (re-running the ViT there costs seconds per candidate, see
 benchmarks/query_latency.py), and captions with BLIP base. The dtype follows the hardware:
-bf16 (or fp16) on a GPU, bf16 on a CPU that has it in hardware, else fp32.
+bf16 (or fp16) on a GPU, bf16 on a CPU that has it in hardware, else fp32. Torch keeps a
+thread per core on a CPU and two on a GPU machine, where the cores decode photos for the GPU;
+`torch_threads` overrides it.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ class DeviceDefaults:
     caption_batch: int  # images per captioning batch (`searchengine caption`)
     caption_model: str  # the captioner of a new index
     vit_cache: bool  # keep each image's ViT output for ITM re-ranking (itm_features "auto")
+    torch_threads: int  # torch's intra-op CPU threads; 0: torch's own default (one per core)
 
 
 def defaults_for(device: str) -> DeviceDefaults:
     """The defaults for a resolved device ("cpu", "cuda", "cuda:1")."""
     if on_gpu(device):
-        return DeviceDefaults(index_batch=64, caption_batch=32, caption_model=GPU_CAPTIONER, vit_cache=False)
-    return DeviceDefaults(index_batch=8, caption_batch=8, caption_model=CPU_CAPTIONER, vit_cache=True)
+        # The GPU computes; torch's CPU threads only launch kernels, and the cores are the
+        # decode threads' (which feed the GPU).
+        return DeviceDefaults(index_batch=64, caption_batch=32, caption_model=GPU_CAPTIONER, vit_cache=False, torch_threads=2)
+    return DeviceDefaults(index_batch=8, caption_batch=8, caption_model=CPU_CAPTIONER, vit_cache=True, torch_threads=0)
 
 
 def auto_dtype(device: str, *, gpu_bf16: bool, cpu_bf16: bool) -> str:

@@ -126,8 +126,9 @@ def decode_image(
     """Decode once (see the module's docstring). `limit_hint`: what to do about an image over
     `max_pixels`, for the caller's audience (an indexing flag, or the API's upload limit).
     `draft`: a JPEG is decoded at the smallest DCT scale still at least this many pixels a
-    side (a fraction of the memory and time of a full decode; query images only, since the
-    indexed pixels must match the reference processor's)."""
+    side (a fraction of the memory and time of a full decode; the pixels then differ slightly
+    from the reference processor's, see `settings.decode`). The metadata keeps the file's
+    own width and height either way."""
     if not data:
         raise BadImageError("empty", "file is empty (0 bytes)")
     _register_heif()
@@ -164,11 +165,15 @@ def decode_image(
                 im.draft("RGB", (draft, draft))
             im.load()
             exif = im.getexif()
+            turned = exif.get(_ORIENTATION) in (5, 6, 7, 8)  # shown a quarter turn from how it is stored
             im = ImageOps.exif_transpose(im)
             rgb, rgba = _to_rgb_keeping_alpha(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
         raise _decode_failure("cannot decode image", e) from None
-    return Decoded(sha, rgb, _meta(rgb, exif), rgba)
+    meta = _meta(rgb, exif)
+    if rgb.size != (w, h) and rgb.size != (h, w):  # decoded at a reduced scale: the file's own size
+        meta.width, meta.height = (h, w) if turned else (w, h)
+    return Decoded(sha, rgb, meta, rgba)
 
 
 def _decode_failure(what: str, e: BaseException) -> BadImageError:
@@ -210,6 +215,7 @@ def _to_rgb_keeping_alpha(im: Image.Image) -> tuple[Image.Image, Image.Image | N
 
 
 _EXIF_IFD = 0x8769
+_ORIENTATION = 0x0112
 _GPS_IFD = 0x8825
 _TAGS = {v: k for k, v in ExifTags.TAGS.items()}
 

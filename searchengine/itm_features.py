@@ -73,7 +73,7 @@ class ItmFeatures:
                     log.warning("cannot re-rank %s: %s", path, e)
             return None
 
-        with ThreadPoolExecutor(self.settings.decode_workers) as pool:
+        with ThreadPoolExecutor(self.settings.decode_threads) as pool:
             loaded = list(zip(ids, pool.map(load, ids)))
         got = [image_id for image_id, im in loaded if im is not None]
         images = [im for _, im in loaded if im is not None]

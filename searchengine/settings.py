@@ -30,7 +30,13 @@ class Settings(BaseSettings):
 
     # Indexing.
     batch_size: int = Field(0, ge=0)  # 0: automatic (8 on a CPU, 64 on a GPU)
-    decode_workers: int = Field(2, ge=1)
+    decode_workers: int = Field(0, ge=0)  # 0: one per core
+    torch_threads: int = Field(0, ge=0)  # torch's intra-op threads; 0: as devices.py decides
+    # How photos are decoded for indexing: "fast" decodes a JPEG at the smallest DCT scale
+    # that still holds the pixels the model, captioner and thumbnail need a side (5x faster
+    # on 12 MP photos; ITC cosine >= 0.999999 against "exact", benchmarks/feed_rate.py);
+    # "exact" decodes in full, as the reference processor is given it.
+    decode: Literal["fast", "exact"] = "fast"
     max_image_pixels: int = Field(150_000_000, ge=1)
     # Where ITM re-ranking gets each candidate's ViT output. "auto": an fp16 cache written at
     # index time when indexing runs on a CPU (re-running the ViT there costs seconds per
@@ -84,6 +90,11 @@ class Settings(BaseSettings):
     def writes_feature_cache(self, device: str) -> bool:
         """Whether ViT features are cached (at index time, and when re-computed at query time)."""
         return self.itm_features == "cache" or (self.itm_features == "auto" and defaults_for(device).vit_cache)
+
+    @property
+    def decode_threads(self) -> int:
+        """Decoding threads: `decode_workers`, or one per core."""
+        return self.decode_workers or os.cpu_count() or 1
 
     @property
     def thumbnails_dir(self) -> Path:

@@ -103,7 +103,20 @@ def located_captioner(name: str) -> str:
 def load_model(settings: Settings, name: str):
     from searchengine.models import RetrievalModel
 
-    return RetrievalModel.load(name, device=settings.device, dtype=settings.dtype, text_max_tokens=settings.text_max_tokens)
+    model = RetrievalModel.load(name, device=settings.device, dtype=settings.dtype, text_max_tokens=settings.text_max_tokens)
+    use_threads(settings, model.device)
+    return model
+
+
+def use_threads(settings: Settings, device: str) -> None:
+    """Torch's intra-op threads for this device (see devices.py), or as the settings say."""
+    import torch
+
+    from searchengine.devices import defaults_for
+
+    threads = settings.torch_threads or defaults_for(device).torch_threads
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def load_captioner(settings: Settings, name: str | None):

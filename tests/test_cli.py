@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -55,6 +56,9 @@ def test_index_prints_a_summary_and_skips_bad_files(library):
     out = library["first"].stdout
     n_photos = len([p for p in library["photos"].rglob("*") if p.is_file()]) - len(library["bad"])
     assert f"{n_photos} indexed" in out and f"{len(library['bad'])} skipped" in out
+    # Where the time went, stage by stage, and each stage took some.
+    split = re.search(r"time: read ([\d.]+) s and decode ([\d.]+) s .* model ([\d.]+) s, captions ([\d.]+) s, write ([\d.]+) s", out)
+    assert split and float(split.group(2)) > 0 and float(split.group(3)) > 0 and float(split.group(4)) > 0, out
     for reason in library["bad"]:
         assert f"{reason}: 1" in out
     err = library["first"].stderr

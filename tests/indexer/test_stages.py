@@ -92,3 +92,26 @@ def test_the_runner_asks_the_library_about_known_content_once_per_batch(settings
         assert (summary.linked, summary.indexed, decoded, asked) == (3, 0, [], [3])
     finally:
         library.close()
+
+
+def test_pixels_are_the_reference_processors_bit_for_bit_and_the_fast_decode_close(model, captioner, photo_files):
+    from PIL import Image
+
+    for f in photo_files[:3]:
+        image = Image.open(f).convert("RGB")
+        size = {"height": model.image_size, "width": model.image_size}
+        reference = model.image_processor(images=[image], size=size, return_tensors="pt")["pixel_values"]
+        assert torch.equal(model.preprocess([image]), reference)  # resized by PIL first: the same pixels
+        reference = captioner.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        assert torch.equal(captioner.preprocess([image]), reference)
+
+    read = ReadStage()
+    exact, fast = (DecodeStage(model.preprocessor, 150_000_000, 320, caption_preprocess=captioner.preprocessor,
+                               decode=d) for d in ("exact", "fast"))
+    assert exact.draft is None and fast.draft == max(320, captioner.preprocessor.side(), model.image_size)
+    for f in photo_files[:6]:
+        r = read(_entry(f))
+        a, b = exact(r), fast(r)
+        assert a.meta == b.meta  # the file's own size, EXIF and all
+        va, vb = model.embed_pixels(a.pixels[None]).itc[0], model.embed_pixels(b.pixels[None]).itc[0]
+        assert (va * vb).sum(-1).min() > 0.999, f  # unit vectors: cosine per query vector

@@ -201,3 +201,31 @@ def test_transparency_the_model_sees_on_white_and_thumbnails_show_on_grey():
     # Palette transparency and grey + alpha count as transparency too.
     la = np.dstack([g[..., 0], np.zeros(g.shape[:2], np.uint8)])
     assert decode_image(_png(la, "LA"), max_pixels=LIMIT).rgba is not None
+
+
+def _big(mode: str = "RGB") -> Image.Image:
+    g = np.asarray(Image.fromarray(gradient()).resize((1600, 1200), Image.Resampling.BILINEAR))
+    return Image.fromarray(g).convert(mode)
+
+
+@pytest.mark.parametrize("kind", ["rotated", "cmyk", "plain"])
+def test_the_fast_decode_keeps_orientation_colour_and_the_files_own_size(kind):
+    im = _big("CMYK" if kind == "cmyk" else "RGB")
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    if kind == "rotated":
+        exif[0x0112] = 6  # shown a quarter turn clockwise from how it is stored
+    im.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    data = buf.getvalue()
+    full = decode_image(data, max_pixels=LIMIT)
+    fast = decode_image(data, max_pixels=LIMIT, draft=300)
+    assert fast.image.width * fast.image.height * 4 <= full.image.width * full.image.height  # decoded smaller
+    assert min(fast.image.size) >= 300
+    assert (fast.meta.width, fast.meta.height) == (full.meta.width, full.meta.height) == full.image.size
+    assert (fast.image.width > fast.image.height) == (full.image.width > full.image.height)  # same orientation
+    # The same picture: the full decode brought to the fast one's size differs only by rounding.
+    shrunk = full.image.resize(fast.image.size, Image.Resampling.BOX)
+    assert np.abs(np.asarray(shrunk).astype(int) - np.asarray(fast.image).astype(int)).mean() < 3
+    with pytest.raises(BadImageError) as e:  # the pixel guard reads the header, not the draft
+        decode_image(data, max_pixels=1_000_000, draft=300)
+    assert e.value.reason == "too_large"
