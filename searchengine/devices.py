@@ -17,8 +17,23 @@ CPU_CAPTIONER = "Salesforce/blip-image-captioning-base"
 GPU_CAPTIONER = "Salesforce/blip2-opt-2.7b-coco"
 
 
-def on_gpu(device: str) -> bool:
+def is_cuda(device: str) -> bool:
     return device.startswith("cuda")
+
+
+def on_gpu(device: str) -> bool:
+    """A CUDA GPU or an Apple GPU (`mps`)."""
+    return is_cuda(device) or device == "mps"
+
+
+def pick(requested: str, *, cuda: bool, mps: bool) -> str | None:
+    """The device `requested` means, given what this machine has: "auto" is a CUDA GPU, else an
+    Apple GPU, else the CPU. None when a GPU was asked for that is not there."""
+    if requested == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if (is_cuda(requested) and not cuda) or (requested == "mps" and not mps):
+        return None
+    return requested
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from searchengine.devices import auto_dtype, on_gpu
+from searchengine.devices import auto_dtype, is_cuda, on_gpu, pick
 from searchengine.errors import ModelLoadError
 from searchengine.hub import ModelSource, locate, looks_local, prepare_loading
 
@@ -58,18 +58,19 @@ def cpu_supports_bf16() -> bool:
 def resolve_device(device: str) -> str:
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if on_gpu(device) and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} was asked for, but no CUDA GPU is available; use --device cpu")
-    return device
+    mps = getattr(torch.backends, "mps", None)
+    picked = pick(device, cuda=torch.cuda.is_available(), mps=bool(mps and mps.is_available()))
+    if picked is None:
+        what = "Apple GPU (mps)" if device == "mps" else "CUDA GPU"
+        raise ModelLoadError(f"device {device!r} was asked for, but this machine has no {what}; use --device cpu")
+    return picked
 
 
 def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
     import torch
 
     if dtype == "auto":
-        gpu_bf16 = on_gpu(device) and torch.cuda.is_bf16_supported()
+        gpu_bf16 = is_cuda(device) and torch.cuda.is_bf16_supported()  # Apple GPUs: fp16
         dtype = auto_dtype(device, gpu_bf16=gpu_bf16, cpu_bf16=not on_gpu(device) and cpu_supports_bf16())
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
