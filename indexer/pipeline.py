@@ -29,7 +29,7 @@ from indexer.stages import CaptionStage, Decoded, DecodeStage, Embedded, EmbedSt
 from searchengine import links
 from searchengine.captioner import Captioner
 from searchengine.devices import defaults_for
-from searchengine.errors import ReadOnlyIndexError, SearchEngineError
+from searchengine.errors import SearchEngineError
 from searchengine.imageio import read_file
 from searchengine.library import Library, NewImage, model_info
 from searchengine.models import RetrievalModel
@@ -115,9 +115,7 @@ class Indexer:
         self.on_caption_error = on_caption_error or (lambda path, message: None)
         self.progress = progress or (lambda n: None)
         self.on_total = on_total or (lambda n: None)
-        if not library.writable:
-            Library.check_writable(settings)  # names the path that cannot be written
-            raise ReadOnlyIndexError(f"the index in {settings.data_dir} was opened read-only; indexing writes to it")
+        library.require_writable("indexing writes to it")
         self.library.bind(model_info(model))
         self.batch_size = settings.batch_size or defaults_for(model.device).index_batch
         self.read_stage = ReadStage(reader)

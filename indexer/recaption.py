@@ -18,7 +18,6 @@ from indexer.pipeline import map_ahead
 from indexer.stages import CaptionDecodeStage, CaptionInput, caption_batch
 from searchengine.captioner import Captioner
 from searchengine.devices import defaults_for
-from searchengine.errors import ReadOnlyIndexError
 from searchengine.imageio import read_file
 from searchengine.library import Library
 from searchengine.settings import Settings
@@ -52,9 +51,7 @@ class Recaptioner:
         self.on_error = on_error or (lambda path, message: None)
         self.progress = progress or (lambda n: None)
         self.on_total = on_total or (lambda n: None)
-        if not library.writable:
-            Library.check_writable(settings)  # names the path that cannot be written
-            raise ReadOnlyIndexError(f"the index in {settings.data_dir} was opened read-only; captioning writes to it")
+        library.require_writable("captioning writes to it")
         self.batch_size = settings.batch_size or defaults_for(captioner.device).caption_batch
 
     def run(self, *, redo: bool = False) -> CaptionSummary:

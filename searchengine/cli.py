@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from searchengine import __version__, wiring
 from searchengine.captioner import CPU_DEFAULT, GPU_DEFAULT
-from searchengine.errors import IndexNotFoundError, ReadOnlyIndexError, SearchEngineError, StoreDamagedError, StoreMissingError
+from searchengine.errors import IndexNotFoundError, SearchEngineError, StoreDamagedError, StoreMissingError
 from searchengine.settings import DEFAULT_MODEL, Settings
 
 EXIT_ERROR = 1
@@ -605,14 +605,11 @@ def _watch_in_server(settings: Settings, args: argparse.Namespace, captioner):
     def on_ready(service):
         from indexer.pipeline import Indexer
         from indexer.watch import Watcher
-        from searchengine.library import Library
 
         # The server's own Library: one vector index in memory, which the watcher's writes
         # update in place for the queries (no second copy, no re-reading from the store).
         library = service.library
-        if not library.writable:
-            Library.check_writable(settings)  # names the path that cannot be written
-            raise ReadOnlyIndexError(f"the index in {settings.data_dir} was opened read-only; --watch writes to it")
+        library.require_writable("--watch writes to it")
         _lock_new_index(args)
         library.record_captioner(captioner is not None, captioner.name if captioner else None)
         # service.model is the locked model: indexing and queries take turns on it.

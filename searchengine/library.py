@@ -405,9 +405,12 @@ class Library:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _require_writable(self) -> None:
+    def require_writable(self, why: str = "it cannot be changed") -> None:
+        """ReadOnlyIndexError where this library was opened read-only: naming the path that
+        cannot be written where one is to blame, else saying `why` a write was asked for."""
         if not self.writable:
-            raise ReadOnlyIndexError(f"the index in {self.settings.data_dir} was opened read-only; it cannot be changed")
+            Library.check_writable(self.settings)
+            raise ReadOnlyIndexError(f"the index in {self.settings.data_dir} was opened read-only; {why}")
 
     def indexed_hashes(self, hashes: Iterable[str]) -> set[str]:
         """Which of these contents (sha256) the library has already: linked, never re-embedded."""
@@ -425,7 +428,7 @@ class Library:
         indexed already; failures: (path, size, mtime_ns, reason, message). Images left with
         no file (a path that now holds other content, or failed) are forgotten.
         """
-        self._require_writable()
+        self.require_writable()
         if not (new or links or failures):
             return []
         with self._write_lane, self.lock:
@@ -433,10 +436,9 @@ class Library:
                 new_images=[(n.sha256, n.meta, n.itc, [n.file]) for n in new], links=links, failures=failures
             )
             if new:
-                if self.features is not None:  # the ViT output of those the indexer keeps it for
-                    for image_id, n in zip(new_ids, new):
-                        if n.vit is not None:
-                            self.features.put(image_id, n.vit)
+                kept = [(image_id, n.vit) for image_id, n in zip(new_ids, new) if n.vit is not None]
+                if kept:  # the ViT output of those the indexer keeps it for
+                    self.cache_vit(*zip(*kept))
                 for image_id, n in zip(new_ids, new):
                     self.thumbnails.put_bytes(image_id, n.thumbnail)
                 self.add_vectors(new_ids, np.stack([n.itc for n in new]))
@@ -446,7 +448,7 @@ class Library:
     def remove_files(self, paths: Sequence[str]) -> list[int]:
         """Forget these paths (gone from disk); images left with no file go too, from the store
         first, then FAISS and the caches. Returns the ids of the images that went."""
-        self._require_writable()
+        self.require_writable()
         with self._write_lane, self.lock:
             orphans = self.store.remove_files(paths)
             self.forget_images(orphans)
@@ -454,12 +456,12 @@ class Library:
 
     def set_captions(self, rows: Sequence[tuple[int, str | None, str, str | None]]) -> None:
         """Store captions: (image id, caption or None, caption model, error or None)."""
-        self._require_writable()
+        self.require_writable()
         with self._write_lane:
             self.store.set_captions(rows)
 
     def add_vectors(self, ids: list[int], vecs: np.ndarray) -> None:
-        self._require_writable()
+        self.require_writable()
         assert self.index is not None
         with self.lock:
             self.index.add(np.asarray(ids), vecs)
@@ -470,7 +472,7 @@ class Library:
         """After the store deleted these images: drop their vectors and cache entries."""
         if not ids:
             return
-        self._require_writable()
+        self.require_writable()
         if self.index is not None:
             with self.lock:
                 self.index.remove(ids)
@@ -509,7 +511,7 @@ class Library:
         return self.store.roots()
 
     def add_root(self, path: str) -> None:
-        self._require_writable()
+        self.require_writable()
         with self._write_lane:
             self.store.add_root(path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mimetypes
+from dataclasses import asdict
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
@@ -18,11 +19,9 @@ def image(service: Service, image_id: ImageId):
     """An image's metadata and files."""
     d = service.image(image_id)
     return ImageOut(
-        id=d.id, paths=[f.path for f in d.files], files=[FileOut(path=f.path, size=f.size) for f in d.files],
-        width=d.width, height=d.height, taken_at=d.taken_at, camera=d.camera, gps_lat=d.gps_lat,
-        gps_lon=d.gps_lon, caption=d.caption, caption_model=d.caption_model, caption_error=d.caption_error,
-        thumbnail_url=f"/api/images/{image_id}/thumbnail", preview_url=f"/api/images/{image_id}/preview",
-        file_url=f"/api/images/{image_id}/file",
+        **{**asdict(d), "files": [FileOut(path=f.path, size=f.size) for f in d.files]},
+        paths=[f.path for f in d.files], thumbnail_url=f"/api/images/{image_id}/thumbnail",
+        preview_url=f"/api/images/{image_id}/preview", file_url=f"/api/images/{image_id}/file",
     )
 
 
