@@ -171,6 +171,9 @@ class Indexer:
             gone.extend(p for p in known if p not in seen)
         self.on_total(len(todo))
         self.update(todo, gone, summary)
+        # A library that outgrew its vector index's tier is re-indexed before the run ends
+        # (a watcher's is, in the background).
+        library.maybe_retier(wait=True)
         summary.seconds = time.perf_counter() - start
         return summary
 

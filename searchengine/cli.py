@@ -545,6 +545,7 @@ def cmd_stats(args: argparse.Namespace, out, err) -> int:
         print("model        -", file=out)
     print(f"images       {data['images']} ({data['files']} files)", file=out)
     print(f"index        {data['index_type']}, {data['vectors']} vectors", file=out)
+    print(f"tier         {_describe_tier(data['vector_index'], settings)}", file=out)
     print("on disk      " + ", ".join(f"{k} {_human(v)}" for k, v in data["bytes_on_disk"].items()), file=out)
     models = ", ".join(f"{m}: {n}" for m, n in sorted(data["caption_models"].items()))
     print(
@@ -562,6 +563,20 @@ def cmd_stats(args: argparse.Namespace, out, err) -> int:
     if data["failed"] > len(data["failures"]):
         print(f"  ... and {data['failed'] - len(data['failures'])} more (--json lists the first {len(data['failures'])})", file=out)
     return 0
+
+
+def _describe_tier(v: dict, settings) -> str:
+    """The vector index's tier, for `stats`."""
+    per_image = f", {_human(int(v['bytes_per_image']))} an image in RAM" if v.get("bytes_per_image") else ""
+    if v["tier"] == "exact":
+        when = f"approximate from {settings.ann_threshold} images" if settings.vector_tier == "auto" else f"set to {settings.vector_tier}"
+        return f"exact{per_image} ({when})"
+    recall = v.get("recall_at_10")
+    measured = f", recall@10 {recall:.3f} against exact on {v['recall_queries']} sample queries" if recall is not None else ""
+    return (
+        f"approximate: {v['factory']}, {v['reps']} vectors an image, nprobe {v['nprobe']}{per_image}{measured}; "
+        f"built at {v['trained_on']} images in {v['build_s']:.0f} s"
+    )
 
 
 def cmd_watch(args: argparse.Namespace, out, err) -> int:

@@ -8,6 +8,12 @@ Write order, which is what makes a crash at any moment repairable:
 3. the in-memory FAISS index, saved atomically every `save_every_s` and at the end.
 Deletions go store first, then FAISS, then the caches.
 
+The vector index has two tiers (see searchengine/ann.py): an exact scan (`vectors.faiss`) for
+a small library, an approximate index (`ann.json` names its file) for a large one, whose
+candidates are re-scored exactly from the stored vectors. A library that outgrows its tier is
+re-indexed in a background thread while queries go on; the new index takes over atomically
+(`_retier`), and a crash at any moment leaves the old one in use.
+
 On open, `reconcile` makes the FAISS index hold exactly the store's images: ids the store has
 and the index lacks are added from the stored vectors, ids the store no longer has are
 removed, and cache entries of gone images are deleted. A missing cache entry is recomputed
@@ -36,7 +42,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from searchengine import backup, links
+from searchengine import ann, backup, links
+from searchengine.ann import AnnIndex, max_sim
 from searchengine.errors import IndexBusyError, IndexNotFoundError, ReadOnlyIndexError, StoreDamagedError, StoreMissingError
 from searchengine.feature_cache import FeatureCache
 from searchengine.filecache import sweep_temporary
@@ -44,7 +51,7 @@ from searchengine.imageio import ImageMeta
 from searchengine.links import LinkPolicy
 from searchengine.settings import Settings
 from searchengine.keywords import Clause, KeywordQuery
-from searchengine.store import FileState, FolderCount, ImageRecord, ModelInfo, Store, sqlite_readonly_url, sqlite_url
+from searchengine.store import VECTOR_DTYPE, FileState, FolderCount, ImageRecord, ModelInfo, Store, sqlite_readonly_url, sqlite_url
 from searchengine.textindex import KeywordHit
 from searchengine.thumbnails import PreviewCache, ThumbnailCache
 from searchengine.vector_index import Candidates, VectorIndex
@@ -126,7 +133,7 @@ def unwritable_path(settings: Settings) -> Path | None:
     if not os.access(data_dir, os.W_OK | os.X_OK):
         return data_dir
     store = settings.store_path
-    for path in (store, Path(f"{store}-wal"), Path(f"{store}-shm"), settings.vectors_path):
+    for path in (store, Path(f"{store}-wal"), Path(f"{store}-shm"), settings.vectors_path, settings.ann_manifest_path):
         if path.exists() and not os.access(path, os.W_OK):
             return path
     return None
@@ -151,8 +158,9 @@ def _open_store(settings: Settings, *, read_only: bool, no_room: bool = False) -
 def index_traces(settings: Settings) -> list[str]:
     """What in the data dir shows that an index was there (besides the store)."""
     traces = []
-    if settings.vectors_path.exists():
-        traces.append(settings.vectors_path.name)
+    for path in (settings.vectors_path, settings.ann_manifest_path):
+        if path.exists():
+            traces.append(path.name)
     for folder in (settings.backups_dir, settings.features_dir, settings.thumbnails_dir, settings.previews_dir):
         if folder.is_dir() and any(folder.iterdir()):
             traces.append(folder.name + "/")
@@ -211,7 +219,13 @@ class Library:
         self.settings = settings
         self.store = store
         self.writable = writable
-        self.index: VectorIndex | None = None
+        self.index: VectorIndex | AnnIndex | None = None
+        self._ann_file: str | None = None  # the approximate index's file, when that tier is in use
+        # Re-indexing into another tier in a background thread (indexing and serving
+        # processes; a one-shot search uses what is there). See `_retier`.
+        self.background_rebuilds = False
+        self._rebuild: threading.Thread | None = None
+        self._cancel = threading.Event()
         self.features: FeatureCache | None = None
         self.thumbnails = ThumbnailCache(
             settings.thumbnails_dir, settings.thumbnail_size, settings.max_image_pixels, read_only=not writable
@@ -331,6 +345,9 @@ class Library:
         return links.inside_library(path, self.roots(), self.link_policy)
 
     def close(self) -> None:
+        self._cancel.set()  # a rebuild in progress is dropped; the next start does it again
+        if self._rebuild is not None:
+            self._rebuild.join()
         self.store.close()
         self.thumbnails.close()
         self.previews.close()
@@ -342,14 +359,17 @@ class Library:
             self._attach(self.store.model_info() or info)
 
     def _attach(self, info: ModelInfo) -> None:
-        path = self.settings.vectors_path
-        index = None
-        if path.exists():
-            try:
-                index = VectorIndex.load(path, info.dim, info.num_vectors)
-            except Exception as e:  # a damaged derived file is rebuilt, never trusted
-                log.warning("vector index %s is unreadable (%s); rebuilding it from the store", path, e)
-        self.index = index or VectorIndex(info.dim, info.num_vectors)
+        self.index, self._ann_file = self._load_vector_index(info)
+        if self.index is None:
+            n = len(self.store.image_ids())
+            if self._wanted_tier(n, None) == "ann":
+                # Too large to scan, and no usable approximate index: build one now.
+                if n:
+                    log.warning("building the approximate vector index of %d images from the store (a minute per ~100k)", n)
+                self.index = self._build_ann(info)
+                self._ann_file = None
+            else:
+                self.index = VectorIndex(info.dim, info.num_vectors)
         self.features = FeatureCache(self.settings.features_dir, info.vit_shape)
         report = self.reconcile()
         if self.writable:
@@ -357,22 +377,94 @@ class Library:
             swept += sum(c.sweep() for c in (self.features, self.thumbnails, self.previews))
             if swept:
                 log.info("removed %d temporary files left by a process that is gone", swept)
-        if self.writable and (report.changed or not path.exists()):
+        if self.writable and (report.changed or self._index_path() is None or not self._index_path().exists()):
             try:
                 self.save()
             except OSError as e:  # a full disk: reading goes on from the index in memory
-                log.warning("cannot save the vector index %s (%s); it is rebuilt from the store next time", path, e)
+                log.warning("cannot save the vector index (%s); it is rebuilt from the store next time", e)
+        if self.writable:
+            self._sweep_tier_files()
+
+    def _load_vector_index(self, info: ModelInfo) -> tuple[VectorIndex | AnnIndex | None, str | None]:
+        """The vector index on disk: the approximate tier where `ann.json` names one (unless
+        the exact tier is forced), else the exact one; (None, None) where neither is usable."""
+        s = self.settings
+        if s.vector_tier != "exact":
+            try:
+                entry = ann.read_manifest(s.ann_manifest_path)
+                if entry is not None:
+                    name, params = entry
+                    return AnnIndex.load(Path(s.data_dir) / name, params, info.dim, info.num_vectors), name
+            except Exception as e:  # noqa: BLE001 - a damaged derived file is rebuilt, never trusted
+                log.warning("the approximate vector index named by %s is unreadable (%s); rebuilding it", s.ann_manifest_path, e)
+        path = s.vectors_path
+        if path.exists():
+            try:
+                index = VectorIndex.load(path, info.dim, info.num_vectors)
+            except Exception as e:  # a damaged derived file is rebuilt, never trusted
+                log.warning("vector index %s is unreadable (%s); rebuilding it from the store", path, e)
+            else:
+                if index.holds_float16_values():
+                    return index, None
+                log.info("vector index %s predates float16 vectors; rebuilding it from the store", path)
+        return None, None
+
+    def _index_path(self) -> Path | None:
+        """The file the index in use is saved to (None: an approximate index not yet saved)."""
+        if isinstance(self.index, AnnIndex):
+            return Path(self.settings.data_dir) / self._ann_file if self._ann_file else None
+        return self.settings.vectors_path
+
+    def _sweep_tier_files(self) -> None:
+        """Drop the files of the tier not in use, and approximate-index files no manifest
+        names (a rebuild cut short): only while no rebuild of any process is under way."""
+        with self._tier_lock(blocking=False) as held:
+            if not held:
+                return
+            data_dir = Path(self.settings.data_dir)
+            keep = self._ann_file if isinstance(self.index, AnnIndex) else None
+            entry = None
+            try:
+                entry = ann.read_manifest(self.settings.ann_manifest_path)
+            except Exception:  # noqa: BLE001 - unreadable: replaced by the next rebuild
+                pass
+            named = entry[0] if entry else None
+            for f in data_dir.glob("ann-*.faiss"):
+                if f.name not in (keep, named):
+                    f.unlink(missing_ok=True)
+            if isinstance(self.index, AnnIndex) and self._ann_file and named == self._ann_file:
+                self.settings.vectors_path.unlink(missing_ok=True)
 
     def refresh(self) -> ReconcileReport | None:
         """Catch up with writes another process (an indexer) committed since we last looked."""
         revision = self.store.revision()
-        if revision == self.revision:
-            return None
         if self.index is None:  # no model bound yet: nothing to keep in step
+            return None
+        if revision == self.revision:
+            # Another process's rebuild may have put a new approximate index in place.
+            if self.settings.vector_tier != "exact" and self._manifest_file() not in (None, self._ann_file):
+                with self.lock:
+                    self._follow_manifest()
+                    return self._reconcile()
             return None
         with self.lock:
             self.revision = revision
+            self._follow_manifest()
             return self._reconcile()
+
+    def _follow_manifest(self) -> None:
+        """Load the approximate index another process's rebuild put in place, if any."""
+        name = self._manifest_file() if self.settings.vector_tier != "exact" else None
+        if name is None or name == self._ann_file or self.rebuilding:
+            return
+        info = self.store.model_info()
+        try:
+            _, params = ann.read_manifest(self.settings.ann_manifest_path)
+            self.index = AnnIndex.load(Path(self.settings.data_dir) / name, params, info.dim, info.num_vectors)
+            self._ann_file = name
+            log.info("loaded the vector index another process rebuilt (%s)", name)
+        except Exception as e:  # noqa: BLE001 - keep the index in use
+            log.warning("cannot load the rebuilt vector index %s (%s); keeping the one in use", name, e)
 
     def reconcile(self) -> ReconcileReport:
         with self.lock:
@@ -382,14 +474,7 @@ class Library:
         assert self.index is not None
         report = ReconcileReport()
         store_ids = self.store.image_ids()
-        index_ids = self.index.ids()
-        extra = np.setdiff1d(index_ids, store_ids)
-        missing = np.setdiff1d(store_ids, index_ids)
-        if len(extra):
-            report.removed = self.index.remove(extra)
-        for ids, vecs in self.store.iter_vectors(missing):
-            self.index.add(ids, vecs)
-            report.added += len(ids)
+        report.added, report.removed = self._sync(self.index, store_ids)
         present = set(store_ids.tolist())
         # A read-only library leaves stale cache entries on disk: it never asks for them (the
         # ids are gone from the store), and the next writer drops them.
@@ -402,6 +487,18 @@ class Library:
             log.info("reconciled the vector index with the store: %s", report)
             self._dirty = True
         return report
+
+    def _sync(self, index: VectorIndex | AnnIndex, store_ids: np.ndarray) -> tuple[int, int]:
+        """Make `index` hold exactly `store_ids` (from the stored vectors): (added, removed)."""
+        index_ids = index.ids()
+        extra = np.setdiff1d(index_ids, store_ids)
+        missing = np.setdiff1d(store_ids, index_ids)
+        removed = index.remove(extra) if len(extra) else 0
+        added = 0
+        for ids, vecs in self.store.iter_vectors(missing):
+            index.add(ids, vecs)
+            added += len(ids)
+        return added, removed
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -463,10 +560,13 @@ class Library:
     def add_vectors(self, ids: list[int], vecs: np.ndarray) -> None:
         self.require_writable()
         assert self.index is not None
+        # The values the store keeps (float16), so that every tier scores what re-scoring reads.
+        vecs = np.asarray(vecs).astype(VECTOR_DTYPE).astype(np.float32)
         with self.lock:
             self.index.add(np.asarray(ids), vecs)
             self._dirty = True
         self.maybe_save()
+        self.maybe_retier()
 
     def forget_images(self, ids: list[int]) -> None:
         """After the store deleted these images: drop their vectors and cache entries."""
@@ -481,6 +581,7 @@ class Library:
         self.thumbnails.delete(ids)
         self.previews.delete(ids)
         self._dirty = True
+        self.maybe_retier()
 
     def maybe_save(self) -> None:
         if self._dirty and time.monotonic() - self._last_save >= self.settings.save_every_s:
@@ -490,9 +591,147 @@ class Library:
         if self.index is None or not self.writable:
             return
         with self.lock:
-            self.index.save(self.settings.vectors_path)
+            path = self._index_path()
+            if path is None:  # an approximate index built for this process: give it a file
+                name = ann.new_file_name()
+                self.index.save(Path(self.settings.data_dir) / name)
+                with self._tier_lock(blocking=False) as held:
+                    if not held:  # another process is rebuilding: its index will take over
+                        (Path(self.settings.data_dir) / name).unlink(missing_ok=True)
+                        return
+                    ann.write_manifest(self.settings.ann_manifest_path, name, self.index.params)
+                    self._ann_file = name
+            elif isinstance(self.index, AnnIndex) and self._manifest_file() != self._ann_file:
+                return  # another process's rebuild took over: `refresh` loads it
+            else:
+                self.index.save(path)
         self._last_save = time.monotonic()
         self._dirty = False
+
+    def _manifest_file(self) -> str | None:
+        try:
+            entry = ann.read_manifest(self.settings.ann_manifest_path)
+        except Exception:  # noqa: BLE001
+            return None
+        return entry[0] if entry else None
+
+    # -- tiers ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _tier_lock(self, blocking: bool = True) -> Iterator[bool]:
+        """One rebuild of the vector index per data dir, across processes (flock on
+        `ann.lock`); yields whether it is held (False: not blocking and taken)."""
+        import fcntl
+
+        fd = os.open(Path(self.settings.data_dir) / "ann.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def _wanted_tier(self, n: int, current: str | None) -> str:
+        """The tier for n images: as forced, else exact below `ann_threshold` (and, once
+        approximate, until the library shrinks below half of it, so it does not flip)."""
+        s = self.settings
+        if s.vector_tier != "auto":
+            return s.vector_tier
+        if current == "ann":
+            return "ann" if n >= s.ann_threshold // 2 else "exact"
+        return "ann" if n >= s.ann_threshold else "exact"
+
+    def needs_rebuild(self) -> str | None:
+        """The tier to rebuild into, or None while the index in use fits the library: another
+        tier, or an approximate index trained at under a quarter of the library's size."""
+        if self.index is None:
+            return None
+        n = len(self.index)
+        want = self._wanted_tier(n, self.index.tier)
+        if want != self.index.tier:
+            return want
+        if isinstance(self.index, AnnIndex) and n > 4 * max(self.index.params.trained_on, 1):
+            return "ann"
+        return None
+
+    @property
+    def rebuilding(self) -> bool:
+        return self._rebuild is not None and self._rebuild.is_alive()
+
+    def maybe_retier(self, wait: bool = False) -> None:
+        """Start re-indexing into the tier the library's size wants, in the background (where
+        this library does that), or at once with `wait`; queries go on meanwhile."""
+        if not self.writable or (not self.background_rebuilds and not wait) or self.needs_rebuild() is None:
+            return
+        if not self.rebuilding:
+            self._cancel.clear()
+            self._rebuild = threading.Thread(target=self._retier, name="vector-index-rebuild", daemon=True)
+            self._rebuild.start()
+        if wait:
+            self._rebuild.join()
+
+    def _retier(self) -> None:
+        """Build the index the library's size wants from the store, then swap it in: the new
+        file first, then (under the index lock, after a last catch-up with the writes made
+        meanwhile) the manifest, which is when it takes over, then the old file goes."""
+        try:
+            with self._tier_lock(blocking=False) as held:
+                if not held:
+                    log.info("another process is rebuilding the vector index; this one keeps its own")
+                    return
+                want = self.needs_rebuild()
+                if want is None:
+                    return
+                info = self.store.model_info()
+                new = self._build_ann(info) if want == "ann" else self._build_exact(info)
+                if new is None:  # cancelled
+                    return
+                self._sync(new, self.store.image_ids())  # what was written during the build
+                data_dir = Path(self.settings.data_dir)
+                name = ann.new_file_name() if want == "ann" else None
+                new.save(data_dir / name if name else self.settings.vectors_path)
+                with self.lock:
+                    late = self._sync(new, self.store.image_ids())  # the last few, under the lock
+                    old_file = self._ann_file
+                    if name:
+                        ann.write_manifest(self.settings.ann_manifest_path, name, new.params)
+                    else:
+                        self.settings.ann_manifest_path.unlink(missing_ok=True)
+                    self.index, self._ann_file = new, name
+                    self._dirty = any(late)
+                    if name:
+                        self.settings.vectors_path.unlink(missing_ok=True)
+                    if old_file and old_file != name:
+                        (data_dir / old_file).unlink(missing_ok=True)
+                log.info("the vector index is now %s (%d images)", new.tier, len(new))
+            if self._dirty:
+                self.save()
+        except Exception:  # noqa: BLE001 - the index in use stays; the next start tries again
+            log.exception("rebuilding the vector index failed; the index in use stays")
+
+    def _build_exact(self, info: ModelInfo) -> VectorIndex | None:
+        index = VectorIndex(info.dim, info.num_vectors)
+        for ids, vecs in self.store.iter_vectors():
+            if self._cancel.is_set():
+                return None
+            index.add(ids, vecs)
+        return index
+
+    def _build_ann(self, info: ModelInfo) -> AnnIndex | None:
+        """An approximate index of every stored vector (see `ann.build`); None if cancelled."""
+        s = self.settings
+        return ann.build(
+            self.store.image_ids(),
+            read=self.store.iter_vectors,
+            rescore=self._rescored,
+            config=ann.BuildConfig(s.ann_factory, s.ann_reps, s.ann_overfetch, s.ann_nprobe, s.ann_target_recall, s.k_candidates),
+            dim=info.dim,
+            num_vectors=info.num_vectors,
+            cancelled=self._cancel.is_set,
+        )
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -524,10 +763,52 @@ class Library:
 
     # Queries: the vector index under its lock, the store's lookups, the caches.
 
-    def search_vectors(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[Candidates]:
-        """Top k images by max-sim for each query vector [T, D] (see `VectorIndex.search`)."""
+    def search_vectors(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, *, exact_scores: bool = True
+    ) -> list[Candidates]:
+        """Top k images by max-sim for each query vector [T, D] (see `VectorIndex.search`).
+
+        In the approximate tier, its candidates are re-scored from the stored vectors, so the
+        scores are exact; `exact_scores=False` skips that for callers that re-score what they
+        keep themselves (image queries). A filter that leaves few images is scanned exactly.
+        """
         with self.lock:
-            return self.index.search(queries, k, allowed)
+            index = self.index
+            if not isinstance(index, AnnIndex):
+                return index.search(queries, k, allowed)
+        queries = np.atleast_2d(queries)
+        if allowed is not None and len(allowed) <= max(self.settings.exact_scan_max, k * index.params.overfetch):
+            return self._scan(queries, np.asarray(allowed, dtype=np.int64), k)
+        if not exact_scores:
+            with self.lock:
+                return index.search(queries, k, allowed)
+        return self._rescored(index, queries, k, allowed)
+
+    def _rescored(self, index: AnnIndex, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> list[Candidates]:
+        with self.lock:
+            proposed = index.search(queries, k * index.params.overfetch, allowed)
+        return self._scan(queries, np.unique(np.concatenate([c.ids for c in proposed])), k, [c.ids for c in proposed])
+
+    def _scan(
+        self, queries: np.ndarray, ids: np.ndarray, k: int, per_query: list[np.ndarray] | None = None
+    ) -> list[Candidates]:
+        """Exact top k by max-sim among images given by id, from the stored vectors (images
+        gone from the store meanwhile drop out). per_query: each query's own candidates."""
+        found_ids, found_vecs = [], []
+        for got, vecs in self.store.iter_vectors(ids):
+            found_ids.append(got)
+            found_vecs.append(vecs)
+        if not found_ids:
+            return [Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(queries))]
+        got_ids = np.concatenate(found_ids)
+        scores = max_sim(np.concatenate(found_vecs), np.asarray(queries, np.float32))  # [n, T]
+        out = []
+        for t in range(len(queries)):
+            keep = np.ones(len(got_ids), bool) if per_query is None else np.isin(got_ids, per_query[t])
+            c_ids, c_scores = got_ids[keep], scores[keep, t]
+            order = np.lexsort((c_ids, -c_scores))[:k]
+            out.append(Candidates(c_ids[order], c_scores[order].astype(np.float32)))
+        return out
 
     def indexed_ids(self) -> np.ndarray:
         """Every image id in the vector index."""
@@ -537,7 +818,7 @@ class Library:
     def counts(self) -> tuple[int, int]:
         """(images, vectors) in the vector index (0, 0 without one)."""
         with self.lock:
-            return (len(self.index), self.index.index.ntotal) if self.index is not None else (0, 0)
+            return (len(self.index), self.index.ntotal) if self.index is not None else (0, 0)
 
     def filter_ids(self, filters) -> np.ndarray:
         """Ids of the images within a search's filters (folder, dates)."""
@@ -642,7 +923,8 @@ class Library:
         info = self.store.model_info()
         if info is not None:
             try:
-                ids = set(VectorIndex.load(s.vectors_path, info.dim, info.num_vectors).ids().tolist()) if s.vectors_path.exists() else None
+                index, _ = self._load_vector_index(info)
+                ids = set(index.ids().tolist()) if index is not None else None
             except Exception as e:  # noqa: BLE001 - a damaged derived file is reported, then rebuilt
                 out.append((False, f"vector index {s.vectors_path}: unreadable ({e}); rebuilt from the store on open"))
             else:
@@ -702,16 +984,42 @@ class Library:
             "model": model.name if model else None,
             "model_fingerprint": model.fingerprint if model else None,
             "model_dtype": model.dtype if model else None,
-            "index_type": "exact (flat inner product, max over query vectors)",
+            "index_type": self.index_type(),
+            "vector_index": self.vector_index_info(),
             "links": self.link_policy,
             # Opened without the vector index (`stats`): what reconciling makes it hold.
-            "vectors": self.index.index.ntotal if self.index else stats.images * (model.num_vectors if model else 0),
+            "vectors": self.index.ntotal if self.index else stats.images * (model.num_vectors if model else 0),
             "bytes_on_disk": self.sizes_on_disk(),
             "captioned": stats.captioned,
             "caption_models": stats.caption_models,
             "caption_failures": stats.caption_failures,
             "backups": [{"name": b.name, "taken": b.taken, "bytes": b.size} for b in self.backups()],
         }
+
+    def index_type(self) -> str:
+        tier = self.vector_index_info()["tier"]
+        if tier == "exact":
+            return "exact (flat inner product, max over query vectors)"
+        return "approximate (FAISS IVF candidates, re-scored exactly from the stored vectors)"
+
+    def vector_index_info(self) -> dict:
+        """The tier in use, its parameters, RAM per image and build-time recall@10."""
+        index = self.index
+        if index is None:  # `stats` loads no index: what the files say
+            try:
+                entry = ann.read_manifest(self.settings.ann_manifest_path) if self.settings.vector_tier != "exact" else None
+            except Exception:  # noqa: BLE001
+                entry = None
+            if entry is None:
+                info = self.store.model_info()
+                return {"tier": "exact", **({"bytes_per_image": info.num_vectors * (info.dim * 4 + 8)} if info else {})}
+            from dataclasses import asdict
+
+            return {"tier": "ann", **asdict(entry[1])}
+        if isinstance(index, AnnIndex):
+            return {"tier": "ann", **index.describe(), "rebuilding": self.rebuilding}
+        per_image = index.num_vectors * (index.dim * 4 + 8)
+        return {"tier": "exact", "bytes_per_image": per_image, "rebuilding": self.rebuilding}
 
     # -- sizes ----------------------------------------------------------------------------
 
@@ -724,7 +1032,7 @@ class Library:
         store = sum(size(Path(str(s.store_path) + suffix)) for suffix in ("", "-wal", "-shm"))
         return {
             "store": store,
-            "vector_index": size(s.vectors_path),
+            "vector_index": size(s.vectors_path) + sum(size(p) for p in Path(s.data_dir).glob("ann-*.faiss")),
             # Counted from its folder: a reader that loads no vector index (`stats`) has no
             # FeatureCache object, and the cache is on disk all the same.
             "feature_cache": sum(p.stat().st_size for p in Path(s.features_dir).glob(f"*/*{FeatureCache.suffix}")),

@@ -130,6 +130,25 @@ class Ranking:
     def reranked(self) -> int:
         return int((~np.isnan(self.itm)).sum())
 
+    def after(self, served: "Ranking") -> "Ranking":
+        """This deeper ranking, with the shallower one it extends kept as its head: pages
+        already served stay put, so paging on never repeats or skips an image. (With the
+        exact tier the heads agree anyway; an approximate tier's deeper search may propose an
+        image the shallower one missed, which then comes after the served ones.)"""
+        seen = set(served.ids.tolist())
+        tail = np.array([i not in seen for i in self.ids.tolist()], dtype=bool)
+
+        def join(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+            if a is None or b is None:
+                return None
+            return np.concatenate([a, b[tail]])
+
+        return Ranking(
+            join(served.ids, self.ids), join(served.itc, self.itc), join(served.itm, self.itm),
+            join(served.score, self.score), self.depth, self.exhausted, self.timings, self.query_vector,
+            join(served.keyword, self.keyword), {**served.records, **self.records},
+        )
+
     def itm_by_id(self) -> dict[int, float]:
         done = ~np.isnan(self.itm)
         return dict(zip(self.ids[done].tolist(), self.itm[done].tolist()))
@@ -417,6 +436,8 @@ class Searcher:
             text_vec = None
         encode_ms = (time.perf_counter() - t0) * 1000 if known is None and text_vec is not None else 0.0
         ranking = self.rank_text(kq, text_vec, mode=mode, depth=depth, rerank=rerank, filters=filters, known_itm=known)
+        if shallower is not None:
+            ranking = ranking.after(shallower)
         if rankings is not None:
             rankings.keep(key, ranking)
         return self._page(ranking, offset, k, min_score, t0, encode_ms, text, fresh=True)
@@ -500,7 +521,8 @@ class Searcher:
         """
         t0 = time.perf_counter()
         allowed = self.allowed_ids(filters)
-        per_vector = self.library.search_vectors(vectors, depth + 1, allowed)
+        # Each candidate is re-scored below: the approximate tier's own scores serve to choose them.
+        per_vector = self.library.search_vectors(vectors, depth + 1, allowed, exact_scores=False)
         summed: dict[int, float] = {}
         for cands in per_vector:
             for image_id, score in zip(cands.ids.tolist(), cands.scores.tolist()):

@@ -65,6 +65,20 @@ class Settings(BaseSettings):
     text_max_tokens: int = Field(35, ge=2)  # the paper truncates text at 35 tokens
     max_query_chars: int = Field(1000, ge=1)
     search_mode: Literal["hybrid", "semantic", "keyword"] = "hybrid"
+    # The vector index's tier (searchengine/ann.py). "auto": an exact scan below
+    # `ann_threshold` images, an approximate index (FAISS IVF, `ann_factory`) above it whose
+    # candidates are re-scored exactly, so every score shown is the exact one. "exact" and
+    # "ann" force a tier at any size. benchmarks/ann.py measured the defaults.
+    vector_tier: Literal["auto", "exact", "ann"] = "auto"
+    ann_threshold: int = Field(20_000, ge=1)
+    # IVF with 8-bit scalar codes: 4 representatives x (256 + 8 id) bytes = ~1.1 KiB an image
+    # for BLIP-2. PQ codes are smaller but trained 15x slower here (benchmarks/ann.py).
+    ann_factory: str = "IVF{nlist},SQ8"  # {nlist}: chosen from the library's size
+    ann_reps: int = Field(4, ge=1)  # vectors per image in the approximate index (k-means of the Q)
+    ann_overfetch: int = Field(2, ge=1)  # images proposed per image asked for, then re-scored
+    ann_target_recall: float = Field(0.97, gt=0, le=1)  # recall@10 the build tunes nprobe for
+    ann_nprobe: int = Field(0, ge=0)  # 0: tuned at build time for ann_target_recall
+    exact_scan_max: int = Field(4096, ge=0)  # a filter leaving this few images scans them exactly
     rrf_k: int = Field(60, ge=1)  # reciprocal rank fusion's constant (Cormack et al. use 60)
 
     # Service (`searchengine serve`).
@@ -115,6 +129,12 @@ class Settings(BaseSettings):
     @property
     def vectors_path(self) -> Path:
         return self.data_dir / "vectors.faiss"
+
+    @property
+    def ann_manifest_path(self) -> Path:
+        """Names the approximate index's file and its parameters; its atomic write is the
+        moment a rebuilt index takes over (see searchengine/ann.py)."""
+        return self.data_dir / "ann.json"
 
     @property
     def features_dir(self) -> Path:

@@ -60,7 +60,9 @@ from searchengine.textindex import KeywordHit, TextIndex, text_index_for
 log = logging.getLogger(__name__)
 
 # 1: images, vectors, files, roots, meta. 2: images.caption_error and the full-text index.
-SCHEMA_VERSION = 2
+# 3: vectors stored as float16 (16 KiB per image for BLIP-2, half of float32).
+SCHEMA_VERSION = 3
+VECTOR_DTYPE = np.float16
 
 metadata = MetaData()
 
@@ -101,7 +103,7 @@ vectors = Table(
     "vectors",
     metadata,
     Column("image_id", Integer, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
-    Column("data", LargeBinary, nullable=False),  # float32 [Q, D], C order
+    Column("data", LargeBinary, nullable=False),  # float16 [Q, D], C order (float32 before schema 3)
 )
 
 files = Table(
@@ -294,6 +296,8 @@ class Store:
                 )
             if version is not None and int(version) < 2:
                 conn.execute(text("ALTER TABLE images ADD COLUMN caption_error TEXT"))
+            if version is not None and int(version) < 3:
+                self._vectors_to_float16(conn)
             metadata.create_all(conn)
             self.text.create(conn)
             if version is None or int(version) < SCHEMA_VERSION:
@@ -306,6 +310,19 @@ class Store:
                 ids = list(conn.execute(select(images.c.id)).scalars())
                 for chunk in _chunks(ids, 500):
                     self._refresh_text(conn, chunk)
+
+    def _vectors_to_float16(self, conn: Connection) -> None:
+        """Schema 3: rewrite every stored vector (float32) as float16, in the upgrade's
+        transaction (a crash leaves the old schema, upgraded again on the next open). The
+        derived vector index sees the change by itself (see `Library._attach`)."""
+        ids = list(conn.execute(select(vectors.c.image_id).order_by(vectors.c.image_id)).scalars())
+        if ids:
+            log.info("storing the vectors of %d images as float16 (schema 3); once only", len(ids))
+        for chunk in _chunks(ids, 1000):
+            rows = conn.execute(select(vectors.c.image_id, vectors.c.data).where(vectors.c.image_id.in_(chunk))).all()
+            for image_id, data in rows:
+                half = np.frombuffer(data, dtype=np.float32).astype(VECTOR_DTYPE)
+                conn.execute(update(vectors).where(vectors.c.image_id == image_id).values(data=half.tobytes()))
 
     def _check_schema(self, location: str) -> None:
         """What `_migrate` would do, as checks only: the read-only path."""
@@ -320,7 +337,9 @@ class Store:
                     f"this index has schema version {version}, newer than this program knows "
                     f"({SCHEMA_VERSION}); upgrade searchengine"
                 )
-            if int(version) < SCHEMA_VERSION:
+            # Schema 2 differs only in its vectors' precision, which `iter_vectors` reads from
+            # their length: a read-only index of schema 2 is read as it is.
+            if int(version) < 2:
                 raise ReadOnlyIndexError(
                     f"the index in {location} has schema version {version} and this program needs "
                     f"{SCHEMA_VERSION}; it cannot be upgraded while it is read-only: run a write command "
@@ -498,7 +517,7 @@ class Store:
                     insert(images).values(sha256=sha, created_at=now, **m.__dict__).returning(images.c.id)
                 ).scalar_one()
                 conn.execute(
-                    insert(vectors).values(image_id=image_id, data=np.ascontiguousarray(vec, np.float32).tobytes())
+                    insert(vectors).values(image_id=image_id, data=np.ascontiguousarray(vec, VECTOR_DTYPE).tobytes())
                 )
                 new_ids.append(image_id)
                 for path, size, mtime_ns in paths:
@@ -575,7 +594,10 @@ class Store:
             for result in batches:
                 while rows := result.fetchmany(chunk):
                     out_ids = np.array([r[0] for r in rows], dtype=np.int64)
-                    vecs = np.stack([np.frombuffer(r[1], dtype=np.float32).reshape(shape) for r in rows])
+                    blob = b"".join(r[1] for r in rows)
+                    # float16 (schema 3); float32 only in a schema-2 index opened read-only
+                    dtype = VECTOR_DTYPE if len(blob) == len(rows) * shape[0] * shape[1] * 2 else np.float32
+                    vecs = np.frombuffer(blob, dtype=dtype).reshape(len(rows), *shape).astype(np.float32)
                     yield out_ids, vecs
 
     def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
@@ -718,12 +740,13 @@ class Store:
     def consistency(self) -> dict[str, int]:
         """Counts that must agree in a sound store (what `searchengine check` compares)."""
         info = self.model_info()
-        want = info.num_vectors * info.dim * 4 if info else None
+        # float16; float32 is read too (a schema-2 index opened read-only)
+        want = [info.num_vectors * info.dim * 2, info.num_vectors * info.dim * 4] if info else None
         with self.engine.connect() as conn:
             n_images = conn.execute(select(func.count()).select_from(images)).scalar_one()
             n_vectors = conn.execute(select(func.count()).select_from(vectors)).scalar_one()
             bad_vectors = (
-                conn.execute(select(func.count()).select_from(vectors).where(func.length(vectors.c.data) != want)).scalar_one()
+                conn.execute(select(func.count()).select_from(vectors).where(func.length(vectors.c.data).not_in(want))).scalar_one()
                 if want else 0
             )
             text_rows = self.text.count(conn)

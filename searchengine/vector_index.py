@@ -52,8 +52,25 @@ class VectorIndex:
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self.index = index
 
+    tier = "exact"
+
     def __len__(self) -> int:
         return self.index.ntotal // self.num_vectors
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors held (Q per image)."""
+        return int(self.index.ntotal)
+
+    def holds_float16_values(self, sample: int = 64) -> bool:
+        """Whether its first vectors are float16 values (as the store keeps them since schema
+        3): a file saved before holds float32 ones and is rebuilt from the store."""
+        n = min(self.index.ntotal, sample)
+        if n == 0:
+            return True
+        flat = _faiss().downcast_index(self.index.index)
+        x = flat.reconstruct_n(0, n)
+        return bool(np.array_equal(x, x.astype(np.float16).astype(np.float32)))
 
     def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         """ids [n], vecs [n, Q, D] (L2-normalised)."""

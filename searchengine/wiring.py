@@ -149,6 +149,8 @@ def open_for_serving(settings: Settings, *, create: bool = False, model: str | N
     from searchengine.library import Library
 
     library = Library.open(settings, create=create)
+    library.background_rebuilds = True  # a library that outgrows its tier is re-indexed meanwhile
+    library.maybe_retier()
     try:
         return load_model(settings, model or retrieval_model(settings, library.built_with())), library
     except BaseException:
@@ -183,7 +185,9 @@ def open_for_indexing(settings: Settings, recorded: Recorded | None) -> ForIndex
     captioner = load_captioner(settings, choice.caption_model)
     model = load_model(settings, choice.model)
     load_s = time.perf_counter() - t0
-    return ForIndexing(Library.open(settings, create=True, writable=True), model, captioner, load_s)
+    library = Library.open(settings, create=True, writable=True)
+    library.background_rebuilds = True  # the watcher's re-indexing into another tier goes on meanwhile
+    return ForIndexing(library, model, captioner, load_s)
 
 
 def open_for_search(settings: Settings, *, keyword_only: bool):

@@ -88,7 +88,7 @@ def test_scores_from_the_index_equal_the_model(settings, model, folder):
     plain = search(settings, model, text, k=8, rerank=0)
     assert len(plain.hits) == 8 and plain.reranked == 0
     for h in plain.hits:
-        assert h.itc == pytest.approx(want_itc[h.path], abs=1e-5)
+        assert h.itc == pytest.approx(want_itc[h.path], abs=2e-3)  # stored as float16 (issue 11: within 2e-3)
         assert h.itm is None and h.score == h.itc
     assert [h.itc for h in plain.hits] == sorted((h.itc for h in plain.hits), reverse=True)
 
@@ -212,7 +212,7 @@ def test_exif_rotation_is_applied_before_embedding(settings, model, tmp_path):
     decoded = decode_image((folder / "rotated.jpg").read_bytes(), max_pixels=10**9).image
     upright = model.embed_images([decoded]).itc[0]
     as_stored_on_disk = model.embed_images([Image.open(folder / "rotated.jpg").convert("RGB")]).itc[0]
-    np.testing.assert_allclose(stored[0], upright, atol=1e-5)
+    np.testing.assert_allclose(stored[0], upright, atol=1e-3)  # stored as float16
     assert np.abs(stored[0] - as_stored_on_disk).max() > 1e-3  # rotation really changes the vectors
 
 

@@ -372,7 +372,7 @@ def test_upload_finds_the_same_image_first(client, indexed):
     top = r.json()["hits"][0]
     # An upload is decoded at a reduced JPEG scale, straight to the model's size (memory):
     # its vectors are within 1e-4 of the indexed copy's, not bit-equal.
-    assert top["path"] == str(f) and top["score"] == pytest.approx(1.0, abs=1e-4)
+    assert top["path"] == str(f) and top["score"] == pytest.approx(1.0, abs=2e-3)  # float16 vectors
 
 
 @pytest.mark.parametrize(
@@ -465,7 +465,7 @@ def test_transparent_images_show_on_grey_while_the_model_saw_white(client, index
             im = Image.fromarray(rgba, "RGBA")
             white = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
             stored = next(library.store.iter_vectors([hit["id"]]))[1][0]
-            assert np.allclose(stored, model.embed_images([white]).itc[0], atol=1e-5)
+            assert np.allclose(stored, model.embed_images([white]).itc[0], atol=1e-3)  # float16
             grey = Image.alpha_composite(Image.new("RGBA", im.size, (128, 128, 128, 255)), im).convert("RGB")
             assert not np.allclose(stored, model.embed_images([grey]).itc[0], atol=1e-3)  # the check can tell
     finally:

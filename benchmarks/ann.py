@@ -1,0 +1,217 @@
+"""The vector index's tiers at 100k and 1M images (issue 11): recall against exact max-sim,
+query latency alone and at 16 at once, build time, memory and bytes per image.
+
+Synthetic but BLIP-2-shaped vectors (32 x 256-d per image, from searchengine/synthetic.py:
+1,000 topics, image centres near a topic, vectors near their image's centre; queries near
+held-out image centres). The vectors live in a float16 memory-mapped file, as the store keeps
+them (float16), so that 1M images (16 GB) fit on this machine.
+
+For each size it prints, in one run:
+- exact: the exact tier (FAISS flat, float32 in RAM) where it fits in RAM, else the exact
+  scan of the float16 vectors in numpy (what ground truth costs);
+- ann: `ann.build` with the product's defaults (nprobe tuned at build time), candidates
+  re-scored exactly from the float16 vectors, as `Library.search_vectors` does;
+- the store's own re-scoring cost (SQLite, 16 KiB a row) for the same number of candidates,
+  measured on a 100k-row store where --store is given.
+
+    python benchmarks/ann.py --sizes 100000 1000000 [--store]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from searchengine import ann, synthetic  # noqa: E402
+from searchengine.settings import Settings  # noqa: E402
+
+Q, D = 32, 256
+CHUNK = 5000
+
+
+def rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def vectors(n: int, folder: Path, lib: synthetic.Library) -> np.memmap:
+    path = folder / f"vectors-{n}.f16"
+    if not path.exists() or path.stat().st_size != n * Q * D * 2:
+        t = time.perf_counter()
+        m = np.memmap(path.with_suffix(".tmp"), dtype=np.float16, mode="w+", shape=(n, Q, D))
+        for s in range(0, n, CHUNK):
+            m[s:s + CHUNK] = lib.images(s, min(CHUNK, n - s))
+        m.flush()
+        del m
+        os.replace(path.with_suffix(".tmp"), path)
+        print(f"  generated {n} images in {time.perf_counter() - t:.0f} s", flush=True)
+    return np.memmap(path, dtype=np.float16, mode="r", shape=(n, Q, D))
+
+
+def exact_top(vecs: np.memmap, queries: np.ndarray, k: int) -> list[np.ndarray]:
+    best = ann.TopK(len(queries), k)
+    for s in range(0, len(vecs), CHUNK):
+        chunk = np.asarray(vecs[s:s + CHUNK], dtype=np.float32)
+        best.push(np.arange(s, s + len(chunk)), ann.max_sim(chunk, queries))
+    return best.ids()
+
+
+def latencies(search, queries: np.ndarray, threads: int) -> tuple[float, float]:
+    def one(q):
+        t = time.perf_counter()
+        search(q)
+        return (time.perf_counter() - t) * 1000
+
+    if threads == 1:
+        times = [one(q) for q in queries]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            times = list(pool.map(one, np.concatenate([queries] * 2)))
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+
+
+def recall(found: list[np.ndarray], truth: list[np.ndarray], k: int) -> float:
+    return float(np.mean([len(np.intersect1d(f[:k], t[:k])) / k for f, t in zip(found, truth)]))
+
+
+def run_size(n: int, folder: Path, depth: int, n_queries: int) -> None:
+    print(f"\n== {n:,} images ({n * Q:,} vectors) ==", flush=True)
+    lib = synthetic.Library.make(seed=1)
+    vecs = vectors(n, folder, lib)
+    queries = lib.queries(n_queries)
+    t = time.perf_counter()
+    truth = exact_top(vecs, queries, 100)
+    scan_s = (time.perf_counter() - t) / n_queries
+    # How neighbourhoods look: the 1st, 10th and 100th best exact scores, averaged.
+    first = np.asarray(vecs[: min(n, 20000)], np.float32)
+    s = np.sort(ann.max_sim(first, queries[:10]), axis=0)[::-1]
+    print(f"  exact scores of the 1st/10th/100th best (first 20k images): {s[0].mean():.3f} / {s[9].mean():.3f} / {s[99].mean():.3f}")
+    ids = np.arange(n, dtype=np.int64)
+
+    def read(wanted=None):
+        if wanted is None:
+            for s0 in range(0, n, CHUNK):
+                yield ids[s0:s0 + CHUNK], np.asarray(vecs[s0:s0 + CHUNK], np.float32)
+        else:
+            w = np.asarray(wanted)
+            yield w, np.asarray(vecs[w], np.float32)
+
+    def rescore(index, qs, k, allowed):
+        proposed = index.search(qs, k * index.params.overfetch, allowed)
+        out = []
+        for q, c in zip(qs, proposed):
+            sc = ann.max_sim(np.asarray(vecs[np.sort(c.ids)], np.float32), q[None])[:, 0]
+            cid = np.sort(c.ids)
+            o = np.lexsort((cid, -sc))[:k]
+            out.append(ann.Candidates(cid[o], sc[o]))
+        return out
+
+    rows = []
+    exact_ram = n * Q * (D * 4 + 8)
+    if exact_ram < 0.6 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
+        from searchengine.vector_index import VectorIndex
+
+        before = rss_gib()
+        t = time.perf_counter()
+        flat = VectorIndex(D, Q)
+        for got, v in read():
+            flat.add(got, v)
+        build = time.perf_counter() - t
+        found = [flat.search(q[None], depth)[0].ids for q in queries]
+        p50, p99 = latencies(lambda q: flat.search(q[None], depth), queries[:20], 1)
+        c50, c99 = latencies(lambda q: flat.search(q[None], depth), queries[:20], 16)
+        rows.append(("exact (flat)", recall(found, truth, 10), recall(found, truth, 100), p50, p99, c50, c99, build,
+                     rss_gib() - before, exact_ram / n))
+        del flat
+    else:
+        rows.append(("exact (numpy scan)", 1.0, 1.0, scan_s * 1000, float("nan"), float("nan"), float("nan"), 0.0, 0.0, float("nan")))
+        print(f"  the exact tier would hold {exact_ram / 2**30:.0f} GiB in RAM: not built; exact scan {scan_s:.1f} s a query")
+
+    s = Settings()
+    config = ann.BuildConfig(s.ann_factory, s.ann_reps, s.ann_overfetch, s.ann_nprobe, s.ann_target_recall, depth)
+    before = rss_gib()
+    t = time.perf_counter()
+    index = ann.build(ids, read=read, rescore=rescore, config=config, dim=D, num_vectors=Q)
+    build = time.perf_counter() - t
+    grown = rss_gib() - before
+    found = [c.ids for c in rescore(index, queries, depth, None)]
+    search = lambda q: rescore(index, q[None], depth, None)  # noqa: E731
+    p50, p99 = latencies(search, queries, 1)
+    c50, c99 = latencies(search, queries, 16)
+    rows.append((f"ann {index.params.factory} r{index.params.reps} np{index.params.nprobe}", recall(found, truth, 10),
+                 recall(found, truth, 100), p50, p99, c50, c99, build, grown, index.bytes_per_image()))
+    path = folder / "ann.faiss"
+    index.save(path)
+    on_disk = path.stat().st_size / n
+    path.unlink()
+    print(f"  ann: build-time recall@10 {index.params.recall_at_10} (nprobe {index.params.nprobe}); "
+          f"file {on_disk:.0f} B/image; store float16 vectors {Q * D * 2} B/image")
+    print(f"  {'tier':34s} {'R@10':>6s} {'R@100':>6s} {'p50':>7s} {'p99':>7s} {'p50x16':>7s} {'p99x16':>7s} {'build':>7s} {'+RSS':>6s} {'RAM/img':>8s}")
+    for name, r10, r100, p50, p99, c50, c99, b, g, per in rows:
+        print(f"  {name:34s} {r10:6.3f} {r100:6.3f} {p50:6.1f}ms {p99:6.1f}ms {c50:6.1f}ms {c99:6.1f}ms {b:6.0f}s {g:5.1f}G {per:7.0f}B")
+    if rows[0][0] == "exact (flat)":
+        print(f"  ann p50 speed-up against exact: {rows[0][3] / rows[1][3]:.1f}x")
+    print(f"  peak RSS so far {peak_gib():.1f} GiB", flush=True)
+
+
+def store_rescore_cost(folder: Path, n: int, candidates: int) -> None:
+    """What re-scoring reads from the real store: `candidates` rows of 16 KiB by id."""
+    from searchengine.imageio import ImageMeta
+    from searchengine.store import ModelInfo, Store, sqlite_url
+
+    path = folder / f"store-{n}.db"
+    lib = synthetic.Library.make(seed=1)
+    store = Store.open(sqlite_url(path), location=str(path))
+    if not store.model_info():
+        store.bind_model(ModelInfo("synthetic", "fp", Q, D, (1, 1)))
+    have = len(store.image_ids())
+    t = time.perf_counter()
+    for s0 in range(have, n, 1000):
+        v = lib.images(s0, min(1000, n - s0))
+        store.write_batch(new_images=[(f"h{s0 + i}", ImageMeta(1, 1), v[i], [(f"/p/{s0 + i}.jpg", 1, 1)]) for i in range(len(v))])
+    if have < n:
+        print(f"  filled a {n}-image store in {time.perf_counter() - t:.0f} s")
+    ids = store.image_ids()
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(30):
+        want = rng.choice(ids, candidates, replace=False)
+        t = time.perf_counter()
+        list(store.iter_vectors(want))
+        times.append((time.perf_counter() - t) * 1000)
+    print(f"  the store's re-scoring read: {candidates} of {n:,} images' vectors in {np.median(times):.1f} ms (median)")
+    store.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--folder", type=Path, default=Path("/tmp/ann-bench"))
+    ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--store", action="store_true", help="also time the store's re-scoring reads (100k rows)")
+    args = ap.parse_args()
+    args.folder.mkdir(parents=True, exist_ok=True)
+    depth = Settings().k_candidates
+    print(f"depth {depth} (k_candidates), {args.queries} queries, {os.cpu_count()} cores")
+    for n in args.sizes:
+        run_size(n, args.folder, depth, args.queries)
+    if args.store:
+        print("\n== the store ==")
+        store_rescore_cost(args.folder, 100_000, depth * Settings().ann_overfetch)
+
+
+if __name__ == "__main__":
+    main()
