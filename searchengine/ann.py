@@ -156,9 +156,14 @@ class AnnIndex:
     def ids(self) -> np.ndarray:
         return self._ids
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[Candidates]:
+    def vectors_for(self, k: int) -> int:
+        """Vectors a search for k images selects."""
+        return k * min(self.params.reps, self.num_vectors)
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, on=None) -> list[Candidates]:
         """Candidate images for each query vector [T, D]: `k` of them at most, best first by
-        their approximate score (the codes' inner product, not the exact one)."""
+        their approximate score (the codes' inner product, not the exact one). `on`: a copy
+        to search instead (the GPU's), for an unfiltered search."""
         faiss = _faiss()
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         r = min(self.params.reps, self.num_vectors)
@@ -167,6 +172,9 @@ class AnnIndex:
             n_vec = min(n_vec, len(allowed) * r)
         if n_vec == 0 or k <= 0:
             return [Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(queries))]
+        if on is not None and allowed is None:
+            scores, labels = on.search(queries, n_vec)
+            return [_group_max(labels[t], scores[t], k) for t in range(len(queries))]
         params = faiss.SearchParametersIVF(nprobe=self._ivf.nprobe)
         if allowed is not None:  # FAISS skips the other ids inside the search
             sel = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))

@@ -45,6 +45,7 @@ import numpy as np
 from searchengine import ann, backup, links
 from searchengine.ann import AnnIndex, max_sim
 from searchengine.errors import IndexBusyError, IndexNotFoundError, ReadOnlyIndexError, StoreDamagedError, StoreMissingError
+from searchengine.faiss_gpu import GpuMirror
 from searchengine.feature_cache import FeatureCache
 from searchengine.filecache import sweep_temporary
 from searchengine.imageio import ImageMeta
@@ -226,6 +227,8 @@ class Library:
         self.background_rebuilds = False
         self._rebuild: threading.Thread | None = None
         self._cancel = threading.Event()
+        self.gpu: GpuMirror | None = None  # the index's GPU copy for searches (see faiss_gpu)
+        self._writes = 0  # changes to the index in memory: a GPU copy is current for one count
         self.features: FeatureCache | None = None
         self.thumbnails = ThumbnailCache(
             settings.thumbnails_dir, settings.thumbnail_size, settings.max_image_pixels, read_only=not writable
@@ -384,6 +387,13 @@ class Library:
                 log.warning("cannot save the vector index (%s); it is rebuilt from the store next time", e)
         if self.writable:
             self._sweep_tier_files()
+        self.gpu = GpuMirror(self.settings.vector_device)
+        self.gpu.refresh(self.index, self._writes)
+
+    def _refresh_gpu(self) -> None:
+        if self.gpu is not None:
+            with self.lock:
+                self.gpu.refresh(self.index, self._writes)
 
     def _load_vector_index(self, info: ModelInfo) -> tuple[VectorIndex | AnnIndex | None, str | None]:
         """The vector index on disk: the approximate tier where `ann.json` names one (unless
@@ -462,6 +472,8 @@ class Library:
             _, params = ann.read_manifest(self.settings.ann_manifest_path)
             self.index = AnnIndex.load(Path(self.settings.data_dir) / name, params, info.dim, info.num_vectors)
             self._ann_file = name
+            self._writes += 1
+            self._refresh_gpu()
             log.info("loaded the vector index another process rebuilt (%s)", name)
         except Exception as e:  # noqa: BLE001 - keep the index in use
             log.warning("cannot load the rebuilt vector index %s (%s); keeping the one in use", name, e)
@@ -486,6 +498,7 @@ class Library:
         if report.changed or report.cache_dropped:
             log.info("reconciled the vector index with the store: %s", report)
             self._dirty = True
+            self._writes += 1
         return report
 
     def _sync(self, index: VectorIndex | AnnIndex, store_ids: np.ndarray) -> tuple[int, int]:
@@ -564,6 +577,7 @@ class Library:
         vecs = np.asarray(vecs).astype(VECTOR_DTYPE).astype(np.float32)
         with self.lock:
             self.index.add(np.asarray(ids), vecs)
+            self._writes += 1
             self._dirty = True
         self.maybe_save()
         self.maybe_retier()
@@ -576,6 +590,7 @@ class Library:
         if self.index is not None:
             with self.lock:
                 self.index.remove(ids)
+                self._writes += 1
         if self.features is not None:
             self.features.delete(ids)
         self.thumbnails.delete(ids)
@@ -607,6 +622,7 @@ class Library:
                 self.index.save(path)
         self._last_save = time.monotonic()
         self._dirty = False
+        self._refresh_gpu()  # writes are in: searches go back to the GPU copy
 
     def _manifest_file(self) -> str | None:
         try:
@@ -702,6 +718,9 @@ class Library:
                         self.settings.ann_manifest_path.unlink(missing_ok=True)
                     self.index, self._ann_file = new, name
                     self._dirty = any(late)
+                    self._writes += 1
+                    if not self._dirty:
+                        self._refresh_gpu()
                     if name:
                         self.settings.vectors_path.unlink(missing_ok=True)
                     if old_file and old_file != name:
@@ -775,18 +794,25 @@ class Library:
         with self.lock:
             index = self.index
             if not isinstance(index, AnnIndex):
-                return index.search(queries, k, allowed)
+                return index.search(queries, k, allowed, on=self._gpu_copy(index, k, allowed))
         queries = np.atleast_2d(queries)
         if allowed is not None and len(allowed) <= max(self.settings.exact_scan_max, k * index.params.overfetch):
             return self._scan(queries, np.asarray(allowed, dtype=np.int64), k)
         if not exact_scores:
             with self.lock:
-                return index.search(queries, k, allowed)
+                return index.search(queries, k, allowed, on=self._gpu_copy(index, k, allowed))
         return self._rescored(index, queries, k, allowed)
+
+    def _gpu_copy(self, index, k: int, allowed):
+        """The GPU copy of `index` where this search can run on it (call under the lock)."""
+        if self.gpu is None:
+            return None
+        return self.gpu.copy_for(index, self._writes, index.vectors_for(k), allowed is not None)
 
     def _rescored(self, index: AnnIndex, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> list[Candidates]:
         with self.lock:
-            proposed = index.search(queries, k * index.params.overfetch, allowed)
+            n = k * index.params.overfetch
+            proposed = index.search(queries, n, allowed, on=self._gpu_copy(index, n, allowed) if index is self.index else None)
         return self._scan(queries, np.unique(np.concatenate([c.ids for c in proposed])), k, [c.ids for c in proposed])
 
     def _scan(
@@ -1016,10 +1042,11 @@ class Library:
             from dataclasses import asdict
 
             return {"tier": "ann", **asdict(entry[1])}
+        device = "gpu" if self.gpu is not None and self.gpu.enabled else "cpu"
         if isinstance(index, AnnIndex):
-            return {"tier": "ann", **index.describe(), "rebuilding": self.rebuilding}
+            return {"tier": "ann", **index.describe(), "rebuilding": self.rebuilding, "device": device}
         per_image = index.num_vectors * (index.dim * 4 + 8)
-        return {"tier": "exact", "bytes_per_image": per_image, "rebuilding": self.rebuilding}
+        return {"tier": "exact", "bytes_per_image": per_image, "rebuilding": self.rebuilding, "device": device}
 
     # -- sizes ----------------------------------------------------------------------------
 

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     # candidates are re-scored exactly, so every score shown is the exact one. "exact" and
     # "ann" force a tier at any size. benchmarks/ann.py measured the defaults.
     vector_tier: Literal["auto", "exact", "ann"] = "auto"
-    ann_threshold: int = Field(20_000, ge=1)
+    ann_threshold: int = Field(10_000, ge=1)  # the exact scan: ~80 ms a query there on 2 cores
     # IVF with 8-bit scalar codes: 4 representatives x (256 + 8 id) bytes = ~1.1 KiB an image
     # for BLIP-2. PQ codes are smaller but trained 15x slower here (benchmarks/ann.py).
     ann_factory: str = "IVF{nlist},SQ8"  # {nlist}: chosen from the library's size
@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     ann_target_recall: float = Field(0.97, gt=0, le=1)  # recall@10 the build tunes nprobe for
     ann_nprobe: int = Field(0, ge=0)  # 0: tuned at build time for ann_target_recall
     exact_scan_max: int = Field(4096, ge=0)  # a filter leaving this few images scans them exactly
+    # Where FAISS searches: "auto" on a GPU where FAISS has GPU support (faiss-gpu) and a CUDA
+    # device is present, else the CPU (one log line says so); "cpu"; "gpu" (a warning if none).
+    vector_device: Literal["auto", "cpu", "gpu"] = "auto"
     rrf_k: int = Field(60, ge=1)  # reciprocal rank fusion's constant (Cormack et al. use 60)
 
     # Service (`searchengine serve`).

@@ -94,11 +94,16 @@ class VectorIndex:
             return np.zeros(0, dtype=np.int64)
         return np.unique(_faiss().vector_to_array(self.index.id_map))
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[Candidates]:
+    def vectors_for(self, k: int) -> int:
+        """Vectors a search for k images selects."""
+        return k * self.num_vectors
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, on=None) -> list[Candidates]:
         """Top k images by max-sim for each query vector [T, D].
 
         `allowed`: image ids to search among (a filter); exact, because FAISS skips the other
-        ids inside the search rather than after it.
+        ids inside the search rather than after it. `on`: a copy of the index to search
+        instead (the GPU's, see searchengine/faiss_gpu.py), for an unfiltered search.
         """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         n_vec = min(self.index.ntotal, k * self.num_vectors)
@@ -111,7 +116,10 @@ class VectorIndex:
         if allowed is not None:
             faiss = _faiss()
             params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64)))
-        scores, labels = self.index.search(queries, n_vec, params=params)
+        if on is not None and params is None:
+            scores, labels = on.search(queries, n_vec)
+        else:
+            scores, labels = self.index.search(queries, n_vec, params=params)
         return [_group_max(labels[t], scores[t], k) for t in range(len(queries))]
 
     # -- files ----------------------------------------------------------------------------

@@ -448,3 +448,69 @@ def test_a_deeper_ranking_keeps_the_pages_already_served():
     deeper = ranking([5, 3, 7, 9, 2, 8], 6).after(served)
     assert deeper.ids.tolist() == [5, 3, 9, 7, 2, 8]  # page one as served; no repeat, no skip
     assert len(deeper.itc) == len(deeper.score) == len(deeper.itm) == 6
+
+
+# -- the GPU copy (its FAISS calls stubbed: CI has no GPU) -------------------------------------
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """FAISS "with a GPU": the copy is a CPU clone, and every search on it is counted."""
+    import faiss
+
+    from searchengine import faiss_gpu
+
+    searches = []
+
+    class Counted:
+        def __init__(self, index):
+            self.index = faiss.clone_index(index)
+
+        def search(self, x, k):
+            searches.append(k)
+            return self.index.search(x, k)
+
+    monkeypatch.setattr(faiss_gpu, "gpu_count", lambda: 1)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss_gpu, "_clone_to_gpu", lambda index, res: Counted(index))
+    return searches
+
+
+@pytest.mark.parametrize("tier", ["exact", "ann"])
+def test_unfiltered_searches_run_on_the_gpu_copy_once_it_has_every_write(tmp_path, fake_gpu, tier):
+    rng = np.random.default_rng(13)
+    ids = fill(Settings(data_dir=tmp_path), random_vectors(rng, 100))
+    lib = open_ann(tmp_path) if tier == "ann" else Library.open(Settings(data_dir=tmp_path))
+    if tier == "ann":  # a fresh open: the copy is made of the index as loaded
+        lib.close()
+        lib = Library.open(Settings(data_dir=tmp_path, **EVERYTHING))
+    assert lib.vector_index_info()["device"] == "gpu"
+    q = random_vectors(rng, 1)[0, :1]
+    want = lib.search_vectors(q, 5)[0].ids.tolist()
+    assert len(fake_gpu) == 1
+    lib.search_vectors(q, 5, np.array(ids[:50]))  # a filter: the CPU
+    assert len(fake_gpu) == 1
+    # A write: the copy lacks it, so the CPU answers (and finds it) until the next save.
+    vec = np.repeat(q[None], Q, axis=1)
+    new, _ = lib.store.write_batch(new_images=[("shaq", ImageMeta(1, 1), vec[0], [("/p/q.jpg", 1, 1)])])
+    lib.add_vectors(new, vec)
+    assert lib.search_vectors(q, 5)[0].ids.tolist()[0] == new[0]
+    assert len(fake_gpu) == 1
+    lib.save()
+    assert lib.search_vectors(q, 5)[0].ids.tolist() == [new[0]] + want[:4]
+    assert len(fake_gpu) == 2
+    lib.close()
+
+
+def test_without_a_gpu_one_line_says_so_and_the_cpu_searches(tmp_path, caplog):
+    import logging
+
+    rng = np.random.default_rng(14)
+    fill(Settings(data_dir=tmp_path), random_vectors(rng, 20))
+    with caplog.at_level(logging.INFO, logger="searchengine.faiss_gpu"):
+        lib = Library.open(Settings(data_dir=tmp_path, vector_device="gpu"))
+    assert [r.levelname for r in caplog.records if r.name == "searchengine.faiss_gpu"] == ["WARNING"]
+    assert "FAISS has no GPU here" in caplog.text
+    assert lib.vector_index_info()["device"] == "cpu"
+    assert len(lib.search_vectors(random_vectors(rng, 1)[0, :1], 3)[0].ids) == 3
+    lib.close()
