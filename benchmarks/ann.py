@@ -11,10 +11,10 @@ For each size it prints, in one run:
   scan of the float16 vectors in numpy (what ground truth costs);
 - ann: `ann.build` with the product's defaults (nprobe tuned at build time), candidates
   re-scored exactly from the float16 vectors, as `Library.search_vectors` does;
-- the store's own re-scoring cost (SQLite, 16 KiB a row) for the same number of candidates,
-  measured on a 100k-row store where --store is given.
+- with --store N: `Library.search_vectors` itself on an N-image store, both tiers, where the
+  candidates' vectors are read from SQLite (16 KiB a row).
 
-    python benchmarks/ann.py --sizes 100000 1000000 [--store]
+    python benchmarks/ann.py --sizes 100000 1000000 [--store 100000]
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def run_size(n: int, folder: Path, depth: int, n_queries: int) -> None:
                      rss_gib() - before, exact_ram / n))
         del flat
     else:
-        rows.append(("exact (numpy scan)", 1.0, 1.0, scan_s * 1000, float("nan"), float("nan"), float("nan"), 0.0, 0.0, float("nan")))
+        # Ground truth's cost: 100 queries at once over the float16 vectors, per query.
+        rows.append(("exact (numpy, batch of 100)", 1.0, 1.0, scan_s * 1000, float("nan"), float("nan"), float("nan"), 0.0, 0.0, float("nan")))
         print(f"  the exact tier would hold {exact_ram / 2**30:.0f} GiB in RAM: not built; exact scan {scan_s:.1f} s a query")
 
     s = Settings()
@@ -167,41 +168,56 @@ def run_size(n: int, folder: Path, depth: int, n_queries: int) -> None:
     print(f"  peak RSS so far {peak_gib():.1f} GiB", flush=True)
 
 
-def store_rescore_cost(folder: Path, n: int, candidates: int) -> None:
-    """What re-scoring reads from the real store: `candidates` rows of 16 KiB by id."""
+def product_path(folder: Path, n: int, depth: int, n_queries: int) -> None:
+    """`Library.search_vectors` itself on an n-image store, approximate tier against exact
+    tier: re-scoring reads the candidates' float16 vectors from SQLite (16 KiB a row)."""
     from searchengine.imageio import ImageMeta
-    from searchengine.store import ModelInfo, Store, sqlite_url
+    from searchengine.library import Library
+    from searchengine.store import ModelInfo
 
-    path = folder / f"store-{n}.db"
-    lib = synthetic.Library.make(seed=1)
-    store = Store.open(sqlite_url(path), location=str(path))
-    if not store.model_info():
-        store.bind_model(ModelInfo("synthetic", "fp", Q, D, (1, 1)))
-    have = len(store.image_ids())
+    data = folder / f"library-{n}"
+    data.mkdir(exist_ok=True)
+    gen = synthetic.Library.make(seed=1)
+    lib = Library.open(Settings(data_dir=data, vector_tier="exact"), create=True)
+    lib.bind(ModelInfo("synthetic", "fp", Q, D, (1, 1)))
+    have = len(lib.store.image_ids())
     t = time.perf_counter()
-    for s0 in range(have, n, 1000):
-        v = lib.images(s0, min(1000, n - s0))
-        store.write_batch(new_images=[(f"h{s0 + i}", ImageMeta(1, 1), v[i], [(f"/p/{s0 + i}.jpg", 1, 1)]) for i in range(len(v))])
+    for s0 in range(have, n, CHUNK):
+        v = gen.images(s0, min(CHUNK, n - s0))
+        lib.store.write_batch(new_images=[(f"h{s0 + i}", ImageMeta(1, 1), v[i], [(f"/p/{s0 + i}.jpg", 1, 1)]) for i in range(len(v))])
     if have < n:
-        print(f"  filled a {n}-image store in {time.perf_counter() - t:.0f} s")
-    ids = store.image_ids()
-    rng = np.random.default_rng(0)
-    times = []
-    for _ in range(30):
-        want = rng.choice(ids, candidates, replace=False)
+        print(f"  filled a {n:,}-image store in {time.perf_counter() - t:.0f} s")
+    lib.close()
+    queries = gen.queries(n_queries)
+    truth = ann.TopK(n_queries, 100)
+    with_store = Library.open(Settings(data_dir=data, vector_tier="exact"), writable=False, vectors=False)
+    for got, v in with_store.store.iter_vectors():
+        truth.push(got, ann.max_sim(v, queries))
+    with_store.close()
+    rows = []
+    for tier in ("exact", "ann"):
         t = time.perf_counter()
-        list(store.iter_vectors(want))
-        times.append((time.perf_counter() - t) * 1000)
-    print(f"  the store's re-scoring read: {candidates} of {n:,} images' vectors in {np.median(times):.1f} ms (median)")
-    store.close()
+        lib = Library.open(Settings(data_dir=data, vector_tier=tier))
+        lib.maybe_retier(wait=True)
+        opened = time.perf_counter() - t
+        found = [lib.search_vectors(q[None], depth)[0].ids for q in queries]
+        search = lambda q: lib.search_vectors(q[None], depth)  # noqa: E731
+        p50, p99 = latencies(search, queries, 1)
+        c50, c99 = latencies(search, queries, 16)
+        rows.append((tier, recall(found, truth.ids(), 10), recall(found, truth.ids(), 100), p50, p99, c50, c99, opened))
+        lib.close()
+    print(f"  {'Library.search_vectors':24s} {'R@10':>6s} {'R@100':>6s} {'p50':>7s} {'p99':>7s} {'p50x16':>7s} {'p99x16':>7s} {'open+build':>10s}")
+    for name, r10, r100, p50, p99, c50, c99, b in rows:
+        print(f"  {name:24s} {r10:6.3f} {r100:6.3f} {p50:6.1f}ms {p99:6.1f}ms {c50:6.1f}ms {c99:6.1f}ms {b:9.0f}s")
+    print(f"  approximate against exact, p50: {rows[0][3] / rows[1][3]:.1f}x faster")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
     ap.add_argument("--folder", type=Path, default=Path("/tmp/ann-bench"))
     ap.add_argument("--queries", type=int, default=100)
-    ap.add_argument("--store", action="store_true", help="also time the store's re-scoring reads (100k rows)")
+    ap.add_argument("--store", type=int, default=0, metavar="N", help="also time Library.search_vectors on an N-image store, both tiers")
     args = ap.parse_args()
     args.folder.mkdir(parents=True, exist_ok=True)
     depth = Settings().k_candidates
@@ -209,8 +225,8 @@ def main() -> None:
     for n in args.sizes:
         run_size(n, args.folder, depth, args.queries)
     if args.store:
-        print("\n== the store ==")
-        store_rescore_cost(args.folder, 100_000, depth * Settings().ann_overfetch)
+        print(f"\n== the product's own path: a {args.store:,}-image store ==")
+        product_path(args.folder, args.store, depth, args.queries)
 
 
 if __name__ == "__main__":

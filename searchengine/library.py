@@ -820,14 +820,10 @@ class Library:
     ) -> list[Candidates]:
         """Exact top k by max-sim among images given by id, from the stored vectors (images
         gone from the store meanwhile drop out). per_query: each query's own candidates."""
-        found_ids, found_vecs = [], []
-        for got, vecs in self.store.iter_vectors(ids):
-            found_ids.append(got)
-            found_vecs.append(vecs)
-        if not found_ids:
+        got_ids, vecs = self.store.read_vectors(ids, (self.index.num_vectors, self.index.dim))
+        if not len(got_ids):
             return [Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(queries))]
-        got_ids = np.concatenate(found_ids)
-        scores = max_sim(np.concatenate(found_vecs), np.asarray(queries, np.float32))  # [n, T]
+        scores = max_sim(vecs, np.asarray(queries, np.float32))  # [n, T]
         out = []
         for t in range(len(queries)):
             keep = np.ones(len(got_ids), bool) if per_query is None else np.isin(got_ids, per_query[t])

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     # candidates are re-scored exactly, so every score shown is the exact one. "exact" and
     # "ann" force a tier at any size. benchmarks/ann.py measured the defaults.
     vector_tier: Literal["auto", "exact", "ann"] = "auto"
-    ann_threshold: int = Field(10_000, ge=1)  # the exact scan: ~80 ms a query there on 2 cores
+    ann_threshold: int = Field(20_000, ge=1)  # the exact scan: ~160 ms a query there on 2 cores
     # IVF with 8-bit scalar codes: 4 representatives x (256 + 8 id) bytes = ~1.1 KiB an image
     # for BLIP-2. PQ codes are smaller but trained 15x slower here (benchmarks/ann.py).
     ann_factory: str = "IVF{nlist},SQ8"  # {nlist}: chosen from the library's size

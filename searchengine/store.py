@@ -600,6 +600,24 @@ class Store:
                     vecs = np.frombuffer(blob, dtype=dtype).reshape(len(rows), *shape).astype(np.float32)
                     yield out_ids, vecs
 
+    def read_vectors(self, ids: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids found [n], vectors [n, Q, D] float32) of images given by id: the query path's
+        re-scoring read, one statement per 5,000 ids with the ids inlined (integers), which
+        spares the bound-parameter expansion (measured 13 against 16 ms for 256 images)."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        got_ids, blobs = [], []
+        with self.engine.connect() as conn:
+            for c in _chunks(ids.tolist(), 5000):
+                sql = f"SELECT image_id, data FROM vectors WHERE image_id IN ({','.join(str(int(i)) for i in c)})"
+                for image_id, data in conn.exec_driver_sql(sql):
+                    got_ids.append(image_id)
+                    blobs.append(data)
+        blob = b"".join(blobs)
+        n, (q, d) = len(got_ids), shape
+        dtype = VECTOR_DTYPE if len(blob) == n * q * d * 2 else np.float32  # float32: schema 2, read-only
+        vecs = np.frombuffer(blob, dtype=dtype).reshape(n, q, d).astype(np.float32)
+        return np.asarray(got_ids, dtype=np.int64), vecs
+
     def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
         out: dict[int, ImageRecord] = {}
         if not ids:
