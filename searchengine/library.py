@@ -797,7 +797,7 @@ class Library:
                 return index.search(queries, k, allowed, on=self._gpu_copy(index, k, allowed))
         queries = np.atleast_2d(queries)
         if allowed is not None and len(allowed) <= max(self.settings.exact_scan_max, k * index.params.overfetch):
-            return self._scan(queries, np.asarray(allowed, dtype=np.int64), k)
+            return self._scan(index, queries, np.asarray(allowed, dtype=np.int64), k)
         if not exact_scores:
             with self.lock:
                 return index.search(queries, k, allowed, on=self._gpu_copy(index, k, allowed))
@@ -813,14 +813,14 @@ class Library:
         with self.lock:
             n = k * index.params.overfetch
             proposed = index.search(queries, n, allowed, on=self._gpu_copy(index, n, allowed) if index is self.index else None)
-        return self._scan(queries, np.unique(np.concatenate([c.ids for c in proposed])), k, [c.ids for c in proposed])
+        return self._scan(index, queries, np.unique(np.concatenate([c.ids for c in proposed])), k, [c.ids for c in proposed])
 
     def _scan(
-        self, queries: np.ndarray, ids: np.ndarray, k: int, per_query: list[np.ndarray] | None = None
+        self, index: AnnIndex, queries: np.ndarray, ids: np.ndarray, k: int, per_query: list[np.ndarray] | None = None
     ) -> list[Candidates]:
         """Exact top k by max-sim among images given by id, from the stored vectors (images
         gone from the store meanwhile drop out). per_query: each query's own candidates."""
-        got_ids, vecs = self.store.read_vectors(ids, (self.index.num_vectors, self.index.dim))
+        got_ids, vecs = self.store.read_vectors(ids, (index.num_vectors, index.dim))
         if not len(got_ids):
             return [Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(queries))]
         scores = max_sim(vecs, np.asarray(queries, np.float32))  # [n, T]
