@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from searchengine.vector_index import Candidates, _faiss, _group_max, write_atomic
+from searchengine.vector_index import Candidates, _faiss, _group_max, checked_batch, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +133,9 @@ class AnnIndex:
         return int(self.index.ntotal)
 
     def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = checked_batch(ids, vecs, self.num_vectors, self.dim)
         if len(ids) == 0:
             return
-        if vecs.shape[1:] != (self.num_vectors, self.dim):
-            raise ValueError(f"vectors of shape {vecs.shape[1:]}, index holds {(self.num_vectors, self.dim)}")
         reps = representatives(vecs, self.params.reps)
         r = reps.shape[1]
         self.index.add_with_ids(np.ascontiguousarray(reps.reshape(-1, self.dim)), np.repeat(ids, r))

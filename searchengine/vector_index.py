@@ -74,11 +74,9 @@ class VectorIndex:
 
     def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         """ids [n], vecs [n, Q, D] (L2-normalised)."""
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = checked_batch(ids, vecs, self.num_vectors, self.dim)
         if len(ids) == 0:
             return
-        if vecs.shape[1:] != (self.num_vectors, self.dim):
-            raise ValueError(f"vectors of shape {vecs.shape[1:]}, index holds {(self.num_vectors, self.dim)}")
         flat = np.ascontiguousarray(vecs.reshape(-1, self.dim), dtype=np.float32)
         self.index.add_with_ids(flat, np.repeat(ids, self.num_vectors))
 
@@ -142,6 +140,14 @@ class VectorIndex:
         if index.d != dim:
             raise ValueError(f"{path} holds {index.d}-d vectors, expected {dim}")
         return cls(dim, num_vectors, index)
+
+
+def checked_batch(ids, vecs: np.ndarray, num_vectors: int, dim: int) -> np.ndarray:
+    """The ids of a batch to add, as int64; ValueError where its vectors are not [n, Q, D]."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) and vecs.shape[1:] != (num_vectors, dim):
+        raise ValueError(f"vectors of shape {vecs.shape[1:]}, index holds {(num_vectors, dim)}")
+    return ids
 
 
 def _group_max(labels: np.ndarray, scores: np.ndarray, k: int) -> Candidates:

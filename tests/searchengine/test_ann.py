@@ -219,6 +219,18 @@ def test_a_damaged_approximate_index_is_rebuilt(tmp_path):
     lib.close()
 
 
+def as_schema_2(settings: Settings, ids: list[int], vecs: np.ndarray) -> None:
+    """Turn a store into what schema 2 wrote: float32 vector blobs."""
+    import sqlite3
+
+    db = sqlite3.connect(settings.store_path)
+    for i, image_id in enumerate(ids):
+        db.execute("UPDATE vectors SET data = ? WHERE image_id = ?", (vecs[i].tobytes(), image_id))
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+
+
 def test_a_schema_2_index_is_migrated_in_place(tmp_path):
     """float32 vectors and an exact index file from before: every image, id and path kept,
     vectors stored as float16 (scores within 2e-3 of float32), the index rebuilt from them."""
@@ -228,13 +240,7 @@ def test_a_schema_2_index_is_migrated_in_place(tmp_path):
     vecs = random_vectors(rng, 40)
     s = Settings(data_dir=tmp_path)
     ids = fill(s, vecs)
-    # Turn it into what schema 2 wrote: float32 blobs, and an index file of float32 values.
-    db = sqlite3.connect(s.store_path)
-    for i, image_id in enumerate(ids):
-        db.execute("UPDATE vectors SET data = ? WHERE image_id = ?", (vecs[i].tobytes(), image_id))
-    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-    db.commit()
-    db.close()
+    as_schema_2(s, ids, vecs)  # and an index file of float32 values:
     old = VectorIndex(D, Q)
     old.add(np.array(ids), vecs)
     old.save(s.vectors_path)
@@ -258,18 +264,11 @@ def test_a_schema_2_index_is_migrated_in_place(tmp_path):
 
 
 def test_a_schema_2_index_reads_read_only(tmp_path):
-    import sqlite3
-
     rng = np.random.default_rng(5)
     vecs = random_vectors(rng, 10)
     s = Settings(data_dir=tmp_path)
     ids = fill(s, vecs)
-    db = sqlite3.connect(s.store_path)
-    for i, image_id in enumerate(ids):
-        db.execute("UPDATE vectors SET data = ? WHERE image_id = ?", (vecs[i].tobytes(), image_id))
-    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-    db.commit()
-    db.close()
+    as_schema_2(s, ids, vecs)
     lib = Library.open(s, writable=False)
     np.testing.assert_array_equal(lib.vectors_of(ids[3]), vecs[3])  # float32, as stored
     lib.close()
