@@ -164,10 +164,9 @@ class AnnIndex:
         to search instead (the GPU's), for an unfiltered search."""
         faiss = _faiss()
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        r = min(self.params.reps, self.num_vectors)
-        n_vec = min(self.ntotal, k * r)
+        n_vec = min(self.ntotal, self.vectors_for(k))
         if allowed is not None:
-            n_vec = min(n_vec, len(allowed) * r)
+            n_vec = min(n_vec, self.vectors_for(len(allowed)))
         if n_vec == 0 or k <= 0:
             return [Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(queries))]
         if on is not None and allowed is None:

@@ -433,12 +433,7 @@ class Library:
                 return
             data_dir = Path(self.settings.data_dir)
             keep = self._ann_file if isinstance(self.index, AnnIndex) else None
-            entry = None
-            try:
-                entry = ann.read_manifest(self.settings.ann_manifest_path)
-            except Exception:  # noqa: BLE001 - unreadable: replaced by the next rebuild
-                pass
-            named = entry[0] if entry else None
+            named = self._manifest_file()
             for f in data_dir.glob("ann-*.faiss"):
                 if f.name not in (keep, named):
                     f.unlink(missing_ok=True)
@@ -450,12 +445,9 @@ class Library:
         revision = self.store.revision()
         if self.index is None:  # no model bound yet: nothing to keep in step
             return None
-        if revision == self.revision:
-            # Another process's rebuild may have put a new approximate index in place.
-            if self.settings.vector_tier != "exact" and self._manifest_file() not in (None, self._ann_file):
-                with self.lock:
-                    self._follow_manifest()
-                    return self._reconcile()
+        # Another process's rebuild may have put a new approximate index in place.
+        rebuilt = self.settings.vector_tier != "exact" and self._manifest_file() not in (None, self._ann_file)
+        if revision == self.revision and not rebuilt:
             return None
         with self.lock:
             self.revision = revision
@@ -464,12 +456,12 @@ class Library:
 
     def _follow_manifest(self) -> None:
         """Load the approximate index another process's rebuild put in place, if any."""
-        name = self._manifest_file() if self.settings.vector_tier != "exact" else None
-        if name is None or name == self._ann_file or self.rebuilding:
+        entry = self._manifest() if self.settings.vector_tier != "exact" else None
+        if entry is None or entry[0] == self._ann_file or self.rebuilding:
             return
+        name, params = entry
         info = self.store.model_info()
         try:
-            _, params = ann.read_manifest(self.settings.ann_manifest_path)
             self.index = AnnIndex.load(Path(self.settings.data_dir) / name, params, info.dim, info.num_vectors)
             self._ann_file = name
             self._writes += 1
@@ -624,11 +616,16 @@ class Library:
         self._dirty = False
         self._refresh_gpu()  # writes are in: searches go back to the GPU copy
 
-    def _manifest_file(self) -> str | None:
+    def _manifest(self) -> tuple[str, ann.AnnParams] | None:
+        """(file name, parameters) from `ann.json`; None where there is none or it is
+        unreadable (the next rebuild replaces it)."""
         try:
-            entry = ann.read_manifest(self.settings.ann_manifest_path)
+            return ann.read_manifest(self.settings.ann_manifest_path)
         except Exception:  # noqa: BLE001
             return None
+
+    def _manifest_file(self) -> str | None:
+        entry = self._manifest()
         return entry[0] if entry else None
 
     # -- tiers ----------------------------------------------------------------------------
@@ -1028,20 +1025,17 @@ class Library:
         """The tier in use, its parameters, RAM per image and build-time recall@10."""
         index = self.index
         if index is None:  # `stats` loads no index: what the files say
-            try:
-                entry = ann.read_manifest(self.settings.ann_manifest_path) if self.settings.vector_tier != "exact" else None
-            except Exception:  # noqa: BLE001
-                entry = None
+            entry = self._manifest() if self.settings.vector_tier != "exact" else None
             if entry is None:
                 info = self.store.model_info()
-                return {"tier": "exact", **({"bytes_per_image": info.num_vectors * (info.dim * 4 + 8)} if info else {})}
+                return {"tier": "exact", **({"bytes_per_image": VectorIndex.ram_per_image(info.num_vectors, info.dim)} if info else {})}
             from dataclasses import asdict
 
             return {"tier": "ann", **asdict(entry[1])}
         device = "gpu" if self.gpu is not None and self.gpu.enabled else "cpu"
         if isinstance(index, AnnIndex):
             return {"tier": "ann", **index.describe(), "rebuilding": self.rebuilding, "device": device}
-        per_image = index.num_vectors * (index.dim * 4 + 8)
+        per_image = VectorIndex.ram_per_image(index.num_vectors, index.dim)
         return {"tier": "exact", "bytes_per_image": per_image, "rebuilding": self.rebuilding, "device": device}
 
     # -- sizes ----------------------------------------------------------------------------

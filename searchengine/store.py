@@ -594,10 +594,7 @@ class Store:
             for result in batches:
                 while rows := result.fetchmany(chunk):
                     out_ids = np.array([r[0] for r in rows], dtype=np.int64)
-                    blob = b"".join(r[1] for r in rows)
-                    # float16 (schema 3); float32 only in a schema-2 index opened read-only
-                    dtype = VECTOR_DTYPE if len(blob) == len(rows) * shape[0] * shape[1] * 2 else np.float32
-                    vecs = np.frombuffer(blob, dtype=dtype).reshape(len(rows), *shape).astype(np.float32)
+                    vecs = _decode_vectors([r[1] for r in rows], shape)
                     yield out_ids, vecs
 
     def read_vectors(self, ids: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -612,11 +609,7 @@ class Store:
                 for image_id, data in conn.exec_driver_sql(sql):
                     got_ids.append(image_id)
                     blobs.append(data)
-        blob = b"".join(blobs)
-        n, (q, d) = len(got_ids), shape
-        dtype = VECTOR_DTYPE if len(blob) == n * q * d * 2 else np.float32  # float32: schema 2, read-only
-        vecs = np.frombuffer(blob, dtype=dtype).reshape(n, q, d).astype(np.float32)
-        return np.asarray(got_ids, dtype=np.int64), vecs
+        return np.asarray(got_ids, dtype=np.int64), _decode_vectors(blobs, shape)
 
     def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
         out: dict[int, ImageRecord] = {}
@@ -846,6 +839,15 @@ def folder_condition(folder: str):
         raise QueryError(f"the folder filter {folder!r} has '..': give a folder's name, or its absolute path")
     # Between slashes, so `Winter` matches the folder `Winter`, not `Winter 2022` or a file name.
     return files.c.path.icontains("/" + "/".join(parts) + "/", autoescape=True)
+
+
+def _decode_vectors(blobs: Sequence[bytes], shape: tuple[int, int]) -> np.ndarray:
+    """Stored vector blobs -> [n, Q, D] float32: float16 (schema 3), or float32 in a schema-2
+    index opened read-only, told apart by their length."""
+    blob = b"".join(blobs)
+    n = len(blobs)
+    dtype = VECTOR_DTYPE if len(blob) == n * shape[0] * shape[1] * 2 else np.float32
+    return np.frombuffer(blob, dtype=dtype).reshape(n, *shape).astype(np.float32)
 
 
 def _chunks(items: Sequence, n: int) -> Iterator[Sequence]:

@@ -92,6 +92,11 @@ class VectorIndex:
             return np.zeros(0, dtype=np.int64)
         return np.unique(_faiss().vector_to_array(self.index.id_map))
 
+    @staticmethod
+    def ram_per_image(num_vectors: int, dim: int) -> int:
+        """RAM an image takes in the exact tier: its float32 vectors and their ids."""
+        return num_vectors * (dim * 4 + 8)
+
     def vectors_for(self, k: int) -> int:
         """Vectors a search for k images selects."""
         return k * self.num_vectors
@@ -104,9 +109,9 @@ class VectorIndex:
         instead (the GPU's, see searchengine/faiss_gpu.py), for an unfiltered search.
         """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        n_vec = min(self.index.ntotal, k * self.num_vectors)
+        n_vec = min(self.index.ntotal, self.vectors_for(k))
         if allowed is not None:
-            n_vec = min(n_vec, len(allowed) * self.num_vectors)
+            n_vec = min(n_vec, self.vectors_for(len(allowed)))
         if n_vec == 0 or k <= 0:
             empty = Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32))
             return [empty for _ in range(len(queries))]
