@@ -9,7 +9,7 @@ them (float16), so that 1M images (16 GB) fit on this machine.
 For each size it prints, in one run:
 - exact: the exact tier (FAISS flat, float32 in RAM) where it fits in RAM, else the exact
   scan of the float16 vectors in numpy (what ground truth costs);
-- ann: `ann.build` with the product's defaults (nprobe tuned at build time), candidates
+- ann: `ann.build` with the product's defaults (nprobe and overfetch tuned at build time), candidates
   re-scored exactly from the float16 vectors, as `Library.search_vectors` does;
 - with --store N: `Library.search_vectors` itself on an N-image store, both tiers, where the
   candidates' vectors are read from SQLite (16 KiB a row).
@@ -152,13 +152,13 @@ def run_size(n: int, folder: Path, depth: int, n_queries: int) -> None:
     search = lambda q: rescore(index, q[None], depth, None)  # noqa: E731
     p50, p99 = latencies(search, queries, 1)
     c50, c99 = latencies(search, queries, 16)
-    rows.append((f"ann {index.params.factory} r{index.params.reps} np{index.params.nprobe}", recall(found, truth, 10),
+    rows.append((f"ann {index.params.factory} r{index.params.reps} np{index.params.nprobe} x{index.params.overfetch}", recall(found, truth, 10),
                  recall(found, truth, 100), p50, p99, c50, c99, build, grown, index.bytes_per_image()))
     path = folder / "ann.faiss"
     index.save(path)
     on_disk = path.stat().st_size / n
     path.unlink()
-    print(f"  ann: build-time recall@10 {index.params.recall_at_10} (nprobe {index.params.nprobe}); "
+    print(f"  ann: build-time recall@10 {index.params.recall_at_10} (nprobe {index.params.nprobe}, overfetch {index.params.overfetch}); "
           f"file {on_disk:.0f} B/image; store float16 vectors {Q * D * 2} B/image")
     print(f"  {'tier':34s} {'R@10':>6s} {'R@100':>6s} {'p50':>7s} {'p99':>7s} {'p50x16':>7s} {'p99x16':>7s} {'build':>7s} {'+RSS':>6s} {'RAM/img':>8s}")
     for name, r10, r100, p50, p99, c50, c99, b, g, per in rows:
@@ -210,7 +210,8 @@ def product_path(folder: Path, n: int, depth: int, n_queries: int) -> None:
         search = lambda q: lib.search_vectors(q[None], depth)  # noqa: E731
         p50, p99 = latencies(search, queries, 1)
         c50, c99 = latencies(search, queries, 16)
-        rows.append((tier, recall(found, truth.ids(), 10), recall(found, truth.ids(), 100), p50, p99, c50, c99, opened))
+        name = tier if not isinstance(lib.index, ann.AnnIndex) else f"ann np{lib.index.params.nprobe} x{lib.index.params.overfetch}"
+        rows.append((name, recall(found, truth.ids(), 10), recall(found, truth.ids(), 100), p50, p99, c50, c99, opened))
         lib.close()
     print(f"  {'Library.search_vectors':24s} {'R@10':>6s} {'R@100':>6s} {'p50':>7s} {'p99':>7s} {'p50x16':>7s} {'p99x16':>7s} {'open+build':>10s}")
     for name, r10, r100, p50, p99, c50, c99, b in rows:

@@ -41,6 +41,10 @@ TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39
 # nprobe tried at build time, from 8: fewer reaches recall@10 on easy libraries but leaves
 # the deeper pages poor (recall@100 0.26 at nprobe 2 on 20k synthetic images).
 NPROBES = (8, 16, 32, 64, 128, 256, 512, 1024)
+# Candidates per image asked for, tried at build time in this order (each with its nprobe
+# tuned): re-scoring reads 16 KiB a candidate from the store, so one more round of probing
+# costs less than twice the candidates (benchmarks/ann.py: 9.0 against 16.1 ms at 100k).
+OVERFETCHES = (1, 2, 4)
 
 
 @dataclass
@@ -262,7 +266,7 @@ def tune_nprobe(
 class BuildConfig:
     factory: str  # with {nlist} to fill in
     reps: int
-    overfetch: int
+    overfetch: int  # 0: the first of OVERFETCHES that reaches target_recall
     nprobe: int  # 0: tuned for target_recall
     target_recall: float
     depth: int = 128  # images a search asks for (k_candidates): recall@10 is of that ranking's top 10
@@ -274,12 +278,12 @@ Rescorer = Callable[["AnnIndex", np.ndarray, int, "np.ndarray | None"], list[Can
 
 def build(
     image_ids: np.ndarray, *, read: Reader, rescore: Rescorer, config: BuildConfig, dim: int, num_vectors: int,
-    cancelled: Callable[[], bool] = lambda: False, seed: int = 0, n_queries: int = 64,
+    cancelled: Callable[[], bool] = lambda: False, seed: int = 0, n_queries: int = 128,
 ) -> AnnIndex | None:
     """An approximate index of the images `read` yields (`read(ids)`: those; `read()`: all).
 
-    Trained on a sample of the library's own vectors; every image added; nprobe tuned (where
-    config.nprobe is 0) to the smallest that reaches `target_recall` for the final ranking
+    Trained on a sample of the library's own vectors; every image added; overfetch and nprobe
+    tuned (where 0 in `config`) to the smallest that reach `target_recall` for the final ranking
     (candidates re-scored by `rescore`, as searches do) against exact max-sim, over sample
     queries near library images (an image's mean vector plus as much noise), whose exact top 10 are
     gathered while the images are added. The recall reached is recorded in the parameters.
@@ -291,7 +295,7 @@ def build(
     nlist = choose_nlist(len(image_ids) * reps)
     params = AnnParams(
         factory=fill_factory(config.factory, nlist, dim), nlist=nlist, reps=reps, nprobe=config.nprobe or 1,
-        overfetch=config.overfetch, trained_on=len(image_ids),
+        overfetch=config.overfetch or OVERFETCHES[0], trained_on=len(image_ids),
     )
     n_train = min(len(image_ids), max(1, -(-max(256, TRAIN_POINTS_PER_LIST * nlist) // reps)))
     sample = np.sort(rng.choice(image_ids, n_train, replace=False)) if len(image_ids) else image_ids
@@ -321,13 +325,44 @@ def build(
             found = rescore(ix, queries, max(10, config.depth), None)
             return float(np.mean([len(np.intersect1d(f.ids[:10], t)) / max(1, len(t)) for f, t in zip(found, truth)]))
 
-        recall = tune_nprobe(index, config.target_recall, measure) if config.nprobe == 0 else measure(index)
+        recall = tune(index, config, measure)
     index.params.recall_at_10 = None if recall is None else round(recall, 4)
     index.params.recall_queries = n_q
     index.params.build_s = round(time.perf_counter() - t0, 2)
     index.params.bytes_per_image = round(index.bytes_per_image(), 1)
     log.info("built the approximate vector index: %s", index.describe())
     return index
+
+
+def tune(index: AnnIndex, config: BuildConfig, recall: Callable[[AnnIndex], float]) -> float:
+    """Set the overfetch and nprobe that `config` leaves at 0 on `index`, and return the
+    recall measured there.
+
+    Each overfetch of OVERFETCHES in turn gets its nprobe tuned; of those that reach
+    `config.target_recall`, the one whose sample queries ran fastest wins (fewer candidates
+    read from the store against more lists probed: only timing says which costs more), else
+    the one that measured best. Stops at a pair that reaches the target at the least nprobe
+    to try: more candidates cannot beat it.
+    """
+    tried = []  # (reached, -seconds, recall, -overfetch, nprobe): max() is the choice
+    for overfetch in (config.overfetch,) if config.overfetch else OVERFETCHES:
+        index.params.overfetch = overfetch
+        got = tune_nprobe(index, config.target_recall, recall) if config.nprobe == 0 else recall(index)
+        reached = got >= config.target_recall
+        seconds = min(_timed(recall, index) for _ in range(2)) if reached else 0.0
+        tried.append((reached, -seconds, got, -overfetch, index.params.nprobe))
+        if reached and (config.nprobe or index.params.nprobe <= min(NPROBES[0], index.params.nlist)):
+            break
+    reached, _, got, overfetch, nprobe = max(tried) if any(t[0] for t in tried) else max(tried, key=lambda t: (t[2], t[3]))
+    index.params.overfetch = -overfetch
+    index.set_nprobe(nprobe)
+    return got
+
+
+def _timed(f: Callable[[AnnIndex], float], index: AnnIndex) -> float:
+    t0 = time.perf_counter()
+    f(index)
+    return time.perf_counter() - t0
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:

@@ -75,10 +75,9 @@ class Settings(BaseSettings):
     # for BLIP-2. PQ codes are smaller but trained 15x slower here (benchmarks/ann.py).
     ann_factory: str = "IVF{nlist},SQ8"  # {nlist}: chosen from the library's size
     ann_reps: int = Field(4, ge=1)  # vectors per image in the approximate index (k-means of the Q)
-    # Images proposed per image asked for, then re-scored. At 100k images 1 is as good (recall
-    # @100 0.982 against 0.983) and twice as fast (9.0 against 16.1 ms); at 1M it is not
-    # (recall@10 0.949 against 0.988 at the same nprobe). benchmarks/ann.py.
-    ann_overfetch: int = Field(2, ge=1)
+    # Images proposed per image asked for, then re-scored. 0: chosen at build time, the
+    # fewest (1, 2, 4) that reach ann_target_recall with nprobe tuned (benchmarks/ann.py).
+    ann_overfetch: int = Field(0, ge=0)
     ann_target_recall: float = Field(0.97, gt=0, le=1)  # recall@10 the build tunes nprobe for
     ann_nprobe: int = Field(0, ge=0)  # 0: tuned at build time for ann_target_recall
     exact_scan_max: int = Field(4096, ge=0)  # a filter leaving this few images scans them exactly

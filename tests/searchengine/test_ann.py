@@ -134,6 +134,53 @@ def test_recall_at_50k_synthetic_images_with_the_default_settings():
     assert recall >= 0.95
 
 
+def tiny_index(nlist: int = 64) -> AnnIndex:
+    vecs = random_vectors(np.random.default_rng(0), 40 * nlist)
+    params = ann.AnnParams("IVF{nlist},Flat".format(nlist=nlist), nlist, 1, 1, 1, len(vecs))
+    return AnnIndex.train(vecs, params, D, Q)
+
+
+@pytest.mark.parametrize(
+    "recalls, costs, want",
+    [
+        # one candidate per image reaches the target at nprobe 16; two at 8, but read slower
+        ({(1, 8): 0.90, (1, 16): 0.975, (2, 8): 0.99}, {(1, 16): 1.0, (2, 8): 1.5}, (1, 16)),
+        # ... or faster: probing 32 lists costs more than twice the candidates
+        ({(1, 8): 0.90, (1, 16): 0.95, (1, 32): 0.975, (2, 8): 0.99}, {(1, 32): 2.0, (2, 8): 1.5}, (2, 8)),
+        # reached at the least nprobe: nothing more is tried
+        ({(1, 8): 0.98}, {(1, 8): 1.0}, (1, 8)),
+        # never reached: the best measured, of equals the fewer candidates
+        ({(1, 8): 0.5, (1, 16): 0.8, (1, 32): 0.8, (2, 8): 0.9, (2, 16): 0.9, (4, 8): 0.9, (4, 16): 0.9}, {}, (2, 8)),
+    ],
+)
+def test_the_build_chooses_overfetch_and_nprobe_by_recall_then_time(monkeypatch, recalls, costs, want):
+    index = tiny_index()
+    seen = []
+
+    def recall(ix):
+        key = (ix.params.overfetch, ix.params.nprobe)
+        seen.append(key)
+        return recalls.get(key, 0.0)
+
+    monkeypatch.setattr(ann, "_timed", lambda f, ix: costs[(ix.params.overfetch, ix.params.nprobe)])
+    config = ann.BuildConfig("IVF{nlist},Flat", 1, 0, 0, 0.97)
+    got = ann.tune(index, config, recall)
+    assert (index.params.overfetch, index.params.nprobe) == want
+    assert index._ivf.nprobe == want[1]
+    assert got == recalls[want]
+    assert (2, 8) not in seen or want != (1, 8)
+
+
+def test_the_build_keeps_a_fixed_overfetch_and_nprobe(monkeypatch):
+    index = tiny_index()
+    seen = []
+    monkeypatch.setattr(ann, "_timed", lambda f, ix: 1.0)
+    index.set_nprobe(16)
+    got = ann.tune(index, ann.BuildConfig("IVF{nlist},Flat", 1, 2, 16, 0.97), lambda ix: seen.append(ix.params.overfetch) or 0.5)
+    assert (index.params.overfetch, index.params.nprobe, got) == (2, 16, 0.5)
+    assert set(seen) == {2}
+
+
 def test_representatives_are_unit_kmeans_centres():
     rng = np.random.default_rng(0)
     centre = rng.standard_normal((2, D))
