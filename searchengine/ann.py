@@ -304,7 +304,7 @@ def build(
     if len(train) == 0:  # an empty library: any unit vectors will do until the first rebuild
         train = unit_rows(rng.standard_normal((256, num_vectors, dim)).astype(np.float32))
     index = AnnIndex.train(train, params, dim, num_vectors)
-    n_q = min(n_queries, len(image_ids))
+    n_q = min(n_queries, len(train)) if len(chunks) else 0  # queries near sampled images
     queries = None
     if n_q:
         centres = unit_rows(train[rng.choice(len(train), n_q, replace=False)].mean(axis=1))
