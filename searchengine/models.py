@@ -195,10 +195,13 @@ class Preprocessor:
 class RetrievalModel:
     """A loaded `Blip2ForImageTextRetrieval` with its image processor and tokenizer."""
 
-    def __init__(self, name: str, model, image_processor, tokenizer, *, device: str, text_max_tokens: int = 35):
+    def __init__(
+        self, name: str, model, image_processor, tokenizer, *, device: str, text_max_tokens: int = 35, processor=None,
+    ):
         import torch
 
         self.name = name
+        self.processor = processor  # the checkpoint's processor, as loaded (what `save_pretrained` writes)
         self.model = model.eval()
         self.image_processor = image_processor
         self.tokenizer = tokenizer
@@ -247,7 +250,7 @@ class RetrievalModel:
         if image_processor is None or tokenizer is None:
             raise ModelLoadError(f"model {name!r} has no image processor and tokenizer saved with it")
         log.info("loaded %s on %s in %s", name, device, torch_dtype)
-        return cls(name, model, image_processor, tokenizer, device=device, text_max_tokens=text_max_tokens)
+        return cls(name, model, image_processor, tokenizer, device=device, text_max_tokens=text_max_tokens, processor=processor)
 
     # -- images ---------------------------------------------------------------------------
 
@@ -284,6 +287,13 @@ class RetrievalModel:
         return self.embed_pixels(self.preprocess(images))
 
     def _itc_from_vit(self, vit: "torch.Tensor") -> ImageVectors:
+        return self.image_features(vit).float().cpu().numpy()
+
+    # The three computations below are the model, as tensors (gradients flow where the caller
+    # allows them): inference wraps them in inference_mode, fine-tuning trains through them.
+
+    def image_features(self, vit: "torch.Tensor") -> "torch.Tensor":
+        """ViT outputs [N, P, W] -> ITC vectors [N, Q, D], L2-normalised."""
         import torch
         from torch.nn import functional as F
 
@@ -292,7 +302,37 @@ class RetrievalModel:
         queries = m.query_tokens.expand(vit.shape[0], -1, -1)
         out = m.qformer(query_embeds=queries, encoder_hidden_states=vit, encoder_attention_mask=vit_mask)
         hidden = out.last_hidden_state.to(dtype=m.vision_projection.weight.dtype)
-        return F.normalize(m.vision_projection(hidden), dim=-1).float().cpu().numpy()
+        return F.normalize(m.vision_projection(hidden), dim=-1)
+
+    def text_features(self, input_ids: "torch.Tensor", attention_mask: "torch.Tensor") -> "torch.Tensor":
+        """Tokenized texts -> ITC vectors [T, D]: the Q-Former text side, position 0, projected."""
+        from torch.nn import functional as F
+
+        m = self.model
+        emb = m.embeddings(input_ids=input_ids)
+        out = m.qformer(query_embeds=emb, query_length=0, attention_mask=attention_mask).last_hidden_state
+        cls = out[:, 0, :].to(dtype=m.text_projection.weight.dtype)
+        return F.normalize(m.text_projection(cls), dim=-1)
+
+    def itm_logits(self, input_ids: "torch.Tensor", attention_mask: "torch.Tensor", vit: "torch.Tensor") -> "torch.Tensor":
+        """ITM logits [N, 2] (column 1: match) of text i with image i, ViT outputs [N, P, W]."""
+        import torch
+
+        m = self.model
+        n = vit.shape[0]
+        queries = m.query_tokens.expand(n, -1, -1)
+        query_mask = torch.ones(queries.shape[:-1], dtype=torch.long, device=vit.device)
+        vit_mask = torch.ones(vit.shape[:-1], dtype=torch.long, device=vit.device)
+        emb = m.embeddings(input_ids=input_ids, query_embeds=queries)
+        out = m.qformer(
+            query_embeds=emb,
+            query_length=queries.shape[1],
+            attention_mask=torch.cat([query_mask, attention_mask], dim=1),
+            encoder_hidden_states=vit,
+            encoder_attention_mask=vit_mask,
+        ).last_hidden_state
+        out = out.to(dtype=m.itm_head.weight.dtype)
+        return m.itm_head(out[:, : queries.shape[1], :]).mean(dim=1)
 
     # -- text -----------------------------------------------------------------------------
 
@@ -306,46 +346,39 @@ class RetrievalModel:
     def embed_texts(self, texts: Sequence[str]) -> TextVectors:
         """Texts -> ITC vectors [T, D]: the Q-Former text side, position 0, text projection."""
         import torch
-        from torch.nn import functional as F
 
-        m = self.model
         tok = self.tokenize(texts)
         with torch.inference_mode():
-            ids = tok["input_ids"].to(self.device)
-            mask = tok["attention_mask"].to(self.device)
-            emb = m.embeddings(input_ids=ids)
-            out = m.qformer(query_embeds=emb, query_length=0, attention_mask=mask).last_hidden_state
-            cls = out[:, 0, :].to(dtype=m.text_projection.weight.dtype)
-            return F.normalize(m.text_projection(cls), dim=-1).float().cpu().numpy()
+            feats = self.text_features(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device))
+            return feats.float().cpu().numpy()
 
     # -- image-text matching --------------------------------------------------------------
 
     def itm(self, text: str, vit: "torch.Tensor", batch_size: int = 32) -> np.ndarray:
         """P(match) of `text` with each of N images given their ViT outputs [N, P, W] -> [N]."""
+        return self._itm(self.tokenize([text]), vit, batch_size)
+
+    def itm_pairs(self, texts: Sequence[str], vit: "torch.Tensor", batch_size: int = 32) -> np.ndarray:
+        """P(match) of texts[i] with image i, given the images' ViT outputs [N, P, W] -> [N]
+        (padded to the longest text; the attention mask leaves the padding out)."""
+        if len(texts) != vit.shape[0]:
+            raise ValueError(f"{len(texts)} texts for {vit.shape[0]} images: ITM scores pairs")
+        return self._itm(self.tokenize(texts), vit, batch_size) if len(texts) else np.zeros(0, np.float32)
+
+    def _itm(self, tok: dict, vit: "torch.Tensor", batch_size: int) -> np.ndarray:
+        """ITM of tokenized texts (one for all images, or one per image) with ViT outputs."""
         import torch
 
-        m = self.model
-        tok = self.tokenize([text])
+        one = tok["input_ids"].shape[0] == 1
         probs = []
         with torch.inference_mode():
             for start in range(0, vit.shape[0], batch_size):
                 chunk = vit[start : start + batch_size].to(self.device, dtype=self.vision_dtype)
                 n = chunk.shape[0]
-                ids = tok["input_ids"].to(self.device).expand(n, -1)
-                text_mask = tok["attention_mask"].to(self.device).expand(n, -1)
-                queries = m.query_tokens.expand(n, -1, -1)
-                query_mask = torch.ones(queries.shape[:-1], dtype=torch.long, device=self.device)
-                vit_mask = torch.ones(chunk.shape[:-1], dtype=torch.long, device=self.device)
-                emb = m.embeddings(input_ids=ids, query_embeds=queries)
-                out = m.qformer(
-                    query_embeds=emb,
-                    query_length=queries.shape[1],
-                    attention_mask=torch.cat([query_mask, text_mask], dim=1),
-                    encoder_hidden_states=chunk,
-                    encoder_attention_mask=vit_mask,
-                ).last_hidden_state
-                out = out.to(dtype=m.itm_head.weight.dtype)
-                logits = m.itm_head(out[:, : queries.shape[1], :]).mean(dim=1)
+                rows = slice(0, 1) if one else slice(start, start + n)
+                ids = tok["input_ids"][rows].to(self.device).expand(n, -1)
+                text_mask = tok["attention_mask"][rows].to(self.device).expand(n, -1)
+                logits = self.itm_logits(ids, text_mask, chunk)
                 probs.append(torch.softmax(logits.float(), dim=-1)[:, 1].cpu())
         return torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
 
