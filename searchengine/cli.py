@@ -22,6 +22,7 @@ from typing import Sequence
 from pydantic import ValidationError
 
 from searchengine import __version__, wiring
+from tuning import cli as cli_models
 from searchengine.captioner import CPU_DEFAULT, GPU_DEFAULT
 from searchengine.errors import IndexNotFoundError, SearchEngineError, StoreDamagedError, StoreMissingError
 from searchengine.settings import DEFAULT_MODEL, Settings
@@ -144,6 +145,7 @@ examples:
   searchengine make-tiny-model /tmp/tiny-captioner --kind blip
   searchengine index ~/Pictures --model /tmp/tiny-blip2 --caption-model /tmp/tiny-captioner""",
 }
+EXAMPLES.update(cli_models.EXAMPLES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", choices=["tiny", "real"], default="tiny",
         help="'real': the blip2-itm-vit-g (or blip-image-captioning-base) architecture, random weights",
     )
+    cli_models.add_parsers(command, _common)
     parser.commands = commands  # type: ignore[attr-defined]
     return parser
 
@@ -831,6 +834,7 @@ COMMANDS = {
     "check": cmd_check,
     "backup": cmd_backup,
     "restore": cmd_restore,
+    **cli_models.COMMANDS,
 }
 
 

@@ -35,8 +35,10 @@ def _vocab() -> list[str]:
     return list(seen)
 
 
-def build_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny") -> Path:
-    """Write a random `Blip2ForImageTextRetrieval` and its processor to `out_dir`."""
+def build_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny", vision_layers: int | None = None) -> Path:
+    """Write a random `Blip2ForImageTextRetrieval` and its processor to `out_dir`.
+    `vision_layers`: fewer ViT layers than the size has (for measuring what runs after the
+    ViT, as fine-tuning on cached ViT outputs does)."""
     import torch
     from transformers import (
         BertTokenizer,
@@ -76,6 +78,8 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny") 
         vocab = vocab + [f"tok{i}" for i in range(30523 - len(vocab))]
     else:
         raise ValueError(f"size must be 'tiny' or 'real', not {size!r}")
+    if vision_layers is not None:
+        vision.num_hidden_layers = vision_layers
 
     config = Blip2Config(
         vision_config=vision.to_dict(),
