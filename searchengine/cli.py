@@ -139,6 +139,10 @@ examples:
   searchengine restore --list
   searchengine restore                                  the newest backup
   searchengine restore store-20261123T101500.000000-42.db""",
+    "reindex": """\
+examples:
+  searchengine reindex --model ~/models/catalogue-blip2    re-embed with a fine-tuned model (serve keeps going)
+  searchengine reindex --model Salesforce/blip2-itm-vit-g  back to the original""",
     "make-tiny-model": """\
 examples:
   searchengine make-tiny-model /tmp/tiny-blip2
@@ -253,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backup", nargs="?", metavar="BACKUP", help="a backup's file name (see `stats`) or path (default: the newest)")
     p.add_argument("--list", action="store_true", help="list the backups and restore nothing")
     _common(p, model=False)
+
+    p = command(
+        "reindex", "re-embed every image with another retrieval model",
+        "Re-embed the whole index with another BLIP-2 retrieval model (a fine-tuned one, say), in the "
+        "background: search and serve go on with the old model until every image is done, then the new "
+        "model takes over at once (a running `serve` switches to it). Captions and metadata are kept. "
+        "Interrupted, the same command goes on where it stopped; the old index stays in use until the end.",
+    )
+    p.add_argument("--batch-size", type=int, help="images per model batch (default: 8 on a CPU, 64 on a GPU)")
+    p.add_argument("--workers", type=int, dest="decode_workers", help="decoding threads (default: one per core)")
+    _common(p, model=True)
 
     p = command(
         "make-tiny-model", "write a tiny random BLIP-2 retrieval model or captioner (for tests and trials)",
@@ -762,6 +777,41 @@ def cmd_restore(args: argparse.Namespace, out, err) -> int:
     return 0
 
 
+def cmd_reindex(args: argparse.Namespace, out, err) -> int:
+    from tqdm import tqdm
+
+    from indexer.reindex import Reindexer
+    from searchengine.library import Library
+
+    settings = _settings(args)
+    if not settings.model:
+        raise SearchEngineError("name the model to re-index with: `searchengine reindex --model DIR_OR_HUB_ID`")
+    library = Library.open(settings, writable=True, vectors=False)  # the old vectors are not needed here
+    try:
+        model = wiring.load_model(settings, settings.model)
+        bar = tqdm(total=0, unit="img", file=err, disable=None, dynamic_ncols=True)
+        try:
+            summary = Reindexer(
+                model, library, settings, progress=bar.update, on_total=lambda n: bar.reset(total=n),
+                on_skip=lambda what, message: bar.write(f"leaving out {what}: {message}", file=err),
+            ).run()
+        except KeyboardInterrupt:
+            bar.close()
+            print("interrupted: the index still uses its old model; run the same command to go on where it stopped", file=err)
+            raise
+        finally:
+            bar.close()
+        library.backup()
+    finally:
+        library.close()
+    rate = f" ({summary.embedded / summary.seconds:.2f} images/s)" if summary.embedded and summary.seconds > 0 else ""
+    resumed = f" (after {summary.resumed_from} done before)" if summary.resumed_from else ""
+    gone = f"; {summary.gone} image{'s' if summary.gone != 1 else ''} with no file left to read left the index" if summary.gone else ""
+    print(f"{summary.embedded} images re-embedded{resumed} in {summary.seconds:.1f} s{rate}{gone}; "
+          f"the index now uses {model.name} (fingerprint {model.fingerprint})", file=out)
+    return 0
+
+
 def cmd_make_tiny_model(args: argparse.Namespace, out, err) -> int:
     import transformers
 
@@ -795,7 +845,7 @@ def _human(n: int) -> str:
 
 
 # Commands that write to the index: one at a time per data dir (see `writer_lock`).
-WRITERS = {"index", "watch", "caption", "restore"}
+WRITERS = {"index", "watch", "caption", "restore", "reindex"}
 
 
 def _as_the_writer(args: argparse.Namespace, out, err) -> int:
@@ -831,6 +881,7 @@ COMMANDS = {
     "watch": cmd_watch,
     "serve": cmd_serve,
     "make-tiny-model": cmd_make_tiny_model,
+    "reindex": cmd_reindex,
     "check": cmd_check,
     "backup": cmd_backup,
     "restore": cmd_restore,

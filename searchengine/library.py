@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -55,9 +56,18 @@ from searchengine.keywords import Clause, KeywordQuery
 from searchengine.store import VECTOR_DTYPE, FileState, FolderCount, ImageRecord, ModelInfo, Store, sqlite_readonly_url, sqlite_url
 from searchengine.textindex import KeywordHit
 from searchengine.thumbnails import PreviewCache, ThumbnailCache
-from searchengine.vector_index import Candidates, VectorIndex
+from searchengine.vector_index import Candidates, VectorIndex, write_atomic
 
 log = logging.getLogger(__name__)
+
+MODEL_TAG = "model"  # in a re-index's feature cache: the fingerprint of the model it was filled by, once complete
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
 
 
 @dataclass
@@ -230,6 +240,9 @@ class Library:
         self.gpu: GpuMirror | None = None  # the index's GPU copy for searches (see faiss_gpu)
         self._writes = 0  # changes to the index in memory: a GPU copy is current for one count
         self.features: FeatureCache | None = None
+        self._next_features: FeatureCache | None = None  # a re-index's, for the new model
+        self._model: ModelInfo | None = None  # the model the vector index is of
+        self._foreign_features = False  # the feature cache may be another model's (see `model_changed`)
         self.thumbnails = ThumbnailCache(
             settings.thumbnails_dir, settings.thumbnail_size, settings.max_image_pixels, read_only=not writable
         )
@@ -362,7 +375,14 @@ class Library:
             self._attach(self.store.model_info() or info)
 
     def _attach(self, info: ModelInfo) -> None:
-        self.index, self._ann_file = self._load_vector_index(info)
+        # After a re-index's swap (`swap_in_reindex`), the vector index and feature cache on
+        # disk are the old model's: not loaded, replaced (by a writer) or bypassed (a reader).
+        stale = self.store.derived_stale()
+        if stale and self.writable:
+            self._drop_derived_files()
+        self._model = info
+        self._foreign_features = False
+        self.index, self._ann_file = self._load_vector_index(info) if not stale else (None, None)
         if self.index is None:
             n = len(self.store.image_ids())
             if self._wanted_tier(n, None) == "ann":
@@ -373,22 +393,93 @@ class Library:
                 self._ann_file = None
             else:
                 self.index = VectorIndex(info.dim, info.num_vectors)
-        self.features = FeatureCache(self.settings.features_dir, info.vit_shape)
+        self.features = self._feature_cache(info, stale)
         report = self.reconcile()
         if self.writable:
             swept = sweep_temporary(Path(self.settings.data_dir).glob(".*.tmp"))
             swept += sum(c.sweep() for c in (self.features, self.thumbnails, self.previews))
             if swept:
                 log.info("removed %d temporary files left by a process that is gone", swept)
-        if self.writable and (report.changed or self._index_path() is None or not self._index_path().exists()):
+        if self.writable and (stale or report.changed or self._index_path() is None or not self._index_path().exists()):
             try:
                 self.save()
+                if stale:
+                    self.store.derived_rebuilt()
             except OSError as e:  # a full disk: reading goes on from the index in memory
                 log.warning("cannot save the vector index (%s); it is rebuilt from the store next time", e)
         if self.writable:
             self._sweep_tier_files()
         self.gpu = GpuMirror(self.settings.vector_device)
         self.gpu.refresh(self.index, self._writes)
+
+    def _drop_derived_files(self) -> None:
+        """The old model's vector index files, and its feature cache unless the re-index left
+        the new model's (`_feature_cache` puts that in its place)."""
+        s = self.settings
+        for f in [s.vectors_path, s.ann_manifest_path, *Path(s.data_dir).glob("ann-*.faiss")]:
+            f.unlink(missing_ok=True)
+
+    def _feature_cache(self, info: ModelInfo, stale: bool) -> FeatureCache | None:
+        """The feature cache of the model in use. After a re-index's swap: the one it filled
+        for the new model (`features.next`, once its tag names that model), moved into place
+        by a writer and read where it is by a reader; else none (recomputed as needed)."""
+        current, upcoming = self.settings.features_dir, self._next_features_dir()
+        if not stale:
+            return FeatureCache(current, info.vit_shape)
+        ready = _read_text(upcoming / MODEL_TAG) == info.fingerprint
+        if not self.writable:
+            return FeatureCache(upcoming, info.vit_shape) if ready else None
+        shutil.rmtree(current, ignore_errors=True)
+        if ready:
+            (upcoming / MODEL_TAG).unlink()
+            os.replace(upcoming, current)
+        else:
+            shutil.rmtree(upcoming, ignore_errors=True)
+        return FeatureCache(current, info.vit_shape)
+
+    def _next_features_dir(self) -> Path:
+        return Path(str(self.settings.features_dir) + ".next")
+
+    # -- re-indexing with another model (indexer/reindex.py runs it) ------------------------
+
+    def begin_reindex(self, info: ModelInfo, keep_features: bool) -> int:
+        """Start, or go on with, re-embedding every image with another model while this one
+        keeps serving; returns how many images are done already. `keep_features`: fill a
+        feature cache for the new model too."""
+        self.require_writable("re-indexing writes to it")
+        with self._write_lane:
+            done = self.store.begin_reindex(info)
+        if done == 0:
+            shutil.rmtree(self._next_features_dir(), ignore_errors=True)
+        self._next_features = FeatureCache(self._next_features_dir(), info.vit_shape) if keep_features else None
+        return done
+
+    def reindex_todo(self, limit: int) -> list[tuple[int, str, list[str]]]:
+        """Images not re-embedded yet: (id, sha256, paths)."""
+        return self.store.reindex_todo(limit)
+
+    def write_reindexed(self, ids: Sequence[int], vecs: np.ndarray, gone: Sequence[int] = (), vit: np.ndarray | None = None) -> None:
+        """A batch of the re-index: new vectors (and ViT outputs, for the new feature cache);
+        `gone`: images with no file left to embed, which leave the library at the swap."""
+        if vit is not None and self._next_features is not None:
+            for image_id, array in zip(ids, vit):  # before the vectors: an entry alone is harmless
+                self._next_features.put(image_id, array)
+        with self._write_lane:
+            self.store.write_reindexed(ids, vecs, gone)
+
+    def swap_in_reindex(self) -> tuple[ModelInfo, list[int]]:
+        """The re-index takes over, atomically (one store transaction); then the vector
+        index and feature cache follow the new model. Returns (the model, the ids that left)."""
+        info = self.store.reindex_model()
+        if info is not None and self._next_features is not None:
+            self._next_features_dir().mkdir(parents=True, exist_ok=True)
+            write_atomic(self._next_features_dir() / MODEL_TAG, lambda tmp: Path(tmp).write_text(info.fingerprint))
+        with self._write_lane, self.lock:
+            info, gone = self.store.swap_in_reindex()
+            self.revision = self.store.revision()
+            self._writes += 1
+            self._attach(info)
+        return info, gone
 
     def _refresh_gpu(self) -> None:
         if self.gpu is not None:
@@ -441,10 +532,17 @@ class Library:
                 self.settings.vectors_path.unlink(missing_ok=True)
 
     def refresh(self) -> ReconcileReport | None:
-        """Catch up with writes another process (an indexer) committed since we last looked."""
+        """Catch up with writes another process (an indexer) committed since we last looked;
+        after another process's re-index, with its model (see `model_changed`)."""
         revision = self.store.revision()
         if self.index is None:  # no model bound yet: nothing to keep in step
             return None
+        if revision != self.revision and self.model_changed():
+            with self.lock:
+                self.revision = revision
+                self._writes += 1
+                self._attach(self.store.model_info())
+                return ReconcileReport(added=len(self.index))
         # Another process's rebuild may have put a new approximate index in place.
         rebuilt = self.settings.vector_tier != "exact" and self._manifest_file() not in (None, self._ann_file)
         if revision == self.revision and not rebuilt:
@@ -469,6 +567,16 @@ class Library:
             log.info("loaded the vector index another process rebuilt (%s)", name)
         except Exception as e:  # noqa: BLE001 - keep the index in use
             log.warning("cannot load the rebuilt vector index %s (%s); keeping the one in use", name, e)
+
+    def model_changed(self) -> bool:
+        """True when the store's model is no longer the one this library was opened with (a
+        re-index took over): searches must encode with the new model from then on."""
+        info = self.store.model_info()
+        changed = info is not None and self._model is not None and info.fingerprint != self._model.fingerprint
+        # The feature cache on disk may be the new model's already: not read, nor written, by
+        # the old one in the meantime.
+        self._foreign_features = changed
+        return changed
 
     def reconcile(self) -> ReconcileReport:
         with self.lock:
@@ -829,6 +937,10 @@ class Library:
             out.append(Candidates(c_ids[order], c_scores[order].astype(np.float32)))
         return out
 
+    def image_count(self) -> int:
+        """Images in the store (whether or not a vector index is loaded)."""
+        return len(self.store.image_ids())
+
     def indexed_ids(self) -> np.ndarray:
         """Every image id in the vector index."""
         with self.lock:
@@ -867,11 +979,11 @@ class Library:
 
     def cached_vit(self, image_id: int) -> np.ndarray | None:
         """The image's ViT output from the feature cache (fp16), if it has one."""
-        return self.features.get(image_id) if self.features is not None else None
+        return self.features.get(image_id) if self.features is not None and not self._foreign_features else None
 
     def cache_vit(self, ids: Sequence[int], arrays: np.ndarray) -> None:
         """Keep ViT outputs (fp16) in the feature cache, where the library has one."""
-        if self.features is not None:
+        if self.features is not None and not self._foreign_features:
             for image_id, array in zip(ids, arrays):
                 self.features.put(image_id, array)
 

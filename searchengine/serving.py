@@ -93,7 +93,7 @@ class QueryService:
         self.model = LockedModel(model)
         self.searcher = Searcher(self.model, library, settings)
         self.batcher: MicroBatcher[str] = MicroBatcher(
-            self.model.embed_texts,
+            lambda texts: self.model.embed_texts(texts),  # the model in use (a re-index switches it)
             max_batch=settings.text_batch_max,
             max_wait_ms=settings.text_batch_wait_ms,
             on_batch=lambda size, seconds: self.metrics.batch_size.observe(size),
@@ -103,6 +103,8 @@ class QueryService:
         self._upload_waiting = 0
         self._refresh_lock = threading.Lock()
         self._last_refresh = time.monotonic()
+        self._next_model: threading.Thread | None = None  # loading the model a re-index switched to
+        self._loaded: RetrievalModel | None = None
         self._folders: tuple[int, list[FolderCount]] | None = None  # (library revision, folders)
         self._folders_lock = threading.Lock()
 
@@ -118,9 +120,39 @@ class QueryService:
             return
         with self._refresh_lock:
             self._last_refresh = now
+            if self._waiting_for_new_model():
+                return
             report = self.library.refresh()
         if report is not None:
             self.rankings.clear()
+
+    def _waiting_for_new_model(self) -> bool:
+        """After another process re-indexed the library with another model: True while that
+        model loads (in the background; searches go on with the old model and the old vector
+        index in memory, which agree with each other), then it is switched to and False."""
+        if not self.library.model_changed():
+            return False
+        if self._loaded is None:
+            if self._next_model is None or not self._next_model.is_alive():
+                name = self.library.built_with().model.name
+                log.warning("the index was re-indexed with %s: loading it; searches use the old model until then", name)
+                self._next_model = threading.Thread(target=self._load, args=(name,), name="load-model", daemon=True)
+                self._next_model.start()
+            return True
+        new, self._loaded, self._next_model = self._loaded, None, None
+        self.model = LockedModel(new)
+        self.searcher = Searcher(self.model, self.library, self.settings)
+        self.rankings.clear()
+        log.warning("switched to the model the index was re-indexed with: %s", new.name)
+        return False
+
+    def _load(self, name: str) -> None:
+        from searchengine.wiring import load_model
+
+        try:
+            self._loaded = load_model(self.settings, name)
+        except Exception as e:  # noqa: BLE001 - the old model serves on; the next refresh tries again
+            log.error("cannot load %s, the model the index was re-indexed with: %s", name, e)
 
     # -- searches ---------------------------------------------------------------------------
     # Each is the Searcher's one path, in a worker thread, with the service's parts plugged in:

@@ -52,7 +52,14 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DatabaseError
 
-from searchengine.errors import ModelMismatchError, QueryError, ReadOnlyIndexError, SchemaError, StoreDamagedError
+from searchengine.errors import (
+    ModelMismatchError,
+    QueryError,
+    ReadOnlyIndexError,
+    SchemaError,
+    SearchEngineError,
+    StoreDamagedError,
+)
 from searchengine.imageio import ImageMeta
 from searchengine.keywords import Clause, KeywordQuery, path_words
 from searchengine.textindex import KeywordHit, TextIndex, text_index_for
@@ -104,6 +111,15 @@ vectors = Table(
     metadata,
     Column("image_id", Integer, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
     Column("data", LargeBinary, nullable=False),  # float16 [Q, D], C order (float32 before schema 3)
+)
+
+# A re-index's vectors (`searchengine reindex`): filled while `vectors` goes on serving, then
+# renamed to `vectors` in the transaction that records the new model (`swap_in_reindex`).
+next_vectors = Table(
+    "next_vectors",
+    metadata,
+    Column("image_id", Integer, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
 )
 
 files = Table(
@@ -551,6 +567,7 @@ class Store:
             n = conn.execute(select(func.count()).select_from(files).where(files.c.image_id == image_id)).scalar()
             if n == 0:
                 conn.execute(delete(vectors).where(vectors.c.image_id == image_id))
+                conn.execute(delete(next_vectors).where(next_vectors.c.image_id == image_id))
                 conn.execute(delete(images).where(images.c.id == image_id))
                 gone.append(image_id)
         self.text.delete(conn, gone)
@@ -610,6 +627,96 @@ class Store:
                     got_ids.append(image_id)
                     blobs.append(data)
         return np.asarray(got_ids, dtype=np.int64), _decode_vectors(blobs, shape)
+
+    # -- re-indexing with another model ----------------------------------------------------
+
+    def begin_reindex(self, info: ModelInfo) -> int:
+        """Start (or go on with) re-embedding every image with the model `info` describes;
+        returns how many images already have its vectors. A re-index of another model left
+        unfinished is dropped."""
+        with self.engine.begin() as conn:
+            raw = self._get_meta(conn, "next_model")
+            if raw is None or ModelInfo(**json.loads(raw)).fingerprint != info.fingerprint:
+                conn.execute(delete(next_vectors))
+                conn.execute(delete(meta).where(meta.c.key == "reindex_gone"))
+                self._set_meta(conn, "next_model", json.dumps(info.__dict__))
+            return conn.execute(select(func.count()).select_from(next_vectors)).scalar()
+
+    def reindex_model(self) -> ModelInfo | None:
+        """The model of a re-index under way (or interrupted), if any."""
+        with self.engine.connect() as conn:
+            raw = self._get_meta(conn, "next_model")
+        return ModelInfo(**json.loads(raw)) if raw else None
+
+    def reindex_todo(self, limit: int) -> list[tuple[int, str, list[str]]]:
+        """Up to `limit` images the re-index has not embedded yet, by id: (id, sha256, paths)."""
+        with self.engine.connect() as conn:
+            done = select(next_vectors.c.image_id)
+            gone = json.loads(self._get_meta(conn, "reindex_gone") or "[]")  # found with no file: not asked for again
+            rows = conn.execute(
+                select(images.c.id, images.c.sha256)
+                .where(images.c.id.not_in(done), images.c.id.not_in(gone))
+                .order_by(images.c.id)
+                .limit(limit)
+            ).all()
+            paths: dict[int, list[str]] = {r.id: [] for r in rows}
+            for chunk in _chunks(list(paths), 500):
+                for image_id, path in conn.execute(
+                    select(files.c.image_id, files.c.path).where(files.c.image_id.in_(chunk)).order_by(files.c.id)
+                ):
+                    paths[image_id].append(path)
+        return [(r.id, r.sha256, paths[r.id]) for r in rows]
+
+    def write_reindexed(self, ids: Sequence[int], vecs: np.ndarray, gone: Sequence[int] = ()) -> None:
+        """The re-index's vectors of these images [n, Q, D]; `gone`: images it could not
+        embed (no file left with their content), which leave the library at the swap."""
+        with self.engine.begin() as conn:
+            rows = [{"image_id": int(i), "data": np.ascontiguousarray(v, dtype=VECTOR_DTYPE).tobytes()} for i, v in zip(ids, vecs)]
+            if rows:
+                conn.execute(insert(next_vectors), rows)
+            if gone:
+                known = json.loads(self._get_meta(conn, "reindex_gone") or "[]")
+                self._set_meta(conn, "reindex_gone", json.dumps(sorted(set(known) | {int(i) for i in gone})))
+
+    def swap_in_reindex(self) -> tuple[ModelInfo, list[int]]:
+        """In one transaction: the re-index's vectors become the vectors, its model the
+        model; images it could not embed leave (their files too: a later `index` that finds
+        one again indexes it anew). Returns (the model, the ids that left)."""
+        with self.engine.begin() as conn:
+            raw = self._get_meta(conn, "next_model")
+            if raw is None:
+                raise SearchEngineError("no re-index to finish")
+            info = ModelInfo(**json.loads(raw))
+            gone = json.loads(self._get_meta(conn, "reindex_gone") or "[]")
+            for chunk in _chunks(gone, 500):
+                conn.execute(delete(files).where(files.c.image_id.in_(chunk)))
+                conn.execute(delete(vectors).where(vectors.c.image_id.in_(chunk)))
+                conn.execute(delete(next_vectors).where(next_vectors.c.image_id.in_(chunk)))
+                conn.execute(delete(images).where(images.c.id.in_(chunk)))
+            self.text.delete(conn, gone)
+            have = conn.execute(select(func.count()).select_from(next_vectors)).scalar()
+            n = conn.execute(select(func.count()).select_from(images)).scalar()
+            if have != n:
+                raise SearchEngineError(f"the re-index has vectors for {have} of {n} images; run it again to finish")
+            conn.execute(text("ALTER TABLE vectors RENAME TO replaced_vectors"))
+            conn.execute(text("ALTER TABLE next_vectors RENAME TO vectors"))
+            conn.execute(text("DROP TABLE replaced_vectors"))
+            next_vectors.create(conn)
+            self._set_meta(conn, "model", raw)
+            self._set_meta(conn, "derived_stale", "1")  # the vector index and feature cache on disk are the old model's
+            conn.execute(delete(meta).where(meta.c.key.in_(["next_model", "reindex_gone"])))
+            self._bump_revision(conn)
+        return info, gone
+
+    def derived_stale(self) -> bool:
+        """True from a re-index's swap until the library has rebuilt what it derives from the
+        vectors (the vector index, the feature cache) for the new model."""
+        with self.engine.connect() as conn:
+            return self._get_meta(conn, "derived_stale") == "1"
+
+    def derived_rebuilt(self) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(meta).where(meta.c.key == "derived_stale"))
 
     def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
         out: dict[int, ImageRecord] = {}
