@@ -142,7 +142,7 @@ def run_size(n: int, folder: Path, depth: int, n_queries: int) -> None:
         print(f"  the exact tier would hold {exact_ram / 2**30:.0f} GiB in RAM: not built; exact scan {scan_s:.1f} s a query")
 
     s = Settings()
-    config = ann.BuildConfig(s.ann_factory, s.ann_reps, s.ann_overfetch, s.ann_nprobe, s.ann_target_recall, depth)
+    config = ann.BuildConfig(s.ann_factory, s.ann_reps, s.ann_overfetch, s.ann_nprobe, s.ann_target_recall, depth, s.ann_target_recall_deep)
     before = rss_gib()
     t = time.perf_counter()
     index = ann.build(ids, read=read, rescore=rescore, config=config, dim=D, num_vectors=Q)

@@ -56,6 +56,7 @@ class AnnParams:
     overfetch: int  # candidates per image asked for
     trained_on: int  # images in the library when it was trained
     recall_at_10: float | None = None  # final ranking against exact, on a sample, at build time
+    recall_deep: float | None = None  # the same, of the top 100 (later pages)
     recall_queries: int = 0
     build_s: float = 0.0
     bytes_per_image: float = 0.0  # RAM, when built (`AnnIndex.bytes_per_image` is live)
@@ -240,18 +241,29 @@ def write_manifest(path: Path, file_name: str, params: AnnParams) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def tune_nprobe(
-    index: AnnIndex, target: float, recall: Callable[[AnnIndex], float]
-) -> float:
-    """The smallest nprobe (of NPROBES, up to nlist) whose `recall(index)` reaches `target`,
-    set on the index; returns the recall it measured there."""
-    got, before = 0.0, None
+@dataclass(frozen=True)
+class Recall:
+    """The final ranking's recall against exact max-sim on the build's sample queries: of the
+    top 10, and deep (of the top 100, or of the depth searched where less): later pages."""
+
+    at_10: float
+    deep: float
+
+    def margin(self, config: "BuildConfig") -> float:
+        """How far past both targets (negative: short of one)."""
+        return min(self.at_10 - config.target_recall, self.deep - config.target_deep)
+
+
+def tune_nprobe(index: AnnIndex, config: "BuildConfig", recall: Callable[[AnnIndex], Recall]) -> Recall:
+    """The smallest nprobe (of NPROBES, up to nlist) whose `recall(index)` reaches both
+    targets of `config`, set on the index; returns the recall it measured there."""
+    got, before = Recall(0.0, 0.0), None
     for nprobe in NPROBES:
         index.set_nprobe(nprobe)
         got = recall(index)
-        if got >= target or nprobe >= index.params.nlist:
+        if got.margin(config) >= 0 or nprobe >= index.params.nlist:
             break
-        if before is not None and got - before[1] < 0.002:
+        if before is not None and got.margin(config) - before[1].margin(config) < 0.002:
             # Probing more no longer helps: the representatives, not the lists, limit it.
             index.set_nprobe(before[0])
             return before[1]
@@ -268,8 +280,9 @@ class BuildConfig:
     reps: int
     overfetch: int  # 0: the first of OVERFETCHES that reaches target_recall
     nprobe: int  # 0: tuned for target_recall
-    target_recall: float
+    target_recall: float  # recall@10
     depth: int = 128  # images a search asks for (k_candidates): recall@10 is of that ranking's top 10
+    target_deep: float = 0.9  # recall@100 (later pages)
 
 
 Reader = Callable[..., Iterator[tuple[np.ndarray, np.ndarray]]]  # (ids or None) -> (ids, vecs) chunks
@@ -310,7 +323,8 @@ def build(
         centres = unit_rows(train[rng.choice(len(train), n_q, replace=False)].mean(axis=1))
         noise = unit_rows(rng.standard_normal(centres.shape).astype(np.float32))
         queries = unit_rows(centres + noise)  # ~0.7 cosine to the image's mean: a loose query
-    best = TopK(n_q, 10)
+    deep = min(100, max(10, config.depth))
+    best = TopK(n_q, deep)
     for ids, vecs in read():
         if cancelled():
             return None
@@ -321,12 +335,17 @@ def build(
     if queries is not None:
         truth = best.ids()
 
-        def measure(ix: AnnIndex) -> float:
+        def measure(ix: AnnIndex) -> Recall:
             found = rescore(ix, queries, max(10, config.depth), None)
-            return float(np.mean([len(np.intersect1d(f.ids[:10], t)) / max(1, len(t)) for f, t in zip(found, truth)]))
+
+            def share(n: int) -> float:
+                return float(np.mean([len(np.intersect1d(f.ids[:n], t[:n])) / max(1, len(t[:n])) for f, t in zip(found, truth)]))
+
+            return Recall(share(10), share(deep))
 
         recall = tune(index, config, measure)
-    index.params.recall_at_10 = None if recall is None else round(recall, 4)
+    index.params.recall_at_10 = None if recall is None else round(recall.at_10, 4)
+    index.params.recall_deep = None if recall is None else round(recall.deep, 4)
     index.params.recall_queries = n_q
     index.params.build_s = round(time.perf_counter() - t0, 2)
     index.params.bytes_per_image = round(index.bytes_per_image(), 1)
@@ -334,29 +353,29 @@ def build(
     return index
 
 
-def tune(index: AnnIndex, config: BuildConfig, recall: Callable[[AnnIndex], float]) -> float:
+def tune(index: AnnIndex, config: BuildConfig, recall: Callable[[AnnIndex], Recall]) -> Recall:
     """Set the overfetch and nprobe that `config` leaves at 0 on `index`, and return the
     recall measured there.
 
-    Each overfetch of OVERFETCHES in turn gets its nprobe tuned; of those that reach
-    `config.target_recall`, the one whose sample queries ran fastest wins (fewer candidates
-    read from the store against more lists probed: only timing says which costs more), else
-    the one that measured best. Stops at a pair that reaches the target at the least nprobe
-    to try: more candidates cannot beat it.
+    Each overfetch of OVERFETCHES in turn gets its nprobe tuned; of those that reach both
+    targets, the one whose sample queries ran fastest wins (fewer candidates read from the
+    store against more lists probed: only timing says which costs more), else the one that
+    came closest. Stops at a pair that reaches them at the least nprobe to try: more
+    candidates cannot beat it.
     """
-    tried = []  # (reached, -seconds, recall, -overfetch, nprobe): max() is the choice
+    tried = []  # (reached, -seconds, margin, -overfetch, nprobe, recall)
     for overfetch in (config.overfetch,) if config.overfetch else OVERFETCHES:
         index.params.overfetch = overfetch
-        got = tune_nprobe(index, config.target_recall, recall) if config.nprobe == 0 else recall(index)
-        reached = got >= config.target_recall
+        got = tune_nprobe(index, config, recall) if config.nprobe == 0 else recall(index)
+        reached = got.margin(config) >= 0
         seconds = min(_timed(recall, index) for _ in range(2)) if reached else 0.0
-        tried.append((reached, -seconds, got, -overfetch, index.params.nprobe))
+        tried.append((reached, -seconds, got.margin(config), -overfetch, index.params.nprobe, got))
         if reached and (config.nprobe or index.params.nprobe <= min(NPROBES[0], index.params.nlist)):
             break
-    reached, _, got, overfetch, nprobe = max(tried) if any(t[0] for t in tried) else max(tried, key=lambda t: (t[2], t[3]))
-    index.params.overfetch = -overfetch
-    index.set_nprobe(nprobe)
-    return got
+    best = max(tried, key=lambda t: t[:5]) if any(t[0] for t in tried) else max(tried, key=lambda t: (t[2], t[3]))
+    index.params.overfetch = -best[3]
+    index.set_nprobe(best[4])
+    return best[5]
 
 
 def _timed(f: Callable[[AnnIndex], float], index: AnnIndex) -> float:

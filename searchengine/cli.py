@@ -590,9 +590,11 @@ def _describe_tier(v: dict, settings) -> str:
         when = f"approximate from {settings.ann_threshold} images" if settings.vector_tier == "auto" else f"set to {settings.vector_tier}"
         return f"exact{per_image} ({when})"
     recall = v.get("recall_at_10")
-    measured = f", recall@10 {recall:.3f} against exact on {v['recall_queries']} sample queries" if recall is not None else ""
+    deep = f", @100 {v['recall_deep']:.3f}" if v.get("recall_deep") is not None else ""
+    measured = f", recall@10 {recall:.3f}{deep} against exact on {v['recall_queries']} sample queries" if recall is not None else ""
     return (
-        f"approximate: {v['factory']}, {v['reps']} vectors an image, nprobe {v['nprobe']}{per_image}{measured}; "
+        f"approximate: {v['factory']}, {v['reps']} vectors an image, nprobe {v['nprobe']}, {v['overfetch']} candidate"
+        f"{'s' if v['overfetch'] > 1 else ''} an image{per_image}{measured}; "
         f"built at {v['trained_on']} images in {v['build_s']:.0f} s"
     )
 

@@ -851,7 +851,7 @@ class Library:
             self.store.image_ids(),
             read=self.store.iter_vectors,
             rescore=self._rescored,
-            config=ann.BuildConfig(s.ann_factory, s.ann_reps, s.ann_overfetch, s.ann_nprobe, s.ann_target_recall, s.k_candidates),
+            config=ann.BuildConfig(s.ann_factory, s.ann_reps, s.ann_overfetch, s.ann_nprobe, s.ann_target_recall, s.k_candidates, s.ann_target_recall_deep),
             dim=info.dim,
             num_vectors=info.num_vectors,
             cancelled=self._cancel.is_set,

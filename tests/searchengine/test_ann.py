@@ -121,9 +121,10 @@ def test_recall_at_50k_synthetic_images_with_the_default_settings():
         return out
 
     s = Settings()
-    config = ann.BuildConfig(s.ann_factory, s.ann_reps, s.ann_overfetch, s.ann_nprobe, s.ann_target_recall, s.k_candidates)
+    config = ann.BuildConfig(s.ann_factory, s.ann_reps, s.ann_overfetch, s.ann_nprobe, s.ann_target_recall, s.k_candidates, s.ann_target_recall_deep)
     index = ann.build(ids, read=read, rescore=rescore, config=config, dim=256, num_vectors=32)
     assert index.params.recall_at_10 >= s.ann_target_recall  # what the build measured
+    assert index.params.recall_deep >= s.ann_target_recall_deep
     assert index.bytes_per_image() <= 1.5 * 1024
     queries = lib.queries(100)
     best = ann.TopK(len(queries), 10)
@@ -160,14 +161,14 @@ def test_the_build_chooses_overfetch_and_nprobe_by_recall_then_time(monkeypatch,
     def recall(ix):
         key = (ix.params.overfetch, ix.params.nprobe)
         seen.append(key)
-        return recalls.get(key, 0.0)
+        return ann.Recall(recalls.get(key, 0.0), 1.0)
 
     monkeypatch.setattr(ann, "_timed", lambda f, ix: costs[(ix.params.overfetch, ix.params.nprobe)])
     config = ann.BuildConfig("IVF{nlist},Flat", 1, 0, 0, 0.97)
     got = ann.tune(index, config, recall)
     assert (index.params.overfetch, index.params.nprobe) == want
     assert index._ivf.nprobe == want[1]
-    assert got == recalls[want]
+    assert got.at_10 == recalls[want]
     assert (2, 8) not in seen or want != (1, 8)
 
 
@@ -176,9 +177,18 @@ def test_the_build_keeps_a_fixed_overfetch_and_nprobe(monkeypatch):
     seen = []
     monkeypatch.setattr(ann, "_timed", lambda f, ix: 1.0)
     index.set_nprobe(16)
-    got = ann.tune(index, ann.BuildConfig("IVF{nlist},Flat", 1, 2, 16, 0.97), lambda ix: seen.append(ix.params.overfetch) or 0.5)
-    assert (index.params.overfetch, index.params.nprobe, got) == (2, 16, 0.5)
+    got = ann.tune(index, ann.BuildConfig("IVF{nlist},Flat", 1, 2, 16, 0.97), lambda ix: seen.append(ix.params.overfetch) or ann.Recall(0.5, 1))
+    assert (index.params.overfetch, index.params.nprobe, got) == (2, 16, ann.Recall(0.5, 1))
     assert set(seen) == {2}
+
+
+def test_the_build_probes_deeper_for_later_pages(monkeypatch):
+    """Recall@10 reached at nprobe 8 but recall@100 short of its target: 16 lists, not 8."""
+    index = tiny_index()
+    monkeypatch.setattr(ann, "_timed", lambda f, ix: 1.0)
+    deep = {8: 0.75, 16: 0.93}
+    got = ann.tune(index, ann.BuildConfig("IVF{nlist},Flat", 1, 1, 0, 0.97, target_deep=0.9), lambda ix: ann.Recall(0.98, deep[ix.params.nprobe]))
+    assert (index.params.nprobe, got) == (16, ann.Recall(0.98, 0.93))
 
 
 def test_representatives_are_unit_kmeans_centres():
