@@ -81,12 +81,15 @@ class Reindexer:
         self.progress(summary.resumed_from)
         while todo := self.library.reindex_todo(self.batch_size):
             decoded = list(map_ahead(self._load, todo, self.settings.decode_threads, 2 * self.batch_size))
-            gone = [image_id for (image_id, _, paths), d in zip(todo, decoded) if d is None]
-            for image_id, _, paths in (t for t, d in zip(todo, decoded) if d is None):
-                self.on_skip(paths[0] if paths else f"image {image_id}", GONE)
-            ready = [(t[0], d) for t, d in zip(todo, decoded) if d is not None]
-            embedded = self.embed([d for _, d in ready])
-            ids = [image_id for image_id, _ in ready]
+            gone, ids, ready = [], [], []
+            for (image_id, _, paths), d in zip(todo, decoded):
+                if d is None:
+                    gone.append(image_id)
+                    self.on_skip(paths[0] if paths else f"image {image_id}", GONE)
+                else:
+                    ids.append(image_id)
+                    ready.append(d)
+            embedded = self.embed(ready)
             vecs = np.stack([e.itc for e in embedded]) if embedded else np.zeros((0,), np.float32)
             vit = np.stack([e.vit for e in embedded]) if embedded and self.keep_vit else None
             self.library.write_reindexed(ids, vecs, gone, vit)

@@ -413,8 +413,7 @@ class Library:
         self.gpu.refresh(self.index, self._writes)
 
     def _drop_derived_files(self) -> None:
-        """The old model's vector index files, and its feature cache unless the re-index left
-        the new model's (`_feature_cache` puts that in its place)."""
+        """The old model's vector index files (its feature cache: see `_feature_cache`)."""
         s = self.settings
         for f in [s.vectors_path, s.ann_manifest_path, *Path(s.data_dir).glob("ann-*.faiss")]:
             f.unlink(missing_ok=True)

@@ -65,6 +65,17 @@ def add_parsers(command, common) -> None:
     common(p, model=True)
 
 
+def _stages(bar):
+    """`stage(what, total)` -> a progress callback: one bar, named and reset for each stage."""
+
+    def stage(what: str, total: int):
+        bar.set_description(what)
+        bar.reset(total=total)
+        return bar.update
+
+    return stage
+
+
 def cmd_eval(args: argparse.Namespace, out, err) -> int:
     from tqdm import tqdm
 
@@ -84,11 +95,7 @@ def cmd_eval(args: argparse.Namespace, out, err) -> int:
     name = wiring.retrieval_model(settings, Library.recorded(settings))
     model = wiring.load_model(settings, name)
     bar = tqdm(total=len(data), unit="img", file=err, disable=None, dynamic_ncols=True)
-
-    def stage(what: str, total: int):
-        bar.set_description(what)
-        bar.reset(total=total)
-        return bar.update
+    stage = _stages(bar)
 
     report: dict = {"model": name, "k_test": k_test}
     try:
@@ -145,11 +152,7 @@ def cmd_finetune(args: argparse.Namespace, out, err) -> int:
     name = wiring.retrieval_model(settings, Library.recorded(settings))
     model = wiring.load_model(settings.model_copy(update={"dtype": "float32"}), name)  # trained in float32
     bar = tqdm(total=0, file=err, disable=None, dynamic_ncols=True)
-
-    def stage(what: str, total: int):
-        bar.set_description(what)
-        bar.reset(total=total)
-        return bar.update
+    stage = _stages(bar)
 
     def step(s) -> None:
         bar.set_postfix(itc=f"{s.loss_itc:.3f}", itm=f"{s.loss_itm:.3f}", hard=f"{s.hard:.2f}", refresh=False)

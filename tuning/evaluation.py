@@ -34,6 +34,8 @@ from tuning.datasets import CaptionedSet
 if TYPE_CHECKING:
     import torch
 
+    from indexer.stages import Decoded
+
     from searchengine.models import RetrievalModel
 
 KS = (1, 5, 10)
@@ -70,21 +72,18 @@ def embed(
     after the ViT, exactly as this did)."""
     import torch
 
-    from indexer.scan import FileEntry
-    from indexer.stages import DecodeStage, EmbedStage, Failed, ReadStage
+    from indexer.stages import EmbedStage
 
-    read = ReadStage()
-    decode = DecodeStage(model.preprocessor, settings.max_image_pixels, settings.thumbnail_size, decode=settings.decode)
+    decode = decoder(model, settings)
     embed_stage = EmbedStage(model, keep_vit=True)
-    batch = settings.batch_size or 8
+    batch = batch_size(model, settings)
     itc, vit, bad = [], [], {}
     for start in range(0, len(data.images), batch):
         decoded = []
         for i in range(start, min(len(data.images), start + batch)):
-            st = os.stat(data.images[i])
-            item = decode(read(FileEntry(str(data.images[i]), st.st_size, st.st_mtime_ns)))
-            if isinstance(item, Failed):
-                bad[i] = item.message
+            item = decode(data.images[i])
+            if isinstance(item, str):
+                bad[i] = item
             else:
                 decoded.append(item)
         for e in embed_stage(decoded):
@@ -100,13 +99,40 @@ def embed(
     return _with_texts(model, kept, np.stack(itc), raw, settings, raw if keep_raw else None)
 
 
+def decoder(model: "RetrievalModel", settings: Settings) -> Callable[[Path], "Decoded | str"]:
+    """A file's path -> the indexer's read and decode stages' result (the pixels the index
+    would get), or why it cannot be read."""
+    from indexer.scan import FileEntry
+    from indexer.stages import DecodeStage, Failed, ReadStage
+
+    read = ReadStage()
+    decode = DecodeStage(model.preprocessor, settings.max_image_pixels, settings.thumbnail_size, decode=settings.decode)
+
+    def one(path: Path):
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            return f"cannot read it: {e.strerror}"
+        item = decode(read(FileEntry(str(path), st.st_size, st.st_mtime_ns)))
+        return item.message if isinstance(item, Failed) else item
+
+    return one
+
+
+def batch_size(model: "RetrievalModel", settings: Settings) -> int:
+    """Images per model batch: the setting, else the device's default (as indexing)."""
+    from searchengine.devices import defaults_for
+
+    return settings.batch_size or defaults_for(model.device).index_batch
+
+
 def from_vit(model: "RetrievalModel", emb: Embedded, settings: Settings) -> Embedded:
     """`emb`'s set embedded again by `model` from the ViT outputs `embed(keep_raw=True)` kept
     (fine-tuning trains everything after the ViT): in the batches `embed` used, so the same
     weights give the same vectors."""
     import torch
 
-    vit, batch = emb.raw_vit, settings.batch_size or 8
+    vit, batch = emb.raw_vit, batch_size(model, settings)
     with torch.inference_mode():
         itc = [model._itc_from_vit(vit[s:s + batch].to(model.device, model.vision_dtype)) for s in range(0, len(vit), batch)]
     return _with_texts(model, emb.data, np.concatenate(itc).astype(np.float16).astype(np.float32), vit, settings, vit)

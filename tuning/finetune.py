@@ -112,21 +112,16 @@ class ViTCache:
         """The rest of the images through the indexer's read and decode stages and the ViT."""
         import torch
 
-        from indexer.scan import FileEntry
-        from indexer.stages import DecodeStage, Failed, ReadStage
-
-        read = ReadStage()
-        decode = DecodeStage(model.preprocessor, settings.max_image_pixels, settings.thumbnail_size, decode=settings.decode)
-        batch = settings.batch_size or 8
+        decode = evaluation.decoder(model, settings)
+        batch = evaluation.batch_size(model, settings)
         progress(self.done)
         while self.done < self.n:
             start, end = self.done, min(self.n, self.done + batch)
             rows, pixels = [], []
             for i in range(start, end):
-                st = os.stat(images[i])
-                item = decode(read(FileEntry(str(images[i]), st.st_size, st.st_mtime_ns)))
-                if isinstance(item, Failed):
-                    self.bad[i] = item.message
+                item = decode(images[i])
+                if isinstance(item, str):
+                    self.bad[i] = item
                 else:
                     rows.append(i)
                     pixels.append(item.pixels)
@@ -317,8 +312,7 @@ def run(
         if not updating and step > (state["step"] if state else 0):
             _save_checkpoint(work, key, step, m, temp, opt, before)
         raise
-    unreadable = len(cache.bad) + held.skipped["unreadable_image"] - data.skipped["unreadable_image"]
-    skipped = {**data.skipped, **({"unreadable_image": data.skipped["unreadable_image"] + unreadable} if unreadable else {})}
+    skipped = dict(train.skipped + (held.skipped - data.skipped))  # each part counts the set's own skips, and its unreadable images
     m.eval()
     after = measure("measuring after", evaluation.from_vit(model, held_emb, settings))
     report = Report(
