@@ -690,8 +690,6 @@ class Store:
             gone = json.loads(self._get_meta(conn, "reindex_gone") or "[]")
             for chunk in _chunks(gone, 500):
                 conn.execute(delete(files).where(files.c.image_id.in_(chunk)))
-                conn.execute(delete(vectors).where(vectors.c.image_id.in_(chunk)))
-                conn.execute(delete(next_vectors).where(next_vectors.c.image_id.in_(chunk)))
                 conn.execute(delete(images).where(images.c.id.in_(chunk)))
             self.text.delete(conn, gone)
             have = conn.execute(select(func.count()).select_from(next_vectors)).scalar()
