@@ -68,6 +68,14 @@ def _caption_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _vqa_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--vqa-model",
+        help="hub id or local directory of a BLIP-2 model with a language model that answers questions about photos "
+        "(default: the index's captioner when it is one; env SEARCHENGINE_VQA_MODEL)",
+    )
+
+
 def _watch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll", action="store_true", default=None, help="poll instead of native events (automatic on network mounts)")
     parser.add_argument("--debounce", type=float, default=1.0, metavar="SECONDS", help="quiet time before a changed file is read (default: 1)")
@@ -108,6 +116,8 @@ examples:
   searchengine search 'beach -dog "at sunset"'        -word leaves out, "a phrase" must match
   searchengine search beach --folder 'Winter 2022' --after 2022-12-01
   searchengine search --image ~/query.jpg             photos like this one
+  searchengine search beach --like 42 --unlike 17:0.5  steer by indexed images (ids from --json)
+  searchengine search a red car --min-itm 0.8         only strong matches (ITM P(match) >= 0.8)
   searchengine search sunset -f | xargs -d '\\n' ls -l   paths only, for pipes
   searchengine search dogs --mode keyword            words in captions and file names only (no model loaded)""",
     "caption": """\
@@ -143,6 +153,11 @@ examples:
 examples:
   searchengine reindex --model ~/models/catalogue-blip2    re-embed with a fine-tuned model (serve keeps going)
   searchengine reindex --model Salesforce/blip2-itm-vit-g  back to the original""",
+    "ask": """\
+examples:
+  searchengine ask ~/Pictures/dog.jpg what breed is the dog?
+  searchengine ask 42 is it raining?                         an indexed image, by its id
+  searchengine ask 42 how many people are there --vqa-model Salesforce/blip2-opt-2.7b""",
     "make-tiny-model": """\
 examples:
   searchengine make-tiny-model /tmp/tiny-blip2
@@ -194,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="hybrid (default): semantic and keyword candidates fused, then ITM re-rank; semantic: ITC then ITM; "
         "keyword: captions and file/folder names only, no model loaded. \"Quoted phrases\" and -word exclusions work in every mode",
     )
+    p.add_argument(
+        "--like", action="append", default=[], metavar="ID[:WEIGHT]",
+        help="steer towards an indexed image (its id from --json or the UI; weight 1 by default); repeatable. "
+        "Alone, without words: photos like these",
+    )
+    p.add_argument(
+        "--unlike", action="append", default=[], metavar="ID[:WEIGHT]",
+        help="steer away from an indexed image (it and its look-alikes drop); repeatable",
+    )
+    p.add_argument(
+        "--min-itm", type=float, metavar="P",
+        help="only matches: keep re-ranked results whose ITM match probability is at least P (0 to 1)",
+    )
     _filter_options(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON")
@@ -228,7 +256,21 @@ def build_parser() -> argparse.ArgumentParser:
     _caption_options(p)
     _common(p, model=True)
 
+    p = command(
+        "ask", "ask a question about a photo (BLIP-2 with a language model answers)",
+        "Answer a question about a photo: a file, or an indexed image by its id. The model is --vqa-model, "
+        "else the index's captioner when it is BLIP-2 with a language model.",
+    )
+    p.add_argument("image", metavar="PATH_OR_ID", help="an image file, or an indexed image's id (from search --json or the UI)")
+    p.add_argument("question", nargs="+", metavar="QUESTION", help="the question, e.g. what breed is the dog?")
+    _vqa_option(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _common(p, model=False)
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="model dtype (default: auto)")
+
     p = command("serve", "serve the web UI and the HTTP API", "Serve the search page and the JSON API (OpenAPI at /docs).")
+    _vqa_option(p)
     p.add_argument("--host", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, help="port (default: 8000)")
     p.add_argument("--watch", nargs="+", metavar="FOLDER", default=[], help="also watch these folders (and create the index if there is none)")
@@ -323,7 +365,7 @@ def _dash_words_as_query(parser: argparse.ArgumentParser, argv: list[str]) -> li
 
 def _settings(args: argparse.Namespace) -> Settings:
     keys = ("data_dir", "model", "device", "dtype", "itm_features", "batch_size", "decode_workers",
-            "max_image_pixels", "k_candidates", "rerank_top", "host", "port", "captions", "caption_model", "search_mode", "links")
+            "max_image_pixels", "k_candidates", "rerank_top", "host", "port", "captions", "caption_model", "search_mode", "links", "vqa_model")
     values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if values.get("caption_model") and "captions" not in values:
         values["captions"] = True  # naming a captioner asks for captions
@@ -473,19 +515,22 @@ def _search_filters(args: argparse.Namespace):
 
 
 def cmd_search(args: argparse.Namespace, out, err) -> int:
-    from searchengine.queries import parse_for_mode
+    from searchengine.queries import Steer, parse_for_mode
 
     settings = _settings(args)
     query = " ".join(args.query).strip()
-    if args.image and query:
-        raise SearchEngineError("search by words or by --image, not both")
-    if not args.image and not query:
-        raise SearchEngineError("the query is empty: type some words that describe the picture (or --image PATH)")
+    steer = Steer.parse(args.like, args.unlike)
+    if args.image and (query or steer.active):
+        raise SearchEngineError("search by words (with --like/--unlike) or by --image, not both")
+    if not args.image and not query and not steer.like:
+        raise SearchEngineError("the query is empty: type some words that describe the picture (or --image PATH, or --like ID)")
     if args.k < 1:
         raise SearchEngineError("-k must be at least 1")
+    if args.min_itm is not None and not 0 <= args.min_itm <= 1:
+        raise SearchEngineError(f"--min-itm is a probability, from 0 to 1, not {args.min_itm}")
     filters = _search_filters(args)
     keyword_only = settings.search_mode == "keyword" and not args.image
-    if not args.image:
+    if query:
         parse_for_mode(query, settings.search_mode)
     example = _example_image(args.image, settings) if args.image else None
     searcher = wiring.open_for_search(settings, keyword_only=keyword_only)
@@ -493,10 +538,12 @@ def cmd_search(args: argparse.Namespace, out, err) -> int:
         if example is not None:
             result = searcher.search_image(example, k=args.k, filters=filters)
         else:
-            result = searcher.search(query, k=args.k, rerank=0 if args.no_rerank else None, filters=filters)
+            result = searcher.search(
+                query, k=args.k, rerank=0 if args.no_rerank else None, filters=filters, steer=steer, min_itm=args.min_itm
+            )
     finally:
         searcher.library.close()
-    mode = "image" if example is not None else settings.search_mode
+    mode = "image" if example is not None else settings.search_mode if query else "semantic"
     if args.json:
         print(json.dumps(_result_json(result, mode), ensure_ascii=False, indent=2), file=out)
         return 0
@@ -505,20 +552,25 @@ def cmd_search(args: argparse.Namespace, out, err) -> int:
             print(h.path, file=out)
         return 0
     if not result.hits:
-        print("no results" + (" within the filters" if filters.active else ""), file=out)
+        why = " with a match probability of at least " + f"{args.min_itm:g}" if args.min_itm is not None else ""
+        print("no results" + (" within the filters" if filters.active else "") + why, file=out)
         return 0
-    print(f"{'rank':>4}  {'final':>7}  {'itm':>6}  {'itc':>7}  {'words':>5}  path", file=out)
+    print(f"{'rank':>4}  {'final':>7}  {'itm':>6}  {'itc':>7}  {'words':>5}  {'id':>6}  path", file=out)
     for rank, h in enumerate(result.hits, 1):
         itm = f"{h.itm:6.3f}" if h.itm is not None else f"{'-':>6}"
         itc = f"{h.itc:7.3f}" if h.itc is not None else f"{'-':>7}"
         kw = f"{h.keyword:5.2f}" if h.keyword is not None else f"{'-':>5}"
-        print(f"{rank:>4}  {h.score:7.3f}  {itm}  {itc}  {kw}  {h.path}", file=out)
+        print(f"{rank:>4}  {h.score:7.3f}  {itm}  {itc}  {kw}  {h.image_id:>6}  {h.path}", file=out)
         if h.caption:
-            print(f"{'':>39}{h.caption}", file=out)
+            print(f"{'':>47}{h.caption}", file=out)
     t = result.timings_ms
+    strong = ""
+    if result.strong is not None:
+        threshold = settings.strong_match if args.min_itm is None else args.min_itm
+        strong = f"; {result.strong} strong match{'es' if result.strong != 1 else ''} (ITM P(match) >= {threshold:g})"
     print(
         f"{mode}: encode {t['encode']:.0f} ms, candidates {t['ann']:.1f} ms, "
-        f"re-rank {t['rerank']:.0f} ms ({result.reranked} images)",
+        f"re-rank {t['rerank']:.0f} ms ({result.reranked} images){strong}",
         file=err,
     )
     return 0
@@ -539,6 +591,7 @@ def _result_json(result, mode: str) -> dict:
         "query": result.query,
         "mode": mode,
         "reranked": result.reranked,
+        "strong": result.strong,
         "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
         "results": [{"rank": rank, **h.as_json()} for rank, h in enumerate(result.hits, 1)],
     }
@@ -715,6 +768,50 @@ def cmd_serve(args: argparse.Namespace, out, err) -> int:
     return 0
 
 
+def cmd_ask(args: argparse.Namespace, out, err) -> int:
+    from searchengine.errors import BadImageError
+    from searchengine.imageio import decode_image, read_file
+    from searchengine.library import Library
+    from searchengine.vqa import VqaUnavailable, check_question
+
+    settings = _settings(args)
+    question = check_question(" ".join(args.question))
+    local = os.path.expanduser(args.image)
+    by_id = args.image.isdigit() and not os.path.exists(local)
+    recorded = Library.recorded(settings)
+    if by_id:
+        if recorded is None:
+            raise IndexNotFoundError(f"no index in {settings.data_dir} to find image {args.image} in; give a file's path instead")
+        library = Library.open(settings, vectors=False)
+        try:
+            detail = library.image_detail(int(args.image))
+        finally:
+            library.close()
+        paths = [f.path for f in detail.files if os.path.isfile(f.path)] if detail is not None else []
+        if detail is None or not detail.files:
+            raise SearchEngineError(f"no indexed image has id {args.image}")
+        if not paths:
+            raise SearchEngineError(f"image {args.image}'s files are gone: {', '.join(f.path for f in detail.files)}")
+        local = paths[0]
+    name, why = wiring.vqa_model(settings, recorded)
+    if name is None:
+        raise VqaUnavailable(why)
+    try:
+        image = decode_image(read_file(local), max_pixels=settings.max_image_pixels).image
+    except BadImageError as e:
+        raise SearchEngineError(f"cannot read {local}: {e}") from None
+    t0 = time.perf_counter()
+    answerer = wiring.load_answerer(settings, name)
+    load_ms = (time.perf_counter() - t0) * 1000
+    answer = answerer.ask(image, question)
+    if args.json:
+        print(json.dumps({**answer.as_json(), "image": local, "load_ms": round(load_ms, 1)}, ensure_ascii=False), file=out)
+        return 0
+    print(answer.answer or "(no answer)", file=out)
+    print(f"{name}: load {load_ms / 1000:.1f} s, answer {answer.timings_ms['generate']:.0f} ms", file=err)
+    return 0
+
+
 def cmd_check(args: argparse.Namespace, out, err) -> int:
     from searchengine.library import Library
 
@@ -882,6 +979,7 @@ COMMANDS = {
     "stats": cmd_stats,
     "watch": cmd_watch,
     "serve": cmd_serve,
+    "ask": cmd_ask,
     "make-tiny-model": cmd_make_tiny_model,
     "reindex": cmd_reindex,
     "check": cmd_check,

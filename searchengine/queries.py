@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable, Hashable
+from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -79,6 +79,9 @@ class Page:
     timings_ms: dict[str, float]
     query: str | None = None  # the text query as searched (whitespace normalised)
     fresh: bool = False  # the ranking was computed for this request (not a kept one)
+    # Re-ranked hits whose ITM P(match) reaches the threshold (`min_itm`, else `strong_match`):
+    # "N strong matches". None where nothing was re-ranked.
+    strong: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,56 @@ class Filters:
         if after and before and after > before:
             raise QueryError("taken_after is later than taken_before")
         return cls(folder=folder or None, taken_after=after, taken_before=before)
+
+
+Example = tuple[int, float]  # (image id, weight)
+
+
+def parse_example(value: str) -> Example:
+    """`ID` or `ID:WEIGHT` (weight 1 by default; above 0), as `--like`/`like=` take them."""
+    head, sep, tail = str(value).strip().partition(":")
+    try:
+        image_id = int(head)
+        weight = float(tail) if sep else 1.0
+    except ValueError:
+        raise QueryError(f"an example image is written ID or ID:WEIGHT (42, 42:0.5), not {value!r}") from None
+    if image_id < 1:
+        raise QueryError(f"an example image's id is a positive number, not {image_id}")
+    if not (0 < weight <= 10):  # NaN fails this too
+        raise QueryError(f"an example image's weight must be above 0 and at most 10, not {tail}")
+    return image_id, weight
+
+
+@dataclass(frozen=True)
+class Steer:
+    """Example images that steer a query (combined queries): `like` pulls its ITC vector
+    towards them, `unlike` pushes it away, each with a weight.
+
+    The combined query vector (`Searcher.steered_vector`):
+
+        q = normalise(t + sum_i w_i * m_i - sum_j w_j * m_j)
+
+    where t is the text's ITC vector (left out when there are no words), m an example image's
+    mean query vector, normalised (BLIP-2 keeps 32 per image), and the w their weights. ITC
+    candidates come from q; ITM re-ranks them with the words alone. The `unlike` images
+    themselves are left out of the results."""
+
+    like: tuple[Example, ...] = ()
+    unlike: tuple[Example, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.like or self.unlike)
+
+    @classmethod
+    def parse(cls, like: "Sequence[str | int]" = (), unlike: "Sequence[str | int]" = ()) -> "Steer":
+        steer = cls(tuple(parse_example(v) for v in like), tuple(parse_example(v) for v in unlike))
+        both = {i for i, _ in steer.like} & {i for i, _ in steer.unlike}
+        if both:
+            raise QueryError(f"image {min(both)} is both liked and unliked")
+        if len(steer.like) + len(steer.unlike) > 50:
+            raise QueryError("at most 50 example images (like and unlike together)")
+        return steer
 
 
 @dataclass
@@ -249,10 +302,11 @@ class Searcher:
 
     # -- text queries ---------------------------------------------------------------------
 
-    def check_query(self, query: str) -> str:
-        """The query, whitespace-normalised; QueryError if it cannot be searched."""
+    def check_query(self, query: str, examples_only: bool = False) -> str:
+        """The query, whitespace-normalised; QueryError if it cannot be searched.
+        `examples_only`: liked example images stand in for words, so no words is fine."""
         text = " ".join((query or "").split())
-        if not text:
+        if not text and not examples_only:
             raise QueryError("the query is empty: type some words that describe the picture")
         if len(text) > self.settings.max_query_chars:
             raise QueryError(f"the query is {len(text)} characters long; the limit is {self.settings.max_query_chars}")
@@ -296,6 +350,7 @@ class Searcher:
         rerank: int | None = None,
         filters: Filters | None = None,
         known_itm: dict[int, float] | None = None,
+        exclude_ids: np.ndarray | None = None,
     ) -> Ranking:
         """The best `depth` images for a query read by `parse_for_mode(text, mode)`, whose
         `semantic_text` encodes to `text_vec` (None in keyword mode without a model: no ITC).
@@ -309,6 +364,8 @@ class Searcher:
         filters = filters or Filters()
         t0 = time.perf_counter()
         excluded = self.library.keyword_matches(kq.excluded) if kq.excluded else None
+        if exclude_ids is not None and len(exclude_ids):  # unliked examples
+            excluded = exclude_ids if excluded is None else np.union1d(excluded, exclude_ids)
         if mode == "semantic":
             pool = self._semantic_pool(text_vec, depth, filters, excluded)
         elif mode == "keyword":
@@ -351,7 +408,8 @@ class Searcher:
         # Images that match only words the whole library shares (coverage 0) are no keyword
         # evidence: fusing them would hand ITM slots to an arbitrary list (a library under
         # ~/Pictures and the query "a picture of a dog").
-        useful = [h for h in hits if h.coverage > 0]
+        left_out = set(excluded.tolist()) if excluded is not None else set()  # -word matches, unliked examples
+        useful = [h for h in hits if h.coverage > 0 and h.image_id not in left_out]
         kw_ids = np.array([h.image_id for h in useful], dtype=np.int64)
         coverage = {h.image_id: h.coverage for h in useful}
         itc_of = dict(zip(semantic.ids.tolist(), semantic.itc.tolist()))
@@ -399,30 +457,45 @@ class Searcher:
         rerank: int | None = None,
         filters: Filters | None = None,
         min_score: float | None = None,
+        min_itm: float | None = None,
         mode: str | None = None,
+        steer: Steer | None = None,
         encode: Callable[[str], np.ndarray] | None = None,
         rankings: "RankingCache | None" = None,
     ) -> Page:
         """A text query, start to end: the one path of the CLI and the service.
 
+        `steer`: example images liked and unliked (combined queries, see `Steer`); with liked
+        examples the words may be left out (then the ranking is ITC alone: ITM needs words).
+        `min_itm`: keep only re-ranked hits whose ITM P(match) reaches it ("only matches").
         `encode`: how the query's text becomes its vector (default: the model, directly; the
         service passes its micro-batcher). `rankings`: rankings kept across requests (the
         service's), so that the next page of a query costs no model call, and a deeper one
         re-uses the ITM scores it has.
         """
-        text = self.check_query(query)
+        steer = steer or Steer()
+        text = self.check_query(query, examples_only=bool(steer.like))
         mode = mode or self.settings.search_mode
-        kq = parse_for_mode(text, mode)
+        if text:
+            kq = parse_for_mode(text, mode)
+        else:  # liked examples alone: ranked by ITC, as "more like these"
+            if mode == "keyword":
+                raise QueryError("keyword search needs words; example images steer the semantic side")
+            kq, mode = parse_query(""), "semantic"
         if k < 1 or offset < 0:
             raise QueryError("k must be at least 1 and offset at least 0")
+        if min_itm is not None and not (0.0 <= min_itm <= 1.0):
+            raise QueryError(f"min_itm is a probability, from 0 to 1, not {min_itm}")
+        if steer.active and mode == "keyword":
+            raise QueryError("example images (like/unlike) steer the semantic side, which keyword mode has not; use mode hybrid or semantic")
         filters = filters or Filters()
         t0 = time.perf_counter()
         depth = max(offset + k, self.settings.k_candidates)
-        rerank = 0 if mode == "keyword" else self.settings.rerank_top if rerank is None else rerank
-        key = ("text", text, mode, rerank, filters, self.library.revision)
+        rerank = 0 if mode == "keyword" or not kq.semantic_text else self.settings.rerank_top if rerank is None else rerank
+        key = ("text", text, mode, rerank, filters, steer, self.library.revision)
         ranking, shallower = rankings.get(key, depth) if rankings is not None else (None, None)
         if ranking is not None:
-            return self._page(ranking, offset, k, min_score, t0, 0.0, text, fresh=False)
+            return self._page(ranking, offset, k, min_score, t0, 0.0, text, fresh=False, min_itm=min_itm)
         self.check_filters(filters)
         if self.model is None and mode != "keyword":
             raise QueryError(f"{mode} search needs the model; only keyword search runs without it")
@@ -431,32 +504,59 @@ class Searcher:
             text_vec, known = shallower.query_vector, shallower.itm_by_id()  # a deeper page
         elif self.model is not None:
             # Keyword mode ranks by words alone; the query is encoded only for the ITC column.
-            text_vec = (encode or self._encode)(kq.semantic_text)
+            text_vec = (encode or self._encode)(kq.semantic_text) if kq.semantic_text else None
+            if steer.active:
+                text_vec = self.steered_vector(text_vec, steer)
         else:
             text_vec = None
         encode_ms = (time.perf_counter() - t0) * 1000 if known is None and text_vec is not None else 0.0
-        ranking = self.rank_text(kq, text_vec, mode=mode, depth=depth, rerank=rerank, filters=filters, known_itm=known)
+        excluded = np.array(sorted(i for i, _ in steer.unlike), dtype=np.int64)
+        ranking = self.rank_text(
+            kq, text_vec, mode=mode, depth=depth, rerank=rerank, filters=filters, known_itm=known, exclude_ids=excluded
+        )
         if shallower is not None:
             ranking = ranking.after(shallower)
         if rankings is not None:
             rankings.keep(key, ranking)
-        return self._page(ranking, offset, k, min_score, t0, encode_ms, text, fresh=True)
+        return self._page(ranking, offset, k, min_score, t0, encode_ms, text, fresh=True, min_itm=min_itm)
+
+    def steered_vector(self, text_vec: np.ndarray | None, steer: Steer) -> np.ndarray:
+        """The combined query vector of `Steer`'s formula; QueryError naming an example image
+        that is not in the index."""
+        total = np.zeros(self.model.embed_dim if text_vec is None else text_vec.shape[-1], np.float64)
+        if text_vec is not None:
+            total += text_vec
+        for examples, sign, what in ((steer.like, 1.0, "liked"), (steer.unlike, -1.0, "unliked")):
+            for image_id, weight in examples:
+                vectors = self.library.vectors_of(image_id)
+                if vectors is None:
+                    raise QueryError(f"the {what} example image {image_id} is not in the index")
+                mean = vectors.astype(np.float64).mean(axis=0)
+                total += sign * weight * mean / max(np.linalg.norm(mean), 1e-12)
+        norm = np.linalg.norm(total)
+        if norm < 1e-6:
+            raise QueryError("the liked and unliked examples cancel out: there is nothing left to look for")
+        return (total / norm).astype(np.float32)
 
     def _encode(self, text: str) -> np.ndarray:
         return self.model.embed_texts([text])[0]
 
     def _page(
         self, ranking: Ranking, offset: int, k: int, min_score: float | None, t0: float, encode_ms: float,
-        text: str | None, *, fresh: bool,
+        text: str | None, *, fresh: bool, min_itm: float | None = None,
     ) -> Page:
         """A page of a ranking, timed: `fresh` when this request computed the ranking (a kept
         one cost it nothing)."""
-        hits, has_more = self.page(ranking, offset, k, min_score)
+        hits, has_more = self.page(ranking, offset, k, min_score, min_itm)
         timings = {"encode": encode_ms, "ann": 0.0, "rerank": 0.0}
         if fresh:
             timings.update(ranking.timings)
         timings["total"] = (time.perf_counter() - t0) * 1000
-        return Page(hits, has_more, ranking.reranked, timings, text, fresh)
+        strong = None
+        if ranking.reranked:
+            threshold = self.settings.strong_match if min_itm is None else min_itm
+            strong = int((np.nan_to_num(ranking.itm, nan=-1.0) >= threshold).sum())
+        return Page(hits, has_more, ranking.reranked, timings, text, fresh, strong)
 
     # -- image queries --------------------------------------------------------------------
 
@@ -544,13 +644,21 @@ class Searcher:
 
     # -- pages ----------------------------------------------------------------------------
 
-    def page(self, ranking: Ranking, offset: int, k: int, min_score: float | None = None) -> tuple[list[Hit], bool]:
-        """Hits [offset, offset + k) of a ranking, above `min_score`; and whether more follow."""
+    def page(
+        self, ranking: Ranking, offset: int, k: int, min_score: float | None = None, min_itm: float | None = None
+    ) -> tuple[list[Hit], bool]:
+        """Hits [offset, offset + k) of a ranking, above `min_score` and, with `min_itm`, only
+        re-ranked ones whose ITM P(match) reaches it; and whether more follow."""
         keep = np.arange(len(ranking.ids))
         if min_score is not None:
-            keep = keep[ranking.score >= min_score]
+            keep = keep[ranking.score[keep] >= min_score]
+        if min_itm is not None:
+            # Only re-ranked hits have a P(match), and a deeper ranking re-ranks no more of
+            # them: what is kept here is all there is.
+            keep = keep[np.nan_to_num(ranking.itm[keep], nan=-1.0) >= min_itm]
         window = keep[offset : offset + k]
-        has_more = len(keep) > offset + k or (not ranking.exhausted and len(window) == k)
+        deeper = min_itm is None and not ranking.exhausted
+        has_more = len(keep) > offset + k or (deeper and len(window) == k)
         wanted = [int(ranking.ids[j]) for j in window]
         records = {i: ranking.records[i] for i in wanted if i in ranking.records}
         unread = [i for i in wanted if i not in records]

@@ -176,7 +176,7 @@ def build_tiny_captioner(out_dir: str | Path, *, kind: str = "blip", seed: int =
         backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=backend, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-            extra_special_tokens={"image_token": "<image>"},
+            additional_special_tokens=["<image>"],  # the processor makes it its image token
         )
         num_query_tokens = 4
         vision = Blip2VisionConfig(

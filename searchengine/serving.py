@@ -24,13 +24,14 @@ from PIL import Image
 
 from searchengine.batcher import MicroBatcher
 from searchengine.errors import BadImageError, ImageNotFoundError, IndexedFileError, IndexedFileGone, SearchEngineError, UploadError, UploadTooLarge
-from searchengine.imageio import decode_image
+from searchengine.imageio import decode_image, read_file
 from searchengine.library import ImageDetail, Library
 from searchengine.metrics import Metrics
 from searchengine.models import RetrievalModel
-from searchengine.queries import Filters, Page, RankingCache, Searcher
+from searchengine.queries import Filters, Page, RankingCache, Searcher, Steer
 from searchengine.settings import Settings
 from searchengine.store import FolderCount
+from searchengine.vqa import Answer, LazyAnswerer, check_question
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,12 @@ class LockedModel:
 
 
 class QueryService:
-    def __init__(self, settings: Settings, model: RetrievalModel, library: Library, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, settings: Settings, model: RetrievalModel, library: Library, metrics: Metrics | None = None,
+        answerer: LazyAnswerer | None = None,
+    ) -> None:
         self.settings = settings
+        self.answerer = answerer or LazyAnswerer(None, "this server answers no questions about photos", None)
         self.library = library
         self.metrics = metrics or Metrics()
         self.model = LockedModel(model)
@@ -168,8 +173,10 @@ class QueryService:
         min_score: float | None,
         filters: Filters,
         mode: str | None = None,
+        steer: Steer | None = None,
+        min_itm: float | None = None,
     ) -> Page:
-        self.searcher.check_query(query)  # before anything else: a bad query costs nothing
+        self.searcher.check_query(query, examples_only=bool(steer and steer.like))  # a bad query costs nothing
         await asyncio.to_thread(self.refresh)
         loop = asyncio.get_running_loop()
 
@@ -178,7 +185,7 @@ class QueryService:
 
         page = await asyncio.to_thread(
             self.searcher.search, query, k=k, offset=offset, rerank=None if rerank else 0, filters=filters,
-            min_score=min_score, mode=mode, encode=encode, rankings=self.rankings,
+            min_score=min_score, mode=mode, encode=encode, rankings=self.rankings, steer=steer, min_itm=min_itm,
         )
         return self._observed(page)
 
@@ -314,6 +321,23 @@ class QueryService:
         if needle:
             found.sort(key=lambda f: (needle not in os.path.basename(f.path).casefold(), f.path))
         return found[:limit], len(found)
+
+    def ask(self, image_id: int, question: str) -> Answer:
+        """The VQA model's answer to a question about an indexed image (loaded on first use)."""
+        question = check_question(question)
+        answerer = self.answerer.get()  # VqaUnavailable: why none can answer
+        t0 = time.perf_counter()
+        path = self._indexed_files(image_id)[0]
+        with _indexed_file_errors():
+            image = decode_image(
+                read_file(path), max_pixels=self.settings.max_image_pixels,
+                draft=2 * answerer.image_side,
+            ).image
+        read_ms = (time.perf_counter() - t0) * 1000
+        answer = answerer.ask(image, question)
+        answer.timings_ms = {"read": read_ms, **answer.timings_ms}
+        answer.timings_ms["total"] = sum(answer.timings_ms.values())
+        return answer
 
     def file(self, image_id: int) -> str:
         """The image's first file that is still the indexed content; never a path from the request."""

@@ -58,10 +58,17 @@ class Settings(BaseSettings):
     caption_model: str | None = None
     caption_max_tokens: int = Field(30, ge=1, le=512)  # new tokens per caption
     caption_beams: int = Field(1, ge=1, le=16)  # 1: greedy, as the model cards' examples
+    # The model that answers questions about a photo (searchengine/vqa.py): None: the index's
+    # captioner when it is BLIP-2 with a language model, else none (asking says so).
+    vqa_model: str | None = None
 
     # Search.
     k_candidates: int = Field(128, ge=1)  # ITC candidates taken from FAISS, as in the paper
     rerank_top: int = Field(20, ge=0)  # how many of them ITM re-scores; 0 turns it off
+    # ITM is a match classifier: a re-ranked hit with P(match) at or above this counts as a
+    # "strong match" in a result's header (the classifier's own decision boundary). `min_itm`
+    # (off by default) keeps only those above a threshold of the user's choosing.
+    strong_match: float = Field(0.5, ge=0, le=1)
     text_max_tokens: int = Field(35, ge=2)  # the paper truncates text at 35 tokens
     max_query_chars: int = Field(1000, ge=1)
     search_mode: Literal["hybrid", "semantic", "keyword"] = "hybrid"

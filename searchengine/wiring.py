@@ -218,8 +218,44 @@ def open_for_captioning(settings: Settings):
         raise
 
 
+def vqa_model(settings: Settings, recorded: Recorded | None) -> tuple[str | None, str]:
+    """(the model that answers questions about photos, or None; why none): --vqa-model, else
+    the index's captioner when it is BLIP-2 with a language model. Reads configs only."""
+    from searchengine.vqa import EXAMPLE_VQA_MODEL, answers_questions
+
+    if settings.vqa_model:
+        return settings.vqa_model, ""
+    hint = f"name one with --vqa-model (env SEARCHENGINE_VQA_MODEL), e.g. {EXAMPLE_VQA_MODEL}"
+    captioner = recorded.captioner[1] if recorded is not None and recorded.captioner is not None else None
+    if not captioner:
+        return None, f"no model that answers questions: the index has no BLIP-2 captioner to ask; {hint}"
+    from searchengine.models import load_config
+
+    try:
+        _, config = load_config(captioner, "caption model")
+    except ModelLoadError as e:
+        return None, f"the index's captioner cannot be read to answer questions ({e}); {hint}"
+    if not answers_questions(config):
+        return None, f"the index's captioner {captioner!r} writes captions but answers no questions (it is no BLIP-2 model); {hint}"
+    return captioner, ""
+
+
+def load_answerer(settings: Settings, name: str):
+    from searchengine.vqa import Answerer
+
+    return Answerer.load(name, device=settings.device, dtype=settings.dtype)
+
+
+def lazy_answerer(settings: Settings, recorded: Recorded | None):
+    """The server's question answerer: chosen now, loaded on the first question."""
+    from searchengine.vqa import LazyAnswerer
+
+    name, why = vqa_model(settings, recorded)
+    return LazyAnswerer(name, why, lambda n: load_answerer(settings, n))
+
+
 def query_service(settings: Settings, model, library, metrics=None):
     """The API's query service over a loaded model and library."""
     from searchengine.serving import QueryService
 
-    return QueryService(settings, model, library, metrics)
+    return QueryService(settings, model, library, metrics, answerer=lazy_answerer(settings, library.built_with()))

@@ -30,6 +30,7 @@ from searchengine.errors import (
     UploadTooLarge,
 )
 from searchengine.serving import ServiceBusy
+from searchengine.vqa import VqaUnavailable
 from searchengine.store import damage, is_damage
 
 log = logging.getLogger("searchengine.api")
@@ -55,6 +56,7 @@ STATUS: dict[type[BaseException], int] = {
     ModelMismatchError: 409,
     FileReadTimeout: 504,
     ServiceBusy: 503,  # with Retry-After
+    VqaUnavailable: 503,  # no model here answers questions about photos
     IndexBusyError: 503,
     StoreDamagedError: 503,  # the index cannot answer until it is restored
     StoreMissingError: 503,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from searchengine.queries import Hit, Page
+from searchengine.vqa import MAX_QUESTION_CHARS
 
 MAX_K = 200
 MAX_OFFSET = 10_000
@@ -43,6 +44,7 @@ class SearchOut(BaseModel):
     offset: int
     next_offset: int | None
     reranked: int
+    strong: int | None = None  # re-ranked hits with ITM P(match) >= min_itm (else 0.5); None: none re-ranked
     hits: list[HitOut]
     timings_ms: dict[str, float]
 
@@ -108,6 +110,23 @@ def hit_out(h: Hit) -> HitOut:
 def search_out(page: Page, k: int, offset: int, mode: str | None = None) -> SearchOut:
     return SearchOut(
         query=page.query, mode=mode, k=k, offset=offset, next_offset=offset + k if page.has_more else None,
-        reranked=page.reranked, hits=[hit_out(h) for h in page.hits],
+        reranked=page.reranked, strong=page.strong, hits=[hit_out(h) for h in page.hits],
         timings_ms={name: round(ms, 3) for name, ms in page.timings_ms.items()},
     )
+
+
+class AskIn(BaseModel):
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, description="a question about the photo")
+
+
+class AskOut(BaseModel):
+    question: str
+    answer: str
+    model: str
+    timings_ms: dict[str, float]
+
+
+class VqaOut(BaseModel):
+    available: bool  # whether questions can be asked (the model loads on the first one)
+    model: str | None
+    reason: str | None  # why not, when not

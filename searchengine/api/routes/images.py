@@ -1,7 +1,9 @@
-"""One image: its metadata, thumbnail, preview and original file (read on a pool of their own)."""
+"""One image: its metadata, thumbnail, preview and original file (read on a pool of their own),
+and questions about it."""
 
 from __future__ import annotations
 
+import asyncio
 import mimetypes
 from dataclasses import asdict
 
@@ -9,7 +11,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from searchengine.api.deps import Files, ImageId, Service
-from searchengine.api.schemas import FILE_RESPONSES, ErrorOut, FileOut, ImageOut
+from searchengine.api.schemas import FILE_RESPONSES, AskIn, AskOut, ErrorOut, FileOut, ImageOut, VqaOut
 
 router = APIRouter()
 
@@ -45,3 +47,21 @@ async def original(service: Service, files: Files, image_id: ImageId):
     path = await files.run(service.file, image_id)
     media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
     return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.post(
+    "/api/images/{image_id}/ask", response_model=AskOut,
+    responses={404: {"model": ErrorOut}, 503: {"model": ErrorOut, "description": "no model here answers questions (why, in the message)"}},
+)
+async def ask(service: Service, image_id: ImageId, body: AskIn):
+    """Ask a question about the photo ("What breed is the dog?"); BLIP-2 with a language model
+    answers, prompted `Question: {question} Answer:`. The model loads on the first question."""
+    answer = await asyncio.to_thread(service.ask, image_id, body.question)
+    return AskOut(**answer.as_json())
+
+
+@router.get("/api/vqa", response_model=VqaOut)
+def vqa(service: Service):
+    """Whether questions about photos can be asked here, with which model, or why not."""
+    available, model, reason = service.answerer.status()
+    return VqaOut(available=available, model=model, reason=reason)

@@ -10,6 +10,9 @@ from searchengine.api.deps import ImageId, Paging, Service, State
 from searchengine.api.guards import PLAIN_TEXT
 from searchengine.api.schemas import ErrorOut, Mode, SearchOut, search_out
 from searchengine.errors import UploadTooLarge
+from searchengine.queries import Steer
+
+EXAMPLE = r"^\s*[0-9]{1,19}(:[0-9]*\.?[0-9]+)?\s*$"  # ID or ID:WEIGHT
 
 router = APIRouter()
 
@@ -26,13 +29,36 @@ async def search(
         Query(description="hybrid (default): semantic and keyword candidates fused, then ITM re-rank; "
               "semantic: ITC then ITM only; keyword: captions and file/folder names only"),
     ] = None,
+    like: Annotated[
+        list[Annotated[str, Query(pattern=EXAMPLE)]],
+        Query(description="steer towards these indexed images: `ID` or `ID:WEIGHT` (weight 1 by default), "
+              "repeatable. With liked images, `q` may be empty: images like these, by ITC alone"),
+    ] = [],
+    unlike: Annotated[
+        list[Annotated[str, Query(pattern=EXAMPLE)]],
+        Query(description="steer away from these indexed images (`ID` or `ID:WEIGHT`); they are left out"),
+    ] = [],
+    min_itm: Annotated[
+        float | None,
+        Query(ge=0, le=1, description="only matches: keep re-ranked hits whose ITM P(match) is at least this"),
+    ] = None,
 ):
-    """Text-to-image search. `"phrase"` and `-word` work in every mode; see `mode`."""
+    """Text-to-image search. `"phrase"` and `-word` work in every mode; see `mode`.
+
+    Combined queries: the ITC query vector is normalise(t + sum w_i m_i - sum w_j m_j), with t
+    the words' vector, m the normalised mean query vector of each liked (+) and unliked (-)
+    image and w its weight; ITM re-ranks with the words. `strong` counts the re-ranked hits
+    whose P(match) reaches `min_itm` (else 0.5).
+
+    Results that sharpen: ask with `rerank=false` first (ITC order, in milliseconds), then
+    the same query with `rerank=true` (ITM order; the ITC candidates are not searched again)."""
     mode_name = mode.value if mode is not None else state.settings.search_mode
+    steer = Steer.parse(like, unlike)
     page = await service.search_text(
-        q, k=p.k, offset=p.offset, rerank=rerank, min_score=p.min_score, filters=p.filters, mode=mode_name
+        q, k=p.k, offset=p.offset, rerank=rerank, min_score=p.min_score, filters=p.filters, mode=mode_name,
+        steer=steer, min_itm=min_itm,
     )
-    return search_out(page, p.k, p.offset, mode_name)
+    return search_out(page, p.k, p.offset, mode_name if q.strip() else "semantic")
 
 
 @router.post("/api/search/image", response_model=SearchOut, responses={400: {"model": ErrorOut}, 413: {"model": ErrorOut}})

@@ -1,0 +1,183 @@
+"""Ask a photo: BLIP-2 with a language model answers questions (a tiny OPT one built from a
+config), through the Answerer, the API and the CLI; and what happens when no model can."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from indexer.pipeline import Indexer
+from searchengine import wiring
+from searchengine.api import create_app
+from searchengine.captioner import Captioner
+from searchengine.errors import ModelLoadError, QueryError
+from searchengine.library import Library
+from searchengine.random_models import build_tiny_captioner
+from searchengine.settings import Settings
+from searchengine.vqa import MAX_QUESTION_CHARS, Answerer
+from tests.inprocess import run_cli
+
+QUESTIONS = ["what is the dog doing?", "Is it raining?", "how many birds are there"]
+
+
+@pytest.fixture(scope="module")
+def blip2_dir(tmp_path_factory):
+    return build_tiny_captioner(tmp_path_factory.mktemp("tiny-blip2-opt"), kind="blip2", seed=3)
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vqa-pics") / "pics"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (48 + 8 * i, 64, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    return folder
+
+
+def model_card_answer(model_dir, image: Image.Image, question: str, max_new_tokens: int = 30) -> str:
+    """BLIP-2's model card recipe, run on its own: processor(images, text=prompt), generate,
+    decode. OPT hands the prompt's tokens back ahead of the answer; they are cut off."""
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = Blip2ForConditionalGeneration.from_pretrained(model_dir).eval()
+    inputs = processor(images=image, text=f"Question: {question} Answer:", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens)
+    whole = processor.decode(out[0], skip_special_tokens=True).strip()
+    answer = processor.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert whole.endswith(answer)
+    return " ".join(answer.split())
+
+
+def test_answers_equal_the_model_card_recipe(blip2_dir, pictures):
+    answerer = Answerer.load(str(blip2_dir), device="cpu", dtype="float32")
+    answers = set()
+    for i, question in enumerate(QUESTIONS):
+        image = Image.open(pictures / f"p{i}.png").convert("RGB")
+        got = answerer.ask(image, question)
+        assert got.answer == model_card_answer(blip2_dir, image, question)
+        assert got.answer and got.question == question and got.timings_ms["generate"] > 0
+        answers.add(got.answer)
+    assert len(answers) > 1  # the answer depends on the image and the question
+
+
+def test_questions_are_checked_and_answers_capped(blip2_dir, pictures):
+    answerer = Answerer.load(str(blip2_dir), device="cpu", dtype="float32", max_new_tokens=3)
+    image = Image.open(pictures / "p0.png").convert("RGB")
+    assert len(answerer.ask(image, "what   is\n it?").answer.split()) <= 3  # max_new_tokens caps it
+    for bad in ("", "   ", "x" * (MAX_QUESTION_CHARS + 1)):
+        with pytest.raises(QueryError):
+            answerer.ask(image, bad)
+
+
+def test_a_model_that_answers_nothing_is_refused_by_name(tiny_model_dir, tiny_captioner_dir):
+    for name in (tiny_model_dir, tiny_captioner_dir):  # the retrieval model, a BLIP captioner
+        with pytest.raises(ModelLoadError, match="answers no questions"):
+            Answerer.load(str(name), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, pictures, tiny_model_dir, model, blip2_dir):
+    """Indexed with the tiny BLIP-2 OPT captioner: the index's captioner answers questions."""
+    root = tmp_path_factory.mktemp("vqa-index")
+    settings = Settings(data_dir=root / "data", model=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=4, refresh_interval_s=0)
+    library = Library.open(settings, create=True)
+    captioner = Captioner.load(str(blip2_dir), device="cpu", dtype="float32", max_new_tokens=5)
+    Indexer(model, library, settings, captioner=captioner).run([pictures])
+    library.record_captioner(True, str(blip2_dir))  # as `index` does
+    ids = {library.image_detail(i).files[0].path: i for i in library.indexed_ids().tolist()}
+    library.close()
+    return settings, ids
+
+
+def test_the_index_s_blip2_captioner_is_the_vqa_model_unless_one_is_named(indexed, blip2_dir, tiny_captioner_dir):
+    settings, _ = indexed
+    recorded = Library.recorded(settings)
+    assert wiring.vqa_model(settings, recorded) == (str(blip2_dir), "")
+    named = settings.model_copy(update={"vqa_model": "/some/other"})
+    assert wiring.vqa_model(named, recorded)[0] == "/some/other"
+    from searchengine.library import Recorded
+
+    blip = Recorded(recorded.model, (True, str(tiny_captioner_dir)))
+    name, why = wiring.vqa_model(settings, blip)
+    assert name is None and "answers no questions" in why and "--vqa-model" in why
+    name, why = wiring.vqa_model(settings, Recorded(recorded.model, (False, None)))
+    assert name is None and "--vqa-model" in why
+
+
+def wait_ready(client):
+    from tests.searchengine.test_api import wait_ready as ready
+
+    ready(client)
+
+
+def test_api_ask_answers_as_the_recipe_does(indexed, model, blip2_dir):
+    settings, ids = indexed
+    app = create_app(settings, loader=lambda s: (model, Library.open(s)))
+    with TestClient(app) as client:
+        wait_ready(client)
+        status = client.get("/api/vqa").json()
+        assert status == {"available": True, "model": str(blip2_dir), "reason": None}
+        path, image_id = sorted(ids.items())[1]
+        r = client.post(f"/api/images/{image_id}/ask", json={"question": "What colour is the sky?"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["answer"] == model_card_answer(blip2_dir, Image.open(path).convert("RGB"), "What colour is the sky?")
+        assert body["model"] == str(blip2_dir) and body["timings_ms"]["generate"] > 0
+        for payload, code in (({"question": ""}, 422), ({"question": "x" * 301}, 422), ({}, 422), ({"question": "   "}, 400)):
+            r = client.post(f"/api/images/{image_id}/ask", json=payload)
+            assert r.status_code == code and r.json()["error"], (payload, r.text)
+        assert client.post("/api/images/99999/ask", json={"question": "why?"}).status_code == 404
+
+
+def test_api_without_a_vqa_model_says_why(indexed, model, tiny_captioner_dir):
+    settings, ids = indexed
+    from searchengine.library import Recorded
+
+    app = create_app(settings, loader=lambda s: (model, Library.open(s)))
+    with TestClient(app) as client:
+        wait_ready(client)
+        service = app.state.searchengine.service
+        recorded = Library.recorded(settings)
+        service.answerer = wiring.lazy_answerer(settings, Recorded(recorded.model, (True, str(tiny_captioner_dir))))
+        status = client.get("/api/vqa").json()
+        assert status["available"] is False and "--vqa-model" in status["reason"]
+        r = client.post(f"/api/images/{next(iter(ids.values()))}/ask", json={"question": "why?"})
+        assert r.status_code == 503 and "answers no questions" in r.json()["error"]
+        # a named model that fails to load: 503 with the reason, and the status says so afterwards
+        broken = settings.model_copy(update={"vqa_model": str(settings.data_dir / "nothing-here")})
+        service.answerer = wiring.lazy_answerer(broken, recorded)
+        r = client.post(f"/api/images/{next(iter(ids.values()))}/ask", json={"question": "why?"})
+        assert r.status_code == 503 and "cannot be loaded" in r.json()["error"]
+        assert client.get("/api/vqa").json()["available"] is False
+
+
+def test_cli_ask_by_path_and_by_id(indexed, blip2_dir, pictures, tiny_captioner_dir):
+    settings, ids = indexed
+    env = {"SEARCHENGINE_DATA_DIR": str(settings.data_dir)}
+    path, image_id = sorted(ids.items())[2]
+    expected = model_card_answer(blip2_dir, Image.open(path).convert("RGB"), "is it raining?")
+    r = run_cli("ask", image_id, "is", "it", "raining?", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == (expected or "(no answer)")
+    r = run_cli("ask", path, "is it raining?", "--json", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["answer"] == expected
+    other = pictures.parent / "elsewhere.png"  # a file outside any index, a model named outright
+    Image.open(path).save(other)
+    r = run_cli("ask", other, "is it raining?", "--vqa-model", blip2_dir, env={"SEARCHENGINE_DATA_DIR": str(pictures.parent / "none")})
+    assert r.returncode == 0 and r.stdout.strip() == (expected or "(no answer)")
+    for args, words in (
+        (("ask", other, "why?", "--vqa-model", tiny_captioner_dir), "answers no questions"),
+        (("ask", "999", "why?"), "no indexed image has id 999"),
+        (("ask", other, "   "), "question is empty"),
+        (("ask", pictures / "missing.png", "why?"), "cannot read"),
+    ):
+        r = run_cli(*args, env=env)
+        assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = run_cli("ask", other, "why?", env={"SEARCHENGINE_DATA_DIR": str(pictures.parent / "none")})
+    assert r.returncode == 1 and "--vqa-model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
