@@ -153,6 +153,11 @@ examples:
 examples:
   searchengine reindex --model ~/models/catalogue-blip2    re-embed with a fine-tuned model (serve keeps going)
   searchengine reindex --model Salesforce/blip2-itm-vit-g  back to the original""",
+    "duplicates": """\
+examples:
+  searchengine duplicates
+  searchengine duplicates --threshold 0.9          looser: more edits count as the same photo
+  searchengine duplicates --json | jq '.groups[0]'""",
     "ask": """\
 examples:
   searchengine ask ~/Pictures/dog.jpg what breed is the dog?
@@ -255,6 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     _links_option(p)
     _caption_options(p)
     _common(p, model=True)
+
+    p = command(
+        "duplicates", "list groups of near-duplicate photos (never deletes anything)",
+        "Group the indexed photos that are near-duplicates of each other: resized, re-encoded, lightly cropped "
+        "or edited copies, bursts. Each group lists its photos with size, dimensions and date, to see which to "
+        "keep. Exact copies are one image already (its paths are listed together). Read-only.",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=None,
+        help="image-to-image score (0.5 to 1) at or above which two photos are near-duplicates (default: 0.95)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _common(p, model=False)
 
     p = command(
         "ask", "ask a question about a photo (BLIP-2 with a language model answers)",
@@ -768,6 +786,49 @@ def cmd_serve(args: argparse.Namespace, out, err) -> int:
     return 0
 
 
+def cmd_duplicates(args: argparse.Namespace, out, err) -> int:
+    from searchengine.duplicates import DEFAULT_THRESHOLD, check_threshold, find_duplicates
+    from searchengine.library import Library
+
+    settings = _settings(args)
+    threshold = check_threshold(DEFAULT_THRESHOLD if args.threshold is None else args.threshold)
+    library = Library.open(settings)
+    try:
+        found = find_duplicates(library, threshold)
+        details = {i: library.image_detail(i) for g in found.groups for i in g.ids}
+    finally:
+        library.close()
+    groups = []
+    for g in found.groups:
+        members = [(m, details[m.id]) for m in g.members if details.get(m.id) is not None and details[m.id].files]
+        if len(members) > 1:
+            groups.append(members)
+    if args.json:
+        print(json.dumps({
+            "threshold": threshold, "images": found.images, "pairs_scored": found.pairs_scored,
+            "timings_ms": {k: round(v, 3) for k, v in found.timings_ms.items()},
+            "groups": [[{
+                "id": m.id, "score": round(m.score, 6), "path": d.files[0].path, "paths": [f.path for f in d.files],
+                "bytes": d.files[0].size, "width": d.width, "height": d.height, "taken_at": d.taken_at,
+            } for m, d in members] for members in groups],
+        }, ensure_ascii=False, indent=2), file=out)
+        return 0
+    if not groups:
+        print(f"no near-duplicates among {found.images} images (threshold {threshold:g})", file=out)
+    for n, members in enumerate(groups, 1):
+        print(f"group {n}: {len(members)} photos", file=out)
+        for m, d in members:
+            when = (d.taken_at or "")[:10] or "-"
+            print(f"  {_human(d.files[0].size):>9}  {f'{d.width}x{d.height}':>11}  {when:>10}  {m.score:.3f}  {d.files[0].path}", file=out)
+    t = found.timings_ms
+    print(
+        f"{len(groups)} groups among {found.images} images (threshold {threshold:g}); {found.pairs_scored} pairs "
+        f"scored; {t['total'] / 1000:.1f} s",
+        file=err,
+    )
+    return 0
+
+
 def cmd_ask(args: argparse.Namespace, out, err) -> int:
     from searchengine.errors import BadImageError
     from searchengine.imageio import decode_image, read_file
@@ -980,6 +1041,7 @@ COMMANDS = {
     "watch": cmd_watch,
     "serve": cmd_serve,
     "ask": cmd_ask,
+    "duplicates": cmd_duplicates,
     "make-tiny-model": cmd_make_tiny_model,
     "reindex": cmd_reindex,
     "check": cmd_check,

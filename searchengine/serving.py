@@ -23,6 +23,7 @@ import time
 from PIL import Image
 
 from searchengine.batcher import MicroBatcher
+from searchengine.duplicates import Duplicates
 from searchengine.errors import BadImageError, ImageNotFoundError, IndexedFileError, IndexedFileGone, SearchEngineError, UploadError, UploadTooLarge
 from searchengine.imageio import decode_image, read_file
 from searchengine.library import ImageDetail, Library
@@ -112,6 +113,8 @@ class QueryService:
         self._loaded: RetrievalModel | None = None
         self._folders: tuple[int, list[FolderCount]] | None = None  # (library revision, folders)
         self._folders_lock = threading.Lock()
+        self._duplicates: tuple[tuple[int, float], Duplicates] | None = None  # ((revision, threshold), groups)
+        self._duplicates_lock = threading.Lock()
 
     async def close(self) -> None:
         await self.batcher.close()
@@ -321,6 +324,19 @@ class QueryService:
         if needle:
             found.sort(key=lambda f: (needle not in os.path.basename(f.path).casefold(), f.path))
         return found[:limit], len(found)
+
+    def duplicates(self, threshold: float) -> Duplicates:
+        """Near-duplicate groups (see duplicates.py), kept until the library changes: the UI
+        pages through them, and finding them reads every image's vectors."""
+        from searchengine.duplicates import check_threshold, find_duplicates
+
+        threshold = check_threshold(threshold)
+        self.refresh()
+        key = (self.library.revision, threshold)
+        with self._duplicates_lock:  # one search at a time; the others wait for its result
+            if self._duplicates is None or self._duplicates[0] != key:
+                self._duplicates = (key, find_duplicates(self.library, threshold))
+            return self._duplicates[1]
 
     def ask(self, image_id: int, question: str) -> Answer:
         """The VQA model's answer to a question about an indexed image (loaded on first use)."""

@@ -82,7 +82,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("SEARCHENGINE_TEST_CACHE") or Path.home() / ".cache" / "searchengine-tests")
 
 
-def colour_model_key(*, steps: int = STEPS, seed: int = 0) -> str:
+def model_key(*extra) -> str:
+    """What decides a trained model's weights: this file's and random_models' source, the
+    library versions, torch's thread count (its float sums depend on it) and `extra`."""
     import PIL
     import torch
     import transformers
@@ -91,20 +93,24 @@ def colour_model_key(*, steps: int = STEPS, seed: int = 0) -> str:
     for source in (Path(__file__), Path(__file__).resolve().parents[1] / "searchengine" / "random_models.py"):
         h.update(source.read_bytes())
     versions = (torch.__version__, transformers.__version__, np.__version__, PIL.__version__)
-    h.update(repr((versions, steps, seed, torch.get_num_threads())).encode())
+    h.update(repr((versions, extra, torch.get_num_threads())).encode())
     return h.hexdigest()
 
 
-def colour_model(*, steps: int = STEPS, seed: int = 0) -> Path:
-    """The trained colour model's folder: from the cache, or trained now and cached."""
+def colour_model_key(*, steps: int = STEPS, seed: int = 0) -> str:
+    return model_key(steps, seed)
+
+
+def cached(name: str, key: str, train) -> Path:
+    """`train(work_dir) -> model dir`, run once per key: from the cache, or trained now and cached."""
     root = cache_root()
-    final = root / f"colour-model-{colour_model_key(steps=steps, seed=seed)[:24]}"
+    final = root / f"{name}-{key[:24]}"
     if (final / "model.safetensors").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".training-", dir=root))
     try:
-        trained = train_colour_model(work, steps=steps, seed=seed)
+        trained = train(work)
         try:  # one rename: a reader sees the whole model or none; a concurrent run's copy wins ties
             trained.rename(final)
         except OSError:
@@ -113,3 +119,95 @@ def colour_model(*, steps: int = STEPS, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def colour_model(*, steps: int = STEPS, seed: int = 0) -> Path:
+    """The trained colour model's folder: from the cache, or trained now and cached."""
+    return cached("colour-model", colour_model_key(steps=steps, seed=seed), lambda work: train_colour_model(work, steps=steps, seed=seed))
+
+
+# -- a model that tells photos apart ------------------------------------------------------------
+# Random tiny weights score every photo within a few hundredths of every other (0.95-0.999),
+# so near-duplicate tests need a model that, like BLIP-2, sees what a photo shows and not how
+# it was saved. This one is the tiny architecture at 64 px, trained contrastively (SimCLR's
+# recipe, on the image-to-image score of `queries.image_similarity`) to match two random
+# edits of a photo (crop to 80-100%, brightness 0.75-1.3, JPEG quality 40-95) against the
+# other photos of the batch. ~10 s for a dozen photos; cached like the colour model.
+
+PHOTO_STEPS = 200
+
+
+def photo_augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    import io
+
+    from PIL import ImageEnhance
+
+    w, h = image.size
+    s = rng.uniform(0.8, 1.0)
+    cw, ch = int(w * s), int(h * s)
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    image = ImageEnhance.Brightness(image.crop((x, y, x + cw, y + ch))).enhance(rng.uniform(0.75, 1.3))
+    if rng.random() < 0.5:
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=int(rng.integers(40, 95)))
+        image = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return image
+
+
+def train_photo_model(out_dir: Path, photos: list[Path], *, steps: int = PHOTO_STEPS, seed: int = 0) -> Path:
+    import torch
+    from torch.nn import functional as F
+    from transformers import AutoProcessor, Blip2Config, Blip2ForImageTextRetrieval
+
+    from searchengine.random_models import build_tiny_model
+
+    base = build_tiny_model(Path(out_dir) / "untrained", seed=seed)
+    config = Blip2Config.from_pretrained(base)
+    config.vision_config.image_size = 64  # 64 patches of 8 px: 32 px shows too little of a photo
+    torch.manual_seed(seed)
+    model = Blip2ForImageTextRetrieval(config)
+    with torch.no_grad():  # build_tiny_model's init: outputs that depend on the image
+        model.query_tokens.normal_(0.0, 0.5)
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and name != "query_tokens":
+                p.normal_(0.0, 0.8 / p[0].numel() ** 0.5)
+    processor = AutoProcessor.from_pretrained(base)
+    processor.image_processor.size = {"height": 64, "width": 64}
+    small = []
+    for path in photos:
+        image = Image.open(path).convert("RGB")
+        image.thumbnail((128, 128))
+        small.append(image)
+    rng = np.random.default_rng(seed)
+
+    def features(pixels):
+        vit = model.vision_model(pixel_values=pixels).last_hidden_state
+        queries = model.query_tokens.expand(len(pixels), -1, -1)
+        mask = torch.ones(vit.shape[:-1], dtype=torch.long)
+        out = model.qformer(query_embeds=queries, encoder_hidden_states=vit, encoder_attention_mask=mask)
+        return F.normalize(model.vision_projection(out.last_hidden_state), dim=-1)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    labels = torch.arange(len(small))
+    model.train()
+    for _ in range(steps):
+        a, b = (
+            features(processor.image_processor([photo_augment(im, rng) for im in small], return_tensors="pt")["pixel_values"])
+            for _ in range(2)
+        )
+        sims = torch.einsum("iqd,jpd->ijqp", a, b).amax(-1).mean(-1)  # image_similarity, every pair
+        loss = F.cross_entropy(sims / 0.1, labels) + F.cross_entropy(sims.T / 0.1, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    out = Path(out_dir) / "trained"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def photo_model(photos: list[Path], *, steps: int = PHOTO_STEPS, seed: int = 0) -> Path:
+    """A tiny model trained to tell these photos apart (see above); cached."""
+    names = [(p.name, p.stat().st_size) for p in photos]
+    return cached("photo-model", model_key("photo", names, steps, seed), lambda work: train_photo_model(work, photos, steps=steps, seed=seed))

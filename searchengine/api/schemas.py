@@ -130,3 +130,32 @@ class VqaOut(BaseModel):
     available: bool  # whether questions can be asked (the model loads on the first one)
     model: str | None
     reason: str | None  # why not, when not
+
+
+class DuplicateOut(BaseModel):
+    id: int
+    path: str
+    paths: list[str]
+    width: int
+    height: int
+    bytes: int  # the first file's size
+    taken_at: str | None
+    score: float  # its best image-to-image score against another of the group
+    thumbnail_url: str
+    preview_url: str
+    file_url: str
+
+
+class DuplicateGroupOut(BaseModel):
+    images: list[DuplicateOut]  # best-connected first
+
+
+class DuplicatesOut(BaseModel):
+    threshold: float
+    total: int  # groups in all
+    offset: int
+    next_offset: int | None
+    images: int  # images compared
+    pairs_scored: int  # pairs the vector index proposed, scored exactly
+    groups: list[DuplicateGroupOut]  # largest first
+    timings_ms: dict[str, float]

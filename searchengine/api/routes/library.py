@@ -1,4 +1,4 @@
-"""The library as a whole: its folders and its statistics."""
+"""The library as a whole: its folders, its statistics, its near-duplicates."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from fastapi import APIRouter, Query, Request
 
 from searchengine.api.deps import Service, State
 from searchengine.api.guards import loopback
-from searchengine.api.schemas import FolderOut, FoldersOut
+from searchengine.api.schemas import DuplicateGroupOut, DuplicateOut, DuplicatesOut, FolderOut, FoldersOut
+from searchengine.duplicates import DEFAULT_THRESHOLD
 
 router = APIRouter()
 
@@ -43,3 +44,42 @@ def stats(service: Service, state: State, request: Request) -> dict:
             described["model"] = os.path.basename(described["model"].rstrip("/"))
     described["server_paths_hidden"] = not trusted
     return described
+
+
+@router.get("/api/duplicates", response_model=DuplicatesOut)
+async def duplicates(
+    service: Service,
+    threshold: Annotated[
+        float, Query(ge=0.5, le=1.0, description="image-to-image score at or above which two images are near-duplicates")
+    ] = DEFAULT_THRESHOLD,
+    limit: Annotated[int, Query(ge=1, le=200, description="groups per page")] = 20,
+    offset: Annotated[int, Query(ge=0, le=1_000_000, description="groups to skip")] = 0,
+):
+    """Groups of near-duplicate images (resized, re-encoded, lightly cropped or edited copies,
+    bursts), largest first, to see which to keep. Read-only: nothing is ever deleted.
+    The first request after the library changes finds them (seconds for 10k images); later
+    pages come from that result."""
+    found = await asyncio.to_thread(service.duplicates, threshold)
+    page = found.groups[offset : offset + limit]
+    details = await asyncio.to_thread(lambda: {i: service.library.image_detail(i) for g in page for i in g.ids})
+    groups = []
+    for g in page:
+        images = []
+        for m in g.members:
+            d = details.get(m.id)
+            if d is None or not d.files:
+                continue  # deleted since
+            images.append(DuplicateOut(
+                id=m.id, path=d.files[0].path, paths=[f.path for f in d.files], width=d.width, height=d.height,
+                bytes=d.files[0].size, taken_at=d.taken_at, score=round(m.score, 6),
+                thumbnail_url=f"/api/images/{m.id}/thumbnail", preview_url=f"/api/images/{m.id}/preview",
+                file_url=f"/api/images/{m.id}/file",
+            ))
+        if len(images) > 1:
+            groups.append(DuplicateGroupOut(images=images))
+    more = offset + limit < len(found.groups)
+    return DuplicatesOut(
+        threshold=found.threshold, total=len(found.groups), offset=offset, next_offset=offset + limit if more else None,
+        images=found.images, pairs_scored=found.pairs_scored, groups=groups,
+        timings_ms={k: round(v, 3) for k, v in found.timings_ms.items()},
+    )
