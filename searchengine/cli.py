@@ -86,6 +86,10 @@ def _filter_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--folder", help="only images below this folder: a path, ~/..., or a folder name such as 'Winter 2022'")
     g.add_argument("--after", type=_date, metavar="DATE", help="only images taken on or after DATE (YYYY-MM-DD or an ISO date-time)")
     g.add_argument("--before", type=_date, metavar="DATE", help="only images taken on or before DATE (YYYY-MM-DD or an ISO date-time)")
+    g.add_argument("--camera", help="only images from this camera (as search --json shows it)")
+    g.add_argument("--lens", help="only images taken with this lens (EXIF lens model)")
+    g.add_argument("--type", dest="file_type", choices=["jpeg", "png", "heic", "avif", "webp", "gif", "tiff", "bmp"], help="only images with a file of this type")
+    g.add_argument("--orientation", choices=["landscape", "portrait", "square"], help="only images of this shape")
 
 
 def _date(text: str) -> date:
@@ -529,7 +533,10 @@ def _search_filters(args: argparse.Namespace):
         local = os.path.expanduser(folder)
         if os.path.isdir(local):
             folder = os.path.realpath(local)
-    return Filters.build(folder, args.after, args.before)
+    return Filters.build(
+        folder, args.after, args.before, camera=args.camera, lens=args.lens, file_type=args.file_type,
+        orientation=args.orientation,
+    )
 
 
 def cmd_search(args: argparse.Namespace, out, err) -> int:

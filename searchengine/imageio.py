@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -28,6 +29,17 @@ from searchengine.errors import BadImageError
 _BASE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"}
 _HEIF_EXTENSIONS = {".heic", ".heif", ".hif"}
 _AVIF_EXTENSIONS = {".avif"}
+# The file type facet: one name per format, whatever the extension's spelling.
+FILE_TYPES = {
+    "jpeg": (".jpg", ".jpeg", ".jpe"), "png": (".png",), "heic": (".heic", ".heif", ".hif"), "avif": (".avif",),
+    "webp": (".webp",), "gif": (".gif",), "tiff": (".tif", ".tiff"), "bmp": (".bmp",),
+}
+
+
+def file_type(path: str) -> str | None:
+    """The file type facet's name for a path (by its extension, any case)."""
+    ext = os.path.splitext(path)[1].lower()
+    return next((name for name, exts in FILE_TYPES.items() if ext in exts), None)
 
 # ISO base media file brands (the `ftyp` box that opens the file) of the two formats.
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs"}
@@ -89,6 +101,7 @@ class ImageMeta:
     height: int
     taken_at: str | None = None
     camera: str | None = None
+    lens: str | None = None  # EXIF LensModel
     gps_lat: float | None = None
     gps_lon: float | None = None
     caption: str | None = None
@@ -235,6 +248,11 @@ def _meta(im: Image.Image, exif: Image.Exif) -> ImageMeta:
         meta.camera = model if make and model.lower().startswith(make.lower().split()[0]) else f"{make} {model}".strip()
     elif make:
         meta.camera = make
+    try:
+        lens = str(exif.get_ifd(_EXIF_IFD).get(_TAGS["LensModel"], "") or "").strip("\x00 ")
+        meta.lens = lens[:200] or None
+    except (ValueError, KeyError, TypeError):
+        pass
     try:
         gps = exif.get_ifd(_GPS_IFD)
         if 2 in gps and 4 in gps:

@@ -951,12 +951,16 @@ class Library:
             return (len(self.index), self.index.ntotal) if self.index is not None else (0, 0)
 
     def filter_ids(self, filters) -> np.ndarray:
-        """Ids of the images within a search's filters (folder, dates)."""
-        return self.store.filter_ids(filters.folder, filters.taken_after, filters.taken_before)
+        """Ids of the images within a search's filters (folder, dates, camera, lens, type, orientation)."""
+        return self.store.filter_ids(filters)
 
     def keyword_search(self, query: KeywordQuery, limit: int, filters) -> list[KeywordHit]:
         """Images whose caption or path words match, best first, within the filters."""
-        return self.store.keyword_search(query, limit, filters.folder, filters.taken_after, filters.taken_before)
+        return self.store.keyword_search(query, limit, filters)
+
+    def facets(self, filters) -> dict[str, list[tuple[str, int]]]:
+        """Image counts per camera, lens, file type and orientation (see `Store.facets`)."""
+        return self.store.facets(filters)
 
     def keyword_matches(self, clauses: Sequence[Clause]) -> np.ndarray:
         """Ids of images whose caption or path words match any of these clauses."""

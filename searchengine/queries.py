@@ -84,19 +84,30 @@ class Page:
     strong: int | None = None
 
 
+ORIENTATIONS = ("landscape", "portrait", "square")
+
+
 @dataclass(frozen=True)
 class Filters:
     folder: str | None = None  # images with a file below it: a path or a folder's name (`store.folder_condition`)
     taken_after: str | None = None  # ISO date or date-time, inclusive
     taken_before: str | None = None
+    camera: str | None = None  # as `stats` and the facets name it (EXIF make and model)
+    lens: str | None = None  # EXIF LensModel
+    file_type: str | None = None  # jpeg, png, heic, ... (imageio.FILE_TYPES), by the file's extension
+    orientation: str | None = None  # landscape, portrait or square, as the image is shown
 
     @property
     def active(self) -> bool:
-        return bool(self.folder or self.taken_after or self.taken_before)
+        return any((self.folder, self.taken_after, self.taken_before, self.camera, self.lens, self.file_type, self.orientation))
 
     @classmethod
-    def build(cls, folder: str | None = None, taken_after: date | None = None, taken_before: date | None = None) -> "Filters":
+    def build(
+        cls, folder: str | None = None, taken_after: date | None = None, taken_before: date | None = None, *,
+        camera: str | None = None, lens: str | None = None, file_type: str | None = None, orientation: str | None = None,
+    ) -> "Filters":
         """From dates or date-times: a date after covers its whole day, and so does one before."""
+        from searchengine.imageio import FILE_TYPES
 
         def iso(value: date | None, end: bool) -> str | None:
             if value is None:
@@ -108,7 +119,14 @@ class Filters:
         after, before = iso(taken_after, False), iso(taken_before, True)
         if after and before and after > before:
             raise QueryError("taken_after is later than taken_before")
-        return cls(folder=folder or None, taken_after=after, taken_before=before)
+        if file_type and file_type.lower() not in FILE_TYPES:
+            raise QueryError(f"the file type is one of {', '.join(FILE_TYPES)}, not {file_type!r}")
+        if orientation and orientation.lower() not in ORIENTATIONS:
+            raise QueryError(f"the orientation is one of {', '.join(ORIENTATIONS)}, not {orientation!r}")
+        return cls(
+            folder=folder or None, taken_after=after, taken_before=before, camera=camera or None, lens=lens or None,
+            file_type=file_type.lower() if file_type else None, orientation=orientation.lower() if orientation else None,
+        )
 
 
 Example = tuple[int, float]  # (image id, weight)
@@ -500,8 +518,15 @@ class Searcher:
         if self.model is None and mode != "keyword":
             raise QueryError(f"{mode} search needs the model; only keyword search runs without it")
         known = None
+        itc_first = None
+        if shallower is None and rankings is not None and rerank:
+            # The same query asked without re-ranking first (results that sharpen: the UI shows
+            # the ITC order at once, then asks for this): its vector is not encoded again.
+            itc_first, _ = rankings.get(("text", text, mode, 0, filters, steer, self.library.revision), 1)
         if shallower is not None and shallower.query_vector is not None:
             text_vec, known = shallower.query_vector, shallower.itm_by_id()  # a deeper page
+        elif itc_first is not None and itc_first.query_vector is not None:
+            text_vec, known = itc_first.query_vector, {}
         elif self.model is not None:
             # Keyword mode ranks by words alone; the query is encoded only for the ITC column.
             text_vec = (encode or self._encode)(kq.semantic_text) if kq.semantic_text else None

@@ -115,6 +115,8 @@ class QueryService:
         self._folders_lock = threading.Lock()
         self._duplicates: tuple[tuple[int, float], Duplicates] | None = None  # ((revision, threshold), groups)
         self._duplicates_lock = threading.Lock()
+        self._facets: dict[tuple[int, Filters], dict[str, list[tuple[str, int]]]] = {}
+        self._facets_lock = threading.Lock()
 
     async def close(self) -> None:
         await self.batcher.close()
@@ -324,6 +326,22 @@ class QueryService:
         if needle:
             found.sort(key=lambda f: (needle not in os.path.basename(f.path).casefold(), f.path))
         return found[:limit], len(found)
+
+    def facets(self, filters: Filters) -> dict[str, list[tuple[str, int]]]:
+        """Image counts per camera, lens, file type and orientation, kept until the library
+        changes (the filter panel asks on every change of a filter)."""
+        self.refresh()
+        self.searcher.check_filters(filters)
+        key = (self.library.revision, filters)
+        with self._facets_lock:
+            if key in self._facets:
+                return self._facets[key]
+        found = self.library.facets(filters)
+        with self._facets_lock:
+            if len(self._facets) >= 64 or any(k[0] != key[0] for k in self._facets):
+                self._facets.clear()
+            self._facets[key] = found
+        return found
 
     def duplicates(self, threshold: float) -> Duplicates:
         """Near-duplicate groups (see duplicates.py), kept until the library changes: the UI

@@ -43,8 +43,12 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    case,
+    false,
     func,
     insert,
+    inspect,
+    or_,
     select,
     text,
     update,
@@ -60,7 +64,7 @@ from searchengine.errors import (
     SearchEngineError,
     StoreDamagedError,
 )
-from searchengine.imageio import ImageMeta
+from searchengine.imageio import FILE_TYPES, ImageMeta, file_type
 from searchengine.keywords import Clause, KeywordQuery, path_words
 from searchengine.textindex import KeywordHit, TextIndex, text_index_for
 
@@ -68,7 +72,7 @@ log = logging.getLogger(__name__)
 
 # 1: images, vectors, files, roots, meta. 2: images.caption_error and the full-text index.
 # 3: vectors stored as float16 (16 KiB per image for BLIP-2, half of float32).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 VECTOR_DTYPE = np.float16
 
 metadata = MetaData()
@@ -97,6 +101,7 @@ images = Table(
     Column("height", Integer, nullable=False),
     Column("taken_at", Text),  # ISO 8601 from EXIF DateTimeOriginal, no time zone
     Column("camera", Text),
+    Column("lens", Text),  # EXIF LensModel (schema 4; NULL for images indexed before it)
     Column("gps_lat", Float),
     Column("gps_lon", Float),
     Column("caption", Text),
@@ -264,6 +269,7 @@ class Store:
         self.engine = engine
         self.read_only = read_only
         self.text: TextIndex = text_index_for(engine.dialect.name)
+        self._has_lens: bool | None = None  # a read-only index of schema 3 or older has no lens column
 
     @classmethod
     def open(cls, url: str | URL, *, read_only: bool = False, location: str = "") -> "Store":
@@ -314,6 +320,8 @@ class Store:
                 conn.execute(text("ALTER TABLE images ADD COLUMN caption_error TEXT"))
             if version is not None and int(version) < 3:
                 self._vectors_to_float16(conn)
+            if version is not None and int(version) < 4 and "lens" not in {c["name"] for c in inspect(conn).get_columns("images")}:
+                conn.execute(text("ALTER TABLE images ADD COLUMN lens TEXT"))
             metadata.create_all(conn)
             self.text.create(conn)
             if version is None or int(version) < SCHEMA_VERSION:
@@ -740,22 +748,72 @@ class Store:
                         rec.paths.append(r.path)
         return out
 
-    def filter_ids(
-        self, folder: str | None = None, taken_after: str | None = None, taken_before: str | None = None
-    ) -> np.ndarray:
-        """Ids of images with a file below `folder` (see `folder_condition`) and taken within [after, before] (ISO)."""
+    def filter_ids(self, filters) -> np.ndarray:
+        """Ids of images within `filters` (see `queries.Filters`): a file below its folder (see
+        `folder_condition`), taken within [after, before] (ISO), its camera, lens, file type
+        and orientation."""
         with self.engine.connect() as conn:
-            return np.fromiter(conn.execute(self._filter_select(folder, taken_after, taken_before)).scalars(), dtype=np.int64)
+            return np.fromiter(conn.execute(self._filter_select(filters)).scalars(), dtype=np.int64)
 
-    def _filter_select(self, folder: str | None, taken_after: str | None, taken_before: str | None):
-        q = select(images.c.id).distinct()
-        if folder:
-            q = q.join(files, files.c.image_id == images.c.id).where(folder_condition(folder))
-        if taken_after:
-            q = q.where(images.c.taken_at >= taken_after)
-        if taken_before:
-            q = q.where(images.c.taken_at <= taken_before)
+    @property
+    def has_lens(self) -> bool:
+        if self._has_lens is None:
+            with self.engine.connect() as conn:
+                names = {c["name"] for c in inspect(conn).get_columns("images")}
+            self._has_lens = "lens" in names
+        return self._has_lens
+
+    def _filter_select(self, filters, skip: str | None = None):
+        """SELECT of the ids of images within `filters`, less the facet `skip` (for its counts)."""
+        q = select(images.c.id)
+        if filters.folder:
+            q = q.where(images.c.id.in_(select(files.c.image_id).where(folder_condition(filters.folder))))
+        if filters.taken_after:
+            q = q.where(images.c.taken_at >= filters.taken_after)
+        if filters.taken_before:
+            q = q.where(images.c.taken_at <= filters.taken_before)
+        if filters.camera and skip != "camera":
+            q = q.where(images.c.camera == filters.camera)
+        if filters.lens and skip != "lens":
+            q = q.where(images.c.lens == filters.lens) if self.has_lens else q.where(text("0"))
+        if filters.file_type and skip != "type":
+            exts = FILE_TYPES.get(filters.file_type, ())
+            q = q.where(images.c.id.in_(
+                select(files.c.image_id).where(or_(false(), *(func.lower(files.c.path).like(f"%{e}") for e in exts)))
+            ))
+        if filters.orientation and skip != "orientation":
+            q = q.where(_ORIENTATIONS[filters.orientation])
         return q
+
+    def facets(self, filters, limit: int = 50) -> dict[str, list[tuple[str, int]]]:
+        """Counts of images per camera, lens, file type and orientation, most first (at most
+        `limit` values each), among the images within `filters` less that facet's own choice:
+        what choosing another value of it would give."""
+        out: dict[str, list[tuple[str, int]]] = {}
+        with self.engine.connect() as conn:
+            for name, column in (("camera", images.c.camera), ("lens", images.c.lens if self.has_lens else None)):
+                if column is None:
+                    out[name] = []
+                    continue
+                q = (
+                    select(column, func.count()).where(images.c.id.in_(self._filter_select(filters, skip=name)), column.is_not(None))
+                    .group_by(column).order_by(func.count().desc(), column).limit(limit)
+                )
+                out[name] = [(v, n) for v, n in conn.execute(q)]
+            shape = case(
+                (images.c.width > images.c.height, "landscape"), (images.c.height > images.c.width, "portrait"), else_="square",
+            )
+            q = select(shape, func.count()).where(images.c.id.in_(self._filter_select(filters, skip="orientation"))).group_by(shape)
+            out["orientation"] = sorted(((v, n) for v, n in conn.execute(q)), key=lambda x: (-x[1], x[0]))
+            within = self._filter_select(filters, skip="type")
+            rows = conn.execute(select(files.c.image_id, files.c.path).where(files.c.image_id.in_(within)))
+            types: dict[str, set[int]] = {}
+            for image_id, path in rows:
+                kind = file_type(path)
+                if kind is not None:
+                    types.setdefault(kind, set()).add(image_id)
+            out["type"] = sorted(((k, len(v)) for k, v in types.items()), key=lambda x: (-x[1], x[0]))[:limit]
+        return out
 
     def folder_has_images(self, folder: str) -> bool:
         """Whether any indexed file lies below `folder` (read as `folder_condition` reads it)."""
@@ -787,16 +845,10 @@ class Store:
 
     # -- captions and keywords ------------------------------------------------------------
 
-    def keyword_search(
-        self,
-        query: KeywordQuery,
-        limit: int,
-        folder: str | None = None,
-        taken_after: str | None = None,
-        taken_before: str | None = None,
-    ) -> list[KeywordHit]:
-        """Images whose caption or path words match, best first (see `TextIndex.search`)."""
-        within = self._filter_select(folder, taken_after, taken_before) if (folder or taken_after or taken_before) else None
+    def keyword_search(self, query: KeywordQuery, limit: int, filters=None) -> list[KeywordHit]:
+        """Images whose caption or path words match, best first (see `TextIndex.search`),
+        within `filters` (see `queries.Filters`) if given."""
+        within = self._filter_select(filters) if filters is not None and filters.active else None
         with self.engine.connect() as conn:
             return self.text.search(conn, query, limit, within, select(func.count()).select_from(images))
 
@@ -916,6 +968,13 @@ class Store:
             caption_models=caption_models,
             caption_failures=caption_failures,
         )
+
+
+_ORIENTATIONS = {
+    "landscape": images.c.width > images.c.height,
+    "portrait": images.c.height > images.c.width,
+    "square": images.c.width == images.c.height,
+}
 
 
 def folder_condition(folder: str):

@@ -10,6 +10,12 @@ const state = {
   similar: null,       // image id for "more like this"
   upload: null,        // a File for search by example (not in the URL)
   folder: "", after: "", before: "", rerank: true, min: 0, match: "hybrid",
+  camera: "", lens: "", type: "", orientation: "",
+  only: false,         // only strong matches (ITM P(match) >= 0.5)
+  like: [], unlike: [],  // image ids steering a text search
+  view: "search",      // "search" | "duplicates"
+  vqa: null,           // {available, model, reason} from /api/vqa
+  asking: 0,           // newer questions make older answers stale
   hits: [],
   nextOffset: null,
   busy: false,
@@ -17,6 +23,11 @@ const state = {
   detail: -1,          // index of the hit shown in the detail view
   images: null,        // images in the library (from /api/stats)
 };
+const FACETS = ["camera", "lens", "type", "orientation"];
+const STRONG = 0.5;  // the ITM classifier's boundary: what "only strong matches" keeps
+// When the first results and the re-ranked ones arrived (ms after the search began): for
+// people curious about it, and for the browser tests that measure it.
+window.searchTimes = {};
 
 // -- the API ---------------------------------------------------------------------------------
 
@@ -32,7 +43,7 @@ class ApiError extends Error {
 }
 
 async function api(url, options = {}) {
-  const headers = apiKey() ? { "X-API-Key": apiKey() } : {};
+  const headers = { ...(options.headers || {}), ...(apiKey() ? { "X-API-Key": apiKey() } : {}) };
   let response;
   try {
     response = await fetch(url, { ...options, headers });
@@ -63,6 +74,12 @@ function readURL() {
   state.rerank = p.get("rerank") !== "0";
   state.match = ["semantic", "keyword"].includes(p.get("mode")) ? p.get("mode") : "hybrid";
   state.min = parseFloat(p.get("min") || "0") || 0;
+  for (const f of FACETS) state[f] = p.get(f) || "";
+  state.only = p.get("only") === "1";
+  const ids = (name) => (p.get(name) || "").split(",").filter((x) => /^\d+$/.test(x));
+  state.like = ids("like");
+  state.unlike = ids("unlike").filter((x) => !state.like.includes(x));
+  state.view = p.get("view") === "duplicates" ? "duplicates" : "search";
   $("q").value = state.q;
   $("folder").value = state.folder;
   $("after").value = state.after;
@@ -70,8 +87,11 @@ function readURL() {
   $("rerank").checked = state.rerank;
   $("match").value = state.match;
   $("min").value = state.min;
+  $("only").checked = state.only;
+  for (const f of FACETS) setSelect(f, state[f]);
   showMin();
-  if (state.folder || state.after || state.before || !state.rerank || state.min || state.match !== "hybrid") setFilters(true);
+  if (state.folder || state.after || state.before || !state.rerank || state.min || state.match !== "hybrid" || state.only ||
+      FACETS.some((f) => state[f])) setFilters(true);
 }
 
 function writeURL(push) {
@@ -84,6 +104,11 @@ function writeURL(push) {
   if (!state.rerank) p.set("rerank", "0");
   if (state.match !== "hybrid") p.set("mode", state.match);
   if (state.min) p.set("min", String(state.min));
+  for (const f of FACETS) if (state[f]) p.set(f, state[f]);
+  if (state.only) p.set("only", "1");
+  if (state.mode === "text" && state.like.length) p.set("like", state.like.join(","));
+  if (state.mode === "text" && state.unlike.length) p.set("unlike", state.unlike.join(","));
+  if (state.view === "duplicates") p.set("view", "duplicates");
   const url = location.pathname + (p.toString() ? "?" + p : "");
   if (url === location.pathname + location.search) return;
   (push ? history.pushState : history.replaceState).call(history, null, "", url);
@@ -96,15 +121,19 @@ function filterParams(p) {
   if (state.after) p.set("taken_after", state.after);
   if (state.before) p.set("taken_before", state.before);
   if (state.min) p.set("min_score", String(state.min));
+  for (const f of FACETS) if (state[f]) p.set(f, state[f]);
   return p;
 }
 
-async function fetchPage(offset) {
+async function fetchPage(offset, rerank = state.rerank) {
   const p = filterParams(new URLSearchParams({ k: PAGE, offset }));
   if (state.mode === "text") {
     p.set("q", state.q);
-    p.set("rerank", state.rerank ? "true" : "false");
+    p.set("rerank", rerank ? "true" : "false");
     p.set("mode", state.match);
+    for (const id of state.like) p.append("like", id);
+    for (const id of state.unlike) p.append("unlike", id);
+    if (state.only && rerank) p.set("min_itm", String(STRONG));
     return api("/api/search?" + p);
   }
   if (state.mode === "similar") return api(`/api/images/${encodeURIComponent(state.similar)}/similar?` + p);
@@ -113,38 +142,67 @@ async function fetchPage(offset) {
   return api("/api/search/image?" + p, { method: "POST", body: form });
 }
 
+function searchable() {
+  return state.mode !== "text" || state.q.trim() || state.like.length;
+}
+
 async function search() {
   const request = ++state.request;
   state.hits = [];
   state.nextOffset = null;
   state.busy = true;
   banner();
-  if (state.mode === "text" && !state.q.trim()) {
+  steerBar();
+  if (!searchable()) {
     state.busy = false;
+    $("grid").textContent = "";
     render();
     return idle();
   }
   status("Searching…");
+  const t0 = performance.now();
+  window.searchTimes = {};
+  // Results that sharpen: the ITC order first (milliseconds), then the ITM order, which takes
+  // seconds on a CPU, replacing it in place. "Only strong matches" needs ITM to know which.
+  const sharpen = state.mode === "text" && state.rerank && !state.only && state.match !== "keyword" && state.q.trim();
   try {
-    const page = await fetchPage(0);
+    const page = await fetchPage(0, sharpen ? false : state.rerank);
     if (request !== state.request) return;
+    window.searchTimes.first = performance.now() - t0;
     state.hits = page.hits;
     state.nextOffset = page.next_offset;
-    state.busy = false;
     $("grid").textContent = "";  // a new ranking: no tile of the last one may stay
     render();
     if (!page.hits.length) {
-      status(state.min ? "No results above the minimum score. Lower it in Filters."
-        : state.folder || state.after || state.before ? "No results with these filters." : "No results.");
-    } else {
-      status(timings(page));
+      state.busy = false;
+      return status(noResults());
     }
+    if (!sharpen) {
+      state.busy = false;
+      window.searchTimes.reranked = window.searchTimes.first;
+      return status(timings(page));
+    }
+    status(timings(page) + " · re-ranking with ITM…", "working");
+    const sharp = await fetchPage(0, true);
+    if (request !== state.request) return;
+    window.searchTimes.reranked = performance.now() - t0;
+    reorder(sharp.hits);
+    state.nextOffset = sharp.next_offset;
+    state.busy = false;
+    status(timings(sharp));
   } catch (e) {
     if (request !== state.request) return;
     state.busy = false;
     render();
     failed(e);
   }
+}
+
+function noResults() {
+  if (state.only) return "No strong matches. Turn off “Only strong matches” in Filters to see the closest photos.";
+  if (state.min) return "No results above the minimum score. Lower it in Filters.";
+  const filtered = state.folder || state.after || state.before || FACETS.some((f) => state[f]);
+  return filtered ? "No results with these filters." : "No results.";
 }
 
 async function loadMore() {
@@ -167,8 +225,9 @@ async function loadMore() {
 function timings(page) {
   const t = page.timings_ms;
   const more = page.next_offset != null ? "+" : "";
+  const strong = page.strong == null ? "" : ` · ${page.strong} strong match${page.strong === 1 ? "" : "es"}`;
   return `${state.hits.length}${more} results · ${Math.round(t.total)} ms` +
-    (page.reranked ? ` · ${page.reranked} re-ranked by ITM` : "");
+    (page.reranked ? ` · ${page.reranked} re-ranked by ITM` : "") + strong;
 }
 
 // -- states ----------------------------------------------------------------------------------
@@ -254,43 +313,131 @@ function render() {
   if (have > state.hits.length || (have && grid.children[0].dataset.id != String(state.hits[0] && state.hits[0].id))) {
     grid.textContent = "";
   }
-  for (let i = grid.children.length; i < state.hits.length; i++) {
-    const h = state.hits[i];
-    const tile = document.createElement("button");
-    tile.className = "tile";
-    tile.dataset.id = h.id;
-    tile.dataset.index = i;
-    tile.setAttribute("role", "listitem");
-    tile.title = `${basename(h.path)}\nscore ${fmt(h.score)} · ITM ${fmt(h.itm)} · ITC ${fmt(h.itc)}` +
-      (h.keyword == null ? "" : ` · words ${fmt(h.keyword)}`);
-    const img = document.createElement("img");
-    img.loading = "lazy";
-    img.decoding = "async";
-    img.src = withKey(h.thumbnail_url);
-    img.alt = h.caption || basename(h.path);
-    const score = document.createElement("span");
-    score.className = "score";
-    score.textContent = fmt(h.score);
-    tile.append(img, score);
-    const meta = document.createElement("span");  // shown where there is no hover (touch)
-    meta.className = "meta";
-    const name = document.createElement("span");
-    name.className = "n";
-    name.textContent = basename(h.path);
-    const s = document.createElement("span");
-    s.className = "s";
-    s.textContent = fmt(h.score);
-    meta.append(name, s);
-    tile.append(meta);
-    if (h.caption) {
-      const cap = document.createElement("span");
-      cap.className = "cap";
-      cap.textContent = h.caption;
-      tile.append(cap);
-    }
-    tile.addEventListener("click", () => openDetail(i));
-    grid.append(tile);
+  for (let i = grid.children.length; i < state.hits.length; i++) grid.append(makeTile(state.hits[i], i));
+}
+
+function makeTile(h, i) {
+  const tile = document.createElement("button");
+  tile.className = "tile";
+  tile.dataset.id = h.id;
+  tile.dataset.index = i;
+  tile.setAttribute("role", "listitem");
+  tile.title = `${basename(h.path)}\nscore ${fmt(h.score)} · ITM ${fmt(h.itm)} · ITC ${fmt(h.itc)}` +
+    (h.keyword == null ? "" : ` · words ${fmt(h.keyword)}`);
+  const img = document.createElement("img");
+  img.loading = "lazy";
+  img.decoding = "async";
+  img.src = withKey(h.thumbnail_url);
+  img.alt = h.caption || basename(h.path);
+  const score = document.createElement("span");
+  score.className = "score";
+  score.textContent = fmt(h.score);
+  tile.append(img, score);
+  const meta = document.createElement("span");  // shown where there is no hover (touch)
+  meta.className = "meta";
+  const name = document.createElement("span");
+  name.className = "n";
+  name.textContent = basename(h.path);
+  const s = document.createElement("span");
+  s.className = "s";
+  s.textContent = fmt(h.score);
+  meta.append(name, s);
+  tile.append(meta);
+  if (h.caption) {
+    const cap = document.createElement("span");
+    cap.className = "cap";
+    cap.textContent = h.caption;
+    tile.append(cap);
   }
+  // + / -: steer the next search towards or away from this photo (also in the detail view,
+  // as real buttons for the keyboard).
+  const steer = document.createElement("span");
+  steer.className = "steer";
+  for (const [sign, label, list] of [["+", "Steer towards this photo", "like"], ["−", "Steer away from this photo", "unlike"]]) {
+    const b = document.createElement("span");
+    b.className = "steer-btn " + list;
+    b.textContent = sign;
+    b.title = label;
+    b.setAttribute("aria-hidden", "true");
+    b.addEventListener("click", (e) => { e.stopPropagation(); steerBy(String(h.id), list); });
+    steer.append(b);
+  }
+  tile.append(steer);
+  tile.addEventListener("click", () => openDetail(Number(tile.dataset.index)));
+  return tile;
+}
+
+// The re-ranked order replaces the first one in place: each tile slides from where it was
+// to where it goes (FLIP); the grid keeps its size, so nothing jumps.
+function reorder(hits) {
+  const grid = $("grid");
+  const was = new Map([...grid.children].map((t) => [t.dataset.id, t.getBoundingClientRect()]));
+  state.hits = hits;
+  grid.replaceChildren(...hits.map((h, i) => makeTile(h, i)));
+  const still = matchMedia("(prefers-reduced-motion: reduce)").matches;
+  for (const tile of grid.children) {
+    const from = was.get(tile.dataset.id);
+    if (still || !tile.animate) continue;
+    if (!from) {
+      tile.animate([{ opacity: 0 }, { opacity: 1 }], { duration: 300 });
+      continue;
+    }
+    const to = tile.getBoundingClientRect();
+    const dx = from.left - to.left, dy = from.top - to.top;
+    if (dx || dy) {
+      tile.animate([{ transform: `translate(${dx}px, ${dy}px)` }, { transform: "none" }], { duration: 350, easing: "ease-out" });
+    }
+  }
+}
+
+// -- steering: + / - on results -----------------------------------------------------------
+
+function steerBy(id, list) {
+  const other = list === "like" ? "unlike" : "like";
+  state[other] = state[other].filter((x) => x !== id);
+  state[list] = state[list].includes(id) ? state[list].filter((x) => x !== id) : state[list].concat([id]);
+  if (state.mode !== "text") {  // steering starts a text search from where the user is
+    state.mode = "text";
+    state.similar = null;
+    state.upload = null;
+  }
+  if (!$("detail").hidden) closeDetailSilently();
+  writeURL(true);
+  search();
+}
+
+function steerBar() {
+  const el = $("steer");
+  const chips = [];
+  if (state.mode === "text") {
+    for (const list of ["like", "unlike"]) {
+      for (const id of state[list]) {
+        const chip = document.createElement("span");
+        chip.className = "chip " + list;
+        chip.dataset.id = id;
+        const sign = document.createElement("b");
+        sign.textContent = list === "like" ? "+" : "−";
+        const img = document.createElement("img");
+        img.src = withKey(`/api/images/${encodeURIComponent(id)}/thumbnail`);
+        img.alt = list === "like" ? "more like this" : "less like this";
+        const x = document.createElement("button");
+        x.textContent = "×";
+        x.setAttribute("aria-label", list === "like" ? "Stop steering towards this photo" : "Stop steering away from this photo");
+        x.addEventListener("click", () => steerBy(id, list));
+        chip.append(sign, img, x);
+        chips.push(chip);
+      }
+    }
+  }
+  el.replaceChildren(...chips);
+  if (chips.length) {
+    const clear = document.createElement("button");
+    clear.className = "clear";
+    clear.textContent = "Clear";
+    clear.addEventListener("click", () => { state.like = []; state.unlike = []; writeURL(true); search(); });
+    el.append(clear);
+  }
+  el.hidden = !chips.length;
 }
 
 // -- the detail view -------------------------------------------------------------------------
@@ -316,6 +463,9 @@ function openDetail(i) {
   $("d-itc").textContent = fmt(h.itc);
   $("d-kw").textContent = h.keyword == null ? "–" : `${Math.round(h.keyword * 100)}% of the words`;
   $("d-file").href = withKey(h.file_url);
+  $("d-like").textContent = state.like.includes(String(h.id)) ? "+ Liked" : "+ Like";
+  $("d-unlike").textContent = state.unlike.includes(String(h.id)) ? "− Unliked" : "− Unlike";
+  askReset();
   $("d-prev").disabled = i === 0;
   $("d-next").disabled = i === state.hits.length - 1 && state.nextOffset == null;
   $("detail").hidden = false;
@@ -338,12 +488,55 @@ async function step(delta) {
   if (i >= 0 && i < state.hits.length) openDetail(i);
 }
 
+// -- asking a photo ---------------------------------------------------------------------------
+
+function askReset() {
+  const can = state.vqa && state.vqa.available;
+  $("d-ask").hidden = !can;
+  $("d-ask-note").hidden = can || !state.vqa;
+  $("d-ask-note").textContent = can || !state.vqa ? "" :
+    "Questions about photos need a BLIP-2 model with a language model (searchengine serve --vqa-model …).";
+  $("d-question").value = "";
+  $("d-answer").textContent = "";
+  $("d-answer").className = "";
+  state.asking = (state.asking || 0) + 1;  // an answer for another photo is dropped
+}
+
+async function ask(e) {
+  e.preventDefault();
+  const question = $("d-question").value.trim();
+  const h = state.hits[state.detail];
+  if (!question || !h) return;
+  const asking = ++state.asking;
+  $("d-answer").className = "working";
+  $("d-answer").textContent = "Thinking…";
+  $("d-ask-go").disabled = true;
+  try {
+    const r = await api(`/api/images/${h.id}/ask`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ question }),
+    });
+    if (asking !== state.asking) return;
+    $("d-answer").className = "answer";
+    $("d-answer").textContent = r.answer || "(no answer)";
+    $("d-answer").title = `${r.model} · ${Math.round(r.timings_ms.total)} ms`;
+  } catch (err) {
+    if (asking !== state.asking) return;
+    $("d-answer").className = "error";
+    $("d-answer").textContent = err.message;
+    if (err.status === 503) { state.vqa = { available: false }; }
+  } finally {
+    $("d-ask-go").disabled = false;
+  }
+}
+
 function moreLikeThis() {
   const h = state.hits[state.detail];
   closeDetail();
   state.mode = "similar";
   state.similar = String(h.id);
   state.q = "";
+  state.like = [];
+  state.unlike = [];
   $("q").value = "";
   writeURL(true);
   search();
@@ -378,17 +571,139 @@ function showMin(value = state.min) {
 function filtersChanged() {
   // A field's change fires again when it loses focus (say, to a tap on a result): the same
   // filters must not start the same search over, clearing the results under the tap.
-  const before = [state.folder, state.after, state.before, state.rerank, state.match, state.min].join("\n");
+  const key = () => [state.folder, state.after, state.before, state.rerank, state.match, state.min, state.only,
+    ...FACETS.map((f) => state[f])].join("\n");
+  const before = key();
   state.folder = $("folder").value.trim();
   state.after = $("after").value;
   state.before = $("before").value;
   state.rerank = $("rerank").checked;
   state.match = $("match").value;
   state.min = parseFloat($("min").value) || 0;
+  state.only = $("only").checked;
+  for (const f of FACETS) state[f] = $(f).value;
   showMin();
-  if ([state.folder, state.after, state.before, state.rerank, state.match, state.min].join("\n") === before) return;
+  if (key() === before) return;
   writeURL(true);
-  if (state.mode !== "text" || state.q) search();
+  loadFacets();
+  if (searchable()) search();
+}
+
+// -- facets: cameras, lenses, file types and shapes, with how many photos each would give ---
+
+function setSelect(name, value) {
+  const select = $(name);
+  if (value && ![...select.options].some((o) => o.value === value)) {
+    const option = document.createElement("option");  // from the URL, before the counts came
+    option.value = value;
+    option.textContent = value;
+    select.append(option);
+  }
+  select.value = value;
+}
+
+let facetsAsked = 0;
+
+async function loadFacets() {
+  const asked = ++facetsAsked;
+  let found;
+  try {
+    found = await api("/api/facets?" + filterParams(new URLSearchParams()));
+  } catch (e) {
+    return;  // the counts are a help; the filters work without them
+  }
+  if (asked !== facetsAsked) return;
+  for (const f of FACETS) {
+    const select = $(f);
+    const chosen = state[f];
+    const any = document.createElement("option");
+    any.value = "";
+    any.textContent = "any";
+    const options = found[f].map((v) => {
+      const option = document.createElement("option");
+      option.value = v.value;
+      option.textContent = `${v.value} (${v.images})`;
+      return option;
+    });
+    select.replaceChildren(any, ...options);
+    setSelect(f, chosen);
+    select.closest("label").hidden = !found[f].length && !chosen;  // no lens data: no lens filter
+  }
+}
+
+// -- near-duplicates: groups side by side, to see which to keep (nothing is deleted) ---------
+
+let dupsOffset = null;
+
+function showView() {
+  const dups = state.view === "duplicates";
+  $("dups").hidden = !dups;
+  for (const id of ["banner", "steer", "status", "grid", "sentinel"]) $(id).style.display = dups ? "none" : "";
+  $("dups-link").setAttribute("aria-current", dups ? "page" : "false");
+  if (dups) loadDuplicates(true);
+}
+
+function kib(n) {
+  return n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MB` : `${Math.max(1, Math.round(n / 1024))} KB`;
+}
+
+async function loadDuplicates(fresh) {
+  if (fresh) {
+    dupsOffset = 0;
+    $("dups-list").textContent = "";
+    $("dups-status").textContent = "Comparing photos…";
+  }
+  if (dupsOffset == null) return;
+  const p = new URLSearchParams({ threshold: $("dups-threshold").value, limit: 20, offset: dupsOffset });
+  let found;
+  try {
+    found = await api("/api/duplicates?" + p);
+  } catch (e) {
+    $("dups-status").textContent = e.message;
+    return;
+  }
+  for (const group of found.groups) {
+    const row = document.createElement("div");
+    row.className = "dup-group";
+    const biggest = Math.max(...group.images.map((m) => m.width * m.height));
+    for (const m of group.images) {
+      const card = document.createElement("a");
+      card.className = "dup";
+      card.href = withKey(m.preview_url);
+      card.target = "_blank";
+      card.rel = "noopener";
+      card.dataset.id = m.id;
+      const img = document.createElement("img");
+      img.loading = "lazy";
+      img.src = withKey(m.thumbnail_url);
+      img.alt = basename(m.path);
+      const name = document.createElement("span");
+      name.className = "n";
+      name.append(...pathNodes(basename(m.path)));
+      const facts = document.createElement("span");
+      facts.className = "facts";
+      facts.textContent = `${m.width} × ${m.height} · ${kib(m.bytes)}` + (m.taken_at ? ` · ${m.taken_at.slice(0, 10)}` : "");
+      const where = document.createElement("span");
+      where.className = "where";
+      where.title = m.paths.join("\n");
+      where.textContent = m.path.split("/").slice(-2, -1)[0] || "/";
+      card.append(img, name, facts, where);
+      if (m.width * m.height === biggest) {
+        const badge = document.createElement("span");
+        badge.className = "badge";
+        badge.textContent = "largest";
+        card.append(badge);
+      }
+      row.append(card);
+    }
+    $("dups-list").append(row);
+  }
+  dupsOffset = found.next_offset;
+  $("dups-more").hidden = dupsOffset == null;
+  const secs = (found.timings_ms.total / 1000).toFixed(1);
+  $("dups-status").textContent = found.total
+    ? `${found.total} group${found.total === 1 ? "" : "s"} of near-duplicates among ${found.images} photos (found in ${secs} s). Nothing is deleted here.`
+    : `No near-duplicates among ${found.images} photos at this similarity.`;
 }
 
 // -- the search box's placeholder: the long example where it fits, else the short one --------
@@ -440,6 +755,7 @@ function wire() {
   $("q").addEventListener("input", () => {
     clearTimeout(debounce);
     debounce = setTimeout(() => {
+      if (state.view !== "search") { state.view = "search"; showView(); }
       state.mode = "text";
       state.q = $("q").value.trim();
       writeURL(false);  // typing replaces the history entry; Enter adds one
@@ -449,13 +765,14 @@ function wire() {
   $("search-form").addEventListener("submit", (e) => {
     e.preventDefault();
     clearTimeout(debounce);
+    if (state.view !== "search") { state.view = "search"; showView(); }
     state.mode = "text";
     state.q = $("q").value.trim();
     writeURL(true);
     search();
   });
   $("toggle-filters").addEventListener("click", () => setFilters($("filters").hidden));
-  for (const id of ["folder", "after", "before", "rerank", "match"]) $(id).addEventListener("change", filtersChanged);
+  for (const id of ["folder", "after", "before", "rerank", "match", "only", ...FACETS]) $(id).addEventListener("change", filtersChanged);
   $("folder").addEventListener("input", () => { clearTimeout(folderTimer); folderTimer = setTimeout(suggestFolders, 150); });
   $("folder").addEventListener("focus", suggestFolders);
   $("min").addEventListener("input", () => showMin(parseFloat($("min").value) || 0));  // the search waits for change
@@ -466,6 +783,15 @@ function wire() {
   $("d-prev").addEventListener("click", () => step(-1));
   $("d-next").addEventListener("click", () => step(1));
   $("d-more").addEventListener("click", moreLikeThis);
+  $("d-like").addEventListener("click", () => steerBy(String(state.hits[state.detail].id), "like"));
+  $("d-unlike").addEventListener("click", () => steerBy(String(state.hits[state.detail].id), "unlike"));
+  $("d-ask").addEventListener("submit", ask);
+  $("dups-threshold").addEventListener("change", () => loadDuplicates(true));
+  $("dups-more").addEventListener("click", () => loadDuplicates(false));
+  for (const link of document.querySelectorAll(".dups-link")) {
+    link.addEventListener("click", (e) => { e.preventDefault(); state.view = "duplicates"; writeURL(true); showView(); });
+  }
+  $("dups-back").addEventListener("click", (e) => { e.preventDefault(); state.view = "search"; writeURL(true); showView(); });
   $("detail").addEventListener("click", (e) => { if (e.target.classList.contains("detail-image")) closeDetail(); });
   document.addEventListener("keydown", (e) => {
     // "/" goes to the search box from anywhere but a field being typed in (as on GitHub, MDN).
@@ -494,7 +820,7 @@ function wire() {
     searchByImage(e.dataTransfer.files[0]);
   });
   window.addEventListener("resize", fitPlaceholder);
-  window.addEventListener("popstate", () => { closeDetailSilently(); readURL(); search(); });
+  window.addEventListener("popstate", () => { closeDetailSilently(); readURL(); showView(); search(); });
   new IntersectionObserver((entries) => {
     if (entries.some((e) => e.isIntersecting)) loadMore();
   }, { rootMargin: "600px" }).observe($("sentinel"));
@@ -509,6 +835,9 @@ async function start() {
   } catch (e) {
     return failed(e);
   }
+  api("/api/vqa").then((v) => { state.vqa = v; }, () => { state.vqa = null; });
+  loadFacets();
+  showView();
   search();
 }
 

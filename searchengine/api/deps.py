@@ -7,7 +7,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Annotated, Protocol
+from typing import Annotated, Literal, Protocol
 
 from fastapi import Depends, Path, Query, Request
 from pydantic import BeforeValidator
@@ -107,6 +107,15 @@ TakenBefore = Annotated[
     date | datetime | None, BeforeValidator(strict_iso_date),
     Query(description="only images taken on or before (ISO date or date-time)"),
 ]
+Camera = Annotated[str | None, Query(max_length=200, pattern=PLAIN_TEXT, description="only images from this camera (a value of /api/facets)")]
+Lens = Annotated[str | None, Query(max_length=200, pattern=PLAIN_TEXT, description="only images taken with this lens (a value of /api/facets)")]
+FileType = Annotated[
+    Literal["jpeg", "png", "heic", "avif", "webp", "gif", "tiff", "bmp"] | None,
+    Query(alias="type", description="only images with a file of this type"),
+]
+Orientation = Annotated[
+    Literal["landscape", "portrait", "square"] | None, Query(description="only images of this shape, as shown"),
+]
 ImageId = Annotated[
     int, BeforeValidator(strict_image_id), Path(ge=1, le=2**63 - 1, description="an image id from a search hit")
 ]
@@ -122,13 +131,44 @@ class PageQuery:
     folder: Folder = None
     taken_after: TakenAfter = None
     taken_before: TakenBefore = None
+    camera: Camera = None
+    lens: Lens = None
+    file_type: FileType = None
+    orientation: Orientation = None
 
     @property
     def filters(self) -> Filters:
-        return Filters.build(self.folder, self.taken_after, self.taken_before)
+        return _filters(self)
 
 
 Paging = Annotated[PageQuery, Depends()]
+
+
+@dataclass
+class FilterQuery:
+    """The filters alone (for the facets' counts)."""
+
+    folder: Folder = None
+    taken_after: TakenAfter = None
+    taken_before: TakenBefore = None
+    camera: Camera = None
+    lens: Lens = None
+    file_type: FileType = None
+    orientation: Orientation = None
+
+    @property
+    def filters(self) -> Filters:
+        return _filters(self)
+
+
+def _filters(q: "PageQuery | FilterQuery") -> Filters:
+    return Filters.build(
+        q.folder, q.taken_after, q.taken_before, camera=q.camera, lens=q.lens, file_type=q.file_type,
+        orientation=q.orientation,
+    )
+
+
+Filtering = Annotated[FilterQuery, Depends()]
 
 
 def get_files(state: Annotated[AppState, Depends(get_state)]) -> FileReads:

@@ -159,3 +159,18 @@ class DuplicatesOut(BaseModel):
     pairs_scored: int  # pairs the vector index proposed, scored exactly
     groups: list[DuplicateGroupOut]  # largest first
     timings_ms: dict[str, float]
+
+
+class FacetValue(BaseModel):
+    value: str
+    images: int
+
+
+class FacetsOut(BaseModel):
+    """Per facet, its values with how many images choosing each would give (the other
+    filters applied), most first."""
+
+    camera: list[FacetValue]
+    lens: list[FacetValue]
+    type: list[FacetValue]
+    orientation: list[FacetValue]

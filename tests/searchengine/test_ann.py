@@ -12,7 +12,7 @@ from searchengine.ann import AnnIndex
 from searchengine.imageio import ImageMeta
 from searchengine.library import Library
 from searchengine.settings import Settings
-from searchengine.store import ModelInfo
+from searchengine.store import SCHEMA_VERSION, ModelInfo
 from searchengine.vector_index import VectorIndex
 
 Q, D = 4, 16
@@ -311,7 +311,7 @@ def test_a_schema_2_index_is_migrated_in_place(tmp_path):
     np.testing.assert_array_equal(stored, vecs.astype(np.float16).astype(np.float32))
     db = sqlite3.connect(s.store_path)
     assert {len(b) for (b,) in db.execute("SELECT data FROM vectors")} == {Q * D * 2}  # 2 bytes a value
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     db.close()
     q = random_vectors(rng, 1)[0, :1]
     got = lib.search_vectors(q, 40)[0]

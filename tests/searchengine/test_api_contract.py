@@ -199,11 +199,20 @@ def test_the_schema_and_the_server_agree(over_http):
         # image. Such schema-valid input gets a documented 400 with a reason (which the
         # status and schema conformance checks hold it to), not a 2xx.
         excluded = [checks.positive_data_acceptance]
+        # Asking a photo where no model answers questions is a documented 503 with the reason
+        # (this index's captioner is BLIP, not BLIP-2); any other 5xx still fails.
+        unavailable_ok = operation.path == "/api/images/{image_id}/ask"
+        if unavailable_ok:
+            excluded.append(checks.not_a_server_error)
 
         @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
         @given(operation.as_strategy())
         def check(case):
-            case.call_and_validate(excluded_checks=excluded, timeout=120)  # a loaded CI machine is slow
+            response = case.call_and_validate(excluded_checks=excluded, timeout=120)  # a loaded CI machine is slow
+            if unavailable_ok:
+                assert response.status_code < 500 or (
+                    response.status_code == 503 and "--vqa-model" in response.json()["error"]
+                ), response.text
 
         try:
             check()

@@ -195,3 +195,22 @@ def test_api_like_unlike_min_itm_and_strong(colours):
             r = client.get("/api/search", params=params)
             assert r.status_code == status, (params, r.text)
             assert r.json()["error"]
+
+
+def test_the_re_ranked_request_after_an_itc_one_does_not_encode_the_query_again(colours):
+    """Results that sharpen: rerank=0 first, then the default; the second reuses the vector."""
+    from searchengine.queries import RankingCache
+
+    searcher, *_ = colours
+    calls: list[str] = []
+
+    def encode(text):
+        calls.append(text)
+        return searcher.model.embed_texts([text])[0]
+
+    cache = RankingCache(8)
+    fast = searcher.search("red", k=6, mode="semantic", rerank=0, encode=encode, rankings=cache)
+    assert fast.reranked == 0 and calls == ["red"]
+    sharp = searcher.search("red", k=6, mode="semantic", encode=encode, rankings=cache)
+    assert calls == ["red"] and sharp.reranked == 20 and sharp.timings_ms["encode"] == 0.0
+    assert sharp.hits == searcher.search("red", k=6, mode="semantic").hits  # as if asked at once

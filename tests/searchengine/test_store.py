@@ -6,6 +6,7 @@ from sqlalchemy import update
 
 from searchengine.errors import ModelMismatchError, SchemaError
 from searchengine.keywords import parse_query
+from searchengine.queries import Filters
 from searchengine.imageio import ImageMeta
 from searchengine.store import SCHEMA_VERSION, ModelInfo, Store, meta, sqlite_url
 
@@ -140,7 +141,7 @@ def test_keyword_ranking_phrases_exclusions_and_filters(store):
     assert _kw(store, '"red car"') == [ids["h1"]]  # the phrase, words adjacent
     assert set(_kw(store, "car -red")) == {ids["h4"]}
     assert set(_kw(store, 'car -"red house"')) == {ids["h1"], ids["h4"]}
-    in_garden = store.keyword_search(parse_query("red"), 10, folder="/p/garden")
+    in_garden = store.keyword_search(parse_query("red"), 10, Filters(folder="/p/garden"))
     assert [h.image_id for h in in_garden] == [ids["h3"]]
     assert store.keyword_matches(parse_query("-flower -blue").excluded).tolist() == sorted([ids["h3"], ids["h4"]])
 
@@ -157,6 +158,7 @@ def test_a_version_1_store_is_upgraded_and_its_text_index_built(tmp_path):
     with s.engine.begin() as conn:
         conn.execute(text("DROP TABLE image_text"))
         conn.execute(text("ALTER TABLE images DROP COLUMN caption_error"))
+        conn.execute(text("ALTER TABLE images DROP COLUMN lens"))
         conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="1"))
     s.close()
     s = Store.open(url)

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
+from searchengine.random_models import build_tiny_captioner
 from tests.images import gradient
 from tests.server import EXE, env_for, get, running_server
 
@@ -45,6 +46,8 @@ def library(tmp_path_factory, photos_dir, tiny_model_dir, tiny_captioner_dir):
     env = env_for(tiny_model_dir, root / "data", tiny_captioner_dir)
     subprocess.run([EXE, "index", str(photos)], env={**env, "SEARCHENGINE_CAPTION_MAX_TOKENS": "8"}, check=True,
                    capture_output=True, timeout=600)
+    # Questions about photos: a tiny BLIP-2 OPT model answers them.
+    env["SEARCHENGINE_VQA_MODEL"] = str(build_tiny_captioner(root / "tiny-blip2-opt", kind="blip2", seed=1))
     with running_server(env, root / "serve.log") as (base, _):
         yield {"base": base, "photos": photos, "root": root, "env": env}
 
@@ -119,9 +122,9 @@ def test_type_a_query_and_see_results(page, library, screenshots):
     search(page, library, "yellow flower")
     want = api(library, "/api/search?q=yellow+flower&k=48")["hits"]
     expect(tiles(page)).to_have_count(len(want))
+    expect(page.locator("#status")).to_contain_text("re-ranked by ITM")  # the ITC order came first
     assert [int(x) for x in tiles(page).evaluate_all("ts => ts.map(t => t.dataset.id)")] == [h["id"] for h in want]
     assert "q=yellow+flower" in page.url
-    expect(page.locator("#status")).to_contain_text("re-ranked by ITM")
     # Thumbnails come from the thumbnail endpoint, never the originals.
     srcs = tiles(page).locator("img").evaluate_all("imgs => imgs.map(i => i.getAttribute('src'))")
     assert all(re.fullmatch(r"/api/images/\d+/thumbnail", s) for s in srcs)
@@ -467,3 +470,160 @@ def test_phone_layout(phone, library, screenshots):
     page.screenshot(path=screenshots / "detail-phone-touch.png")
     page.locator("#d-more").tap()
     expect(page.locator("#banner")).to_contain_text("More like this")
+
+
+# -- issue 14: results that sharpen, steering, strong matches, facets, questions, duplicates ---
+
+
+def grid_ids(page) -> list[int]:
+    return [int(x) for x in tiles(page).evaluate_all("ts => ts.map(t => t.dataset.id)")]
+
+
+def reranked(page) -> None:
+    expect(page.locator("#status")).to_contain_text("re-ranked by ITM")
+
+
+RECORD_ORDERS = """() => {
+  window.orders = [];
+  new MutationObserver(() => {
+    const ids = [...document.querySelectorAll('#grid .tile')].map(t => Number(t.dataset.id));
+    const last = window.orders[window.orders.length - 1];
+    if (ids.length && (!last || last.join() !== ids.join())) window.orders.push(ids);
+  }).observe(document.getElementById('grid'), { childList: true });
+}"""
+
+
+def test_results_sharpen_in_place(page, library):
+    """The ITC order shows first, then the ITM order replaces it in place: same number of
+    tiles, so nothing jumps; both moments are timed (window.searchTimes)."""
+    page.goto(library["base"] + "/")
+    expect(page.locator("#status")).to_contain_text("Search")
+    page.evaluate(RECORD_ORDERS)
+    page.locator("#q").fill("a yellow flower")
+    page.locator("#q").press("Enter")
+    reranked(page)
+    itc = [h["id"] for h in api(library, "/api/search?q=a+yellow+flower&k=48&rerank=false")["hits"]]
+    itm = [h["id"] for h in api(library, "/api/search?q=a+yellow+flower&k=48")["hits"]]
+    assert itc != itm  # re-ranking changes the order, or this test would show nothing
+    orders = page.evaluate("window.orders")
+    assert orders[0] == itc and orders[-1] == itm and grid_ids(page) == itm
+    assert {len(o) for o in orders} == {len(itm)}  # the grid never changed size
+    times = page.evaluate("window.searchTimes")
+    assert 0 < times["first"] <= times["reranked"]
+    print(f"time to first results {times['first']:.0f} ms, to re-ranked results {times['reranked']:.0f} ms (tiny model)")
+
+
+def test_plus_and_minus_steer_the_next_search(page, library, screenshots):
+    search(page, library, "yellow flower")
+    reranked(page)
+    liked = grid_ids(page)[3]
+    tile = page.locator(f"#grid .tile[data-id='{liked}']")
+    tile.hover()
+    tile.locator(".steer-btn.like").click()
+    expect(page).to_have_url(re.compile(rf"like={liked}"))
+    expect(page.locator("#steer .chip.like")).to_have_count(1)
+    reranked(page)
+    want = [h["id"] for h in api(library, f"/api/search?q=yellow+flower&k=48&like={liked}")["hits"]]
+    assert grid_ids(page) == want
+    unliked = grid_ids(page)[0]
+    tile = page.locator(f"#grid .tile[data-id='{unliked}']")
+    tile.hover()
+    tile.locator(".steer-btn.unlike").click()
+    expect(page).to_have_url(re.compile(rf"unlike={unliked}"))
+    reranked(page)
+    want = [h["id"] for h in api(library, f"/api/search?q=yellow+flower&k=48&like={liked}&unlike={unliked}")["hits"]]
+    assert grid_ids(page) == want and unliked not in want
+    page.wait_for_function("document.getAnimations().length === 0")  # the tiles have slid into place
+    page.screenshot(path=screenshots / "steered.png")
+    page.locator("#steer .chip.like button").click()  # the chip's x stops steering towards it
+    expect(page).not_to_have_url(re.compile("like=" + str(liked)))
+    expect(page.locator("#steer .chip")).to_have_count(1)
+    # the detail view's buttons do the same, for the keyboard
+    tiles(page).first.click()
+    page.locator("#d-like").click()
+    expect(page.locator("#steer .chip.like")).to_have_count(1)
+
+
+def test_only_strong_matches_and_their_count(page, library):
+    want = api(library, "/api/search?q=yellow+flower&k=48&min_itm=0.5")
+    page.goto(library["base"] + "/?q=yellow+flower&only=1")
+    expect(page.locator("#only")).to_be_checked()
+    if want["hits"]:
+        expect(page.locator("#status")).to_contain_text(f"{want['strong']} strong match")
+        expect(tiles(page)).to_have_count(len(want["hits"]))
+        assert grid_ids(page) == [h["id"] for h in want["hits"]]
+    else:
+        expect(page.locator("#status")).to_contain_text("No strong matches")
+    page.locator("#only").uncheck()
+    reranked(page)
+    all_hits = api(library, "/api/search?q=yellow+flower&k=48")
+    expect(page.locator("#status")).to_contain_text(f"{all_hits['strong']} strong match")
+
+
+def test_facets_in_the_filter_panel(page, library):
+    facets = api(library, "/api/facets")
+    png = dict((v["value"], v["images"]) for v in facets["type"])["png"]
+    page.goto(library["base"] + "/?q=photo")
+    page.locator("#toggle-filters").click()
+    expect(page.locator("#type")).to_contain_text(f"png ({png})")
+    expect(page.locator("#orientation")).to_contain_text("landscape (")
+    expect(page.locator("label[data-facet='lens']")).to_be_hidden()  # no photo here names its lens
+    page.locator("#type").select_option("png")
+    expect(page).to_have_url(re.compile("type=png"))
+    expect(tiles(page)).to_have_count(png)
+    want = api(library, "/api/search?q=photo&k=48&type=png")["hits"]
+    reranked(page)
+    assert grid_ids(page) == [h["id"] for h in want] and all(h["path"].endswith(".png") for h in want)
+
+
+def test_ask_a_question_in_the_detail_view(page, library, screenshots):
+    search(page, library, "sand dune")
+    reranked(page)
+    first = grid_ids(page)[0]
+    tiles(page).first.click()
+    expect(page.locator("#d-ask")).to_be_visible()
+    page.locator("#d-question").fill("what is in the picture?")
+    page.locator("#d-question").press("Enter")
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{library['base']}/api/images/{first}/ask", data=json.dumps({"question": "what is in the picture?"}).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=60) as r:
+        want = json.loads(r.read())["answer"]
+    expect(page.locator("#d-answer")).to_have_text(want or "(no answer)")
+    page.screenshot(path=screenshots / "ask.png")
+    page.keyboard.press("ArrowRight")  # another photo: the answer goes
+    expect(page.locator("#d-answer")).to_have_text("")
+
+
+def test_without_a_question_model_the_box_is_hidden_with_a_note(page, library):
+    page.route("**/api/vqa", lambda route: route.fulfill(
+        status=200, content_type="application/json",
+        body=json.dumps({"available": False, "model": None, "reason": "no model"}),
+    ))
+    search(page, library, "sand dune")
+    tiles(page).first.click()
+    expect(page.locator("#d-ask")).to_be_hidden()
+    expect(page.locator("#d-ask-note")).to_contain_text("--vqa-model")
+
+
+def test_the_duplicates_page_shows_groups_side_by_side(page, library, screenshots):
+    want = api(library, "/api/duplicates?threshold=0.95&limit=20")
+    page.goto(library["base"] + "/?view=duplicates")
+    expect(page.locator("#dups")).to_be_visible()
+    expect(page.locator("#grid")).to_be_hidden()
+    expect(page.locator("#dups-status")).to_contain_text("among")
+    expect(page.locator(".dup-group")).to_have_count(len(want["groups"]))
+    for i, group in enumerate(want["groups"][:3]):
+        cards = page.locator(".dup-group").nth(i).locator(".dup")
+        assert [int(x) for x in cards.evaluate_all("cs => cs.map(c => c.dataset.id)")] == [m["id"] for m in group["images"]]
+        expect(cards.first).to_contain_text(f"{group['images'][0]['width']} × {group['images'][0]['height']}")
+    page.screenshot(path=screenshots / "duplicates.png")
+    page.locator("#dups-threshold").select_option("0.98")
+    strict = api(library, "/api/duplicates?threshold=0.98&limit=20")
+    expect(page.locator(".dup-group")).to_have_count(len(strict["groups"]))
+    page.locator("#dups-back").click()
+    expect(page.locator("#dups")).to_be_hidden()
+    expect(page).not_to_have_url(re.compile("view=duplicates"))

@@ -8,9 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from searchengine.api.deps import Service, State
+from searchengine.api.deps import Filtering, Service, State
 from searchengine.api.guards import loopback
-from searchengine.api.schemas import DuplicateGroupOut, DuplicateOut, DuplicatesOut, FolderOut, FoldersOut
+from searchengine.api.schemas import DuplicateGroupOut, DuplicateOut, DuplicatesOut, FacetsOut, FacetValue, FolderOut, FoldersOut
 from searchengine.duplicates import DEFAULT_THRESHOLD
 
 router = APIRouter()
@@ -83,3 +83,12 @@ async def duplicates(
         images=found.images, pairs_scored=found.pairs_scored, groups=groups,
         timings_ms={k: round(v, 3) for k, v in found.timings_ms.items()},
     )
+
+
+@router.get("/api/facets", response_model=FacetsOut)
+async def facets(service: Service, f: Filtering):
+    """Cameras, lenses, file types and orientations with image counts, for the filter panel:
+    each facet's counts are among the images within the other filters. Cameras and lenses
+    come from EXIF (images indexed before lenses were read show none until re-indexed)."""
+    found = await asyncio.to_thread(service.facets, f.filters)
+    return FacetsOut(**{name: [FacetValue(value=v, images=n) for v, n in values] for name, values in found.items()})
