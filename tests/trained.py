@@ -71,6 +71,11 @@ def train_colour_model(out_dir: Path, *, steps: int = STEPS, seed: int = 0) -> P
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return saved(model, processor, out_dir)
+
+
+def saved(model, processor, out_dir: Path) -> Path:
+    """The trained model and its processor, written to `out_dir`/trained."""
     model.eval()
     out = Path(out_dir) / "trained"
     model.save_pretrained(out)
@@ -200,11 +205,7 @@ def train_photo_model(out_dir: Path, photos: list[Path], *, steps: int = PHOTO_S
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
-    out = Path(out_dir) / "trained"
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return saved(model, processor, out_dir)
 
 
 def photo_model(photos: list[Path], *, steps: int = PHOTO_STEPS, seed: int = 0) -> Path:

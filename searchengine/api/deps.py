@@ -122,52 +122,35 @@ ImageId = Annotated[
 
 
 @dataclass
-class PageQuery:
-    """Paging, cutoff and filters: the parameters every search route shares."""
+class FilterQuery:
+    """The filters every search route takes, and the facets' counts."""
+
+    folder: Folder = None
+    taken_after: TakenAfter = None
+    taken_before: TakenBefore = None
+    camera: Camera = None
+    lens: Lens = None
+    file_type: FileType = None
+    orientation: Orientation = None
+
+    @property
+    def filters(self) -> Filters:
+        return Filters.build(
+            self.folder, self.taken_after, self.taken_before, camera=self.camera, lens=self.lens,
+            file_type=self.file_type, orientation=self.orientation,
+        )
+
+
+@dataclass
+class PageQuery(FilterQuery):
+    """Paging and cutoff, with the filters: the parameters every search route shares."""
 
     k: K = 24
     offset: Offset = 0
     min_score: MinScore = None
-    folder: Folder = None
-    taken_after: TakenAfter = None
-    taken_before: TakenBefore = None
-    camera: Camera = None
-    lens: Lens = None
-    file_type: FileType = None
-    orientation: Orientation = None
-
-    @property
-    def filters(self) -> Filters:
-        return _filters(self)
 
 
 Paging = Annotated[PageQuery, Depends()]
-
-
-@dataclass
-class FilterQuery:
-    """The filters alone (for the facets' counts)."""
-
-    folder: Folder = None
-    taken_after: TakenAfter = None
-    taken_before: TakenBefore = None
-    camera: Camera = None
-    lens: Lens = None
-    file_type: FileType = None
-    orientation: Orientation = None
-
-    @property
-    def filters(self) -> Filters:
-        return _filters(self)
-
-
-def _filters(q: "PageQuery | FilterQuery") -> Filters:
-    return Filters.build(
-        q.folder, q.taken_after, q.taken_before, camera=q.camera, lens=q.lens, file_type=q.file_type,
-        orientation=q.orientation,
-    )
-
-
 Filtering = Annotated[FilterQuery, Depends()]
 
 
