@@ -725,6 +725,7 @@ def _watch_in_server(settings: Settings, args: argparse.Namespace, captioner):
         library.require_writable("--watch writes to it")
         _lock_new_index(args)
         library.record_captioner(captioner is not None, captioner.name if captioner else None)
+        service.answerer.share(captioner)  # a BLIP-2 captioner answers questions too, from the same weights
         # service.model is the locked model: indexing and queries take turns on it.
         indexer = Indexer(service.model, library, settings, captioner=captioner)
         watcher = Watcher(indexer, args.watch, poll=args.poll, debounce_s=args.debounce)

@@ -154,6 +154,17 @@ class LazyAnswerer:
             return False, self.name, self._error
         return True, self.name, None
 
+    def share(self, captioner) -> None:
+        """Answer with a captioner already loaded (`serve --watch`'s) when it is the model
+        chosen, or when none was and it can answer: one copy of the weights, not two."""
+        if captioner is None or not answers_questions(captioner.model.config):
+            return
+        if self.name is not None and self.name != captioner.name:
+            return
+        with self._lock:
+            self.name, self._error = captioner.name, None
+            self._answerer = Answerer(captioner.name, captioner.model, captioner.processor, device=captioner.device)
+
     def get(self) -> Answerer:
         available, _, why = self.status()
         if not available:

@@ -181,3 +181,23 @@ def test_cli_ask_by_path_and_by_id(indexed, blip2_dir, pictures, tiny_captioner_
         assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     r = run_cli("ask", other, "why?", env={"SEARCHENGINE_DATA_DIR": str(pictures.parent / "none")})
     assert r.returncode == 1 and "--vqa-model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_loaded_blip2_captioner_is_shared_rather_than_loaded_twice(blip2_dir, tiny_captioner_dir):
+    """`serve --watch` has its captioner loaded already: questions use the same weights."""
+    from searchengine.vqa import LazyAnswerer
+
+    def never(name):
+        raise AssertionError("loaded a second copy")
+
+    blip2 = Captioner.load(str(blip2_dir), device="cpu", dtype="float32")
+    unnamed = LazyAnswerer(None, "no model", never)  # a new index: no captioner recorded when the server started
+    unnamed.share(blip2)
+    assert unnamed.status() == (True, str(blip2_dir), None) and unnamed.get().model is blip2.model
+    named = LazyAnswerer("/another/model", "", never)  # --vqa-model names another: kept
+    named.share(blip2)
+    assert named.name == "/another/model"
+    blip = Captioner.load(str(tiny_captioner_dir), device="cpu", dtype="float32")
+    plain = LazyAnswerer(None, "no model", never)  # a BLIP captioner answers nothing
+    plain.share(blip)
+    assert plain.status()[0] is False
