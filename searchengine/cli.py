@@ -52,7 +52,10 @@ def _common(parser: argparse.ArgumentParser, *, model: bool) -> None:
         )
         g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
         g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="model dtype (default: auto)")
-        g.add_argument("--itm-features", choices=["auto", "cache", "recompute"], help="where ITM re-ranking gets ViT features (default: auto)")
+        g.add_argument(
+            "--itm-features", choices=["auto", "cache", "cache-int8", "recompute"],
+            help="where ITM re-ranking gets ViT features: cache (fp16), cache-int8 (half the disk), recompute (default: auto)",
+        )
 
 
 def _caption_options(parser: argparse.ArgumentParser) -> None:

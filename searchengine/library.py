@@ -424,17 +424,21 @@ class Library:
         by a writer and read where it is by a reader; else none (recomputed as needed)."""
         current, upcoming = self.settings.features_dir, self._next_features_dir()
         if not stale:
-            return FeatureCache(current, info.vit_shape)
+            return self._features_in(current, info)
         ready = _read_text(upcoming / MODEL_TAG) == info.fingerprint
         if not self.writable:
-            return FeatureCache(upcoming, info.vit_shape) if ready else None
+            return self._features_in(upcoming, info) if ready else None
         shutil.rmtree(current, ignore_errors=True)
         if ready:
             (upcoming / MODEL_TAG).unlink()
             os.replace(upcoming, current)
         else:
             shutil.rmtree(upcoming, ignore_errors=True)
-        return FeatureCache(current, info.vit_shape)
+        return self._features_in(current, info)
+
+    def _features_in(self, folder: Path, info: ModelInfo) -> FeatureCache:
+        """A feature cache in `folder`, writing the format the settings ask for."""
+        return FeatureCache(folder, info.vit_shape, int8=self.settings.itm_features == "cache-int8")
 
     def _next_features_dir(self) -> Path:
         return Path(str(self.settings.features_dir) + ".next")
@@ -450,7 +454,7 @@ class Library:
             done = self.store.begin_reindex(info)
         if done == 0:
             shutil.rmtree(self._next_features_dir(), ignore_errors=True)
-        self._next_features = FeatureCache(self._next_features_dir(), info.vit_shape) if keep_features else None
+        self._next_features = self._features_in(self._next_features_dir(), info) if keep_features else None
         return done
 
     def reindex_todo(self, limit: int) -> list[tuple[int, str, list[str]]]:
@@ -981,11 +985,11 @@ class Library:
         )
 
     def cached_vit(self, image_id: int) -> np.ndarray | None:
-        """The image's ViT output from the feature cache (fp16), if it has one."""
+        """The image's ViT output from the feature cache (fp16, or float32 from int8), if it has one."""
         return self.features.get(image_id) if self.features is not None and not self._foreign_features else None
 
     def cache_vit(self, ids: Sequence[int], arrays: np.ndarray) -> None:
-        """Keep ViT outputs (fp16) in the feature cache, where the library has one."""
+        """Keep ViT outputs in the feature cache (fp16, or int8 with `cache-int8`), where the library has one."""
         if self.features is not None and not self._foreign_features:
             for image_id, array in zip(ids, arrays):
                 self.features.put(image_id, array)

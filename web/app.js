@@ -164,7 +164,9 @@ async function search() {
   window.searchTimes = {};
   // Results that sharpen: the ITC order first (milliseconds), then the ITM order, which takes
   // seconds on a CPU, replacing it in place. "Only strong matches" needs ITM to know which.
-  const sharpen = state.mode === "text" && state.rerank && !state.only && state.match !== "keyword" && state.q.trim();
+  // (Nor does a minimum score: it is a cut on the final, ITM + ITC, score.)
+  const sharpen = state.mode === "text" && state.rerank && !state.only && !state.min && state.match !== "keyword" &&
+    state.q.trim();
   try {
     const page = await fetchPage(0, sharpen ? false : state.rerank);
     if (request !== state.request) return;
@@ -190,6 +192,8 @@ async function search() {
     state.nextOffset = sharp.next_offset;
     state.busy = false;
     status(timings(sharp));
+    // The end of the grid may have come into view while re-ranking held paging back.
+    if ($("sentinel").getBoundingClientRect().top < innerHeight + 600) loadMore();
   } catch (e) {
     if (request !== state.request) return;
     state.busy = false;
