@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from searchengine.devices import CPU_CAPTIONER, GPU_CAPTIONER, defaults_for
 from searchengine.errors import ModelLoadError
-from searchengine.models import Preprocessor, _first_line, load_config, resolve_device, resolve_dtype
+from searchengine.models import Preprocessor, _first_line, int8_loading, load_config, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -78,17 +78,20 @@ class Captioner:
         class_name, decoder = family
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
+        eight_bit = int8_loading(device) if dtype == "int8" else {}
         try:
             model, info = getattr(transformers, class_name).from_pretrained(
-                where.source, dtype=torch_dtype, output_loading_info=True, local_files_only=where.local_files_only
+                where.source, dtype=torch_dtype, output_loading_info=True, local_files_only=where.local_files_only,
+                **eight_bit,
             )
             processor = AutoProcessor.from_pretrained(where.source, local_files_only=where.local_files_only)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load caption model {name!r}: {_first_line(e)}") from e
         if any(k.startswith(decoder) for k in info.get("missing_keys", ())):
             raise ModelLoadError(f"caption model {name!r} has no trained {decoder} weights; it cannot write captions")
-        model.to(device)
-        log.info("loaded caption model %s on %s in %s", name, device, torch_dtype)
+        if not eight_bit:  # an 8-bit model is placed by its device_map and cannot be moved
+            model.to(device)
+        log.info("loaded caption model %s on %s in %s", name, device, "int8" if eight_bit else torch_dtype)
         return cls(name, model, processor, device=device, max_new_tokens=max_new_tokens, num_beams=num_beams)
 
     def preprocess(self, images: Sequence["Image.Image"]) -> "torch.Tensor":

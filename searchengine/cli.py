@@ -29,6 +29,8 @@ from searchengine.settings import DEFAULT_MODEL, Settings
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+DTYPES = ["auto", "float32", "bfloat16", "float16", "int8"]
+DTYPE_HELP = "model dtype (default: auto); int8: the captioner and question model in 8 bits (CUDA, bitsandbytes)"
 
 
 def _links_option(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +53,7 @@ def _common(parser: argparse.ArgumentParser, *, model: bool) -> None:
             f"for a new index {DEFAULT_MODEL}; env SEARCHENGINE_MODEL)",
         )
         g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
-        g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="model dtype (default: auto)")
+        g.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
         g.add_argument(
             "--itm-features", choices=["auto", "cache", "cache-int8", "recompute"],
             help="where ITM re-ranking gets ViT features: cache (fp16), cache-int8 (half the disk), recompute (default: auto)",
@@ -251,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _caption_options(p)
     _common(p, model=False)
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="model dtype (default: auto)")
+    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
 
     p = command("stats", "what the index holds", "Images, files, failures by reason, model, captions and sizes on disk.")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -292,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     _common(p, model=False)
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="model dtype (default: auto)")
+    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
 
     p = command("serve", "serve the web UI and the HTTP API", "Serve the search page and the JSON API (OpenAPI at /docs).")
     _vqa_option(p)

@@ -66,10 +66,33 @@ def resolve_device(device: str) -> str:
     return picked
 
 
+INT8_ALTERNATIVES = (
+    "on a CPU use --dtype float32 (the default there) or bfloat16 (CPUs with avx512_bf16 or AMX), and "
+    "--itm-features cache-int8 for a feature cache half the size"
+)
+
+
+def int8_loading(device: str) -> dict:
+    """`from_pretrained` arguments that load a model's weights in 8 bits through bitsandbytes
+    (`--dtype int8`: the captioner and the question-answering model, BLIP-2 OPT among them,
+    in about half the memory of fp16). CUDA only: ModelLoadError elsewhere, naming what to use."""
+    if not is_cuda(device):
+        raise ModelLoadError(f"--dtype int8 loads models in 8 bits through bitsandbytes, on a CUDA GPU only; {INT8_ALTERNATIVES}")
+    try:
+        import bitsandbytes  # noqa: F401 - transformers needs it for load_in_8bit
+    except ImportError:
+        raise ModelLoadError("--dtype int8 needs bitsandbytes: pip install 'searchengine[gpu]' (or pip install bitsandbytes)") from None
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
+
+
 def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
+    """The torch dtype of `--dtype` on this device. int8 is the weights of language models
+    (`int8_loading`); everything else, the retrieval model whole, runs in the automatic dtype."""
     import torch
 
-    if dtype == "auto":
+    if dtype in ("auto", "int8"):
         gpu_bf16 = is_cuda(device) and torch.cuda.is_bf16_supported()  # Apple GPUs: fp16
         dtype = auto_dtype(device, gpu_bf16=gpu_bf16, cpu_bf16=not on_gpu(device) and cpu_supports_bf16())
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -230,6 +253,8 @@ class RetrievalModel:
                 "use a BLIP-2 retrieval checkpoint such as Salesforce/blip2-itm-vit-g"
             )
         device = resolve_device(device)
+        if dtype == "int8":
+            int8_loading(device)  # refused on a CPU before anything loads
         torch_dtype = resolve_dtype(dtype, device)
         try:
             model, info = Blip2ForImageTextRetrieval.from_pretrained(

@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     # None: the model the index was built with, or DEFAULT_MODEL for a new index.
     model: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # int8: the captioner and the question-answering model in 8 bits (bitsandbytes, CUDA only);
+    # the retrieval model in the automatic dtype.
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
 
     # Indexing.
     batch_size: int = Field(0, ge=0)  # 0: automatic (8 on a CPU, 64 on a GPU)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from searchengine.errors import ModelLoadError, QueryError, SearchEngineError
-from searchengine.models import _first_line, load_config, resolve_device, resolve_dtype
+from searchengine.models import _first_line, int8_loading, load_config, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -96,18 +96,20 @@ class Answerer:
                 f"(such as {EXAMPLE_VQA_MODEL})"
             )
         device = resolve_device(device)
+        eight_bit = int8_loading(device) if dtype == "int8" else {}
         try:
             model, info = Blip2ForConditionalGeneration.from_pretrained(
                 where.source, dtype=resolve_dtype(dtype, device), output_loading_info=True,
-                local_files_only=where.local_files_only,
+                local_files_only=where.local_files_only, **eight_bit,
             )
             processor = AutoProcessor.from_pretrained(where.source, local_files_only=where.local_files_only)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load question-answering model {name!r}: {_first_line(e)}") from e
         if any(k.startswith("language_model") for k in info.get("missing_keys", ())):
             raise ModelLoadError(f"{name!r} has no trained language model weights; it cannot answer questions")
-        model.to(device)
-        log.info("loaded question-answering model %s on %s", name, device)
+        if not eight_bit:  # an 8-bit model is placed by its device_map and cannot be moved
+            model.to(device)
+        log.info("loaded question-answering model %s on %s%s", name, device, " in int8" if eight_bit else "")
         return cls(name, model, processor, device=device, max_new_tokens=max_new_tokens)
 
     def ask(self, image: "Image.Image", question: str) -> Answer:

@@ -125,6 +125,7 @@ def load_captioner(settings: Settings, name: str | None):
         return None
     from searchengine.captioner import Captioner
 
+    _check_int8(settings)  # its own message, not a captioner's
     try:
         return Captioner.load(
             name, device=settings.device, dtype=settings.dtype,
@@ -238,6 +239,14 @@ def vqa_model(settings: Settings, recorded: Recorded | None) -> tuple[str | None
     if not answers_questions(config):
         return None, f"the index's captioner {captioner!r} writes captions but answers no questions (it is no BLIP-2 model); {hint}"
     return captioner, ""
+
+
+def _check_int8(settings: Settings) -> None:
+    """`--dtype int8` is refused at once where it cannot run (anything but CUDA)."""
+    if settings.dtype == "int8":
+        from searchengine.models import int8_loading, resolve_device
+
+        int8_loading(resolve_device(settings.device))
 
 
 def load_answerer(settings: Settings, name: str):
