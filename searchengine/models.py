@@ -78,8 +78,10 @@ def int8_loading(device: str) -> dict:
     in about half the memory of fp16). CUDA only: ModelLoadError elsewhere, naming what to use."""
     if not is_cuda(device):
         raise ModelLoadError(f"--dtype int8 loads models in 8 bits through bitsandbytes, on a CUDA GPU only; {INT8_ALTERNATIVES}")
+    import importlib
+
     try:
-        import bitsandbytes  # noqa: F401 - transformers needs it for load_in_8bit
+        importlib.import_module("bitsandbytes")  # transformers needs it for load_in_8bit
     except ImportError:
         raise ModelLoadError("--dtype int8 needs bitsandbytes: pip install 'searchengine[gpu]' (or pip install bitsandbytes)") from None
     from transformers import BitsAndBytesConfig
