@@ -9,7 +9,7 @@ other's mode too:
 - fp16 [P, W] (`itm_features` cache, the CPU default): ITM within ~4e-4 of the reference;
 - int8 [P, W + 4] (`cache-int8`): each token's W values scaled by its own largest magnitude
   to -127..127, the token's float32 scale in its last 4 bytes. Half the disk of fp16
-  (blip2-itm-vit-g: 363 KiB an image against 724 KiB); the ITM difference it makes is
+  (blip2-itm-vit-g: 355 KiB an image against 707 KiB); the ITM difference it makes is
   measured in tests/searchengine/test_feature_cache.py.
 """
 
