@@ -835,7 +835,8 @@ def cmd_duplicates(args: argparse.Namespace, out, err) -> int:
             print(f"  {_human(d.files[0].size):>9}  {f'{d.width}x{d.height}':>11}  {when:>10}  {m.score:.3f}  {d.files[0].path}", file=out)
     t = found.timings_ms
     print(
-        f"{len(groups)} groups among {found.images} images (threshold {threshold:g}); {found.pairs_scored} pairs "
+        f"{len(groups)} group{'' if len(groups) == 1 else 's'} among {found.images} images (threshold {threshold:g}); "
+        f"{found.pairs_scored} pairs "
         f"scored; {t['total'] / 1000:.1f} s",
         file=err,
     )
