@@ -400,6 +400,10 @@ function steerBy(id, list) {
   const other = list === "like" ? "unlike" : "like";
   state[other] = state[other].filter((x) => x !== id);
   state[list] = state[list].includes(id) ? state[list].filter((x) => x !== id) : state[list].concat([id]);
+  if (state.match === "keyword") {  // examples steer what the picture shows: words alone cannot take them
+    state.match = "hybrid";
+    $("match").value = "hybrid";
+  }
   if (state.mode !== "text") {  // steering starts a text search from where the user is
     state.mode = "text";
     state.similar = null;

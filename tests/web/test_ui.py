@@ -542,6 +542,14 @@ def test_plus_and_minus_steer_the_next_search(page, library, screenshots):
     tiles(page).first.click()
     page.locator("#d-like").click()
     expect(page.locator("#steer .chip.like")).to_have_count(1)
+    # words only cannot take examples: steering there switches to words + picture
+    page.goto(library["base"] + "/?q=yellow+flower&mode=keyword")
+    expect(tiles(page).first).to_be_visible()
+    tile = tiles(page).first
+    tile.hover()
+    tile.locator(".steer-btn.like").click()
+    expect(page.locator("#match")).to_have_value("hybrid")
+    reranked(page)
 
 
 def test_only_strong_matches_and_their_count(page, library):
