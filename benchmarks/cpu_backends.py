@@ -1,0 +1,164 @@
+"""CPU inference backends for the query-time models, on the real-size blip2-itm-vit-g
+architecture (random weights): PyTorch eager (what ships), torch.compile, ONNX Runtime and
+OpenVINO, for the text encoder (one query's ITC vector) and ITM (re-ranking 20 candidates
+from their cached ViT outputs). Each backend's outputs are checked against eager (ITC cosine
+per vector, ITM |dp|) and timed (median of the calls after a warm-up), with its ratio to eager
+in the same run. ONNX Runtime and OpenVINO are optional here:
+
+    pip install onnxruntime openvino onnx
+    python benchmarks/cpu_backends.py --repeat 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import model_dir  # noqa: E402
+
+QUERY = "a dog running on a beach at sunset"
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--candidates", type=int, default=20)
+    args = parser.parse_args()
+    import torch
+
+    from searchengine.models import RetrievalModel
+
+    threads = torch.get_num_threads()
+    model = RetrievalModel.load(str(model_dir("real")), device="cpu", dtype="float32")
+    model.model.requires_grad_(False)  # exporters take weights as constants
+    tok = model.tokenize([QUERY])
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    rng = np.random.default_rng(0)
+    vit = torch.from_numpy(rng.standard_normal((args.candidates, *model.vit_shape)).astype(np.float32))
+
+    class Text(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return model.text_features(input_ids, attention_mask)
+
+    class Itm(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, vit):
+            return torch.softmax(model.itm_logits(input_ids, attention_mask, vit), dim=-1)[:, 1]
+
+    text, itm = Text().eval(), Itm().eval()
+    n = args.candidates
+    itm_inputs = (ids.expand(n, -1).contiguous(), mask.expand(n, -1).contiguous(), vit)
+    with torch.inference_mode():
+        ref_text = text(ids, mask).numpy()
+        ref_itm = itm(*itm_inputs).numpy()
+    rows = []
+
+    def record(name: str, run_text, run_itm, setup_s: float) -> None:
+        got_text, got_itm = np.asarray(run_text()), np.asarray(run_itm())
+        cos = float((got_text * ref_text).sum() / (np.linalg.norm(got_text) * np.linalg.norm(ref_text)))
+        dp = float(np.abs(got_itm - ref_itm).max())
+        rows.append((name, timed(run_text, args.repeat), timed(run_itm, max(3, args.repeat // 3)), cos, dp, setup_s))
+        print(f"  measured {name}", flush=True)
+
+    with torch.inference_mode():
+        record("eager", lambda: text(ids, mask).numpy(), lambda: itm(*itm_inputs).numpy(), 0.0)
+    compiled = {}
+    for name, module, inputs in (("text", text, (ids, mask)), ("itm", itm, itm_inputs)):
+        try:
+            t = time.perf_counter()
+            fn = torch.compile(module)
+            with torch.inference_mode():
+                fn(*inputs)  # compiles
+            compiled[name] = (fn, time.perf_counter() - t)
+        except Exception as e:  # noqa: BLE001 - a backend that fails here is reported, not fatal
+            print(f"  torch.compile of {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if compiled:
+        with torch.inference_mode():
+            ctext = compiled.get("text", (text, 0.0))[0]
+            citm = compiled.get("itm", (itm, 0.0))[0]
+            label = "torch.compile" + ("" if len(compiled) == 2 else f" ({next(iter(compiled))} only)")
+            record(label, lambda: ctext(ids, mask).numpy(), lambda: citm(*itm_inputs).numpy(), sum(c[1] for c in compiled.values()))
+    work = Path(tempfile.mkdtemp(prefix="backends-"))
+    exports: dict[str, tuple[Path, dict, float]] = {}
+    for name, module, inputs, names, axes in (
+        ("text", text, (ids, mask), ["input_ids", "attention_mask"], {"input_ids": {1: "t"}, "attention_mask": {1: "t"}}),
+        ("itm", itm, itm_inputs, ["input_ids", "attention_mask", "vit"],
+         {"input_ids": {0: "n", 1: "t"}, "attention_mask": {0: "n", 1: "t"}, "vit": {0: "n"}}),
+    ):
+        try:
+            t = time.perf_counter()
+            torch.onnx.export(module, inputs, work / f"{name}.onnx", input_names=names, output_names=["out"],
+                              dynamic_axes=axes, opset_version=17, dynamo=False)
+            exports[name] = (work / f"{name}.onnx", {k: v.numpy() for k, v in zip(names, inputs)}, time.perf_counter() - t)
+        except Exception as e:  # noqa: BLE001
+            print(f"  ONNX export of {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+    def eager_itm():
+        with torch.inference_mode():
+            return itm(*itm_inputs).numpy()
+
+    def backend(label: str, make) -> None:
+        """`make(path) -> callable(feeds) -> output`, for each exported model; eager for the rest."""
+        try:
+            t = time.perf_counter()
+            runs = {name: (make(path), feeds) for name, (path, feeds, _) in exports.items()}
+            setup = time.perf_counter() - t + sum(e[2] for e in exports.values())
+            run_text = (lambda: runs["text"][0](runs["text"][1])) if "text" in runs else (lambda: text(ids, mask).detach().numpy())
+            run_itm = (lambda: runs["itm"][0](runs["itm"][1])) if "itm" in runs else eager_itm
+            record(label + ("" if len(runs) == 2 else " (text only)"), run_text, run_itm, setup)
+        except Exception as e:  # noqa: BLE001
+            print(f"  {label} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+    if exports:
+        try:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+
+            def ort_run(path):
+                session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+                return lambda feeds: session.run(None, feeds)[0]
+
+            backend("onnxruntime", ort_run)
+        except ImportError:
+            print("  onnxruntime is not installed")
+        try:
+            import openvino as ov
+
+            core = ov.Core()
+            core.set_property("CPU", {"INFERENCE_NUM_THREADS": threads})
+
+            def ov_run(path):
+                compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+                return lambda feeds: compiled(feeds)[0]
+
+            backend("openvino", ov_run)
+        except ImportError:
+            print("  openvino is not installed")
+    base_text, base_itm = rows[0][1], rows[0][2]
+    print(f"\n{threads} threads; text: one query ({ids.shape[1]} tokens); ITM: {n} candidates from cached ViT outputs")
+    print(f"{'backend':15s} {'text ms':>8s} {'x eager':>8s} {'ITM ms':>8s} {'x eager':>8s} {'ITC cos':>10s} {'ITM |dp|':>9s} {'setup s':>8s}")
+    for name, tt, ti, cos, dp, setup in rows:
+        print(f"{name:15s} {tt:8.1f} {base_text / tt:8.2f} {ti:8.0f} {base_itm / ti:8.2f} {cos:10.7f} {dp:9.1e} {setup:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
