@@ -240,6 +240,7 @@ class RetrievalModel:
         self.vit_shape: tuple[int, int] = (patches + 1, cfg.vision_config.hidden_size)
         self.vision_dtype: torch.dtype = model.vision_model.embeddings.patch_embedding.weight.dtype
         self.fingerprint: str = self._fingerprint()
+        self.onnx_text = None  # an OnnxTextEncoder where text_backend is onnx
 
     @classmethod
     def load(
@@ -375,6 +376,8 @@ class RetrievalModel:
         import torch
 
         tok = self.tokenize(texts)
+        if self.onnx_text is not None:  # text_backend onnx (see searchengine/onnx_text.py)
+            return self.onnx_text(tok["input_ids"].numpy(), tok["attention_mask"].numpy())
         with torch.inference_mode():
             feats = self.text_features(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device))
             return feats.float().cpu().numpy()

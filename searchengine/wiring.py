@@ -10,6 +10,7 @@ in about a second, with the ways forward.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from searchengine.errors import ModelLoadError, ModelMismatchError, SearchEngine
 from searchengine.hub import locate, looks_local
 from searchengine.library import Recorded
 from searchengine.settings import DEFAULT_MODEL, Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,13 @@ def load_model(settings: Settings, name: str):
 
     model = RetrievalModel.load(name, device=settings.device, dtype=settings.dtype, text_max_tokens=settings.text_max_tokens)
     use_threads(settings, model.device)
+    if settings.text_backend == "onnx":
+        if model.device == "cpu":
+            from searchengine.onnx_text import OnnxTextEncoder
+
+            model.onnx_text = OnnxTextEncoder(model)
+        else:
+            log.info("text_backend onnx is for CPUs; %s encodes queries with torch", model.device)
     return model
 
 

@@ -1,0 +1,55 @@
+"""text_backend onnx: the query encoder exported to ONNX and run by ONNX Runtime gives the
+ITC vectors PyTorch gives (cosine >= 0.9999 per vector, any batch and length), is exported
+once per model, and is refused with a clear message where ONNX Runtime is missing."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from searchengine.errors import ModelLoadError
+from searchengine.onnx_text import OnnxTextEncoder
+
+TEXTS = ["a dog", "a red car parked by the sea at sunset with people walking", "x", "two yellow flowers in a garden"]
+
+
+def test_onnx_vectors_equal_torch_s_for_any_batch_and_length(model, tmp_path):
+    encoder = OnnxTextEncoder(model, tmp_path, threads=1)
+    want = model.embed_texts(TEXTS)
+    model.onnx_text = encoder
+    try:
+        got = model.embed_texts(TEXTS)
+        one = model.embed_texts(TEXTS[1:2])
+    finally:
+        model.onnx_text = None
+    cos = (got * want).sum(axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert got.shape == want.shape and cos.min() >= 0.9999, cos
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(one[0], got[1], atol=1e-5)  # batch size and padding change nothing
+
+
+def test_the_export_is_made_once_per_model(model, tmp_path):
+    first = OnnxTextEncoder(model, tmp_path, threads=1)
+    stamp = first.path.stat().st_mtime_ns
+    assert first.path.name == f"text-{model.fingerprint}.onnx"
+    again = OnnxTextEncoder(model, tmp_path, threads=1)
+    assert again.path == first.path and again.path.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temporary file left behind
+    assert all(p.requires_grad for p in model.model.parameters()) or not any(p.requires_grad for p in model.model.parameters())
+
+
+def test_without_onnx_runtime_it_says_what_to_install(model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ModelLoadError, match="pip install onnxruntime"):
+        OnnxTextEncoder(model, tmp_path)
+
+
+def test_wiring_uses_it_on_a_cpu_when_asked(settings, tmp_path, monkeypatch):
+    from searchengine import wiring
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    loaded = wiring.load_model(settings.model_copy(update={"text_backend": "onnx"}), settings.model)
+    assert isinstance(loaded.onnx_text, OnnxTextEncoder) and (tmp_path / "cache" / "searchengine" / "onnx").is_dir()
+    assert wiring.load_model(settings, settings.model).onnx_text is None  # torch by default
