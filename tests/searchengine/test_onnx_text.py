@@ -53,3 +53,27 @@ def test_wiring_uses_it_on_a_cpu_when_asked(settings, tmp_path, monkeypatch):
     loaded = wiring.load_model(settings.model_copy(update={"text_backend": "onnx"}), settings.model)
     assert isinstance(loaded.onnx_text, OnnxTextEncoder) and (tmp_path / "cache" / "searchengine" / "onnx").is_dir()
     assert wiring.load_model(settings, settings.model).onnx_text is None  # torch by default
+
+
+def test_search_takes_text_backend_onnx_from_the_command_line(tmp_path, tiny_model_dir, model, monkeypatch):
+    """`searchengine search --text-backend onnx` ranks as torch does."""
+    import json
+
+    from PIL import Image
+
+    from tests.inprocess import run_cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    env = {"SEARCHENGINE_DATA_DIR": str(tmp_path / "data"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    assert run_cli("index", folder, "--model", tiny_model_dir, "--no-captions", env=env).returncode == 0
+    ranked = {}
+    for backend in ("torch", "onnx"):
+        r = run_cli("search", "a", "photo", "--mode", "semantic", "--no-rerank", "--json", "--text-backend", backend, env=env)
+        assert r.returncode == 0, r.stderr
+        ranked[backend] = [(x["id"], round(x["itc"], 4)) for x in json.loads(r.stdout)["results"]]
+    assert ranked["onnx"] == ranked["torch"] and (tmp_path / "cache" / "searchengine" / "onnx").is_dir()
