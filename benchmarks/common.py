@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
 import statistics
 import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "searchengine-bench"
+EXE = str(Path(sys.executable).with_name("searchengine"))
 
 
 def model_dir(size: str) -> Path:
@@ -45,3 +49,24 @@ def quiet() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(env: dict, port: int) -> subprocess.Popen:
+    """`searchengine serve` on a loopback port, once /healthz answers 200."""
+    proc = subprocess.Popen([EXE, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("the server did not become ready")

@@ -12,7 +12,6 @@ in the same run. ONNX Runtime and OpenVINO are optional here:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -22,19 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import model_dir  # noqa: E402
+from benchmarks.common import median_ms, model_dir  # noqa: E402
 
 QUERY = "a dog running on a beach at sunset"
-
-
-def timed(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -74,7 +63,7 @@ def main() -> None:
         got_text, got_itm = np.asarray(run_text()), np.asarray(run_itm())
         cos = float((got_text * ref_text).sum() / (np.linalg.norm(got_text) * np.linalg.norm(ref_text)))
         dp = float(np.abs(got_itm - ref_itm).max())
-        rows.append((name, timed(run_text, args.repeat), timed(run_itm, max(3, args.repeat // 3)), cos, dp, setup_s))
+        rows.append((name, median_ms(run_text, args.repeat), median_ms(run_itm, max(3, args.repeat // 3)), cos, dp, setup_s))
         print(f"  measured {name}", flush=True)
 
     with torch.inference_mode():

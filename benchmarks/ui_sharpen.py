@@ -16,21 +16,18 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import model_dir, photos  # noqa: E402
+from benchmarks.common import EXE, free_port, model_dir, photos, serve  # noqa: E402
 
 QUERIES = ["a yellow flower", "waves on a beach", "a storm over the sea", "a ladybird on a leaf", "sand dunes in the desert"]
-EXE = str(Path(sys.executable).with_name("searchengine"))
 CHROMIUM = os.environ.get("SEARCHENGINE_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 
@@ -54,19 +51,10 @@ def main() -> None:
         t = time.perf_counter()
         subprocess.run([EXE, "index", str(folder), "--no-captions"], env=env, check=True, capture_output=True)
         print(f"indexed {args.photos} photos with the real-size model in {time.perf_counter() - t:.0f} s", flush=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([EXE, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = serve(env, port)
     try:
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(base + "/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
         rows = []
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)

@@ -804,7 +804,7 @@ def cmd_serve(args: argparse.Namespace, out, err) -> int:
 
 
 def cmd_duplicates(args: argparse.Namespace, out, err) -> int:
-    from searchengine.duplicates import DEFAULT_THRESHOLD, check_threshold, find_duplicates
+    from searchengine.duplicates import DEFAULT_THRESHOLD, check_threshold, find_duplicates, with_details
     from searchengine.library import Library
 
     settings = _settings(args)
@@ -812,14 +812,9 @@ def cmd_duplicates(args: argparse.Namespace, out, err) -> int:
     library = Library.open(settings)
     try:
         found = find_duplicates(library, threshold)
-        details = {i: library.image_detail(i) for g in found.groups for i in g.ids}
+        groups = with_details(library, found.groups)
     finally:
         library.close()
-    groups = []
-    for g in found.groups:
-        members = [(m, details[m.id]) for m in g.members if details.get(m.id) is not None and details[m.id].files]
-        if len(members) > 1:
-            groups.append(members)
     if args.json:
         print(json.dumps({
             "threshold": threshold, "images": found.images, "pairs_scored": found.pairs_scored,

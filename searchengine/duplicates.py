@@ -32,7 +32,7 @@ from searchengine.errors import QueryError
 from searchengine.queries import image_similarity
 
 if TYPE_CHECKING:
-    from searchengine.library import Library
+    from searchengine.library import ImageDetail, Library
 
 DEFAULT_THRESHOLD = 0.95
 
@@ -90,6 +90,18 @@ def find_duplicates(
     timings = {"read": (t1 - t0) * 1000, "candidates": (t2 - t1) * 1000, "score": (t3 - t2) * 1000}
     timings["total"] = (time.perf_counter() - t0) * 1000
     return Duplicates(threshold, groups, len(ids), len(pairs), timings)
+
+
+def with_details(library: "Library", groups: list[Group]) -> list[list[tuple[Member, "ImageDetail"]]]:
+    """The groups as shown (the CLI and the API alike): each member with its files, size and
+    date; members deleted since left out, and a group left with one member dropped."""
+    details = {i: library.image_detail(i) for g in groups for i in g.ids}
+    shown = []
+    for g in groups:
+        members = [(m, details[m.id]) for m in g.members if details[m.id] is not None and details[m.id].files]
+        if len(members) > 1:
+            shown.append(members)
+    return shown
 
 
 def _means(library: "Library", chunk: int) -> tuple[np.ndarray, np.ndarray]:

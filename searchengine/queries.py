@@ -551,12 +551,14 @@ class Searcher:
         total = np.zeros(self.model.embed_dim if text_vec is None else text_vec.shape[-1], np.float64)
         if text_vec is not None:
             total += text_vec
+        stored: dict[int, np.ndarray] = {}
+        for ids, vectors in self.library.iter_vectors([i for i, _ in steer.like + steer.unlike]):  # one read
+            stored.update(zip(ids.tolist(), vectors))
         for examples, sign, what in ((steer.like, 1.0, "liked"), (steer.unlike, -1.0, "unliked")):
             for image_id, weight in examples:
-                vectors = self.library.vectors_of(image_id)
-                if vectors is None:
+                if image_id not in stored:
                     raise QueryError(f"the {what} example image {image_id} is not in the index")
-                mean = vectors.astype(np.float64).mean(axis=0)
+                mean = stored[image_id].astype(np.float64).mean(axis=0)
                 total += sign * weight * mean / max(np.linalg.norm(mean), 1e-12)
         norm = np.linalg.norm(total)
         if norm < 1e-6:

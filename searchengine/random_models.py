@@ -35,10 +35,13 @@ def _vocab() -> list[str]:
     return list(seen)
 
 
-def build_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny", vision_layers: int | None = None) -> Path:
+def build_tiny_model(
+    out_dir: str | Path, *, seed: int = 0, size: str = "tiny", vision_layers: int | None = None, image_size: int | None = None
+) -> Path:
     """Write a random `Blip2ForImageTextRetrieval` and its processor to `out_dir`.
     `vision_layers`: fewer ViT layers than the size has (for measuring what runs after the
-    ViT, as fine-tuning on cached ViT outputs does)."""
+    ViT, as fine-tuning on cached ViT outputs does). `image_size`: another input size than
+    the size's own (a multiple of its patch size)."""
     import torch
     from transformers import (
         BertTokenizer,
@@ -80,6 +83,8 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny", 
         raise ValueError(f"size must be 'tiny' or 'real', not {size!r}")
     if vision_layers is not None:
         vision.num_hidden_layers = vision_layers
+    if image_size is not None:
+        vision.image_size = image_size
 
     config = Blip2Config(
         vision_config=vision.to_dict(),

@@ -162,22 +162,14 @@ def photo_augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 def train_photo_model(out_dir: Path, photos: list[Path], *, steps: int = PHOTO_STEPS, seed: int = 0) -> Path:
     import torch
     from torch.nn import functional as F
-    from transformers import AutoProcessor, Blip2Config, Blip2ForImageTextRetrieval
+    from transformers import AutoProcessor, Blip2ForImageTextRetrieval
 
     from searchengine.random_models import build_tiny_model
 
-    base = build_tiny_model(Path(out_dir) / "untrained", seed=seed)
-    config = Blip2Config.from_pretrained(base)
-    config.vision_config.image_size = 64  # 64 patches of 8 px: 32 px shows too little of a photo
-    torch.manual_seed(seed)
-    model = Blip2ForImageTextRetrieval(config)
-    with torch.no_grad():  # build_tiny_model's init: outputs that depend on the image
-        model.query_tokens.normal_(0.0, 0.5)
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and name != "query_tokens":
-                p.normal_(0.0, 0.8 / p[0].numel() ** 0.5)
+    # 64 patches of 8 px: 32 px shows too little of a photo.
+    base = build_tiny_model(Path(out_dir) / "untrained", seed=seed, image_size=64)
+    model = Blip2ForImageTextRetrieval.from_pretrained(base)
     processor = AutoProcessor.from_pretrained(base)
-    processor.image_processor.size = {"height": 64, "width": 64}
     small = []
     for path in photos:
         image = Image.open(path).convert("RGB")

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 from searchengine.api.deps import Filtering, Service, State
 from searchengine.api.guards import loopback
 from searchengine.api.schemas import DuplicateGroupOut, DuplicateOut, DuplicatesOut, FacetsOut, FacetValue, FolderOut, FoldersOut
-from searchengine.duplicates import DEFAULT_THRESHOLD
+from searchengine.duplicates import DEFAULT_THRESHOLD, with_details
 
 router = APIRouter()
 
@@ -61,22 +61,19 @@ async def duplicates(
     pages come from that result."""
     found = await asyncio.to_thread(service.duplicates, threshold)
     page = found.groups[offset : offset + limit]
-    details = await asyncio.to_thread(lambda: {i: service.library.image_detail(i) for g in page for i in g.ids})
-    groups = []
-    for g in page:
-        images = []
-        for m in g.members:
-            d = details.get(m.id)
-            if d is None or not d.files:
-                continue  # deleted since
-            images.append(DuplicateOut(
+    shown = await asyncio.to_thread(with_details, service.library, page)
+    groups = [
+        DuplicateGroupOut(images=[
+            DuplicateOut(
                 id=m.id, path=d.files[0].path, paths=[f.path for f in d.files], width=d.width, height=d.height,
                 bytes=d.files[0].size, taken_at=d.taken_at, score=round(m.score, 6),
                 thumbnail_url=f"/api/images/{m.id}/thumbnail", preview_url=f"/api/images/{m.id}/preview",
                 file_url=f"/api/images/{m.id}/file",
-            ))
-        if len(images) > 1:
-            groups.append(DuplicateGroupOut(images=images))
+            )
+            for m, d in members
+        ])
+        for members in shown
+    ]
     more = offset + limit < len(found.groups)
     return DuplicatesOut(
         threshold=found.threshold, total=len(found.groups), offset=offset, next_offset=offset + limit if more else None,
