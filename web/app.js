@@ -376,7 +376,10 @@ function makeTile(h, i) {
 function reorder(hits) {
   const grid = $("grid");
   const was = new Map([...grid.children].map((t) => [t.dataset.id, t.getBoundingClientRect()]));
+  const shown = state.detail >= 0 ? state.hits[state.detail].id : null;  // a photo open in the detail view
   state.hits = hits;
+  const moved = hits.findIndex((h) => h.id === shown);
+  if (moved >= 0) state.detail = moved;  // its arrows go on from where it now ranks
   grid.replaceChildren(...hits.map((h, i) => makeTile(h, i)));
   const still = matchMedia("(prefers-reduced-motion: reduce)").matches;
   for (const tile of grid.children) {

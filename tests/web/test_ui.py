@@ -111,11 +111,17 @@ def images_loaded(page) -> None:
     )
 
 
+def settled(page) -> None:
+    """The search's final ranking is shown (results sharpen: the ITC order comes first)."""
+    page.wait_for_function("window.searchTimes && window.searchTimes.reranked > 0")
+
+
 def search(page, library, text: str) -> None:
     page.goto(library["base"] + "/")
     expect(page.locator("#status")).to_contain_text("Search")
     page.locator("#q").press_sequentially(text, delay=20)  # as typed: the page searches as you type
     expect(tiles(page).first).to_be_visible()
+    settled(page)
 
 
 def test_type_a_query_and_see_results(page, library, screenshots):
@@ -199,6 +205,7 @@ def test_filters_change_the_results(page, library):
     expect(page).to_have_url(re.compile("folder="))
     n = len(list(folder.iterdir()))
     expect(tiles(page)).to_have_count(n)
+    settled(page)
     want = api(library, f"/api/search?q=waves&k=48&folder={quote(str(folder))}")["hits"]
     assert [int(x) for x in tiles(page).evaluate_all("ts => ts.map(t => t.dataset.id)")] == [h["id"] for h in want]
     # Re-rank off: ITC order, no ITM score.
