@@ -30,6 +30,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--candidates", type=int, default=20)
+    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it takes minutes)")
+    parser.add_argument("--images", type=int, default=0,
+                        help="also time the image side (ViT + ITC, what indexing runs) on a batch of this many images")
     args = parser.parse_args()
     import torch
 
@@ -69,7 +72,7 @@ def main() -> None:
     with torch.inference_mode():
         record("eager", lambda: text(ids, mask).numpy(), lambda: itm(*itm_inputs).numpy(), 0.0)
     compiled = {}
-    for name, module, inputs in (("text", text, (ids, mask)), ("itm", itm, itm_inputs)):
+    for name, module, inputs in () if args.no_compile else (("text", text, (ids, mask)), ("itm", itm, itm_inputs)):
         try:
             t = time.perf_counter()
             fn = torch.compile(module)
@@ -147,6 +150,64 @@ def main() -> None:
     print(f"{'backend':15s} {'text ms':>8s} {'x eager':>8s} {'ITM ms':>8s} {'x eager':>8s} {'ITC cos':>10s} {'ITM |dp|':>9s} {'setup s':>8s}")
     for name, tt, ti, cos, dp, setup in rows:
         print(f"{name:15s} {tt:8.1f} {base_text / tt:8.2f} {ti:8.0f} {base_itm / ti:8.2f} {cos:10.7f} {dp:9.1e} {setup:8.1f}")
+    if args.images:
+        image_side(model, args.images, threads, work)
+
+
+def image_side(model, n: int, threads: int, work: Path) -> None:
+    """ViT + ITC of `n` images (one indexing batch): eager against ONNX Runtime and OpenVINO,
+    with the ITC cosine per vector and the ViT output's largest difference."""
+    import torch
+
+    class Images(torch.nn.Module):
+        def forward(self, pixel_values):
+            vit = model.model.vision_model(pixel_values=pixel_values).last_hidden_state
+            return model.image_features(vit), vit
+
+    images = Images().eval()
+    pixels = torch.from_numpy(np.random.default_rng(1).standard_normal((n, 3, model.image_size, model.image_size)).astype(np.float32))
+    with torch.inference_mode():
+        ref_itc, ref_vit = (t.numpy() for t in images(pixels))
+    results = [("eager", median_ms(lambda: images(pixels), 2), 1.0, 0.0, 0.0)]
+    t = time.perf_counter()
+    path = work / "images.onnx"
+    with torch.no_grad():
+        torch.onnx.export(images, (pixels,), path, input_names=["pixel_values"], output_names=["itc", "vit"],
+                          dynamic_axes={"pixel_values": {0: "n"}}, opset_version=17, dynamo=False)
+    export_s = time.perf_counter() - t
+    feeds = {"pixel_values": pixels.numpy()}
+
+    def check(name, run, setup):
+        itc, vit = run()
+        cos = float((np.asarray(itc) * ref_itc).sum(-1).min())
+        results.append((name, median_ms(run, 2), cos, float(np.abs(np.asarray(vit) - ref_vit).max()), setup))
+        print(f"  measured {name} (images)", flush=True)
+
+    try:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        t = time.perf_counter()
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        check("onnxruntime", lambda: session.run(None, feeds), export_s + time.perf_counter() - t)
+    except ImportError:
+        print("  onnxruntime is not installed")
+    try:
+        import openvino as ov
+
+        core = ov.Core()
+        core.set_property("CPU", {"INFERENCE_NUM_THREADS": threads})
+        t = time.perf_counter()
+        compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        check("openvino", lambda: (lambda r: (r[0], r[1]))(compiled(feeds)), export_s + time.perf_counter() - t)
+    except ImportError:
+        print("  openvino is not installed")
+    base = results[0][1]
+    print(f"\nimages: ViT + ITC of {n} images at {model.image_size} px")
+    print(f"{'backend':15s} {'ms':>9s} {'img/s':>7s} {'x eager':>8s} {'min ITC cos':>12s} {'ViT |d|':>9s} {'setup s':>8s}")
+    for name, ms, cos, dvit, setup in results:
+        print(f"{name:15s} {ms:9.0f} {n * 1000 / ms:7.3f} {base / ms:8.2f} {cos:12.7f} {dvit:9.1e} {setup:8.1f}")
 
 
 if __name__ == "__main__":

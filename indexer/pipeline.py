@@ -28,7 +28,6 @@ from indexer.scan import BAD_NAME, LINK_DUPLICATE, LINK_LOOP, LINK_OUTSIDE, File
 from indexer.stages import CaptionStage, Decoded, DecodeStage, Embedded, EmbedStage, Failed, Known, Read, ReadStage
 from searchengine import links
 from searchengine.captioner import Captioner
-from searchengine.devices import defaults_for
 from searchengine.errors import SearchEngineError
 from searchengine.imageio import read_file
 from searchengine.library import Library, NewImage, model_info
@@ -62,13 +61,20 @@ class Summary:
     links_skipped: int = 0  # symlinked folders not followed: loops, or folders listed under another path
     links_outside: int = 0  # links not followed because they lead outside the library (searchengine.links)
     seconds: float = 0.0
-    # Where the time went: "read" and "decode" are seconds summed over the decode threads
-    # (they overlap the rest); "model", "captions" and "write" are wall seconds of this thread.
+    # Where the time went: "read" and "decode" are seconds summed over the decode threads,
+    # "model" and "captions" wall seconds of the model lane, "write" of the runner's thread;
+    # they overlap each other.
     time: Counter = field(default_factory=Counter)
     # (what, path) of every file handled, when asked for (the watcher logs each); a full
     # run leaves it off, so a million-file scan keeps no per-file list.
     record: bool = False
     changes: list[tuple[str, str]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add_time(self, what: str, seconds: float) -> None:
+        """Time spent on `what`, from any of the run's threads."""
+        with self._lock:
+            self.time[what] += seconds
 
     def note(self, what: str, path: str) -> None:
         if self.record:
@@ -117,7 +123,7 @@ class Indexer:
         self.on_total = on_total or (lambda n: None)
         library.require_writable("indexing writes to it")
         self.library.bind(model_info(model))
-        self.batch_size = settings.batch_size or defaults_for(model.device).index_batch
+        self.batch_size = settings.batch_size or model.index_batch(captioner.bytes_per_image() if captioner is not None else 0)
         self.read_stage = ReadStage(reader)
         self.decode_stage = DecodeStage(
             model.preprocessor, settings.max_image_pixels, *library.thumbnail_format,
@@ -228,54 +234,74 @@ class Indexer:
 
         The local runner of the stages in `indexer.stages`: reads and decodes run in threads,
         a bounded window ahead of the model; whether content is indexed already is asked once
-        per batch of reads, so a known file is never decoded; each model batch is embedded,
-        captioned and committed through the Library in one transaction.
+        per batch of reads, so a known file is never decoded. The models run in their own
+        thread (the model lane), one batch at a time: while batch k+1 is embedded and
+        captioned there, this thread commits batch k through the Library in one transaction
+        and gathers batch k+2, whose pixels start on their way to the device (on a GPU) before
+        batch k+1 is done. Only this thread touches the Library.
         """
         linked: list[tuple[str, str]] = []
         batch: list[Decoded] = []
         known: list[Known] = []
         failures: list[Failed] = []
-        # Content embedded in this run, committed or still in `batch`: a copy of it that the
+        # Content embedded in this run, committed or still on its way: a copy of it that the
         # decode threads read before that commit is linked, not embedded a second time.
         embedded: set[str] = set()
+        pending: list[tuple[Future, list[Known], list[Failed]]] = []  # at most one batch in the lane
 
-        def flush() -> None:
-            self._write(batch, known, failures, summary)
-            linked.extend((k.entry.path, k.sha256) for k in known)
-            self.progress(len(batch) + len(known) + len(failures))
-            batch.clear(), known.clear(), failures.clear()
+        def commit() -> None:
+            future, k, f = pending.pop()
+            self._commit(future.result(), k, f, summary)
+            linked.extend((x.entry.path, x.sha256) for x in k)
+            self.progress(len(future.result()) + len(k) + len(f))
 
         workers, window = self.settings.decode_threads, 2 * self.batch_size + self.settings.decode_threads
-        lock = threading.Lock()
-
         def timed(stage, name: str):
             def run(item):
                 t = time.perf_counter()
                 try:
                     return stage(item)
                 finally:
-                    with lock:
-                        summary.time[name] += time.perf_counter() - t
+                    summary.add_time(name, time.perf_counter() - t)
 
             return run
 
-        reads = map_ahead(timed(self.read_stage, "read"), todo, workers, window)
-        decoded = map_ahead(timed(self.decode_stage, "decode"), self._known_content(reads), workers, window)
-        for result in decoded:
-            if isinstance(result, Failed):
-                failures.append(result)
-                summary.failed[result.reason] += 1
-                summary.failures.append((result.entry.path, result.reason, result.message))
-                summary.note("skipped", f"{result.entry.path}: {result.message}")
-                self.on_skip(result.entry.path, result.message)
-            elif isinstance(result, Known) or result.sha256 in embedded:
-                known.append(result if isinstance(result, Known) else Known(result.entry, result.sha256))
-            else:
-                batch.append(result)
-                embedded.add(result.sha256)
-            if len(batch) >= self.batch_size or len(known) + len(failures) >= 256:
+        with ThreadPoolExecutor(1, thread_name_prefix="model") as lane:
+
+            def flush() -> None:
+                nonlocal batch, known, failures
+                if not (batch or known or failures):
+                    return
+                staged = self.embed_stage.stage(batch)  # on a GPU: the copy starts now
+                future = lane.submit(self._compute, batch, staged, summary)
+                if pending:
+                    commit()  # the batch before, written while this one computes
+                pending.append((future, known, failures))
+                batch, known, failures = [], [], []
+
+            reads = map_ahead(timed(self.read_stage, "read"), todo, workers, window)
+            decoded = map_ahead(timed(self.decode_stage, "decode"), self._known_content(reads), workers, window)
+            try:
+                for result in decoded:
+                    if isinstance(result, Failed):
+                        failures.append(result)
+                        summary.failed[result.reason] += 1
+                        summary.failures.append((result.entry.path, result.reason, result.message))
+                        summary.note("skipped", f"{result.entry.path}: {result.message}")
+                        self.on_skip(result.entry.path, result.message)
+                    elif isinstance(result, Known) or result.sha256 in embedded:
+                        known.append(result if isinstance(result, Known) else Known(result.entry, result.sha256))
+                    else:
+                        batch.append(result)
+                        embedded.add(result.sha256)
+                    if len(batch) >= self.batch_size or len(known) + len(failures) >= 256:
+                        flush()
                 flush()
-        flush()
+                if pending:
+                    commit()
+            finally:
+                for future, _, _ in pending:  # stopped early: the batch in the lane is not written
+                    future.cancel()
         return linked
 
     def _known_content(self, reads: Iterable[Read | Failed]) -> Iterator[Read | Known | Failed]:
@@ -295,17 +321,24 @@ class Indexer:
                 yield from settle()
         yield from settle()
 
-    def _write(self, batch: list[Decoded], known: list[Known], failures: list[Failed], summary: Summary) -> None:
-        if not (batch or known or failures):
-            return
+    def _compute(self, batch: list[Decoded], staged, summary: Summary) -> list[Embedded]:
+        """The model lane's work on one batch: embed, then caption (wall seconds of the lane)."""
         t0 = time.perf_counter()
-        embedded = self.embed_stage(batch)
+        embedded = self.embed_stage(batch, staged)
         t1 = time.perf_counter()
         if embedded and self.caption_stage is not None:
             embedded = self.caption_stage(embedded)
+        summary.add_time("model", t1 - t0)
+        summary.add_time("captions", time.perf_counter() - t1)
+        return embedded
+
+    def _commit(self, embedded: list[Embedded], known: list[Known], failures: list[Failed], summary: Summary) -> None:
+        if not (embedded or known or failures):
+            return
+        t = time.perf_counter()
+        if self.caption_stage is not None:
             for e in embedded:
                 self._count_caption(e, summary)
-        t2 = time.perf_counter()
         self.library.write_batch(
             new=[
                 NewImage(e.item.sha256, e.meta, e.itc, e.vit, e.item.thumbnail, (e.entry.path, e.entry.size, e.entry.mtime_ns))
@@ -314,11 +347,11 @@ class Indexer:
             links=[(k.entry.path, k.entry.size, k.entry.mtime_ns, k.sha256) for k in known],
             failures=[(f.entry.path, f.entry.size, f.entry.mtime_ns, f.reason, f.message) for f in failures],
         )
-        summary.time.update({"model": t1 - t0, "captions": t2 - t1, "write": time.perf_counter() - t2})
-        summary.indexed += len(batch)
+        summary.add_time("write", time.perf_counter() - t)
+        summary.indexed += len(embedded)
         summary.linked += len(known)
-        for d in batch:
-            summary.note("indexed", d.entry.path)
+        for e in embedded:
+            summary.note("indexed", e.entry.path)
         for k in known:
             summary.note("linked", k.entry.path)
 

@@ -173,19 +173,84 @@ class DecodeStage:
 
 
 @dataclass(frozen=True)
+class Staged:
+    """A batch's pixels on their way to the model's device. On a CUDA GPU the copy runs from
+    pinned memory on a side stream, so it overlaps the compute of the batch before; `ready`
+    is the event the compute waits for (None where the pixels are there already)."""
+
+    pixels: "torch.Tensor"
+    ready: object = None
+    host: "torch.Tensor | None" = None  # the pinned source, kept alive until the copy is done
+
+    def wait(self) -> "torch.Tensor":
+        if self.ready is not None:
+            import torch
+
+            stream = torch.cuda.current_stream(self.pixels.device)
+            stream.wait_event(self.ready)
+            self.pixels.record_stream(stream)  # the caching allocator must not reuse it early
+        return self.pixels
+
+
+_copy_streams: dict = {}
+
+
+def stage_pixels(pixels: Sequence["torch.Tensor"], device: str) -> Staged:
+    """Stack a batch's pixels and start their copy to `device` (nothing to copy on a CPU)."""
+    import torch
+
+    from searchengine.devices import is_cuda
+
+    stacked = torch.stack(list(pixels))
+    if not is_cuda(device):
+        return Staged(stacked)
+    stream = _copy_streams.get(device)
+    if stream is None:
+        stream = _copy_streams[device] = torch.cuda.Stream(device)
+    host = stacked.pin_memory()
+    with torch.cuda.stream(stream):
+        on_device = host.to(device, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    return Staged(on_device, ready, host)
+
+
+@dataclass(frozen=True)
 class EmbedStage:
     """A batch of Decoded -> Embedded, in one model pass. `keep_vit`: return the ViT output
-    too (for the feature cache that ITM re-ranking reads on CPUs)."""
+    too (for the feature cache that ITM re-ranking reads on CPUs).
+
+    A batch that does not fit in the device's memory is split in halves and embedded half by
+    half (the same vectors: every image is computed on its own), so an automatic batch size
+    that guessed too high slows a run down rather than ending it.
+    """
 
     model: "RetrievalModel"
     keep_vit: bool = False
 
-    def __call__(self, batch: Sequence[Decoded]) -> list[Embedded]:
-        import torch
+    def stage(self, batch: Sequence[Decoded]) -> Staged | None:
+        return stage_pixels([d.pixels for d in batch], self.model.device) if batch else None
 
+    def __call__(self, batch: Sequence[Decoded], staged: Staged | None = None) -> list[Embedded]:
         if not batch:
             return []
-        emb = self.model.embed_pixels(torch.stack([d.pixels for d in batch]))
+        staged = staged or self.stage(batch)
+        return self._embed(batch, staged.wait())
+
+    def _embed(self, batch: Sequence[Decoded], pixels: "torch.Tensor") -> list[Embedded]:
+        import torch
+
+        try:
+            emb = self.model.embed_pixels(pixels)
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError, under its older name
+            if len(batch) < 2:
+                raise
+            log.warning("a batch of %d images does not fit in the device's memory: embedding it in halves "
+                        "(a smaller --batch-size avoids the retry)", len(batch))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            return self._embed(batch[:half], pixels[:half]) + self._embed(batch[half:], pixels[half:])
         vit = emb.vit.float().cpu().numpy() if self.keep_vit else None
         return [Embedded(d, emb.itc[i], vit[i] if vit is not None else None) for i, d in enumerate(batch)]
 

@@ -102,6 +102,21 @@ class Captioner:
     def preprocessor(self) -> Preprocessor:
         return Preprocessor(self.processor.image_processor)
 
+    def bytes_per_image(self) -> int:
+        """Estimated device memory one image takes while it is captioned: its vision encoder's
+        activations, plus the language model's key/value cache over the image's tokens and
+        the caption (per beam)."""
+        from searchengine.devices import transformer_bytes_per_image
+
+        cfg = self.model.config
+        v, t = cfg.vision_config, cfg.text_config
+        element = next(self.model.parameters()).element_size()
+        tokens = (v.image_size // v.patch_size) ** 2 + 1
+        vision = transformer_bytes_per_image(tokens, v.hidden_size, v.intermediate_size, v.num_attention_heads, element)
+        text_tokens = getattr(cfg, "num_query_tokens", 0) + self.max_new_tokens + 16
+        kv = 2 * t.num_hidden_layers * t.hidden_size * text_tokens * max(2, element) * self.num_beams
+        return vision + kv
+
     def generate(self, pixel_values: "torch.Tensor") -> list[str]:
         """Captions for a batch of pixel values; raises if the batch fails."""
         import torch

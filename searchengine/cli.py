@@ -494,7 +494,7 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
         t = summary.time
         print(
             f"time: read {t['read']:.1f} s and decode {t['decode']:.1f} s (over {settings.decode_threads} threads, "
-            f"alongside), model {t['model']:.1f} s, captions {t['captions']:.1f} s, write {t['write']:.1f} s",
+            f"alongside), model {t['model']:.1f} s, captions {t['captions']:.1f} s, write {t['write']:.1f} s (alongside the models)",
             file=out,
         )
     return 0

@@ -59,3 +59,22 @@ def auto_dtype(device: str, *, gpu_bf16: bool, cpu_bf16: bool) -> str:
     if on_gpu(device):
         return "bfloat16" if gpu_bf16 else "float16"
     return "bfloat16" if cpu_bf16 else "float32"
+
+
+def transformer_bytes_per_image(tokens: int, width: int, mlp: int, heads: int, element: int) -> int:
+    """Activation bytes one image needs at the peak of a transformer layer at inference: the
+    hidden state, Q/K/V and the attention output (4 x width), the MLP's two sides (2 x mlp),
+    and the attention matrix should the math kernel be picked over a fused one."""
+    return tokens * (4 * width + 2 * mlp) * element + heads * tokens * tokens * element
+
+
+def batch_for_memory(free_bytes: int, per_image_bytes: int, *, least: int, most: int = 256, share: float = 0.5) -> int:
+    """Images per batch on a GPU: as many as fit in `share` of its free memory (weights are
+    loaded by then), a power of two, never under `least` (the device default) nor over `most`
+    (beyond which a batch no longer feeds the GPU better, only holds more in flight). A guess
+    that proves too large is split by the embed stage, not fatal."""
+    fits = int(free_bytes * share) // max(1, per_image_bytes)
+    size = least
+    while size * 2 <= min(fits, most):
+        size *= 2
+    return size

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from searchengine.devices import auto_dtype, is_cuda, on_gpu, pick
+from searchengine.devices import auto_dtype, batch_for_memory, defaults_for, is_cuda, on_gpu, pick, transformer_bytes_per_image
 from searchengine.errors import ModelLoadError
 from searchengine.hub import ModelSource, locate, looks_local, prepare_loading
 
@@ -261,7 +261,8 @@ class RetrievalModel:
         torch_dtype = resolve_dtype(dtype, device)
         try:
             model, info = Blip2ForImageTextRetrieval.from_pretrained(
-                where.source, dtype=torch_dtype, output_loading_info=True, local_files_only=where.local_files_only
+                where.source, dtype=torch_dtype, output_loading_info=True, local_files_only=where.local_files_only,
+                attn_implementation="sdpa",  # PyTorch's fused attention: flash / memory-efficient on a GPU
             )
             processor = AutoProcessor.from_pretrained(where.source, local_files_only=where.local_files_only)
         except (OSError, ValueError) as e:
@@ -302,6 +303,23 @@ class RetrievalModel:
         with torch.inference_mode():
             itc = self._itc_from_vit(vit)
         return ImageEmbeddings(itc=itc, vit=vit)
+
+    def bytes_per_image(self) -> int:
+        """Estimated device memory one image takes while it is embedded (ViT activations)."""
+        v = self.model.config.vision_config
+        element = self.model.vision_model.embeddings.patch_embedding.weight.element_size()
+        return transformer_bytes_per_image(self.vit_shape[0], v.hidden_size, v.intermediate_size, v.num_attention_heads, element)
+
+    def index_batch(self, captioner_bytes: int = 0) -> int:
+        """Images per indexing batch: the device default on a CPU; on a CUDA GPU as many as its
+        free memory holds, with the captioner's share (`captioner_bytes` a image) counted."""
+        default = defaults_for(self.device).index_batch
+        if not is_cuda(self.device):
+            return default
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+        return batch_for_memory(free, self.bytes_per_image() + captioner_bytes, least=default)
 
     def vit(self, pixel_values: "torch.Tensor") -> "torch.Tensor":
         """The ViT output alone (what ITM needs), for candidates with no cached features."""
@@ -350,14 +368,16 @@ class RetrievalModel:
         n = vit.shape[0]
         queries = m.query_tokens.expand(n, -1, -1)
         query_mask = torch.ones(queries.shape[:-1], dtype=torch.long, device=vit.device)
-        vit_mask = torch.ones(vit.shape[:-1], dtype=torch.long, device=vit.device)
         emb = m.embeddings(input_ids=input_ids, query_embeds=queries)
+        # The reference passes an all-ones ViT mask, which transformers drops before attention
+        # (attending to every patch); passing none is the same computation, and the only one
+        # that traces: a traced all-ones mask keeps the query+text length (48 rows) while the
+        # cross-attention sees the queries alone (32), so the ONNX export failed on it.
         out = m.qformer(
             query_embeds=emb,
             query_length=queries.shape[1],
             attention_mask=torch.cat([query_mask, attention_mask], dim=1),
             encoder_hidden_states=vit,
-            encoder_attention_mask=vit_mask,
         ).last_hidden_state
         out = out.to(dtype=m.itm_head.weight.dtype)
         return m.itm_head(out[:, : queries.shape[1], :]).mean(dim=1)

@@ -115,3 +115,96 @@ def test_pixels_are_the_reference_processors_bit_for_bit_and_the_fast_decode_clo
         assert a.meta == b.meta  # the file's own size, EXIF and all
         va, vb = model.embed_pixels(a.pixels[None]).itc[0], model.embed_pixels(b.pixels[None]).itc[0]
         assert (va * vb).sum(-1).min() > 0.999, f  # unit vectors: cosine per query vector
+
+
+def test_batch_k_is_written_while_batch_k_plus_1_is_embedded(settings, model, photo_files, tmp_path):
+    """The model lane: the runner commits a batch while the next one computes, and the index
+    ends the same as a run that did one thing at a time."""
+    import threading
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, f in enumerate(photo_files[:6]):
+        (folder / f"{i}{f.suffix}").write_bytes(f.read_bytes())
+    settings = settings.model_copy(update={"batch_size": 2})
+    library = Library.open(settings, create=True)
+    events: list[tuple[str, int, str]] = []
+    second_embed_started = threading.Event()
+    overlapped: list[bool] = []
+    real_write, real_embed = library.write_batch, model.embed_pixels
+
+    def write_batch(new, links, failures):
+        events.append(("write", len(new), threading.current_thread().name))
+        if len([e for e in events if e[0] == "write"]) == 1:
+            # The first batch's write waits for the second batch's embedding to begin: it
+            # does only where the two run at once (one at a time, this wait would time out).
+            overlapped.append(second_embed_started.wait(timeout=30))
+        return real_write(new=new, links=links, failures=failures)
+
+    def embed_pixels(pixels):
+        events.append(("embed", pixels.shape[0], threading.current_thread().name))
+        if len([e for e in events if e[0] == "embed"]) == 2:
+            second_embed_started.set()
+        return real_embed(pixels)
+
+    library.write_batch = write_batch
+    model.embed_pixels = embed_pixels
+    try:
+        summary = Indexer(model, library, settings).run([folder])
+        assert summary.indexed == 6 and overlapped == [True]
+        embeds = [e for e in events if e[0] == "embed"]
+        writes = [e for e in events if e[0] == "write"]
+        assert [n for _, n, _ in embeds] == [2, 2, 2] and [n for _, n, _ in writes] == [2, 2, 2]
+        # The models run in the lane; the Library is touched by the runner's thread alone.
+        assert {t for _, _, t in embeds} != {threading.current_thread().name}
+        assert {t for _, _, t in writes} == {threading.current_thread().name}
+        assert len(library.files_under(str(folder))) == 6
+    finally:
+        model.embed_pixels = real_embed
+        library.close()
+
+
+def test_a_batch_too_large_for_the_device_is_embedded_in_halves(model, photo_files):
+    """An out-of-memory error on a batch splits it (recursively); the vectors are the ones the
+    whole batch would have had, in order. A single image that does not fit still fails."""
+    decode = DecodeStage(model.preprocessor, 150_000_000, 64)
+    items = [decode(ReadStage()(_entry(f))) for f in photo_files[:5]]
+    stage = EmbedStage(model, keep_vit=True)
+    expected = stage(items)
+    sizes: list[int] = []
+    real = model.embed_pixels
+
+    def small_device(pixels):
+        sizes.append(pixels.shape[0])
+        if pixels.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(pixels)
+
+    model.embed_pixels = small_device
+    try:
+        got = stage(items)
+        assert sizes == [5, 2, 3, 1, 2]  # 5 -> 2 + 3, and 3 -> 1 + 2
+        assert [g.entry for g in got] == [e.entry for e in expected]
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g.itc, e.itc, atol=1e-5)
+            np.testing.assert_allclose(g.vit, e.vit, atol=1e-4)
+        model.embed_pixels = lambda pixels: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("too big"))
+        try:
+            stage(items[:1])
+        except torch.cuda.OutOfMemoryError:
+            pass
+        else:
+            raise AssertionError("one image that does not fit must fail, not loop")
+    finally:
+        model.embed_pixels = real
+
+
+def test_pixels_are_staged_for_the_device_they_run_on(model, photo_files):
+    """On a CPU a batch is its stacked pixels, ready at once (on a CUDA GPU the same call
+    copies them from pinned memory on a side stream: not run here, there is no GPU)."""
+    from indexer.stages import stage_pixels
+
+    pixels = [torch.rand(3, 8, 8) for _ in range(3)]
+    staged = stage_pixels(pixels, "cpu")
+    assert staged.ready is None and torch.equal(staged.wait(), torch.stack(pixels))
+    assert EmbedStage(model).stage([]) is None
