@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it takes minutes)")
     parser.add_argument("--images", type=int, default=0,
                         help="also time the image side (ViT + ITC, what indexing runs) on a batch of this many images")
+    parser.add_argument("--images-only", action="store_true", help="time the image side alone")
     args = parser.parse_args()
     import torch
 
@@ -41,6 +42,9 @@ def main() -> None:
     threads = torch.get_num_threads()
     model = RetrievalModel.load(str(model_dir("real")), device="cpu", dtype="float32")
     model.model.requires_grad_(False)  # exporters take weights as constants
+    if args.images_only:
+        image_side(model, args.images or 8, threads, Path(tempfile.mkdtemp(prefix="backends-")))
+        return
     tok = model.tokenize([QUERY])
     ids, mask = tok["input_ids"], tok["attention_mask"]
     rng = np.random.default_rng(0)
@@ -172,7 +176,7 @@ def image_side(model, n: int, threads: int, work: Path) -> None:
     t = time.perf_counter()
     path = work / "images.onnx"
     with torch.no_grad():
-        torch.onnx.export(images, (pixels,), path, input_names=["pixel_values"], output_names=["itc", "vit"],
+        torch.onnx.export(images, (pixels,), str(path), input_names=["pixel_values"], output_names=["itc", "vit"],
                           dynamic_axes={"pixel_values": {0: "n"}}, opset_version=17, dynamo=False)
     export_s = time.perf_counter() - t
     feeds = {"pixel_values": pixels.numpy()}

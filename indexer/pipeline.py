@@ -124,10 +124,14 @@ class Indexer:
         library.require_writable("indexing writes to it")
         self.library.bind(model_info(model))
         self.batch_size = settings.batch_size or model.index_batch(captioner.bytes_per_image() if captioner is not None else 0)
+        if settings.decode == "device":
+            from searchengine.device_decode import check
+
+            check(model.device)
         self.read_stage = ReadStage(reader)
         self.decode_stage = DecodeStage(
             model.preprocessor, settings.max_image_pixels, *library.thumbnail_format,
-            captioner.preprocessor if captioner is not None else None, settings.decode,
+            captioner.preprocessor if captioner is not None else None, settings.decode, model.device,
         )
         self.embed_stage = EmbedStage(model, keep_vit=settings.writes_feature_cache(model.device) and library.keeps_features)
         self.caption_stage = CaptionStage(captioner) if captioner is not None else None

@@ -137,12 +137,15 @@ class DecodeStage:
     caption_preprocess: Preprocessor | None = None
     # "fast": a JPEG is decoded at the smallest DCT scale that still gives every output
     # (model, captioner, thumbnail) DRAFT_MARGIN times the pixels it needs a side, a fraction of
-    # a full decode; "exact": decoded in full, as the reference processor is given it.
+    # a full decode; "exact": decoded in full, as the reference processor is given it;
+    # "device": a plain JPEG is decoded on `device` (nvJPEG on a CUDA GPU) and resized there
+    # (searchengine/device_decode.py), anything else as "fast".
     decode: str = "exact"
+    device: str = "cpu"
 
     @property
     def draft(self) -> int | None:
-        if self.decode != "fast":
+        if self.decode not in ("fast", "device"):
             return None
         sizes = [self.preprocess.side(), self.thumbnail_size]
         if self.caption_preprocess is not None:
@@ -153,6 +156,10 @@ class DecodeStage:
         if not isinstance(item, Read):
             return item
         try:
+            if self.decode == "device":
+                on_device = self._on_device(item)
+                if on_device is not None:
+                    return on_device
             decoded = decode_image(item.data, max_pixels=self.max_pixels, sha256=item.sha256 or None, draft=self.draft)
             pixels = self.preprocess([decoded.image])[0]
             thumbnail = make_thumbnail(decoded.display, self.thumbnail_size, self.thumbnail_quality)
@@ -170,6 +177,21 @@ class DecodeStage:
         except Exception as e:  # a decoder bug on one file must not stop the run
             log.exception("unexpected error decoding %s", item.entry.path)
             return Failed(item.entry, "decode_error", f"{type(e).__name__}: {e}")
+
+
+    def _on_device(self, item: Read) -> Decoded | None:
+        """The "device" path (see `searchengine.device_decode`); None where it does not apply."""
+        from searchengine.device_decode import decode_on_device, decoder_for, model_input, thumbnail_image
+
+        got = decode_on_device(item.data, max_pixels=self.max_pixels, decoder=decoder_for(self.device), draft=self.draft or 0)
+        if got is None:
+            return None
+        pixels = model_input(got.pixels, self.preprocess)
+        caption_pixels = model_input(got.pixels, self.caption_preprocess) if self.caption_preprocess is not None else None
+        if pixels is None or (self.caption_preprocess is not None and caption_pixels is None):
+            return None
+        thumbnail = make_thumbnail(thumbnail_image(got.pixels, self.thumbnail_size), self.thumbnail_size, self.thumbnail_quality)
+        return Decoded(item.entry, item.sha256, got.meta, pixels, thumbnail, caption_pixels)
 
 
 @dataclass(frozen=True)
@@ -202,7 +224,7 @@ def stage_pixels(pixels: Sequence["torch.Tensor"], device: str) -> Staged:
     from searchengine.devices import is_cuda
 
     stacked = torch.stack(list(pixels))
-    if not is_cuda(device):
+    if not is_cuda(device) or stacked.device.type != "cpu":  # decoded on the device: there already
         return Staged(stacked)
     stream = _copy_streams.get(device)
     if stream is None:

@@ -59,8 +59,9 @@ def _common(parser: argparse.ArgumentParser, *, model: bool) -> None:
             help="where ITM re-ranking gets ViT features: cache (fp16), cache-int8 (half the disk), recompute (default: auto)",
         )
         g.add_argument(
-            "--text-backend", choices=["torch", "onnx"],
-            help="how a CPU encodes queries: torch (default) or onnx (ONNX Runtime, 3.7x faster; pip install onnxruntime onnx)",
+            "--text-backend", choices=["auto", "torch", "onnx"],
+            help="how a CPU encodes queries: torch, or onnx (ONNX Runtime, 3.7x faster; pip install onnxruntime onnx); "
+            "default auto: onnx in serve where ONNX Runtime is installed, torch elsewhere",
         )
 
 

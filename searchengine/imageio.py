@@ -142,10 +142,33 @@ def decode_image(
     side (a fraction of the memory and time of a full decode; the pixels then differ slightly
     from the reference processor's, see `settings.decode`). The metadata keeps the file's
     own width and height either way."""
+    sha = sha256 or sha256_of(data)
+    im = open_checked(data, max_pixels=max_pixels, limit_hint=limit_hint)
+    w, h = im.size
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if draft and im.format == "JPEG":
+                im.draft("RGB", (draft, draft))
+            im.load()
+            exif = im.getexif()
+            turned = exif.get(ORIENTATION_TAG) in (5, 6, 7, 8)  # shown a quarter turn from how it is stored
+            im = ImageOps.exif_transpose(im)
+            rgb, rgba = _to_rgb_keeping_alpha(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
+        raise _decode_failure("cannot decode image", e) from None
+    meta = meta_of(rgb.size, exif)
+    if rgb.size != (w, h) and rgb.size != (h, w):  # decoded at a reduced scale: the file's own size
+        meta.width, meta.height = (h, w) if turned else (w, h)
+    return Decoded(sha, rgb, meta, rgba)
+
+
+def open_checked(data: bytes, *, max_pixels: int, limit_hint: str = "raise --max-pixels to allow it") -> Image.Image:
+    """The image's header, opened (no pixel decoded yet) and checked: not empty, an image of a
+    format this install reads, at most `max_pixels`, with pixels. BadImageError otherwise."""
     if not data:
         raise BadImageError("empty", "file is empty (0 bytes)")
     _register_heif()
-    sha = sha256 or sha256_of(data)
     # Our limit (each caller's own) is checked from the header before any pixel is decoded.
     # PIL's process-wide guard stays on as a second line; it is only ever raised, never
     # lowered, so one caller's small limit (uploads) never leaks into another's decodes.
@@ -171,22 +194,7 @@ def decode_image(
         raise BadImageError("too_large", _too_large(f"{w}x{h} = {w * h:,} pixels", max_pixels, limit_hint))
     if w == 0 or h == 0:
         raise BadImageError("decode_error", f"image has no pixels ({w}x{h})")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if draft and im.format == "JPEG":
-                im.draft("RGB", (draft, draft))
-            im.load()
-            exif = im.getexif()
-            turned = exif.get(_ORIENTATION) in (5, 6, 7, 8)  # shown a quarter turn from how it is stored
-            im = ImageOps.exif_transpose(im)
-            rgb, rgba = _to_rgb_keeping_alpha(im)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
-        raise _decode_failure("cannot decode image", e) from None
-    meta = _meta(rgb, exif)
-    if rgb.size != (w, h) and rgb.size != (h, w):  # decoded at a reduced scale: the file's own size
-        meta.width, meta.height = (h, w) if turned else (w, h)
-    return Decoded(sha, rgb, meta, rgba)
+    return im
 
 
 def _decode_failure(what: str, e: BaseException) -> BadImageError:
@@ -228,13 +236,14 @@ def _to_rgb_keeping_alpha(im: Image.Image) -> tuple[Image.Image, Image.Image | N
 
 
 _EXIF_IFD = 0x8769
-_ORIENTATION = 0x0112
+ORIENTATION_TAG = 0x0112
 _GPS_IFD = 0x8825
 _TAGS = {v: k for k, v in ExifTags.TAGS.items()}
 
 
-def _meta(im: Image.Image, exif: Image.Exif) -> ImageMeta:
-    meta = ImageMeta(width=im.width, height=im.height)
+def meta_of(size: tuple[int, int], exif: Image.Exif) -> ImageMeta:
+    """An image's metadata from its (width, height) as shown and its EXIF."""
+    meta = ImageMeta(width=size[0], height=size[1])
     try:
         sub = exif.get_ifd(_EXIF_IFD)
         raw = sub.get(_TAGS["DateTimeOriginal"]) or exif.get(_TAGS["DateTime"])

@@ -3,8 +3,8 @@ as `RetrievalModel.text_features`, exported once per model to an ONNX file and r
 Runtime, which encodes a query 3.7x faster than PyTorch eager on 2 cores (32.6 against
 121.8 ms on the real-size model, ITC cosine 0.9999999: benchmarks/cpu_backends.py).
 
-The export is cached by the model's fingerprint (`~/.cache/searchengine/onnx`, or
-$XDG_CACHE_HOME), written to a temporary name and renamed, so a crash never leaves half a file.
+The export is cached by the model's fingerprint (`~/.cache/searchengine/onnx`, or under
+$XDG_CACHE_HOME or $SEARCHENGINE_CACHE_DIR), written to a temporary name and renamed, so a crash never leaves half a file.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
+    """$SEARCHENGINE_CACHE_DIR/onnx, else ~/.cache/searchengine/onnx (or under $XDG_CACHE_HOME)."""
+    if os.environ.get("SEARCHENGINE_CACHE_DIR"):
+        return Path(os.environ["SEARCHENGINE_CACHE_DIR"]) / "onnx"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "searchengine" / "onnx"
 

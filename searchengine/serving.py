@@ -160,7 +160,7 @@ class QueryService:
         from searchengine.wiring import load_model
 
         try:
-            self._loaded = load_model(self.settings, name)
+            self._loaded = load_model(self.settings, name, serving=True)
         except Exception as e:  # noqa: BLE001 - the old model serves on; the next refresh tries again
             log.error("cannot load %s, the model the index was re-indexed with: %s", name, e)
 

@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     # that still holds the pixels the model, captioner and thumbnail need a side (5x faster
     # on 12 MP photos; ITC cosine >= 0.999999 against "exact", benchmarks/feed_rate.py);
     # "exact" decodes in full, as the reference processor is given it.
-    decode: Literal["fast", "exact"] = "fast"
+    # "device": a plain JPEG is decoded on the model's device (nvJPEG on a CUDA GPU, through
+    # torchvision) and resized there; other files as "fast" (searchengine/device_decode.py).
+    decode: Literal["fast", "exact", "device"] = "fast"
     max_image_pixels: int = Field(150_000_000, ge=1)
     # Where ITM re-ranking gets each candidate's ViT output. "auto": an fp16 cache written at
     # index time when indexing runs on a CPU (re-running the ViT there costs seconds per
@@ -75,7 +77,10 @@ class Settings(BaseSettings):
     text_max_tokens: int = Field(35, ge=2)  # the paper truncates text at 35 tokens
     # How queries are encoded on a CPU: "torch" (PyTorch eager) or "onnx" (ONNX Runtime, 3.7x
     # faster on 2 cores, ITC cosine 0.9999999; needs onnxruntime and onnx; see onnx_text.py).
-    text_backend: Literal["torch", "onnx"] = "torch"
+    # "auto": onnx where it wins, in `serve` on a CPU with ONNX Runtime installed (the [cpu]
+    # extra brings it); torch for one-off commands, where loading a second copy of the text
+    # encoder costs more than it saves on one query, and on GPUs.
+    text_backend: Literal["auto", "torch", "onnx"] = "auto"
     max_query_chars: int = Field(1000, ge=1)
     search_mode: Literal["hybrid", "semantic", "keyword"] = "hybrid"
     # The vector index's tier (searchengine/ann.py). "auto": an exact scan below

@@ -103,19 +103,38 @@ def located_captioner(name: str) -> str:
     return name
 
 
-def load_model(settings: Settings, name: str):
+def load_model(settings: Settings, name: str, *, serving: bool = False):
+    """The retrieval model. `serving`: for a process that encodes query after query (`serve`),
+    where text_backend auto puts the query encoder on ONNX Runtime on a CPU."""
     from searchengine.models import RetrievalModel
 
     model = RetrievalModel.load(name, device=settings.device, dtype=settings.dtype, text_max_tokens=settings.text_max_tokens)
     use_threads(settings, model.device)
-    if settings.text_backend == "onnx":
-        if model.device == "cpu":
-            from searchengine.onnx_text import OnnxTextEncoder
+    backend = text_backend(settings.text_backend, model.device, serving=serving)
+    if backend == "onnx":
+        from searchengine.onnx_text import OnnxTextEncoder
 
+        try:
             model.onnx_text = OnnxTextEncoder(model)
-        else:
-            log.info("text_backend onnx is for CPUs; %s encodes queries with torch", model.device)
+        except ModelLoadError as e:
+            if settings.text_backend == "onnx":
+                raise
+            log.warning("queries are encoded with torch: %s", e)
+    elif settings.text_backend == "onnx":
+        log.info("text_backend onnx is for CPUs; %s encodes queries with torch", model.device)
     return model
+
+
+def text_backend(setting: str, device: str, *, serving: bool) -> str:
+    """What encodes queries: "onnx" or "torch" (see `Settings.text_backend`)."""
+    if device != "cpu":
+        return "torch"
+    if setting != "auto":
+        return setting
+    import importlib.util
+
+    installed = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+    return "onnx" if serving and installed else "torch"
 
 
 def use_threads(settings: Settings, device: str) -> None:
@@ -163,7 +182,7 @@ def open_for_serving(settings: Settings, *, create: bool = False, model: str | N
     library.background_rebuilds = True  # a library that outgrows its tier is re-indexed meanwhile
     library.maybe_retier()
     try:
-        return load_model(settings, model or retrieval_model(settings, library.built_with())), library
+        return load_model(settings, model or retrieval_model(settings, library.built_with()), serving=True), library
     except BaseException:
         library.close()
         raise

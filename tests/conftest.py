@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # torch's OpenMP (libgomp) worker threads spin while they wait for work. On a small machine
 # that is busy with anything else, those spinning threads take the cores the real work needs:
@@ -11,6 +12,9 @@ import os
 # the CLI and server processes the tests start inherit it through os.environ.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a network (read when the hub loads)
+# The ONNX query encoders that `serve` exports (text_backend auto) go to one folder for the
+# run, never to the cache in the home of whoever runs the tests.
+os.environ["SEARCHENGINE_CACHE_DIR"] = tempfile.mkdtemp(prefix="searchengine-test-cache-")
 
 import subprocess
 import sys

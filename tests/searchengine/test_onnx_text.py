@@ -49,10 +49,44 @@ def test_without_onnx_runtime_it_says_what_to_install(model, tmp_path, monkeypat
 def test_wiring_uses_it_on_a_cpu_when_asked(settings, tmp_path, monkeypatch):
     from searchengine import wiring
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("SEARCHENGINE_CACHE_DIR", str(tmp_path / "cache"))
     loaded = wiring.load_model(settings.model_copy(update={"text_backend": "onnx"}), settings.model)
-    assert isinstance(loaded.onnx_text, OnnxTextEncoder) and (tmp_path / "cache" / "searchengine" / "onnx").is_dir()
-    assert wiring.load_model(settings, settings.model).onnx_text is None  # torch by default
+    assert isinstance(loaded.onnx_text, OnnxTextEncoder) and (tmp_path / "cache" / "onnx").is_dir()
+    assert wiring.load_model(settings, settings.model).onnx_text is None  # one-off commands: torch
+    # text_backend auto (the default): a server on a CPU encodes with ONNX Runtime.
+    assert isinstance(wiring.load_model(settings, settings.model, serving=True).onnx_text, OnnxTextEncoder)
+    torch_only = settings.model_copy(update={"text_backend": "torch"})
+    assert wiring.load_model(torch_only, settings.model, serving=True).onnx_text is None
+
+
+def test_auto_chooses_onnx_where_it_wins_and_torch_elsewhere(monkeypatch):
+    import importlib.util
+
+    from searchengine.wiring import text_backend
+
+    assert text_backend("auto", "cpu", serving=True) == "onnx"
+    assert text_backend("auto", "cpu", serving=False) == "torch"  # one query: loading it costs more than it saves
+    assert text_backend("auto", "cuda:0", serving=True) == "torch"
+    assert text_backend("onnx", "mps", serving=True) == "torch"
+    assert text_backend("onnx", "cpu", serving=False) == "onnx" and text_backend("torch", "cpu", serving=True) == "torch"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    assert text_backend("auto", "cpu", serving=True) == "torch"  # not installed: torch, quietly
+
+
+def test_auto_falls_back_to_torch_when_the_export_fails(settings, monkeypatch, caplog):
+    from searchengine import onnx_text, wiring
+
+    def broken(model, path):
+        raise ModelLoadError("cannot export the text encoder to ONNX (RuntimeError: boom); use text_backend torch")
+
+    monkeypatch.setattr(onnx_text.OnnxTextEncoder, "_export", staticmethod(broken))
+    monkeypatch.setenv("SEARCHENGINE_CACHE_DIR", str(settings.data_dir) + "-cache")
+    with caplog.at_level("WARNING"):
+        loaded = wiring.load_model(settings, settings.model, serving=True)
+    assert loaded.onnx_text is None and "queries are encoded with torch" in caplog.text
+    with pytest.raises(ModelLoadError, match="boom"):  # asked for by name: refused, not swapped
+        wiring.load_model(settings.model_copy(update={"text_backend": "onnx"}), settings.model)
 
 
 def test_search_takes_text_backend_onnx_from_the_command_line(tmp_path, tiny_model_dir, model, monkeypatch):
@@ -63,17 +97,30 @@ def test_search_takes_text_backend_onnx_from_the_command_line(tmp_path, tiny_mod
 
     from tests.inprocess import run_cli
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("SEARCHENGINE_CACHE_DIR", str(tmp_path / "cache"))
     folder = tmp_path / "pics"
     folder.mkdir()
     rng = np.random.default_rng(1)
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
-    env = {"SEARCHENGINE_DATA_DIR": str(tmp_path / "data"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {"SEARCHENGINE_DATA_DIR": str(tmp_path / "data"), "SEARCHENGINE_CACHE_DIR": str(tmp_path / "cache")}
     assert run_cli("index", folder, "--model", tiny_model_dir, "--no-captions", env=env).returncode == 0
     ranked = {}
     for backend in ("torch", "onnx"):
         r = run_cli("search", "a", "photo", "--mode", "semantic", "--no-rerank", "--json", "--text-backend", backend, env=env)
         assert r.returncode == 0, r.stderr
         ranked[backend] = [(x["id"], round(x["itc"], 4)) for x in json.loads(r.stdout)["results"]]
-    assert ranked["onnx"] == ranked["torch"] and (tmp_path / "cache" / "searchengine" / "onnx").is_dir()
+    assert ranked["onnx"] == ranked["torch"] and (tmp_path / "cache" / "onnx").is_dir()
+
+
+def test_the_export_cache_lives_where_the_environment_says(monkeypatch, tmp_path):
+    from searchengine.onnx_text import cache_dir
+
+    monkeypatch.delenv("SEARCHENGINE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "searchengine" / "onnx"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "searchengine" / "onnx"
+    monkeypatch.setenv("SEARCHENGINE_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine" / "onnx"
