@@ -111,9 +111,13 @@ class Indexer:
         on_total: Callable[[int], None] | None = None,
         captioner: Captioner | None = None,
         on_caption_error: Callable[[str, str], None] | None = None,
+        runner=None,
     ) -> None:
         self.model = model
         self.captioner = captioner
+        # What drives the stages: None for this process's threads (`_process`), or an object
+        # with `process(indexer, todo, summary)` such as `indexer.ray_runner.RayRunner`.
+        self.runner = runner
         self.library = library
         self.settings = settings
         self.scanner = scanner
@@ -196,7 +200,8 @@ class Indexer:
         """
         summary = summary if summary is not None else Summary()
         try:
-            linked = self._process(list(changed), summary)
+            todo = list(changed)
+            linked = self.runner.process(self, todo, summary) if self.runner is not None else self._process(todo, summary)
             if removed:
                 before = self.library.hashes_of(removed)
                 self.library.remove_files(removed)

@@ -209,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per model batch (default: 8 on a CPU, 64 on a GPU)")
     p.add_argument("--workers", type=int, dest="decode_workers", help="decoding threads (default: one per core)")
     p.add_argument("--max-pixels", type=int, dest="max_image_pixels", help="refuse images larger than this (default: 150M)")
+    p.add_argument(
+        "--runner", choices=["local", "ray"], default="local",
+        help="local: this machine's threads (default); ray: Ray Data on a cluster (pip install 'searchengine[ray]'; "
+        "the folders must be at the same path on every node)",
+    )
+    p.add_argument(
+        "--ray-address", metavar="ADDRESS",
+        help="with --runner ray: auto (the cluster this machine is in), ray://HOST:PORT, or none to start Ray here",
+    )
     _links_option(p)
     _caption_options(p)
     _common(p, model=True)
@@ -448,6 +457,12 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
 
     started = time.perf_counter()
     settings = _settings(args)
+    runner = None
+    if args.runner == "ray":
+        from indexer.ray_runner import RayRunner, check_installed
+
+        check_installed()  # before any model loads
+        runner = RayRunner(settings, args.ray_address)
     recorded = Library.recorded(settings)
     folders = _folders(args, settings, recorded, err)
     parts = wiring.open_for_indexing(settings, recorded)
@@ -467,7 +482,7 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
     try:
         indexer = Indexer(
             model, library, settings, on_skip=on_skip, progress=bar.update, on_total=on_total,
-            captioner=captioner, on_caption_error=on_caption_error,
+            captioner=captioner, on_caption_error=on_caption_error, runner=runner,
         )
         library.record_captioner(captioner is not None, captioner.name if captioner else None)
         summary = indexer.run(folders)
@@ -491,7 +506,10 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
     rate = f" ({summary.indexed / summary.seconds:.2f} images/s)" if summary.indexed and summary.seconds > 0 else ""
     total = time.perf_counter() - started
     print(f"{line}; {total:.1f} s: loading models {load_s:.1f} s, indexing {summary.seconds:.1f} s{rate}", file=out)
-    if summary.time:
+    if summary.time and "cluster" in summary.time:  # --runner ray: the stages ran on the cluster
+        t = summary.time
+        print(f"time: waiting for the cluster (read, decode, models) {t['cluster']:.1f} s, write {t['write']:.1f} s", file=out)
+    elif summary.time:
         t = summary.time
         print(
             f"time: read {t['read']:.1f} s and decode {t['decode']:.1f} s (over {settings.decode_threads} threads, "

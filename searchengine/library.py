@@ -629,6 +629,11 @@ class Library:
         """Which of these contents (sha256) the library has already: linked, never re-embedded."""
         return self.store.indexed_hashes(hashes)
 
+    def store_hashes(self) -> list[str]:
+        """Every content (sha256) the library has: what a distributed runner's workers are
+        told, so that they decode only what is new."""
+        return self.store.all_hashes()
+
     def write_batch(
         self,
         new: Sequence[NewImage] = (),

@@ -514,6 +514,11 @@ class Store:
                 found.update(conn.execute(select(images.c.sha256).where(images.c.sha256.in_(chunk))).scalars())
         return found
 
+    def all_hashes(self) -> list[str]:
+        """Every content hash the store has an image for."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(images.c.sha256)).scalars())
+
     def image_id_for_hash(self, sha256: str) -> int | None:
         with self.engine.connect() as conn:
             return conn.execute(select(images.c.id).where(images.c.sha256 == sha256)).scalar()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # torch's OpenMP (libgomp) worker threads spin while they wait for work. On a small machine
@@ -15,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a network (rea
 # The ONNX query encoders that `serve` exports (text_backend auto) go to one folder for the
 # run, never to the cache in the home of whoever runs the tests.
 os.environ["SEARCHENGINE_CACHE_DIR"] = tempfile.mkdtemp(prefix="searchengine-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SEARCHENGINE_CACHE_DIR"], ignore_errors=True)
 
 import subprocess
 import sys
