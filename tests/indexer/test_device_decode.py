@@ -114,3 +114,35 @@ def test_a_jpeg_the_decoder_refuses_goes_to_pil(model):
 
     assert decode_on_device(data, max_pixels=10**8, decoder=refuses) is None
     assert decode_on_device(save(Image.fromarray(gradient()), "PNG"), max_pixels=10**8, decoder=pil_jpeg) is None
+
+
+def test_fast_and_device_decodes_rank_as_the_exact_one_on_the_trained_fixture(colour_model_dir, tmp_path):
+    """The colour-trained tiny model, 40 large JPEGs of coloured pictures (so that the fast
+    and device paths decode at reduced scale): each colour's top 10 is the exact path's, and
+    every ITC vector within cosine 0.999 of it."""
+    from searchengine.models import RetrievalModel
+    from tests.trained import COLOURS, colour_picture
+
+    model = RetrievalModel.load(str(colour_model_dir), device="cpu", dtype="float32")
+    rng = np.random.default_rng(7)
+    entries = []
+    for i in range(40):
+        path = tmp_path / f"{i:02d}.jpg"
+        colour_picture(list(COLOURS)[i % 4], rng).resize((1600, 1200), Image.Resampling.BICUBIC).save(path, quality=90)
+        entries.append(_entry(path))
+    read = ReadStage()
+    reads = [read(e) for e in entries]
+    vectors = {}
+    for how in ("exact", "fast", "device"):
+        stage = DecodeStage(model.preprocessor, 10**8, 320, decode=how, device="cpu")
+        decoded = [stage(r) for r in reads]
+        assert all(isinstance(d, Decoded) for d in decoded)
+        vectors[how] = np.stack([e.itc for e in EmbedStage(model)(decoded)])
+    texts = model.embed_texts(list(COLOURS))
+    for how in ("fast", "device"):
+        assert (vectors[how] * vectors["exact"]).sum(-1).min() >= 0.999, how
+        for c, t in zip(COLOURS, texts):
+            top = lambda v: list(np.argsort(-(v @ t).max(-1), kind="stable")[:10])
+            exact = top(vectors["exact"])
+            assert {i % 4 for i in exact} == {list(COLOURS).index(c)}  # the fixture sees colour
+            assert set(top(vectors[how])) == set(exact), (how, c)
