@@ -44,6 +44,7 @@ from sqlalchemy import (
     delete,
     event,
     case,
+    cast,
     false,
     func,
     insert,
@@ -76,6 +77,10 @@ SCHEMA_VERSION = 4
 VECTOR_DTYPE = np.float16
 
 metadata = MetaData()
+# Paths compare byte by byte on every backend: folder filters are range scans on the path
+# index ("/a/b/" <= path < "/a/b0"), which a linguistic collation (PostgreSQL's default in
+# most locales) would break. SQLite compares bytes already.
+PATH = Text().with_variant(Text(collation="C"), "postgresql")
 
 meta = Table(
     "meta",
@@ -88,7 +93,7 @@ roots = Table(
     "roots",
     metadata,
     Column("id", Integer, primary_key=True),
-    Column("path", Text, nullable=False, unique=True),
+    Column("path", PATH, nullable=False, unique=True),
     Column("added_at", Float, nullable=False),
 )
 
@@ -131,7 +136,7 @@ files = Table(
     "files",
     metadata,
     Column("id", Integer, primary_key=True),
-    Column("path", Text, nullable=False, unique=True),
+    Column("path", PATH, nullable=False, unique=True),
     Column("image_id", Integer, ForeignKey("images.id", ondelete="SET NULL"), index=True),
     Column("size", BigInteger, nullable=False),
     Column("mtime_ns", BigInteger, nullable=False),
@@ -326,6 +331,8 @@ class Store:
             self.text.create(conn)
             if version is None or int(version) < SCHEMA_VERSION:
                 self._set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+            if self._get_meta(conn, "revision") is None:
+                self._set_meta(conn, "revision", "0")
             # The text index is derived from images + files: rebuilt whenever it is out of
             # step (after the upgrade above, or if it was ever damaged).
             n_images = conn.execute(select(func.count()).select_from(images)).scalar()
@@ -399,8 +406,14 @@ class Store:
             self.text.put(conn, [(i, captions[i], path_words(paths[i], root_paths)) for i in captions])
 
     def _bump_revision(self, conn: Connection) -> None:
-        rev = int(self._get_meta(conn, "revision") or 0)
-        self._set_meta(conn, "revision", str(rev + 1))
+        # One UPDATE, so that two writers at once (PostgreSQL lets them run side by side) each
+        # add one: a read-then-write would let one of them lose its bump, and a reader its
+        # notice of that writer's change.
+        bumped = conn.execute(
+            update(meta).where(meta.c.key == "revision").values(value=cast(cast(meta.c.value, Integer) + 1, Text))
+        )
+        if bumped.rowcount == 0:
+            self._set_meta(conn, "revision", "1")
 
     def problem(self) -> str | None:
         """None when the store answers a read; else what SQLite says is wrong with its file."""
@@ -780,7 +793,7 @@ class Store:
         if filters.camera and skip != "camera":
             q = q.where(images.c.camera == filters.camera)
         if filters.lens and skip != "lens":
-            q = q.where(images.c.lens == filters.lens) if self.has_lens else q.where(text("0"))
+            q = q.where(images.c.lens == filters.lens) if self.has_lens else q.where(false())
         if filters.file_type and skip != "type":
             exts = FILE_TYPES.get(filters.file_type, ())
             q = q.where(images.c.id.in_(

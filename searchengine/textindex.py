@@ -1,14 +1,15 @@
 """The full-text index over captions and path words: one row per image, keyed by image id.
 
 The store writes it in the same transaction as the rows it is derived from, so it can never
-disagree with them after a crash. `TextIndex` is what the store needs from a backend; SQLite
-FTS5 is the one built. A PostgreSQL backend would keep a `tsvector` column with a GIN index
-and compile the same `KeywordQuery` to a `tsquery` (`&`, `|`, `!`, `<->` for phrases).
+disagree with them after a crash. `TextIndex` is what the store needs from a backend: SQLite
+FTS5, or on PostgreSQL a `tsvector` column with a GIN index, the same `KeywordQuery` compiled
+to a `tsquery` (`&&`, `||`, `!!`, phrases as `<->`).
 """
 
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
@@ -169,7 +170,129 @@ class SqliteFts5:
         return [int(r[0]) for r in conn.execute(q, {"q": _any(clauses)})]
 
 
+def fold(text_: str) -> str:
+    """Lower case, accents off ("Café" -> "cafe"): what FTS5's unicode61 tokenizer does with
+    remove_diacritics, done here for PostgreSQL (whose `unaccent` is an extension that a
+    database may not have)."""
+    decomposed = unicodedata.normalize("NFKD", text_ or "")
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).lower()
+
+
+class PostgresTsvector:
+    """A `tsvector` column with a GIN index, in a text search configuration of its own:
+    English Snowball stemming ("dogs" finds "dog", as FTS5's porter does) and no stop words
+    (FTS5 has none: "a", "the" and "on" are words you can look for). Captions and names are
+    folded (`fold`) before both indexing and querying. Each clause is a phrase
+    (`phraseto_tsquery`: words adjacent, in order); clauses combine with `&&`, `||` and `!!`.
+    Relevance: `ts_rank`."""
+
+    table = "image_text"
+    config = "searchengine_english"
+
+    def create(self, conn: Connection) -> None:
+        has = conn.execute(text("SELECT 1 FROM pg_ts_config WHERE cfgname = :c"), {"c": self.config}).first()
+        if has is None:
+            conn.execute(text("CREATE TEXT SEARCH DICTIONARY searchengine_snowball (TEMPLATE = snowball, Language = english)"))
+            conn.execute(text(f"CREATE TEXT SEARCH CONFIGURATION {self.config} (COPY = english)"))
+            conn.execute(text(
+                f"ALTER TEXT SEARCH CONFIGURATION {self.config} ALTER MAPPING FOR asciiword, asciihword, hword_asciipart, "
+                "word, hword, hword_part WITH searchengine_snowball"
+            ))
+        conn.execute(text(
+            f"CREATE TABLE IF NOT EXISTS {self.table} (id integer PRIMARY KEY, caption text NOT NULL, "
+            "names text NOT NULL, doc tsvector NOT NULL)"
+        ))
+        conn.execute(text(f"CREATE INDEX IF NOT EXISTS {self.table}_doc ON {self.table} USING gin (doc)"))
+
+    def put(self, conn: Connection, rows: Iterable[tuple[int, str, str]]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        self.delete(conn, [r[0] for r in rows])
+        conn.execute(
+            text(
+                f"INSERT INTO {self.table}(id, caption, names, doc) VALUES (:id, :caption, :names, "
+                f"to_tsvector('{self.config}', :fc || ' ' || :fn))"
+            ),
+            [{"id": i, "caption": c or "", "names": n or "", "fc": fold(c or ""), "fn": fold(n or "")} for i, c, n in rows],
+        )
+
+    def delete(self, conn: Connection, ids: Iterable[int]) -> None:
+        ids = list(ids)
+        if ids:
+            conn.execute(text(f"DELETE FROM {self.table} WHERE id = ANY(:ids)"), {"ids": ids})
+
+    def count(self, conn: Connection) -> int:
+        return conn.execute(text(f"SELECT count(*) FROM {self.table}")).scalar_one()
+
+    def clear(self, conn: Connection) -> None:
+        conn.execute(text(f"DELETE FROM {self.table}"))
+
+    def _phrase(self, name: str) -> str:
+        return f"phraseto_tsquery('{self.config}', :{name})"
+
+    def _query(self, query: KeywordQuery, params: dict) -> str:
+        def clause(c: Clause) -> str:
+            name = f"q{len(params)}"
+            params[name] = fold(" ".join(c))
+            return self._phrase(name)
+
+        if query.required:
+            expr = " && ".join(clause(c) for c in query.required)
+        else:
+            expr = "(" + " || ".join(clause(c) for c in query.optional) + ")"
+        if query.excluded:
+            expr = f"({expr}) && !!(" + " || ".join(clause(c) for c in query.excluded) + ")"
+        return expr
+
+    def search(
+        self, conn: Connection, query: KeywordQuery, limit: int, within: Select | None = None, total: Select | None = None
+    ) -> list[KeywordHit]:
+        if not query.searchable or limit <= 0:
+            return []
+        t = self.table
+        params: dict = {}
+        q = self._query(query, params)
+        params["n"] = 4 * limit
+        where = ""
+        if within is not None:
+            compiled = within.compile(conn, compile_kwargs={"literal_binds": True})
+            where = f" AND id IN ({compiled})"
+        # The same one statement as FTS5's: a pool by relevance, each clause's matches once.
+        ctes = [f"pool AS (SELECT id, ts_rank(doc, {q}) AS b FROM {t} WHERE doc @@ ({q}){where} ORDER BY b DESC LIMIT :n)"]
+        columns = ["pool.id", "pool.b"]
+        for j, c in enumerate(query.clauses):
+            params[f"c{j}"] = fold(" ".join(c))
+            ctes.append(f"c{j} AS MATERIALIZED (SELECT id FROM {t} WHERE doc @@ {self._phrase(f'c{j}')})")
+            columns += [f"pool.id IN (SELECT id FROM c{j})", f"(SELECT count(*) FROM c{j})"]
+        if total is not None:
+            columns.append(f"({total.compile(conn, compile_kwargs={'literal_binds': True})})")
+        sql = f"WITH {', '.join(ctes)} SELECT {', '.join(columns)} FROM pool ORDER BY pool.b DESC"
+        rows = conn.execute(text(sql), params).all()
+        if not rows:
+            return []
+        n = len(query.clauses)
+        first = rows[0]
+        library_size = first[2 + 2 * n] if total is not None else 0
+        weights = [clause_weight(first[3 + 2 * j], library_size) if library_size else 1.0 for j in range(n)]
+        hits = [
+            KeywordHit(int(r[0]), weighted_coverage([bool(r[2 + 2 * j]) for j in range(n)], weights), float(r[1]))
+            for r in rows
+        ]
+        hits.sort(key=lambda h: (-h.coverage, -h.relevance, h.image_id))
+        return hits[:limit]
+
+    def matching(self, conn: Connection, clauses: Sequence[Clause]) -> list[int]:
+        if not clauses:
+            return []
+        params = {f"m{i}": fold(" ".join(c)) for i, c in enumerate(clauses)}
+        expr = " || ".join(self._phrase(name) for name in params)
+        return [int(r[0]) for r in conn.execute(text(f"SELECT id FROM {self.table} WHERE doc @@ ({expr}) ORDER BY id"), params)]
+
+
 def text_index_for(dialect: str) -> TextIndex:
     if dialect == "sqlite":
         return SqliteFts5()
-    raise SchemaError(f"keyword search is built for SQLite only so far, not {dialect}")
+    if dialect == "postgresql":
+        return PostgresTsvector()
+    raise SchemaError(f"keyword search is built for SQLite and PostgreSQL, not {dialect}")

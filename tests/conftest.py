@@ -92,3 +92,23 @@ def photo_files(photos_dir) -> list[Path]:
 @pytest.fixture
 def settings(tmp_path, tiny_model_dir) -> Settings:
     return Settings(data_dir=tmp_path / "data", model=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the run (tests/pg.py), started on first use."""
+    from tests.pg import Server
+
+    server = Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """A new, empty store on each backend: a SQLite file, a PostgreSQL database."""
+    from searchengine.store import sqlite_url
+
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path / "store.db")
+    return request.getfixturevalue("postgres").new_database()

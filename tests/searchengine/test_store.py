@@ -14,8 +14,9 @@ INFO = ModelInfo("m", "abc", 2, 3, (5, 4))
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store.open(sqlite_url(tmp_path / "store.db"))
+def store(store_url):
+    """A store on SQLite, and on PostgreSQL: every test that takes it runs on both."""
+    s = Store.open(store_url)
     s.bind_model(INFO)
     yield s
     s.close()
@@ -25,9 +26,11 @@ def _vec(seed):
     return np.random.default_rng(seed).standard_normal((2, 3)).astype(np.float32)
 
 
-def test_wal_mode(store):
-    with store.engine.connect() as conn:
+def test_wal_mode(tmp_path):
+    s = Store.open(sqlite_url(tmp_path / "store.db"))
+    with s.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    s.close()
 
 
 def test_another_model_is_refused(store):
@@ -36,8 +39,8 @@ def test_another_model_is_refused(store):
         store.bind_model(ModelInfo("other", "def", 2, 3, (5, 4)))
 
 
-def test_newer_schema_is_refused(tmp_path):
-    url = sqlite_url(tmp_path / "s.db")
+def test_newer_schema_is_refused(store_url):
+    url = store_url
     s = Store.open(url)
     with s.engine.begin() as conn:
         conn.execute(update(meta).where(meta.c.key == "schema_version").values(value=str(SCHEMA_VERSION + 1)))
@@ -177,3 +180,47 @@ def test_paths_are_listed_oldest_first(store):
     store.write_batch(links=[("/p/zebra.jpg", 1, 3, "h1")])  # touched again: updated in place
     assert store.images([image_id])[image_id].paths == ["/p/zebra.jpg", "/p/aardvark.jpg"]
     assert [f["path"] for f in store.image_detail(image_id)["files"]] == ["/p/zebra.jpg", "/p/aardvark.jpg"]
+
+
+def test_words_match_alike_on_every_backend(store):
+    """What FTS5 (unicode61, diacritics off, porter) finds, PostgreSQL finds too: accents,
+    other scripts, stemming, and short words that PostgreSQL would drop as stop words."""
+    store.add_root("/lib")
+    (a,), _ = store.write_batch(new_images=[("h1", ImageMeta(1, 1, caption="a dog on the sand at the Café"), _vec(1),
+                                             [("/lib/Zürich 東京/IMG_2.jpg", 1, 1)])])
+    (b,), _ = store.write_batch(new_images=[("h2", ImageMeta(1, 1, caption="cats sleeping"), _vec(2), [("/lib/x/y.jpg", 1, 1)])])
+    for query, expected in (
+        ("cafe", [a]), ("café", [a]), ("CAFE", [a]), ("zurich", [a]), ("zürich", [a]), ("東京", [a]),
+        ("dogs", [a]), ("cat", [b]), ("sleep", [b]), ("on", [a]), ("the", [a]), ('"on the sand"', [a]),
+        ('"the on"', []), ("dog -cafe", []), ("2", [a]),
+    ):
+        assert _kw(store, query) == expected, query
+
+
+def test_writers_at_once_each_bump_the_revision(store_url):
+    """Two writers side by side (two processes' stores: each its own connections): every
+    committed batch adds one to the revision that readers poll, none is lost."""
+    import threading
+
+    stores = [Store.open(store_url) for _ in range(2)]
+    stores[0].bind_model(INFO)
+    before = stores[0].revision()
+    errors = []
+
+    def write(k: int) -> None:
+        try:
+            for i in range(15):
+                stores[k].write_batch(failures=[(f"/w{k}/{i}.jpg", 1, 1, "empty", "e")])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert stores[1].revision() == before + 30
+    assert len(stores[1].files_under("/w0")) == len(stores[1].files_under("/w1")) == 15
+    for s in stores:
+        s.close()
