@@ -45,6 +45,11 @@ def _links_option(parser: argparse.ArgumentParser) -> None:
 def _common(parser: argparse.ArgumentParser, *, model: bool) -> None:
     g = parser.add_argument_group("common options")
     g.add_argument("--data-dir", help="where the index lives (default: ~/.local/share/searchengine; env SEARCHENGINE_DATA_DIR)")
+    g.add_argument(
+        "--database", dest="database_url", metavar="URL",
+        help="keep the store in a database server, e.g. postgresql+psycopg://user:pass@host/db (default: a SQLite file "
+        "in the data dir; env SEARCHENGINE_DATABASE_URL); the data dir still holds this machine's FAISS index and caches",
+    )
     g.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     if model:
         g.add_argument(
@@ -406,7 +411,7 @@ def _dash_words_as_query(parser: argparse.ArgumentParser, argv: list[str]) -> li
 
 def _settings(args: argparse.Namespace) -> Settings:
     keys = ("data_dir", "model", "device", "dtype", "itm_features", "batch_size", "decode_workers",
-            "max_image_pixels", "k_candidates", "rerank_top", "host", "port", "captions", "caption_model", "search_mode", "links", "vqa_model", "text_backend")
+            "max_image_pixels", "k_candidates", "rerank_top", "host", "port", "captions", "caption_model", "search_mode", "links", "vqa_model", "text_backend", "database_url")
     values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if values.get("caption_model") and "captions" not in values:
         values["captions"] = True  # naming a captioner asks for captions
@@ -663,6 +668,7 @@ def cmd_stats(args: argparse.Namespace, out, err) -> int:
         print(json.dumps(data, ensure_ascii=False, indent=2), file=out)
         return 0
     print(f"data dir     {data['data_dir']}", file=out)
+    print(f"store        {data['store']}", file=out)
     if data["model"]:
         print(f"model        {data['model']} (fingerprint {data['model_fingerprint']}, {data['model_dtype']})", file=out)
     else:
@@ -944,6 +950,11 @@ def cmd_restore(args: argparse.Namespace, out, err) -> int:
     from searchengine.library import Library, unwritable_path
 
     settings = _settings(args)
+    if settings.database_url:
+        raise SearchEngineError(
+            f"the store is in the database {settings.store_location}: restore it with the server's own tools "
+            "(pg_restore), then run any command to bring this machine's vector index in line"
+        )
     if args.list:
         backups = backup.list_backups(settings.store_path)
         for b in backups:

@@ -45,7 +45,9 @@ import numpy as np
 
 from searchengine import ann, backup, links
 from searchengine.ann import AnnIndex, max_sim
-from searchengine.errors import IndexBusyError, IndexNotFoundError, ReadOnlyIndexError, StoreDamagedError, StoreMissingError
+from searchengine.errors import (
+    IndexBusyError, IndexNotFoundError, ReadOnlyIndexError, SearchEngineError, StoreDamagedError, StoreMissingError,
+)
 from searchengine.faiss_gpu import GpuMirror
 from searchengine.feature_cache import FeatureCache
 from searchengine.filecache import sweep_temporary
@@ -144,7 +146,8 @@ def unwritable_path(settings: Settings) -> Path | None:
     if not os.access(data_dir, os.W_OK | os.X_OK):
         return data_dir
     store = settings.store_path
-    for path in (store, Path(f"{store}-wal"), Path(f"{store}-shm"), settings.vectors_path, settings.ann_manifest_path):
+    store_files = () if settings.database_url else (store, Path(f"{store}-wal"), Path(f"{store}-shm"))
+    for path in (*store_files, settings.vectors_path, settings.ann_manifest_path):
         if path.exists() and not os.access(path, os.W_OK):
             return path
     return None
@@ -152,6 +155,8 @@ def unwritable_path(settings: Settings) -> Path | None:
 
 def _open_store(settings: Settings, *, read_only: bool, no_room: bool = False) -> Store:
     """The store, or StoreDamagedError that says how to get it back."""
+    if settings.database_url:  # a database server: its own durability, no backups of ours
+        return Store.open(settings.database_url, read_only=read_only, location=settings.store_location)
     try:
         if read_only:
             url = sqlite_readonly_url(settings.store_path, no_room=no_room)
@@ -178,10 +183,29 @@ def index_traces(settings: Settings) -> list[str]:
     return traces
 
 
+def store_exists(settings: Settings) -> bool:
+    """Whether there is an index's store: the SQLite file, or an index's tables in the database."""
+    if not settings.database_url:
+        return settings.store_path.exists()
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            return inspect(conn).has_table("meta")
+    except Exception as e:  # noqa: BLE001 - a server that cannot be reached, in its own words
+        said = str(getattr(e, "orig", None) or e).strip().splitlines()
+        raise SearchEngineError(f"cannot reach the database {settings.store_location}: {said[0] if said else type(e).__name__}") from None
+    finally:
+        engine.dispose()
+
+
 def check_store_present(settings: Settings) -> None:
     """StoreMissingError where the store is gone (or empty) but an index was there: a new empty
     store would silently lose every id, vector and caption, and reconciling would then wipe
     the derived files to match it. Never replace it: say what is missing and how to get it back."""
+    if settings.database_url:
+        return  # the database server keeps the store; an empty database is a new index
     store = settings.store_path
     missing = not store.exists() or store.stat().st_size == 0
     traces = index_traces(settings) if missing else []
@@ -283,7 +307,7 @@ class Library:
         """
         data_dir = Path(settings.data_dir)
         check_store_present(settings)
-        if not create and not settings.store_path.exists():
+        if not create and not store_exists(settings):
             raise IndexNotFoundError(
                 f"no index in {data_dir}: run `searchengine index FOLDER` first, or point --data-dir at one"
             )
@@ -297,12 +321,12 @@ class Library:
             try:
                 return cls(settings, _open_store(settings, read_only=False), vectors=vectors)
             except OSError as e:
-                if not (reader and e.errno == errno.ENOSPC and settings.store_path.exists()):
+                if not (reader and e.errno == errno.ENOSPC and store_exists(settings)):
                     raise
                 # A full disk: a reader still reads, read-only, changing nothing.
                 log.warning("the disk holding %s is full; reading the index read-only", data_dir)
                 return cls(settings, _open_store(settings, read_only=True, no_room=True), writable=False, vectors=vectors)
-        if not settings.store_path.exists():
+        if not store_exists(settings):
             # create=True but nothing may be written: there is no index to read either.
             raise ReadOnlyIndexError(
                 f"no index in {data_dir}, and {blocked or data_dir} is not writable, so none can be made there"
@@ -327,7 +351,7 @@ class Library:
     def recorded(cls, settings: Settings) -> Recorded | None:
         """The model and captioner an existing index was built with (None: no index there),
         read without loading anything else, so a command can choose its models first."""
-        if not settings.store_path.exists() and not index_traces(settings):
+        if not store_exists(settings) and not index_traces(settings):
             return None
         check_store_present(settings)
         # A read-only index is read as `open` would, without a write.
@@ -653,15 +677,18 @@ class Library:
             new_ids, orphans = self.store.write_batch(
                 new_images=[(n.sha256, n.meta, n.itc, [n.file]) for n in new], links=links, failures=failures
             )
-            if new:
-                kept = [(image_id, n.vit) for image_id, n in zip(new_ids, new) if n.vit is not None]
+            # An id of None: another writer of a shared database indexed that content first,
+            # and the store linked the file to theirs.
+            made = [(image_id, n) for image_id, n in zip(new_ids, new) if image_id is not None]
+            if made:
+                kept = [(image_id, n.vit) for image_id, n in made if n.vit is not None]
                 if kept:  # the ViT output of those the indexer keeps it for
                     self.cache_vit(*zip(*kept))
-                for image_id, n in zip(new_ids, new):
+                for image_id, n in made:
                     self.thumbnails.put_bytes(image_id, n.thumbnail)
-                self.add_vectors(new_ids, np.stack([n.itc for n in new]))
+                self.add_vectors([i for i, _ in made], np.stack([n.itc for _, n in made]))
             self.forget_images(orphans)
-        return new_ids
+        return [i for i in new_ids if i is not None]
 
     def remove_files(self, paths: Sequence[str]) -> list[int]:
         """Forget these paths (gone from disk); images left with no file go too, from the store
@@ -1036,6 +1063,12 @@ class Library:
         """None while the store is there and readable; else what is wrong and what to do (a
         serving process reports it at /healthz and answers 503 rather than 500s)."""
         path = self.settings.store_path
+        if self.settings.database_url:
+            try:
+                self.store.revision()
+                return None
+            except Exception as e:  # noqa: BLE001
+                return f"the database {self.settings.store_location} does not answer: {e}"
         if not path.exists() or path.stat().st_size == 0:
             what = "is missing" if not path.exists() else "is empty (0 bytes)"
         else:
@@ -1053,8 +1086,9 @@ class Library:
         repaired by the next command that opens the index for writing."""
         out: list[tuple[bool, str]] = []
         s = self.settings
-        problem = backup.integrity_problem(s.store_path)
-        out.append((problem is None, f"store {s.store_path}: " + (problem or "sound (integrity check ok)")))
+        problem = None if s.database_url else backup.integrity_problem(s.store_path)
+        sound = "sound (integrity check ok)" if not s.database_url else "answers (the server checks its own integrity)"
+        out.append((problem is None, f"store {s.store_location}: " + (problem or sound)))
         if problem is not None:
             return out
         c = self.store.consistency()
@@ -1082,6 +1116,9 @@ class Library:
                 out.append((stale == 0, f"{name}: {stale} entries of images no longer indexed (dropped on open)"))
         gone = sum(1 for p in self.store.indexed_paths() if not os.path.exists(p))
         out.append((gone == 0, f"files on disk: {gone} indexed files not there now (`searchengine index` updates the index)"))
+        if s.database_url:
+            out.append((True, "backups: the database server's own (pg_dump)"))
+            return out
         backups = self.backups()
         out.append((bool(backups) or s.backups == 0, f"backups: {len(backups)}" + (f", newest {backups[0].name}" if backups else "")))
         return out
@@ -1090,8 +1127,8 @@ class Library:
 
     def backup(self) -> backup.Backup | None:
         """Back the store up now (None where backups are off or nothing may be written)."""
-        if not self.writable or self.settings.backups == 0:
-            return None
+        if not self.writable or self.settings.backups == 0 or self.settings.database_url:
+            return None  # a database server is backed up by its own tools (pg_dump)
         made = backup.make_backup(self.settings.store_path, self.store.revision(), self.settings.backups)
         self._last_backup = time.monotonic()
         log.info("backed up the store to %s (%d bytes)", made.path, made.size)
@@ -1100,6 +1137,8 @@ class Library:
     def maybe_backup(self) -> backup.Backup | None:
         """A backup if the store changed since the last one and `backup_interval_s` has passed
         (the watcher's cadence: its updates come one by one, all day)."""
+        if self.settings.database_url:
+            return None
         newest = backup.list_backups(self.settings.store_path)
         if newest and newest[0].revision == self.store.revision():
             return None
@@ -1118,6 +1157,7 @@ class Library:
         model = stats.model
         return {
             "data_dir": str(self.settings.data_dir),
+            "store": self.settings.store_location,
             "images": stats.images,
             "files": stats.files,
             "failed": stats.failed,

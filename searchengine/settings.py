@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
 
     # Indexing.
+    # The store: None for the SQLite file in the data dir; else a SQLAlchemy URL of a database
+    # server (postgresql+psycopg://user:password@host/db), which several machines can share.
+    # FAISS, thumbnails and caches stay in each machine's data dir, derived from the store.
+    database_url: str | None = None
     batch_size: int = Field(0, ge=0)  # 0: automatic (8 on a CPU, 64 on a GPU)
     decode_workers: int = Field(0, ge=0)  # 0: one per core
     torch_threads: int = Field(0, ge=0)  # torch's intra-op threads; 0: as devices.py decides
@@ -149,7 +153,22 @@ class Settings(BaseSettings):
 
     @property
     def store_path(self) -> Path:
+        """The SQLite store (where no `database_url` names a database server)."""
         return self.data_dir / "store.db"
+
+    @property
+    def store_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.store_path}"
+
+    @property
+    def store_location(self) -> str:
+        """The store as messages name it: the SQLite file, or the database's URL without its
+        password."""
+        if not self.database_url:
+            return str(self.store_path)
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.database_url).render_as_string(hide_password=True)
 
     @property
     def vectors_path(self) -> Path:

@@ -55,7 +55,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, Connection, Engine
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy.exc import DatabaseError, IntegrityError
 
 from searchengine.errors import (
     ModelMismatchError,
@@ -547,8 +547,28 @@ class Store:
         new_images: (sha256, meta, vectors [Q, D], [(path, size, mtime_ns), ...])
         links: (path, size, mtime_ns, sha256) of files whose content is already indexed
         failures: (path, size, mtime_ns, reason, error)
-        Returns (ids of the new images, ids of images left with no file, now deleted).
+        Returns (ids of the new images, ids of images left with no file, now deleted). A new
+        image whose content another writer committed first (two indexers sharing a database
+        server, each with a copy of one photo) is linked to that one instead: its id is None.
         """
+        taken: set[str] = set()
+        for attempt in range(3):
+            kept = [n for n in new_images if n[0] not in taken]
+            extra = [(p, size, m, sha) for sha, _, _, paths in new_images if sha in taken for p, size, m in paths]
+            try:
+                ids, orphans = self._write_batch(kept, [*links, *extra], failures)
+            except IntegrityError:
+                now_taken = self.indexed_hashes(n[0] for n in new_images)
+                if attempt == 2 or not (now_taken - taken):
+                    raise
+                log.info("%d images of a batch were indexed by another writer meanwhile: linked to theirs", len(now_taken))
+                taken = now_taken
+                continue
+            made = iter(ids)
+            return [None if n[0] in taken else next(made) for n in new_images], orphans
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _write_batch(self, new_images, links, failures) -> tuple[list[int], list[int]]:
         now = time.time()
         new_ids: list[int] = []
         touched: set[int] = set()  # images that lost a path (maybe their last)

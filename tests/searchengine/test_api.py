@@ -552,7 +552,7 @@ def test_the_servers_own_paths_are_shown_only_to_the_key_holder_or_this_machine(
     # No key: a caller on another machine sees no data dir and only the model directory's name.
     with make_client(settings, model) as c:
         seen = stats(c)
-        assert seen["data_dir"] is None and seen["server_paths_hidden"] is True
+        assert seen["data_dir"] is None and seen["store"] is None and seen["server_paths_hidden"] is True
         assert seen["model"] == os.path.basename(settings.model.rstrip("/")) and "/" not in seen["model"]
         assert data_dir not in json.dumps(seen)
     # No key, a caller on this machine: everything.

@@ -224,3 +224,35 @@ def test_writers_at_once_each_bump_the_revision(store_url):
     assert len(stores[1].files_under("/w0")) == len(stores[1].files_under("/w1")) == 15
     for s in stores:
         s.close()
+
+
+def test_content_another_writer_commits_first_is_linked_not_refused(store_url):
+    """Two writers sharing one store, each with a copy of the same photo: the one whose
+    transaction commits second links its file to the first one's image (its id: None),
+    rather than failing on the unique content hash."""
+    import threading
+
+    from sqlalchemy import insert
+
+    from searchengine.store import images
+
+    first, second = Store.open(store_url), Store.open(store_url)
+    first.bind_model(INFO)
+    result = {}
+    try:
+        with first.engine.begin() as conn:  # the first writer's transaction, still open
+            conn.execute(insert(images).values(sha256="same", width=1, height=1, created_at=0.0))
+            t = threading.Thread(target=lambda: result.update(
+                out=second.write_batch(new_images=[("same", ImageMeta(1, 1), _vec(1), [("/b/copy.jpg", 1, 1)]),
+                                                   ("other", ImageMeta(2, 2), _vec(2), [("/b/other.jpg", 1, 1)])])))
+            t.start()
+            t.join(timeout=1.5)  # it waits on the first writer's row (PostgreSQL) or lock (SQLite)
+            assert t.is_alive()
+        t.join(timeout=60)
+        new_ids, orphans = result["out"]
+        assert new_ids[0] is None and isinstance(new_ids[1], int) and orphans == []
+        same_id = first.image_id_for_hash("same")
+        assert first.file_state("/b/copy.jpg").image_id == same_id
+        assert first.file_state("/b/other.jpg").image_id == new_ids[1]
+    finally:
+        first.close(), second.close()

@@ -40,6 +40,7 @@ def stats(service: Service, state: State, request: Request) -> dict:
     trusted = state.settings.api_key is not None or loopback(request)
     if not trusted:
         described["data_dir"] = None
+        described["store"] = None  # a file path, or a database server's address
         if described["model"] and os.path.isabs(described["model"]):
             described["model"] = os.path.basename(described["model"].rstrip("/"))
     described["server_paths_hidden"] = not trusted
