@@ -12,6 +12,8 @@ the text side is measured here; benchmarks/query_latency.py times the vectors). 
   (the same ordering by words matched, by scanning every caption).
 - writes: `write_batch` of 500 images at a time with the text index kept in step, against the
   same writes with the text index switched off (a no-op backend).
+- with --postgres, the same store on a PostgreSQL server this script starts (Debian's server
+  binaries, as the tests do): writes per batch and the same queries, against SQLite.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=100_000)
+    ap.add_argument("--postgres", action="store_true",
+                    help="also the same store on a PostgreSQL server started here (tests/pg.py): writes and queries side by side")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     vocab = [f"w{i}" for i in range(2000)]
@@ -95,8 +99,46 @@ def main() -> None:
             fts = median_ms(lambda: store.keyword_search(q, 128), 5)
             scan = median_ms(lambda: like(text), 5)
             print(f"{text:28s} {matches:8d} {fts:8.1f} {scan:8.1f}  {scan / fts:5.1f}x")
+        if args.postgres:
+            postgres_side(store, args.images, vocab, info)
         store.close()
         plain.close()
+
+
+def postgres_side(sqlite_store, n: int, vocab: list[str], info) -> None:
+    """The same images in a PostgreSQL store: write time per batch of 500 and keyword query
+    latency, each against SQLite's in this run."""
+    from searchengine.keywords import parse_query
+    from searchengine.store import Store
+    from tests.pg import Server
+
+    server = Server()
+    try:
+        pg = Store.open(server.new_database())
+        pg.bind_model(info)
+        pg.add_root("/photos")
+        seconds = fill(pg, n, np.random.default_rng(0), vocab)
+        lite = Store.open(str(sqlite_store.engine.url).replace("fts.db", "fts-again.db"))
+        lite.bind_model(info)
+        lite.add_root("/photos")
+        lite_seconds = fill(lite, n, np.random.default_rng(0), vocab)
+        batches = max(1, n // 500)
+        print(f"\nPostgreSQL {server.bin.parent.name} (Unix socket, fsync off) against SQLite (WAL), {n} images:")
+        print(f"store write of 500 images: SQLite {1e3 * lite_seconds / batches:.0f} ms, PostgreSQL {1e3 * seconds / batches:.0f} ms "
+              f"(ratio {seconds / lite_seconds:.2f}x)")
+        # The same images match on both; their order within one coverage differs (BM25 against ts_rank).
+        print(f"{'query':28s} {'SQLite ms':>10s} {'PG ms':>8s}  PG/SQLite  same matches")
+        for text in ["lighthouse", "dog", "red car beach", '"red car"', "beach -dog", "w1234 w1777"]:
+            q = parse_query(text)
+            a = median_ms(lambda: lite.keyword_search(q, 128), 5)
+            b = median_ms(lambda: pg.keyword_search(q, 128), 5)
+            every = lambda store: {(h.image_id, round(h.coverage, 6)) for h in store.keyword_search(q, n)}
+            same = every(lite) == every(pg)
+            print(f"{text:28s} {a:10.1f} {b:8.1f}  {b / a:9.2f}  {same}")
+        pg.close()
+        lite.close()
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":
