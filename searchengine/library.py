@@ -1210,7 +1210,10 @@ class Library:
         def size(p: Path) -> int:
             return p.stat().st_size if p.exists() else 0
 
-        store = sum(size(Path(str(s.store_path) + suffix)) for suffix in ("", "-wal", "-shm"))
+        if s.database_url:
+            store = self.store.size_bytes()
+        else:
+            store = sum(size(Path(str(s.store_path) + suffix)) for suffix in ("", "-wal", "-shm"))
         return {
             "store": store,
             "vector_index": size(s.vectors_path) + sum(size(p) for p in Path(s.data_dir).glob("ann-*.faiss")),

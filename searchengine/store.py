@@ -527,6 +527,13 @@ class Store:
                 found.update(conn.execute(select(images.c.sha256).where(images.c.sha256.in_(chunk))).scalars())
         return found
 
+    def size_bytes(self) -> int:
+        """What the store takes on a database server (PostgreSQL: the database's size)."""
+        if self.engine.dialect.name != "postgresql":
+            raise NotImplementedError("a SQLite store's size is its file's (Library.sizes)")
+        with self.engine.connect() as conn:
+            return int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
+
     def all_hashes(self) -> list[str]:
         """Every content hash the store has an image for."""
         with self.engine.connect() as conn:

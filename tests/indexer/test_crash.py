@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from searchengine.library import Library
+from searchengine.library import Library, store_exists
 from searchengine.settings import Settings
 from tests.server import EXE, env_for
 
@@ -44,9 +44,22 @@ def start(folder: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen([EXE, "index", str(folder)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def rows(db: Path) -> int:
+def rows(settings: Settings) -> int:
+    """Files the store has so far (0 while it is not there yet), on either backend."""
+    if settings.database_url:
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.exc import SQLAlchemyError
+
+        engine = create_engine(settings.database_url)
+        try:
+            with engine.connect() as conn:
+                return conn.execute(text("select count(*) from files")).scalar_one()
+        except SQLAlchemyError:
+            return 0
+        finally:
+            engine.dispose()
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+        with sqlite3.connect(f"file:{settings.store_path}?mode=ro", uri=True, timeout=1) as conn:
             return conn.execute("select count(*) from files").fetchone()[0]
     except sqlite3.Error:
         return 0
@@ -83,23 +96,27 @@ def check(settings: Settings, folder: Path, complete: bool) -> None:
         library.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 @pytest.mark.parametrize("moment", ["early", "mid-batch", "during-index-write"])
-def test_kill_9_then_restart_is_consistent_and_complete(folder, tmp_path, tiny_model_dir, moment):
+def test_kill_9_then_restart_is_consistent_and_complete(folder, tmp_path, tiny_model_dir, moment, backend, request):
     data = tmp_path / "data"
+    database_url = request.getfixturevalue("postgres").new_database() if backend == "postgresql" else None
     env = {**env_for(tiny_model_dir, data), "SEARCHENGINE_BATCH_SIZE": "2", "SEARCHENGINE_SAVE_EVERY_S": "0.001"}
-    settings = Settings(data_dir=data, model=str(tiny_model_dir))
+    if database_url:
+        env["SEARCHENGINE_DATABASE_URL"] = database_url
+    settings = Settings(data_dir=data, model=str(tiny_model_dir), database_url=database_url)
     proc = start(folder, env)
     if moment == "early":
         time.sleep(0.5)  # still importing / loading the model
     elif moment == "mid-batch":
-        assert wait_for(lambda: rows(settings.store_path) >= N // 3, proc), "the indexer never got a third of the way"
+        assert wait_for(lambda: rows(settings) >= N // 3, proc), "the indexer never got a third of the way"
     else:  # the FAISS file is being written: its temp file exists
         assert wait_for(lambda: any(data.glob(".vectors.faiss.*.tmp")), proc), "never caught an index write"
     assert proc.poll() is None, "the indexer finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
-    if settings.store_path.exists():
+    if store_exists(settings):
         check(settings, folder, complete=False)
     # While it was down, one file went and one came.
     (folder / "a" / "img003.jpg").unlink()

@@ -31,9 +31,13 @@ def dated_jpeg(seed: int, when: str) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def indexed(tmp_path_factory, photos_dir, tiny_model_dir, model, captioner):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def indexed(request, tmp_path_factory, photos_dir, tiny_model_dir, model, captioner):
+    """The API's library, on each store backend: every test here runs on SQLite and on
+    PostgreSQL (a server the tests start, tests/pg.py)."""
     from searchengine.settings import Settings
+
+    database_url = request.getfixturevalue("postgres").new_database() if request.param == "postgresql" else None
 
     root = tmp_path_factory.mktemp("api")
     photos = root / "photos"
@@ -51,7 +55,7 @@ def indexed(tmp_path_factory, photos_dir, tiny_model_dir, model, captioner):
     (photos / "alpha" / "half.png").write_bytes(_png(HALF))
     settings = Settings(
         data_dir=root / "data", model=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=8,
-        refresh_interval_s=0, text_batch_wait_ms=2,
+        refresh_interval_s=0, text_batch_wait_ms=2, database_url=database_url,
     )
     library = Library.open(settings, create=True)
     Indexer(model, library, settings, captioner=captioner).run([photos])
