@@ -311,7 +311,10 @@ class Store:
     # -- schema ---------------------------------------------------------------------------
 
     def _migrate(self) -> None:
-        """Create the schema, or upgrade an older one step by step, in one transaction."""
+        """Create the schema, or upgrade an older one step by step, in one transaction: the
+        Alembic migrations of `searchengine.migrations`, from the version the store records."""
+        from searchengine import migrations
+
         with self.engine.begin() as conn:
             version = None
             if self.engine.dialect.has_table(conn, "meta"):
@@ -321,14 +324,13 @@ class Store:
                     f"this index has schema version {version}, newer than this program knows "
                     f"({SCHEMA_VERSION}); upgrade searchengine"
                 )
-            if version is not None and int(version) < 2:
-                conn.execute(text("ALTER TABLE images ADD COLUMN caption_error TEXT"))
-            if version is not None and int(version) < 3:
-                self._vectors_to_float16(conn)
-            if version is not None and int(version) < 4 and "lens" not in {c["name"] for c in inspect(conn).get_columns("images")}:
-                conn.execute(text("ALTER TABLE images ADD COLUMN lens TEXT"))
-            metadata.create_all(conn)
-            self.text.create(conn)
+            if version is None and self.engine.dialect.has_table(conn, "images"):
+                version = 1  # tables, but no version recorded: as version 1 left them
+            if version is not None and int(version) < SCHEMA_VERSION:
+                log.info("upgrading the store from schema %s to %s", version, SCHEMA_VERSION)
+            if not migrations.current(conn, SCHEMA_VERSION, version):
+                migrations.upgrade(conn, int(version) if version is not None else None)
+                metadata.create_all(conn)  # nothing to do on a store the migrations made; a net for older ones
             if version is None or int(version) < SCHEMA_VERSION:
                 self._set_meta(conn, "schema_version", str(SCHEMA_VERSION))
             if self._get_meta(conn, "revision") is None:
@@ -341,19 +343,6 @@ class Store:
                 ids = list(conn.execute(select(images.c.id)).scalars())
                 for chunk in _chunks(ids, 500):
                     self._refresh_text(conn, chunk)
-
-    def _vectors_to_float16(self, conn: Connection) -> None:
-        """Schema 3: rewrite every stored vector (float32) as float16, in the upgrade's
-        transaction (a crash leaves the old schema, upgraded again on the next open). The
-        derived vector index sees the change by itself (see `Library._attach`)."""
-        ids = list(conn.execute(select(vectors.c.image_id).order_by(vectors.c.image_id)).scalars())
-        if ids:
-            log.info("storing the vectors of %d images as float16 (schema 3); once only", len(ids))
-        for chunk in _chunks(ids, 1000):
-            rows = conn.execute(select(vectors.c.image_id, vectors.c.data).where(vectors.c.image_id.in_(chunk))).all()
-            for image_id, data in rows:
-                half = np.frombuffer(data, dtype=np.float32).astype(VECTOR_DTYPE)
-                conn.execute(update(vectors).where(vectors.c.image_id == image_id).values(data=half.tobytes()))
 
     def _check_schema(self, location: str) -> None:
         """What `_migrate` would do, as checks only: the read-only path."""
