@@ -56,3 +56,69 @@ def test_index_and_search_on_postgresql_as_on_sqlite(postgres, tiny_model_dir, t
     assert len(got) == 5 and not any("beach0" in p for p in got)
     restore = run_cli("restore", env=pg)
     assert restore.returncode != 0 and "pg_restore" in restore.stderr
+
+
+def test_two_indexers_and_a_watcher_share_one_database_at_once(postgres, tiny_model_dir, tmp_path):
+    """Three writers on three machines' data dirs, one database, all at once: two `index` runs
+    on different folders (a photo in both) and a `watch` that sees a photo arrive. Every file
+    ends indexed, every content once, and a fourth data dir reads it all."""
+    import io
+    import signal
+    import subprocess
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.server import EXE, env_for
+
+    rng = np.random.default_rng(3)
+
+    def jpeg() -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, "JPEG", quality=85)
+        return buf.getvalue()
+
+    folders = {name: tmp_path / name for name in ("a", "b", "c")}
+    for f in folders.values():
+        f.mkdir()
+    for i in range(12):
+        (folders["a"] / f"a{i}.jpg").write_bytes(jpeg())
+        (folders["b"] / f"b{i}.jpg").write_bytes(jpeg())
+    (folders["b"] / "same-as-a0.jpg").write_bytes((folders["a"] / "a0.jpg").read_bytes())
+    (folders["c"] / "c0.jpg").write_bytes(jpeg())
+    url = postgres.new_database()
+    # The schema is made once up front (as a first `index` on the server would): three
+    # processes creating it at the same moment is not a case this test is about.
+    first = run_cli("index", folders["c"], "--model", tiny_model_dir, "--no-captions",
+                    env={"SEARCHENGINE_DATA_DIR": str(tmp_path / "d0"), "SEARCHENGINE_DATABASE_URL": url})
+    assert first.returncode == 0, first.stderr
+
+    def env(name):
+        return {**env_for(tiny_model_dir, tmp_path / f"data-{name}"), "SEARCHENGINE_DATABASE_URL": url, "SEARCHENGINE_BATCH_SIZE": "2"}
+
+    watch_log = tmp_path / "watch.log"
+    with open(watch_log, "w+") as log:
+        watcher = subprocess.Popen([EXE, "watch", str(folders["c"]), "--debounce", "0.3"], env=env("c"), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            indexers = [subprocess.Popen([EXE, "index", str(folders[n])], env=env(n), stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True) for n in ("a", "b")]
+            deadline = time.monotonic() + 120
+            while "caught up" not in watch_log.read_text():
+                assert watcher.poll() is None and time.monotonic() < deadline, watch_log.read_text()
+                time.sleep(0.1)
+            (folders["c"] / "c1.jpg").write_bytes(jpeg())  # arrives while the indexers run
+            outs = [p.communicate(timeout=300) for p in indexers]
+            for p, (out, err) in zip(indexers, outs):
+                assert p.returncode == 0 and "Traceback" not in err, err
+            while "1 indexed" not in watch_log.read_text():
+                assert time.monotonic() < deadline + 60, watch_log.read_text()
+                time.sleep(0.1)
+        finally:
+            watcher.send_signal(signal.SIGTERM)
+            assert watcher.wait(timeout=30) == 0
+    assert "Traceback" not in watch_log.read_text()
+    stats = json.loads(run_cli("stats", "--json", env={"SEARCHENGINE_DATA_DIR": str(tmp_path / "reader"),
+                                                      "SEARCHENGINE_DATABASE_URL": url}).stdout)
+    assert stats["files"] == 12 + 13 + 2 and stats["images"] == 12 + 12 + 2  # the shared photo once
+    assert stats["failed"] == 0
