@@ -87,20 +87,36 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+_known_sets: dict[str, frozenset] = {}
+
+
+def _known(ref) -> frozenset:
+    """The set of known contents behind `ref`, fetched once per worker process (a library of a
+    million images makes a set of ~100 MB: put in the object store once, not sent per task)."""
+    import ray
+
+    key = ref.hex()
+    if key not in _known_sets:
+        _known_sets.clear()
+        _known_sets[key] = ray.get(ref)
+    return _known_sets[key]
+
+
 @dataclass(frozen=True)
 class ReadDecode:
     """A batch of FileEntry -> Known | Decoded | Failed, on a CPU worker. Content the library
-    already has (`known`) is not decoded."""
+    already has (`known`: an object reference to a frozenset of hashes) is not decoded."""
 
     read: ReadStage
     decode: DecodeStage
-    known: frozenset
+    known: object
 
     def __call__(self, batch: dict) -> dict:
+        known = _known(self.known)
         out = []
         for entry in batch["entry"]:
             r = self.read(entry)
-            out.append(Known(r.entry, r.sha256) if isinstance(r, Read) and r.sha256 in self.known else self.decode(r))
+            out.append(Known(r.entry, r.sha256) if isinstance(r, Read) and r.sha256 in known else self.decode(r))
         return {"item": _objects(out)}
 
 
@@ -184,7 +200,7 @@ class RayRunner:
                 "that every Ray node mounts at the same path"
             )
         library = indexer.library
-        known = frozenset(library.store_hashes())
+        known = ray.put(frozenset(library.store_hashes()))
         actors, per_actor = self.pool()
         captioner = indexer.captioner.name if indexer.captioner is not None else None
         ds = ray.data.from_items([{"entry": e} for e in todo], override_num_blocks=max(1, len(todo) // self.read_batch))
