@@ -164,11 +164,16 @@ class Indexer:
         for folder in folders:
             library.add_root(str(folder))
         library_roots = tuple(Path(r) for r in library.roots())
-        for folder in folders:
+        exclude = (Path(self.settings.data_dir).resolve(),)
+        listing = dict(exclude=exclude, on_skipped_link=skipped_link, links=policy, roots=library_roots)
+        if self.runner is not None and hasattr(self.runner, "listings"):  # each folder listed on the cluster
+            listings = self.runner.listings(self.scanner, folders, **listing)
+        else:
+            listings = ((folder, self.scanner(folder, **listing)) for folder in folders)
+        for folder, entries in listings:
             known = library.files_under(str(folder))
             seen: set[str] = set()
-            exclude = (Path(self.settings.data_dir).resolve(),)
-            for entry in self.scanner(folder, exclude=exclude, on_skipped_link=skipped_link, links=policy, roots=library_roots):
+            for entry in entries:
                 if not storable(entry.path):  # one bad name is skipped, never the end of the run
                     shown = printable(entry.path)
                     summary.failed["bad_name"] += 1

@@ -1,7 +1,8 @@
 """The Ray Data runner (`searchengine index --runner ray`): the stages of `indexer.stages` on a
 Ray cluster, the writes on this machine.
 
-    driver: scan, and the set of contents the library has
+    Ray tasks: list each folder (all folders at once)
+    driver: which listed files are new or changed, and the set of contents the library has
       -> Ray tasks on CPU workers: read + hash; known content stops here; decode
       -> an actor pool (a GPU each where the cluster has GPUs): embed, then caption
       -> driver: Library.write_batch, batch by batch, as the local runner commits
@@ -25,7 +26,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
@@ -174,6 +175,28 @@ class RayRunner:
         self.address = address
         self.actors = actors  # 0: one per GPU in the cluster, else one per 4 CPUs (at least one)
         self.read_batch = read_batch
+
+    def listings(self, scanner, folders: Sequence, *, on_skipped_link, **listing) -> Iterator[tuple[object, list[FileEntry]]]:
+        """(folder, its files) of each folder, each listed by a Ray task on the cluster, all at
+        once (the local runner lists them one after another, the same way: one scan per
+        folder); the links a scan did not follow are reported here, as a local scan reports
+        them."""
+        import ray
+
+        connect(self.address)
+
+        @ray.remote(num_cpus=1, max_retries=RETRIES)
+        def scan(folder) -> tuple[list[FileEntry], list[tuple[str, str]]]:
+            skipped: list[tuple[str, str]] = []
+            entries = list(scanner(folder, on_skipped_link=lambda path, reason: skipped.append((path, reason)), **listing))
+            return entries, skipped
+
+        refs = [scan.remote(folder) for folder in folders]
+        for folder, ref in zip(folders, refs):
+            entries, skipped = ray.get(ref)
+            for path, reason in skipped:
+                on_skipped_link(path, reason)
+            yield folder, entries
 
     def pool(self) -> tuple[int, dict]:
         """(actors, resources per actor), sized from the cluster."""

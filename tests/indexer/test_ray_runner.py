@@ -4,6 +4,7 @@ image or a duplicate."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import pytest
 
 from indexer.pipeline import Indexer
 from indexer.ray_runner import RayRunner
+from indexer.scan import scan_folder
 from indexer.stages import DecodeStage
 from searchengine.errors import SearchEngineError
 from searchengine.keywords import parse_query
@@ -61,15 +63,32 @@ def _folder(tmp_path: Path, photo_files: list[Path]) -> Path:
     return folder
 
 
+def recording_scanner(folder, *, record: str, **listing):
+    """scan_folder, noting which process listed the folder."""
+    Path(record, Path(folder).name).write_text(str(os.getpid()))
+    return scan_folder(folder, **listing)
+
+
 def test_the_ray_run_indexes_what_the_local_run_does(local_ray, settings, model, captioner, photo_files, tmp_path):
     folder = _folder(tmp_path, photo_files)
+    (folder / "loop").symlink_to(folder, target_is_directory=True)  # a link back up: not followed, reported
+    second = tmp_path / "more"
+    second.mkdir()
+    (second / "one.jpg").write_bytes(photo_files[7].read_bytes())
     s_local, local = _library(settings, tmp_path, "local")
     s_ray, on_ray = _library(settings, tmp_path, "ray")
+    listed_by = tmp_path / "listed-by"
+    listed_by.mkdir()
     try:
-        a = Indexer(model, local, s_local, captioner=captioner).run([folder])
-        b = Indexer(model, on_ray, s_ray, captioner=captioner, runner=RayRunner(s_ray, actors=1)).run([folder])
+        a = Indexer(model, local, s_local, captioner=captioner).run([folder, second])
+        scanner = functools.partial(recording_scanner, record=str(listed_by))
+        b = Indexer(model, on_ray, s_ray, captioner=captioner, scanner=scanner, runner=RayRunner(s_ray, actors=1)).run([folder, second])
+        # Each folder was listed by a Ray task, in a worker process.
+        pids = {p.name: int(p.read_text()) for p in listed_by.iterdir()}
+        assert set(pids) == {"photos", "more"} and os.getpid() not in pids.values()
         assert (b.indexed, b.linked, b.captioned, dict(b.failed)) == (a.indexed, a.linked, a.captioned, dict(a.failed))
-        assert a.indexed == 6 and a.linked == 1 and set(a.failed) == {"empty", "truncated", "not_an_image", "too_large"}
+        assert b.links_skipped == a.links_skipped == 1
+        assert a.indexed == 7 and a.linked == 1 and set(a.failed) == {"empty", "truncated", "not_an_image", "too_large"}
         want, got = _contents(local), _contents(on_ray)
         assert sorted(got) == sorted(want)
         for path, (caption, vectors, w, h) in want.items():
@@ -82,8 +101,8 @@ def test_the_ray_run_indexes_what_the_local_run_does(local_ray, settings, model,
             hits = lambda lib: sorted(p for h in lib.keyword_search(parse_query(query), 50, None) for p in lib.images([h.image_id])[h.image_id].paths)
             assert hits(on_ray) == hits(local) and hits(local), query
         # A second run changes nothing: the workers were told what the library has.
-        again = Indexer(model, on_ray, s_ray, captioner=captioner, runner=RayRunner(s_ray, actors=1)).run([folder])
-        assert (again.indexed, again.linked, again.unchanged) == (0, 0, 7 + 4)
+        again = Indexer(model, on_ray, s_ray, captioner=captioner, runner=RayRunner(s_ray, actors=1)).run([folder, second])
+        assert (again.indexed, again.linked, again.unchanged) == (0, 0, 8 + 4)
     finally:
         local.close(), on_ray.close()
 
