@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,7 +69,10 @@ class OnnxTextEncoder:
         grads = [p.requires_grad for p in model.model.parameters()]
         try:
             model.model.requires_grad_(False)  # the exporter takes the weights as constants
-            with torch.no_grad():
+            # The exporter's tracer warns about every Python branch of the modelling code; the
+            # export is checked against torch (tests/searchengine/test_onnx_text.py), not by eye.
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 torch.onnx.export(
                     Text().eval(), (tok["input_ids"], tok["attention_mask"]), tmp,
                     input_names=["input_ids", "attention_mask"], output_names=["itc"],
