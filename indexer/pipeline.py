@@ -299,10 +299,7 @@ class Indexer:
                 for result in decoded:
                     if isinstance(result, Failed):
                         failures.append(result)
-                        summary.failed[result.reason] += 1
-                        summary.failures.append((result.entry.path, result.reason, result.message))
-                        summary.note("skipped", f"{result.entry.path}: {result.message}")
-                        self.on_skip(result.entry.path, result.message)
+                        self.record_failure(result, summary)
                     elif isinstance(result, Known) or result.sha256 in embedded:
                         known.append(result if isinstance(result, Known) else Known(result.entry, result.sha256))
                     else:
@@ -334,6 +331,13 @@ class Indexer:
             if len(chunk) >= self.batch_size:
                 yield from settle()
         yield from settle()
+
+    def record_failure(self, failed: Failed, summary: Summary) -> None:
+        """A file that could not be read or decoded: counted, listed, and told to `on_skip`."""
+        summary.failed[failed.reason] += 1
+        summary.failures.append((failed.entry.path, failed.reason, failed.message))
+        summary.note("skipped", f"{failed.entry.path}: {failed.message}")
+        self.on_skip(failed.entry.path, failed.message)
 
     def _compute(self, batch: list[Decoded], staged, summary: Summary) -> list[Embedded]:
         """The model lane's work on one batch: embed, then caption (wall seconds of the lane)."""

@@ -257,10 +257,7 @@ class RayRunner:
             for item in batch["item"]:
                 if isinstance(item, Failed):
                     failures.append(item)
-                    summary.failed[item.reason] += 1
-                    summary.failures.append((item.entry.path, item.reason, item.message))
-                    summary.note("skipped", f"{item.entry.path}: {item.message}")
-                    indexer.on_skip(item.entry.path, item.message)
+                    indexer.record_failure(item, summary)
                 elif isinstance(item, Known) or item.item.sha256 in written:
                     links.append(item if isinstance(item, Known) else Known(item.entry, item.item.sha256))
                 else:

@@ -48,6 +48,21 @@ def weighted_coverage(matched: Sequence[bool], weights: Sequence[float]) -> floa
     return sum(w for m, w in zip(matched, weights) if m) / total
 
 
+def ranked(rows: Sequence, n: int, with_total: bool, sign: float, limit: int) -> list[KeywordHit]:
+    """The best `limit` hits from the rows of a backend's one search statement: (id, relevance
+    as the backend gives it, then per clause: matched?, its match count, then the library's
+    size where asked for). `sign`: 1 where the backend's relevance grows with relevance, -1
+    where it shrinks (FTS5's bm25)."""
+    if not rows:
+        return []
+    first = rows[0]
+    library_size = first[2 + 2 * n] if with_total else 0
+    weights = [clause_weight(first[3 + 2 * j], library_size) if library_size else 1.0 for j in range(n)]
+    hits = [KeywordHit(int(r[0]), weighted_coverage([bool(r[2 + 2 * j]) for j in range(n)], weights), sign * float(r[1])) for r in rows]
+    hits.sort(key=lambda h: (-h.coverage, -h.relevance, h.image_id))
+    return hits[:limit]
+
+
 class TextIndex(Protocol):
     def create(self, conn: Connection) -> None: ...
 
@@ -149,19 +164,7 @@ class SqliteFts5:
         if total is not None:
             columns.append(f"({total.compile(conn, compile_kwargs={'literal_binds': True})})")
         sql = f"WITH {', '.join(ctes)} SELECT {', '.join(columns)} FROM pool ORDER BY pool.b"
-        rows = conn.execute(text(sql), params).all()
-        if not rows:
-            return []
-        n = len(query.clauses)
-        first = rows[0]
-        library_size = first[2 + 2 * n] if total is not None else 0
-        weights = [clause_weight(first[3 + 2 * j], library_size) if library_size else 1.0 for j in range(n)]
-        hits = [
-            KeywordHit(int(r[0]), weighted_coverage([bool(r[2 + 2 * j]) for j in range(n)], weights), -float(r[1]))
-            for r in rows
-        ]
-        hits.sort(key=lambda h: (-h.coverage, -h.relevance, h.image_id))
-        return hits[:limit]
+        return ranked(conn.execute(text(sql), params).all(), len(query.clauses), total is not None, -1.0, limit)
 
     def matching(self, conn: Connection, clauses: Sequence[Clause]) -> list[int]:
         if not clauses:
@@ -268,19 +271,7 @@ class PostgresTsvector:
         if total is not None:
             columns.append(f"({total.compile(conn, compile_kwargs={'literal_binds': True})})")
         sql = f"WITH {', '.join(ctes)} SELECT {', '.join(columns)} FROM pool ORDER BY pool.b DESC"
-        rows = conn.execute(text(sql), params).all()
-        if not rows:
-            return []
-        n = len(query.clauses)
-        first = rows[0]
-        library_size = first[2 + 2 * n] if total is not None else 0
-        weights = [clause_weight(first[3 + 2 * j], library_size) if library_size else 1.0 for j in range(n)]
-        hits = [
-            KeywordHit(int(r[0]), weighted_coverage([bool(r[2 + 2 * j]) for j in range(n)], weights), float(r[1]))
-            for r in rows
-        ]
-        hits.sort(key=lambda h: (-h.coverage, -h.relevance, h.image_id))
-        return hits[:limit]
+        return ranked(conn.execute(text(sql), params).all(), len(query.clauses), total is not None, 1.0, limit)
 
     def matching(self, conn: Connection, clauses: Sequence[Clause]) -> list[int]:
         if not clauses:
