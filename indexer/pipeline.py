@@ -265,9 +265,10 @@ class Indexer:
 
         def commit() -> None:
             future, k, f = pending.pop()
-            self._commit(future.result(), k, f, summary)
+            embedded = future.result()
+            self._commit(embedded, k, f, summary)
             linked.extend((x.entry.path, x.sha256) for x in k)
-            self.progress(len(future.result()) + len(k) + len(f))
+            self.progress(len(embedded) + len(k) + len(f))
 
         workers, window = self.settings.decode_threads, 2 * self.batch_size + self.settings.decode_threads
         def timed(stage, name: str):

@@ -65,6 +65,7 @@ def connect(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
+        quiet()
         return
     # Ray's core logs notices to this process's stderr (about actor restarts, say); errors
     # reach the command as exceptions. RAY_BACKEND_LOG_LEVEL set by the user wins.
@@ -214,7 +215,6 @@ class RayRunner:
         if not todo:
             return []
         connect(self.address)
-        quiet()
         sample = list({os.path.dirname(e.path): e.path for e in todo}.values())[:1000]
         unreadable = unreadable_on_workers(sample)
         if unreadable is not None:
@@ -231,9 +231,10 @@ class RayRunner:
             # Bounded retries (Ray Data's default is to retry for ever, and a file that kills
             # its decoder each time would then never end the run) have no named parameter yet.
             warnings.simplefilter("ignore", DeprecationWarning)
-            ds = ds.map_batches(
-                ReadDecode(indexer.read_stage, indexer.decode_stage, known), batch_size=self.read_batch, max_retries=RETRIES,
-            )
+            # The decode tasks run on CPU workers: decode "device" means their CPU there, whatever
+            # device this machine's model is on.
+            decode = replace(indexer.decode_stage, device="cpu")
+            ds = ds.map_batches(ReadDecode(indexer.read_stage, decode, known), batch_size=self.read_batch, max_retries=RETRIES)
             ds = ds.map_batches(
                 bound_actor(self.settings, indexer.model.name, captioner, indexer.embed_stage.keep_vit),
                 batch_size=indexer.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),

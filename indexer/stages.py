@@ -181,15 +181,17 @@ class DecodeStage:
 
     def _on_device(self, item: Read) -> Decoded | None:
         """The "device" path (see `searchengine.device_decode`); None where it does not apply."""
-        from searchengine.device_decode import decode_on_device, decoder_for, model_input, thumbnail_image
+        from searchengine.device_decode import decode_on_device, decoder_for, model_input, tensor_ready, thumbnail_image
 
+        # Processors the tensor path cannot follow (a crop, padding) send every file to PIL,
+        # before anything is decoded.
+        if not all(tensor_ready(p) for p in (self.preprocess, self.caption_preprocess) if p is not None):
+            return None
         got = decode_on_device(item.data, max_pixels=self.max_pixels, decoder=decoder_for(self.device), draft=self.draft or 0)
         if got is None:
             return None
         pixels = model_input(got.pixels, self.preprocess)
         caption_pixels = model_input(got.pixels, self.caption_preprocess) if self.caption_preprocess is not None else None
-        if pixels is None or (self.caption_preprocess is not None and caption_pixels is None):
-            return None
         thumbnail = make_thumbnail(thumbnail_image(got.pixels, self.thumbnail_size), self.thumbnail_size, self.thumbnail_quality)
         return Decoded(item.entry, item.sha256, got.meta, pixels, thumbnail, caption_pixels)
 

@@ -71,17 +71,20 @@ def resize(t: "torch.Tensor", size: tuple[int, int]) -> "torch.Tensor":
     return torch.round(x.clamp_(0, 255))
 
 
-def model_input(t: "torch.Tensor", preprocess: "Preprocessor") -> "torch.Tensor | None":
+def tensor_ready(preprocess: "Preprocessor") -> bool:
+    """Whether `model_input` can make this processor's input: it resizes to a fixed size, then
+    rescales and normalises, and does nothing else (no crop, no padding)."""
+    p = preprocess.image_processor
+    return preprocess.target() is not None and not getattr(p, "do_center_crop", False) and not getattr(p, "do_pad", False)
+
+
+def model_input(t: "torch.Tensor", preprocess: "Preprocessor") -> "torch.Tensor":
     """uint8 [3, H, W] -> the model's pixel values [3, S, S], as `preprocess` makes them from a
-    PIL image; None where the processor does something other than resize, rescale and
-    normalise (then the caller uses PIL)."""
+    PIL image (for a processor that is `tensor_ready`)."""
     import torch
 
     p = preprocess.image_processor
-    target = preprocess.target()
-    if target is None or getattr(p, "do_center_crop", False) or getattr(p, "do_pad", False):
-        return None
-    x = resize(t, target)
+    x = resize(t, preprocess.target())
     if getattr(p, "do_rescale", True):
         x = x * float(getattr(p, "rescale_factor", 1 / 255))
     if getattr(p, "do_normalize", True):

@@ -157,10 +157,6 @@ class Settings(BaseSettings):
         return self.data_dir / "store.db"
 
     @property
-    def store_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.store_path}"
-
-    @property
     def store_location(self) -> str:
         """The store as messages name it: the SQLite file, or the database's URL without its
         password."""

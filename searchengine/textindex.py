@@ -48,16 +48,37 @@ def weighted_coverage(matched: Sequence[bool], weights: Sequence[float]) -> floa
     return sum(w for m, w in zip(matched, weights) if m) / total
 
 
-def ranked(rows: Sequence, n: int, with_total: bool, sign: float, limit: int) -> list[KeywordHit]:
-    """The best `limit` hits from the rows of a backend's one search statement: (id, relevance
-    as the backend gives it, then per clause: matched?, its match count, then the library's
-    size where asked for). `sign`: 1 where the backend's relevance grows with relevance, -1
-    where it shrinks (FTS5's bm25)."""
+def _within(conn: Connection, within: Select | None, column: str) -> str:
+    """The SQL that keeps a pool to the ids `within` selects (nothing without it)."""
+    if within is None:
+        return ""
+    return f" AND {column} IN ({within.compile(conn, compile_kwargs={'literal_binds': True})})"
+
+
+def one_statement(
+    conn: Connection, pool: str, clauses: Sequence[str], params: dict, total: Select | None, *, descending: bool, limit: int
+) -> list[KeywordHit]:
+    """The one search statement of every backend, and its ranking. `pool`: a select of (id, b),
+    the candidates with the backend's relevance `b` (higher is better where `descending`,
+    lower for FTS5's bm25); `clauses`: per clause of the query, a select of the ids it
+    matches, materialised once (their lengths weigh the clauses, see `clause_weight`);
+    `total`: a select counting the library's images. The best `limit` by weighted coverage,
+    then relevance."""
+    ctes = [f"pool AS ({pool})"] + [f"c{j} AS MATERIALIZED ({body})" for j, body in enumerate(clauses)]
+    columns = ["pool.id", "pool.b"]
+    for j in range(len(clauses)):
+        columns += [f"pool.id IN (SELECT id FROM c{j})", f"(SELECT count(*) FROM c{j})"]
+    if total is not None:
+        columns.append(f"({total.compile(conn, compile_kwargs={'literal_binds': True})})")
+    order = " DESC" if descending else ""
+    rows = conn.execute(text(f"WITH {', '.join(ctes)} SELECT {', '.join(columns)} FROM pool ORDER BY pool.b{order}"), params).all()
     if not rows:
         return []
+    n = len(clauses)
     first = rows[0]
-    library_size = first[2 + 2 * n] if with_total else 0
+    library_size = first[2 + 2 * n] if total is not None else 0
     weights = [clause_weight(first[3 + 2 * j], library_size) if library_size else 1.0 for j in range(n)]
+    sign = 1.0 if descending else -1.0
     hits = [KeywordHit(int(r[0]), weighted_coverage([bool(r[2 + 2 * j]) for j in range(n)], weights), sign * float(r[1])) for r in rows]
     hits.sort(key=lambda h: (-h.coverage, -h.relevance, h.image_id))
     return hits[:limit]
@@ -145,26 +166,16 @@ class SqliteFts5:
         if not query.searchable or limit <= 0:
             return []
         t = self.table
-        where = ""
         params: dict = {"q": self._match(query), "n": 4 * limit}
-        if within is not None:
-            compiled = within.compile(conn, compile_kwargs={"literal_binds": True})
-            where = f" AND rowid IN ({compiled})"
-        # One statement. The pool: bm25 first, generously (coverage then re-orders it; bm25
-        # already favours rows matching more clauses, so it holds the best-covered ones). Each
-        # clause's whole match list, materialised once: FTS5 reads a doclist fast, while MATCH
-        # with `rowid IN (pool)` probes the index once per id (measured 5x slower); its length
-        # is the clause's document frequency, which weighs it.
-        ctes = [f"pool AS (SELECT rowid AS id, bm25({t}) AS b FROM {t} WHERE {t} MATCH :q{where} ORDER BY bm25({t}) LIMIT :n)"]
-        columns = ["pool.id", "pool.b"]
-        for j, clause in enumerate(query.clauses):
-            params[f"c{j}"] = _quote(clause)
-            ctes.append(f"c{j} AS MATERIALIZED (SELECT rowid AS id FROM {t} WHERE {t} MATCH :c{j})")
-            columns += [f"pool.id IN (SELECT id FROM c{j})", f"(SELECT count(*) FROM c{j})"]
-        if total is not None:
-            columns.append(f"({total.compile(conn, compile_kwargs={'literal_binds': True})})")
-        sql = f"WITH {', '.join(ctes)} SELECT {', '.join(columns)} FROM pool ORDER BY pool.b"
-        return ranked(conn.execute(text(sql), params).all(), len(query.clauses), total is not None, -1.0, limit)
+        params.update({f"c{j}": _quote(c) for j, c in enumerate(query.clauses)})
+        # The pool: bm25 first, generously (coverage then re-orders it; bm25 already favours
+        # rows matching more clauses, so it holds the best-covered ones). Each clause's whole
+        # match list, materialised once: FTS5 reads a doclist fast, while MATCH with
+        # `rowid IN (pool)` probes the index once per id (measured 5x slower); its length is
+        # the clause's document frequency, which weighs it.
+        pool = f"SELECT rowid AS id, bm25({t}) AS b FROM {t} WHERE {t} MATCH :q{_within(conn, within, 'rowid')} ORDER BY bm25({t}) LIMIT :n"
+        clauses = [f"SELECT rowid AS id FROM {t} WHERE {t} MATCH :c{j}" for j in range(len(query.clauses))]
+        return one_statement(conn, pool, clauses, params, total, descending=False, limit=limit)
 
     def matching(self, conn: Connection, clauses: Sequence[Clause]) -> list[int]:
         if not clauses:
@@ -257,21 +268,10 @@ class PostgresTsvector:
         params: dict = {}
         q = self._query(query, params)
         params["n"] = 4 * limit
-        where = ""
-        if within is not None:
-            compiled = within.compile(conn, compile_kwargs={"literal_binds": True})
-            where = f" AND id IN ({compiled})"
-        # The same one statement as FTS5's: a pool by relevance, each clause's matches once.
-        ctes = [f"pool AS (SELECT id, ts_rank(doc, {q}) AS b FROM {t} WHERE doc @@ ({q}){where} ORDER BY b DESC LIMIT :n)"]
-        columns = ["pool.id", "pool.b"]
-        for j, c in enumerate(query.clauses):
-            params[f"c{j}"] = fold(" ".join(c))
-            ctes.append(f"c{j} AS MATERIALIZED (SELECT id FROM {t} WHERE doc @@ {self._phrase(f'c{j}')})")
-            columns += [f"pool.id IN (SELECT id FROM c{j})", f"(SELECT count(*) FROM c{j})"]
-        if total is not None:
-            columns.append(f"({total.compile(conn, compile_kwargs={'literal_binds': True})})")
-        sql = f"WITH {', '.join(ctes)} SELECT {', '.join(columns)} FROM pool ORDER BY pool.b DESC"
-        return ranked(conn.execute(text(sql), params).all(), len(query.clauses), total is not None, 1.0, limit)
+        params.update({f"c{j}": fold(" ".join(c)) for j, c in enumerate(query.clauses)})
+        pool = f"SELECT id, ts_rank(doc, {q}) AS b FROM {t} WHERE doc @@ ({q}){_within(conn, within, 'id')} ORDER BY b DESC LIMIT :n"
+        clauses = [f"SELECT id FROM {t} WHERE doc @@ {self._phrase(f'c{j}')}" for j in range(len(query.clauses))]
+        return one_statement(conn, pool, clauses, params, total, descending=True, limit=limit)
 
     def matching(self, conn: Connection, clauses: Sequence[Clause]) -> list[int]:
         if not clauses:

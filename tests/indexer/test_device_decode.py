@@ -146,3 +146,34 @@ def test_fast_and_device_decodes_rank_as_the_exact_one_on_the_trained_fixture(co
             exact = top(vectors["exact"])
             assert {i % 4 for i in exact} == {list(COLOURS).index(c)}  # the fixture sees colour
             assert set(top(vectors[how])) == set(exact), (how, c)
+
+
+def test_a_processor_the_tensor_path_cannot_follow_sends_files_to_pil_undecoded(model, photo_files, monkeypatch):
+    """A processor that crops (or pads) is not `tensor_ready`: the device path then decodes
+    nothing itself, and the result is the fast path's, bit for bit."""
+    from dataclasses import replace
+
+    from searchengine import device_decode
+    from searchengine.device_decode import tensor_ready
+
+    assert tensor_ready(model.preprocessor)
+    cropping = replace(model.preprocessor, image_processor=replace_attr(
+        model.preprocessor.image_processor, do_center_crop=True, crop_size={"height": 20, "width": 20}))
+    assert not tensor_ready(cropping)
+    calls = []
+    monkeypatch.setattr(device_decode, "decode_on_device", lambda *a, **k: calls.append(1))
+    photo = [p for p in photo_files if p.suffix.lower() in (".jpg", ".jpeg")][0]
+    r = ReadStage()(_entry(photo))
+    a = DecodeStage(cropping, 150_000_000, 64, decode="device", device="cpu")(r)
+    b = DecodeStage(cropping, 150_000_000, 64, decode="fast")(r)
+    assert isinstance(b, Decoded), b
+    assert calls == [] and torch.equal(a.pixels, b.pixels)
+
+
+def replace_attr(obj, **changes):
+    import copy
+
+    out = copy.deepcopy(obj)
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out

@@ -177,3 +177,22 @@ def test_the_index_command_runs_on_ray(local_ray, tiny_model_dir, photo_files, t
     r = run_cli("index", folder, "--model", tiny_model_dir, "--runner", "ray", env={"SEARCHENGINE_DATA_DIR": str(tmp_path / "other")})
     assert r.returncode != 0 and "pip install 'searchengine[ray]'" in r.stderr
     assert not (tmp_path / "other").exists()  # refused before anything loads or is created
+
+
+def test_decode_device_runs_on_the_workers_cpus_whatever_the_drivers_device(local_ray, settings, model, photo_files, tmp_path):
+    """With decode "device" and the driver's model on a GPU, the CPU workers decode as the CPU
+    path does (they have no GPU to decode on): every photo indexed, none failed."""
+    from dataclasses import replace
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, f in enumerate(photo_files[:3]):
+        (folder / f"{i}{f.suffix}").write_bytes(f.read_bytes())
+    s, library = _library(settings, tmp_path, "data")
+    try:
+        indexer = Indexer(model, library, s, runner=RayRunner(s, actors=1))
+        indexer.decode_stage = replace(indexer.decode_stage, decode="device", device="cuda:0")  # as on a GPU driver
+        summary = indexer.run([folder])
+        assert (summary.indexed, dict(summary.failed)) == (3, {})
+    finally:
+        library.close()
