@@ -3,7 +3,13 @@ architecture (random weights): PyTorch eager (what ships), torch.compile, ONNX R
 OpenVINO, for the text encoder (one query's ITC vector) and ITM (re-ranking 20 candidates
 from their cached ViT outputs). Each backend's outputs are checked against eager (ITC cosine
 per vector, ITM |dp|) and timed (median of the calls after a warm-up), with its ratio to eager
-in the same run. ONNX Runtime and OpenVINO are optional here:
+in the same run. ONNX Runtime and OpenVINO are optional here.
+
+The query is timed at the length bert-base-uncased, the real checkpoint's tokenizer, gives it
+(10 tokens); the random model's toy vocabulary would spell "running" letter by letter (16).
+torch's dynamic int8 quantization of the Q-Former is timed too (measured, not shipped: it
+leaves the parity bound). The last line compares the floating-point rate ITM of 20 needs for
+1.5 s with this machine's best fp32 matrix-multiply rate, measured in the same run:
 
     pip install onnxruntime openvino onnx
     python benchmarks/cpu_backends.py --repeat 10
@@ -15,6 +21,7 @@ import argparse
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +31,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import median_ms, model_dir  # noqa: E402
 
 QUERY = "a dog running on a beach at sunset"
+QUERY_TOKENS = 10  # [CLS] a dog running on a beach at sunset [SEP], in bert-base-uncased
+
+
+def itm_macs(config, tokens: int, candidates: int) -> float:
+    """Multiply-adds of ITM for `candidates` images and one text of `tokens` tokens: the
+    Q-Former over queries + text (self-attention, feed-forward) and, every
+    cross_attention_frequency layers, the queries' cross-attention to the ViT output."""
+    q, v = config.qformer_config, config.vision_config
+    h, inner, layers, queries = q.hidden_size, q.intermediate_size, q.num_hidden_layers, config.num_query_tokens
+    patches = (v.image_size // v.patch_size) ** 2 + 1
+    seq = queries + tokens
+    per_layer = seq * (4 * h * h + 2 * h * inner) + 2 * seq * seq * h
+    cross = queries * 2 * h * h + patches * 2 * q.encoder_hidden_size * h + 2 * queries * patches * h
+    n_cross = len(range(0, layers, q.cross_attention_frequency))
+    return float(candidates) * (layers * per_layer + n_cross * cross)
+
+
+def gemm_gflops(repeat: int = 10) -> float:
+    """This machine's best fp32 matrix-multiply rate (GFLOP/s) at ITM's largest shape (the
+    cross-attention's keys for 20 candidates)."""
+    import torch
+
+    a, b = torch.randn(5140, 1408), torch.randn(1408, 768)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 5140 * 1408 * 768 / best / 1e9
 
 
 def main() -> None:
@@ -34,6 +70,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=0,
                         help="also time the image side (ViT + ITC, what indexing runs) on a batch of this many images")
     parser.add_argument("--images-only", action="store_true", help="time the image side alone")
+    parser.add_argument("--tokens", type=int, default=QUERY_TOKENS,
+                        help="the query's length in tokens (0: as the random model's toy tokenizer splits it)")
     args = parser.parse_args()
     import torch
 
@@ -47,6 +85,9 @@ def main() -> None:
         return
     tok = model.tokenize([QUERY])
     ids, mask = tok["input_ids"], tok["attention_mask"]
+    if args.tokens:  # the toy tokenizer's ids, cut to the real tokenizer's length, ending in [SEP]
+        ids = torch.cat([ids[:, : args.tokens - 1], ids[:, -1:]], dim=1)
+        mask = torch.ones_like(ids)
     rng = np.random.default_rng(0)
     vit = torch.from_numpy(rng.standard_normal((args.candidates, *model.vit_shape)).astype(np.float32))
 
@@ -75,6 +116,15 @@ def main() -> None:
 
     with torch.inference_mode():
         record("eager", lambda: text(ids, mask).numpy(), lambda: itm(*itm_inputs).numpy(), 0.0)
+    import copy
+
+    eager_qformer = model.model.qformer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's notice that it moves to torchao
+        model.model.qformer = torch.ao.quantization.quantize_dynamic(copy.deepcopy(eager_qformer), {torch.nn.Linear}, dtype=torch.qint8)
+    with torch.inference_mode():
+        record("int8 dynamic", lambda: text(ids, mask).numpy(), lambda: itm(*itm_inputs).numpy(), 0.0)
+    model.model.qformer = eager_qformer
     compiled = {}
     for name, module, inputs in () if args.no_compile else (("text", text, (ids, mask)), ("itm", itm, itm_inputs)):
         try:
@@ -154,6 +204,11 @@ def main() -> None:
     print(f"{'backend':15s} {'text ms':>8s} {'x eager':>8s} {'ITM ms':>8s} {'x eager':>8s} {'ITC cos':>10s} {'ITM |dp|':>9s} {'setup s':>8s}")
     for name, tt, ti, cos, dp, setup in rows:
         print(f"{name:15s} {tt:8.1f} {base_text / tt:8.2f} {ti:8.0f} {base_itm / ti:8.2f} {cos:10.7f} {dp:9.1e} {setup:8.1f}")
+    macs, rate = itm_macs(model.model.config, ids.shape[1], n), gemm_gflops()
+    best_itm = min(r[2] for r in rows if r[4] <= 1e-3)  # the fastest within the parity bound
+    print(f"ITM of {n}: {2 * macs / 1e9:.0f} GFLOP. 1.5 s needs {2 * macs / 1.5e9:.0f} GFLOP/s; this machine's best "
+          f"fp32 GEMM runs at {rate:.0f}; eager reached {2 * macs / base_itm / 1e6:.0f}, the fastest at parity "
+          f"{2 * macs / best_itm / 1e6:.0f}")
     if args.images:
         image_side(model, args.images, threads, work)
 

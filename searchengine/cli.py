@@ -65,7 +65,7 @@ def _common(parser: argparse.ArgumentParser, *, model: bool) -> None:
         )
         g.add_argument(
             "--text-backend", choices=["auto", "torch", "onnx"],
-            help="how a CPU encodes queries: torch, or onnx (ONNX Runtime, 3.7x faster; pip install onnxruntime onnx); "
+            help="how a CPU encodes queries: torch, or onnx (ONNX Runtime, 3.4x faster; pip install onnxruntime onnx); "
             "default auto: onnx in serve where ONNX Runtime is installed, torch elsewhere",
         )
 

@@ -1,7 +1,7 @@
 """The query encoder on ONNX Runtime (`text_backend=onnx`, CPU): the same Q-Former text path
 as `RetrievalModel.text_features`, exported once per model to an ONNX file and run by ONNX
-Runtime, which encodes a query 3.7x faster than PyTorch eager on 2 cores (32.6 against
-121.8 ms on the real-size model, ITC cosine 0.9999999: benchmarks/cpu_backends.py).
+Runtime, which encodes a query 3.4x faster than PyTorch eager on 2 cores (29.0 against
+99.1 ms for 10 tokens on the real-size model, ITC cosine 0.9999999: benchmarks/cpu_backends.py).
 
 The export is cached by the model's fingerprint (`~/.cache/searchengine/onnx`, or under
 $XDG_CACHE_HOME or $SEARCHENGINE_CACHE_DIR), written to a temporary name and renamed, so a crash never leaves half a file.

@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     # (off by default) keeps only those above a threshold of the user's choosing.
     strong_match: float = Field(0.5, ge=0, le=1)
     text_max_tokens: int = Field(35, ge=2)  # the paper truncates text at 35 tokens
-    # How queries are encoded on a CPU: "torch" (PyTorch eager) or "onnx" (ONNX Runtime, 3.7x
+    # How queries are encoded on a CPU: "torch" (PyTorch eager) or "onnx" (ONNX Runtime, 3.4x
     # faster on 2 cores, ITC cosine 0.9999999; needs onnxruntime and onnx; see onnx_text.py).
     # "auto": onnx where it wins, in `serve` on a CPU with ONNX Runtime installed (the [cpu]
     # extra brings it); torch for one-off commands, where loading a second copy of the text
