@@ -214,8 +214,8 @@ def main() -> None:
 
 
 def image_side(model, n: int, threads: int, work: Path) -> None:
-    """ViT + ITC of `n` images (one indexing batch): eager against ONNX Runtime and OpenVINO,
-    with the ITC cosine per vector and the ViT output's largest difference."""
+    """ViT + ITC of `n` images (one indexing batch): eager against torch's dynamic int8, ONNX
+    Runtime and OpenVINO, with the ITC cosine per vector and the ViT output's largest difference."""
     import torch
 
     class Images(torch.nn.Module):
@@ -242,6 +242,11 @@ def image_side(model, n: int, threads: int, work: Path) -> None:
         results.append((name, median_ms(run, 2), cos, float(np.abs(np.asarray(vit) - ref_vit).max()), setup))
         print(f"  measured {name} (images)", flush=True)
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's notice that it moves to torchao
+        int8 = torch.ao.quantization.quantize_dynamic(images, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
+    with torch.inference_mode():
+        check("int8 dynamic", lambda: tuple(t.numpy() for t in int8(pixels)), 0.0)
     try:
         import onnxruntime as ort
 
