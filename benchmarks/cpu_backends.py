@@ -242,11 +242,15 @@ def image_side(model, n: int, threads: int, work: Path) -> None:
         results.append((name, median_ms(run, 2), cos, float(np.abs(np.asarray(vit) - ref_vit).max()), setup))
         print(f"  measured {name} (images)", flush=True)
 
+    eager = model.model.vision_model, model.model.qformer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's notice that it moves to torchao
-        int8 = torch.ao.quantization.quantize_dynamic(images, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
+        model.model.vision_model, model.model.qformer = (
+            torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8, inplace=False) for m in eager
+        )
     with torch.inference_mode():
-        check("int8 dynamic", lambda: tuple(t.numpy() for t in int8(pixels)), 0.0)
+        check("int8 dynamic", lambda: tuple(t.numpy() for t in images(pixels)), 0.0)
+    model.model.vision_model, model.model.qformer = eager
     try:
         import onnxruntime as ort
 
