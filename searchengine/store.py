@@ -31,6 +31,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from sqlalchemy import (
     BigInteger,
+    bindparam,
     Column,
     Float,
     ForeignKey,
@@ -565,53 +566,88 @@ class Store:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _write_batch(self, new_images, links, failures) -> tuple[list[int], list[int]]:
+        # A handful of statements a batch, not four an image: the single writer has to keep up
+        # with a GPU (benchmarks/store_backends.py).
         now = time.time()
-        new_ids: list[int] = []
-        touched: set[int] = set()  # images that lost a path (maybe their last)
-        linked: set[int] = set()  # images that gained one
+        linked: set[int] = set()  # images that gained a path
         with self.engine.begin() as conn:
-            for sha, m, vec, paths in new_images:
-                image_id = conn.execute(
-                    insert(images).values(sha256=sha, created_at=now, **m.__dict__).returning(images.c.id)
-                ).scalar_one()
-                conn.execute(
-                    insert(vectors).values(image_id=image_id, data=np.ascontiguousarray(vec, VECTOR_DTYPE).tobytes())
-                )
-                new_ids.append(image_id)
-                for path, size, mtime_ns in paths:
-                    touched |= self._put_file(conn, path, size, mtime_ns, "indexed", image_id, None, None, now)
-            for path, size, mtime_ns, sha in links:
-                image_id = conn.execute(select(images.c.id).where(images.c.sha256 == sha)).scalar_one()
-                linked.add(image_id)
-                touched |= self._put_file(conn, path, size, mtime_ns, "indexed", image_id, None, None, now)
-            for path, size, mtime_ns, reason, error in failures:
-                touched |= self._put_file(conn, path, size, mtime_ns, "failed", None, reason, error, now)
+            new_ids: list[int] = []
+            if new_images:
+                # Many rows in one statement, then their ids by content (unique): an INSERT ...
+                # RETURNING that keeps the rows' order runs one row at a time on SQLite.
+                conn.execute(insert(images), [dict(sha256=sha, created_at=now, **m.__dict__) for sha, m, _, _ in new_images])
+                made = self._ids_of(conn, [sha for sha, *_ in new_images])
+                new_ids = [made[sha] for sha, *_ in new_images]
+                conn.execute(insert(vectors), [
+                    dict(image_id=i, data=np.ascontiguousarray(vec, VECTOR_DTYPE).tobytes())
+                    for i, (_, _, vec, _) in zip(new_ids, new_images)
+                ])
+            rows = [(path, size, mtime_ns, "indexed", i, None, None)
+                    for i, (_, _, _, paths) in zip(new_ids, new_images) for path, size, mtime_ns in paths]
+            if links:
+                by_sha = self._ids_of(conn, [sha for *_, sha in links])
+                rows += [(path, size, mtime_ns, "indexed", by_sha[sha], None, None) for path, size, mtime_ns, sha in links]
+                linked = set(by_sha.values())
+            rows += [(path, size, mtime_ns, "failed", None, reason, error) for path, size, mtime_ns, reason, error in failures]
+            touched = self._put_files(conn, rows, now)
             orphans = self._delete_orphans(conn, touched)
             self._refresh_text(conn, (set(new_ids) | linked | touched) - set(orphans))
             self._bump_revision(conn)
         return new_ids, orphans
 
-    def _put_file(self, conn, path, size, mtime_ns, status, image_id, reason, error, now) -> set[int]:
-        """Insert or update a file row; return the image id it pointed at before, if any."""
-        old = conn.execute(select(files.c.id, files.c.image_id).where(files.c.path == path)).first()
-        values = dict(
-            size=size, mtime_ns=mtime_ns, status=status, image_id=image_id, reason=reason, error=error, updated_at=now
-        )
-        if old is None:
-            conn.execute(insert(files).values(path=path, **values))
-            return set()
-        conn.execute(update(files).where(files.c.id == old.id).values(**values))
-        return {old.image_id} if old.image_id is not None and old.image_id != image_id else set()
+    @staticmethod
+    def _ids_of(conn, hashes: Sequence[str]) -> dict[str, int]:
+        """The image id of each of these contents, which must all be indexed."""
+        found: dict[str, int] = {}
+        for chunk in _chunks(sorted(set(hashes)), 500):
+            found.update(conn.execute(select(images.c.sha256, images.c.id).where(images.c.sha256.in_(chunk))).all())
+        missing = [sha for sha in hashes if sha not in found]
+        if missing:
+            raise LookupError(f"no indexed image has the content {missing[0]}")
+        return found
+
+    def _put_files(self, conn, rows, now) -> set[int]:
+        """Insert or update file rows (path, size, mtime_ns, status, image_id, reason, error), a
+        later row for a path winning; return the images a path pointed at before and no longer."""
+        keys = ("size", "mtime_ns", "status", "image_id", "reason", "error")
+        latest: dict[str, dict] = {}
+        touched: set[int] = set()
+        for path, *values in rows:
+            before = latest.get(path)
+            if before is not None and before["image_id"] is not None:
+                touched.add(before["image_id"])  # an earlier row of this batch for this path
+            latest[path] = dict(zip(keys, values), path=path, updated_at=now)
+        old: dict[str, tuple[int, int | None]] = {}
+        for chunk in _chunks(list(latest), 500):
+            for file_id, path, image_id in conn.execute(
+                select(files.c.id, files.c.path, files.c.image_id).where(files.c.path.in_(chunk))
+            ):
+                old[path] = (file_id, image_id)
+        fresh = [row for path, row in latest.items() if path not in old]
+        if fresh:
+            conn.execute(insert(files), fresh)
+        # The SET clause comes from the rows' keys; file_id, not a column, picks the row.
+        changed = [{k: v for k, v in row.items() if k != "path"} | {"file_id": old[path][0]}
+                   for path, row in latest.items() if path in old]
+        if changed:
+            conn.execute(update(files).where(files.c.id == bindparam("file_id")), changed)
+        for path, row in latest.items():
+            before = old.get(path, (None, None))[1]
+            if before is not None and before != row["image_id"]:
+                touched.add(before)
+        return touched
 
     def _delete_orphans(self, conn: Connection, candidates: Iterable[int]) -> list[int]:
-        gone = []
-        for image_id in candidates:
-            n = conn.execute(select(func.count()).select_from(files).where(files.c.image_id == image_id)).scalar()
-            if n == 0:
-                conn.execute(delete(vectors).where(vectors.c.image_id == image_id))
-                conn.execute(delete(next_vectors).where(next_vectors.c.image_id == image_id))
-                conn.execute(delete(images).where(images.c.id == image_id))
-                gone.append(image_id)
+        """Delete those of these images that no file shows any more; return their ids."""
+        gone: list[int] = []
+        for chunk in _chunks(sorted(set(candidates)), 500):
+            shown = set(conn.execute(select(files.c.image_id).where(files.c.image_id.in_(chunk)).distinct()).scalars())
+            dead = [i for i in chunk if i not in shown]
+            if dead:
+                conn.execute(delete(vectors).where(vectors.c.image_id.in_(dead)))
+                conn.execute(delete(next_vectors).where(next_vectors.c.image_id.in_(dead)))
+                conn.execute(delete(images).where(images.c.id.in_(dead)))
+                gone += dead
         self.text.delete(conn, gone)
         return gone
 

@@ -75,6 +75,52 @@ def test_batch_links_and_orphans(store):
     assert stats.failures == [("/p/bad.jpg", "empty", "file is empty")]
 
 
+def test_a_batch_is_a_few_statements_not_several_an_image(store):
+    """The single writer keeps up with a GPU only if a batch costs a handful of statements:
+    a batch of 300 new images and 300 re-pointed files runs no more statements than one of 3."""
+    from sqlalchemy import event
+
+    def statements(batch) -> tuple[int, list]:
+        count = []
+        listener = lambda *args: count.append(1)  # noqa: E731
+        event.listen(store.engine, "before_cursor_execute", listener)
+        try:
+            ids, _ = store.write_batch(**batch)
+        finally:
+            event.remove(store.engine, "before_cursor_execute", listener)
+        return len(count), ids
+
+    def batch(n, tag):
+        return {"new_images": [(f"{tag}{i}", ImageMeta(i + 1, 1), _vec(i), [(f"/s/{i}.jpg", 1, i), (f"/s/{i}-copy.jpg", 1, i)])
+                               for i in range(n)],
+                "failures": [(f"/s/bad{i}.jpg", 0, 1, "empty", "e") for i in range(n)]}
+
+    statements(batch(3, "a"))
+    few, _ = statements(batch(3, "b"))  # the same paths, new content: the first 3 images go
+    many, ids = statements(batch(300, "c"))  # 3 of them again, and 297 new ones
+    assert many <= few + 2, (few, many)  # at most another chunk's lookup, never one an image
+    # Each new image got its own id, in order, with its own vectors and paths.
+    assert len(set(ids)) == 300 and ids == sorted(ids)
+    records = store.images(ids)
+    assert [records[i].width for i in ids] == list(range(1, 301))
+    assert records[ids[7]].paths == ["/s/7.jpg", "/s/7-copy.jpg"]
+    got = dict(zip(*(a.tolist() if k == 0 else list(a) for k, a in enumerate(next(store.iter_vectors(ids[:3]))))))
+    np.testing.assert_array_equal(got[ids[2]], _vec(2).astype(np.float16).astype(np.float32))
+    assert store.stats().images == 300  # the earlier batches' images lost every path: deleted
+
+
+def test_a_path_twice_in_one_batch_ends_as_its_last_row(store):
+    (kept,), _ = store.write_batch(new_images=[("k", ImageMeta(1, 1), _vec(1), [("/t/keep.jpg", 1, 1)])])
+    ids, orphans = store.write_batch(
+        new_images=[("n", ImageMeta(1, 1), _vec(2), [("/t/x.jpg", 1, 2)])],
+        links=[("/t/x.jpg", 1, 3, "k")],  # later in the batch: x.jpg shows k's content after all
+    )
+    (new,) = ids
+    assert orphans == [new]  # the new image was left with no file, so it is gone
+    assert store.images([kept])[kept].paths == ["/t/keep.jpg", "/t/x.jpg"]
+    assert store.image_id_for_hash("n") is None
+
+
 def test_ids_are_never_reused(store):
     (a,), _ = store.write_batch(new_images=[("h1", ImageMeta(1, 1), _vec(1), [("/x/1.jpg", 1, 1)])])
     store.remove_files(["/x/1.jpg"])
