@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import PurePosixPath
 from typing import Iterable, Sequence
 
@@ -93,13 +94,30 @@ def path_words(paths: Iterable[str], roots: Sequence[str]) -> str:
     """
     out: dict[str, None] = {}
     for path in paths:
-        p = PurePosixPath(path)
-        root = max((r for r in roots if path.startswith(r.rstrip("/") + "/")), key=len, default=None)
-        if root is not None:
-            parts = [PurePosixPath(root).name, *p.relative_to(root).parent.parts]
+        if "//" in path or "/./" in path or path.endswith(("/", "/.")) or not path.startswith("/"):
+            p = PurePosixPath(path)  # the unusual spellings, normalised as pathlib does
+            folder, name = str(p.parent), p.name
         else:
-            parts = list(p.parent.parts[-2:])
-        for part in [*parts, p.stem]:
-            for w in words(part) + words(_CAMEL.sub(" ", part)):
-                out.setdefault(w, None)
+            folder, _, name = path.rpartition("/")
+        root = max((r for r in roots if path.startswith(r.rstrip("/") + "/")), key=len, default=None)
+        dot = name.rfind(".")
+        stem = name[:dot] if 0 < dot < len(name) - 1 else name  # PurePosixPath.stem
+        for w in (*_folder_words(folder or "/", root), *_part_words(stem)):
+            out.setdefault(w, None)
     return " ".join(out)
+
+
+@lru_cache(maxsize=4096)
+def _folder_words(folder: str, root: str | None) -> tuple[str, ...]:
+    """The words of a folder's names from `root`'s own name down (the last two without a
+    root); a library's images share a few folders, so the writer works each out once."""
+    p = PurePosixPath(folder)
+    if root is None:
+        parts = list(p.parts[-2:])
+    else:  # a path that pathlib normalises to the root itself (`/root/.`) has no folder below it
+        parts = [PurePosixPath(root).name, *(p.relative_to(root).parts if p.is_relative_to(root) else ())]
+    return tuple(w for part in parts for w in _part_words(part))
+
+
+def _part_words(part: str) -> list[str]:
+    return words(part) + words(_CAMEL.sub(" ", part))

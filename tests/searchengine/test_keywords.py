@@ -62,3 +62,12 @@ def test_path_words_count_from_the_root_folder_down_and_split_names():
 def test_path_words_of_all_paths_of_an_image_without_a_known_root():
     words = path_words(["/a/b/holiday/x.png", "/c/d/family/y.png"], []).split()
     assert {"b", "holiday", "x", "d", "family", "y"} <= set(words) and "a" not in words
+
+
+def test_path_words_of_unusual_spellings_are_pathlibs():
+    """The writer splits plain paths as strings and leaves odd ones to pathlib: both give the
+    words pathlib's reading of the path gives, and none of them fails the batch."""
+    assert path_words(["/r/a/./b//c.d.jpg"], ["/r"]).split() == ["r", "a", "b", "c", "d"]
+    assert path_words(["/r/.hidden", "/r/x."], ["/r/"]).split() == ["r", "hidden", "x"]
+    assert path_words(["//x/IMG_1.jpg"], ["/"]).split() == ["img", "1"]  # raised ValueError before
+    assert path_words(["/r/."], ["/r"]) == "r"
