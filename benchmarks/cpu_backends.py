@@ -34,13 +34,12 @@ QUERY = "a dog running on a beach at sunset"
 QUERY_TOKENS = 10  # [CLS] a dog running on a beach at sunset [SEP], in bert-base-uncased
 
 
-def itm_macs(config, tokens: int, candidates: int) -> float:
-    """Multiply-adds of ITM for `candidates` images and one text of `tokens` tokens: the
-    Q-Former over queries + text (self-attention, feed-forward) and, every
-    cross_attention_frequency layers, the queries' cross-attention to the ViT output."""
-    q, v = config.qformer_config, config.vision_config
+def itm_macs(config, patches: int, tokens: int, candidates: int) -> float:
+    """Multiply-adds of ITM for `candidates` images of `patches` ViT outputs and one text of
+    `tokens` tokens: the Q-Former over queries + text (self-attention, feed-forward) and,
+    every cross_attention_frequency layers, the queries' cross-attention to the ViT output."""
+    q = config.qformer_config
     h, inner, layers, queries = q.hidden_size, q.intermediate_size, q.num_hidden_layers, config.num_query_tokens
-    patches = (v.image_size // v.patch_size) ** 2 + 1
     seq = queries + tokens
     per_layer = seq * (4 * h * h + 2 * h * inner) + 2 * seq * seq * h
     cross = queries * 2 * h * h + patches * 2 * q.encoder_hidden_size * h + 2 * queries * patches * h
@@ -48,18 +47,26 @@ def itm_macs(config, tokens: int, candidates: int) -> float:
     return float(candidates) * (layers * per_layer + n_cross * cross)
 
 
-def gemm_gflops(repeat: int = 10) -> float:
-    """This machine's best fp32 matrix-multiply rate (GFLOP/s) at ITM's largest shape (the
-    cross-attention's keys for 20 candidates)."""
+def gemm_gflops(rows: int, inner: int, cols: int, repeat: int = 10) -> float:
+    """This machine's best fp32 matrix-multiply rate (GFLOP/s) at one shape."""
     import torch
 
-    a, b = torch.randn(5140, 1408), torch.randn(1408, 768)
+    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t)
-    return 2 * 5140 * 1408 * 768 / best / 1e9
+    return 2 * rows * inner * cols / best / 1e9
+
+
+def int8_copy(module):
+    """A copy of `module` with its Linear layers in torch's dynamic int8 (measured, not shipped)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's notice that it moves to torchao
+        return torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
 
 
 def main() -> None:
@@ -116,12 +123,8 @@ def main() -> None:
 
     with torch.inference_mode():
         record("eager", lambda: text(ids, mask).numpy(), lambda: itm(*itm_inputs).numpy(), 0.0)
-    import copy
-
     eager_qformer = model.model.qformer
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's notice that it moves to torchao
-        model.model.qformer = torch.ao.quantization.quantize_dynamic(copy.deepcopy(eager_qformer), {torch.nn.Linear}, dtype=torch.qint8)
+    model.model.qformer = int8_copy(eager_qformer)
     with torch.inference_mode():
         record("int8 dynamic", lambda: text(ids, mask).numpy(), lambda: itm(*itm_inputs).numpy(), 0.0)
     model.model.qformer = eager_qformer
@@ -204,7 +207,10 @@ def main() -> None:
     print(f"{'backend':15s} {'text ms':>8s} {'x eager':>8s} {'ITM ms':>8s} {'x eager':>8s} {'ITC cos':>10s} {'ITM |dp|':>9s} {'setup s':>8s}")
     for name, tt, ti, cos, dp, setup in rows:
         print(f"{name:15s} {tt:8.1f} {base_text / tt:8.2f} {ti:8.0f} {base_itm / ti:8.2f} {cos:10.7f} {dp:9.1e} {setup:8.1f}")
-    macs, rate = itm_macs(model.model.config, ids.shape[1], n), gemm_gflops()
+    # The rate at ITM's largest multiply: the cross-attention's keys for every candidate's patches.
+    patches, width = model.vit_shape
+    macs = itm_macs(model.model.config, patches, ids.shape[1], n)
+    rate = gemm_gflops(n * patches, width, model.model.config.qformer_config.hidden_size)
     best_itm = min(r[2] for r in rows if r[4] <= 1e-3)  # the fastest within the parity bound
     print(f"ITM of {n}: {2 * macs / 1e9:.0f} GFLOP. 1.5 s needs {2 * macs / 1.5e9:.0f} GFLOP/s; this machine's best "
           f"fp32 GEMM runs at {rate:.0f}; eager reached {2 * macs / base_itm / 1e6:.0f}, the fastest at parity "
@@ -243,11 +249,7 @@ def image_side(model, n: int, threads: int, work: Path) -> None:
         print(f"  measured {name} (images)", flush=True)
 
     eager = model.model.vision_model, model.model.qformer
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's notice that it moves to torchao
-        model.model.vision_model, model.model.qformer = (
-            torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8, inplace=False) for m in eager
-        )
+    model.model.vision_model, model.model.qformer = (int8_copy(m) for m in eager)
     with torch.inference_mode():
         check("int8 dynamic", lambda: tuple(t.numpy() for t in images(pixels)), 0.0)
     model.model.vision_model, model.model.qformer = eager

@@ -31,7 +31,6 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from sqlalchemy import (
     BigInteger,
-    bindparam,
     Column,
     Float,
     ForeignKey,
@@ -41,6 +40,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -509,13 +509,8 @@ class Store:
 
     def indexed_hashes(self, hashes: Iterable[str]) -> set[str]:
         """Which of these contents the store has an image for: one query per call."""
-        wanted = sorted(set(hashes))
-        found: set[str] = set()
         with self.engine.connect() as conn:
-            for i in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
-                chunk = wanted[i : i + 500]
-                found.update(conn.execute(select(images.c.sha256).where(images.c.sha256.in_(chunk))).scalars())
-        return found
+            return set(_ids_by_hash(conn, hashes))
 
     def size_bytes(self) -> int:
         """What the store takes on a database server (PostgreSQL: the database's size)."""
@@ -598,9 +593,7 @@ class Store:
     @staticmethod
     def _ids_of(conn, hashes: Sequence[str]) -> dict[str, int]:
         """The image id of each of these contents, which must all be indexed."""
-        found: dict[str, int] = {}
-        for chunk in _chunks(sorted(set(hashes)), 500):
-            found.update(conn.execute(select(images.c.sha256, images.c.id).where(images.c.sha256.in_(chunk))).all())
+        found = _ids_by_hash(conn, hashes)
         missing = [sha for sha in hashes if sha not in found]
         if missing:
             raise LookupError(f"no indexed image has the content {missing[0]}")
@@ -1087,3 +1080,12 @@ def _decode_vectors(blobs: Sequence[bytes], shape: tuple[int, int]) -> np.ndarra
 def _chunks(items: Sequence, n: int) -> Iterator[Sequence]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
+
+
+def _ids_by_hash(conn: Connection, hashes: Iterable[str]) -> dict[str, int]:
+    """sha256 -> image id, for those of these contents the store has (500 a query: SQLite's
+    bound-parameter limit)."""
+    found: dict[str, int] = {}
+    for chunk in _chunks(sorted(set(hashes)), 500):
+        found.update(conn.execute(select(images.c.sha256, images.c.id).where(images.c.sha256.in_(chunk))).all())
+    return found
