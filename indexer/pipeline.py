@@ -126,7 +126,8 @@ class Indexer:
         self.progress = progress or (lambda n: None)
         self.on_total = on_total or (lambda n: None)
         library.require_writable("indexing writes to it")
-        self.library.bind(model_info(model))
+        self.library.bind(model_info(model), model.former_fingerprints)
+        self._made_by: set[str] = set()  # how the models that made this run's vectors ran, as recorded
         self.batch_size = settings.batch_size or model.index_batch(captioner.bytes_per_image() if captioner is not None else 0)
         if settings.decode == "device":
             from searchengine.device_decode import check
@@ -366,6 +367,10 @@ class Indexer:
             links=[(k.entry.path, k.entry.size, k.entry.mtime_ns, k.sha256) for k in known],
             failures=[(f.entry.path, f.entry.size, f.entry.mtime_ns, f.reason, f.message) for f in failures],
         )
+        # A Ray run's actors load the model in their own dtype and device, maybe not this one's.
+        for made_by in {e.made_by for e in embedded if e.made_by} - self._made_by:
+            self.library.record_made_by(made_by)
+            self._made_by.add(made_by)
         summary.add_time("write", time.perf_counter() - t)
         summary.indexed += len(embedded)
         summary.linked += len(known)

@@ -72,7 +72,7 @@ class Reindexer:
         start = time.perf_counter()
         info = model_info(self.model)
         current = self.library.built_with().model
-        if current is not None and current.fingerprint == info.fingerprint:
+        if current is not None and current.fingerprint in {info.fingerprint, *self.model.former_fingerprints}:
             raise SearchEngineError(f"the index already uses this model ({info.name}, fingerprint {info.fingerprint}): nothing to do")
         if current is not None and (current.num_vectors, current.dim) != (info.num_vectors, info.dim):
             log.info("the new model's vectors are %dx%d (were %dx%d)", info.num_vectors, info.dim, current.num_vectors, current.dim)

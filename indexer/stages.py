@@ -90,6 +90,7 @@ class Embedded:
     item: Decoded
     itc: "np.ndarray"
     vit: "np.ndarray | None"
+    made_by: str = ""  # how the model that made the vectors ran: "bfloat16 on cpu" (RetrievalModel.made_by)
 
     @property
     def entry(self) -> FileEntry:
@@ -276,7 +277,8 @@ class EmbedStage:
             half = len(batch) // 2
             return self._embed(batch[:half], pixels[:half]) + self._embed(batch[half:], pixels[half:])
         vit = emb.vit.float().cpu().numpy() if self.keep_vit else None
-        return [Embedded(d, emb.itc[i], vit[i] if vit is not None else None) for i, d in enumerate(batch)]
+        made_by = self.model.made_by
+        return [Embedded(d, emb.itc[i], vit[i] if vit is not None else None, made_by) for i, d in enumerate(batch)]
 
 
 def caption_batch(captioner: "Captioner", pixels: Sequence["torch.Tensor | None"], errors: Sequence[str | None]) -> list[Caption]:

@@ -670,7 +670,9 @@ def cmd_stats(args: argparse.Namespace, out, err) -> int:
     print(f"data dir     {data['data_dir']}", file=out)
     print(f"store        {data['store']}", file=out)
     if data["model"]:
-        print(f"model        {data['model']} (fingerprint {data['model_fingerprint']}, {data['model_dtype']})", file=out)
+        print(f"model        {data['model']} (fingerprint {data['model_fingerprint']})", file=out)
+        if data["made_by"]:
+            print(f"vectors by   the model in {', '.join(data['made_by'])}", file=out)
     else:
         print("model        -", file=out)
     print(f"images       {data['images']} ({data['files']} files)", file=out)

@@ -266,6 +266,7 @@ class Library:
         self.features: FeatureCache | None = None
         self._next_features: FeatureCache | None = None  # a re-index's, for the new model
         self._model: ModelInfo | None = None  # the model the vector index is of
+        self._same_model: set[str] = set()  # fingerprints of the bound model's weights (`bind`)
         self._foreign_features = False  # the feature cache may be another model's (see `model_changed`)
         self.thumbnails = ThumbnailCache(
             settings.thumbnails_dir, settings.thumbnail_size, settings.max_image_pixels, read_only=not writable
@@ -392,9 +393,11 @@ class Library:
         self.thumbnails.close()
         self.previews.close()
 
-    def bind(self, info: ModelInfo) -> None:
-        """Tie the library to a model (refused if it was built with another one)."""
-        self.store.bind_model(info)
+    def bind(self, info: ModelInfo, former: Iterable[str] = ()) -> None:
+        """Tie the library to a model (refused if it was built with another one). `former`:
+        fingerprints earlier versions took of the same weights (`Store.bind_model`)."""
+        self.store.bind_model(info, former)
+        self._same_model |= {info.fingerprint, *former}
         if self.index is None:
             self._attach(self.store.model_info() or info)
 
@@ -599,7 +602,11 @@ class Library:
         """True when the store's model is no longer the one this library was opened with (a
         re-index took over): searches must encode with the new model from then on."""
         info = self.store.model_info()
-        changed = info is not None and self._model is not None and info.fingerprint != self._model.fingerprint
+        changed = (
+            info is not None and self._model is not None and info.fingerprint != self._model.fingerprint
+            # a writer bringing an earlier version's fingerprint of these weights up to date
+            and not {info.fingerprint, self._model.fingerprint} <= self._same_model
+        )
         # The feature cache on disk may be the new model's already: not read, nor written, by
         # the old one in the meantime.
         self._foreign_features = changed
@@ -657,6 +664,11 @@ class Library:
         """Every content (sha256) the library has: what a distributed runner's workers are
         told, so that they decode only what is new."""
         return self.store.all_hashes()
+
+    def record_made_by(self, made_by: str) -> None:
+        """Note how the model ran ("bfloat16 on cuda") that made vectors being written."""
+        self.require_writable()
+        self.store.record_made_by(made_by)
 
     def write_batch(
         self,
@@ -1166,7 +1178,9 @@ class Library:
             "roots": stats.roots,
             "model": model.name if model else None,
             "model_fingerprint": model.fingerprint if model else None,
-            "model_dtype": model.dtype if model else None,
+            "model_dtype": model.dtype if model else None,  # the first run's; every run's: made_by
+            # How the model ran that made the vectors ("bfloat16 on cpu"), one entry a way, first first.
+            "made_by": self.store.made_by() if model else [],
             "index_type": self.index_type(),
             "vector_index": self.vector_index_info(),
             "links": self.link_policy,
@@ -1240,4 +1254,5 @@ def model_info(model) -> ModelInfo:
         dim=model.embed_dim,
         vit_shape=model.vit_shape,
         dtype=str(model.vision_dtype).replace("torch.", ""),
+        device=model.device.split(":")[0],
     )

@@ -42,8 +42,22 @@ class ImageEmbeddings:
     vit: "torch.Tensor"  # ViT last_hidden_state [N, patches + 1, width], in the model's dtype
 
 
+CPU_BF16_ENV = "SEARCHENGINE_CPU_BF16"
+
+
 def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 matrix instructions (bf16 is slower without them)."""
+    """True where the CPU has native bf16 matrix instructions (bf16 is slower without them),
+    so that `dtype auto` picks bfloat16 there, as on a GPU.
+
+    $SEARCHENGINE_CPU_BF16 (1 or 0) overrides what /proc/cpuinfo says: to keep float32 on such
+    a CPU, to try bf16 where a container hides the flags, and to run the bf16 path (the one
+    every GPU takes) on any CPU, as `.ci/run` does for the dtype-sensitive tests.
+    """
+    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    if forced in ("0", "false", "no", "off"):
+        return False
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
             for line in f:
@@ -115,9 +129,10 @@ def load_config(name: str, what: str = "model") -> tuple[ModelSource, object]:
 def fingerprint(config, query_tokens: np.ndarray) -> str:
     """Identifies the weights, not the path: the same checkpoint moved elsewhere matches.
 
-    The query tokens are kept in fp32 whatever dtype the model is loaded in, so the
-    fingerprint does not change with --dtype (vectors from bf16 and fp32 runs mix safely:
-    cosine >= 0.9998).
+    `query_tokens` are the checkpoint's as stored, widened to float32 (exact from any stored
+    dtype), never the tensor of a loaded model: transformers casts it to the dtype the model
+    is loaded in, so a fingerprint of the loaded tensor changed with --dtype and the device
+    (`stored_query_tokens` reads it from the files).
     """
     v = config.vision_config
     vit_shape = ((v.image_size // v.patch_size) ** 2 + 1, v.hidden_size)
@@ -127,49 +142,93 @@ def fingerprint(config, query_tokens: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def peek_fingerprint(name: str) -> str | None:
-    """The fingerprint of a checkpoint read from its files (config + query tokens), without
-    loading the model; None where that cannot be done cheaply (not on disk, not safetensors)."""
-    import json
+def former_fingerprints(config, query_tokens: np.ndarray) -> set[str]:
+    """The fingerprints that versions before the stored-weights rule recorded for the same
+    checkpoint when it was loaded in bfloat16 or float16 (the loaded tensor, rounded to that
+    dtype, was hashed): an index they built is the same model, and is told so."""
+    import torch
 
+    stored = torch.from_numpy(np.ascontiguousarray(query_tokens, dtype=np.float32))
+    return {fingerprint(config, stored.to(dt).float().numpy()) for dt in (torch.bfloat16, torch.float16)}
+
+
+def _checkpoint_files(name: str) -> dict[str, str | None]:
+    """The paths of a checkpoint's config and weight files, on disk or in the hub cache (never
+    downloaded); None for each one that is not at hand."""
+    names = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    files: dict[str, str | None] = {}
     if looks_local(name):
         directory = os.path.expanduser(name)
-        if not os.path.isdir(directory):
-            return None
-    else:
-        directory = None
-    files: dict[str, str | None] = {}
-    for filename in ("config.json", "model.safetensors", "model.safetensors.index.json"):
-        if directory is not None:
+        for filename in names:
             path = os.path.join(directory, filename)
             files[filename] = path if os.path.isfile(path) else None
-        else:  # only what the hub cache already holds: peeking never downloads
-            from huggingface_hub import try_to_load_from_cache
+        return files
+    from huggingface_hub import try_to_load_from_cache
 
-            got = try_to_load_from_cache(name, filename)
-            files[filename] = got if isinstance(got, str) else None
+    for filename in names:
+        got = try_to_load_from_cache(name, filename)
+        files[filename] = got if isinstance(got, str) else None
+    return files
+
+
+def _weights_holding(files: dict[str, str | None], key: str) -> str | None:
+    """The weight file (a shard of a sharded checkpoint) that holds tensor `key`."""
+    import json
+
+    for single, index in (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if files[single] is not None:
+            return files[single]
+        if files[index] is not None:
+            with open(files[index], encoding="utf-8") as f:
+                shard = json.load(f).get("weight_map", {}).get(key)
+            if shard is not None:
+                path = os.path.join(os.path.dirname(files[index]), shard)
+                return path if os.path.isfile(path) else None
+    return None
+
+
+def stored_query_tokens(name: str) -> np.ndarray | None:
+    """The checkpoint's `query_tokens` as stored in its files, as float32 (exact); None where
+    the files are not at hand or hold no such tensor."""
+    files = _checkpoint_files(name)
+    weights = _weights_holding(files, "query_tokens")
+    if weights is None:
+        return None
+    import torch
+
+    try:
+        if weights.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(weights, framework="pt") as f:
+                if "query_tokens" not in f.keys():
+                    return None
+                return f.get_tensor("query_tokens").float().numpy()
+        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+        tokens = state.get("query_tokens")
+        return None if tokens is None else tokens.float().numpy()
+    except Exception:  # noqa: BLE001 - unreadable here: the caller says what it falls back to
+        log.debug("cannot read query_tokens from %s", weights, exc_info=True)
+        return None
+
+
+def peek_fingerprints(name: str) -> set[str]:
+    """The fingerprint of a checkpoint read from its files (config + query tokens), without
+    loading the model, with those earlier versions took of it in bf16 or fp16; empty where
+    that cannot be done (not on disk, no query tokens)."""
+    files = _checkpoint_files(name)
     if files["config.json"] is None:
-        return None
-    weights = files["model.safetensors"]
-    if weights is None and files["model.safetensors.index.json"] is not None:
-        with open(files["model.safetensors.index.json"], encoding="utf-8") as f:
-            shard = json.load(f).get("weight_map", {}).get("query_tokens")
-        if shard is not None:
-            weights = os.path.join(os.path.dirname(files["model.safetensors.index.json"]), shard)
-    if weights is None or not os.path.isfile(weights):
-        return None
-    from safetensors import safe_open
+        return set()
+    tokens = stored_query_tokens(name)
+    if tokens is None:
+        return set()
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(directory or name, local_files_only=True)
-        with safe_open(weights, framework="pt") as f:
-            if "query_tokens" not in f.keys():
-                return None
-            tokens = f.get_tensor("query_tokens").float().numpy()
-        return fingerprint(config, tokens)
+        config = AutoConfig.from_pretrained(os.path.dirname(files["config.json"]), local_files_only=True)
     except Exception:  # noqa: BLE001 - "cannot tell cheaply", the caller loads and checks
-        return None
+        return set()
+    return {fingerprint(config, tokens), *former_fingerprints(config, tokens)}
 
 
 @dataclass(frozen=True)
@@ -352,13 +411,7 @@ class RetrievalModel:
 
     def text_features(self, input_ids: "torch.Tensor", attention_mask: "torch.Tensor") -> "torch.Tensor":
         """Tokenized texts -> ITC vectors [T, D]: the Q-Former text side, position 0, projected."""
-        from torch.nn import functional as F
-
-        m = self.model
-        emb = m.embeddings(input_ids=input_ids)
-        out = m.qformer(query_embeds=emb, query_length=0, attention_mask=attention_mask).last_hidden_state
-        cls = out[:, 0, :].to(dtype=m.text_projection.weight.dtype)
-        return F.normalize(m.text_projection(cls), dim=-1)
+        return text_itc(self.model, input_ids, attention_mask)
 
     def itm_logits(self, input_ids: "torch.Tensor", attention_mask: "torch.Tensor", vit: "torch.Tensor") -> "torch.Tensor":
         """ITM logits [N, 2] (column 1: match) of text i with image i, ViT outputs [N, P, W]."""
@@ -434,8 +487,45 @@ class RetrievalModel:
 
     # -- identity -------------------------------------------------------------------------
 
+    @property
+    def made_by(self) -> str:
+        """How this model runs, as an index records what made its vectors: "bfloat16 on cuda"."""
+        return f"{str(self.vision_dtype).replace('torch.', '')} on {self.device.split(':')[0]}"
+
+    def _stored_tokens(self) -> np.ndarray:
+        """The query tokens as the checkpoint stores them (what identifies it). From the
+        files; a model not loaded from files (built in memory) or in a format they cannot be
+        read from has them exactly only in float32, which is then what it runs in."""
+        stored = stored_query_tokens(self.name)
+        if stored is not None and stored.shape == tuple(self.model.query_tokens.shape):
+            return stored
+        import torch
+
+        loaded = self.model.query_tokens.detach()
+        if loaded.dtype != torch.float32:
+            log.warning("the query tokens of %s cannot be read from its files: its fingerprint is taken from "
+                        "the weights as loaded in %s, and differs from a float32 load's", self.name, loaded.dtype)
+        return loaded.float().cpu().numpy()
+
     def _fingerprint(self) -> str:
-        return fingerprint(self.model.config, self.model.query_tokens.detach().float().cpu().numpy())
+        return fingerprint(self.model.config, self._stored_tokens())
+
+    @property
+    def former_fingerprints(self) -> set[str]:
+        """What earlier versions recorded for this checkpoint loaded in bf16 or fp16."""
+        return former_fingerprints(self.model.config, self._stored_tokens())
+
+
+def text_itc(m, input_ids: "torch.Tensor", attention_mask: "torch.Tensor") -> "torch.Tensor":
+    """The text side of ITC on any module with BLIP-2's `embeddings`, `qformer` and
+    `text_projection` (the retrieval model, or `Blip2TextModelWithProjection` loaded from the
+    same checkpoint): tokenized texts -> ITC vectors [T, D], L2-normalised."""
+    from torch.nn import functional as F
+
+    emb = m.embeddings(input_ids=input_ids)
+    out = m.qformer(query_embeds=emb, query_length=0, attention_mask=attention_mask).last_hidden_state
+    cls = out[:, 0, :].to(dtype=m.text_projection.weight.dtype)
+    return F.normalize(m.text_projection(cls), dim=-1)
 
 
 def _first_line(e: BaseException) -> str:

@@ -315,7 +315,7 @@ class Searcher:
         self.library = library
         self.settings = settings
         if model is not None:
-            library.bind(model_info(model))  # refuses an index built with another model
+            library.bind(model_info(model), model.former_fingerprints)  # refuses an index built with another model
         self.itm_features = ItmFeatures(model, library, settings) if model is not None else None
 
     # -- text queries ---------------------------------------------------------------------

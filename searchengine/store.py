@@ -155,10 +155,34 @@ class ModelInfo:
     num_vectors: int
     dim: int
     vit_shape: tuple[int, int]
-    dtype: str = ""  # what the first run embedded in (bf16 and fp32 vectors mix safely)
+    dtype: str = ""  # what the first run embedded in; every run's: `Store.made_by`
+    device: str = ""  # the kind of device it ran on: cpu, cuda, mps ("" in indexes from before it was recorded)
+
+    @property
+    def made_by(self) -> str:
+        return f"{self.dtype} on {self.device}" if self.device else self.dtype
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vit_shape", tuple(self.vit_shape))
+
+
+def mismatch_message(have: ModelInfo, info: ModelInfo) -> str:
+    """What differs between the model an index was built with and the one opened on it."""
+    shape = lambda m: f"{m.num_vectors} vectors of {m.dim} a image, ViT output {m.vit_shape[0]}x{m.vit_shape[1]}"  # noqa: E731
+    arch = "" if shape(have) == shape(info) else f" It is another architecture too: {shape(info)} against the index's {shape(have)}."
+    if have.name == info.name:
+        return (
+            f"the weights of model {info.name!r} have changed since this index was built (fingerprint "
+            f"{have.fingerprint} then, {info.fingerprint} now), so its vectors are not this model's.{arch} "
+            f"Put the old weights back, re-embed the library with the new ones (searchengine reindex --model "
+            f"{info.name}), or use another --data-dir"
+        )
+    return (
+        f"this index was built with model {have.name!r} (fingerprint {have.fingerprint}); {info.name!r} "
+        f"(fingerprint {info.fingerprint}) is another checkpoint.{arch} Use the index's own (--model {have.name}, "
+        f"or no --model), re-embed the library with the other (searchengine reindex --model {info.name}), "
+        "or use another --data-dir"
+    )
 
 
 @dataclass(frozen=True)
@@ -449,8 +473,13 @@ class Store:
         with self.engine.begin() as conn:
             self._set_meta(conn, "captioner", json.dumps({"captions": captions, "model": model}))
 
-    def bind_model(self, info: ModelInfo) -> None:
+    def bind_model(self, info: ModelInfo, former: Iterable[str] = ()) -> None:
         """Record the model on first use; refuse a different one afterwards.
+
+        The same weights are the same model whatever the path, dtype or device they are loaded
+        with. `former`: fingerprints earlier versions took of these weights in bf16 or fp16 (see
+        `models.former_fingerprints`); an index that recorded one of them is this model, and its
+        record is brought up to date where the store can be written.
 
         A read-only store with no model yet has no vectors either: nothing is recorded, and
         there is nothing the model could be mixed with.
@@ -461,13 +490,41 @@ class Store:
                 if not self.read_only:
                     self._set_meta(conn, "model", json.dumps(info.__dict__))
                 return
-        have = ModelInfo(**json.loads(raw))
-        if have.fingerprint != info.fingerprint:
-            raise ModelMismatchError(
-                f"this index was built with model {have.name!r} (fingerprint {have.fingerprint}); "
-                f"{info.name!r} (fingerprint {info.fingerprint}) is a different model. "
-                f"Use --model {have.name} or another --data-dir"
-            )
+            have = ModelInfo(**json.loads(raw))
+            if have.fingerprint == info.fingerprint:
+                return
+            if have.fingerprint in set(former) and have.vit_shape == info.vit_shape:
+                if not self.read_only:
+                    upgraded = dict(json.loads(raw), fingerprint=info.fingerprint)
+                    self._set_meta(conn, "model", json.dumps(upgraded))
+                    log.info("the index's model fingerprint %s (taken in %s by an earlier version) is now %s, "
+                             "taken from the weights as stored", have.fingerprint, have.dtype or "bf16", info.fingerprint)
+                return
+        raise ModelMismatchError(mismatch_message(have, info))
+
+    def record_made_by(self, made_by: str) -> None:
+        """Note that vectors in this index were made by the model run as `made_by` ("bfloat16 on
+        cpu"): an index may hold vectors from several dtypes and devices, which mix (the store
+        keeps float16), and `stats` lists them."""
+        with self.engine.begin() as conn:
+            raw = self._get_meta(conn, "made_by")
+            seen = json.loads(raw) if raw else self._made_before_it_was_recorded(conn)
+            if made_by not in seen:
+                self._set_meta(conn, "made_by", json.dumps([*seen, made_by]))
+
+    def made_by(self) -> list[str]:
+        """How the model ran that made this index's vectors (`record_made_by`), first first."""
+        with self.engine.connect() as conn:
+            raw = self._get_meta(conn, "made_by")
+            return list(json.loads(raw)) if raw else self._made_before_it_was_recorded(conn)
+
+    def _made_before_it_was_recorded(self, conn: Connection) -> list[str]:
+        """An index from before `made_by` was kept: the dtype its first run recorded, if it
+        has vectors."""
+        model = self._get_meta(conn, "model")
+        first = ModelInfo(**json.loads(model)).made_by if model else ""
+        has_vectors = conn.execute(select(vectors.c.image_id).limit(1)).first() is not None
+        return [first] if first and has_vectors else []
 
     # -- roots ----------------------------------------------------------------------------
 
@@ -772,6 +829,7 @@ class Store:
             conn.execute(text("DROP TABLE replaced_vectors"))
             next_vectors.create(conn)
             self._set_meta(conn, "model", raw)
+            self._set_meta(conn, "made_by", json.dumps([info.made_by] if info.made_by else []))  # every vector is the re-index's
             self._set_meta(conn, "derived_stale", "1")  # the vector index and feature cache on disk are the old model's
             conn.execute(delete(meta).where(meta.c.key.in_(["next_model", "reindex_gone"])))
             self._bump_revision(conn)

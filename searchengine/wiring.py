@@ -45,17 +45,17 @@ def retrieval_model(settings: Settings, recorded: Recorded | None) -> str:
         return info.name
     if info is None or settings.model == info.name:
         return settings.model
-    from searchengine.models import peek_fingerprint
+    from searchengine.models import peek_fingerprints
 
-    seen = peek_fingerprint(settings.model)
-    if seen == info.fingerprint:
+    seen = peek_fingerprints(settings.model)
+    if info.fingerprint in seen:
         return settings.model  # the same weights under another name or path
-    if seen is not None or not looks_local(settings.model):
+    if seen or not looks_local(settings.model):
         # A hub id whose files are not at hand could only be compared after downloading it.
         raise ModelMismatchError(
             f"this index was built with model {info.name!r} (fingerprint {info.fingerprint}); "
-            f"--model {settings.model!r} is a different model. Leave out --model to use the index's own, "
-            "or use another --data-dir"
+            f"--model {settings.model!r} is another checkpoint. Leave out --model to use the index's own, "
+            f"re-embed the library with the other (searchengine reindex --model {settings.model}), or use another --data-dir"
         )
     return settings.model  # a local checkpoint in another format: loading it checks it
 
@@ -115,14 +115,26 @@ def load_model(settings: Settings, name: str, *, serving: bool = False):
         from searchengine.onnx_text import OnnxTextEncoder
 
         try:
-            model.onnx_text = OnnxTextEncoder(model)
+            encoder = OnnxTextEncoder(model)
         except ModelLoadError as e:
             if settings.text_backend == "onnx":
                 raise
             log.warning("queries are encoded with torch: %s", e)
+        else:
+            model.onnx_text = encoder if settings.text_backend == "onnx" else measured_text_backend(model, encoder)
     elif settings.text_backend == "onnx":
         log.info("text_backend onnx is for CPUs; %s encodes queries with torch", model.device)
     return model
+
+
+def measured_text_backend(model, encoder):
+    """`text_backend auto` in a server: the encoder, or None for torch, whichever encoded a
+    query faster here (onnx_text.race), with the same vectors."""
+    from searchengine.onnx_text import race
+
+    result = race(model, encoder)
+    log.info("queries are encoded with %s: %s", "ONNX Runtime" if result.winner == "onnx" else "torch", result)
+    return encoder if result.winner == "onnx" else None
 
 
 def text_backend(setting: str, device: str, *, serving: bool) -> str:

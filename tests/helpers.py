@@ -31,10 +31,21 @@ def fill_disk(path: Path) -> None:
         os.close(fd)
 
 
+# Not settings but facts of the machine and the run, kept where a test clears SEARCHENGINE_*:
+# whether the CPU counts as having bf16 (`.ci/run` forces it, so `dtype auto` picks bfloat16 in
+# every process the tests start) and the run's own cache folder.
+MACHINE_VARIABLES = ("SEARCHENGINE_CPU_BF16", "SEARCHENGINE_CACHE_DIR")
+
+
+def is_setting(name: str) -> bool:
+    """A SEARCHENGINE_* setting that a test must not inherit from whoever runs it."""
+    return name.startswith("SEARCHENGINE_") and name not in MACHINE_VARIABLES
+
+
 def offline_hub_env(tmp_path: Path) -> dict[str, str]:
     """This environment with the hub at a closed local port (connections refused at once) and
     an empty or test-made hub cache in `tmp_path / "cache"`; no SEARCHENGINE_* settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEARCHENGINE_", "HF_"))}
+    env = {k: v for k, v in os.environ.items() if not (is_setting(k) or k.startswith("HF_"))}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

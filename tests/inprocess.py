@@ -11,6 +11,8 @@ import os
 import subprocess
 from typing import Mapping
 
+from tests.helpers import is_setting
+
 
 def run_cli(*args, env: Mapping[str, str] | None = None, clean: bool = True) -> subprocess.CompletedProcess:
     """`searchengine ARGS` with `env` on top of this process's environment (less every
@@ -21,7 +23,7 @@ def run_cli(*args, env: Mapping[str, str] | None = None, clean: bool = True) -> 
     out, err = io.StringIO(), io.StringIO()
     try:
         if clean:
-            for name in [n for n in os.environ if n.startswith("SEARCHENGINE_")]:
+            for name in [n for n in os.environ if is_setting(n)]:
                 del os.environ[name]
         os.environ.update({"HF_HUB_OFFLINE": "1", **(env or {})})
         argv = [str(a) for a in args]

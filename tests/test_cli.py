@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from searchengine.models import resolve_dtype
 from tests.images import write_awkward, write_bad
 from tests.inprocess import run_cli
 
@@ -99,12 +100,16 @@ def test_stats_shows_counts_failures_model_and_sizes(library):
     data = json.loads(cli("stats", "--json", env_extra=library["env"], check_rc=0).stdout)
     assert data["failures_by_reason"] == {reason: 1 for reason in library["bad"]}
     assert {f["path"] for f in data["failures"]} == {str(p) for p in library["bad"].values()}
-    assert data["model"] == library["env"]["SEARCHENGINE_MODEL"] and data["model_dtype"] == "float32"
+    # Indexed with dtype auto: what devices.auto_dtype picks for this CPU (bf16 where it has
+    # avx512_bf16, or where .ci/run forces it; else float32), and the index says so.
+    auto = str(resolve_dtype("auto", "cpu")).replace("torch.", "")
+    assert data["model"] == library["env"]["SEARCHENGINE_MODEL"] and data["model_dtype"] == auto
+    assert data["made_by"] == [f"{auto} on cpu"]
     assert data["vectors"] == data["images"] * 8  # the tiny model has 8 query tokens
     assert data["bytes_on_disk"]["store"] > 0 and data["bytes_on_disk"]["vector_index"] > 0
     assert data["bytes_on_disk"]["feature_cache"] > 0  # indexed on a CPU: the ViT outputs are kept
     text = cli("stats", env_extra=library["env"], check_rc=0).stdout
-    assert "too_large: 1" in text and "exact" in text
+    assert "too_large: 1" in text and "exact" in text and f"vectors by   the model in {auto} on cpu" in text
 
 
 def test_reindex_is_incremental_and_deletions_leave_results(library):

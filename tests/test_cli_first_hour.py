@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import offline_hub_env
+from tests.helpers import is_setting, offline_hub_env
 from tests.inprocess import run_cli
 from tests.test_cli import EXE
 
@@ -43,7 +43,7 @@ def lib(tmp_path_factory, tiny_model_dir):
     dated_jpeg(photos / "Summer 2023" / "beach.jpg", 2, "2023:07:01 15:30:00")
     dated_jpeg(photos / "flower.jpg", 3, None)
     env = {"SEARCHENGINE_DATA_DIR": str(root / "data"), "HOME": str(root)}
-    env_clean = {k: v for k, v in os.environ.items() if not k.startswith("SEARCHENGINE_")}
+    env_clean = {k: v for k, v in os.environ.items() if not is_setting(k)}
     first = subprocess.run(
         [EXE, "index", str(photos), "--model", str(model), "--no-captions", "--device", "cpu"],
         capture_output=True, text=True, env={**env_clean, "HF_HUB_OFFLINE": "1", **env}, timeout=600,
@@ -57,7 +57,7 @@ def run(lib, *args, **kw):
     In this process (see tests/inprocess.py); `process=True` runs the real command."""
     if not kw.pop("process", False):
         return run_cli(*args, env={**lib["env"], **kw.pop("env", {})})
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SEARCHENGINE_")}
+    base = {k: v for k, v in os.environ.items() if not is_setting(k)}
     env = {**base, "HF_HUB_OFFLINE": "1", **lib["env"], **kw.pop("env", {})}
     return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
 
@@ -93,7 +93,7 @@ def test_stats_and_keyword_search_import_no_torch(lib):
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'));"
         "assert not bad, bad"
     )
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SEARCHENGINE_")}, **lib["env"]}
+    env = {**{k: v for k, v in os.environ.items() if not is_setting(k)}, **lib["env"]}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
 

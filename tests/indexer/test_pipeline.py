@@ -379,3 +379,22 @@ def test_photos_in_symlinked_folders_are_indexed_once(settings, model, tmp_path)
     assert paths == {str(root / "a.jpg"), str(root / "sub" / "b.jpg"), str(root / "ext1" / "c.jpg")}
     again = run(settings, counting, root)
     assert (again.unchanged, again.indexed, again.removed) == (3, 0, 0)
+
+
+def test_the_dtype_and_device_of_each_run_that_embedded_are_recorded(settings, model, folder, tmp_path, photo_files):
+    """As a Ray run's GPU actors embed in bf16 for a CPU driver: what is recorded is how the
+    vectors were made, batch by batch, not how the driver loaded its model."""
+    elsewhere = CountingModel(model)
+    elsewhere.made_by = "bfloat16 on cuda"
+    run(settings, elsewhere, folder)
+    assert run(settings, model, folder).indexed == 0  # embedded nothing: nothing recorded
+    library = Library.open(settings)
+    assert library.store.made_by() == ["bfloat16 on cuda"]
+    library.close()
+    more = tmp_path / "more"
+    more.mkdir()
+    shutil.copy(photo_files[9], more / "new.jpg")
+    run(settings, model, folder, more)
+    library = Library.open(settings)
+    assert library.store.made_by() == ["bfloat16 on cuda", "float32 on cpu"]
+    library.close()

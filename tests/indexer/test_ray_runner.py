@@ -165,10 +165,13 @@ def test_the_index_command_runs_on_ray(local_ray, tiny_model_dir, photo_files, t
     for i, f in enumerate(photo_files[:3]):
         (folder / f"{i}{f.suffix}").write_bytes(f.read_bytes())
     env = {"SEARCHENGINE_DATA_DIR": str(tmp_path / "data")}
-    r = run_cli("index", folder, "--model", tiny_model_dir, "--no-captions", "--runner", "ray", env=env)
+    # bf16, as on GPU nodes: the actors' vectors are recorded as theirs, and a float32 search reads them.
+    r = run_cli("index", folder, "--model", tiny_model_dir, "--no-captions", "--runner", "ray", "--dtype", "bfloat16", env=env)
     assert r.returncode == 0, r.stderr
     assert "3 indexed" in r.stdout and "waiting for the cluster" in r.stdout
-    assert re.search(r"images +3 \(3 files\)", run_cli("stats", env=env).stdout)
+    stats = run_cli("stats", env=env).stdout
+    assert re.search(r"images +3 \(3 files\)", stats) and "vectors by   the model in bfloat16 on cpu" in stats
+    assert run_cli("search", "a", "photo", "--dtype", "float32", env=env).returncode == 0
 
     import importlib
 

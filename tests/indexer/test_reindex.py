@@ -247,7 +247,7 @@ def test_sigkill_mid_reindex_then_the_same_command_finishes(tmp_path, tiny_model
     done = run_cli("reindex", "--model", other_model_dir, env=env, clean=False)
     assert done.returncode == 0, done.stderr
     assert "images re-embedded (after" in done.stdout
-    assert "is a different model" in run_cli("search", "x", env=env, clean=False).stderr  # SEARCHENGINE_MODEL: the old one
+    assert "is another checkpoint" in run_cli("search", "x", env=env, clean=False).stderr  # SEARCHENGINE_MODEL: the old one
     own = {"SEARCHENGINE_DATA_DIR": str(data)}  # the index's own model: the new one
     after = run_cli("search", "anything", "--json", "-k", "40", env=own)
     assert after.returncode == 0, after.stderr

@@ -106,6 +106,47 @@ def test_fingerprint_identifies_weights_not_path(tiny_model_dir, tmp_path, model
     assert RetrievalModel.load(str(other), device="cpu").fingerprint != model.fingerprint
 
 
+@pytest.mark.parametrize("dtype", ["auto", "float32", "bfloat16", "float16"])
+def test_fingerprint_is_the_weights_as_stored_in_every_dtype(tiny_model_dir, model, dtype):
+    """Loaded in bf16 or fp16, transformers casts the query tokens too: the fingerprint is
+    taken from the files, so it is the float32 load's (it was 141d... against 67fb...)."""
+    from searchengine.models import peek_fingerprints
+
+    loaded = RetrievalModel.load(str(tiny_model_dir), device="cpu", dtype=dtype)
+    if dtype != "auto":
+        assert loaded.vision_dtype == getattr(torch, dtype)
+    if dtype == "bfloat16":  # the cause: this transformers keeps them in fp32 for fp16 only
+        assert loaded.model.query_tokens.dtype == torch.bfloat16
+    assert loaded.fingerprint == model.fingerprint
+    assert loaded.fingerprint in peek_fingerprints(str(tiny_model_dir))
+    # What earlier versions recorded for a bf16 or fp16 load: the same model, told so.
+    rounded = {
+        models_fingerprint(loaded, model.model.query_tokens.detach().to(dt).float().numpy()) for dt in (torch.bfloat16, torch.float16)
+    }
+    assert rounded == loaded.former_fingerprints and model.fingerprint not in rounded
+
+
+def models_fingerprint(loaded, tokens):
+    from searchengine.models import fingerprint
+
+    return fingerprint(loaded.model.config, tokens)
+
+
+def test_fingerprint_of_a_pytorch_bin_checkpoint_is_read_from_its_file(tiny_model_dir, tmp_path, model):
+    """A checkpoint saved as pytorch_model.bin (no safetensors) is identified the same way."""
+    import shutil
+
+    from searchengine.models import stored_query_tokens
+
+    legacy = tmp_path / "bin"
+    shutil.copytree(tiny_model_dir, legacy)
+    (legacy / "model.safetensors").unlink()
+    torch.save(Blip2ForImageTextRetrieval.from_pretrained(tiny_model_dir).state_dict(), legacy / "pytorch_model.bin")
+    tokens = stored_query_tokens(str(legacy))
+    assert tokens is not None and np.array_equal(tokens, model.model.query_tokens.detach().numpy())
+    assert RetrievalModel.load(str(legacy), device="cpu", dtype="bfloat16").fingerprint == model.fingerprint
+
+
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         RetrievalModel.load(str(tmp_path / "nope"))
@@ -138,3 +179,11 @@ def test_auto_dtype(monkeypatch):
     monkeypatch.setattr(models, "cpu_supports_bf16", lambda: True)
     assert resolve_dtype("auto", "cpu") == torch.bfloat16
     assert resolve_dtype("float16", "cpu") == torch.float16
+
+
+@pytest.mark.parametrize("value, picks", [("1", torch.bfloat16), ("0", torch.float32)])
+def test_the_cpu_bf16_variable_overrides_what_the_cpu_says(monkeypatch, value, picks):
+    """How .ci/run runs the bf16 path (every GPU's) on CPUs without avx512_bf16, and how a
+    user keeps float32 on one that has it."""
+    monkeypatch.setenv("SEARCHENGINE_CPU_BF16", value)
+    assert resolve_dtype("auto", "cpu") == picks

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 from searchengine.errors import ModelLoadError
@@ -53,10 +54,44 @@ def test_wiring_uses_it_on_a_cpu_when_asked(settings, tmp_path, monkeypatch):
     loaded = wiring.load_model(settings.model_copy(update={"text_backend": "onnx"}), settings.model)
     assert isinstance(loaded.onnx_text, OnnxTextEncoder) and (tmp_path / "cache" / "onnx").is_dir()
     assert wiring.load_model(settings, settings.model).onnx_text is None  # one-off commands: torch
-    # text_backend auto (the default): a server on a CPU encodes with ONNX Runtime.
-    assert isinstance(wiring.load_model(settings, settings.model, serving=True).onnx_text, OnnxTextEncoder)
     torch_only = settings.model_copy(update={"text_backend": "torch"})
     assert wiring.load_model(torch_only, settings.model, serving=True).onnx_text is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("slower", ["onnx", "torch"])
+def test_auto_in_a_server_takes_the_backend_that_measured_faster(settings, tmp_path, monkeypatch, caplog, dtype, slower):
+    """text_backend auto (the default) in `serve` on a CPU races the two on a query, in the
+    dtype the model runs in: on a bf16 CPU torch bf16 and ONNX fp32 are close, on an AVX2 one
+    bf16 is slow. The slower one here is slowed by 30 ms a call, so the race is decided."""
+    import logging
+    import time
+
+    from searchengine import onnx_text, wiring
+    from searchengine.models import RetrievalModel
+
+    monkeypatch.setenv("SEARCHENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    if slower == "onnx":
+        call = OnnxTextEncoder.__call__
+        monkeypatch.setattr(OnnxTextEncoder, "__call__", lambda self, *a: (time.sleep(0.03), call(self, *a))[1])
+    else:
+        features = RetrievalModel.text_features
+        monkeypatch.setattr(RetrievalModel, "text_features", lambda self, *a: (time.sleep(0.03), features(self, *a))[1])
+    with caplog.at_level(logging.INFO, logger="searchengine.wiring"):
+        loaded = wiring.load_model(settings.model_copy(update={"dtype": dtype}), settings.model, serving=True)
+    assert loaded.vision_dtype == getattr(torch, dtype)
+    assert (loaded.onnx_text is None) == (slower == "onnx")
+    assert f"against torch ({dtype})" in caplog.text and "ITC cosine" in caplog.text
+    result = onnx_text.race(loaded, loaded.onnx_text or OnnxTextEncoder(loaded))
+    assert result.cosine >= onnx_text.RACE_MIN_COSINE  # the same vectors, in bf16 too
+
+
+def test_auto_keeps_torch_where_the_vectors_differ(settings, tmp_path, monkeypatch):
+    from searchengine import wiring
+
+    monkeypatch.setenv("SEARCHENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(OnnxTextEncoder, "__call__", lambda self, ids, mask: np.ones((len(ids), 16), np.float32) / 4)
+    assert wiring.load_model(settings, settings.model, serving=True).onnx_text is None
 
 
 def test_auto_chooses_onnx_where_it_wins_and_torch_elsewhere(monkeypatch):
@@ -89,8 +124,11 @@ def test_auto_falls_back_to_torch_when_the_export_fails(settings, monkeypatch, c
         wiring.load_model(settings.model_copy(update={"text_backend": "onnx"}), settings.model)
 
 
-def test_search_takes_text_backend_onnx_from_the_command_line(tmp_path, tiny_model_dir, model, monkeypatch):
-    """`searchengine search --text-backend onnx` ranks as torch does."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_search_takes_text_backend_onnx_from_the_command_line(tmp_path, tiny_model_dir, model, monkeypatch, dtype):
+    """`searchengine search --text-backend onnx` ranks as torch does in float32, whatever the
+    dtype the model runs in: the encoder is exported from the stored float32 weights (under
+    bf16 the export failed: ScalarType ComplexDouble)."""
     import json
 
     from PIL import Image
@@ -106,8 +144,9 @@ def test_search_takes_text_backend_onnx_from_the_command_line(tmp_path, tiny_mod
     env = {"SEARCHENGINE_DATA_DIR": str(tmp_path / "data"), "SEARCHENGINE_CACHE_DIR": str(tmp_path / "cache")}
     assert run_cli("index", folder, "--model", tiny_model_dir, "--no-captions", env=env).returncode == 0
     ranked = {}
-    for backend in ("torch", "onnx"):
-        r = run_cli("search", "a", "photo", "--mode", "semantic", "--no-rerank", "--json", "--text-backend", backend, env=env)
+    for backend, runs_in in (("torch", "float32"), ("onnx", dtype)):
+        r = run_cli("search", "a", "photo", "--mode", "semantic", "--no-rerank", "--json", "--text-backend", backend,
+                    "--dtype", runs_in, env=env)
         assert r.returncode == 0, r.stderr
         ranked[backend] = [(x["id"], round(x["itc"], 4)) for x in json.loads(r.stdout)["results"]]
     assert ranked["onnx"] == ranked["torch"] and (tmp_path / "cache" / "onnx").is_dir()

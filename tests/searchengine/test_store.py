@@ -35,8 +35,51 @@ def test_wal_mode(tmp_path):
 
 def test_another_model_is_refused(store):
     store.bind_model(INFO)  # the same one is fine
-    with pytest.raises(ModelMismatchError, match="--model m"):
+    with pytest.raises(ModelMismatchError, match=r"'other' .* is another checkpoint\. Use the index's own \(--model m,"):
         store.bind_model(ModelInfo("other", "def", 2, 3, (5, 4)))
+
+
+def test_changed_weights_at_the_same_path_are_named_as_such(store):
+    """The same name with other weights is not "a different model, use --model <the same name>"."""
+    store.bind_model(INFO)
+    with pytest.raises(ModelMismatchError, match=r"the weights of model 'm' have changed since this index was built \(fingerprint abc then, xyz now\)") as e:
+        store.bind_model(ModelInfo("m", "xyz", 2, 3, (5, 4)))
+    assert "another architecture" not in str(e.value)
+    with pytest.raises(ModelMismatchError, match=r"another architecture too: 4 vectors of 3 a image, ViT output 5x4 against the index's 2 vectors"):
+        store.bind_model(ModelInfo("m", "xyz", 4, 3, (5, 4)))
+
+
+def test_a_fingerprint_an_earlier_version_took_in_bf16_is_brought_up_to_date(store_url):
+    """Indexes built in bf16 before the fingerprint was read from the files recorded the bf16
+    rounding's: the same weights open them, and the record becomes the stored weights'."""
+    store = Store.open(store_url)
+    store.bind_model(ModelInfo("m", "bf16-taken", 2, 3, (5, 4), dtype="bfloat16"))
+    with pytest.raises(ModelMismatchError):
+        store.bind_model(ModelInfo("m", "stored", 2, 3, (5, 4)))
+    store.bind_model(ModelInfo("m", "stored", 2, 3, (5, 4)), former={"bf16-taken", "fp16-taken"})
+    assert store.model_info().fingerprint == "stored" and store.model_info().dtype == "bfloat16"
+    store.bind_model(ModelInfo("m", "stored", 2, 3, (5, 4)))  # from now on without the former ones
+    store.close()
+
+
+def test_the_dtypes_and_devices_that_made_the_vectors_are_recorded(store_url):
+    store = Store.open(store_url)
+    store.bind_model(ModelInfo("m", "abc", 2, 3, (5, 4), dtype="float32", device="cpu"))
+    assert store.made_by() == []  # no vectors yet
+    for made_by in ("bfloat16 on cuda", "float32 on cpu", "bfloat16 on cuda"):
+        store.record_made_by(made_by)
+    assert store.made_by() == ["bfloat16 on cuda", "float32 on cpu"]
+    store.close()
+
+
+def test_an_index_from_before_made_by_was_kept_names_its_first_runs_dtype(store_url):
+    store = Store.open(store_url)
+    store.bind_model(ModelInfo("m", "abc", 2, 3, (5, 4), dtype="float32", device=""))
+    store.write_batch(new_images=[("h1", ImageMeta(1, 1), _vec(1), [("/a/1.jpg", 1, 1)])])
+    assert store.made_by() == ["float32"]
+    store.record_made_by("bfloat16 on cpu")
+    assert store.made_by() == ["float32", "bfloat16 on cpu"]
+    store.close()
 
 
 def test_newer_schema_is_refused(store_url):
