@@ -266,7 +266,8 @@ class Library:
         self.features: FeatureCache | None = None
         self._next_features: FeatureCache | None = None  # a re-index's, for the new model
         self._model: ModelInfo | None = None  # the model the vector index is of
-        self._same_model: set[str] = set()  # fingerprints of the bound model's weights (`bind`)
+        # Each bound model's fingerprints: its own and those earlier versions took (`bind`).
+        self._same_weights: list[frozenset[str]] = []
         self._foreign_features = False  # the feature cache may be another model's (see `model_changed`)
         self.thumbnails = ThumbnailCache(
             settings.thumbnails_dir, settings.thumbnail_size, settings.max_image_pixels, read_only=not writable
@@ -397,7 +398,7 @@ class Library:
         """Tie the library to a model (refused if it was built with another one). `former`:
         fingerprints earlier versions took of the same weights (`Store.bind_model`)."""
         self.store.bind_model(info, former)
-        self._same_model |= {info.fingerprint, *former}
+        self._same_weights.append(frozenset({info.fingerprint, *former}))
         if self.index is None:
             self._attach(self.store.model_info() or info)
 
@@ -605,7 +606,7 @@ class Library:
         changed = (
             info is not None and self._model is not None and info.fingerprint != self._model.fingerprint
             # a writer bringing an earlier version's fingerprint of these weights up to date
-            and not {info.fingerprint, self._model.fingerprint} <= self._same_model
+            and not any({info.fingerprint, self._model.fingerprint} <= same for same in self._same_weights)
         )
         # The feature cache on disk may be the new model's already: not read, nor written, by
         # the old one in the meantime.

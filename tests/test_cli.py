@@ -16,7 +16,7 @@ from searchengine.models import resolve_dtype
 from tests.images import write_awkward, write_bad
 from tests.inprocess import run_cli
 
-pytestmark = pytest.mark.slow  # the real CLI over real photos, indexed by a real process
+pytestmark = [pytest.mark.slow, pytest.mark.dtype]  # the real CLI over real photos, indexed by a real process, dtype auto
 
 EXE = str(Path(sys.executable).with_name("searchengine"))
 
@@ -171,7 +171,7 @@ def test_wrong_model_type_is_one_clear_line(tmp_path, library):
 def test_opening_with_another_model_is_refused(tmp_path, library):
     cli("make-tiny-model", tmp_path / "other", "--seed", "3", check_rc=0)
     proc = cli("search", "dog", "--model", tmp_path / "other", env_extra=library["env"])
-    assert proc.returncode == 1 and "different model" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "is another checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_keyword_search_and_captions_through_the_cli(library):

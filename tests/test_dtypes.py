@@ -13,6 +13,8 @@ from PIL import Image
 
 from tests.inprocess import run_cli
 
+pytestmark = pytest.mark.dtype
+
 
 def _pictures(folder, n, seed):
     folder.mkdir(parents=True, exist_ok=True)

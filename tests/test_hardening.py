@@ -127,6 +127,7 @@ def test_temporary_files_of_a_dead_process_are_swept_on_open(settings, model):
     assert not stale.exists() and not top.exists() and mine.exists()
 
 
+@pytest.mark.dtype
 def test_a_name_that_is_not_utf8_is_skipped_and_the_run_goes_on(tmp_path, settings, model, photo_files):
     from indexer.watch import Watcher
     from tests.indexer.test_watch import wait_until

@@ -13,6 +13,7 @@ from tests.server import EXE, env_for, get, running_server
 pytestmark = pytest.mark.slow  # the real `serve` and `watch` processes
 
 
+@pytest.mark.dtype
 def test_serve_answers_over_http(tmp_path, photo_files, tiny_model_dir):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -264,7 +264,7 @@ def test_a_different_model_is_refused(settings, model, folder, tmp_path):
 
     run(settings, model, folder)
     other = RetrievalModel.load(str(build_tiny_model(tmp_path / "other", seed=7)), device="cpu")
-    with pytest.raises(ModelMismatchError, match="different model"):
+    with pytest.raises(ModelMismatchError, match="is another checkpoint"):
         run(settings, other, folder)
     with pytest.raises(ModelMismatchError):
         search(settings, other, "dog")

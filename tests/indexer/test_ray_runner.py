@@ -157,6 +157,7 @@ def test_folders_the_workers_cannot_read_are_named(local_ray, settings, model, t
     assert real([str(folder / "a.jpg"), str(tmp_path / "nowhere.jpg")]) == str(tmp_path / "nowhere.jpg")
 
 
+@pytest.mark.dtype
 def test_the_index_command_runs_on_ray(local_ray, tiny_model_dir, photo_files, tmp_path, monkeypatch):
     from tests.inprocess import run_cli
 

@@ -142,6 +142,7 @@ def test_min_itm_keeps_only_re_ranked_hits_at_or_above_it(colours):
         searcher.search("red", min_itm=1.5)
 
 
+@pytest.mark.dtype
 def test_cli_like_unlike_and_min_itm(colours):
     searcher, colour_of, by_colour, settings, _ = colours
     env = {"SEARCHENGINE_DATA_DIR": str(settings.data_dir)}

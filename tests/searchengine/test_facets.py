@@ -97,6 +97,7 @@ def test_searches_keep_to_the_facet_filters(shot):
             Filters.build(**bad)
 
 
+@pytest.mark.dtype
 def test_cli_facet_filters(shot):
     _, settings, _, _ = shot
     env = {"SEARCHENGINE_DATA_DIR": str(settings.data_dir)}

@@ -96,3 +96,25 @@ def test_folders_list_subfolders_with_image_counts(settings):
     assert got == {"/lib": 3, "/lib/Trips": 2, "/lib/Trips/Winter 2022": 2, "/lib/Trips/Winter 2022/day 2": 1}
     assert [f.path for f in lib.folders()] == sorted(got)  # above the root: nothing
     lib.close()
+
+
+def test_a_writer_bringing_the_fingerprint_up_to_date_is_no_model_change_for_a_reader(settings):
+    """A server bound to an index with a bf16-taken fingerprint (an earlier version's) goes on
+    when an `index` run rewrites it as the stored weights'; a re-index to other weights is
+    still a change, also after the reader has bound several models."""
+    old = ModelInfo("m", "bf16-taken", 2, 4, (3, 2), dtype="bfloat16")
+    new = ModelInfo("m", "stored", 2, 4, (3, 2))
+    lib = Library.open(settings, create=True)
+    lib.bind(old)
+    lib.close()
+    reader = Library.open(settings)
+    reader.bind(new, former={"bf16-taken"})
+    writer = Library.open(settings, writable=True, vectors=False)
+    writer.bind(new, former={"bf16-taken"})
+    assert writer.store.model_info().fingerprint == "stored"
+    assert not reader.model_changed()
+    with writer.store.engine.begin() as conn:  # as a re-index's swap records another model
+        writer.store._set_meta(conn, "model", '{"name": "other", "fingerprint": "x", "num_vectors": 2, "dim": 4, "vit_shape": [3, 2]}')
+    assert reader.model_changed()
+    writer.close()
+    reader.close()

@@ -12,6 +12,8 @@ from searchengine.errors import ModelLoadError
 from searchengine.imageio import decode_image
 from searchengine.models import RetrievalModel, resolve_dtype
 
+pytestmark = pytest.mark.dtype  # dtype auto, and every dtype a model loads in
+
 TEXTS = ["a dog on the beach", "yellow flower in a green meadow", "two elephants"]
 
 

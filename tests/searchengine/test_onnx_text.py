@@ -13,6 +13,8 @@ import pytest
 from searchengine.errors import ModelLoadError
 from searchengine.onnx_text import OnnxTextEncoder
 
+pytestmark = pytest.mark.dtype
+
 TEXTS = ["a dog", "a red car parked by the sea at sunset with people walking", "x", "two yellow flowers in a garden"]
 
 

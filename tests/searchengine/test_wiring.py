@@ -61,7 +61,7 @@ def test_another_local_model_is_refused_before_loading(settings, recorded, tmp_p
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr("searchengine.models.RetrievalModel.load", no_loading)
-    with pytest.raises(ModelMismatchError, match="different model"):
+    with pytest.raises(ModelMismatchError, match="is another checkpoint"):
         wiring.retrieval_model(settings.model_copy(update={"model": str(other)}), recorded)
 
 
