@@ -5,6 +5,10 @@ Runtime, which encodes a query 3.4x faster than PyTorch eager on 2 cores (29.0 a
 
 The export is cached by the model's fingerprint (`~/.cache/searchengine/onnx`, or under
 $XDG_CACHE_HOME or $SEARCHENGINE_CACHE_DIR), written to a temporary name and renamed, so a crash never leaves half a file.
+It is made from the checkpoint's float32 weights whatever dtype the model runs in (the tracer
+cannot export bf16, and a bf16 copy would only round them), so the file is the same for a
+model loaded in any dtype, as the fingerprint is. `race` times it against torch in the
+model's own dtype, which is how `text_backend auto` chooses in a server.
 """
 
 from __future__ import annotations

@@ -79,11 +79,13 @@ class Settings(BaseSettings):
     # (off by default) keeps only those above a threshold of the user's choosing.
     strong_match: float = Field(0.5, ge=0, le=1)
     text_max_tokens: int = Field(35, ge=2)  # the paper truncates text at 35 tokens
-    # How queries are encoded on a CPU: "torch" (PyTorch eager) or "onnx" (ONNX Runtime, 3.4x
-    # faster on 2 cores, ITC cosine 0.9999999; needs onnxruntime and onnx; see onnx_text.py).
-    # "auto": onnx where it wins, in `serve` on a CPU with ONNX Runtime installed (the [cpu]
-    # extra brings it); torch for one-off commands, where loading a second copy of the text
-    # encoder costs more than it saves on one query, and on GPUs.
+    # How queries are encoded on a CPU: "torch" (PyTorch eager, in the model's dtype) or "onnx"
+    # (ONNX Runtime on a float32 export, 3.4x faster than torch fp32 on 2 cores, ITC cosine
+    # 0.9999999; needs onnxruntime and onnx; see onnx_text.py). "auto": in `serve` on a CPU with
+    # ONNX Runtime installed (the [cpu] extra brings it), whichever encoded a query faster at
+    # start-up with the same vectors (torch bf16 on an avx512_bf16 CPU is close to ONNX);
+    # torch for one-off commands, where loading a second copy of the text encoder costs more
+    # than it saves on one query, and on GPUs.
     text_backend: Literal["auto", "torch", "onnx"] = "auto"
     max_query_chars: int = Field(1000, ge=1)
     search_mode: Literal["hybrid", "semantic", "keyword"] = "hybrid"

@@ -519,12 +519,14 @@ class Store:
             return list(json.loads(raw)) if raw else self._made_before_it_was_recorded(conn)
 
     def _made_before_it_was_recorded(self, conn: Connection) -> list[str]:
-        """An index from before `made_by` was kept: the dtype its first run recorded, if it
-        has vectors."""
+        """An index from before `made_by` was kept (its model record names no device): the
+        dtype its first run recorded, if it has vectors."""
         model = self._get_meta(conn, "model")
-        first = ModelInfo(**json.loads(model)).made_by if model else ""
+        info = ModelInfo(**json.loads(model)) if model else None
+        if info is None or info.device or not info.dtype:
+            return []
         has_vectors = conn.execute(select(vectors.c.image_id).limit(1)).first() is not None
-        return [first] if first and has_vectors else []
+        return [info.dtype] if has_vectors else []
 
     # -- roots ----------------------------------------------------------------------------
 

@@ -124,6 +124,23 @@ def test_recompute_mode_is_exact_and_the_cache_within_its_rounding(settings, mod
         assert h.itm == pytest.approx(want[h.path], abs=4e-4)
 
 
+@pytest.mark.dtype
+def test_in_bf16_the_feature_cache_gives_what_recomputing_does(settings, tiny_model_dir, folder):
+    """bf16 on a CPU (avx512_bf16) keeps the feature cache, as fp32 does: its fp16 entries hold
+    bf16's values exactly within fp16's range, so ITM from the cache is the recomputed ITM."""
+    from searchengine.models import RetrievalModel
+
+    bf16 = RetrievalModel.load(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    s = settings.model_copy(update={"dtype": "bfloat16"})
+    run(s, bf16, folder)
+    assert len(list(s.features_dir.rglob("*.npy"))) == 8
+    cached = search(s, bf16, "two elephants", k=4, rerank=4)
+    fresh = search(s.model_copy(update={"itm_features": "recompute"}), bf16, "two elephants", k=4, rerank=4)
+    want = {h.path: h.itm for h in fresh.hits}
+    for h in cached.hits:
+        assert h.path in want and h.itm == pytest.approx(want[h.path], abs=1e-3)
+
+
 def test_missing_cache_entries_are_recomputed(settings, model, folder):
     run(settings, model, folder)
     want = reference_itm(model, folder, "a dog on the beach")

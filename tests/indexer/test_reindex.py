@@ -113,6 +113,30 @@ def test_reindex_equals_indexing_with_the_new_model_and_keeps_captions(tmp_path,
     fresh_lib.close()
 
 
+@pytest.mark.dtype
+def test_a_reindex_in_bf16_of_a_float32_index(tmp_path, model, other_model_dir):
+    """As a library indexed on a CPU is re-embedded on a GPU (bf16): the vectors are the bf16
+    model's, recorded as such, and a float32 search reads them as the same model."""
+    bf16 = RetrievalModel.load(str(other_model_dir), device="cpu", dtype="bfloat16")
+    folder = pictures(tmp_path / "photos", 6)
+    s = settings_for(tmp_path / "data")
+    index(s, model, folder)
+    lib = Library.open(s, writable=True, vectors=False)
+    assert Reindexer(bf16, lib, s).run().embedded == 6
+    assert lib.store.made_by() == ["bfloat16 on cpu"] and lib.built_with().model.dtype == "bfloat16"
+    lib.close()
+    fresh = settings_for(tmp_path / "fresh")
+    index(fresh, bf16, folder)
+    got, want = vectors_by_path(s), vectors_by_path(fresh)
+    for path in got:  # bf16's rounding differs with what else is in a batch
+        np.testing.assert_allclose(got[path], want[path], atol=0.02)
+    fp32 = RetrievalModel.load(str(other_model_dir), device="cpu", dtype="float32")
+    lib = Library.open(s)
+    hits = Searcher(fp32, lib, s).search("a dog", k=6, mode="semantic").hits
+    assert len(hits) == 6 and all(h.itm is not None for h in hits)
+    lib.close()
+
+
 def test_a_server_switches_to_the_new_model_once_it_is_loaded(tmp_path, model, other_model_dir, other_model):
     from searchengine.serving import QueryService
 

@@ -74,3 +74,21 @@ def test_loading_refuses_what_cannot_caption(tmp_path):
 def test_default_captioner_follows_the_device():
     assert default_caption_model("cpu") == "Salesforce/blip-image-captioning-base"
     assert default_caption_model("cuda:0") == "Salesforce/blip2-opt-2.7b-coco"
+
+
+@pytest.mark.dtype
+def test_captions_in_bf16_equal_the_models_own_generate_in_bf16(family, images):
+    """bf16, as on a GPU or a CPU with avx512_bf16: the captioner casts the pixels to the
+    model's dtype as the model card's recipe does with a bf16 model (one image at a time, so
+    that no batch shape changes bf16's rounding)."""
+    kind, path = family
+    ours = Captioner.load(str(path), device="cpu", dtype="bfloat16", max_new_tokens=10)
+    assert ours.dtype == torch.bfloat16
+    model = CLASSES[kind].from_pretrained(path, dtype=torch.bfloat16).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    for im in images[:3]:
+        inputs = processor(images=im, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(pixel_values=inputs["pixel_values"].to(torch.bfloat16), max_new_tokens=10)
+        (got,) = ours.caption([im])
+        assert got.error is None and got.text == processor.decode(out[0], skip_special_tokens=True).strip()

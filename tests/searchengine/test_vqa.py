@@ -66,6 +66,27 @@ def test_answers_equal_the_model_card_recipe(blip2_dir, pictures):
     assert len(answers) > 1  # the answer depends on the image and the question
 
 
+@pytest.mark.dtype
+def test_answers_in_bf16_equal_the_recipe_in_bf16(blip2_dir, pictures):
+    """The question-answering model in bf16 (dtype auto on GPUs and bf16 CPUs): the pixels
+    reach it in its dtype, and its answers are the recipe's with the model loaded in bf16."""
+    import torch
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    answerer = Answerer.load(str(blip2_dir), device="cpu", dtype="bfloat16")
+    assert answerer.dtype == torch.bfloat16
+    processor = AutoProcessor.from_pretrained(blip2_dir)
+    model = Blip2ForConditionalGeneration.from_pretrained(blip2_dir, dtype=torch.bfloat16).eval()
+    for i, question in enumerate(QUESTIONS[:2]):
+        image = Image.open(pictures / f"p{i}.png").convert("RGB")
+        inputs = processor(images=image, text=f"Question: {question} Answer:", return_tensors="pt")
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=30)
+        want = " ".join(processor.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True).split())
+        assert answerer.ask(image, question).answer == want
+
+
 def test_questions_are_checked_and_answers_capped(blip2_dir, pictures):
     answerer = Answerer.load(str(blip2_dir), device="cpu", dtype="float32", max_new_tokens=3)
     image = Image.open(pictures / "p0.png").convert("RGB")

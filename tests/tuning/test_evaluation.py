@@ -90,6 +90,18 @@ def test_in_memory_equals_the_protocol_written_out(tmp_path, colour, k_test):
     assert got["itm"]["text_to_image"]["mean"] == pytest.approx(np.mean([got["itm"]["text_to_image"][f"R@{n}"] for n in (1, 5, 10)]), abs=0.01)
 
 
+@pytest.mark.dtype
+def test_a_set_whose_answers_are_known_in_bf16(tmp_path, colour_model_dir):
+    """`eval` with the model in bf16 (dtype auto on GPUs and bf16 CPUs): the ViT outputs reach
+    ITM in the model's dtype, and the colour model still finds every caption's picture first."""
+    model = RetrievalModel.load(str(colour_model_dir), device="cpu", dtype="bfloat16")
+    data = datasets.load(colour_set(tmp_path, per_colour=1))
+    got = evaluation.in_memory(model, evaluation.embed(model, data, settings_for(tmp_path).model_copy(update={"dtype": "bfloat16"})), 4)
+    for kind in ("itc", "itm"):
+        assert got[kind]["text_to_image"]["R@1"] == 100.0
+        assert got[kind]["image_to_text"]["R@1"] == 100.0
+
+
 def test_a_set_whose_answers_are_known(tmp_path, colour):
     """One picture of each colour: the colour model finds each caption's picture first."""
     data = datasets.load(colour_set(tmp_path, per_colour=1))
