@@ -39,7 +39,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -105,6 +105,7 @@ class ImageDetail:
     caption: str | None
     caption_model: str | None
     caption_error: str | None
+    sha256: str = ""  # the indexed content's: what a file must still hash to, to be served as it
 
 
 @dataclass(frozen=True)
@@ -382,9 +383,10 @@ class Library:
         if self.settings.links is not None and self.settings.links != self.store.link_policy():
             self.store.record_link_policy(self.settings.links)
 
-    def inside(self, path: str) -> bool:
-        """Whether an indexed file's path resolves inside the library under its link policy."""
-        return links.inside_library(path, self.roots(), self.link_policy)
+    def inside(self, path: str, real: str | None = None) -> bool:
+        """Whether an indexed file's path resolves inside the library under its link policy
+        (`real`: the real path of the file opened through it, see `links.inside_library`)."""
+        return links.inside_library(path, self.roots(), self.link_policy, real)
 
     def close(self) -> None:
         self._cancel.set()  # a rebuild in progress is dropped; the next start does it again
@@ -1027,6 +1029,7 @@ class Library:
         return ImageDetail(
             d["id"], [IndexedFile(f["path"], f["size"], f["mtime_ns"]) for f in d["files"]], d["width"], d["height"],
             d["taken_at"], d["camera"], d["gps_lat"], d["gps_lon"], d["caption"], d["caption_model"], d["caption_error"],
+            d["sha256"],
         )
 
     def cached_vit(self, image_id: int) -> np.ndarray | None:
@@ -1039,13 +1042,13 @@ class Library:
             for image_id, array in zip(ids, arrays):
                 self.features.put(image_id, array)
 
-    def thumbnail(self, image_id: int, sources: Sequence[str]) -> Path:
-        """The image's thumbnail file, made from the first readable source if not there yet."""
-        return self.thumbnails.get(image_id, sources)
+    def thumbnail(self, image_id: int, read: Callable[[], bytes]) -> Path:
+        """The image's thumbnail file, made from its original (`read`) if not there yet."""
+        return self.thumbnails.get(image_id, read)
 
-    def preview(self, image_id: int, sources: Sequence[str]) -> Path:
-        """The image's screen-sized preview, made from the first readable source if not there yet."""
-        return self.previews.get(image_id, sources)
+    def preview(self, image_id: int, read: Callable[[], bytes]) -> Path:
+        """The image's screen-sized preview, made from its original (`read`) if not there yet."""
+        return self.previews.get(image_id, read)
 
     def iter_vectors(self, ids: Iterable[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids [n], stored ITC vectors [n, Q, D]) in chunks, for images given by id."""

@@ -45,13 +45,15 @@ def _root_of(path: str, roots: Iterable[str]) -> str | None:
     return max(below, key=len) if below else None
 
 
-def inside_library(path: str, roots: Iterable[str], policy: LinkPolicy) -> bool:
+def inside_library(path: str, roots: Iterable[str], policy: LinkPolicy, real: str | None = None) -> bool:
     """Whether `path`, a file as the scan lists it (below one of `roots`, maybe through
     folder links), resolves inside the library under `policy`.
 
     The library's real folders are the roots' real paths and, unless the policy is `none`, the
     real paths of the folder links between the root and the file. The file's real path (every
-    link on the way resolved, its own included) must lie in one of them.
+    link on the way resolved, its own included) must lie in one of them. `real`: that real
+    path as already known (of a file opened through `path`: what was opened, which a link
+    flipped after the open cannot change), else resolved from the name now.
     """
     if policy == "all":
         return True
@@ -59,7 +61,7 @@ def inside_library(path: str, roots: Iterable[str], policy: LinkPolicy) -> bool:
     root = _root_of(path, roots)
     if root is None:
         return False
-    real = os.path.realpath(path)
+    real = os.path.realpath(path) if real is None else real
     allowed = [os.path.realpath(r) for r in roots]
     if policy == "folders":
         # Each folder on the way from the root to the file that is itself a link.

@@ -16,7 +16,6 @@ import logging
 from contextlib import contextmanager
 from typing import Iterator
 import os
-import stat
 import threading
 import time
 
@@ -25,7 +24,8 @@ from PIL import Image
 from searchengine.batcher import MicroBatcher
 from searchengine.duplicates import Duplicates
 from searchengine.errors import BadImageError, ImageNotFoundError, IndexedFileError, IndexedFileGone, SearchEngineError, UploadError, UploadTooLarge
-from searchengine.imageio import decode_image, read_file
+from searchengine.imageio import decode_image
+from searchengine.indexed_file import IndexedFileOpener, OpenedFile
 from searchengine.library import ImageDetail, Library
 from searchengine.metrics import Metrics
 from searchengine.models import RetrievalModel
@@ -95,6 +95,7 @@ class QueryService:
         self.settings = settings
         self.answerer = answerer or LazyAnswerer(None, "this server answers no questions about photos", None)
         self.library = library
+        self.opener = IndexedFileOpener(library.inside)  # originals are served as opened and checked
         self.metrics = metrics or Metrics()
         self.model = LockedModel(model)
         self.searcher = Searcher(self.model, library, settings)
@@ -274,41 +275,29 @@ class QueryService:
         return detail
 
     def thumbnail(self, image_id: int) -> str:
+        # Made from the indexed content (at index time, or below from a checked read): served
+        # while the image still has a file inside the library, as its original would be.
+        self._open_indexed(image_id, content=False).close()
         with _indexed_file_errors():
-            return str(self.library.thumbnail(image_id, self._indexed_files(image_id)))
+            return str(self.library.thumbnail(image_id, lambda: self._read_indexed(image_id)))
 
     def preview(self, image_id: int) -> str:
         """A screen-sized JPEG of the image for the detail view, made on first request."""
+        self._open_indexed(image_id, content=False).close()
         with _indexed_file_errors():
-            return str(self.library.preview(image_id, self._indexed_files(image_id)))
+            return str(self.library.preview(image_id, lambda: self._read_indexed(image_id)))
 
-    def _indexed_files(self, image_id: int) -> list[str]:
-        """The image's files that still hold the content that was indexed (same size and
-        mtime, read through any link) and that resolve inside the library under its link
-        policy: a file changed since, or a link pointed elsewhere (at a secret text file, or
-        at a copy outside the library), is never read or served for it."""
+    def _open_indexed(self, image_id: int, *, content: bool = True) -> OpenedFile:
+        """The image's first file that is still, provably, the indexed content, open: checked on
+        the open descriptor (regular, size and mtime, real path inside the library under its
+        link policy, content hash), so a link flipped after the check cannot change what is
+        read (searchengine/indexed_file.py)."""
         detail = self.image(image_id)
-        current, outside = [], 0
-        for f in detail.files:
-            try:
-                st = os.stat(f.path)
-            except OSError:
-                continue
-            if not (stat.S_ISREG(st.st_mode) and st.st_size == f.size and st.st_mtime_ns == f.mtime_ns):
-                continue
-            if not self.library.inside(f.path):
-                outside += 1
-                log.warning("not serving %s: it leads outside the library's folders", f.path)
-                continue
-            current.append(f.path)
-        if not current:
-            why = (
-                "its file now leads outside the library's folders (a link), which is not served unless the index "
-                "allows links anywhere (--links all)" if outside
-                else "it has no file left that is still the indexed content; re-index its folder"
-            )
-            raise IndexedFileGone(f"image {image_id}: {why}")
-        return current
+        return self.opener.open(image_id, detail.files, detail.sha256, content=content)
+
+    def _read_indexed(self, image_id: int) -> bytes:
+        with self._open_indexed(image_id) as f:
+            return f.read()
 
     def folders(self, contains: str = "", limit: int = 50) -> tuple[list[FolderCount], int]:
         """Indexed folders (subfolders included) whose path contains `contains` (any case),
@@ -361,10 +350,10 @@ class QueryService:
         question = check_question(question)
         answerer = self.answerer.get()  # VqaUnavailable: why none can answer
         t0 = time.perf_counter()
-        path = self._indexed_files(image_id)[0]
+        data = self._read_indexed(image_id)
         with _indexed_file_errors():
             image = decode_image(
-                read_file(path), max_pixels=self.settings.max_image_pixels,
+                data, max_pixels=self.settings.max_image_pixels,
                 draft=2 * answerer.image_side,
             ).image
         read_ms = (time.perf_counter() - t0) * 1000
@@ -373,9 +362,10 @@ class QueryService:
         answer.timings_ms["total"] = sum(answer.timings_ms.values())
         return answer
 
-    def file(self, image_id: int) -> str:
-        """The image's first file that is still the indexed content; never a path from the request."""
-        return self._indexed_files(image_id)[0]
+    def file(self, image_id: int) -> OpenedFile:
+        """The image's first file that is still the indexed content, open (the caller closes
+        it); never a path from the request."""
+        return self._open_indexed(image_id)
 
     def update_gauges(self) -> None:
         images, vectors = self.library.counts()

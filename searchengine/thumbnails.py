@@ -19,13 +19,12 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable
 
 from PIL import Image
 
-from searchengine.errors import BadImageError
 from searchengine.filecache import IdFileCache
-from searchengine.imageio import decode_image, read_file
+from searchengine.imageio import decode_image
 
 # Two mid greys: neither white nor black, so light and dark artwork both stay visible, and
 # the dark page around a tile does not swallow it either.
@@ -64,8 +63,9 @@ class ThumbnailCache(IdFileCache):
         """JPEG bytes of `image` (RGB, or RGBA: see `make_thumbnail`) at most `size` px a side."""
         return make_thumbnail(image, self.size, self.quality)
 
-    def get(self, image_id: int, sources: Sequence[str]) -> Path:
-        """The cached file, made from the first readable source if it is not there yet."""
+    def get(self, image_id: int, read: Callable[[], bytes]) -> Path:
+        """The cached file, made from the original's bytes (`read`, which checks that they are
+        still the indexed content) if it is not there yet."""
         path = self.path(image_id)
         if path.exists():
             return path
@@ -74,15 +74,7 @@ class ThumbnailCache(IdFileCache):
         with self._locks[image_id % len(self._locks)]:
             if path.exists():
                 return path
-            error: BadImageError | None = None
-            for source in sources:
-                try:
-                    image = decode_image(read_file(source), max_pixels=self.max_pixels).display
-                    break
-                except BadImageError as e:
-                    error = e
-            else:
-                raise error or BadImageError("vanished", "the image has no file")
+            image = decode_image(read(), max_pixels=self.max_pixels).display
             writer.put_bytes(image_id, self.make(image))
             return path
 

@@ -91,3 +91,95 @@ def test_a_path_that_resolves_outside_the_library_is_not_served_unless_allowed(s
         library.close()
     assert {p for p, _ in skipped} == {str(folder / "link.jpg"), str(folder / "mine.jpg")}
     assert all("--links all" in m for _, m in skipped)
+
+
+def _flip(link, target):
+    """Point `link` at `target` in one step (a new link renamed over it), as an attacker would."""
+    tmp = link.with_name(link.name + ".flip")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def test_a_link_flipped_after_the_check_serves_what_was_checked(settings, model, tmp_path, photo_files, monkeypatch):
+    """`race.jpg` flipped from an indexed photo to ../secret/secret.txt between the check and
+    the read: from outside, 229 of 3,000 responses carried the secret. The check is now of the
+    open descriptor, so a flip after it changes nothing read; here the flip happens exactly
+    there, every time (and in a real race of threads below)."""
+    import threading
+
+    from searchengine.library import Library as Lib
+
+    folder, secret = tmp_path / "photos", tmp_path / "secret"
+    folder.mkdir(), secret.mkdir()
+    shutil.copy(photo_files[0], folder / "photo.jpg")
+    (secret / "secret.txt").write_bytes(b"TOP SECRET " * 1000)
+    (folder / "race.jpg").symlink_to("photo.jpg")
+    ids = _index(settings, model, folder)
+    photo = (folder / "photo.jpg").read_bytes()
+    inside = Lib.inside
+
+    def flip_after_the_check(self, path, real=None):
+        ok = inside(self, path, real)
+        if path.endswith("race.jpg"):
+            _flip(folder / "race.jpg", "../secret/secret.txt")
+        return ok
+
+    monkeypatch.setattr(Lib, "inside", flip_after_the_check)
+    with TestClient(create_app(settings, loader=lambda s: (model, Lib.open(s)))) as client:
+        wait_healthy(client)
+        r = client.get(f"/api/images/{ids['race.jpg']}/file")
+        assert r.status_code == 200 and r.content == photo  # what was checked is what is sent
+        assert b"SECRET" not in client.get(f"/api/images/{ids['race.jpg']}/file").content  # now flipped: refused
+        monkeypatch.setattr(Lib, "inside", inside)
+        _flip(folder / "race.jpg", "photo.jpg")
+        stop = threading.Event()
+
+        def flipper():
+            while not stop.is_set():
+                _flip(folder / "race.jpg", "../secret/secret.txt")
+                _flip(folder / "race.jpg", "photo.jpg")
+
+        t = threading.Thread(target=flipper, daemon=True)
+        t.start()
+        try:
+            got = [client.get(f"/api/images/{ids['race.jpg']}/{what}") for _ in range(100) for what in ("file", "preview")]
+        finally:
+            stop.set()
+            t.join()
+    assert not any(b"SECRET" in r.content for r in got)
+    assert all(r.status_code in (200, 404) for r in got) and any(r.status_code == 200 for r in got)
+    assert all(r.content == photo for r in got if r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+               and r.url.path.endswith("/file"))
+
+
+def test_a_bait_with_the_private_photos_size_and_mtime_does_not_serve_it(settings, model, tmp_path, photo_files):
+    """An attacker's bait indexed under a folder link, with a private photo's size and mtime
+    copied from a plain stat (truncate + touch -r), then the link re-pointed at the private
+    folder: size and mtime match, the folder link is allowed anywhere (--links folders), and
+    the private photo was served. Its content is not the indexed content: it is not."""
+    folder, bait, private = tmp_path / "photos", tmp_path / "bait", tmp_path / "private"
+    for d in (folder, bait, private):
+        d.mkdir()
+    jpegs = sorted((f for f in photo_files if f.suffix == ".jpg"), key=lambda f: f.stat().st_size)
+    shutil.copy(jpegs[-1], private / "x.jpg")
+    shutil.copy(jpegs[0], bait / "x.jpg")  # the smaller: made as large with zeros after its end
+    st = os.stat(private / "x.jpg")
+    os.truncate(bait / "x.jpg", st.st_size)
+    os.utime(bait / "x.jpg", ns=(st.st_atime_ns, st.st_mtime_ns))
+    (folder / "album").symlink_to(bait, target_is_directory=True)
+    library = Library.open(settings, create=True)
+    try:
+        Indexer(model, library, settings).run([folder])
+        image_id = library.store.files_under(str(folder))[str(folder / "album" / "x.jpg")].image_id
+    finally:
+        library.close()
+    _flip(folder / "album", private)
+    with TestClient(create_app(settings, loader=lambda s: (model, Library.open(s)))) as client:
+        wait_healthy(client)
+        for what in ("file", "preview"):
+            r = client.get(f"/api/images/{image_id}/{what}")
+            assert r.status_code == 404 and "no file left that is still the indexed content" in r.json()["error"], r.text
+        _flip(folder / "album", bait)  # back: served again
+        r = client.get(f"/api/images/{image_id}/file")
+        assert r.status_code == 200 and r.content == (bait / "x.jpg").read_bytes()

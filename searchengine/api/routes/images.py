@@ -8,7 +8,8 @@ import mimetypes
 from dataclasses import asdict
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from searchengine.api.deps import Files, ImageId, Service
 from searchengine.api.schemas import FILE_RESPONSES, AskIn, AskOut, ErrorOut, FileOut, ImageOut, VqaOut
@@ -43,10 +44,19 @@ async def preview(service: Service, files: Files, image_id: ImageId):
 
 @router.get("/api/images/{image_id}/file", response_class=FileResponse, responses=FILE_RESPONSES)
 async def original(service: Service, files: Files, image_id: ImageId):
-    """The original file, with its content type."""
-    path = await files.run(service.file, image_id)
-    media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+    """The original file, with its content type: read from the descriptor it was checked on
+    (searchengine/indexed_file.py), never opened again by name."""
+    opened = await files.run(service.file, image_id)
+    media_type = mimetypes.guess_type(opened.path)[0] or "application/octet-stream"
+
+    def body():
+        try:
+            yield from opened.chunks()
+        finally:  # also when the client goes away mid-file
+            opened.close()
+
+    headers = {"Cache-Control": "private, max-age=3600", "Content-Length": str(opened.size)}
+    return StreamingResponse(body(), media_type=media_type, headers=headers, background=BackgroundTask(opened.close))
 
 
 @router.post(
