@@ -118,6 +118,8 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None  # when set, every endpoint wants it
     cors_origins: list[str] = []  # CORS is off unless origins are named
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1)
+    # Every other request body (a question to /ask, any JSON): refused past this, unread.
+    max_body_bytes: int = Field(1024 * 1024, ge=1)
     max_upload_pixels: int = Field(50_000_000, ge=1)
     text_batch_max: int = Field(16, ge=1)  # micro-batcher: queries per text-encoder call
     text_batch_wait_ms: float = Field(0.0, ge=0)  # extra wait for company; 0: continuous batching

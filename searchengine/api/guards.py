@@ -1,10 +1,14 @@
 """What the API refuses before any route runs, and how requests are told apart in the log.
 
-- Uploads over the cap are refused from their `Content-Length` at once, and a body that
-  comes without one (chunked) is cut off at the cap: nothing past it is read or spooled.
+- Every request body has a cap: an upload's is `max_upload_bytes`, every other route's
+  `max_body_bytes` (a question, a JSON body). Over it a request is refused from its
+  `Content-Length` at once, and a body that comes without one (chunked) is cut off at the
+  cap: nothing past it is read, spooled or parsed (a 512 MiB `/ask` body was read whole).
 - Control characters (NUL above all) in query parameters are a 400 before any store call.
 - Image ids and dates are read strictly: `1_0` is not 10, `0.5` is not a date.
-- The API key never reaches the access log, however its parameter name is percent-encoded.
+- No key reaches the access log, however its parameter name is spelt or percent-encoded
+  (`api%255Fkey`, `api+key`, `token`: any name that reads as a key or secret); control
+  characters in a logged request line are escaped.
 - Every request (an unexpected error included) gets an access-log line and a metrics count.
 """
 
@@ -44,22 +48,25 @@ class _TooLarge(Exception):
     pass
 
 
-class UploadLimit:
-    """ASGI middleware: POST bodies to `paths` capped at `limit` bytes (plus multipart framing)."""
+class BodyLimit:
+    """ASGI middleware: every request body capped, uploads to `upload_paths` at `upload_limit`
+    bytes (plus multipart framing), any other at `limit`."""
 
-    def __init__(self, app, *, limit: int, paths: set[str]) -> None:
+    def __init__(self, app, *, limit: int, upload_limit: int, upload_paths: set[str]) -> None:
         self.app = app
-        self.cap = limit + MULTIPART_SLACK
-        self.limit = limit
-        self.paths = paths
+        self.limits = (limit, upload_limit)
+        self.upload_paths = upload_paths
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        upload = scope["path"] in self.upload_paths
+        limit = self.limits[upload]
+        cap = limit + (MULTIPART_SLACK if upload else 0)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.cap):
-            await self._refuse(send)
+        if length is not None and (not length.isdigit() or int(length) > cap):
+            await self._refuse(send, limit, upload)
             return
         seen = 0
         exceeded = False
@@ -70,7 +77,7 @@ class UploadLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.cap:
+                if seen > cap:
                     exceeded = True
                     raise _TooLarge
             return message
@@ -82,7 +89,7 @@ class UploadLimit:
             if exceeded:
                 if message["type"] == "http.response.start" and not started:
                     started = True
-                    await self._refuse(send)
+                    await self._refuse(send, limit, upload)
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -91,10 +98,13 @@ class UploadLimit:
             await self.app(scope, capped_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, limit, upload)
 
-    async def _refuse(self, send) -> None:
-        body = json.dumps({"error": f"the upload is over the limit of {self.limit:,} bytes; send a smaller image"}).encode()
+    @staticmethod
+    async def _refuse(send, limit: int, upload: bool) -> None:
+        what = "the upload is over the limit of {:,} bytes; send a smaller image" if upload else (
+            "the request body is over the limit of {:,} bytes (max_body_bytes)")
+        body = json.dumps({"error": what.format(limit)}).encode()
         await send({
             "type": "http.response.start", "status": 413,
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -126,16 +136,35 @@ def strict_iso_date(value: Any) -> Any:
     return value
 
 
+# A parameter whose name, decoded as often as it is encoded and with its separators dropped,
+# reads as a credential: its value is never logged (api_key, api%255Fkey, api+key, API-Key, token).
+_SECRET_NAME = re.compile(r"key|token|secret|passw|auth|credential|session", re.IGNORECASE)
+
+
+def _decoded_name(name: str) -> str:
+    for _ in range(4):  # %255F -> %5F -> _
+        decoded = unquote_plus(name)
+        if decoded == name:
+            break
+        name = decoded
+    return re.sub(r"[\s_\-.+]", "", name)
+
+
+def escape_control(text: str) -> str:
+    """`text` with control characters (ESC, NUL, newlines) written as escapes, as `ls` shows
+    names: a log line or a terminal gets no raw control character from a request or a file name."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def loggable_query(query: str) -> str:
-    """The query string without the API key, whatever escapes spell its name."""
+    """The query string with the value of every key-like parameter left out, whatever escapes
+    spell its name."""
     kept = []
     for part in query.split("&"):
         if not part:
             continue
-        name = unquote_plus(part.split("=", 1)[0])
-        if name.strip().lower() == "api_key":
-            continue
-        kept.append(part)
+        name = part.split("=", 1)[0]
+        kept.append(f"{name}=***" if _SECRET_NAME.search(_decoded_name(name)) else part)
     return "&".join(kept)
 
 
@@ -143,8 +172,9 @@ def install(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     """The key check, the access log and the request metrics, around every route; the upload cap
     inside them; CORS outside, when origins are configured."""
     key = settings.api_key.get_secret_value() if settings.api_key else None
-    # Inside the guard (added first): a refused upload is logged and counted like any answer.
-    app.add_middleware(UploadLimit, limit=settings.max_upload_bytes, paths={"/api/search/image"})
+    # Inside the guard (added first): a refused body is logged and counted like any answer.
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes,
+                       upload_paths={"/api/search/image"})
 
     @app.middleware("http")
     async def guard_and_log(request: Request, call_next):
@@ -167,7 +197,8 @@ def install(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
         metrics.latency.labels(route).observe(seconds)
         query = loggable_query(request.url.query)
         access_log.info(
-            "%s %s%s %d %.1fms", request.method, request.url.path, f"?{query}" if query else "", response.status_code, seconds * 1000
+            "%s %s%s %d %.1fms", escape_control(request.method), escape_control(request.url.path),
+            escape_control(f"?{query}") if query else "", response.status_code, seconds * 1000,
         )
         return response
 

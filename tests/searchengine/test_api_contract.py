@@ -108,6 +108,37 @@ def test_an_oversized_upload_is_refused_without_reading_it(served):
     assert status == 413 and asked < 10  # stopped near 200 kB + framing, not after 6.5 MB
 
 
+def test_every_json_body_has_a_cap_too(served):
+    """A 512 MiB {"question": ...} to /ask was read whole (RSS 495 -> 2,031 MiB, the event loop
+    stalled 1.7 s) before a 422. Refused from its Content-Length, and cut off when chunked."""
+    import asyncio
+
+    app, client, settings = served
+    r = client.post("/api/images/1/ask", json={"question": "x" * (settings.max_body_bytes + 10)})
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"], r.text
+
+    async def ask(headers, chunks):
+        asked, sent = [], []
+
+        async def receive():
+            asked.append(1)
+            return {"type": "http.request", "body": chunks.pop(0) if chunks else b"", "more_body": bool(chunks)}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/api/images/1/ask", "raw_path": b"/api/images/1/ask",
+                 "query_string": b"", "headers": headers, "http_version": "1.1", "scheme": "http",
+                 "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": "", "app": app}
+        await app(scope, receive, send)
+        return len(asked), next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+    json_type = (b"content-type", b"application/json")
+    assert asyncio.run(ask([json_type, (b"content-length", str(512 << 20).encode())], [b"never read"])) == (0, 413)
+    asked, status = asyncio.run(ask([json_type], [b'{"question": "'] + [b"x" * 65536] * 8192))  # 512 MiB, chunked
+    assert status == 413 and asked < 40  # stopped past 1 MiB, not after 512
+
+
 def test_an_unexpected_error_is_logged_counted_and_keeps_the_connection(served, monkeypatch, caplog):
     app, client, _ = served
     service = app.state.searchengine.service
@@ -131,10 +162,16 @@ def test_the_api_key_never_reaches_the_log(tmp_path, served, caplog):
     keyed = create_app(settings.model_copy(update={"api_key": SecretStr("s3cret")}),
                        loader=lambda s: (app.state.searchengine.service.model._model, Library.open(s)))
     with TestClient(keyed) as client, caplog.at_level(logging.INFO, logger="searchengine.access"):
-        for spelled in ("api_key", "api%5Fkey", "api%5fkey", "%61pi_key", "api_key+"):
+        # misspelled or doubly encoded names too: from outside, api%255Fkey and api+key were logged
+        for spelled in ("api_key", "api%5Fkey", "api%5fkey", "%61pi_key", "api_key+", "api%255Fkey", "api+key", "API-Key", "token"):
             client.get(f"/healthz?{spelled}=s3cret&x=1")
+        client.get("/api/search?q=%1b%5b31mred%00")  # ESC [31m and NUL in a query
+        client.get("/api/images/%1b%5b2J")  # and in a path
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "searchengine.access"]
-    assert lines and not any("s3cret" in line for line in lines), lines
+    assert len(lines) == 11 and not any("s3cret" in line for line in lines), lines
+    assert all("x=1" in line for line in lines[:9])  # the rest of the query is still logged
+    assert not any(c in line for line in lines for c in ("\x1b", "\x00")), lines
+    assert "%1b%5b31mred%00" in lines[-2] and "/api/images/\\x1b[2J" in lines[-1], lines[-2:]
 
 
 def test_messages_say_what_is_wrong(served, tmp_path):
