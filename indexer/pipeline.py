@@ -174,6 +174,7 @@ class Indexer:
         for folder, entries in listings:
             known = library.files_under(str(folder))
             seen: set[str] = set()
+            bad_names: list[tuple[str, int, int, str, str]] = []
             for entry in entries:
                 if not storable(entry.path):  # one bad name is skipped, never the end of the run
                     shown = printable(entry.path)
@@ -181,6 +182,12 @@ class Indexer:
                     summary.failures.append((shown, "bad_name", BAD_NAME))
                     summary.note("skipped", f"{shown}: {BAD_NAME}")
                     self.on_skip(shown, BAD_NAME)
+                    # Recorded under its name with the bytes escaped, so that `stats` lists it
+                    # (and drops it once the file is renamed); never read by that name.
+                    seen.add(shown)
+                    if not (shown in known and known[shown].status == "failed" and known[shown].size == entry.size
+                            and known[shown].mtime_ns == entry.mtime_ns):
+                        bad_names.append((shown, entry.size, entry.mtime_ns, "bad_name", BAD_NAME))
                     continue
                 seen.add(entry.path)
                 state = known.get(entry.path)
@@ -189,6 +196,8 @@ class Indexer:
                 else:
                     todo.append(entry)
             gone.extend(p for p in known if p not in seen)
+            if bad_names:
+                library.write_batch(failures=bad_names)
         self.on_total(len(todo))
         self.update(todo, gone, summary)
         # A library that outgrew its vector index's tier is re-indexed before the run ends

@@ -137,7 +137,7 @@ examples:
   searchengine search --image ~/query.jpg             photos like this one
   searchengine search beach --like 42 --unlike 17:0.5  steer by indexed images (ids from --json)
   searchengine search a red car --min-itm 0.8         only strong matches (ITM P(match) >= 0.8)
-  searchengine search sunset -f | xargs -d '\\n' ls -l   paths only, for pipes
+  searchengine search sunset -0 | xargs -0 ls -l      paths only, NUL-ended, for pipes (-f: one a line)
   searchengine search dogs --mode keyword            words in captions and file names only (no model loaded)""",
     "caption": """\
 examples:
@@ -258,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     _filter_options(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON")
-    out.add_argument("-f", "--paths", action="store_true", help="print only the paths, one per line (for pipes)")
+    out.add_argument("-f", "--paths", action="store_true",
+                     help="print only the paths, one per line; control characters in a name are escaped (\\n, \\x1b)")
+    out.add_argument("-0", "--null", action="store_true",
+                     help="print only the paths, exactly as they are, each ended by a NUL byte (for xargs -0)")
     _common(p, model=True)
 
     p = command(
@@ -605,9 +608,12 @@ def cmd_search(args: argparse.Namespace, out, err) -> int:
     if args.json:
         print(json.dumps(_result_json(result, mode), ensure_ascii=False, indent=2), file=out)
         return 0
+    if args.null:
+        _write_null_terminated([h.path for h in result.hits], out)
+        return 0
     if args.paths:
         for h in result.hits:
-            print(h.path, file=out)
+            print(shown(h.path), file=out)
         return 0
     if not result.hits:
         why = " with a match probability of at least " + f"{args.min_itm:g}" if args.min_itm is not None else ""
@@ -618,9 +624,9 @@ def cmd_search(args: argparse.Namespace, out, err) -> int:
         itm = f"{h.itm:6.3f}" if h.itm is not None else f"{'-':>6}"
         itc = f"{h.itc:7.3f}" if h.itc is not None else f"{'-':>7}"
         kw = f"{h.keyword:5.2f}" if h.keyword is not None else f"{'-':>5}"
-        print(f"{rank:>4}  {h.score:7.3f}  {itm}  {itc}  {kw}  {h.image_id:>6}  {h.path}", file=out)
+        print(f"{rank:>4}  {h.score:7.3f}  {itm}  {itc}  {kw}  {h.image_id:>6}  {shown(h.path)}", file=out)
         if h.caption:
-            print(f"{'':>47}{h.caption}", file=out)
+            print(f"{'':>47}{shown(h.caption)}", file=out)
     t = result.timings_ms
     strong = ""
     if result.strong is not None:
@@ -634,12 +640,41 @@ def cmd_search(args: argparse.Namespace, out, err) -> int:
     return 0
 
 
+def shown(text: str) -> str:
+    """A name or caption as a terminal may show it: control characters escaped (a newline as
+    `\\n`, ESC as `\\x1b`, as `ls` shows them) and bytes that are not UTF-8 as `\\xNN`, so
+    one result is one line and nothing reaches the terminal as a command."""
+    out = []
+    for ch in text:
+        if 0xDC80 <= ord(ch) <= 0xDCFF:  # an undecodable byte of a file name (surrogateescape)
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _write_null_terminated(paths: list[str], out) -> None:
+    """The paths as the file system has them (any byte but NUL), each followed by NUL."""
+    buffer = getattr(out, "buffer", None)
+    if buffer is not None:
+        out.flush()
+        buffer.write(b"".join(os.fsencode(p) + b"\0" for p in paths))
+        buffer.flush()
+    else:  # a text stream (in-process callers): the same characters
+        out.write("".join(p + "\0" for p in paths))
+
+
 def _example_image(path: str, settings: Settings):
     from searchengine.errors import BadImageError
     from searchengine.imageio import decode_image, read_file
 
+    path = os.path.expanduser(path)
+    if not os.path.lexists(path):
+        raise SearchEngineError(f"cannot search by {path}: there is no such file")
     try:
-        return decode_image(read_file(os.path.expanduser(path)), max_pixels=settings.max_image_pixels).image
+        return decode_image(read_file(path), max_pixels=settings.max_image_pixels).image
     except BadImageError as e:
         raise SearchEngineError(f"cannot search by {path}: {e}") from None
 

@@ -1136,7 +1136,10 @@ class Library:
             out.append((True, "backups: the database server's own (pg_dump)"))
             return out
         backups = self.backups()
-        out.append((bool(backups) or s.backups == 0, f"backups: {len(backups)}" + (f", newest {backups[0].name}" if backups else "")))
+        out.append((bool(backups) or s.backups == 0, f"backups: {len(backups)}" + (
+            f", newest {backups[0].name}" if backups
+            else "; `searchengine backup` makes one now (index and watch make them after a run that changed something)"
+            if s.backups else "")))
         return out
 
     # -- backups --------------------------------------------------------------------------

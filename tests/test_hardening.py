@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -143,7 +144,14 @@ def test_a_name_that_is_not_utf8_is_skipped_and_the_run_goes_on(tmp_path, settin
     assert proc.stdout.startswith("1 indexed") and "1 skipped (bad_name: 1)" in proc.stdout
     assert f"skipping {folder}/bad\\xff.jpg: the file name is not valid UTF-8" in proc.stderr
     assert "Traceback" not in proc.stderr
-    # The watcher: a bad name arriving is skipped, and the next good file is still indexed.
+    # Listed by stats, with its bytes escaped (it was counted by index, and listed nowhere).
+    stats = json.loads(cli("stats", "--json", env_extra=env, check_rc=0).stdout)
+    assert stats["failures_by_reason"] == {"bad_name": 1}
+    assert [(f["path"], f["reason"]) for f in stats["failures"]] == [(f"{folder}/bad\\xff.jpg", "bad_name")]
+    assert "1 unchanged" in cli("index", folder, env_extra=env, check_rc=0).stdout  # recorded once
+    os.rename(bad, folder / "renamed.jpg")
+    assert "1 indexed" in cli("index", folder, env_extra=env, check_rc=0).stdout
+    assert json.loads(cli("stats", "--json", env_extra=env, check_rc=0).stdout)["failed"] == 0    # The watcher: a bad name arriving is skipped, and the next good file is still indexed.
     library = Library.open(settings)
     watcher = Watcher(Indexer(model, library, settings), [folder], debounce_s=0.3)
     watcher.start()
@@ -155,6 +163,25 @@ def test_a_name_that_is_not_utf8_is_skipped_and_the_run_goes_on(tmp_path, settin
     finally:
         watcher.stop()
         library.close()
+
+
+def test_search_paths_never_split_a_name_or_reach_the_terminal_raw(tmp_path, settings, model, photo_files):
+    """A newline in a name split it in two under `search -f`, and ESC sequences reached the
+    terminal. -f and the table escape control characters; -0 gives the names as they are."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    odd = folder / "two\nlines\x1b[31mred.jpg"
+    shutil.copy(photo_files[0], odd)
+    env = {"SEARCHENGINE_MODEL": settings.model, "SEARCHENGINE_DATA_DIR": str(settings.data_dir),
+           "SEARCHENGINE_CAPTIONS": "false"}
+    cli("index", folder, env_extra=env, check_rc=0)
+    lines = cli("search", "red", "-f", "--no-rerank", env_extra=env, check_rc=0).stdout.splitlines()
+    assert lines == [f"{folder}/two\\nlines\\x1b[31mred.jpg"]
+    table = cli("search", "red", "--no-rerank", env_extra=env, check_rc=0).stdout
+    assert "\x1b" not in table and "two\\nlines\\x1b[31mred.jpg" in table
+    nul = cli("search", "red", "-0", "--no-rerank", env_extra=env, check_rc=0).stdout
+    assert nul == str(odd) + "\0"
+    assert json.loads(cli("search", "red", "--json", "--no-rerank", env_extra=env, check_rc=0).stdout)["results"][0]["path"] == str(odd)
 
 
 def test_files_that_block_never_hold_up_searches(settings, model, tmp_path, photo_files):
@@ -254,3 +281,11 @@ def test_a_burst_of_large_uploads_takes_turns_and_gives_memory_back(settings, mo
         refused = [r for r in answers if r.status_code == 503]
         assert refused and all(r.headers["retry-after"] == "2" for r in refused)
         assert any(r.status_code == 200 for r in answers)
+
+
+def test_search_by_a_file_that_does_not_exist_says_so(tmp_path, settings):
+    """It said "file vanished before it could be read" of a file that never was."""
+    env = {"SEARCHENGINE_MODEL": settings.model, "SEARCHENGINE_DATA_DIR": str(tmp_path / "data")}
+    r = cli("search", "--image", tmp_path / "nope.jpg", env_extra=env)
+    assert r.returncode != 0 and f"cannot search by {tmp_path / 'nope.jpg'}: there is no such file" in r.stderr
+    assert "vanished" not in r.stderr and "Traceback" not in r.stderr

@@ -230,7 +230,8 @@ function timings(page) {
   const t = page.timings_ms;
   const more = page.next_offset != null ? "+" : "";
   const strong = page.strong == null ? "" : ` · ${page.strong} strong match${page.strong === 1 ? "" : "es"}`;
-  return `${state.hits.length}${more} results · ${Math.round(t.total)} ms` +
+  const n = state.hits.length;
+  return `${n}${more} result${n === 1 && !more ? "" : "s"} · ${Math.round(t.total)} ms` +
     (page.reranked ? ` · ${page.reranked} re-ranked by ITM` : "") + strong;
 }
 

@@ -199,3 +199,14 @@ def test_backups_are_consistent_while_a_writer_is_busy(settings, indexed):
     count = "SELECT count(*) FROM images"
     with sqlite3.connect(made.path) as a, sqlite3.connect(settings.store_path) as b:
         assert a.execute(count).fetchone() == b.execute(count).fetchone() == (4,)
+
+
+def test_check_without_a_backup_says_how_to_make_one(settings, indexed):
+    for f in settings.backups_dir.glob("*"):
+        f.unlink()
+    library = Library.open(settings, writable=False)
+    try:
+        findings = [(ok, what) for ok, what in library.check() if what.startswith("backups")]
+    finally:
+        library.close()
+    assert findings == [(False, "backups: 0; `searchengine backup` makes one now (index and watch make them after a run that changed something)")]
