@@ -121,11 +121,22 @@ class Watcher:
     # -- life ------------------------------------------------------------------------------
 
     def start(self) -> Summary:
-        """Catch up with the folders, start watching them, and handle events in a thread."""
-        summary = self.indexer.run(self.roots)
+        """Start watching the folders, catch up with them, then handle events in a thread.
+
+        Watching starts first: a file that arrives while the catch-up scan runs is an event
+        queued until the scan is done, then handled against what the scan indexed (a path it
+        indexed already is unchanged and left alone). Watching after the scan missed every file
+        that came in between (100 of 300 arriving during start-up, from outside).
+        """
+        try:
+            for root in self.roots:
+                if root.is_dir():  # the scan below refuses one that is not, with its own message
+                    self._observe(root)
+            summary = self.indexer.run(self.roots)
+        except BaseException:
+            self.stop()
+            raise
         self.on_update(summary)
-        for root in self.roots:
-            self._observe(root)
         self._thread = threading.Thread(target=self._loop, name="watcher", daemon=True)
         self._thread.start()
         return summary

@@ -181,3 +181,34 @@ def test_symlinked_folders_are_indexed_at_start_and_when_linked(mode, settings, 
     finally:
         watcher.stop()
         library.close()
+
+
+@pytest.mark.slow  # a live watcher
+@pytest.mark.parametrize("mode", ["native", "polling"])
+def test_files_that_arrive_during_the_start_up_scan_are_indexed(mode, settings, model, tmp_path, photo_files):
+    """Watching began after the catch-up scan: files that came in between were never indexed
+    (100 of 300, from outside, with /healthz ok). Here they arrive as the scan finishes."""
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    for f in photo_files[:2]:
+        shutil.copy(f, folder / f.name)
+    library = Library.open(settings, create=True)
+    indexer = Indexer(model, library, settings)
+    scan = indexer.run
+
+    def scan_then_arrivals(roots):
+        summary = scan(roots)  # listed, embedded and written: these came too late for it
+        for f in photo_files[2:5]:
+            shutil.copy(f, folder / f.name)
+        return summary
+
+    indexer.run = scan_then_arrivals
+    watcher = Watcher(indexer, [folder], poll=mode == "polling", debounce_s=0.3, poll_interval_s=0.3)
+    try:
+        assert watcher.start().indexed == 2
+        want = {str(folder.resolve() / f.name) for f in photo_files[:5]}
+        wait_until(lambda: want <= set(ids_by_path(library)), "the files that arrived during the scan indexed")
+        assert watcher.health() is None
+    finally:
+        watcher.stop()
+        library.close()
