@@ -60,6 +60,7 @@ class Summary:
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # path, reason, message
     links_skipped: int = 0  # symlinked folders not followed: loops, or folders listed under another path
     links_outside: int = 0  # links not followed because they lead outside the library (searchengine.links)
+    kept_absent: int = 0  # files kept because their folder is absent (unmounted), not empty (`Indexer.absent`)
     seconds: float = 0.0
     # Where the time went: "read" and "decode" are seconds summed over the decode threads,
     # "model" and "captions" wall seconds of the model lane, "write" of the runner's thread;
@@ -112,7 +113,9 @@ class Indexer:
         captioner: Captioner | None = None,
         on_caption_error: Callable[[str, str], None] | None = None,
         runner=None,
+        prune: bool = False,
     ) -> None:
+        self.prune = prune  # scan folders that look absent (unmounted) as they are: their files leave
         self.model = model
         self.captioner = captioner
         # What drives the stages: None for this process's threads (`_process`), or an object
@@ -173,6 +176,13 @@ class Indexer:
             listings = ((folder, self.scanner(folder, **listing)) for folder in folders)
         for folder, entries in listings:
             known = library.files_under(str(folder))
+            why = self.absent(folder, len(known))
+            if why is not None:  # an unmounted disk is not an emptied one: nothing leaves
+                summary.kept_absent += len(known)
+                self.on_skip(str(folder), f"{why}; its {len(known)} indexed files stay in the index until it is back "
+                             f"(searchengine index --prune {folder} drops them)")
+                continue
+            library.record_mount(str(folder), os.path.ismount(folder))
             seen: set[str] = set()
             bad_names: list[tuple[str, int, int, str, str]] = []
             for entry in entries:
@@ -241,6 +251,28 @@ class Indexer:
             else:
                 summary.removed += 1
                 summary.note("removed", path)
+
+    def absent(self, folder: str | os.PathLike, indexed: int) -> str | None:
+        """Why a library folder with `indexed` files counts as absent rather than emptied
+        (None: it is there, scanned as it is). A disk unmounted from its mount point leaves an
+        empty folder behind, which a scan would read as "every photo deleted": every image
+        would leave, and come back with new ids and new captions at the remount. So a folder
+        that was a mount point and is not one now, or that has no entry at all while the index
+        has files in it, is absent, and its images stay. `prune` (index --prune) scans it as it
+        is, to drop a folder on purpose."""
+        if self.prune or not indexed:
+            return None
+        folder = str(folder)
+        if not os.path.isdir(folder):
+            return f"folder {folder} is not there now (unmounted?)"
+        if folder in self.library.mounted_roots() and not os.path.ismount(folder):
+            return f"folder {folder} was a mount point and is not one now (unmounted?)"
+        try:
+            with os.scandir(folder) as it:
+                empty = next(it, None) is None
+        except OSError as e:
+            return f"folder {folder} cannot be read now ({e.strerror or e})"
+        return f"folder {folder} is empty now (an unmounted disk?)" if empty else None
 
     def _check_root(self, root: str | os.PathLike) -> Path:
         path = Path(root).expanduser()

@@ -117,6 +117,7 @@ class Watcher:
         self._attempts: dict[str, int] = {}
         self.failure: str | None = None  # the last update's error, while paths wait for a retry
         self._next_root_check = 0.0
+        self._said_absent: dict[str, str | None] = {}  # root -> why it is absent, as last logged
 
     # -- life ------------------------------------------------------------------------------
 
@@ -340,9 +341,10 @@ class Watcher:
         with self._lock:
             adding = any(look is not None for look in self._looked.values())
         removed = []
-        # Below a root that is not there (an unmounted disk), a missing file is not a deleted
-        # one: it stays indexed, and the root's rescan when it comes back settles it.
-        absent = [str(r) + os.sep for r in self.roots if _identity(r) is None]
+        # Below a root that is absent (not there, or an unmounted disk's empty mount point: see
+        # Indexer.absent), a missing file is not a deleted one: it stays indexed, and the
+        # root's rescan when it comes back settles it.
+        absent = [str(r) + os.sep for r in self.roots if gone and self._absent(r)]
         for path in gone:
             if any(path.startswith(a) for a in absent):
                 self._done(path)
@@ -393,6 +395,13 @@ class Watcher:
                 self._dirty[path] = now + delay - self.debounce_s  # settles when the delay is up
             self.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         log.warning("could not index %d changed files (%s); retrying in %.0f s", len(paths), self.failure, delay)
+
+    def _absent(self, root: Path) -> bool:
+        why = "gone" if _identity(root) is None else self.indexer.absent(root, 1)
+        if why is not None and self._said_absent.get(str(root)) != why:
+            log.warning("%s; its indexed files stay in the index until it is back", why if why != "gone" else f"folder {root} is gone")
+        self._said_absent[str(root)] = why
+        return why is not None
 
     def _done(self, path: str) -> None:
         with self._lock:

@@ -211,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         "changed files are embedded, moved files keep their entry, deleted files leave the index.",
     )
     p.add_argument("folders", nargs="*", metavar="FOLDER", help="folders to index (default: every folder the index already has)")
+    p.add_argument(
+        "--prune", action="store_true",
+        help="scan a folder that looks unmounted (empty, or no longer a mount point) as it is, so that its "
+        "images leave the index (without it they are kept until it is back)",
+    )
     p.add_argument("--batch-size", type=int, help="images per model batch (default: 8 on a CPU, 64 on a GPU)")
     p.add_argument("--workers", type=int, dest="decode_workers", help="decoding threads (default: one per core)")
     p.add_argument("--max-pixels", type=int, dest="max_image_pixels", help="refuse images larger than this (default: 150M)")
@@ -490,7 +495,7 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
     try:
         indexer = Indexer(
             model, library, settings, on_skip=on_skip, progress=bar.update, on_total=on_total,
-            captioner=captioner, on_caption_error=on_caption_error, runner=runner,
+            captioner=captioner, on_caption_error=on_caption_error, runner=runner, prune=args.prune,
         )
         library.record_captioner(captioner is not None, captioner.name if captioner else None)
         summary = indexer.run(folders)
@@ -502,6 +507,8 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
     line = f"{summary.indexed} indexed, {summary.linked} duplicates linked, "
     line += f"{summary.moved} moved, " if summary.moved else ""
     line += f"{summary.unchanged} unchanged, {summary.removed} removed, {summary.skipped} skipped"
+    if summary.kept_absent:
+        line += f", {summary.kept_absent} kept (their folder is absent: --prune drops them)"
     if summary.failed:
         line += " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(summary.failed.items())) + ")"
     if summary.links_skipped:

@@ -668,6 +668,14 @@ class Library:
         told, so that they decode only what is new."""
         return self.store.all_hashes()
 
+    def mounted_roots(self) -> set[str]:
+        """The library folders that were mount points when last scanned (`Indexer.absent`)."""
+        return self.store.mounted_roots()
+
+    def record_mount(self, root: str, mounted: bool) -> None:
+        if self.writable and (root in self.store.mounted_roots()) != mounted:
+            self.store.record_mount(root, mounted)
+
     def record_made_by(self, made_by: str) -> None:
         """Note how the model ran ("bfloat16 on cuda") that made vectors being written."""
         self.require_writable()

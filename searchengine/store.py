@@ -502,6 +502,16 @@ class Store:
                 return
         raise ModelMismatchError(mismatch_message(have, info))
 
+    def mounted_roots(self) -> set[str]:
+        """The library folders that were mount points when last scanned."""
+        with self.engine.connect() as conn:
+            return set(json.loads(self._get_meta(conn, "mounted_roots") or "[]"))
+
+    def record_mount(self, root: str, mounted: bool) -> None:
+        with self.engine.begin() as conn:
+            have = set(json.loads(self._get_meta(conn, "mounted_roots") or "[]"))
+            self._set_meta(conn, "mounted_roots", json.dumps(sorted(have | {root} if mounted else have - {root})))
+
     def record_made_by(self, made_by: str) -> None:
         """Note that vectors in this index were made by the model run as `made_by` ("bfloat16 on
         cpu"): an index may hold vectors from several dtypes and devices, which mix (the store

@@ -289,3 +289,79 @@ def test_search_by_a_file_that_does_not_exist_says_so(tmp_path, settings):
     r = cli("search", "--image", tmp_path / "nope.jpg", env_extra=env)
     assert r.returncode != 0 and f"cannot search by {tmp_path / 'nope.jpg'}: there is no such file" in r.stderr
     assert "vanished" not in r.stderr and "Traceback" not in r.stderr
+
+
+def _ids(settings, folder) -> dict[str, int]:
+    library = Library.open(settings)
+    try:
+        return {os.path.basename(p): s.image_id for p, s in library.store.files_under(str(folder)).items() if s.status == "indexed"}
+    finally:
+        library.close()
+
+
+def test_an_unmounted_folder_is_absent_not_empty(tmp_path, settings, photo_files, monkeypatch):
+    """Unmounting a disk leaves its mount point an empty folder: `index` read it as every photo
+    deleted ("20 removed"), and the remount brought them back with new ids, captioned again."""
+    folder, away = tmp_path / "disk", tmp_path / "away"
+    folder.mkdir(), away.mkdir()
+    for f in photo_files[:3]:
+        shutil.copy(f, folder / f.name)
+    env = {"SEARCHENGINE_MODEL": settings.model, "SEARCHENGINE_DATA_DIR": str(settings.data_dir),
+           "SEARCHENGINE_CAPTIONS": "false"}
+    cli("index", folder, env_extra=env, check_rc=0)
+    before = _ids(settings, folder)
+    for f in folder.iterdir():  # "unmounted": an empty folder where the photos were
+        f.rename(away / f.name)
+    r = cli("index", env_extra=env, check_rc=0)
+    assert "0 removed" in r.stdout and "3 kept (their folder is absent: --prune drops them)" in r.stdout, r.stdout
+    assert f"folder {folder} is empty now (an unmounted disk?)" in r.stderr
+    assert _ids(settings, folder) == before
+    for f in away.iterdir():  # mounted again: the same images, ids and all, nothing embedded
+        f.rename(folder / f.name)
+    r = cli("index", env_extra=env, check_rc=0)
+    assert r.stdout.startswith("0 indexed") and "3 unchanged" in r.stdout and _ids(settings, folder) == before
+    # A folder that was a mount point and is one no more is absent even with a stray file in it.
+    import indexer.pipeline as pipeline
+
+    mounted = {str(folder.resolve())}
+    monkeypatch.setattr(pipeline.os.path, "ismount", lambda p: str(p) in mounted)
+    cli("index", env_extra=env, check_rc=0)  # recorded as a mount point
+    for f in list(folder.iterdir()):
+        f.rename(away / f.name)
+    (folder / "stray.txt").write_text("left on the parent disk")
+    mounted.clear()
+    r = cli("index", env_extra=env, check_rc=0)
+    assert f"folder {folder} was a mount point and is not one now (unmounted?)" in r.stderr and "0 removed" in r.stdout
+    assert _ids(settings, folder) == before
+    # Dropping it on purpose.
+    r = cli("index", "--prune", env_extra=env, check_rc=0)
+    assert "3 removed" in r.stdout and _ids(settings, folder) == {}
+
+
+@pytest.mark.slow  # a live watcher
+def test_the_watcher_keeps_the_images_of_a_folder_emptied_by_an_unmount(tmp_path, settings, model, photo_files):
+    from indexer.watch import Watcher
+    from tests.indexer.test_watch import wait_until
+
+    root, disk, away = tmp_path / "lib", tmp_path / "lib" / "disk", tmp_path / "away"
+    disk.mkdir(parents=True), away.mkdir()
+    for f in photo_files[:3]:
+        shutil.copy(f, disk / f.name)
+    library = Library.open(settings, create=True)
+    watcher = Watcher(Indexer(model, library, settings), [disk], debounce_s=0.3, poll_interval_s=0.3)
+    watcher.start()
+    try:
+        before = _ids(settings, disk.resolve())
+        assert len(before) == 3
+        for f in list(disk.iterdir()):
+            f.rename(away / f.name)
+        time.sleep(3)  # several debounce periods: the watcher has looked twice and decided
+        assert watcher.pending() == 0 and _ids(settings, disk.resolve()) == before
+        for f in list(away.iterdir()):
+            f.rename(disk / f.name)
+        shutil.copy(photo_files[4], disk / "new.jpg")
+        wait_until(lambda: "new.jpg" in _ids(settings, disk.resolve()), "a new file indexed")
+        assert {k: v for k, v in _ids(settings, disk.resolve()).items() if k != "new.jpg"} == before
+    finally:
+        watcher.stop()
+        library.close()
