@@ -335,6 +335,8 @@ class Watcher:
             known = self.library.file_state(path)
             if known is None or (known.size, known.mtime_ns) != look:
                 changed.append(FileEntry(path, *look))
+            else:  # as indexed already: a retry of a file the failed update had committed
+                self._no_retry(path)
         # A move is a removal and an addition. The addition must go first (it links to the
         # content the old path still holds), so removals wait while any file is between its
         # two looks; never longer than 10 debounce periods, so churn cannot starve them.
@@ -353,6 +355,8 @@ class Watcher:
                 self._done(path)
                 if self.library.file_state(path) is not None:
                     removed.append(path)
+                else:
+                    self._no_retry(path)
         if not changed and not removed:
             return None
         with self._lock:
@@ -395,6 +399,16 @@ class Watcher:
                 self._dirty[path] = now + delay - self.debounce_s  # settles when the delay is up
             self.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         log.warning("could not index %d changed files (%s); retrying in %.0f s", len(paths), self.failure, delay)
+
+    def _no_retry(self, path: str) -> None:
+        """A path that needs nothing (any more): off the retry list, and the failure cleared
+        once the list is empty. A failed update may have committed some of its files before it
+        failed (a full disk mid-run): their retry finds them indexed, and /healthz stayed 503
+        for good while they stayed on the list."""
+        with self._lock:
+            if self._attempts.pop(path, None) is not None and not self._attempts:
+                self.failure = None
+                log.info("the files that failed to index are indexed now")
 
     def _absent(self, root: Path) -> bool:
         why = "gone" if _identity(root) is None else self.indexer.absent(root, 1)

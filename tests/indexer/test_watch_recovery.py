@@ -88,6 +88,25 @@ def test_a_full_disk_delays_indexing_but_loses_nothing(settings, model, tmp_path
         assert watcher.health() is None
 
 
+def test_files_a_failed_update_had_committed_leave_the_retry_list(settings, model, tmp_path):
+    """/healthz stayed 503 for over 2 minutes after a full disk recovered and every file was
+    indexed: the files the failed batch had committed stayed on the retry list for good."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    with watching(settings, model, folder) as (watcher, library):
+        for i in range(3):
+            small_jpeg(folder / f"p{i}.jpg", i)
+        wait_until(lambda: len(indexed_paths(library)) == 3, "three files indexed")
+        # As after a batch that committed these, then failed on its next write.
+        watcher._retry([str(folder / f"p{i}.jpg") for i in range(3)], OSError(28, "No space left on device"))
+        assert "retrying" in (watcher.health() or "")
+        with watcher._lock:  # due now rather than after the backoff
+            for path in watcher._dirty:
+                watcher._dirty[path] = 0.0
+        wait_until(lambda: watcher.health() is None, "the failure cleared once the retried files are found indexed")
+        assert watcher.pending() == 0 and not watcher._attempts
+
+
 def test_a_folder_removed_and_made_again_is_watched_again(settings, model, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -113,12 +132,17 @@ def test_a_folder_unmounted_and_mounted_again_is_watched_again(settings, model, 
     try:
         with watching(settings, model, folder) as (watcher, library):
             assert indexed_paths(library) == {str(folder / "on-the-nas.jpg")}
+            before = library.store.files_under(str(folder))[str(folder / "on-the-nas.jpg")].image_id
             umount(folder)
             time.sleep(3)  # the watcher notices (it checks its folders every 2 s)
+            # The empty mount point left behind is an absent folder, not an emptied one (its
+            # images were all dropped, and came back with new ids and captions at the remount).
+            assert indexed_paths(library) == {str(folder / "on-the-nas.jpg")}
             mount("--bind", str(source), str(folder))
             small_jpeg(folder / "arrived.jpg", 1)
             wait_until(lambda: indexed_paths(library) == on_disk(folder), "a file arriving after the remount indexed",
                        timeout=30)
+            assert library.store.files_under(str(folder))[str(folder / "on-the-nas.jpg")].image_id == before
     finally:
         umount(folder)
 
