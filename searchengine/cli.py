@@ -1138,6 +1138,14 @@ COMMANDS = {
 }
 
 
+def _store_location(args: argparse.Namespace) -> str:
+    """ " (where)", the store as messages name it (no password), or "" if the settings cannot say."""
+    try:
+        return f" ({_settings(args).store_location})"
+    except Exception:  # noqa: BLE001 - only for a message
+        return ""
+
+
 def main(argv: Sequence[str] | None = None, out=None, err=None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
@@ -1163,6 +1171,13 @@ def main(argv: Sequence[str] | None = None, out=None, err=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # pydantic validation of settings, and anything unforeseen: one line
+        from searchengine.store import damage, is_unreachable
+
+        if is_unreachable(e):  # `index` died with a raw "OperationalError: consuming input failed"
+            where = _store_location(args)
+            print(f"searchengine: error: the index store{where} cannot be reached ({damage(e)}); what was committed "
+                  "before is kept: run the command again once it is back", file=err)
+            return EXIT_ERROR
         if _disk_full(e):  # from the OS, from SQLite, or from FAISS (see vector_index.write_atomic)
             print("searchengine: error: the disk holding the index is full: free some space and run it again; "
                   "what was indexed before is kept", file=err)

@@ -294,6 +294,18 @@ def is_damage(e: BaseException) -> bool:
     )
 
 
+def is_unreachable(e: BaseException) -> bool:
+    """A database error that says the store cannot be reached now (a database server down or
+    restarting, a dropped connection, a file on a disk that went away), not that a request
+    was wrong: retried, it may well work."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    if not isinstance(e, (OperationalError, InterfaceError)) or is_damage(e):
+        return False
+    text = damage(e).lower()
+    return not any(w in text for w in ("syntax error", "no such table", "no such column", "database is locked"))
+
+
 class Store:
     def __init__(self, engine: Engine, *, read_only: bool = False) -> None:
         self.engine = engine

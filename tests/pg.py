@@ -37,11 +37,18 @@ class Server:
             self.data.mkdir()
             shutil.chown(self.data, "postgres")
         self._run(self.bin / "initdb", "-D", self.data, "-U", "postgres", "-A", "trust", "--no-sync", "--locale=C.UTF-8", "-E", "UTF8")
+        self.start()
+
+    def start(self) -> None:
         self._run(
             self.bin / "pg_ctl", "-D", self.data, "-w", "-l", self.data / "server.log",
             "-o", f"-k {self.socket} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
             "start",
         )
+
+    def kill(self) -> None:
+        """Stop the server at once, as a crash would (its data kept: `start` brings it back)."""
+        self._run(self.bin / "pg_ctl", "-D", self.data, "-m", "immediate", "stop")
 
     def _run(self, *args) -> None:
         cmd = [str(a) for a in args]
@@ -66,5 +73,7 @@ class Server:
     def stop(self) -> None:
         try:
             self._run(self.bin / "pg_ctl", "-D", self.data, "-m", "immediate", "stop")
+        except subprocess.CalledProcessError:
+            pass  # not running (killed by a test that then failed)
         finally:
             shutil.rmtree(self.root, ignore_errors=True)

@@ -122,3 +122,73 @@ def test_two_indexers_and_a_watcher_share_one_database_at_once(postgres, tiny_mo
                                                       "SEARCHENGINE_DATABASE_URL": url}).stdout)
     assert stats["files"] == 12 + 13 + 2 and stats["images"] == 12 + 12 + 2  # the shared photo once
     assert stats["failed"] == 0
+
+
+def test_postgresql_down_is_a_503_to_retry_and_one_line_from_the_cli(tmp_path, model, tiny_model_dir, photo_files):
+    """PostgreSQL killed: data routes answered a generic 500 and `index` died with a raw
+    "OperationalError: consuming input failed". Now: a 503 with the reason and Retry-After on
+    every route, one line from the CLI, and answers again as soon as the server is back."""
+    import shutil as sh
+
+    from fastapi.testclient import TestClient
+
+    from indexer.pipeline import Indexer
+    from searchengine.api import create_app
+    from searchengine.library import Library
+    from searchengine.settings import Settings
+    from tests.helpers import wait_healthy
+    from tests.inprocess import run_cli
+    from tests.pg import Server
+
+    server = Server()
+    try:
+        url = server.new_database()
+        folder = tmp_path / "photos"
+        folder.mkdir()
+        for f in photo_files[:2]:
+            sh.copy(f, folder / f.name)
+        settings = Settings(data_dir=tmp_path / "data", model=str(tiny_model_dir), device="cpu", dtype="float32",
+                            database_url=url, captions=False, refresh_interval_s=0)
+        library = Library.open(settings, create=True)
+        Indexer(model, library, settings).run([folder])
+        library.close()
+        env = {"SEARCHENGINE_DATA_DIR": str(settings.data_dir), "SEARCHENGINE_DATABASE_URL": url}
+        with TestClient(create_app(settings, loader=lambda s: (model, Library.open(s)))) as client:
+            wait_healthy(client)
+            assert client.get("/api/search", params={"q": "photo", "mode": "keyword"}).status_code == 200
+            server.kill()
+            for path, params in (("/api/search", {"q": "photo", "mode": "keyword"}), ("/api/images/1", {}),
+                                 ("/api/folders", {}), ("/api/stats", {})):
+                r = client.get(path, params=params)
+                assert r.status_code == 503 and r.headers.get("retry-after") == "2", (path, r.status_code, r.text)
+                assert "the index store cannot be reached" in r.json()["error"], r.text
+            cli = run_cli("index", folder, env=env)  # refused at the start, as before, in one line
+            assert cli.returncode != 0 and cli.stderr.count("\n") == 1 and "cannot reach the database" in cli.stderr
+            server.start()
+            r = client.get("/api/search", params={"q": "photo", "mode": "keyword"})
+            assert r.status_code == 200, r.text  # the pool reconnects: no restart needed
+    finally:
+        server.stop()
+
+
+def test_a_store_lost_mid_command_is_one_line_from_the_cli(monkeypatch, tmp_path):
+    """PostgreSQL killed while `index` writes: it died with a raw traceback's last line
+    (`OperationalError: consuming input failed`)."""
+    from sqlalchemy.exc import OperationalError
+
+    from searchengine import cli
+
+    def lost(args, out, err):
+        raise OperationalError("INSERT INTO images ...", {}, Exception("consuming input failed: server closed the connection unexpectedly"))
+
+    monkeypatch.setitem(cli.COMMANDS, "stats", lost)
+    monkeypatch.setenv("SEARCHENGINE_DATABASE_URL", "postgresql+psycopg://someone:hunter2@db.example/photos")
+    import io
+
+    err = io.StringIO()
+    assert cli.main(["stats", "--data-dir", str(tmp_path)], out=io.StringIO(), err=err) == cli.EXIT_ERROR
+    assert err.getvalue() == (
+        "searchengine: error: the index store (postgresql+psycopg://someone:***@db.example/photos) cannot be reached "
+        "(consuming input failed: server closed the connection unexpectedly); what was committed before is kept: "
+        "run the command again once it is back\n"
+    )

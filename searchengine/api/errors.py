@@ -12,7 +12,7 @@ import logging
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from searchengine.errors import (
@@ -31,7 +31,7 @@ from searchengine.errors import (
 )
 from searchengine.serving import ServiceBusy
 from searchengine.vqa import VqaUnavailable
-from searchengine.store import damage, is_damage
+from searchengine.store import damage, is_damage, is_unreachable
 
 log = logging.getLogger("searchengine.api")
 
@@ -88,11 +88,16 @@ def install(app: FastAPI) -> None:
             return _error(503, f"the service could not start: {exc.args[0]}")
         return _error(503, "the service is still loading the model; try again in a moment")
 
-    @app.exception_handler(DatabaseError)
-    async def database(request, exc: DatabaseError):
+    @app.exception_handler(DBAPIError)
+    async def database(request, exc: DBAPIError):
         if is_damage(exc):  # damaged under a running server: say so, rather than "internal error"
             log.error("the store is damaged: %s", damage(exc))
             return _error(503, f"the index store is damaged ({damage(exc)}): `searchengine check` and `searchengine restore` repair it")
+        if is_unreachable(exc):  # PostgreSQL down or restarting: a 503 to retry, as /healthz says
+            log.error("the index store cannot be reached: %s", damage(exc))
+            response = _error(503, f"the index store cannot be reached ({damage(exc)}); try again in a moment")
+            response.headers["Retry-After"] = "2"
+            return response
         log.exception("database error on %s %s", request.method, request.url.path)
         return _error(500, "internal error; the server log has the details")
 
