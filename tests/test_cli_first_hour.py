@@ -207,3 +207,15 @@ def test_caption_and_watch_default_to_the_index_captioner(tmp_path, tiny_model_d
     dated_jpeg(folder / "b.jpg", 5, None)
     more = run(lib, "index", env={"SEARCHENGINE_CAPTION_MAX_TOKENS": "8"})
     assert more.returncode == 0 and "1 indexed" in more.stdout and "1 captioned" in more.stdout, more.stderr
+
+
+def test_version_answers_before_any_heavy_import():
+    """`--version` took 5 s on a loaded machine: it imported SQLAlchemy, numpy and pydantic
+    first (1.2 s on an idle one); it now answers from the entry point (0.08 s)."""
+    code = ("import sys; from searchengine.entry import main; assert main(['--version']) == 0; "
+            "heavy = [m for m in ('sqlalchemy', 'numpy', 'pydantic', 'torch') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip().startswith("searchengine "), r.stderr
+    real = subprocess.run([EXE, "--version"], capture_output=True, text=True, timeout=60)
+    assert real.returncode == 0 and real.stdout == r.stdout
