@@ -835,7 +835,7 @@ def cmd_serve(args: argparse.Namespace, out, err) -> int:
     import uvicorn
 
     from searchengine.api import create_app
-    from searchengine.library import Library
+    from searchengine.library import Library, serving_lock
 
     settings = _settings(args)
     try:
@@ -868,7 +868,12 @@ def cmd_serve(args: argparse.Namespace, out, err) -> int:
     on_ready = _watch_in_server(settings, args, wiring.load_captioner(settings, choice.caption_model)) if args.watch else None
     loader = functools.partial(wiring.open_for_serving, create=bool(args.watch), model=choice.model)
     app = create_app(settings, loader=loader, on_ready=on_ready)
-    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="info")
+    held = serving_lock(settings)  # `restore` waits for this server to stop (held until exit)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="info")
+    finally:
+        if held is not None:
+            os.close(held)
     return 0
 
 
@@ -991,7 +996,7 @@ def cmd_backup(args: argparse.Namespace, out, err) -> int:
 
 def cmd_restore(args: argparse.Namespace, out, err) -> int:
     from searchengine import backup
-    from searchengine.library import Library, unwritable_path
+    from searchengine.library import Library, no_server, unwritable_path
 
     settings = _settings(args)
     if settings.database_url:
@@ -1010,7 +1015,8 @@ def cmd_restore(args: argparse.Namespace, out, err) -> int:
     if blocked is not None:
         raise SearchEngineError(f"{blocked} is not writable: a backup cannot be restored there")
     chosen = backup.find_backup(settings.store_path, args.backup)
-    backup.restore(settings.store_path, chosen)
+    with no_server(settings, "restore"):
+        backup.restore(settings.store_path, chosen)
     library = Library.open(settings)  # reconciles the vector index and the caches with it
     try:
         images = library.describe(max_failures=0)["images"]

@@ -250,6 +250,46 @@ def writer_lock(settings: Settings, command: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+SERVING_LOCK = "serving.lock"
+
+
+def serving_lock(settings: Settings) -> int | None:
+    """Mark the data dir as served by this process, for as long as it runs: a shared flock on
+    `serving.lock` (any number of servers; it goes with the process, however it ends), which
+    `restore` asks for exclusively (`no_server`). The descriptor, or None where the data dir
+    cannot be written (a read-only index, which nothing restores into)."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(settings.data_dir) / SERVING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+@contextmanager
+def no_server(settings: Settings, command: str) -> Iterator[None]:
+    """Refuse at once while a server has the data dir open (`serving_lock`), and keep one from
+    opening it until the block is done: a server answers from the store it opened, so one
+    running across a restore kept answering from the replaced file (deleted files returned,
+    new ones missed, /healthz 200) until it was restarted."""
+    import fcntl
+
+    fd = os.open(Path(settings.data_dir) / SERVING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexBusyError(
+                f"a server (searchengine serve) has {settings.data_dir} open: stop it, {command}, then start it again "
+                "(it would go on answering from the store it opened)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 class Library:
     def __init__(self, settings: Settings, store: Store, *, writable: bool = True, vectors: bool = True) -> None:
         self.settings = settings

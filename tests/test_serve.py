@@ -32,6 +32,11 @@ def test_serve_answers_over_http(tmp_path, photo_files, tiny_model_dir):
         assert status == 400 and "empty" in json.loads(body)["error"]
         status, page = get(base + "/")
         assert status == 200 and b"/static/app.js" in page
+        # A restore under a running server left it answering from the replaced store.
+        refused = subprocess.run([EXE, "restore"], env=env, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "a server (searchengine serve) has" in refused.stderr, refused.stderr
+    restored = subprocess.run([EXE, "restore"], env=env, capture_output=True, text=True, timeout=120)
+    assert restored.returncode == 0, restored.stderr  # the server stopped: restore goes on
     text = (tmp_path / "serve.log").read_text()
     assert "GET /api/search?q=a+yellow+flower&k=3 200" in text  # one line per request
     assert "Traceback" not in text
