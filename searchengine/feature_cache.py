@@ -1,8 +1,12 @@
 """On-disk cache of ViT outputs, the input ITM needs to re-rank without re-running the ViT.
 
-One `.npy` per image id, read memory-mapped, deleted with its image. It is a cache: an entry
-that is missing or unreadable is recomputed from the image file, so it needs no fsync and no
-reconciliation beyond dropping entries whose image is gone.
+One `.npy` per image id, deleted with its image, with a checksum after the array (`TRAILER`:
+a tag and a BLAKE2b digest of the array's bytes). It is a cache: an entry that is missing,
+unreadable or fails its checksum is recomputed from the image file, so it needs no fsync and
+no reconciliation beyond dropping entries whose image is gone. A damaged entry was taken as it
+was: random data under a valid header gave ITM nothing to score (`itm: null`), and the best
+image fell from rank 1 to rank 18. An entry from before the checksum is checked by its values
+(all finite) instead.
 
 Two formats, told apart by their dtype and shape, so a cache written in one is read in the
 other's mode too:
@@ -15,6 +19,7 @@ other's mode too:
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -23,6 +28,13 @@ import numpy as np
 from searchengine.filecache import IdFileCache
 
 SCALE_BYTES = 4  # a float32 per token
+TAG = b"SEFC\x01sum"  # then the digest: what ends an entry written with its checksum
+DIGEST_BYTES = 16
+TRAILER = len(TAG) + DIGEST_BYTES
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
 
 def quantize(vit: np.ndarray) -> np.ndarray:
@@ -52,16 +64,28 @@ class FeatureCache(IdFileCache):
     def put(self, image_id: int, vit: np.ndarray) -> None:
         buf = io.BytesIO()
         np.save(buf, quantize(vit) if self.int8 else np.ascontiguousarray(vit, dtype=np.float16))
-        self.put_bytes(image_id, buf.getvalue())
+        data = buf.getvalue()
+        self.put_bytes(image_id, data + TAG + _digest(data))
 
     def get(self, image_id: int) -> np.ndarray | None:
-        """The entry as fp16 (memory-mapped) or, from an int8 one, float32; None if none."""
+        """The entry as fp16 or, from an int8 one, float32; None if there is none, or if it is
+        damaged (its checksum, or for an entry from before checksums its values, say so)."""
         try:
-            arr = np.load(self.path(image_id), mmap_mode="r")
-        except (OSError, ValueError):
+            raw = self.path(image_id).read_bytes()
+        except OSError:
+            return None
+        checked = raw[-TRAILER:-DIGEST_BYTES] == TAG
+        data = raw[:-TRAILER] if checked else raw
+        if checked and _digest(data) != raw[-DIGEST_BYTES:]:
+            return None
+        try:
+            arr = np.load(io.BytesIO(data))
+        except (OSError, ValueError, EOFError):
             return None
         if arr.shape == self.shape and arr.dtype == np.float16:
-            return arr
-        if arr.dtype == np.int8 and arr.shape == (self.shape[0], self.shape[1] + SCALE_BYTES):
-            return dequantize(arr)
-        return None
+            out = arr
+        elif arr.dtype == np.int8 and arr.shape == (self.shape[0], self.shape[1] + SCALE_BYTES):
+            out = dequantize(arr)
+        else:
+            return None
+        return out if checked or np.isfinite(out).all() else None

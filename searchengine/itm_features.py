@@ -54,7 +54,7 @@ class ItmFeatures:
             if arr is None:
                 missing.append(image_id)
             else:
-                features[image_id] = torch.from_numpy(np.array(arr))  # a private copy of the memory map
+                features[image_id] = torch.from_numpy(np.array(arr))  # a private, writable copy
         if missing:
             records.update(self.library.images([i for i in missing if i not in records]))
             features.update(self._recompute(missing, records))

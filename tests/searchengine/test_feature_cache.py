@@ -79,3 +79,53 @@ def test_int8_cache_halves_the_disk_and_moves_itm_by_little(caches):
     print(f"ITM |dp|: fp16 cache vs recompute {worst_fp16:.2e}; int8 cache vs fp16 cache {worst_int8:.2e}")
     assert worst_fp16 <= 1e-3
     assert worst_int8 <= 1e-3  # measured 1.2e-4
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_damaged_entry_is_recomputed_never_used(tmp_path, int8):
+    """A cache entry with a valid header and random data gave ITM nothing to score (`itm:
+    null`, the best image from rank 1 to rank 18): an entry is checked on read."""
+    import io
+
+    shape = (5, 8)
+    cache = FeatureCache(tmp_path, shape, int8=int8)
+    vit = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    cache.put(1, vit)
+    assert np.allclose(cache.get(1), vit, atol=0.05)
+    raw = bytearray(cache.path(1).read_bytes())
+    header = 128  # what np.save writes before the data, here
+    raw[header:header + 16] = np.random.default_rng(1).bytes(16)  # the data damaged, the header intact
+    cache.path(1).write_bytes(bytes(raw))
+    assert cache.get(1) is None
+    # An entry from before checksums is checked by its values: NaN/inf from random bits fails it.
+    buf = io.BytesIO()
+    np.save(buf, np.full(shape, np.nan, np.float16))
+    cache.path(2).parent.mkdir(parents=True, exist_ok=True)
+    cache.path(2).write_bytes(buf.getvalue())
+    assert FeatureCache(tmp_path, shape).get(2) is None
+    buf = io.BytesIO()
+    np.save(buf, vit.astype(np.float16))
+    cache.path(3).parent.mkdir(parents=True, exist_ok=True)
+    cache.path(3).write_bytes(buf.getvalue())  # sound, and from before: still read
+    assert np.allclose(FeatureCache(tmp_path, shape).get(3), vit, atol=1e-2)
+
+
+def test_search_recomputes_a_damaged_entry(tmp_path, settings, model, photo_files):
+    import shutil
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for f in photo_files[:4]:
+        shutil.copy(f, folder / f.name)
+    library = Library.open(settings, create=True)
+    Indexer(model, library, settings).run([folder])
+    want = {h.image_id: h.itm for h in Searcher(model, library, settings).search("a dog", k=4, rerank=4, mode="semantic").hits}
+    damaged = next(iter(want))
+    path = library.features.path(damaged)
+    raw = bytearray(path.read_bytes())
+    raw[128:-40] = np.random.default_rng(2).bytes(len(raw) - 168)
+    path.write_bytes(bytes(raw))
+    got = {h.image_id: h.itm for h in Searcher(model, library, settings).search("a dog", k=4, rerank=4, mode="semantic").hits}
+    library.close()
+    assert got[damaged] is not None and got[damaged] == pytest.approx(want[damaged], abs=1e-3)
+    assert library.features.get(damaged) is not None  # put back, sound
