@@ -97,14 +97,16 @@ def test_files_a_failed_update_had_committed_leave_the_retry_list(settings, mode
         for i in range(3):
             small_jpeg(folder / f"p{i}.jpg", i)
         wait_until(lambda: len(indexed_paths(library)) == 3, "three files indexed")
+        wait_until(lambda: watcher.pending() == 0, "the update that indexed them over")  # else it clears the list below
         # As after a batch that committed these, then failed on its next write.
         watcher._retry([str(folder / f"p{i}.jpg") for i in range(3)], OSError(28, "No space left on device"))
         assert "retrying" in (watcher.health() or "")
         with watcher._lock:  # due now rather than after the backoff
             for path in watcher._dirty:
                 watcher._dirty[path] = 0.0
-        wait_until(lambda: watcher.health() is None, "the failure cleared once the retried files are found indexed")
-        assert watcher.pending() == 0 and not watcher._attempts
+        wait_until(lambda: watcher.health() is None and watcher.pending() == 0,
+                   "the failure cleared once the retried files are found indexed")
+        assert not watcher._attempts and len(indexed_paths(library)) == 3
 
 
 def test_a_folder_removed_and_made_again_is_watched_again(settings, model, tmp_path):
