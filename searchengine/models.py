@@ -187,10 +187,11 @@ def _weights_holding(files: dict[str, str | None], key: str) -> str | None:
     return None
 
 
-def stored_query_tokens(name: str) -> np.ndarray | None:
+def stored_query_tokens(name: str, files: dict[str, str | None] | None = None) -> np.ndarray | None:
     """The checkpoint's `query_tokens` as stored in its files, as float32 (exact); None where
-    the files are not at hand or hold no such tensor."""
-    files = _checkpoint_files(name)
+    the files are not at hand or hold no such tensor. `files`: `_checkpoint_files(name)`, if
+    the caller has looked them up already."""
+    files = _checkpoint_files(name) if files is None else files
     weights = _weights_holding(files, "query_tokens")
     if weights is None:
         return None
@@ -219,7 +220,7 @@ def peek_fingerprints(name: str) -> set[str]:
     files = _checkpoint_files(name)
     if files["config.json"] is None:
         return set()
-    tokens = stored_query_tokens(name)
+    tokens = stored_query_tokens(name, files)
     if tokens is None:
         return set()
     from transformers import AutoConfig
@@ -298,7 +299,10 @@ class RetrievalModel:
         patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
         self.vit_shape: tuple[int, int] = (patches + 1, cfg.vision_config.hidden_size)
         self.vision_dtype: torch.dtype = model.vision_model.embeddings.patch_embedding.weight.dtype
-        self.fingerprint: str = self._fingerprint()
+        stored = self._stored_tokens()  # read once: every bind asks for both
+        self.fingerprint: str = fingerprint(cfg, stored)
+        # What versions before the stored-weights rule recorded for this checkpoint in bf16/fp16.
+        self.former_fingerprints: set[str] = former_fingerprints(cfg, stored)
         self.onnx_text = None  # an OnnxTextEncoder where text_backend is onnx
 
     @classmethod
@@ -507,13 +511,6 @@ class RetrievalModel:
                         "the weights as loaded in %s, and differs from a float32 load's", self.name, loaded.dtype)
         return loaded.float().cpu().numpy()
 
-    def _fingerprint(self) -> str:
-        return fingerprint(self.model.config, self._stored_tokens())
-
-    @property
-    def former_fingerprints(self) -> set[str]:
-        """What earlier versions recorded for this checkpoint loaded in bf16 or fp16."""
-        return former_fingerprints(self.model.config, self._stored_tokens())
 
 
 def text_itc(m, input_ids: "torch.Tensor", attention_mask: "torch.Tensor") -> "torch.Tensor":

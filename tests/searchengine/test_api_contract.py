@@ -70,6 +70,31 @@ def test_405_names_the_allowed_methods(served):
     assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
+async def _post_raw(app, path: str, headers, chunks: list[bytes]) -> tuple[int, int]:
+    """POST `chunks` straight at the ASGI app, as a server would: (how many body reads the app
+    asked for, the status it answered)."""
+    asked, sent = [], []
+
+    async def receive():
+        asked.append(1)
+        return {"type": "http.request", "body": chunks.pop(0) if chunks else b"", "more_body": bool(chunks)}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "headers": headers, "http_version": "1.1", "scheme": "http",
+             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": "", "app": app}
+    await app(scope, receive, send)
+    return len(asked), next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+def post_raw(app, path: str, headers, chunks: list[bytes]) -> tuple[int, int]:
+    import asyncio
+
+    return asyncio.run(_post_raw(app, path, headers, chunks))
+
+
 def test_an_oversized_upload_is_refused_without_reading_it(served):
     app, client, settings = served
     big = b"\xff\xd8" + b"\0" * (settings.max_upload_bytes * 3)
@@ -78,64 +103,32 @@ def test_an_oversized_upload_is_refused_without_reading_it(served):
 
     # Straight at the ASGI app, as a server would: a declared length over the cap is answered
     # before the first byte of the body is asked for; a chunked body is cut off at the cap.
-    import asyncio
-
-    async def call(headers, chunks):
-        asked = []
-        sent = []
-
-        async def receive():
-            asked.append(1)
-            body = chunks.pop(0) if chunks else b""
-            return {"type": "http.request", "body": body, "more_body": bool(chunks)}
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": "/api/search/image", "raw_path": b"/api/search/image",
-                 "query_string": b"", "headers": headers, "http_version": "1.1", "scheme": "http",
-                 "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": "", "app": app}
-        await app(scope, receive, send)
-        return len(asked), next(m["status"] for m in sent if m["type"] == "http.response.start")
+    def call(headers, chunks):
+        return post_raw(app, "/api/search/image", headers, chunks)
 
     boundary = b"x"
     declared = [(b"content-type", b"multipart/form-data; boundary=x"), (b"content-length", str(10**9).encode())]
-    asked, status = asyncio.run(call(declared, [b"never read"]))
+    asked, status = call(declared, [b"never read"])
     assert status == 413 and asked == 0
     chunk = b"\0" * 65536
     body = [b"--x\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n"] + [chunk] * 100
-    asked, status = asyncio.run(call([(b"content-type", b"multipart/form-data; boundary=" + boundary)], body))
+    asked, status = call([(b"content-type", b"multipart/form-data; boundary=" + boundary)], body)
     assert status == 413 and asked < 10  # stopped near 200 kB + framing, not after 6.5 MB
 
 
 def test_every_json_body_has_a_cap_too(served):
     """A 512 MiB {"question": ...} to /ask was read whole (RSS 495 -> 2,031 MiB, the event loop
     stalled 1.7 s) before a 422. Refused from its Content-Length, and cut off when chunked."""
-    import asyncio
-
     app, client, settings = served
     r = client.post("/api/images/1/ask", json={"question": "x" * (settings.max_body_bytes + 10)})
     assert r.status_code == 413 and "max_body_bytes" in r.json()["error"], r.text
 
-    async def ask(headers, chunks):
-        asked, sent = [], []
-
-        async def receive():
-            asked.append(1)
-            return {"type": "http.request", "body": chunks.pop(0) if chunks else b"", "more_body": bool(chunks)}
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": "/api/images/1/ask", "raw_path": b"/api/images/1/ask",
-                 "query_string": b"", "headers": headers, "http_version": "1.1", "scheme": "http",
-                 "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": "", "app": app}
-        await app(scope, receive, send)
-        return len(asked), next(m["status"] for m in sent if m["type"] == "http.response.start")
+    def ask(headers, chunks):
+        return post_raw(app, "/api/images/1/ask", headers, chunks)
 
     json_type = (b"content-type", b"application/json")
-    assert asyncio.run(ask([json_type, (b"content-length", str(512 << 20).encode())], [b"never read"])) == (0, 413)
-    asked, status = asyncio.run(ask([json_type], [b'{"question": "'] + [b"x" * 65536] * 8192))  # 512 MiB, chunked
+    assert ask([json_type, (b"content-length", str(512 << 20).encode())], [b"never read"]) == (0, 413)
+    asked, status = ask([json_type], [b'{"question": "'] + [b"x" * 65536] * 8192)  # 512 MiB, chunked
     assert status == 413 and asked < 40  # stopped past 1 MiB, not after 512
 
 
