@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from indexer.scan import BAD_NAME, LINK_DUPLICATE, LINK_LOOP, LINK_OUTSIDE, FileEntry, printable, scan_folder, storable
 from indexer.stages import CaptionStage, Decoded, DecodeStage, Embedded, EmbedStage, Failed, Known, Read, ReadStage
-from searchengine import links
+from searchengine import links, nearest
 from searchengine.captioner import Captioner
 from searchengine.errors import SearchEngineError
 from searchengine.imageio import read_file
@@ -279,7 +279,7 @@ class Indexer:
         if not storable(str(path)):
             raise SearchEngineError(f"the folder name {printable(str(path))!r} is not valid UTF-8; rename it to index it")
         if not path.exists():
-            raise SearchEngineError(f"folder {str(root)!r} does not exist")
+            raise SearchEngineError(nearest.missing_folder(str(root)))
         if not path.is_dir():
             raise SearchEngineError(f"{str(root)!r} is not a folder")
         return path.resolve()

@@ -22,6 +22,7 @@ from typing import Sequence
 from pydantic import ValidationError
 
 from searchengine import __version__, wiring
+from searchengine.nearest import missing_folder
 from tuning import cli as cli_models
 from searchengine.captioner import CPU_DEFAULT, GPU_DEFAULT
 from searchengine.errors import IndexNotFoundError, SearchEngineError, StoreDamagedError, StoreMissingError
@@ -443,7 +444,7 @@ def _folders(args: argparse.Namespace, settings: Settings, recorded, err) -> lis
     for folder in args.folders:  # fail before loading a 5 GB model
         path = os.path.expanduser(folder)
         if not os.path.isdir(path):
-            raise SearchEngineError(f"{folder!r} is not a folder" if os.path.exists(path) else f"folder {folder!r} does not exist")
+            raise SearchEngineError(f"{folder!r} is not a folder" if os.path.exists(path) else missing_folder(folder))
     if args.folders:
         return list(args.folders)
     roots = list(recorded.roots) if recorded is not None else []
@@ -850,7 +851,7 @@ def cmd_serve(args: argparse.Namespace, out, err) -> int:
         )
     for folder in args.watch:
         if not os.path.isdir(os.path.expanduser(folder)):
-            raise SearchEngineError(f"folder {folder!r} does not exist")
+            raise SearchEngineError(missing_folder(folder))
     if args.watch:
         Library.check_writable(settings)  # a read-only index can be served, not watched
     recorded = Library.recorded(settings)

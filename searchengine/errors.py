@@ -25,6 +25,10 @@ class QueryError(SearchEngineError):
     """The query cannot be searched (empty, too long)."""
 
 
+class FolderNotFoundError(QueryError):
+    """A folder filter names no indexed folder (the API's 404: what it names does not exist)."""
+
+
 class SchemaError(SearchEngineError):
     """The store's schema is newer than this program knows."""
 

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 import numpy as np
 
-from searchengine.errors import ImageNotFoundError, QueryError
+from searchengine import nearest
+from searchengine.errors import FolderNotFoundError, ImageNotFoundError, QueryError
 from searchengine.keywords import KeywordQuery, parse_query, words
 from searchengine.library import Library, model_info
 from searchengine.models import RetrievalModel
@@ -335,8 +336,9 @@ class Searcher:
         the wrong way would otherwise look like a search with no results."""
         if filters is None or not filters.folder or self.library.folder_has_images(filters.folder):
             return
-        raise QueryError(
-            f"no indexed folder matches {filters.folder!r}. Give a folder's absolute path "
+        near = nearest.indexed_folder(filters.folder, [f.path for f in self.library.folders()])
+        raise FolderNotFoundError(
+            f"no indexed folder matches {filters.folder!r}{nearest.did_you_mean(near)}. Give a folder's absolute path "
             "(/home/me/Pictures/Trips), a path from your home folder (~/Pictures/Trips), or a folder's "
             "name or the last parts of its path (Trips, Trips/Winter 2022); see /api/folders for the "
             "indexed folders"
@@ -557,7 +559,7 @@ class Searcher:
         for examples, sign, what in ((steer.like, 1.0, "liked"), (steer.unlike, -1.0, "unliked")):
             for image_id, weight in examples:
                 if image_id not in stored:
-                    raise QueryError(f"the {what} example image {image_id} is not in the index")
+                    raise ImageNotFoundError(f"the {what} example image {image_id} is not in the index")
                 mean = stored[image_id].astype(np.float64).mean(axis=0)
                 total += sign * weight * mean / max(np.linalg.norm(mean), 1e-12)
         norm = np.linalg.norm(total)

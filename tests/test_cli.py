@@ -134,6 +134,8 @@ def test_reindex_is_incremental_and_deletions_leave_results(library):
         (["stats"], "no index in"),
         (["search", "dog"], "no index in"),
         (["index", "/no/such/folder"], "does not exist"),
+        (["index", "{tmp}/Pictrues/Trps"], "folder '{tmp}/Pictrues/Trps' does not exist; did you mean '{tmp}/Pictures/Trips'?"),
+        (["watch", "{tmp}/pictures"], "does not exist; did you mean '{tmp}/Pictures'?"),
         (["index", "--batch-size", "-3", "."], "batch_size"),
         (["search", "--mode", "keyword", "--", "-cat"], "no words to look for"),
     ],
@@ -141,7 +143,9 @@ def test_reindex_is_incremental_and_deletions_leave_results(library):
 def test_errors_are_one_clear_line(tmp_path, tiny_model_dir, args, message):
     env = {"SEARCHENGINE_MODEL": str(tiny_model_dir), "SEARCHENGINE_DATA_DIR": str(tmp_path / "nothing-here"),
            "SEARCHENGINE_CAPTIONS": "false"}
+    (tmp_path / "Pictures" / "Trips").mkdir(parents=True)  # the folder a mistyped one is nearest to
     proc = cli(*(a.replace("{tmp}", str(tmp_path)) for a in args), env_extra=env)
+    message = message.replace("{tmp}", str(tmp_path))
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()

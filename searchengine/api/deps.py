@@ -96,8 +96,8 @@ Folder = Annotated[
     str | None,
     Query(description="only images with a file below this folder: an absolute path (/home/me/Pictures/Trips) or "
           "one from home (~/Pictures), matched as it is; or a folder's name or the last parts of its path "
-          "(Trips, Trips/Winter 2022), matched anywhere in the library, in any case. 400 if no indexed "
-          "folder matches", pattern=PLAIN_TEXT),
+          "(Trips, Trips/Winter 2022), matched anywhere in the library, in any case. Not found if no indexed "
+          "folder matches (a 404 that names the nearest one)", min_length=1, max_length=4096, pattern=PLAIN_TEXT),
 ]
 TakenAfter = Annotated[
     date | datetime | None, BeforeValidator(strict_iso_date),
@@ -116,8 +116,10 @@ FileType = Annotated[
 Orientation = Annotated[
     Literal["landscape", "portrait", "square"] | None, Query(description="only images of this shape, as shown"),
 ]
+# Path before the validator: after it, pydantic writes ge/le into the schema as they are, which
+# are not JSON Schema keywords (0 was "valid" to a client reading the schema, and got a 422).
 ImageId = Annotated[
-    int, BeforeValidator(strict_image_id), Path(ge=1, le=2**63 - 1, description="an image id from a search hit")
+    int, Path(ge=1, le=2**63 - 1, description="an image id from a search hit"), BeforeValidator(strict_image_id)
 ]
 
 

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from searchengine.errors import (
     BadImageError,
+    FolderNotFoundError,
     ImageNotFoundError,
     IndexBusyError,
     IndexedFileError,
@@ -29,6 +30,7 @@ from searchengine.errors import (
     UploadError,
     UploadTooLarge,
 )
+from searchengine.api.guards import PATTERN_MEANS
 from searchengine.serving import ServiceBusy
 from searchengine.vqa import VqaUnavailable
 from searchengine.store import damage, is_damage, is_unreachable
@@ -51,6 +53,7 @@ STATUS: dict[type[BaseException], int] = {
     UploadTooLarge: 413,
     BadImageError: 400,
     ImageNotFoundError: 404,
+    FolderNotFoundError: 404,  # a folder filter names no indexed folder
     IndexedFileGone: 404,  # the image's file is gone or changed since it was indexed
     IndexedFileError: 409,  # the file is there, but no longer readable as an image: re-index
     ModelMismatchError: 409,
@@ -106,7 +109,8 @@ def install(app: FastAPI) -> None:
         problems = []
         for e in exc.errors():
             where = ".".join(str(x) for x in e.get("loc", ())[1:]) or "request"
-            problems.append(f"{where}: {e.get('msg')}")
+            means = PATTERN_MEANS.get((e.get("ctx") or {}).get("pattern")) if e.get("type") == "string_pattern_mismatch" else None
+            problems.append(f"{where} {means}" if means else f"{where}: {e.get('msg')}")
         return _error(422, "; ".join(problems))
 
     @app.exception_handler(Exception)

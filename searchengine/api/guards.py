@@ -40,6 +40,16 @@ MULTIPART_SLACK = 64 * 1024
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 PLAIN_TEXT = r"^[^\x00-\x08\x0b-\x1f\x7f]*$"  # the schema's word for it: no control characters
+# A query: empty (only where liked images stand in for words), or plain text with at least one
+# letter or digit somewhere ("!!!", a lone quote mark or spaces say nothing to look for).
+QUERY_TEXT = r"^$|^[^\x00-\x08\x0b-\x1f\x7f]*[^\W_][^\x00-\x08\x0b-\x1f\x7f]*$"
+NOT_BLANK = r"\S"  # some character that is not a space
+# What a parameter that does not match each pattern is told (pydantic would print the regex).
+PATTERN_MEANS = {
+    PLAIN_TEXT: "holds a control character; send plain text",
+    NOT_BLANK: "is only spaces; write something",
+    QUERY_TEXT: "has no words to look for (only punctuation, spaces or quote marks); type some words",
+}
 _DIGITS = re.compile(r"^[0-9]{1,19}$")
 _ISO = re.compile(r"^\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?(?:Z|[+-]\d{2}:?\d{2})?)?$")
 

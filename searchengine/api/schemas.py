@@ -6,6 +6,7 @@ from enum import Enum
 
 from pydantic import BaseModel, Field
 
+from searchengine.api.guards import NOT_BLANK
 from searchengine.queries import Hit, Page
 from searchengine.vqa import MAX_QUESTION_CHARS
 
@@ -115,8 +116,15 @@ def search_out(page: Page, k: int, offset: int, mode: str | None = None) -> Sear
     )
 
 
+# The routes that look something up by what the request names: an image id, a folder filter, an
+# example image (like/unlike). A name that matches nothing is a 404 whose message says which.
+NOT_FOUND = {404: {"model": ErrorOut, "description": "an image id or a folder filter that matches nothing (which, in the message)"}}
+
+
 class AskIn(BaseModel):
-    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, description="a question about the photo")
+    question: str = Field(
+        min_length=1, max_length=MAX_QUESTION_CHARS, pattern=NOT_BLANK, description="a question about the photo (not only spaces)"
+    )
 
 
 class AskOut(BaseModel):

@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from searchengine.api.deps import Filtering, Service, State
-from searchengine.api.guards import loopback
-from searchengine.api.schemas import DuplicateGroupOut, DuplicateOut, DuplicatesOut, FacetsOut, FacetValue, FolderOut, FoldersOut
+from searchengine.api.guards import PLAIN_TEXT, loopback
+from searchengine.api.schemas import NOT_FOUND, DuplicateGroupOut, DuplicateOut, DuplicatesOut, FacetsOut, FacetValue, FolderOut, FoldersOut
 from searchengine.duplicates import DEFAULT_THRESHOLD, with_details
 
 router = APIRouter()
@@ -19,7 +19,9 @@ router = APIRouter()
 @router.get("/api/folders", response_model=FoldersOut)
 async def folders(
     service: Service,
-    q: Annotated[str, Query(max_length=1000, description="only folders whose path contains this, in any case")] = "",
+    q: Annotated[
+        str, Query(max_length=1000, pattern=PLAIN_TEXT, description="only folders whose path contains this, in any case")
+    ] = "",
     limit: Annotated[int, Query(ge=1, le=1000, description="at most this many folders")] = 50,
 ):
     """Indexed folders, subfolders included, with image counts (for the folder filter's suggestions)."""
@@ -83,7 +85,7 @@ async def duplicates(
     )
 
 
-@router.get("/api/facets", response_model=FacetsOut)
+@router.get("/api/facets", response_model=FacetsOut, responses=NOT_FOUND)
 async def facets(service: Service, f: Filtering):
     """Cameras, lenses, file types and orientations with image counts, for the filter panel:
     each facet's counts are among the images within the other filters. Cameras and lenses

@@ -7,21 +7,27 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, UploadFile
 
 from searchengine.api.deps import ImageId, Paging, Service, State
-from searchengine.api.guards import PLAIN_TEXT
-from searchengine.api.schemas import ErrorOut, Mode, SearchOut, search_out
-from searchengine.errors import UploadTooLarge
+from searchengine.api.guards import QUERY_TEXT
+from searchengine.api.schemas import NOT_FOUND, ErrorOut, Mode, SearchOut, search_out
+from searchengine.errors import UploadError, UploadTooLarge
 from searchengine.queries import Steer
 
-EXAMPLE = r"^\s*[0-9]{1,19}(:[0-9]*\.?[0-9]+)?\s*$"  # ID or ID:WEIGHT
+# ID or ID:WEIGHT: an id from 1 (up to 18 digits, within the store's 64-bit ids), a weight up to
+# 10 (above 0: a rule the pattern leaves to the server); spaces around, never other white space.
+EXAMPLE = r"^ *0*[1-9][0-9]{0,17}(:(10(\.0*)?|[0-9](\.[0-9]*)?|\.[0-9]+))? *$"
 
 router = APIRouter()
 
 
-@router.get("/api/search", response_model=SearchOut, responses={400: {"model": ErrorOut}})
+@router.get("/api/search", response_model=SearchOut, responses={400: {"model": ErrorOut}, **NOT_FOUND})
 async def search(
     service: Service,
     state: State,
-    q: Annotated[str, Query(description="what to look for, in words", pattern=PLAIN_TEXT)],
+    q: Annotated[
+        str,
+        Query(description="what to look for, in words (at least one letter or digit); empty only with `like`",
+              pattern=QUERY_TEXT),
+    ],
     p: Paging,
     rerank: Annotated[bool, Query(description="re-rank the top candidates with the ITM head")] = True,
     mode: Annotated[
@@ -61,20 +67,22 @@ async def search(
     return search_out(page, p.k, p.offset, mode_name if q.strip() else "semantic")
 
 
-@router.post("/api/search/image", response_model=SearchOut, responses={400: {"model": ErrorOut}, 413: {"model": ErrorOut}})
+@router.post("/api/search/image", response_model=SearchOut, responses={400: {"model": ErrorOut}, 413: {"model": ErrorOut}, **NOT_FOUND})
 async def search_image(
     service: Service,
     state: State,
-    image: Annotated[UploadFile, File(description="the example image")],
+    image: Annotated[UploadFile, File(description="the example image (JPEG, PNG, HEIC, ...); not empty", json_schema_extra={"minLength": 1})],
     p: Paging,
 ):
     """Image-to-image search by an uploaded example (score: mean over query vectors of the best match)."""
     data = await _read_capped(image, state.settings.max_upload_bytes)
+    if not data:
+        raise UploadError("the upload is empty: send the example image's bytes")
     page = await service.search_image(data, k=p.k, offset=p.offset, min_score=p.min_score, filters=p.filters)
     return search_out(page, p.k, p.offset)
 
 
-@router.get("/api/images/{image_id}/similar", response_model=SearchOut, responses={404: {"model": ErrorOut}})
+@router.get("/api/images/{image_id}/similar", response_model=SearchOut, responses=NOT_FOUND)
 async def similar(service: Service, image_id: ImageId, p: Paging):
     """Images most like an indexed one ("more like this"), itself left out."""
     page = await service.similar(image_id, k=p.k, offset=p.offset, min_score=p.min_score, filters=p.filters)
