@@ -747,8 +747,8 @@ class Library:
                 kept = [(image_id, n.vit) for image_id, n in made if n.vit is not None]
                 if kept:  # the ViT output of those the indexer keeps it for
                     self.cache_vit(*zip(*kept))
-                for image_id, n in made:
-                    self.thumbnails.put_bytes(image_id, n.thumbnail)
+                for image_id, n in made:  # best effort: one that cannot be kept is made on request
+                    self.thumbnails.put(image_id, n.thumbnail)
                 self.add_vectors([i for i, _ in made], np.stack([n.itc for _, n in made]))
             self.forget_images(orphans)
         return [i for i in new_ids if i is not None]
@@ -1090,12 +1090,12 @@ class Library:
             for image_id, array in zip(ids, arrays):
                 self.features.put(image_id, array)
 
-    def thumbnail(self, image_id: int, read: Callable[[], bytes]) -> Path:
-        """The image's thumbnail file, made from its original (`read`) if not there yet."""
+    def thumbnail(self, image_id: int, read: Callable[[], bytes]) -> bytes:
+        """The image's thumbnail (JPEG), made from its original (`read`) if not kept yet."""
         return self.thumbnails.get(image_id, read)
 
-    def preview(self, image_id: int, read: Callable[[], bytes]) -> Path:
-        """The image's screen-sized preview, made from its original (`read`) if not there yet."""
+    def preview(self, image_id: int, read: Callable[[], bytes]) -> bytes:
+        """The image's screen-sized preview (JPEG), made from its original (`read`) if not kept yet."""
         return self.previews.get(image_id, read)
 
     def iter_vectors(self, ids: Iterable[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:

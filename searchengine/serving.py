@@ -274,18 +274,18 @@ class QueryService:
             raise ImageNotFoundError(f"no image has id {image_id}")
         return detail
 
-    def thumbnail(self, image_id: int) -> str:
+    def thumbnail(self, image_id: int) -> bytes:
         # Made from the indexed content (at index time, or below from a checked read): served
         # while the image still has a file inside the library, as its original would be.
         self._open_indexed(image_id, content=False).close()
         with _indexed_file_errors():
-            return str(self.library.thumbnail(image_id, lambda: self._read_indexed(image_id)))
+            return self.library.thumbnail(image_id, lambda: self._read_indexed(image_id))
 
-    def preview(self, image_id: int) -> str:
+    def preview(self, image_id: int) -> bytes:
         """A screen-sized JPEG of the image for the detail view, made on first request."""
         self._open_indexed(image_id, content=False).close()
         with _indexed_file_errors():
-            return str(self.library.preview(image_id, lambda: self._read_indexed(image_id)))
+            return self.library.preview(image_id, lambda: self._read_indexed(image_id))
 
     def _open_indexed(self, image_id: int, *, content: bool = True) -> OpenedFile:
         """The image's first file that is still, provably, the indexed content, open: checked on

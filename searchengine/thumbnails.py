@@ -10,11 +10,20 @@ the white the model sees them on: a white logo on white would be a blank tile.
 
 A read-only data dir still serves the files it has; one it lacks is made in a spill folder
 that belongs to this process (a temporary folder, removed on close).
+
+Each file is the JPEG and then a checksum (`TAG` and a BLAKE2b digest of the JPEG): a file that
+fails it (random bytes, 0 bytes, cut short) is made again from the original, never served. A
+file from before the checksum is served if it is a whole JPEG (starts with SOI, ends with
+EOI). A cache that cannot be written (a full disk, `thumbnails/` replaced by a file) still
+serves what it makes; a file standing where the folder should be is moved aside.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -26,6 +35,25 @@ from PIL import Image
 from searchengine.filecache import IdFileCache
 from searchengine.imageio import decode_image
 
+log = logging.getLogger(__name__)
+
+TAG = b"SETN\x01sum"  # then the digest: what ends a cached JPEG written with its checksum
+DIGEST_BYTES = 16
+TRAILER = len(TAG) + DIGEST_BYTES
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+def checked_jpeg(raw: bytes) -> bytes | None:
+    """The JPEG in a cached file, or None when the file is damaged."""
+    if raw[-TRAILER:-DIGEST_BYTES] == TAG:
+        jpeg = raw[:-TRAILER]
+        return jpeg if _digest(jpeg) == raw[-DIGEST_BYTES:] else None
+    return raw if raw.startswith(b"\xff\xd8\xff") and raw.endswith(b"\xff\xd9") else None
+
+
 # Two mid greys: neither white nor black, so light and dark artwork both stay visible, and
 # the dark page around a tile does not swallow it either.
 CHECKER_LIGHT = (153, 153, 153)
@@ -35,6 +63,7 @@ CHECKER_DARK = (102, 102, 102)
 class ThumbnailCache(IdFileCache):
     suffix = ".jpg"
     quality = 82
+    what = "thumbnail"  # in messages
 
     def __init__(self, root: Path, size: int = 320, max_pixels: int = 150_000_000, *, read_only: bool = False) -> None:
         super().__init__(root)
@@ -63,20 +92,68 @@ class ThumbnailCache(IdFileCache):
         """JPEG bytes of `image` (RGB, or RGBA: see `make_thumbnail`) at most `size` px a side."""
         return make_thumbnail(image, self.size, self.quality)
 
-    def get(self, image_id: int, read: Callable[[], bytes]) -> Path:
-        """The cached file, made from the original's bytes (`read`, which checks that they are
-        still the indexed content) if it is not there yet."""
-        path = self.path(image_id)
-        if path.exists():
-            return path
-        writer = self._writer()
-        path = writer.path(image_id)
+    def put(self, image_id: int, jpeg: bytes) -> bool:
+        """Keep `jpeg` with its checksum; False (logged) when the cache cannot be written,
+        which costs only the making of it again on its first request."""
+        for attempt in (1, 2):
+            try:
+                self._writer().put_bytes(image_id, jpeg + TAG + _digest(jpeg))
+                return True
+            except OSError as e:
+                if attempt == 1 and self._move_aside_a_file_in_the_way():
+                    continue
+                log.warning("%s: cannot keep the %s of image %d (%s); it is made again when asked for",
+                            self.root, self.what, image_id, e.strerror or e)
+                return False
+        return False
+
+    def cached(self, image_id: int) -> bytes | None:
+        """The kept JPEG, or None: not there, unreadable, or damaged (then it is made again)."""
+        for cache in (self, self._spill):
+            if cache is None:
+                continue
+            path = cache.path(image_id)
+            try:
+                raw = path.read_bytes()
+            except OSError:
+                continue
+            jpeg = checked_jpeg(raw)
+            if jpeg is not None:
+                return jpeg
+            log.warning("%s: the %s of image %d is damaged (%d bytes that fail their checksum); made again",
+                        path, self.what, image_id, len(raw))
+        return None
+
+    def get(self, image_id: int, read: Callable[[], bytes]) -> bytes:
+        """The JPEG, made from the original's bytes (`read`, which checks that they are still
+        the indexed content) if none is kept, or the one kept is damaged."""
+        jpeg = self.cached(image_id)
+        if jpeg is not None:
+            return jpeg
         with self._locks[image_id % len(self._locks)]:
-            if path.exists():
-                return path
-            image = decode_image(read(), max_pixels=self.max_pixels).display
-            writer.put_bytes(image_id, self.make(image))
-            return path
+            jpeg = self.cached(image_id)
+            if jpeg is not None:
+                return jpeg
+            jpeg = self.make(decode_image(read(), max_pixels=self.max_pixels).display)
+            self.put(image_id, jpeg)
+            return jpeg
+
+    def _move_aside_a_file_in_the_way(self) -> bool:
+        """A file where the cache's folder (or one of its 256 sub-folders) should be is moved
+        aside, once, so the cache works again. Whether anything was moved."""
+        if self.read_only:
+            return False
+        moved = False
+        for path in (self.root, *(self.root / f"{i:02x}" for i in range(256))) if self.root.is_dir() else (self.root,):
+            if os.path.lexists(path) and not path.is_dir():
+                aside = path.with_name(path.name + ".not-a-folder")
+                try:
+                    os.replace(path, aside)
+                except OSError:
+                    continue
+                log.warning("%s was a file, not the %s folder: moved aside to %s", path, self.what, aside)
+                moved = True
+        return moved
 
 
 class _SpillFolder(IdFileCache):
@@ -87,6 +164,7 @@ class PreviewCache(ThumbnailCache):
     """Screen-sized JPEGs for the detail view; an image smaller than `size` is re-encoded."""
 
     quality = 85  # looked at full screen, unlike a tile
+    what = "preview"
 
     def __init__(self, root: Path, size: int = 1600, max_pixels: int = 150_000_000, *, read_only: bool = False) -> None:
         super().__init__(root, size, max_pixels, read_only=read_only)

@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from indexer.pipeline import Indexer
 from searchengine.api import create_app
 from searchengine.library import Library
+from searchengine.thumbnails import checked_jpeg
 from searchengine.queries import image_similarity
 from tests.images import bomb_png, gradient
 
@@ -454,10 +455,42 @@ def test_preview_is_screen_sized_made_once_and_kept(client, indexed):
     assert abs(preview.size[0] / preview.size[1] - 5640 / 3172) < 0.01
     assert len(r.content) < big.stat().st_size / 20
     kept = settings.previews_dir / f"{hit['id'] % 256:02x}" / f"{hit['id']}.jpg"
-    assert kept.read_bytes() == r.content and client.get(hit["preview_url"]).content == r.content
+    assert checked_jpeg(kept.read_bytes()) == r.content and client.get(hit["preview_url"]).content == r.content
     # A small image is not enlarged.
     small = client.get("/api/search", params={"q": "d0", "mode": "keyword", "folder": "dated"}).json()["hits"][0]
     assert Image.open(io.BytesIO(client.get(small["preview_url"]).content)).size == (96, 64)
+
+
+@pytest.mark.parametrize("damage", ["random", "empty", "cut short", "one byte flipped"])
+def test_a_damaged_thumbnail_or_preview_is_made_again_not_served(client, indexed, damage):
+    """From outside, random bytes and 0-byte files in thumbnails/ and previews/ were served as
+    200, even after a restart. Each kept JPEG carries a checksum: a damaged one is made again."""
+    settings, _ = indexed
+    hit = client.get("/api/search", params={"q": "photo", "k": 1}).json()["hits"][0]
+    for url, folder in ((hit["thumbnail_url"], settings.thumbnails_dir), (hit["preview_url"], settings.previews_dir)):
+        good = client.get(url).content
+        kept = folder / f"{hit['id'] % 256:02x}" / f"{hit['id']}.jpg"
+        raw = kept.read_bytes()
+        broken = {"random": os.urandom(len(raw)), "empty": b"", "cut short": raw[: len(raw) // 2],
+                  "one byte flipped": raw[:100] + bytes([raw[100] ^ 1]) + raw[101:]}[damage]
+        kept.write_bytes(broken)
+        r = client.get(url)
+        assert r.status_code == 200, (url, damage)
+        again, before = (np.asarray(Image.open(io.BytesIO(b)).convert("RGB")).astype(int) for b in (r.content, good))
+        assert again.shape == before.shape and np.abs(again - before).mean() < 3, (url, damage)  # the same picture
+        assert checked_jpeg(kept.read_bytes()) == r.content == client.get(url).content  # kept again, served from there
+
+
+def test_a_file_where_the_thumbnails_folder_should_be_is_no_500(client, indexed):
+    """`thumbnails/` replaced by a file gave a 500: it is moved aside and the folder made again."""
+    settings, _ = indexed
+    hit = client.get("/api/search", params={"q": "photo", "k": 1}).json()["hits"][0]
+    good = client.get(hit["thumbnail_url"]).content
+    shutil.rmtree(settings.thumbnails_dir)
+    settings.thumbnails_dir.write_bytes(b"not a folder")
+    r = client.get(hit["thumbnail_url"])
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == Image.open(io.BytesIO(good)).size
+    assert settings.thumbnails_dir.is_dir() and settings.thumbnails_dir.with_name("thumbnails.not-a-folder").is_file()
 
 
 def test_transparent_images_show_on_grey_while_the_model_saw_white(client, indexed, model):

@@ -56,8 +56,10 @@ def test_read_only_index_is_searched_as_it_is_and_left_unchanged(settings, tmp_p
             assert ro.describe()["images"] == 2
             ro.save()  # a no-op, not an error
             # A thumbnail it lacks is made outside the read-only folder.
-            thumb = ro.thumbnails.get(b, photo.read_bytes)
-            assert thumb.is_file() and not thumb.is_relative_to(view)
+            jpeg = ro.thumbnails.get(b, photo.read_bytes)
+            thumb = ro.thumbnails._writer().path(b)
+            assert jpeg.startswith(b"\xff\xd8") and thumb.is_file() and not thumb.is_relative_to(view)
+            assert ro.thumbnails.cached(b) == jpeg  # kept in the spill folder, served from there
             with pytest.raises(ReadOnlyIndexError):
                 ro.forget_images([a])
         finally:

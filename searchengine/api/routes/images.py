@@ -8,7 +8,7 @@ import mimetypes
 from dataclasses import asdict
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from searchengine.api.deps import Files, ImageId, Service
@@ -28,18 +28,18 @@ def image(service: Service, image_id: ImageId):
     )
 
 
-@router.get("/api/images/{image_id}/thumbnail", response_class=FileResponse, responses=FILE_RESPONSES)
+@router.get("/api/images/{image_id}/thumbnail", response_class=Response, responses=FILE_RESPONSES)
 async def thumbnail(service: Service, files: Files, image_id: ImageId):
     """A small JPEG of the image, made once and kept."""
-    path = await files.run(service.thumbnail, image_id)
-    return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+    jpeg = await files.run(service.thumbnail, image_id)
+    return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
 
-@router.get("/api/images/{image_id}/preview", response_class=FileResponse, responses=FILE_RESPONSES)
+@router.get("/api/images/{image_id}/preview", response_class=Response, responses=FILE_RESPONSES)
 async def preview(service: Service, files: Files, image_id: ImageId):
     """A screen-sized JPEG of the image (longest side `preview_size`, 1600 px), made on first request and kept."""
-    path = await files.run(service.preview, image_id)
-    return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+    jpeg = await files.run(service.preview, image_id)
+    return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
 
 @router.get("/api/images/{image_id}/file", response_class=FileResponse, responses=FILE_RESPONSES)
