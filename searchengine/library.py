@@ -58,7 +58,7 @@ from searchengine.keywords import Clause, KeywordQuery
 from searchengine.store import VECTOR_DTYPE, FileState, FolderCount, ImageRecord, ModelInfo, Store, sqlite_readonly_url, sqlite_url
 from searchengine.textindex import KeywordHit
 from searchengine.thumbnails import PreviewCache, ThumbnailCache
-from searchengine.vector_index import Candidates, VectorIndex, write_atomic
+from searchengine.vector_index import SAMPLE, Candidates, VectorIndex, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -559,9 +559,11 @@ class Library:
             with self.lock:
                 self.gpu.refresh(self.index, self._writes)
 
-    def _load_vector_index(self, info: ModelInfo) -> tuple[VectorIndex | AnnIndex | None, str | None]:
+    def _load_vector_index(self, info: ModelInfo, verify: bool = True) -> tuple[VectorIndex | AnnIndex | None, str | None]:
         """The vector index on disk: the approximate tier where `ann.json` names one (unless
-        the exact tier is forced), else the exact one; (None, None) where neither is usable."""
+        the exact tier is forced), else the exact one; (None, None) where neither is usable.
+        `verify`: an exact index whose sample of vectors is not the store's is not usable
+        (`check` loads it as it is, and compares every image)."""
         s = self.settings
         if s.vector_tier != "exact":
             try:
@@ -578,10 +580,24 @@ class Library:
             except Exception as e:  # a damaged derived file is rebuilt, never trusted
                 log.warning("vector index %s is unreadable (%s); rebuilding it from the store", path, e)
             else:
-                if index.holds_float16_values():
+                if not index.holds_float16_values():
+                    log.info("vector index %s predates float16 vectors; rebuilding it from the store", path)
+                elif verify and self._foreign(index):
+                    log.warning("vector index %s holds other vectors than the store's for the same images "
+                                "(a file from another library?); rebuilding it from the store", path)
+                else:
                     return index, None
-                log.info("vector index %s predates float16 vectors; rebuilding it from the store", path)
         return None, None
+
+    def _foreign(self, index: VectorIndex) -> bool:
+        """Whether a sample of the images both hold (SAMPLE, spread over the ids) has other
+        vectors in `index` than in the store: ids alone are reconciled, the vectors are not."""
+        common = np.intersect1d(self.store.image_ids(), index.ids())
+        if not len(common):
+            return False
+        sample = common[np.unique(np.linspace(0, len(common) - 1, min(SAMPLE, len(common))).astype(int))]
+        _, differ = index.disagreement(self.store.iter_vectors(sample))
+        return differ > 0
 
     def _index_path(self) -> Path | None:
         """The file the index in use is saved to (None: an approximate index not yet saved)."""
@@ -1164,7 +1180,7 @@ class Library:
         info = self.store.model_info()
         if info is not None:
             try:
-                index, _ = self._load_vector_index(info)
+                index, _ = self._load_vector_index(info, verify=False)
                 ids = set(index.ids().tolist()) if index is not None else None
             except Exception as e:  # noqa: BLE001 - a damaged derived file is reported, then rebuilt
                 out.append((False, f"vector index {s.vectors_path}: unreadable ({e}); rebuilt from the store on open"))
@@ -1174,6 +1190,11 @@ class Library:
                 else:
                     lacking, extra = len(store_ids - ids), len(ids - store_ids)
                     out.append((not lacking and not extra, f"vector index: {len(ids)} images; {lacking} to add and {extra} to drop on open"))
+                    if isinstance(index, VectorIndex):
+                        common = np.asarray(sorted(store_ids & ids), dtype=np.int64)
+                        compared, differ = index.disagreement(self.store.iter_vectors(common))
+                        out.append((differ == 0, f"vector index against the store: {compared} images' vectors compared, "
+                                    + (f"{differ} differ (a file from another library?); rebuilt from the store on open" if differ else "all the same")))
         for name, cache in (("feature cache", self.features), ("thumbnails", self.thumbnails), ("previews", self.previews)):
             if cache is not None:
                 stale = len(cache.ids() - store_ids)

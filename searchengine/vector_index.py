@@ -15,7 +15,7 @@ import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
@@ -33,6 +33,12 @@ def _faiss():
             "FAISS is not installed: pip install 'searchengine[cpu]' (faiss-cpu) or 'searchengine[gpu]' (faiss-gpu)"
         ) from e
     return faiss
+
+
+# How far apart an index's vector and the store's may be and still be the same one: both are
+# the store's float16 values (any file from before them is rebuilt), so in fact 0.
+AGREEMENT = 1e-3
+SAMPLE = 64  # images compared on open; `check` compares them all
 
 
 @dataclass
@@ -91,6 +97,35 @@ class VectorIndex:
         if self.index.ntotal == 0:
             return np.zeros(0, dtype=np.int64)
         return np.unique(_faiss().vector_to_array(self.index.id_map))
+
+    def stored_vectors(self, ids: np.ndarray) -> dict[int, np.ndarray]:
+        """image id -> the [Q, D] vectors the index holds for it (ids it lacks are left out),
+        in the order they were added: what `disagreement` holds against the store's."""
+        id_map = _faiss().vector_to_array(self.index.id_map)
+        flat = _faiss().downcast_index(self.index.index)
+        wanted = np.isin(id_map, np.asarray(ids, dtype=np.int64))
+        positions = np.nonzero(wanted)[0]
+        out: dict[int, list[np.ndarray]] = {}
+        for pos in positions.tolist():
+            out.setdefault(int(id_map[pos]), []).append(flat.reconstruct(pos))
+        return {i: np.stack(v) for i, v in out.items() if len(v) == self.num_vectors}
+
+    def disagreement(self, stored: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[int, int]:
+        """Hold the index against the store's vectors (`stored`: chunks of ids [n] and
+        vectors [n, Q, D], as `Store.iter_vectors` gives them): (images compared, images whose
+        vectors differ). A file copied from another library has the same ids and other
+        vectors: only this tells it apart."""
+        compared = differ = 0
+        for ids, vecs in stored:
+            held = self.stored_vectors(ids)
+            for image_id, v in zip(ids.tolist(), vecs):
+                mine = held.get(int(image_id))
+                if mine is None:
+                    continue  # not in the index: reconcile adds it
+                compared += 1
+                if mine.shape != v.shape or float(np.max(np.abs(mine - v.astype(np.float32)))) > AGREEMENT:
+                    differ += 1
+        return compared, differ
 
     @staticmethod
     def ram_per_image(num_vectors: int, dim: int) -> int:

@@ -118,3 +118,39 @@ def test_a_writer_bringing_the_fingerprint_up_to_date_is_no_model_change_for_a_r
     assert reader.model_changed()
     writer.close()
     reader.close()
+
+
+def test_a_vector_index_from_another_library_is_found_out_and_rebuilt(settings, tmp_path):
+    """Same ids, other vectors: reconciling ids kept the wrong vectors and `check` said ok.
+    Now `check` compares every image's vectors with the store's, and opening compares a
+    sample and rebuilds the file from the store."""
+    other_settings = settings.model_copy(update={"data_dir": tmp_path / "other"})
+    mine, theirs = Library.open(settings, create=True), Library.open(other_settings, create=True)
+    vecs = {}
+    for lib, seeds in ((mine, (1, 2)), (theirs, (3, 4))):
+        lib.bind(INFO)
+        for name, seed in zip("ab", seeds):
+            image_id, vec = _add(lib, name + str(seed), f"/p/{name}.jpg", seed)
+            vecs[lib is mine, image_id] = vec
+        lib.reconcile()
+        lib.save()
+    assert set(mine.index.ids().tolist()) == set(theirs.index.ids().tolist())  # the same ids
+    mine.close(), theirs.close()
+    settings.vectors_path.write_bytes(other_settings.vectors_path.read_bytes())
+
+    checker = Library.open(settings, writable=False, vectors=False)  # as `searchengine check` reads it
+    report = dict((what.split(":")[0], (sound, what)) for sound, what in checker.check())
+    checker.close()
+    sound, what = report["vector index against the store"]
+    assert not sound and "2 images' vectors compared, 2 differ" in what, what
+
+    lib = Library.open(settings)
+    try:
+        for (is_mine, image_id), vec in vecs.items():
+            if is_mine:
+                hit = lib.index.search(vec[:1], 1)[0]
+                assert hit.ids.tolist() == [image_id] and hit.scores[0] > 0.99  # the store's vectors, not theirs
+        report = dict((what.split(":")[0], (sound, what)) for sound, what in lib.check())
+        assert report["vector index against the store"] == (True, "vector index against the store: 2 images' vectors compared, all the same")
+    finally:
+        lib.close()
