@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from indexer.pipeline import Indexer
 from searchengine.api import create_app
-from searchengine.errors import QueryError
+from searchengine.errors import ImageNotFoundError, QueryError
 from searchengine.library import Library
 from searchengine.models import RetrievalModel
 from searchengine.queries import Searcher, Steer, parse_example
@@ -105,7 +105,7 @@ def test_the_combined_vector_is_the_documented_formula(colours):
 
 def test_bad_examples_are_refused_with_a_reason(colours):
     searcher, _, by_colour, *_ = colours
-    with pytest.raises(QueryError, match="not in the index"):
+    with pytest.raises(ImageNotFoundError, match="not in the index"):  # a 404 in the API: the id names nothing
         searcher.search("red", steer=Steer.parse(["999999"]))
     for bad in ("x", "4:", "4:-1", "4:nan", "0", "4:11"):
         with pytest.raises(QueryError):
@@ -190,7 +190,7 @@ def test_api_like_unlike_min_itm_and_strong(colours):
         assert cut["strong"] == len(cut["hits"]) == sum(p >= threshold for p in itms)
         assert full["strong"] == sum(p >= 0.5 for p in itms)
         for params, status in (
-            ({"q": "red", "like": "abc"}, 422), ({"q": "red", "min_itm": 2}, 422), ({"q": "red", "like": 999999}, 400),
+            ({"q": "red", "like": "abc"}, 422), ({"q": "red", "min_itm": 2}, 422), ({"q": "red", "like": 999999}, 404),
             ({"q": "", "unlike": red}, 400), ({"q": "red", "like": red, "unlike": red}, 400),
         ):
             r = client.get("/api/search", params=params)

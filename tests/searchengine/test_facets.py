@@ -126,7 +126,7 @@ def test_api_facets_and_filters(shot):
         assert {h["path"].rsplit("/", 1)[1] for h in r.json()["hits"]} == {"b.JPEG", "d.jpg"}
         assert client.get("/api/search", params={"q": "photo", "type": "doc"}).status_code == 422
         assert client.get("/api/facets", params={"orientation": "round"}).status_code == 422
-        assert client.get("/api/facets", params={"folder": "nowhere-at-all"}).status_code == 400
+        assert client.get("/api/facets", params={"folder": "nowhere-at-all"}).status_code == 404
 
 
 def test_schema_3_stores_get_the_lens_column_and_read_only_ones_work_without_it(tmp_path):
