@@ -1,7 +1,7 @@
 """On-disk cache of ViT outputs, the input ITM needs to re-rank without re-running the ViT.
 
-One `.npy` per image id, deleted with its image, with a checksum after the array (`TRAILER`:
-a tag and a BLAKE2b digest of the array's bytes). It is a cache: an entry that is missing,
+One `.npy` per image id, deleted with its image, with a checksum after the array
+(`filecache.sealed` with `TAG`). It is a cache: an entry that is missing,
 unreadable or fails its checksum is recomputed from the image file, so it needs no fsync and
 no reconciliation beyond dropping entries whose image is gone. A damaged entry was taken as it
 was: random data under a valid header gave ITM nothing to score (`itm: null`), and the best
@@ -19,22 +19,15 @@ other's mode too:
 
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 
 import numpy as np
 
-from searchengine.filecache import IdFileCache
+from searchengine.filecache import IdFileCache, sealed, unsealed
 
 SCALE_BYTES = 4  # a float32 per token
 TAG = b"SEFC\x01sum"  # then the digest: what ends an entry written with its checksum
-DIGEST_BYTES = 16
-TRAILER = len(TAG) + DIGEST_BYTES
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
 
 def quantize(vit: np.ndarray) -> np.ndarray:
@@ -64,8 +57,7 @@ class FeatureCache(IdFileCache):
     def put(self, image_id: int, vit: np.ndarray) -> None:
         buf = io.BytesIO()
         np.save(buf, quantize(vit) if self.int8 else np.ascontiguousarray(vit, dtype=np.float16))
-        data = buf.getvalue()
-        self.put_bytes(image_id, data + TAG + _digest(data))
+        self.put_bytes(image_id, sealed(buf.getvalue(), TAG))
 
     def get(self, image_id: int) -> np.ndarray | None:
         """The entry as fp16 or, from an int8 one, float32; None if there is none, or if it is
@@ -74,10 +66,10 @@ class FeatureCache(IdFileCache):
             raw = self.path(image_id).read_bytes()
         except OSError:
             return None
-        checked = raw[-TRAILER:-DIGEST_BYTES] == TAG
-        data = raw[:-TRAILER] if checked else raw
-        if checked and _digest(data) != raw[-DIGEST_BYTES:]:
+        opened = unsealed(raw, TAG)
+        if opened is None:
             return None
+        data, checked = opened
         try:
             arr = np.load(io.BytesIO(data))
         except (OSError, ValueError, EOFError):

@@ -1,12 +1,39 @@
 """Files keyed by image id, in 256 sub-folders, written whole by rename (a reader sees all of
-a file or none). The base of the ViT feature cache and the thumbnails."""
+a file or none). The base of the ViT feature cache and the thumbnails.
+
+`sealed`/`unsealed`: the checksum a cache entry carries after its data (a cache's own tag and
+a BLAKE2b digest of the data), so a damaged entry is recomputed, never used."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
 from typing import Iterable
+
+
+DIGEST_BYTES = 16
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+def sealed(data: bytes, tag: bytes) -> bytes:
+    """`data`, then `tag` and its digest."""
+    return data + tag + _digest(data)
+
+
+def unsealed(raw: bytes, tag: bytes) -> tuple[bytes, bool] | None:
+    """(the data, whether it carried the checksum) of an entry `sealed` with `tag`, or of one
+    written before checksums (returned whole, unchecked: its cache judges it); None when the
+    checksum fails."""
+    trailer = len(tag) + DIGEST_BYTES
+    if raw[-trailer:-DIGEST_BYTES] != tag:
+        return raw, False
+    data = raw[:-trailer]
+    return (data, True) if _digest(data) == raw[-DIGEST_BYTES:] else None
 
 
 class IdFileCache:

@@ -58,7 +58,7 @@ from searchengine.keywords import Clause, KeywordQuery
 from searchengine.store import VECTOR_DTYPE, FileState, FolderCount, ImageRecord, ModelInfo, Store, sqlite_readonly_url, sqlite_url
 from searchengine.textindex import KeywordHit
 from searchengine.thumbnails import PreviewCache, ThumbnailCache
-from searchengine.vector_index import SAMPLE, Candidates, VectorIndex, write_atomic
+from searchengine.vector_index import Candidates, VectorIndex, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -582,22 +582,12 @@ class Library:
             else:
                 if not index.holds_float16_values():
                     log.info("vector index %s predates float16 vectors; rebuilding it from the store", path)
-                elif verify and self._foreign(index):
+                elif verify and index.differs_on_a_sample(self.store.image_ids(), self.store.iter_vectors):
                     log.warning("vector index %s holds other vectors than the store's for the same images "
                                 "(a file from another library?); rebuilding it from the store", path)
                 else:
                     return index, None
         return None, None
-
-    def _foreign(self, index: VectorIndex) -> bool:
-        """Whether a sample of the images both hold (SAMPLE, spread over the ids) has other
-        vectors in `index` than in the store: ids alone are reconciled, the vectors are not."""
-        common = np.intersect1d(self.store.image_ids(), index.ids())
-        if not len(common):
-            return False
-        sample = common[np.unique(np.linspace(0, len(common) - 1, min(SAMPLE, len(common))).astype(int))]
-        _, differ = index.disagreement(self.store.iter_vectors(sample))
-        return differ > 0
 
     def _index_path(self) -> Path | None:
         """The file the index in use is saved to (None: an approximate index not yet saved)."""

@@ -11,7 +11,7 @@ the white the model sees them on: a white logo on white would be a blank tile.
 A read-only data dir still serves the files it has; one it lacks is made in a spill folder
 that belongs to this process (a temporary folder, removed on close).
 
-Each file is the JPEG and then a checksum (`TAG` and a BLAKE2b digest of the JPEG): a file that
+Each file is the JPEG and then a checksum (`filecache.sealed` with `TAG`): a file that
 fails it (random bytes, 0 bytes, cut short) is made again from the original, never served. A
 file from before the checksum is served if it is a whole JPEG (starts with SOI, ends with
 EOI). A cache that cannot be written (a full disk, `thumbnails/` replaced by a file) still
@@ -20,7 +20,6 @@ serves what it makes; a file standing where the folder should be is moved aside.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -32,26 +31,22 @@ from typing import Callable
 
 from PIL import Image
 
-from searchengine.filecache import IdFileCache
+from searchengine.filecache import IdFileCache, sealed, unsealed
 from searchengine.imageio import decode_image
 
 log = logging.getLogger(__name__)
 
 TAG = b"SETN\x01sum"  # then the digest: what ends a cached JPEG written with its checksum
-DIGEST_BYTES = 16
-TRAILER = len(TAG) + DIGEST_BYTES
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
 
 def checked_jpeg(raw: bytes) -> bytes | None:
-    """The JPEG in a cached file, or None when the file is damaged."""
-    if raw[-TRAILER:-DIGEST_BYTES] == TAG:
-        jpeg = raw[:-TRAILER]
-        return jpeg if _digest(jpeg) == raw[-DIGEST_BYTES:] else None
-    return raw if raw.startswith(b"\xff\xd8\xff") and raw.endswith(b"\xff\xd9") else None
+    """The JPEG in a cached file, or None when the file is damaged: its checksum fails or,
+    from before checksums, it is no whole JPEG (SOI ... EOI)."""
+    opened = unsealed(raw, TAG)
+    if opened is None:
+        return None
+    jpeg, checked = opened
+    return jpeg if checked or (jpeg.startswith(b"\xff\xd8\xff") and jpeg.endswith(b"\xff\xd9")) else None
 
 
 # Two mid greys: neither white nor black, so light and dark artwork both stay visible, and
@@ -95,17 +90,19 @@ class ThumbnailCache(IdFileCache):
     def put(self, image_id: int, jpeg: bytes) -> bool:
         """Keep `jpeg` with its checksum; False (logged) when the cache cannot be written,
         which costs only the making of it again on its first request."""
-        for attempt in (1, 2):
+        data = sealed(jpeg, TAG)
+        try:
             try:
-                self._writer().put_bytes(image_id, jpeg + TAG + _digest(jpeg))
-                return True
-            except OSError as e:
-                if attempt == 1 and self._move_aside_a_file_in_the_way():
-                    continue
-                log.warning("%s: cannot keep the %s of image %d (%s); it is made again when asked for",
-                            self.root, self.what, image_id, e.strerror or e)
-                return False
-        return False
+                self._writer().put_bytes(image_id, data)
+            except OSError:
+                if not self._move_aside_a_file_in_the_way():
+                    raise
+                self._writer().put_bytes(image_id, data)
+        except OSError as e:
+            log.warning("%s: cannot keep the %s of image %d (%s); it is made again when asked for",
+                        self.root, self.what, image_id, e.strerror or e)
+            return False
+        return True
 
     def cached(self, image_id: int) -> bytes | None:
         """The kept JPEG, or None: not there, unreadable, or damaged (then it is made again)."""
@@ -144,7 +141,8 @@ class ThumbnailCache(IdFileCache):
         if self.read_only:
             return False
         moved = False
-        for path in (self.root, *(self.root / f"{i:02x}" for i in range(256))) if self.root.is_dir() else (self.root,):
+        folders = [self.root] + ([self.root / f"{i:02x}" for i in range(256)] if self.root.is_dir() else [])
+        for path in folders:
             if os.path.lexists(path) and not path.is_dir():
                 aside = path.with_name(path.name + ".not-a-folder")
                 try:

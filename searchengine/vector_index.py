@@ -102,13 +102,15 @@ class VectorIndex:
         """image id -> the [Q, D] vectors the index holds for it (ids it lacks are left out),
         in the order they were added: what `disagreement` holds against the store's."""
         id_map = _faiss().vector_to_array(self.index.id_map)
-        flat = _faiss().downcast_index(self.index.index)
-        wanted = np.isin(id_map, np.asarray(ids, dtype=np.int64))
-        positions = np.nonzero(wanted)[0]
-        out: dict[int, list[np.ndarray]] = {}
-        for pos in positions.tolist():
-            out.setdefault(int(id_map[pos]), []).append(flat.reconstruct(pos))
-        return {i: np.stack(v) for i, v in out.items() if len(v) == self.num_vectors}
+        positions = np.nonzero(np.isin(id_map, np.asarray(ids, dtype=np.int64)))[0]
+        if not len(positions):
+            return {}
+        vecs = _faiss().downcast_index(self.index.index).reconstruct_batch(positions)
+        owners = id_map[positions]
+        order = np.argsort(owners, kind="stable")  # each image's vectors together, in the order added
+        owners, vecs = owners[order], vecs[order]
+        uniq, start, count = np.unique(owners, return_index=True, return_counts=True)
+        return {int(i): vecs[s : s + c] for i, s, c in zip(uniq, start, count) if c == self.num_vectors}
 
     def disagreement(self, stored: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[int, int]:
         """Hold the index against the store's vectors (`stored`: chunks of ids [n] and
@@ -126,6 +128,16 @@ class VectorIndex:
                 if mine.shape != v.shape or float(np.max(np.abs(mine - v.astype(np.float32)))) > AGREEMENT:
                     differ += 1
         return compared, differ
+
+    def differs_on_a_sample(self, store_ids: np.ndarray, stored: Callable[[np.ndarray], Iterable[tuple[np.ndarray, np.ndarray]]]) -> bool:
+        """Whether SAMPLE images that both hold, spread over the ids, have other vectors here
+        than in the store (`stored(ids)`, as `Store.iter_vectors`): what opening checks, as
+        ids alone are reconciled."""
+        common = np.intersect1d(store_ids, self.ids())
+        if not len(common):
+            return False
+        sample = common[np.unique(np.linspace(0, len(common) - 1, min(SAMPLE, len(common))).astype(int))]
+        return self.disagreement(stored(sample))[1] > 0
 
     @staticmethod
     def ram_per_image(num_vectors: int, dim: int) -> int:
