@@ -463,6 +463,11 @@ def _folders(args: argparse.Namespace, settings: Settings, recorded, err) -> lis
 # -- commands -----------------------------------------------------------------------------
 
 
+def _secs(seconds: float) -> str:
+    """A duration as a person reads it: tenths from a second up, hundredths below (a tiny model loads in 0.04 s, not 0.0)."""
+    return f"{seconds:.1f}" if seconds >= 1 else f"{seconds:.2f}"
+
+
 def cmd_index(args: argparse.Namespace, out, err) -> int:
     from tqdm import tqdm
 
@@ -521,7 +526,7 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
     # The rate counts the images embedded, over the time the run took once the models were in.
     rate = f" ({summary.indexed / summary.seconds:.2f} images/s)" if summary.indexed and summary.seconds > 0 else ""
     total = time.perf_counter() - started
-    print(f"{line}; {total:.1f} s: loading models {load_s:.1f} s, indexing {summary.seconds:.1f} s{rate}", file=out)
+    print(f"{line}; {_secs(total)} s: loading models {_secs(load_s)} s, indexing {_secs(summary.seconds)} s{rate}", file=out)
     if summary.time and "cluster" in summary.time:  # --runner ray: the stages ran on the cluster
         t = summary.time
         print(f"time: waiting for the cluster (read, decode, models) {t['cluster']:.1f} s, write {t['write']:.1f} s", file=out)
