@@ -1,4 +1,5 @@
-"""Start-up cost of the commands that need no model: `stats` and `search --mode keyword`.
+"""Start-up cost of the commands that need no model: `stats` and `search --mode keyword`,
+and of two refusals: a second indexer, and `search --like` of an id not in the index.
 
     python benchmarks/startup.py [--images 2000] [--repeat 7]
 
@@ -8,6 +9,10 @@ the same run and alternated with it, is the same command in a process that first
 torch and transformers, as every command did before (`_quiet_libraries` imported
 transformers, and keyword search loaded the model and encoded the query). Prints medians
 and the ratio baseline / now.
+
+The refusals' baselines are the order they had before: the CLI's imports before the writer
+lock (`searchengine.cli.main` called directly, not the entry point), and the retrieval model
+(the tiny one here; a real one takes seconds more) loaded before the liked id is looked up.
 """
 
 from __future__ import annotations
@@ -78,6 +83,43 @@ def main() -> None:
                 then.append(timed(before + now_code, env))
             a, b = statistics.median(now), statistics.median(then)
             print(f"{name:16s} now {a:6.2f} s   with torch+transformers imported (before) {b:6.2f} s   ratio {b / a:5.1f}x")
+        refusals(Path(tmp), data, env, args.repeat)
+
+
+def refusals(tmp: Path, data: Path, env: dict, repeat: int) -> None:
+    import fcntl
+
+    from searchengine.random_models import build_tiny_model
+
+    model = build_tiny_model(tmp / "model", seed=0)
+    load_first = (f"from searchengine import wiring; from searchengine.settings import Settings; "
+                  f"wiring.load_model(Settings(device='cpu'), {str(model)!r}); ")
+    cases = {
+        "second indexer": ("from searchengine.entry import main; main(['index', '/nowhere'])",
+                           "from searchengine.cli import main; main(['index', '/nowhere'])"),
+        "search --like 9999": ("from searchengine.entry import main; main(['search', '--like', '9999'])",
+                               load_first + "from searchengine.cli import main; main(['search', '--like', '9999'])"),
+    }
+    fd = os.open(data / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another indexer, as far as the commands can tell
+    try:
+        for name, (now_code, then_code) in cases.items():
+            now, then = [], []
+            for _ in range(repeat):
+                now.append(timed_refusal(now_code, env))
+                then.append(timed_refusal(then_code, env))
+            a, b = statistics.median(now), statistics.median(then)
+            print(f"{name:18s} refused in {a:6.2f} s   before {b:6.2f} s   ratio {b / a:5.1f}x")
+    finally:
+        os.close(fd)
+
+
+def timed_refusal(code: str, env: dict) -> float:
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    took = time.perf_counter() - t
+    assert "another indexer is running" in r.stderr or "not in the index" in r.stderr, r.stderr
+    return took
 
 
 if __name__ == "__main__":

@@ -589,7 +589,7 @@ def _search_filters(args: argparse.Namespace):
 
 
 def cmd_search(args: argparse.Namespace, out, err) -> int:
-    from searchengine.queries import Steer, parse_for_mode
+    from searchengine.queries import Steer, check_examples, check_filters, parse_for_mode
 
     settings = _settings(args)
     query = " ".join(args.query).strip()
@@ -607,7 +607,11 @@ def cmd_search(args: argparse.Namespace, out, err) -> int:
     if query:
         parse_for_mode(query, settings.search_mode)
     example = _example_image(args.image, settings) if args.image else None
-    searcher = wiring.open_for_search(settings, keyword_only=keyword_only)
+    def refusals(library) -> None:  # what the index alone answers, before the model loads
+        check_filters(library, filters)
+        check_examples(library, steer)
+
+    searcher = wiring.open_for_search(settings, keyword_only=keyword_only, before_model=refusals)
     try:
         if example is not None:
             result = searcher.search_image(example, k=args.k, filters=filters)
@@ -841,7 +845,8 @@ def cmd_serve(args: argparse.Namespace, out, err) -> int:
     import uvicorn
 
     from searchengine.api import create_app
-    from searchengine.library import Library, serving_lock
+    from searchengine.library import Library
+    from searchengine.locks import serving_lock
 
     settings = _settings(args)
     try:
@@ -874,7 +879,7 @@ def cmd_serve(args: argparse.Namespace, out, err) -> int:
     on_ready = _watch_in_server(settings, args, wiring.load_captioner(settings, choice.caption_model)) if args.watch else None
     loader = functools.partial(wiring.open_for_serving, create=bool(args.watch), model=choice.model)
     app = create_app(settings, loader=loader, on_ready=on_ready)
-    held = serving_lock(settings)  # `restore` waits for this server to stop (held until exit)
+    held = serving_lock(settings.data_dir)  # `restore` waits for this server to stop (held until exit)
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="info")
     finally:
@@ -1002,7 +1007,8 @@ def cmd_backup(args: argparse.Namespace, out, err) -> int:
 
 def cmd_restore(args: argparse.Namespace, out, err) -> int:
     from searchengine import backup
-    from searchengine.library import Library, no_server, unwritable_path
+    from searchengine.library import Library, unwritable_path
+    from searchengine.locks import no_server
 
     settings = _settings(args)
     if settings.database_url:
@@ -1021,7 +1027,7 @@ def cmd_restore(args: argparse.Namespace, out, err) -> int:
     if blocked is not None:
         raise SearchEngineError(f"{blocked} is not writable: a backup cannot be restored there")
     chosen = backup.find_backup(settings.store_path, args.backup)
-    with no_server(settings, "restore"):
+    with no_server(settings.data_dir, "restore"):
         backup.restore(settings.store_path, chosen)
     library = Library.open(settings)  # reconciles the vector index and the caches with it
     try:
@@ -1111,14 +1117,15 @@ def _as_the_writer(args: argparse.Namespace, out, err) -> int:
     """The command, holding the data dir's writer lock. A data dir that does not exist yet is
     not made here (a command that fails first must leave nothing behind): the command takes
     the lock itself, through `_lock_new_index`, once it has made the index."""
-    from searchengine.library import Library, writer_lock
+    from searchengine.library import Library
+    from searchengine.locks import writer_lock
 
     settings = _settings(args)
     if args.command != "restore":
         Library.check_writable(settings)  # a read-only index: that message, not a lock error
     with contextlib.ExitStack() as stack:
         command = " ".join(sys.argv[1:3]) or args.command
-        args.lock = lambda: stack.enter_context(writer_lock(settings, command))
+        args.lock = lambda: stack.enter_context(writer_lock(settings.data_dir, command))
         if settings.data_dir.is_dir():
             args.lock()
             args.lock = None

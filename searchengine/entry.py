@@ -1,11 +1,51 @@
-"""The `searchengine` command's entry point. It answers what needs nothing imported
-(`--version`) before the CLI's own imports (SQLAlchemy, numpy, pydantic: 1.2 s on an idle
-2-core machine, 5 s on a busy one), then hands over to `searchengine.cli`."""
+"""The `searchengine` command's entry point. It answers what needs nothing imported before
+the CLI's own imports (SQLAlchemy, numpy, pydantic: 1.2 s on an idle 2-core machine, 5 s on
+a busy one): `--version`, and a second indexer on a data dir whose writer lock is held. Then
+it hands over to `searchengine.cli`."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
+
+# The commands that take the data dir's writer lock (as `searchengine.cli.WRITERS`, and
+# `serve --watch`); a test holds the two lists equal.
+WRITERS = ("index", "watch", "caption", "restore", "reindex")
+
+
+def data_dir_named(args: Sequence[str]) -> str | None:
+    """The data dir these arguments choose, as `Settings` would resolve it (--data-dir, then
+    SEARCHENGINE_DATA_DIR in any case, then the XDG default), or None where only the full
+    parser can tell (an abbreviated option, help asked for)."""
+    named = None
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg in ("-h", "--help"):
+            return None
+        if arg == "--data-dir":
+            if i + 1 >= len(args):
+                return None
+            named = args[i + 1]
+        elif arg.startswith("--data-dir="):
+            named = arg.split("=", 1)[1]
+        elif len(opt := arg.split("=", 1)[0]) > 2 and "--data-dir".startswith(opt):
+            return None  # an abbreviation argparse may take for --data-dir: the parser's to say
+    if named is not None:
+        return named
+    if "SEARCHENGINE_DATA_DIR" in os.environ:
+        return os.environ["SEARCHENGINE_DATA_DIR"]
+    for key, value in os.environ.items():  # pydantic-settings reads the names in any case
+        if key.upper() == "SEARCHENGINE_DATA_DIR":
+            return value
+    from searchengine.datadir import default_data_dir
+
+    return str(default_data_dir())
+
+
+def takes_the_writer_lock(args: Sequence[str]) -> bool:
+    return bool(args) and (args[0] in WRITERS or (args[0] == "serve" and any(a == "--watch" or a.startswith("--watch=") for a in args)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -15,6 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"searchengine {__version__}")
         return 0
+    if takes_the_writer_lock(args):
+        data_dir = data_dir_named(args[1:])
+        if data_dir is not None:
+            from searchengine.locks import busy_writer
+
+            refusal = busy_writer(data_dir)
+            if refusal is not None:
+                print(f"searchengine: error: {refusal}", file=sys.stderr)
+                return 1
     from searchengine.cli import main as cli_main
 
     return cli_main(args)

@@ -46,7 +46,7 @@ import numpy as np
 from searchengine import ann, backup, links
 from searchengine.ann import AnnIndex, max_sim
 from searchengine.errors import (
-    IndexBusyError, IndexNotFoundError, ReadOnlyIndexError, SearchEngineError, StoreDamagedError, StoreMissingError,
+    IndexNotFoundError, ReadOnlyIndexError, SearchEngineError, StoreDamagedError, StoreMissingError,
 )
 from searchengine.faiss_gpu import GpuMirror
 from searchengine.feature_cache import FeatureCache
@@ -222,72 +222,6 @@ def check_store_present(settings: Settings) -> None:
         f"the store {store} {what}, but {settings.data_dir} holds an index ({', '.join(traces)}): {way}. "
         "Nothing was changed"
     )
-
-
-@contextmanager
-def writer_lock(settings: Settings, command: str) -> Iterator[None]:
-    """One indexing writer per data dir (index, watch, serve --watch, caption, restore): a second
-    one is refused at once with who holds the lock, rather than racing the first and dying
-    on a raw IntegrityError. The lock (flock) goes with the process, however it ends. The
-    data dir must exist: only the commands that make an index make it (see the CLI)."""
-    import fcntl
-
-    data_dir = Path(settings.data_dir)
-    path = data_dir / "writer.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
-            raise IndexBusyError(
-                f"another indexer is running on {data_dir} ({holder}); wait for it to finish, or stop it first"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: searchengine {command}".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-SERVING_LOCK = "serving.lock"
-
-
-def serving_lock(settings: Settings) -> int | None:
-    """Mark the data dir as served by this process, for as long as it runs: a shared flock on
-    `serving.lock` (any number of servers; it goes with the process, however it ends), which
-    `restore` asks for exclusively (`no_server`). The descriptor, or None where the data dir
-    cannot be written (a read-only index, which nothing restores into)."""
-    import fcntl
-
-    try:
-        fd = os.open(Path(settings.data_dir) / SERVING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        return None
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return fd
-
-
-@contextmanager
-def no_server(settings: Settings, command: str) -> Iterator[None]:
-    """Refuse at once while a server has the data dir open (`serving_lock`), and keep one from
-    opening it until the block is done: a server answers from the store it opened, so one
-    running across a restore kept answering from the replaced file (deleted files returned,
-    new ones missed, /healthz 200) until it was restarted."""
-    import fcntl
-
-    fd = os.open(Path(settings.data_dir) / SERVING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise IndexBusyError(
-                f"a server (searchengine serve) has {settings.data_dir} open: stop it, {command}, then start it again "
-                "(it would go on answering from the store it opened)"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
 
 
 class Library:

@@ -148,6 +148,31 @@ def parse_example(value: str) -> Example:
     return image_id, weight
 
 
+def check_filters(library, filters: Filters | None) -> None:
+    """FolderNotFoundError when the folder filter names no indexed folder: a typo or a path
+    written the wrong way would otherwise look like a search with no results. Needs the
+    library alone, so the CLI asks it before any model loads."""
+    if filters is None or not filters.folder or library.folder_has_images(filters.folder):
+        return
+    near = nearest.indexed_folder(filters.folder, [f.path for f in library.folders()])
+    raise FolderNotFoundError(
+        f"no indexed folder matches {filters.folder!r}{nearest.did_you_mean(near)}. Give a folder's absolute path "
+        "(/home/me/Pictures/Trips), a path from your home folder (~/Pictures/Trips), or a folder's "
+        "name or the last parts of its path (Trips, Trips/Winter 2022); see /api/folders for the "
+        "indexed folders"
+    )
+
+
+def check_examples(library, steer: "Steer") -> None:
+    """ImageNotFoundError naming the first example image (liked, then unliked) that is not in
+    the index; like `check_filters`, answerable before a model loads."""
+    wanted = [(i, "liked") for i, _ in steer.like] + [(i, "unliked") for i, _ in steer.unlike]
+    known = library.images([i for i, _ in wanted]) if wanted else {}
+    for image_id, what in wanted:
+        if image_id not in known:
+            raise ImageNotFoundError(f"the {what} example image {image_id} is not in the index")
+
+
 @dataclass(frozen=True)
 class Steer:
     """Example images that steer a query (combined queries): `like` pulls its ITC vector
@@ -332,17 +357,7 @@ class Searcher:
         return text
 
     def check_filters(self, filters: Filters | None) -> None:
-        """QueryError when the folder filter names no indexed folder: a typo or a path written
-        the wrong way would otherwise look like a search with no results."""
-        if filters is None or not filters.folder or self.library.folder_has_images(filters.folder):
-            return
-        near = nearest.indexed_folder(filters.folder, [f.path for f in self.library.folders()])
-        raise FolderNotFoundError(
-            f"no indexed folder matches {filters.folder!r}{nearest.did_you_mean(near)}. Give a folder's absolute path "
-            "(/home/me/Pictures/Trips), a path from your home folder (~/Pictures/Trips), or a folder's "
-            "name or the last parts of its path (Trips, Trips/Winter 2022); see /api/folders for the "
-            "indexed folders"
-        )
+        check_filters(self.library, filters)
 
     def allowed_ids(self, filters: Filters | None, excluded: np.ndarray | None = None) -> np.ndarray | None:
         allowed = None

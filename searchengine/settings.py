@@ -9,14 +9,12 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from searchengine.datadir import default_data_dir
 from searchengine.devices import defaults_for
 
 DEFAULT_MODEL = "Salesforce/blip2-itm-vit-g"
 
 
-def default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "searchengine"
 
 
 class Settings(BaseSettings):

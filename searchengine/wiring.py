@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from searchengine.errors import ModelLoadError, ModelMismatchError, SearchEngineError
 from searchengine.hub import locate, looks_local
@@ -232,14 +233,18 @@ def open_for_indexing(settings: Settings, recorded: Recorded | None) -> ForIndex
     return ForIndexing(library, model, captioner, load_s)
 
 
-def open_for_search(settings: Settings, *, keyword_only: bool):
+def open_for_search(settings: Settings, *, keyword_only: bool, before_model: Callable[[object], None] | None = None):
     """A Searcher for the CLI's `search` (its library: `searcher.library`). Keyword search
-    loads no model and no vector index: it answers in well under a second."""
+    loads no model and no vector index: it answers in well under a second. `before_model`
+    is given the library before the model loads: a request the index alone refuses (a liked
+    id it does not hold) is refused at once, not after seconds of loading."""
     from searchengine.library import Library
     from searchengine.queries import Searcher
 
     library = Library.open(settings, vectors=not keyword_only)
     try:
+        if before_model is not None:
+            before_model(library)
         model = None if keyword_only else load_model(settings, retrieval_model(settings, library.built_with()))
         return Searcher(model, library, settings)
     except BaseException:

@@ -219,3 +219,61 @@ def test_version_answers_before_any_heavy_import():
     assert r.returncode == 0 and r.stdout.strip().startswith("searchengine "), r.stderr
     real = subprocess.run([EXE, "--version"], capture_output=True, text=True, timeout=60)
     assert real.returncode == 0 and real.stdout == r.stdout
+
+
+def test_a_second_indexer_is_refused_before_any_heavy_import(tmp_path):
+    """Refusing a second indexer took 7 s on a loaded machine (0.7 s idle): the CLI's imports
+    came first. The entry point now asks the writer lock itself: every writing command, with
+    the data dir from the flag or the environment, gets the CLI's own message."""
+    from searchengine import cli, entry
+    from searchengine.locks import writer_lock
+
+    assert set(entry.WRITERS) == cli.WRITERS
+    data = tmp_path / "data"
+    data.mkdir()
+    probe = ("import sys; from searchengine.entry import main; code = main(sys.argv[1:]); "
+             "heavy = [m for m in ('sqlalchemy', 'numpy', 'pydantic', 'torch') if m in sys.modules]; "
+             "assert not heavy, heavy; sys.exit(code)")
+    env = {k: v for k, v in os.environ.items() if not is_setting(k)}
+    cases = [
+        (["index", "Pictures", "--data-dir", str(data)], env),
+        (["watch", "Pictures", f"--data-dir={data}"], env),
+        (["caption"], {**env, "SEARCHENGINE_DATA_DIR": str(data)}),
+        (["reindex", "--model", "m"], {**env, "searchengine_data_dir": str(data)}),
+        (["restore"], {**env, "XDG_DATA_HOME": str(tmp_path), "HOME": str(tmp_path)}),  # the default: tmp/searchengine
+        (["serve", "--watch", "Pictures"], {**env, "SEARCHENGINE_DATA_DIR": str(data)}),
+    ]
+    (tmp_path / "searchengine").mkdir()
+    with writer_lock(data, "watch ~/Pictures"), writer_lock(tmp_path / "searchengine", "watch ~/Pictures"):
+        for args, environ in cases:
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=environ, timeout=60)
+            assert r.returncode == 1, (args, r.stderr)
+            assert r.stderr.startswith("searchengine: error: another indexer is running on "), (args, r.stderr)
+            assert "(pid " in r.stderr and "searchengine watch ~/Pictures" in r.stderr
+            assert time.perf_counter() - t < 5  # a fresh Python and nothing else; 0.04 s here
+        # What the probe cannot tell goes to the full parser (which still refuses, later).
+        for args in (["index", "--help"], ["index", "--data", str(data)], ["serve"]):
+            assert entry.data_dir_named(args[1:]) is None or not entry.takes_the_writer_lock(args), args
+    # Free again: the entry point hands over to the CLI.
+    assert entry.takes_the_writer_lock(["serve", "--watch", "x"]) and not entry.takes_the_writer_lock(["search", "x"])
+    from searchengine.locks import busy_writer
+
+    assert busy_writer(data) is None and busy_writer(tmp_path / "nowhere") is None
+    assert not (tmp_path / "nowhere").exists()  # asking creates nothing
+
+
+def test_what_the_index_alone_refuses_is_refused_before_the_model_loads(lib, monkeypatch):
+    """`search --like 9999` loaded the model for 7.7 s before saying the id is not there."""
+    from searchengine import wiring
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(wiring, "load_model", no_model)
+    for args, said in ((["--like", "9999"], "the liked example image 9999 is not in the index"),
+                       (["dog", "--unlike", "9998"], "the unliked example image 9998 is not in the index"),
+                       (["dog", "--folder", "Winter 2O22"], "no indexed folder matches 'Winter 2O22'")):
+        proc = run(lib, "search", *args)
+        assert proc.returncode == 1 and said in proc.stderr, (args, proc.stderr)
+    assert "the model was loaded" in run(lib, "search", "dog").stderr  # and a valid search does load it

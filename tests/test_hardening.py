@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 
 from indexer.pipeline import Indexer
 from searchengine.api import create_app
-from searchengine.library import Library, writer_lock
+from searchengine.library import Library
+from searchengine.locks import writer_lock
 from tests.helpers import fill_disk, wait_healthy
 from tests.inprocess import cli  # the real command, in this process
 
@@ -26,7 +27,7 @@ def test_a_second_indexer_on_the_same_data_dir_is_refused_in_one_line(tmp_path, 
     env = {"SEARCHENGINE_MODEL": settings.model, "SEARCHENGINE_DATA_DIR": str(settings.data_dir),
            "SEARCHENGINE_CAPTIONS": "false"}
     settings.data_dir.mkdir(parents=True)
-    with writer_lock(settings, "watch ~/Pictures"):
+    with writer_lock(settings.data_dir, "watch ~/Pictures"):
         for args in (["index", folder], ["caption", "--caption-model", "x"], ["restore"]):
             proc = cli(*args, env_extra=env)
             lines = proc.stderr.strip().splitlines()
