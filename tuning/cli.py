@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 EXAMPLES = {
@@ -74,6 +75,47 @@ def _stages(bar):
         return bar.update
 
     return stage
+
+
+class TrainingLog:
+    """Training progress: the bar's losses in a terminal (tqdm shows the rate and the time
+    left); elsewhere (a log file, a pipe: the bar is off) a line at each epoch's end and at
+    least every `every_s` seconds, with the losses, the rate and the time left. The rate is
+    this run's own, so a resumed run does not count the steps it found done."""
+
+    def __init__(self, bar, err, every_s: float = 30.0) -> None:
+        self.bar, self.err, self.every_s = bar, err, every_s
+        self.steps = 0  # taken in this run
+        self.seconds = 0.0
+        self.last_line = float("-inf")
+
+    def step(self, s) -> None:
+        self.steps += 1
+        self.seconds += s.seconds
+        self.bar.set_postfix(itc=f"{s.loss_itc:.3f}", itm=f"{s.loss_itm:.3f}", hard=f"{s.hard:.2f}", refresh=False)
+        if not self.bar.disable:
+            return
+        now = time.monotonic()
+        end_of_epoch = s.step % max(1, s.total // s.epochs) == 0
+        if not end_of_epoch and now - self.last_line < self.every_s:
+            return
+        self.last_line = now
+        rate = self.steps / self.seconds if self.seconds > 0 else 0.0
+        left = f", {duration((s.total - s.step) / rate)} left" if rate > 0 and s.step < s.total else ""
+        print(f"step {s.step}/{s.total} (epoch {s.epoch}/{s.epochs}): loss itc {s.loss_itc:.3f}, itm {s.loss_itm:.3f}; "
+              f"{rate:.2f} steps/s{left}", file=self.err, flush=True)
+
+
+def duration(seconds: float) -> str:
+    """under 1 s, 12 s, 4 min 05 s, 2 h 07 min."""
+    if seconds < 0.5:
+        return "under 1 s"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def cmd_eval(args: argparse.Namespace, out, err) -> int:
@@ -154,11 +196,12 @@ def cmd_finetune(args: argparse.Namespace, out, err) -> int:
     bar = tqdm(total=0, file=err, disable=None, dynamic_ncols=True)
     stage = _stages(bar)
 
-    def step(s) -> None:
-        bar.set_postfix(itc=f"{s.loss_itc:.3f}", itm=f"{s.loss_itm:.3f}", hard=f"{s.hard:.2f}", refresh=False)
-
+    log = TrainingLog(bar, err)
     try:
-        report = finetune.run(model, data, Path(args.out), config, settings, on_stage=stage, on_step=step)
+        report = finetune.run(
+            model, data, Path(args.out), config, settings, on_stage=stage, on_step=log.step,
+            on_note=lambda message: bar.write(message, file=err),
+        )
     except KeyboardInterrupt:
         bar.close()
         print(f"interrupted: what was trained is kept in {Path(args.out) / finetune.WORK}; the same command resumes it", file=err)

@@ -80,6 +80,9 @@ class Step:
     loss_itc: float
     loss_itm: float
     hard: float  # share of negatives drawn from ITC's mistakes
+    epoch: int = 1  # the epoch this step belongs to, from 1
+    epochs: int = 1
+    seconds: float = 0.0  # this step's time
 
 
 # -- the ViT outputs, computed once ------------------------------------------------------------
@@ -224,9 +227,11 @@ def run(
     model: "RetrievalModel", data: CaptionedSet, out: Path, config: Config, settings: Settings, *,
     on_stage: Callable[[str, int], Callable[[int], None]] = lambda what, total: (lambda n: None),
     on_step: Callable[[Step], None] = lambda s: None,
+    on_note: Callable[[str], None] = lambda message: None,
 ) -> Report:
     """Fine-tune `model` (loaded in float32) on `data`, into `out`. `on_stage(what, total)`
-    names each stage and returns its progress callback; `on_step` hears every training step."""
+    names each stage and returns its progress callback; `on_step` hears every training step;
+    `on_note` is told, in words, what a resumed run takes from the one before."""
     import torch
 
     out = Path(out).expanduser()
@@ -236,6 +241,8 @@ def run(
     m = model.model
     train, held = data.split(config.held_out, config.seed)
     cache = ViTCache(work, len(train.images), model.vit_shape)
+    if 0 < cache.done < cache.n:
+        on_note(f"the ViT outputs of {cache.done} of {cache.n} training images were computed before: going on from there")
     cache.fill(model, train.images, settings, on_stage("computing ViT outputs", len(train.images)))
     train_rows = np.array([i for i in range(len(train.images)) if i not in cache.bad], np.int64)
     if cache.bad:
@@ -272,6 +279,7 @@ def run(
         temp.data.fill_(state["temp"])
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
+        on_note(f"resuming from step {step} of {total} (epoch {step // per_epoch + 1} of {config.epochs}), saved in {work}")
     texts_of = train.image_texts()
     progress = on_stage("fine-tuning", total)
     progress(step)
@@ -305,7 +313,8 @@ def run(
             trained_s += time.perf_counter() - t0
             pairs += len(chosen)
             progress(1)
-            on_step(Step(step, total, float(loss_itc.detach()), float(loss_itm.detach()), share))
+            on_step(Step(step, total, float(loss_itc.detach()), float(loss_itm.detach()), share,
+                         epoch=(step - 1) // per_epoch + 1, epochs=config.epochs, seconds=time.perf_counter() - t0))
             if step % config.checkpoint_every == 0 and step < total:
                 _save_checkpoint(work, key, step, m, temp, opt, before)
     except BaseException:  # Ctrl-C, or anything: what was trained is kept for the next run

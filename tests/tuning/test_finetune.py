@@ -38,8 +38,8 @@ def load(model_dir) -> RetrievalModel:
     return RetrievalModel.load(str(model_dir), device="cpu", dtype="float32")
 
 
-def settings_for(tmp_path) -> Settings:
-    return Settings(data_dir=tmp_path / "unused", device="cpu", dtype="float32", batch_size=8)
+def settings_for(tmp_path, batch_size: int = 8) -> Settings:
+    return Settings(data_dir=tmp_path / "unused", device="cpu", dtype="float32", batch_size=batch_size)
 
 
 FAST = Config(epochs=12, batch_size=8, lr=1e-3, held_out=0.2, seed=0, k_test=10, warmup=0.1)
@@ -89,9 +89,13 @@ def test_an_interrupted_run_resumes_and_trains_as_one_run(tmp_path, colour_model
         finetune.run(load(colour_model_dir), data, tmp_path / "halves", config, settings_for(tmp_path), on_step=stop_at_5)
     saved = torch.load(tmp_path / "halves" / finetune.WORK / "checkpoint.pt", weights_only=False)
     assert saved["step"] == 5  # kept when it stopped, not only at the last checkpoint (4)
-    seen = []
-    finetune.run(load(colour_model_dir), data, tmp_path / "halves", config, settings_for(tmp_path), on_step=lambda s: seen.append(s.step))
+    seen, notes = [], []
+    finetune.run(load(colour_model_dir), data, tmp_path / "halves", config, settings_for(tmp_path),
+                 on_step=lambda s: seen.append(s.step), on_note=notes.append)
     assert seen[0] == 6
+    # It says so (it was silent): from which step, and where that was kept.
+    total = seen[-1]
+    assert notes == [f"resuming from step 5 of {total} (epoch {5 // (total // 3) + 1} of 3), saved in {tmp_path / 'halves' / finetune.WORK}"]
     whole = load(tmp_path / "whole").model.state_dict()
     halves = load(tmp_path / "halves").model.state_dict()
     assert whole.keys() == halves.keys()
@@ -130,3 +134,47 @@ def test_schedules():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.001
     hard = [finetune.hard_share(s, 100, c) for s in range(100)]
     assert hard[29] == 0.0 and hard[30] == 0.0 and hard[45] == pytest.approx(0.5) and hard[60] == 1.0 and hard[99] == 1.0
+
+
+def test_a_run_says_how_it_goes_and_what_it_resumes(tmp_path, colour_model_dir):
+    """`finetune` was silent while it trained, in a log or a pipe. It now prints the losses,
+    the rate and the time left at each epoch's end; an interrupted ViT pass goes on from
+    where it stopped, and says so."""
+    from tests.inprocess import run_cli
+
+    (tmp_path / "set").mkdir()
+    data = datasets.load(new_domain(tmp_path / "set", per_colour=3))
+    config = Config(epochs=2, batch_size=4, lr=1e-3, held_out=0.25, seed=1, k_test=5)
+
+    class Stop(Exception):
+        pass
+
+    def stage(what, total):
+        calls = []
+
+        def progress(n):
+            calls.append(n)
+            if what == "computing ViT outputs" and len(calls) == 2:  # one batch done
+                raise Stop
+        return progress
+
+    with pytest.raises(Stop):
+        finetune.run(load(colour_model_dir), data, tmp_path / "out", config, settings_for(tmp_path, batch_size=4), on_stage=stage)
+    notes = []
+    finetune.run(load(colour_model_dir), data, tmp_path / "out", config, settings_for(tmp_path, batch_size=4), on_note=notes.append)
+    train, _ = data.split(config.held_out, config.seed)
+    assert notes == [f"the ViT outputs of 4 of {len(train)} training images were computed before: going on from there"]
+
+    proc = run_cli("finetune", tmp_path / "set", "--out", tmp_path / "cli", "--model", colour_model_dir, "--epochs", "3",
+                   "--batch-size", "4", "--held-out", "0.25", "--lr", "1e-3", "--device", "cpu", "--data-dir", tmp_path / "d")
+    assert proc.returncode == 0, proc.stderr
+    import re
+
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("step ")]
+    per_epoch = len(train) // 4
+    # The first step (an early rate and time left), then each epoch's end.
+    assert [line.split(" (")[0] for line in lines] == [f"step {s}/{per_epoch * 3}" for s in (1, per_epoch, 2 * per_epoch, 3 * per_epoch)], proc.stderr
+    pattern = r"step \d+/\d+ \(epoch (\d)/3\): loss itc \d+\.\d{3}, itm \d+\.\d{3}; \d+\.\d\d steps/s(, .+ left)?$"
+    for epoch, line in zip((1, 1, 2, 3), lines):
+        m = re.match(pattern, line)
+        assert m and int(m.group(1)) == epoch and (m.group(2) is None) == (line == lines[-1]), line
