@@ -40,7 +40,7 @@ from pathlib import Path
 from stat import S_ISLNK
 from typing import Callable, Sequence
 
-from indexer.pipeline import Indexer, Summary
+from indexer.pipeline import Indexer, Stopped, Summary
 from indexer.scan import BAD_NAME, FileEntry, printable, scan_folder, storable
 from searchengine.links import OUTSIDE_MESSAGE, LinkPolicy, folder_link_allowed
 from searchengine.imageio import image_extensions
@@ -118,6 +118,8 @@ class Watcher:
         self.failure: str | None = None  # the last update's error, while paths wait for a retry
         self._next_root_check = 0.0
         self._said_absent: dict[str, str | None] = {}  # root -> why it is absent, as last logged
+        self.since_start = Summary()  # what the events did after the catch-up (`add_up`)
+        self.left = 0  # files of the update `stop` ended, left for the next start
 
     # -- life ------------------------------------------------------------------------------
 
@@ -142,14 +144,20 @@ class Watcher:
         self._thread.start()
         return summary
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 60.0) -> bool:
+        """Stop watching; an update in progress ends before its next batch is committed (what
+        it had not committed is found again at the next start's catch-up). True when the
+        watcher's thread has ended within `timeout_s`."""
         self._stop.set()
+        self.indexer.stop()
         for observer in self._observers.values():
             observer.stop()
         for observer in self._observers.values():
-            observer.join(timeout=10)
+            observer.join(timeout=min(10.0, timeout_s))
         if self._thread is not None:
-            self._thread.join(timeout=60)
+            self._thread.join(timeout=timeout_s)
+            return not self._thread.is_alive()
+        return True
 
     def health(self) -> str | None:
         """None while the watcher works; else what is wrong (for /healthz)."""
@@ -363,6 +371,9 @@ class Watcher:
             self._updating = len(changed) + len(removed)
         try:
             summary = self.indexer.update(changed, removed, Summary(record=True))
+        except Stopped:  # `stop`: the next start's catch-up scan finds these files again
+            self.left = len(changed) + len(removed)
+            return None
         except Exception as e:  # noqa: BLE001 - kept and retried, never forgotten
             self._retry([c.path for c in changed] + removed, e)
             return None
@@ -385,6 +396,7 @@ class Watcher:
             summary.indexed, summary.linked, summary.moved, summary.removed, summary.skipped,
         )
         self.library.maybe_backup()  # at most once per backup_interval_s
+        add_up(self.since_start, summary)
         self.on_update(summary)
         return summary
 
@@ -422,6 +434,13 @@ class Watcher:
             self._dirty.pop(path, None)
             self._looked.pop(path, None)
             self._missing_since.pop(path, None)
+
+
+def add_up(total: Summary, more: Summary) -> None:
+    """Add one update's counts to a running total (the watcher's since its start)."""
+    for name in ("indexed", "linked", "moved", "removed", "unchanged"):
+        setattr(total, name, getattr(total, name) + getattr(more, name))
+    total.failed.update(more.failed)
 
 
 class _Handler:

@@ -787,17 +787,38 @@ def cmd_watch(args: argparse.Namespace, out, err) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     summary = watcher.start()
-    print(f"caught up: {summary.indexed} indexed, {summary.moved} moved, {summary.removed} removed, "
-          f"{summary.skipped} skipped; watching "
-          + ", ".join(f"{root} ({mode})" for root, mode in watcher.modes.items()), file=out, flush=True)
+    print(caught_up(summary, watcher.modes), file=out, flush=True)
     try:
         stop.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        watcher.stop()
-        library.close()
+        # Within 2 s: an update in progress ends before its next commit, and a model batch on
+        # its way is not waited for (it took 12 s); the next start's catch-up finds its files.
+        ended = watcher.stop(timeout_s=1.5)
+        if ended:
+            library.close()
+        print(stopped_watching(watcher.since_start, watcher.left if ended else None), file=out, flush=True)
     return 0
+
+
+def caught_up(summary, modes: dict[str, str]) -> str:
+    """The line a watcher says once its catch-up scan is done (`watch`, and `serve --watch`'s log)."""
+    return (f"caught up: {summary.indexed} indexed, {summary.linked} linked, {summary.moved} moved, "
+            f"{summary.unchanged} unchanged, {summary.removed} removed, {summary.skipped} skipped; watching "
+            + ", ".join(f"{root} ({mode})" for root, mode in modes.items()))
+
+
+def stopped_watching(since, left: int | None) -> str:
+    """What the watcher did after its catch-up; `left`: files of an update cut short, None
+    when it was still running (its files are as many as were on their way)."""
+    line = (f"stopped watching: since catching up {since.indexed} indexed, {since.linked} linked, {since.moved} moved, "
+            f"{since.removed} removed, {since.skipped} skipped")
+    if left is None:
+        line += "; an update was still on its way: its files are indexed at the next start"
+    elif left:
+        line += f"; {left} changed file{'s' if left != 1 else ''} left for the next start"
+    return line
 
 
 def _watch_in_server(settings: Settings, args: argparse.Namespace, captioner):
@@ -817,8 +838,10 @@ def _watch_in_server(settings: Settings, args: argparse.Namespace, captioner):
         # service.model is the locked model: indexing and queries take turns on it.
         indexer = Indexer(service.model, library, settings, captioner=captioner)
         watcher = Watcher(indexer, args.watch, poll=args.poll, debounce_s=args.debounce)
-        watcher.start()
-        logging.getLogger("indexer.watch").info("watching %s", watcher.modes)
+        log = logging.getLogger("indexer.watch")
+        log.info("catching up with %s, then watching", ", ".join(map(str, watcher.roots)))
+        summary = watcher.start()
+        log.info("%s", caught_up(summary, watcher.modes))
         return _ServerWatch(watcher)
 
     return on_ready
@@ -832,7 +855,9 @@ class _ServerWatch:
         self.watcher = watcher
 
     def stop(self) -> None:
-        self.watcher.stop()  # the library is the server's, closed by it
+        # The library is the server's, closed by it once this returns: so wait for the thread.
+        ended = self.watcher.stop()
+        logging.getLogger("indexer.watch").info("%s", stopped_watching(self.watcher.since_start, self.watcher.left if ended else None))
 
     def health(self) -> str | None:
         return self.watcher.health()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Sequence
 
 # The commands that take the data dir's writer lock (as `searchengine.cli.WRITERS`, and
@@ -66,7 +67,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
     from searchengine.cli import main as cli_main
 
-    return cli_main(args)
+    code = cli_main(args)
+    if any(t.is_alive() for t in threading.enumerate() if t is not threading.main_thread()):
+        leave_now(code)
+    return code
+
+
+def leave_now(code: int) -> None:
+    """End the process without waiting for the threads still running: after Ctrl-C, a model
+    batch or a decode the command has given up on (its results are never written). Python
+    would join them first (8-18 s for a batch of the real model on a CPU), and a thread still
+    inside native code when the interpreter finalizes is what printed "terminate called
+    without an active exception". The exit handlers still run (logs, temporary folders, a
+    local Ray), and the streams are flushed; the threads' work is dropped, as a kill would
+    drop it, which the index survives by design."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
