@@ -42,6 +42,8 @@ from typing import Callable, Sequence
 
 from indexer.pipeline import Indexer, Stopped, Summary
 from indexer.scan import BAD_NAME, FileEntry, printable, scan_folder, storable
+from searchengine.errors import SearchEngineError
+from searchengine.store import is_unreachable
 from searchengine.links import OUTSIDE_MESSAGE, LinkPolicy, folder_link_allowed
 from searchengine.imageio import image_extensions
 
@@ -119,6 +121,7 @@ class Watcher:
         self._next_root_check = 0.0
         self._said_absent: dict[str, str | None] = {}  # root -> why it is absent, as last logged
         self.since_start = Summary()  # what the events did after the catch-up (`add_up`)
+        self._store_failure: str | None = None  # why the last round could not use the store (logged once)
         self.left = 0  # files of the update `stop` ended, left for the next start
 
     # -- life ------------------------------------------------------------------------------
@@ -163,6 +166,8 @@ class Watcher:
         """None while the watcher works; else what is wrong (for /healthz)."""
         if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
             return "the watcher has stopped: new photos are not indexed; see the log, then restart"
+        if self._store_failure is not None:
+            return f"{self.pending()} changes wait: {self._store_failure}"
         if self.failure is not None:
             return f"indexing {len(self._attempts)} changed files failed ({self.failure}); retrying"
         return None
@@ -298,8 +303,14 @@ class Watcher:
                     for root in self.check_roots():
                         self._rescan(root)
                 self.step()
-            except Exception:  # one bad round must not end the watch
-                log.exception("watcher step failed")
+                self._store_failure = None
+            except Exception as e:  # one bad round must not end the watch
+                if isinstance(e, SearchEngineError) or is_unreachable(e):  # the store cannot be used now: retried
+                    if self._store_failure != str(e):  # said once, not four times a second
+                        log.error("cannot look at the changes now, %d waiting: %s", self.pending(), e)
+                    self._store_failure = str(e)
+                else:
+                    log.exception("watcher step failed")
 
     def _rescan(self, root: Path) -> None:
         """What changed under a root while nothing watched it: every path the store or the disk
@@ -339,8 +350,8 @@ class Watcher:
             if look is None:
                 gone.append(path)
                 continue
+            known = self.library.file_state(path)  # before the path leaves the list: a store error keeps it
             self._done(path)
-            known = self.library.file_state(path)
             if known is None or (known.size, known.mtime_ns) != look:
                 changed.append(FileEntry(path, *look))
             else:  # as indexed already: a retry of a file the failed update had committed

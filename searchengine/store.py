@@ -65,6 +65,7 @@ from searchengine.errors import (
     SchemaError,
     SearchEngineError,
     StoreDamagedError,
+    StoreMissingError,
 )
 from searchengine.imageio import FILE_TYPES, ImageMeta, file_type
 from searchengine.keywords import Clause, KeywordQuery, path_words
@@ -224,8 +225,10 @@ class Stats:
     caption_failures: int = 0
 
 
-def sqlite_url(path: Path) -> str:
-    return f"sqlite:///{path}"
+def sqlite_url(path: Path) -> URL:
+    """The URL of an SQLite file, built rather than written: as text, a `?` or `#` in a
+    folder's name began a query string, and the store went to a path cut short there."""
+    return URL.create("sqlite", database=str(path))
 
 
 def sqlite_readonly_url(path: Path, *, no_room: bool = False) -> URL:
@@ -306,6 +309,41 @@ def is_unreachable(e: BaseException) -> bool:
     return not any(w in text for w in ("syntax error", "no such table", "no such column", "database is locked"))
 
 
+def _hold_to_file(engine: Engine, path: Path) -> None:
+    """Tie the engine to the SQLite file it opened: each time a connection is taken, the
+    path must still name that file (device and inode). A store deleted (`rm store.db*`) or
+    replaced under a running server was read and written through its old, unlinked file:
+    deleted photos still returned, new ones logged "indexed" and lost at exit. Now each use
+    after that raises StoreMissingError, which the API answers 503 and /healthz reports,
+    and which the watcher keeps retrying rather than losing its files."""
+    st = os.stat(path)
+    opened = (st.st_dev, st.st_ino)
+
+    def check() -> None:
+        try:
+            now = os.stat(path)
+            what = None if (now.st_dev, now.st_ino) == opened else "was replaced by another file"
+        except FileNotFoundError:
+            what = "was deleted"
+        except OSError:
+            return  # an unreadable folder: the database's own error says more
+        if what is not None:
+            raise StoreMissingError(
+                f"the store {path} {what} while this process had it open: nothing more is read from or written to the "
+                "file it had. Restart this process to open what is there now (`searchengine restore` puts back the "
+                "newest backup if the store was deleted)"
+            )
+
+    def connect(dialect, record, cargs, cparams) -> None:
+        check()
+        if cargs and cargs[0] == str(path):  # never make a new, empty file where the store was
+            cargs[0] = "file:" + urllib.parse.quote(str(path)) + "?mode=rw"
+            cparams["uri"] = True
+
+    event.listen(engine, "do_connect", connect)  # a new connection (its file could reuse the inode number)
+    event.listen(engine, "checkout", lambda *a: check())  # one from the pool, open on the file it had
+
+
 class Store:
     def __init__(self, engine: Engine, *, read_only: bool = False) -> None:
         self.engine = engine
@@ -330,6 +368,8 @@ class Store:
                 store._check_schema(where)
             else:
                 store._migrate()
+            if not read_only and engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+                _hold_to_file(engine, Path(engine.url.database))
         except DatabaseError as e:
             engine.dispose()
             if is_damage(e):

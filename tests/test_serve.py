@@ -104,3 +104,39 @@ def test_serve_with_watch_makes_new_photos_searchable(tmp_path, photo_files, tin
         while str(folder / "new.jpg") not in paths():
             assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.2)
+
+
+def test_a_store_deleted_under_serve_watch_is_neither_read_nor_written(tmp_path, photo_files, tiny_model_dir):
+    """`rm store.db*` under `serve --watch`: the routes answered 200 from the deleted file and
+    new photos were logged "indexed" into it, lost at exit (issue 27 B.5). Now every use of
+    the store says what happened, as a 503, and the watcher indexes nothing into it."""
+    import time
+
+    import tests.server as server
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "first.jpg").write_bytes(photo_files[0].read_bytes())
+    data = tmp_path / "data"
+    env = {**env_for(tiny_model_dir, data), "SEARCHENGINE_REFRESH_INTERVAL_S": "0.2"}
+    with server.running_server(env, tmp_path / "serve.log", extra_args=["--watch", str(folder), "--debounce", "0.2"]) as (base, _):
+        deadline = time.monotonic() + 90
+        while get(f"{base}/api/search?q=photo&rerank=false")[0] != 200 or b"first.jpg" not in get(f"{base}/api/search?q=photo&rerank=false")[1]:
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        for f in data.glob("store.db*"):
+            f.unlink()
+        status, body = get(f"{base}/api/search?q=photo&rerank=false")
+        assert status == 503 and "was deleted while this process had it open" in json.loads(body)["error"], body
+        status, body = get(f"{base}/healthz")
+        assert status == 503 and b"store.db is missing" in body, body
+        (folder / "late.jpg").write_bytes(photo_files[1].read_bytes())
+        deadline = time.monotonic() + 30
+        while "cannot look at the changes now, 1 waiting: the store " not in (tmp_path / "serve.log").read_text():
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        time.sleep(1)
+        log = (tmp_path / "serve.log").read_text()
+        assert "indexed " + str(folder / "late.jpg") not in log and log.count("cannot look at the changes now") == 1, log
+        assert "Traceback" not in log, log
+    assert not any(data.glob("store.db*"))  # nothing made a new, empty store in its place

@@ -345,3 +345,38 @@ def test_content_another_writer_commits_first_is_linked_not_refused(store_url):
         assert first.file_state("/b/other.jpg").image_id == new_ids[1]
     finally:
         first.close(), second.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_store_file_deleted_or_replaced_under_an_open_store_is_never_used(tmp_path, how):
+    """A running process went on reading and writing a store through its old, unlinked file
+    (issue 27 B.5): its pooled connections, and new ones that made a fresh empty file in its
+    place, or took the deleted file's inode number, so that a check by inode alone passed."""
+    import os
+    import shutil
+
+    from searchengine.errors import StoreMissingError
+
+    folder = tmp_path / "odd ?#% name"  # the path goes into an SQLite URI
+    folder.mkdir()
+    path = folder / "store.db"
+    store = Store.open(sqlite_url(path))
+    store.bind_model(ModelInfo(name="m", fingerprint="f" * 16, num_vectors=2, dim=4, vit_shape=(3, 8), dtype="float32"))
+    store.engine.dispose()  # a new connection: through the URI
+    assert store.model_info().name == "m"
+    if how == "deleted":
+        for f in folder.glob("store.db*"):
+            f.unlink()
+    else:
+        shutil.copy(path, tmp_path / "copy.db")
+        copy = os.stat(tmp_path / "copy.db").st_ino
+        os.replace(tmp_path / "copy.db", path)
+    for _ in range(2):  # a pooled connection, then (the pool let it go) a new one
+        with pytest.raises(StoreMissingError, match=f"the store .*store.db {'was deleted' if how == 'deleted' else 'was replaced by another file'} while this process had it open"):
+            store.model_info()
+        store.engine.dispose()
+    if how == "deleted":
+        assert list(folder.iterdir()) == []  # no new, empty store made in its place
+    else:
+        assert os.stat(path).st_ino == copy  # left as the other process put it
+    store.close()
