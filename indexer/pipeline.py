@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from indexer.scan import BAD_NAME, LINK_DUPLICATE, LINK_LOOP, LINK_OUTSIDE, FileEntry, printable, scan_folder, storable
-from indexer.stages import CaptionStage, Decoded, DecodeStage, Embedded, EmbedStage, Failed, Known, Read, ReadStage
+from indexer.stages import (
+    CaptionStage, Decoded, Embedded, EmbedStage, Failed, Known, Read, ReadStage, decode_stage, index_batch_size,
+)
 from searchengine import links, nearest
 from searchengine.captioner import Captioner
 from searchengine.errors import SearchEngineError
@@ -145,15 +147,10 @@ class Indexer:
         library.require_writable("indexing writes to it")
         self.library.bind(model_info(model), model.former_fingerprints)
         self._made_by: set[str] = set()  # how the models that made this run's vectors ran, as recorded
-        self.batch_size = settings.batch_size or model.index_batch(captioner.bytes_per_image() if captioner is not None else 0)
-        if settings.decode == "device":
-            from searchengine.device_decode import check
-
-            check(model.device)
+        self.batch_size = index_batch_size(model, settings, captioner.bytes_per_image() if captioner is not None else 0)
         self.read_stage = ReadStage(reader)
-        self.decode_stage = DecodeStage(
-            model.preprocessor, settings.max_image_pixels, *library.thumbnail_format,
-            captioner.preprocessor if captioner is not None else None, settings.decode, model.device,
+        self.decode_stage = decode_stage(
+            model, settings, library.thumbnail_format, captioner.preprocessor if captioner is not None else None,
         )
         self.embed_stage = EmbedStage(model, keep_vit=settings.writes_feature_cache(model.device) and library.keeps_features)
         self.caption_stage = CaptionStage(captioner) if captioner is not None else None

@@ -25,8 +25,7 @@ import numpy as np
 
 from indexer.pipeline import map_ahead
 from indexer.scan import FileEntry
-from indexer.stages import Decoded, DecodeStage, EmbedStage, Read, ReadStage
-from searchengine.devices import defaults_for
+from indexer.stages import Decoded, EmbedStage, Read, ReadStage, decode_stage, index_batch_size
 from searchengine.errors import SearchEngineError
 from searchengine.library import Library, model_info
 from searchengine.models import RetrievalModel
@@ -62,9 +61,9 @@ class Reindexer:
         self.progress = progress or (lambda n: None)
         self.on_total = on_total or (lambda n: None)
         self.on_skip = on_skip or (lambda what, message: None)
-        self.batch_size = settings.batch_size or defaults_for(model.device).index_batch
+        self.batch_size = index_batch_size(model, settings)
         self.read = ReadStage()
-        self.decode = DecodeStage(model.preprocessor, settings.max_image_pixels, *library.thumbnail_format, decode=settings.decode)
+        self.decode = decode_stage(model, settings, library.thumbnail_format)
         self.keep_vit = settings.writes_feature_cache(model.device)
         self.embed = EmbedStage(model, keep_vit=self.keep_vit)
 

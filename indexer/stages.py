@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from searchengine.captioner import Captioner
     from searchengine.models import RetrievalModel
+    from searchengine.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -347,3 +348,30 @@ class CaptionDecodeStage:
                 log.exception("unexpected error reading %s", path)
                 problems.append(f"{type(e).__name__}: {e}")
         return CaptionInput(image_id, paths[0] if paths else f"image {image_id}", None, "; ".join(problems) or "the image has no file")
+
+
+# -- how the stages are set up: decided here once, for every runner ---------------------------
+
+
+def decode_stage(
+    model: "RetrievalModel", settings: "Settings", thumbnail_format: tuple[int, int], caption_preprocess: Preprocessor | None = None,
+) -> DecodeStage:
+    """The decode stage every run uses (index, watch, the Ray runner, reindex, eval and the
+    fine-tune's ViT pass): `settings.decode` on the model's own device, so `decode = device`
+    decodes on the GPU the model is on (reindex and eval had left the device out, and decoded
+    on the CPU), with the thumbnail format of the library written to. A device decode that
+    cannot work here is refused before any file is read."""
+    if settings.decode == "device":
+        from searchengine.device_decode import check
+
+        check(model.device)
+    return DecodeStage(
+        model.preprocessor, settings.max_image_pixels, *thumbnail_format, caption_preprocess, settings.decode, model.device,
+    )
+
+
+def index_batch_size(model: "RetrievalModel", settings: "Settings", captioner_bytes: int = 0) -> int:
+    """Images per model batch for every run: the setting, else what the device holds (on a
+    CUDA GPU as many as its free memory takes, the captioner's share counted); reindex and
+    eval had taken the CPU-sized device default on a GPU too."""
+    return settings.batch_size or model.index_batch(captioner_bytes)

@@ -55,6 +55,12 @@ CHECKER_LIGHT = (153, 153, 153)
 CHECKER_DARK = (102, 102, 102)
 
 
+def thumbnail_format(settings) -> tuple[int, int]:
+    """(longest side in px, JPEG quality) of the thumbnails a library made with `settings`
+    keeps; `Library.thumbnail_format` is that of an open one."""
+    return settings.thumbnail_size, ThumbnailCache.quality
+
+
 class ThumbnailCache(IdFileCache):
     suffix = ".jpg"
     quality = 82

@@ -83,3 +83,17 @@ def test_the_api_maps_errors_by_type_and_its_routes_reach_no_storage():
         banned = {n for n in _imports(path) if n.split(".")[0] in ("sqlalchemy", "faiss", "torch")
                   or n in ("searchengine.store", "searchengine.vector_index", "searchengine.library")}
         assert not banned, (path, banned)
+
+
+def test_the_decode_stage_and_the_batch_size_are_built_in_one_place():
+    """`DecodeStage` was built three ways, and reindex and eval left out the device (so
+    `decode = device` decoded on the CPU) and sized batches for a CPU on a GPU; now every
+    run takes both from `indexer.stages.decode_stage` and `index_batch_size`."""
+    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py"), *ROOT.glob("tuning/*.py")]:
+        if path.name == "stages.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+                assert name != "DecodeStage", f"{path.relative_to(ROOT)}:{node.lineno} builds a DecodeStage"
+                assert name != "index_batch" or path.name == "stages.py", f"{path.relative_to(ROOT)}:{node.lineno} sizes a batch"

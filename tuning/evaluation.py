@@ -103,10 +103,11 @@ def decoder(model: "RetrievalModel", settings: Settings) -> Callable[[Path], "De
     """A file's path -> the indexer's read and decode stages' result (the pixels the index
     would get), or why it cannot be read."""
     from indexer.scan import FileEntry
-    from indexer.stages import DecodeStage, Failed, ReadStage
+    from indexer.stages import Failed, ReadStage, decode_stage
+    from searchengine.thumbnails import thumbnail_format
 
     read = ReadStage()
-    decode = DecodeStage(model.preprocessor, settings.max_image_pixels, settings.thumbnail_size, decode=settings.decode)
+    decode = decode_stage(model, settings, thumbnail_format(settings))  # as a library made with these settings
 
     def one(path: Path):
         try:
@@ -120,10 +121,10 @@ def decoder(model: "RetrievalModel", settings: Settings) -> Callable[[Path], "De
 
 
 def batch_size(model: "RetrievalModel", settings: Settings) -> int:
-    """Images per model batch: the setting, else the device's default (as indexing)."""
-    from searchengine.devices import defaults_for
+    """Images per model batch, as indexing takes them."""
+    from indexer.stages import index_batch_size
 
-    return settings.batch_size or defaults_for(model.device).index_batch
+    return index_batch_size(model, settings)
 
 
 def from_vit(model: "RetrievalModel", emb: Embedded, settings: Settings) -> Embedded:
