@@ -589,7 +589,7 @@ def _search_filters(args: argparse.Namespace):
 
 
 def cmd_search(args: argparse.Namespace, out, err) -> int:
-    from searchengine.queries import Steer, check_examples, check_filters, parse_for_mode
+    from searchengine.queries import Steer, check_examples, check_filters, check_min_itm, check_page, parse_for_mode
 
     settings = _settings(args)
     query = " ".join(args.query).strip()
@@ -598,10 +598,8 @@ def cmd_search(args: argparse.Namespace, out, err) -> int:
         raise SearchEngineError("search by words (with --like/--unlike) or by --image, not both")
     if not args.image and not query and not steer.like:
         raise SearchEngineError("the query is empty: type some words that describe the picture (or --image PATH, or --like ID)")
-    if args.k < 1:
-        raise SearchEngineError("-k must be at least 1")
-    if args.min_itm is not None and not 0 <= args.min_itm <= 1:
-        raise SearchEngineError(f"--min-itm is a probability, from 0 to 1, not {args.min_itm}")
+    check_page(args.k, k_name="-k")
+    check_min_itm(args.min_itm, name="--min-itm")
     filters = _search_filters(args)
     keyword_only = settings.search_mode == "keyword" and not args.image
     if query:

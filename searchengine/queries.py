@@ -148,6 +148,24 @@ def parse_example(value: str) -> Example:
     return image_id, weight
 
 
+# A page of results, for every interface: the API states these in its schema (a page of at
+# most MAX_K, at most MAX_OFFSET deep); the CLI prints as many as it is asked for.
+MAX_K = 200
+MAX_OFFSET = 10_000
+
+
+def check_page(k: int, offset: int = 0, *, k_name: str = "k") -> None:
+    if k < 1:
+        raise QueryError(f"{k_name} must be at least 1, not {k}")
+    if offset < 0:
+        raise QueryError(f"offset must be at least 0, not {offset}")
+
+
+def check_min_itm(min_itm: float | None, *, name: str = "min_itm") -> None:
+    if min_itm is not None and not (0.0 <= min_itm <= 1.0):  # NaN fails this too
+        raise QueryError(f"{name} is a probability, from 0 to 1, not {min_itm}")
+
+
 def check_filters(library, filters: Filters | None) -> None:
     """FolderNotFoundError when the folder filter names no indexed folder: a typo or a path
     written the wrong way would otherwise look like a search with no results. Needs the
@@ -359,6 +377,13 @@ class Searcher:
     def check_filters(self, filters: Filters | None) -> None:
         check_filters(self.library, filters)
 
+    def _rerank_depth(self, mode: str, rerank: int | None, semantic_words: bool = True) -> int:
+        """How many candidates ITM re-scores: none in keyword mode or with no words for the
+        semantic side, else the request's number, else the `rerank_top` setting."""
+        if mode == "keyword" or not semantic_words:
+            return 0
+        return self.settings.rerank_top if rerank is None else rerank
+
     def allowed_ids(self, filters: Filters | None, excluded: np.ndarray | None = None) -> np.ndarray | None:
         allowed = None
         if filters is not None and filters.active:
@@ -395,7 +420,7 @@ class Searcher:
         `known_itm`: ITM scores from a shallower ranking of the same query, reused rather than
         recomputed when a deeper page needs a deeper ranking (the re-ranked top is the same).
         """
-        rerank = 0 if mode == "keyword" else self.settings.rerank_top if rerank is None else rerank
+        rerank = self._rerank_depth(mode, rerank)
         filters = filters or Filters()
         t0 = time.perf_counter()
         excluded = self.library.keyword_matches(kq.excluded) if kq.excluded else None
@@ -517,16 +542,14 @@ class Searcher:
             if mode == "keyword":
                 raise QueryError("keyword search needs words; example images steer the semantic side")
             kq, mode = parse_query(""), "semantic"
-        if k < 1 or offset < 0:
-            raise QueryError("k must be at least 1 and offset at least 0")
-        if min_itm is not None and not (0.0 <= min_itm <= 1.0):
-            raise QueryError(f"min_itm is a probability, from 0 to 1, not {min_itm}")
+        check_page(k, offset)
+        check_min_itm(min_itm)
         if steer.active and mode == "keyword":
             raise QueryError("example images (like/unlike) steer the semantic side, which keyword mode has not; use mode hybrid or semantic")
         filters = filters or Filters()
         t0 = time.perf_counter()
         depth = max(offset + k, self.settings.k_candidates)
-        rerank = 0 if mode == "keyword" or not kq.semantic_text else self.settings.rerank_top if rerank is None else rerank
+        rerank = self._rerank_depth(mode, rerank, bool(kq.semantic_text))
         key = ("text", text, mode, rerank, filters, steer, self.library.revision)
         ranking, shallower = rankings.get(key, depth) if rankings is not None else (None, None)
         if ranking is not None:
@@ -616,8 +639,7 @@ class Searcher:
     ) -> Page:
         """Images like an example image, or like the ITC vectors [Q, D] of one (the service
         embeds its uploads itself, taking turns): the one path of the CLI and the service."""
-        if k < 1 or offset < 0:
-            raise QueryError("k must be at least 1 and offset at least 0")
+        check_page(k, offset)
         if self.model is None:
             raise QueryError("search by example image needs the model")
         self.check_filters(filters)  # before the model's work

@@ -97,3 +97,17 @@ def test_the_decode_stage_and_the_batch_size_are_built_in_one_place():
                 name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
                 assert name != "DecodeStage", f"{path.relative_to(ROOT)}:{node.lineno} builds a DecodeStage"
                 assert name != "index_batch" or path.name == "stages.py", f"{path.relative_to(ROOT)}:{node.lineno} sizes a batch"
+
+
+def test_a_page_and_the_rerank_default_are_decided_once():
+    """The bounds on k, offset and min_itm were written in the CLI, in two places of
+    queries.py and in the API; the re-rank default twice in queries.py. Now queries.py holds
+    `check_page`, `check_min_itm`, MAX_K/MAX_OFFSET (the API's schema takes them) and
+    `Searcher._rerank_depth`."""
+    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py"), *ROOT.glob("tuning/*.py")]:
+        text = path.read_text()
+        for written in ("k < 1", "min_itm <= 1", "min_itm <= 1.0", "MAX_K = ", "MAX_OFFSET = "):
+            assert written not in text or (path.name == "queries.py" and text.count(written) == 1), (path, written)
+        if path.name != "queries.py":
+            assert "rerank_top if rerank is None" not in text, path
+    assert (ROOT / "searchengine/queries.py").read_text().count("self.settings.rerank_top") == 1

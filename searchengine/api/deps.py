@@ -13,10 +13,9 @@ from fastapi import Depends, Path, Query, Request
 from pydantic import BeforeValidator
 
 from searchengine.api.guards import PLAIN_TEXT, refuse_control_characters, strict_image_id, strict_iso_date
-from searchengine.api.schemas import MAX_K, MAX_OFFSET
 from searchengine.api.errors import FileReadTimeout, NotReady
 from searchengine.metrics import Metrics
-from searchengine.queries import Filters
+from searchengine.queries import MAX_K, MAX_OFFSET, Filters
 from searchengine.serving import QueryService
 from searchengine.settings import Settings
 

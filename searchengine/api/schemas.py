@@ -10,9 +10,6 @@ from searchengine.api.guards import NOT_BLANK
 from searchengine.queries import Hit, Page
 from searchengine.vqa import MAX_QUESTION_CHARS
 
-MAX_K = 200
-MAX_OFFSET = 10_000
-
 
 class Mode(str, Enum):
     hybrid = "hybrid"
