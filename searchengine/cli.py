@@ -25,6 +25,7 @@ from searchengine import __version__, wiring
 from searchengine.nearest import missing_folder
 from tuning import cli as cli_models
 from searchengine.captioner import CPU_DEFAULT, GPU_DEFAULT
+from searchengine.imageio import FILE_TYPES, ORIENTATIONS
 from searchengine.errors import IndexNotFoundError, SearchEngineError, StoreDamagedError, StoreMissingError
 from searchengine.settings import DEFAULT_MODEL, Settings
 
@@ -104,8 +105,8 @@ def _filter_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--before", type=_date, metavar="DATE", help="only images taken on or before DATE (YYYY-MM-DD or an ISO date-time)")
     g.add_argument("--camera", help="only images from this camera (as search --json shows it)")
     g.add_argument("--lens", help="only images taken with this lens (EXIF lens model)")
-    g.add_argument("--type", dest="file_type", choices=["jpeg", "png", "heic", "avif", "webp", "gif", "tiff", "bmp"], help="only images with a file of this type")
-    g.add_argument("--orientation", choices=["landscape", "portrait", "square"], help="only images of this shape")
+    g.add_argument("--type", dest="file_type", choices=list(FILE_TYPES), help="only images with a file of this type")
+    g.add_argument("--orientation", choices=ORIENTATIONS, help="only images of this shape")
 
 
 def _date(text: str) -> date:

@@ -27,13 +27,17 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from searchengine.errors import BadImageError
 
 _BASE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"}
-_HEIF_EXTENSIONS = {".heic", ".heif", ".hif"}
-_AVIF_EXTENSIONS = {".avif"}
-# The file type facet: one name per format, whatever the extension's spelling.
+# The file type facet: one name per format, whatever the extension's spelling. The CLI's
+# --type, the API's `type` and the filters take their names from here.
 FILE_TYPES = {
     "jpeg": (".jpg", ".jpeg", ".jpe"), "png": (".png",), "heic": (".heic", ".heif", ".hif"), "avif": (".avif",),
     "webp": (".webp",), "gif": (".gif",), "tiff": (".tif", ".tiff"), "bmp": (".bmp",),
 }
+_HEIF_EXTENSIONS = set(FILE_TYPES["heic"])
+_AVIF_EXTENSIONS = set(FILE_TYPES["avif"])
+# An image's shape as shown (after its EXIF rotation), for the orientation filter and facet;
+# the store says what each means in SQL.
+ORIENTATIONS = ("landscape", "portrait", "square")
 
 
 def file_type(path: str) -> str | None:

@@ -28,6 +28,7 @@ import numpy as np
 
 from searchengine import nearest
 from searchengine.errors import FolderNotFoundError, ImageNotFoundError, QueryError
+from searchengine.imageio import ORIENTATIONS
 from searchengine.keywords import KeywordQuery, parse_query, words
 from searchengine.library import Library, model_info
 from searchengine.models import RetrievalModel
@@ -85,7 +86,6 @@ class Page:
     strong: int | None = None
 
 
-ORIENTATIONS = ("landscape", "portrait", "square")
 
 
 @dataclass(frozen=True)

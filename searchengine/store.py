@@ -67,7 +67,7 @@ from searchengine.errors import (
     StoreDamagedError,
     StoreMissingError,
 )
-from searchengine.imageio import FILE_TYPES, ImageMeta, file_type
+from searchengine.imageio import FILE_TYPES, ORIENTATIONS, ImageMeta, file_type
 from searchengine.keywords import Clause, KeywordQuery, path_words
 from searchengine.textindex import KeywordHit, TextIndex, text_index_for
 
@@ -985,9 +985,7 @@ class Store:
                     .group_by(column).order_by(func.count().desc(), column).limit(limit)
                 )
                 out[name] = [(v, n) for v, n in conn.execute(q)]
-            shape = case(
-                (images.c.width > images.c.height, "landscape"), (images.c.height > images.c.width, "portrait"), else_="square",
-            )
+            shape = case(*((_ORIENTATIONS[name], name) for name in ORIENTATIONS), else_="square")  # no size: as before
             q = select(shape, func.count()).where(images.c.id.in_(self._filter_select(filters, skip="orientation"))).group_by(shape)
             out["orientation"] = sorted(((v, n) for v, n in conn.execute(q)), key=lambda x: (-x[1], x[0]))
             within = self._filter_select(filters, skip="type")
@@ -1155,7 +1153,7 @@ class Store:
         )
 
 
-_ORIENTATIONS = {
+_ORIENTATIONS = {  # what each of imageio.ORIENTATIONS means
     "landscape": images.c.width > images.c.height,
     "portrait": images.c.height > images.c.width,
     "square": images.c.width == images.c.height,

@@ -111,3 +111,21 @@ def test_a_page_and_the_rerank_default_are_decided_once():
         if path.name != "queries.py":
             assert "rerank_top if rerank is None" not in text, path
     assert (ROOT / "searchengine/queries.py").read_text().count("self.settings.rerank_top") == 1
+
+
+def test_the_file_types_and_orientations_are_listed_once():
+    """Each list was written 3-4 times (CLI choices, API literals, filters, store, HEIF/AVIF
+    sniffing); imageio holds both, and everything takes them from there."""
+    from searchengine import store
+    from searchengine.imageio import FILE_TYPES, ORIENTATIONS
+
+    assert set(store._ORIENTATIONS) == set(ORIENTATIONS)
+    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py")]:
+        if path.name == "imageio.py":
+            continue
+        text = path.read_text()
+        assert '"landscape", "portrait"' not in text and '"heic", "avif"' not in text, path
+        assert '".heic", ".heif"' not in text, path
+    imageio = (ROOT / "searchengine/imageio.py").read_text()
+    assert imageio.count('".heic", ".heif", ".hif"') == 1 and imageio.count('"landscape", "portrait", "square"') == 1
+    assert list(FILE_TYPES)[:2] == ["jpeg", "png"]

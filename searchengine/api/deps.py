@@ -15,6 +15,7 @@ from pydantic import BeforeValidator
 from searchengine.api.guards import PLAIN_TEXT, refuse_control_characters, strict_image_id, strict_iso_date
 from searchengine.api.errors import FileReadTimeout, NotReady
 from searchengine.metrics import Metrics
+from searchengine.imageio import FILE_TYPES, ORIENTATIONS
 from searchengine.queries import MAX_K, MAX_OFFSET, Filters
 from searchengine.serving import QueryService
 from searchengine.settings import Settings
@@ -109,11 +110,11 @@ TakenBefore = Annotated[
 Camera = Annotated[str | None, Query(max_length=200, pattern=PLAIN_TEXT, description="only images from this camera (a value of /api/facets)")]
 Lens = Annotated[str | None, Query(max_length=200, pattern=PLAIN_TEXT, description="only images taken with this lens (a value of /api/facets)")]
 FileType = Annotated[
-    Literal["jpeg", "png", "heic", "avif", "webp", "gif", "tiff", "bmp"] | None,
+    Literal[tuple(FILE_TYPES)] | None,
     Query(alias="type", description="only images with a file of this type"),
 ]
 Orientation = Annotated[
-    Literal["landscape", "portrait", "square"] | None, Query(description="only images of this shape, as shown"),
+    Literal[ORIENTATIONS] | None, Query(description="only images of this shape, as shown"),
 ]
 # Path before the validator: after it, pydantic writes ge/le into the schema as they are, which
 # are not JSON Schema keywords (0 was "valid" to a client reading the schema, and got a 422).
