@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from searchengine.errors import SearchEngineError
+from searchengine.durable import fsync_path
 
 _NAME = re.compile(r"^store-(\d{8}T\d{6}\.\d{6})-(\d+)\.db$")
 
@@ -100,9 +101,9 @@ def make_backup(store_path: Path, revision: int, keep: int) -> Backup:
                 dst.close()
         finally:
             src.close()
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, final)
-        _fsync(folder)
+        fsync_path(folder)
     except (OSError, sqlite3.Error) as e:
         tmp.unlink(missing_ok=True)
         raise BackupError(f"cannot back up the store {store_path} to {folder}: {e}") from e
@@ -139,20 +140,13 @@ def restore(store_path: Path, backup: Backup) -> None:
         with open(backup.path, "rb") as src, open(tmp, "wb") as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
-        _fsync(tmp)
+        fsync_path(tmp)
         for suffix in ("-wal", "-shm", "-journal"):  # the damaged store's, never the backup's
             Path(str(store_path) + suffix).unlink(missing_ok=True)
         os.replace(tmp, store_path)
-        _fsync(store_path.parent)
+        fsync_path(store_path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise BackupError(f"cannot restore {backup.path} to {store_path}: {e}") from e
 
 
-def _fsync(path: Path) -> None:
-    """fsync a file, or a folder (so a rename in it is durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

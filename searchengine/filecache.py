@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from pathlib import Path
 from typing import Iterable
+
+from searchengine.durable import write_atomic
 
 
 DIGEST_BYTES = 16
@@ -48,13 +49,7 @@ class IdFileCache:
     def put_bytes(self, image_id: int, data: bytes) -> None:
         path = self.path(image_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk leaves no half file behind
-            raise
+        write_atomic(path, lambda tmp: tmp.write_bytes(data), fsync=False)  # a cache: remade when missing
 
     def sweep(self) -> int:
         """Remove temporary files that a process which is gone left behind (a crash or a kill

@@ -58,6 +58,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DatabaseError, IntegrityError
 
+from searchengine.durable import disk_full
 from searchengine.errors import (
     ModelMismatchError,
     QueryError,
@@ -275,14 +276,6 @@ def _sqlite_readonly_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def _disk_full(folder: Path) -> bool:
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < 1 << 20
-
-
 def damage(e: BaseException) -> str:
     """What SQLite said about a damaged file, in its own words (first line, no SQL)."""
     orig = getattr(e, "orig", None) or e
@@ -374,7 +367,7 @@ class Store:
             engine.dispose()
             if is_damage(e):
                 raise StoreDamagedError(f"the store {where} is damaged: {damage(e)}") from e
-            if location and _disk_full(Path(location).parent):  # SQLite says "disk I/O error"
+            if location and disk_full(Path(location).parent):  # SQLite says "disk I/O error"
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), location) from e
             raise
         except BaseException:

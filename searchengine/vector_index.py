@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
+from searchengine.durable import disk_full, write_atomic  # noqa: F401 - write_atomic: ann and library write through it
+
 if TYPE_CHECKING:
     import faiss
 
@@ -176,12 +178,7 @@ class VectorIndex:
 
     def save(self, path: Path) -> None:
         # FAISS meets a full disk with a C++ error printed to stderr: look for room first.
-        need = self.index.ntotal * (self.dim * 4 + 8) + (1 << 20)
-        try:
-            st = os.statvfs(Path(path).parent)
-        except OSError:
-            st = None
-        if st is not None and st.f_bavail * st.f_frsize < need:
+        if disk_full(Path(path).parent, need=self.index.ntotal * (self.dim * 4 + 8) + (1 << 20)):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         # write_index streams to the file; serialize_index would hold a second copy in memory.
         write_atomic(path, lambda tmp: _faiss().write_index(self.index, str(tmp)))
@@ -211,33 +208,3 @@ def _group_max(labels: np.ndarray, scores: np.ndarray, k: int) -> Candidates:
     return Candidates(uniq[order].astype(np.int64), scores[first[order]].astype(np.float32))
 
 
-def _disk_full(folder: Path) -> bool:
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < 1 << 20  # under 1 MiB left
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)`, fsync, rename over `path`, fsync the folder: a crash leaves old or new."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, RuntimeError) and _disk_full(path.parent):  # FAISS reports it as a C++ assertion
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -129,3 +129,12 @@ def test_the_file_types_and_orientations_are_listed_once():
     imageio = (ROOT / "searchengine/imageio.py").read_text()
     assert imageio.count('".heic", ".heif", ".hif"') == 1 and imageio.count('"landscape", "portrait", "square"') == 1
     assert list(FILE_TYPES)[:2] == ["jpeg", "png"]
+
+
+def test_durable_writes_are_written_once():
+    """Atomic write, fsync and the disk-full test were each written 2-3 times (vector index,
+    backup, store, fine-tune, caches); searchengine/durable.py holds them."""
+    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py"), *ROOT.glob("tuning/*.py")]:
+        if path.name != "durable.py":
+            text = path.read_text()
+            assert "os.fsync(" not in text and "statvfs(" not in text, path

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from searchengine.errors import SearchEngineError
+from searchengine.durable import write_json
 from searchengine.settings import Settings
 from tuning import evaluation
 from tuning.datasets import CaptionedSet
@@ -132,7 +133,7 @@ class ViTCache:
                 self.array[rows] = model.vit(torch.stack(pixels)).float().cpu().numpy().astype(np.float16)
                 self.array.flush()
             self.done = end
-            _write_json(self.state_path, {"done": self.done, "bad": self.bad})
+            write_json(self.state_path, {"done": self.done, "bad": self.bad})
             progress(end - start)
 
     def rows(self, index: np.ndarray) -> "torch.Tensor":
@@ -375,13 +376,7 @@ def _claim(out: Path, work: Path, key: str) -> None:
             )
         return
     work.mkdir(parents=True)
-    _write_json(work / "run.json", {"key": key})
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_json(work / "run.json", {"key": key})
 
 
 def _save_checkpoint(work: Path, key: str, step: int, m, temp, opt, before: dict) -> None:
@@ -418,5 +413,5 @@ def _save_model(model: "RetrievalModel", out: Path, work: Path, report: Report) 
         model.tokenizer.save_pretrained(final)
     for item in final.iterdir():
         os.replace(item, out / item.name)
-    _write_json(out / REPORT, asdict(report))
+    write_json(out / REPORT, asdict(report))
     shutil.rmtree(work, ignore_errors=True)
