@@ -31,7 +31,7 @@ from indexer.stages import (
 )
 from searchengine import links, nearest
 from searchengine.captioner import Captioner
-from searchengine.errors import SearchEngineError
+from searchengine.errors import SearchEngineError, Stopped
 from searchengine.imageio import read_file
 from searchengine.library import Library, NewImage, model_info
 from searchengine.models import RetrievalModel
@@ -106,11 +106,6 @@ def map_ahead(fn: Callable[[T], R], items: Iterable[T], workers: int, window: in
         finished = True
     finally:
         pool.shutdown(wait=finished, cancel_futures=True)
-
-
-class Stopped(Exception):
-    """`Indexer.stop` was called: the run ended between two batches, with every batch before
-    committed; the files of the one on its way are handled by the next run."""
 
 
 class Indexer:

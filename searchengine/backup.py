@@ -21,14 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from searchengine.errors import SearchEngineError
+from searchengine.errors import BackupError
 from searchengine.durable import fsync_path
 
 _NAME = re.compile(r"^store-(\d{8}T\d{6}\.\d{6})-(\d+)\.db$")
-
-
-class BackupError(SearchEngineError):
-    """A backup could not be made, found or restored."""
 
 
 @dataclass(frozen=True)

@@ -72,3 +72,39 @@ class IndexedFileError(SearchEngineError):
 class IndexedFileGone(IndexedFileError):
     """An indexed image has no file left that is still the content that was indexed (deleted,
     changed, or a link that now leads elsewhere)."""
+
+
+# Raised where the work is done, kept here with the rest (the API maps them by type).
+
+
+class BackupError(SearchEngineError):
+    """A backup could not be made, found or restored."""
+
+
+class ServiceBusy(SearchEngineError):
+    """Too much work of one kind in flight: answered 503 with Retry-After."""
+
+
+class VqaUnavailable(SearchEngineError):
+    """No model that answers questions can be loaded; the message says why and what helps."""
+
+
+class NotReady(Exception):
+    """The service is still loading (or could not start: the reason is the argument)."""
+
+
+class FileReadTimeout(Exception):
+    """Reading an image's file took too long (a slow or hung disk)."""
+
+
+class DatasetError(SearchEngineError):
+    """A captioned set that cannot be read at all, or holds no usable caption."""
+
+
+class FinetuneError(SearchEngineError):
+    """The run cannot start (an output folder in the way, an interrupted run of other settings)."""
+
+
+class Stopped(Exception):
+    """`Indexer.stop` was called: the run ended between two batches, with every batch before
+    committed; the files of the one on its way are handled by the next run."""

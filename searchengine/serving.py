@@ -23,7 +23,9 @@ from PIL import Image
 
 from searchengine.batcher import MicroBatcher
 from searchengine.duplicates import Duplicates
-from searchengine.errors import BadImageError, ImageNotFoundError, IndexedFileError, IndexedFileGone, SearchEngineError, UploadError, UploadTooLarge
+from searchengine.errors import (
+    BadImageError, ImageNotFoundError, IndexedFileError, IndexedFileGone, ServiceBusy, UploadError, UploadTooLarge,
+)
 from searchengine.imageio import decode_image
 from searchengine.indexed_file import IndexedFileOpener, OpenedFile
 from searchengine.library import ImageDetail, Library
@@ -47,10 +49,6 @@ def _indexed_file_errors() -> Iterator[None]:
         if e.reason == "vanished":
             raise IndexedFileGone(f"the image's file is gone: {e}") from e
         raise IndexedFileError(f"the image's file cannot be read any more ({e}); re-index its folder") from e
-
-
-class ServiceBusy(SearchEngineError):
-    """Too much work of one kind in flight: answered 503 with Retry-After."""
 
 
 def release_memory() -> None:

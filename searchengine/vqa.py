@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from searchengine.errors import ModelLoadError, QueryError, SearchEngineError
+from searchengine.errors import ModelLoadError, QueryError, SearchEngineError, VqaUnavailable
 from searchengine.models import _first_line, int8_loading, load_config, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
@@ -31,10 +31,6 @@ MAX_QUESTION_CHARS = 300
 MAX_ANSWER_CHARS = 500
 ANSWER_TOKENS = 30
 EXAMPLE_VQA_MODEL = "Salesforce/blip2-opt-2.7b"
-
-
-class VqaUnavailable(SearchEngineError):
-    """No model that answers questions can be loaded; the message says why and what helps."""
 
 
 @dataclass

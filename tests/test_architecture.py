@@ -138,3 +138,23 @@ def test_durable_writes_are_written_once():
         if path.name != "durable.py":
             text = path.read_text()
             assert "os.fsync(" not in text and "statvfs(" not in text, path
+
+
+def test_every_exception_lives_in_errors_py():
+    """Exceptions were defined where they were raised, so the API's error table imported the
+    service and the VQA module to name them. All but private control-flow ones are in
+    searchengine/errors.py now, and the table imports nothing else of ours but the store's
+    error readers and the request guards."""
+    import searchengine.errors as errors
+
+    known = {name for name in dir(errors) if isinstance(getattr(errors, name), type)}
+    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py"), *ROOT.glob("tuning/*.py")]:
+        if path.name == "errors.py" and path.parent.name == "searchengine":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                bases = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
+                assert not (bases & known or any(b.endswith(("Error", "Exception")) for b in bases)), (
+                    f"{path.relative_to(ROOT)}: {node.name} belongs in searchengine/errors.py")
+    ours = {m for m in _imports(ROOT / "searchengine/api/errors.py") if m.startswith("searchengine")}
+    assert ours <= {"searchengine.errors", "searchengine.store", "searchengine.api.guards"}, ours

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from searchengine.errors import SearchEngineError
+from searchengine.errors import DatasetError
 
 CAPTION_FILES = ("captions.jsonl",)
 EXAMPLES_KEPT = 5
@@ -36,10 +36,6 @@ REASONS = {
     "duplicate": "the same image and caption again",
     "unreadable_image": "the image cannot be read",
 }
-
-
-class DatasetError(SearchEngineError):
-    """A captioned set that cannot be read at all, or holds no usable caption."""
 
 
 @dataclass

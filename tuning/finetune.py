@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from searchengine.errors import SearchEngineError
+from searchengine.errors import FinetuneError
 from searchengine.durable import write_json
 from searchengine.settings import Settings
 from tuning import evaluation
@@ -50,10 +50,6 @@ if TYPE_CHECKING:
 
 WORK = ".finetune"  # inside OUT: the ViT cache and the checkpoint, removed when done
 REPORT = "finetune.json"
-
-
-class FinetuneError(SearchEngineError):
-    """The run cannot start (an output folder in the way, an interrupted run of other settings)."""
 
 
 @dataclass(frozen=True)

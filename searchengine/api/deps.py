@@ -13,7 +13,7 @@ from fastapi import Depends, Path, Query, Request
 from pydantic import BeforeValidator
 
 from searchengine.api.guards import PLAIN_TEXT, refuse_control_characters, strict_image_id, strict_iso_date
-from searchengine.api.errors import FileReadTimeout, NotReady
+from searchengine.errors import FileReadTimeout, NotReady
 from searchengine.metrics import Metrics
 from searchengine.imageio import FILE_TYPES, ORIENTATIONS
 from searchengine.queries import MAX_K, MAX_OFFSET, Filters

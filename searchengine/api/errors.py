@@ -16,6 +16,10 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from searchengine.errors import (
+    FileReadTimeout,
+    NotReady,
+    ServiceBusy,
+    VqaUnavailable,
     BadImageError,
     FolderNotFoundError,
     ImageNotFoundError,
@@ -31,19 +35,9 @@ from searchengine.errors import (
     UploadTooLarge,
 )
 from searchengine.api.guards import PATTERN_MEANS
-from searchengine.serving import ServiceBusy
-from searchengine.vqa import VqaUnavailable
 from searchengine.store import damage, is_damage, is_unreachable
 
 log = logging.getLogger("searchengine.api")
-
-
-class NotReady(Exception):
-    """The service is still loading (or could not start: the reason is the argument)."""
-
-
-class FileReadTimeout(Exception):
-    """Reading an image's file took too long (a slow or hung disk)."""
 
 
 STATUS: dict[type[BaseException], int] = {
