@@ -320,7 +320,7 @@ class Indexer:
                 except NotYet:
                     if self._stopping.is_set():
                         raise Stopped from None
-            self._commit(embedded, k, f, summary)
+            self.commit_batch(embedded, k, f, summary)
             linked.extend((x.entry.path, x.sha256) for x in k)
             self.progress(len(embedded) + len(k) + len(f))
 
@@ -421,7 +421,7 @@ class Indexer:
         summary.add_time("captions", time.perf_counter() - t1)
         return embedded
 
-    def _commit(self, embedded: list[Embedded], known: list[Known], failures: list[Failed], summary: Summary) -> None:
+    def commit_batch(self, embedded: list[Embedded], known: list[Known], failures: list[Failed], summary: Summary) -> None:
         if not (embedded or known or failures):
             return
         t = time.perf_counter()

@@ -247,7 +247,7 @@ class RayRunner:
         failures: list[Failed] = []
 
         def commit() -> None:
-            indexer._commit(new, links, failures, summary)
+            indexer.commit_batch(new, links, failures, summary)
             linked.extend((k.entry.path, k.sha256) for k in links)
             indexer.progress(len(new) + len(links) + len(failures))
             new.clear(), links.clear(), failures.clear()

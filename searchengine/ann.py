@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from searchengine.vector_index import Candidates, _faiss, _group_max, checked_batch, write_atomic
+from searchengine.vector_index import Candidates, faiss_lib, group_max, checked_batch, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class AnnIndex:
         self.params = params
         self.dim = dim
         self.num_vectors = num_vectors
-        self._ivf = _faiss().extract_index_ivf(index)
+        self._ivf = faiss_lib().extract_index_ivf(index)
         self._ivf.nprobe = params.nprobe
         self._ids = self._ids_from_lists() if ids is None else np.unique(ids)
 
@@ -109,7 +109,7 @@ class AnnIndex:
     @classmethod
     def train(cls, sample: np.ndarray, params: AnnParams, dim: int, num_vectors: int) -> "AnnIndex":
         """An empty index trained on sample images' vectors [n, Q, D]."""
-        faiss = _faiss()
+        faiss = faiss_lib()
         index = faiss.index_factory(dim, params.factory, faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.niter = 10
@@ -152,7 +152,7 @@ class AnnIndex:
             return 0
         present = np.intersect1d(ids, self._ids)
         if len(present):
-            self.index.remove_ids(_faiss().IDSelectorBatch(present))
+            self.index.remove_ids(faiss_lib().IDSelectorBatch(present))
             self._ids = np.setdiff1d(self._ids, present, assume_unique=True)
         return len(present)
 
@@ -167,7 +167,7 @@ class AnnIndex:
         """Candidate images for each query vector [T, D]: `k` of them at most, best first by
         their approximate score (the codes' inner product, not the exact one). `on`: a copy
         to search instead (the GPU's), for an unfiltered search."""
-        faiss = _faiss()
+        faiss = faiss_lib()
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         n_vec = min(self.ntotal, self.vectors_for(k))
         if allowed is not None:
@@ -176,13 +176,13 @@ class AnnIndex:
             return [Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(queries))]
         if on is not None and allowed is None:
             scores, labels = on.search(queries, n_vec)
-            return [_group_max(labels[t], scores[t], k) for t in range(len(queries))]
+            return [group_max(labels[t], scores[t], k) for t in range(len(queries))]
         params = faiss.SearchParametersIVF(nprobe=self._ivf.nprobe)
         if allowed is not None:  # FAISS skips the other ids inside the search
             sel = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
             params.sel = sel
         scores, labels = self.index.search(queries, n_vec, params=params)
-        return [_group_max(labels[t], scores[t], k) for t in range(len(queries))]
+        return [group_max(labels[t], scores[t], k) for t in range(len(queries))]
 
     def set_nprobe(self, nprobe: int) -> None:
         self.params.nprobe = self._ivf.nprobe = int(min(max(nprobe, 1), self.params.nlist))
@@ -199,7 +199,7 @@ class AnnIndex:
         return {**asdict(self.params), "bytes_per_image": round(self.bytes_per_image(), 1)}
 
     def _ids_from_lists(self) -> np.ndarray:
-        faiss = _faiss()
+        faiss = faiss_lib()
         inv = self._ivf.invlists
         parts = []
         for lst in range(self._ivf.nlist):
@@ -211,11 +211,11 @@ class AnnIndex:
     # -- files ----------------------------------------------------------------------------
 
     def save(self, path: Path) -> None:
-        write_atomic(path, lambda tmp: _faiss().write_index(self.index, str(tmp)))
+        write_atomic(path, lambda tmp: faiss_lib().write_index(self.index, str(tmp)))
 
     @classmethod
     def load(cls, path: Path, params: AnnParams, dim: int, num_vectors: int) -> "AnnIndex":
-        index = _faiss().read_index(str(path))
+        index = faiss_lib().read_index(str(path))
         if index.d != dim:
             raise ValueError(f"{path} holds {index.d}-d vectors, expected {dim}")
         return cls(index, params, dim, num_vectors)

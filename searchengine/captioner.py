@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from searchengine.devices import CPU_CAPTIONER, GPU_CAPTIONER, defaults_for
 from searchengine.errors import ModelLoadError
-from searchengine.models import Preprocessor, _first_line, int8_loading, load_config, resolve_device, resolve_dtype
+from searchengine.models import Preprocessor, first_line, int8_loading, load_config, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +86,7 @@ class Captioner:
             )
             processor = AutoProcessor.from_pretrained(where.source, local_files_only=where.local_files_only)
         except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load caption model {name!r}: {_first_line(e)}") from e
+            raise ModelLoadError(f"cannot load caption model {name!r}: {first_line(e)}") from e
         if any(k.startswith(decoder) for k in info.get("missing_keys", ())):
             raise ModelLoadError(f"caption model {name!r} has no trained {decoder} weights; it cannot write captions")
         if not eight_bit:  # an 8-bit model is placed by its device_map and cannot be moved
@@ -136,7 +136,7 @@ class Captioner:
         except Exception as e:  # noqa: BLE001 - isolate the image that breaks it
             if len(pixel_values) == 1:
                 log.warning("captioning failed: %s", e)
-                return [Caption(None, f"{type(e).__name__}: {_first_line(e)}")]
+                return [Caption(None, f"{type(e).__name__}: {first_line(e)}")]
             log.info("a caption batch failed (%s); captioning its images one at a time", e)
             return [c for i in range(len(pixel_values)) for c in self.caption_pixels(pixel_values[i : i + 1])]
         return [Caption(t) if t else Caption(None, "the caption model wrote nothing for this image") for t in texts]

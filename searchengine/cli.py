@@ -419,7 +419,9 @@ def _dash_words_as_query(parser: argparse.ArgumentParser, argv: list[str]) -> li
     return ["search", *options, "--", *words]
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The settings a command runs with: its flags over SEARCHENGINE_* over the defaults
+    (`tuning`'s commands take theirs from here too)."""
     keys = ("data_dir", "model", "device", "dtype", "itm_features", "batch_size", "decode_workers",
             "max_image_pixels", "k_candidates", "rerank_top", "host", "port", "captions", "caption_model", "search_mode", "links", "vqa_model", "text_backend", "database_url")
     values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
@@ -476,7 +478,7 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
     from searchengine.library import Library
 
     started = time.perf_counter()
-    settings = _settings(args)
+    settings = settings_from_args(args)
     runner = None
     if args.runner == "ray":
         from indexer.ray_runner import RayRunner, check_installed
@@ -546,7 +548,7 @@ def cmd_caption(args: argparse.Namespace, out, err) -> int:
 
     from indexer.recaption import Recaptioner
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     if settings.captions is False:
         raise SearchEngineError("`caption` with --no-captions has nothing to do")
     # Before the model: a missing or read-only index is reported at once.
@@ -592,7 +594,7 @@ def _search_filters(args: argparse.Namespace):
 def cmd_search(args: argparse.Namespace, out, err) -> int:
     from searchengine.queries import Steer, check_examples, check_filters, check_min_itm, check_page, parse_for_mode
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     query = " ".join(args.query).strip()
     steer = Steer.parse(args.like, args.unlike)
     if args.image and (query or steer.active):
@@ -709,7 +711,7 @@ def _result_json(result, mode: str) -> dict:
 def cmd_stats(args: argparse.Namespace, out, err) -> int:
     from searchengine.library import Library
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     library = Library.open(settings, vectors=False)  # counts come from the store: no FAISS to load
     try:
         data = library.describe()
@@ -772,7 +774,7 @@ def cmd_watch(args: argparse.Namespace, out, err) -> int:
     from indexer.watch import Watcher
     from searchengine.library import Library
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     recorded = Library.recorded(settings)
     folders = _folders(args, settings, recorded, err)
     logging.getLogger("indexer").setLevel(logging.INFO)
@@ -872,7 +874,7 @@ def cmd_serve(args: argparse.Namespace, out, err) -> int:
     from searchengine.library import Library
     from searchengine.locks import serving_lock
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     try:
         loopback = ipaddress.ip_address(settings.host).is_loopback
     except ValueError:
@@ -916,7 +918,7 @@ def cmd_duplicates(args: argparse.Namespace, out, err) -> int:
     from searchengine.duplicates import DEFAULT_THRESHOLD, check_threshold, find_duplicates, with_details
     from searchengine.library import Library
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     threshold = check_threshold(DEFAULT_THRESHOLD if args.threshold is None else args.threshold)
     library = Library.open(settings)
     try:
@@ -957,7 +959,7 @@ def cmd_ask(args: argparse.Namespace, out, err) -> int:
     from searchengine.library import Library
     from searchengine.vqa import VqaUnavailable, check_question
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     question = check_question(" ".join(args.question))
     local = os.path.expanduser(args.image)
     by_id = args.image.isdigit() and not os.path.exists(local)
@@ -998,7 +1000,7 @@ def cmd_ask(args: argparse.Namespace, out, err) -> int:
 def cmd_check(args: argparse.Namespace, out, err) -> int:
     from searchengine.library import Library
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     try:
         library = Library.open(settings, writable=False, vectors=False)  # reads only: a check changes nothing
     except (StoreDamagedError, StoreMissingError) as e:
@@ -1019,7 +1021,7 @@ def cmd_check(args: argparse.Namespace, out, err) -> int:
 def cmd_backup(args: argparse.Namespace, out, err) -> int:
     from searchengine.library import Library
 
-    settings = _settings(args).model_copy(update={"backups": max(_settings(args).backups, 1)})
+    settings = settings_from_args(args).model_copy(update={"backups": max(settings_from_args(args).backups, 1)})
     library = Library.open(settings, writable=True, vectors=False)
     try:
         made = library.backup()
@@ -1034,7 +1036,7 @@ def cmd_restore(args: argparse.Namespace, out, err) -> int:
     from searchengine.library import Library, unwritable_path
     from searchengine.locks import no_server
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     if settings.database_url:
         raise SearchEngineError(
             f"the store is in the database {settings.store_location}: restore it with the server's own tools "
@@ -1072,7 +1074,7 @@ def cmd_reindex(args: argparse.Namespace, out, err) -> int:
     from indexer.reindex import Reindexer
     from searchengine.library import Library
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     if not settings.model:
         raise SearchEngineError("name the model to re-index with: `searchengine reindex --model DIR_OR_HUB_ID`")
     library = Library.open(settings, writable=True, vectors=False)  # the old vectors are not needed here
@@ -1144,7 +1146,7 @@ def _as_the_writer(args: argparse.Namespace, out, err) -> int:
     from searchengine.library import Library
     from searchengine.locks import writer_lock
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     if args.command != "restore":
         Library.check_writable(settings)  # a read-only index: that message, not a lock error
     with contextlib.ExitStack() as stack:
@@ -1184,7 +1186,7 @@ COMMANDS = {
 def _store_location(args: argparse.Namespace) -> str:
     """ " (where)", the store as messages name it (no password), or "" if the settings cannot say."""
     try:
-        return f" ({_settings(args).store_location})"
+        return f" ({settings_from_args(args).store_location})"
     except Exception:  # noqa: BLE001 - only for a message
         return ""
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import logging
 
-from searchengine.vector_index import _faiss
+from searchengine.vector_index import faiss_lib
 
 log = logging.getLogger(__name__)
 
 
 def gpu_count() -> int:
     """CUDA devices FAISS can use (0 with faiss-cpu)."""
-    faiss = _faiss()
+    faiss = faiss_lib()
     if not hasattr(faiss, "StandardGpuResources"):
         return 0
     try:
@@ -30,7 +30,7 @@ def gpu_count() -> int:
 
 
 def _clone_to_gpu(index, resources):
-    faiss = _faiss()
+    faiss = faiss_lib()
     options = faiss.GpuClonerOptions()
     options.useFloat16 = True  # the vectors are float16 values (as stored): no loss
     return faiss.index_cpu_to_gpu(resources, 0, index, options)
@@ -54,7 +54,7 @@ class GpuMirror:
             else:
                 log.info("FAISS has no GPU here (faiss-cpu, or no CUDA device): vector search runs on the CPU")
             return
-        self._resources = _faiss().StandardGpuResources()
+        self._resources = faiss_lib().StandardGpuResources()
         self.enabled = True
 
     def refresh(self, index, version: int) -> None:
@@ -74,6 +74,6 @@ class GpuMirror:
         """The GPU copy, where it is current for this index and this search can run on it."""
         if self._copy is None or index is not self._source or version != self._version or filtered:
             return None
-        if n_vectors > getattr(_faiss(), "GPU_MAX_SELECTION_K", 2048):
+        if n_vectors > getattr(faiss_lib(), "GPU_MAX_SELECTION_K", 2048):
             return None
         return self._copy

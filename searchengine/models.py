@@ -123,7 +123,7 @@ def load_config(name: str, what: str = "model") -> tuple[ModelSource, object]:
     try:
         return where, AutoConfig.from_pretrained(where.source, local_files_only=where.local_files_only)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load {what} {name!r}: {_first_line(e)}") from e
+        raise ModelLoadError(f"cannot load {what} {name!r}: {first_line(e)}") from e
 
 
 def fingerprint(config, query_tokens: np.ndarray) -> str:
@@ -329,7 +329,7 @@ class RetrievalModel:
             )
             processor = AutoProcessor.from_pretrained(where.source, local_files_only=where.local_files_only)
         except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load model {name!r}: {_first_line(e)}") from e
+            raise ModelLoadError(f"cannot load model {name!r}: {first_line(e)}") from e
         missing = sorted(k for k in info.get("missing_keys", ()) if k.split(".")[0] in _RETRIEVAL_KEYS)
         if missing:
             raise ModelLoadError(
@@ -364,7 +364,7 @@ class RetrievalModel:
 
         vit = self.vit(pixel_values)
         with torch.inference_mode():
-            itc = self._itc_from_vit(vit)
+            itc = self.itc_from_vit(vit)
         return ImageEmbeddings(itc=itc, vit=vit)
 
     def bytes_per_image(self) -> int:
@@ -395,7 +395,7 @@ class RetrievalModel:
     def embed_images(self, images: Sequence["Image.Image"]) -> ImageEmbeddings:
         return self.embed_pixels(self.preprocess(images))
 
-    def _itc_from_vit(self, vit: "torch.Tensor") -> ImageVectors:
+    def itc_from_vit(self, vit: "torch.Tensor") -> ImageVectors:
         return self.image_features(vit).float().cpu().numpy()
 
     # The three computations below are the model, as tensors (gradients flow where the caller
@@ -525,6 +525,6 @@ def text_itc(m, input_ids: "torch.Tensor", attention_mask: "torch.Tensor") -> "t
     return F.normalize(m.text_projection(cls), dim=-1)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import faiss
 
 
-def _faiss():
+def faiss_lib():
     """FAISS, imported on first use: commands that need no vector index (stats of an index
     without vectors, keyword search) do not pay for it."""
     try:
@@ -56,7 +56,7 @@ class VectorIndex:
         # IDMap2 over an exact inner-product index: ids repeat (Q per image), and remove_ids
         # and reconstruction work.
         if index is None:
-            faiss = _faiss()
+            faiss = faiss_lib()
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self.index = index
 
@@ -76,7 +76,7 @@ class VectorIndex:
         n = min(self.index.ntotal, sample)
         if n == 0:
             return True
-        flat = _faiss().downcast_index(self.index.index)
+        flat = faiss_lib().downcast_index(self.index.index)
         x = flat.reconstruct_n(0, n)
         return bool(np.array_equal(x, x.astype(np.float16).astype(np.float32)))
 
@@ -92,22 +92,22 @@ class VectorIndex:
         ids = np.asarray(list(ids), dtype=np.int64)
         if len(ids) == 0:
             return 0
-        return int(self.index.remove_ids(_faiss().IDSelectorBatch(ids))) // self.num_vectors
+        return int(self.index.remove_ids(faiss_lib().IDSelectorBatch(ids))) // self.num_vectors
 
     def ids(self) -> np.ndarray:
         """The distinct image ids in the index."""
         if self.index.ntotal == 0:
             return np.zeros(0, dtype=np.int64)
-        return np.unique(_faiss().vector_to_array(self.index.id_map))
+        return np.unique(faiss_lib().vector_to_array(self.index.id_map))
 
     def stored_vectors(self, ids: np.ndarray) -> dict[int, np.ndarray]:
         """image id -> the [Q, D] vectors the index holds for it (ids it lacks are left out),
         in the order they were added: what `disagreement` holds against the store's."""
-        id_map = _faiss().vector_to_array(self.index.id_map)
+        id_map = faiss_lib().vector_to_array(self.index.id_map)
         positions = np.nonzero(np.isin(id_map, np.asarray(ids, dtype=np.int64)))[0]
         if not len(positions):
             return {}
-        vecs = _faiss().downcast_index(self.index.index).reconstruct_batch(positions)
+        vecs = faiss_lib().downcast_index(self.index.index).reconstruct_batch(positions)
         owners = id_map[positions]
         order = np.argsort(owners, kind="stable")  # each image's vectors together, in the order added
         owners, vecs = owners[order], vecs[order]
@@ -166,13 +166,13 @@ class VectorIndex:
             return [empty for _ in range(len(queries))]
         params = None
         if allowed is not None:
-            faiss = _faiss()
+            faiss = faiss_lib()
             params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64)))
         if on is not None and params is None:
             scores, labels = on.search(queries, n_vec)
         else:
             scores, labels = self.index.search(queries, n_vec, params=params)
-        return [_group_max(labels[t], scores[t], k) for t in range(len(queries))]
+        return [group_max(labels[t], scores[t], k) for t in range(len(queries))]
 
     # -- files ----------------------------------------------------------------------------
 
@@ -181,11 +181,11 @@ class VectorIndex:
         if disk_full(Path(path).parent, need=self.index.ntotal * (self.dim * 4 + 8) + (1 << 20)):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         # write_index streams to the file; serialize_index would hold a second copy in memory.
-        write_atomic(path, lambda tmp: _faiss().write_index(self.index, str(tmp)))
+        write_atomic(path, lambda tmp: faiss_lib().write_index(self.index, str(tmp)))
 
     @classmethod
     def load(cls, path: Path, dim: int, num_vectors: int) -> "VectorIndex":
-        index = _faiss().read_index(str(path))
+        index = faiss_lib().read_index(str(path))
         if index.d != dim:
             raise ValueError(f"{path} holds {index.d}-d vectors, expected {dim}")
         return cls(dim, num_vectors, index)
@@ -199,7 +199,7 @@ def checked_batch(ids, vecs: np.ndarray, num_vectors: int, dim: int) -> np.ndarr
     return ids
 
 
-def _group_max(labels: np.ndarray, scores: np.ndarray, k: int) -> Candidates:
+def group_max(labels: np.ndarray, scores: np.ndarray, k: int) -> Candidates:
     keep = labels >= 0
     labels, scores = labels[keep], scores[keep]
     # FAISS returns scores in descending order, so the first time an id appears is its max.

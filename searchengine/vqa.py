@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from searchengine.errors import ModelLoadError, QueryError, SearchEngineError, VqaUnavailable
-from searchengine.models import _first_line, int8_loading, load_config, resolve_device, resolve_dtype
+from searchengine.models import first_line, int8_loading, load_config, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -100,7 +100,7 @@ class Answerer:
             )
             processor = AutoProcessor.from_pretrained(where.source, local_files_only=where.local_files_only)
         except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load question-answering model {name!r}: {_first_line(e)}") from e
+            raise ModelLoadError(f"cannot load question-answering model {name!r}: {first_line(e)}") from e
         if any(k.startswith("language_model") for k in info.get("missing_keys", ())):
             raise ModelLoadError(f"{name!r} has no trained language model weights; it cannot answer questions")
         if not eight_bit:  # an 8-bit model is placed by its device_map and cannot be moved

@@ -158,3 +158,19 @@ def test_every_exception_lives_in_errors_py():
                     f"{path.relative_to(ROOT)}: {node.name} belongs in searchengine/errors.py")
     ours = {m for m in _imports(ROOT / "searchengine/api/errors.py") if m.startswith("searchengine")}
     assert ours <= {"searchengine.errors", "searchengine.store", "searchengine.api.guards"}, ours
+
+
+def test_no_private_name_is_used_across_modules():
+    """`_faiss`, `_group_max`, `_first_line`, `_itc_from_vit`, `indexer._commit` (the Ray
+    runner) and `searchengine.cli._settings` (tuning's commands) were used from other
+    modules; what another module needs is public."""
+    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py"), *ROOT.glob("tuning/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("searchengine", "indexer", "tuning"):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                assert not private, f"{path.relative_to(ROOT)}:{node.lineno} imports {private} from {node.module}"
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                owner = node.value
+                # self._x and cls._x are a class's own; model._x or library._x reach into another's
+                if isinstance(owner, ast.Name) and owner.id in ("model", "library", "searcher", "indexer", "service"):
+                    raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno} uses {owner.id}.{node.attr}")

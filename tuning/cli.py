@@ -122,12 +122,12 @@ def cmd_eval(args: argparse.Namespace, out, err) -> int:
     from tqdm import tqdm
 
     from searchengine import wiring
-    from searchengine.cli import _settings
+    from searchengine.cli import settings_from_args
     from searchengine.errors import SearchEngineError
     from searchengine.library import Library
     from tuning import datasets, evaluation
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     k_test = args.k_test if args.k_test is not None else settings.rerank_top
     if k_test < 1:
         raise SearchEngineError("--k-test must be at least 1")
@@ -171,12 +171,12 @@ def cmd_finetune(args: argparse.Namespace, out, err) -> int:
     from tqdm import tqdm
 
     from searchengine import wiring
-    from searchengine.cli import _settings
+    from searchengine.cli import settings_from_args
     from searchengine.errors import SearchEngineError
     from searchengine.library import Library
     from tuning import datasets, finetune
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     for name, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 2), ("--k-test", args.k_test, 1),
                              ("--checkpoint-every", args.checkpoint_every, 1)):
         if value < low:

@@ -135,7 +135,7 @@ def from_vit(model: "RetrievalModel", emb: Embedded, settings: Settings) -> Embe
 
     vit, batch = emb.raw_vit, batch_size(model, settings)
     with torch.inference_mode():
-        itc = [model._itc_from_vit(vit[s:s + batch].to(model.device, model.vision_dtype)) for s in range(0, len(vit), batch)]
+        itc = [model.itc_from_vit(vit[s:s + batch].to(model.device, model.vision_dtype)) for s in range(0, len(vit), batch)]
     return _with_texts(model, emb.data, np.concatenate(itc).astype(np.float16).astype(np.float32), vit, settings, vit)
 
 
