@@ -27,7 +27,7 @@ from tuning import cli as cli_models
 from searchengine.captioner import CPU_DEFAULT, GPU_DEFAULT
 from searchengine.imageio import FILE_TYPES, ORIENTATIONS
 from searchengine.errors import IndexNotFoundError, SearchEngineError, StoreDamagedError, StoreMissingError
-from searchengine.settings import DEFAULT_MODEL, Settings
+from searchengine.settings import DEFAULT_MODEL, Settings, settings_from_args
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -417,17 +417,6 @@ def _dash_words_as_query(parser: argparse.ArgumentParser, argv: list[str]) -> li
             words.append(token)
         i += 1
     return ["search", *options, "--", *words]
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """The settings a command runs with: its flags over SEARCHENGINE_* over the defaults
-    (`tuning`'s commands take theirs from here too)."""
-    keys = ("data_dir", "model", "device", "dtype", "itm_features", "batch_size", "decode_workers",
-            "max_image_pixels", "k_candidates", "rerank_top", "host", "port", "captions", "caption_model", "search_mode", "links", "vqa_model", "text_backend", "database_url")
-    values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    if values.get("caption_model") and "captions" not in values:
-        values["captions"] = True  # naming a captioner asks for captions
-    return Settings(**values)
 
 
 def _quiet_libraries(verbose: bool) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 import os
 import threading
 import time
@@ -88,9 +88,12 @@ class LockedModel:
 class QueryService:
     def __init__(
         self, settings: Settings, model: RetrievalModel, library: Library, metrics: Metrics | None = None,
-        answerer: LazyAnswerer | None = None,
+        answerer: LazyAnswerer | None = None, load_model: Callable[[str], RetrievalModel] | None = None,
     ) -> None:
         self.settings = settings
+        # How a model named by the index is loaded when a re-index switched it (the composition
+        # root passes it in; without one, the service keeps the model it was given).
+        self.load_model = load_model
         self.answerer = answerer or LazyAnswerer(None, "this server answers no questions about photos", None)
         self.library = library
         self.opener = IndexedFileOpener(library.inside)  # originals are served as opened and checked
@@ -142,6 +145,8 @@ class QueryService:
         if not self.library.model_changed():
             return False
         if self._loaded is None:
+            if self.load_model is None:  # nothing to load it with: the old model and index answer on
+                return True
             if self._next_model is None or not self._next_model.is_alive():
                 name = self.library.built_with().model.name
                 log.warning("the index was re-indexed with %s: loading it; searches use the old model until then", name)
@@ -156,10 +161,8 @@ class QueryService:
         return False
 
     def _load(self, name: str) -> None:
-        from searchengine.wiring import load_model
-
         try:
-            self._loaded = load_model(self.settings, name, serving=True)
+            self._loaded = self.load_model(name)
         except Exception as e:  # noqa: BLE001 - the old model serves on; the next refresh tries again
             log.error("cannot load %s, the model the index was re-indexed with: %s", name, e)
 

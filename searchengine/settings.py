@@ -181,3 +181,14 @@ class Settings(BaseSettings):
     @property
     def features_dir(self) -> Path:
         return self.data_dir / "features"
+
+
+def settings_from_args(args) -> "Settings":
+    """The settings a command runs with: its flags (an argparse namespace; a flag not given is
+    None) over SEARCHENGINE_* over the defaults. Every command's, the CLI's and tuning's."""
+    keys = ("data_dir", "model", "device", "dtype", "itm_features", "batch_size", "decode_workers",
+            "max_image_pixels", "k_candidates", "rerank_top", "host", "port", "captions", "caption_model", "search_mode", "links", "vqa_model", "text_backend", "database_url")
+    values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if values.get("caption_model") and "captions" not in values:
+        values["captions"] = True  # naming a captioner asks for captions
+    return Settings(**values)

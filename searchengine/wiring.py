@@ -313,4 +313,7 @@ def query_service(settings: Settings, model, library, metrics=None):
     """The API's query service over a loaded model and library."""
     from searchengine.serving import QueryService
 
-    return QueryService(settings, model, library, metrics, answerer=lazy_answerer(settings, library.built_with()))
+    return QueryService(
+        settings, model, library, metrics, answerer=lazy_answerer(settings, library.built_with()),
+        load_model=lambda name: load_model(settings, name, serving=True),
+    )

@@ -174,3 +174,62 @@ def test_no_private_name_is_used_across_modules():
                 # self._x and cls._x are a class's own; model._x or library._x reach into another's
                 if isinstance(owner, ast.Name) and owner.id in ("model", "library", "searcher", "indexer", "service"):
                     raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno} uses {owner.id}.{node.attr}")
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Our modules and what each imports of ours, lazy (function-level) imports included."""
+    mods = {}
+    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py"), *ROOT.glob("tuning/*.py")]:
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = path
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                # `from package import module` depends on the module, not on the package's __init__
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t not in mods and "." in t:
+                    t = t.rsplit(".", 1)[0]
+                if t in mods and t != m:
+                    graph[m].add(t)
+    return graph
+
+
+def test_no_import_cycles():
+    """searchengine.cli imported tuning.cli, which imported searchengine.cli back; serving and
+    wiring imported each other. Every strongly connected component of the import graph
+    (lazy imports counted) is one module."""
+    graph = _module_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not cycles, cycles

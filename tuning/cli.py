@@ -122,7 +122,7 @@ def cmd_eval(args: argparse.Namespace, out, err) -> int:
     from tqdm import tqdm
 
     from searchengine import wiring
-    from searchengine.cli import settings_from_args
+    from searchengine.settings import settings_from_args
     from searchengine.errors import SearchEngineError
     from searchengine.library import Library
     from tuning import datasets, evaluation
@@ -171,7 +171,7 @@ def cmd_finetune(args: argparse.Namespace, out, err) -> int:
     from tqdm import tqdm
 
     from searchengine import wiring
-    from searchengine.cli import settings_from_args
+    from searchengine.settings import settings_from_args
     from searchengine.errors import SearchEngineError
     from searchengine.library import Library
     from tuning import datasets, finetune

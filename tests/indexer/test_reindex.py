@@ -144,7 +144,9 @@ def test_a_server_switches_to_the_new_model_once_it_is_loaded(tmp_path, model, o
     s = settings_for(tmp_path / "data")
     index(s, model, folder)
     serving = Library.open(s)
-    service = QueryService(s, model, serving)
+    from searchengine import wiring
+
+    service = QueryService(s, model, serving, load_model=lambda name: wiring.load_model(s, name, serving=True))
     before = [h.path for h in service.searcher.search("a dog", k=8, mode="semantic").hits]
 
     writer = Library.open(s, writable=True, vectors=False)  # another process's re-index
