@@ -233,3 +233,14 @@ def test_no_import_cycles():
         if v not in index:
             visit(v)
     assert not cycles, cycles
+
+
+def test_image_urls_are_built_in_one_place():
+    """An image's URLs were written in three places (hits, image detail, duplicates)."""
+    from searchengine.api.schemas import image_urls
+
+    assert image_urls(7) == {"thumbnail_url": "/api/images/7/thumbnail", "preview_url": "/api/images/7/preview",
+                             "file_url": "/api/images/7/file"}
+    for path in ROOT.glob("searchengine/**/*.py"):
+        if path.name != "schemas.py":
+            assert 'f"/api/images/{' not in path.read_text(), path  # a route's own path is not an f-string

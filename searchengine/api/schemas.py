@@ -97,12 +97,15 @@ FILE_RESPONSES: dict = {
 }
 
 
+def image_urls(image_id: int) -> dict[str, str]:
+    """The URLs of an image's files, as every answer that shows an image gives them."""
+    base = f"/api/images/{image_id}"
+    return {"thumbnail_url": f"{base}/thumbnail", "preview_url": f"{base}/preview", "file_url": f"{base}/file"}
+
+
 def hit_out(h: Hit) -> HitOut:
     """The one JSON form of a hit (`Hit.as_json`), with the URLs of the image's files."""
-    return HitOut(
-        **h.as_json(), thumbnail_url=f"/api/images/{h.image_id}/thumbnail",
-        preview_url=f"/api/images/{h.image_id}/preview", file_url=f"/api/images/{h.image_id}/file",
-    )
+    return HitOut(**h.as_json(), **image_urls(h.image_id))
 
 
 def search_out(page: Page, k: int, offset: int, mode: str | None = None) -> SearchOut:

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from searchengine.api.deps import Files, ImageId, Service
-from searchengine.api.schemas import FILE_RESPONSES, AskIn, AskOut, ErrorOut, FileOut, ImageOut, VqaOut
+from searchengine.api.schemas import FILE_RESPONSES, AskIn, AskOut, ErrorOut, FileOut, ImageOut, VqaOut, image_urls
 
 router = APIRouter()
 
@@ -23,8 +23,7 @@ def image(service: Service, image_id: ImageId):
     d = service.image(image_id)
     return ImageOut(
         **{**asdict(d), "files": [FileOut(path=f.path, size=f.size) for f in d.files]},
-        paths=[f.path for f in d.files], thumbnail_url=f"/api/images/{image_id}/thumbnail",
-        preview_url=f"/api/images/{image_id}/preview", file_url=f"/api/images/{image_id}/file",
+        paths=[f.path for f in d.files], **image_urls(image_id),
     )
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 
 from searchengine.api.deps import Filtering, Service, State
 from searchengine.api.guards import PLAIN_TEXT, loopback
-from searchengine.api.schemas import NOT_FOUND, DuplicateGroupOut, DuplicateOut, DuplicatesOut, FacetsOut, FacetValue, FolderOut, FoldersOut
+from searchengine.api.schemas import NOT_FOUND, DuplicateGroupOut, DuplicateOut, DuplicatesOut, FacetsOut, FacetValue, FolderOut, FoldersOut, image_urls
 from searchengine.duplicates import DEFAULT_THRESHOLD, with_details
 
 router = APIRouter()
@@ -70,8 +70,7 @@ async def duplicates(
             DuplicateOut(
                 id=m.id, path=d.files[0].path, paths=[f.path for f in d.files], width=d.width, height=d.height,
                 bytes=d.files[0].size, taken_at=d.taken_at, score=round(m.score, 6),
-                thumbnail_url=f"/api/images/{m.id}/thumbnail", preview_url=f"/api/images/{m.id}/preview",
-                file_url=f"/api/images/{m.id}/file",
+                **image_urls(m.id),
             )
             for m, d in members
         ])
