@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as NotYet
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 from indexer.scan import BAD_NAME, LINK_DUPLICATE, LINK_LOOP, LINK_OUTSIDE, FileEntry, printable, scan_folder, storable
 from indexer.stages import (
@@ -108,6 +108,29 @@ def map_ahead(fn: Callable[[T], R], items: Iterable[T], workers: int, window: in
         pool.shutdown(wait=finished, cancel_futures=True)
 
 
+class Runner(Protocol):
+    """What drives a run's stages: where the folders are listed and where the files go
+    through read, decode, the models and the write (`Indexer.commit_batch`, on the driver)."""
+
+    def listings(self, scanner: Scanner, folders: Sequence[Path], **listing) -> Iterable[tuple[Path, Iterable[FileEntry]]]:
+        """(folder, its entries) for each folder."""
+        ...
+
+    def process(self, indexer: "Indexer", todo: list[FileEntry], summary: Summary) -> list[tuple[str, str]]:
+        """Embed, link or record every file of `todo`; (path, sha256) of those linked."""
+        ...
+
+
+class LocalRunner:
+    """This process: folders listed here, the stages on its threads (`Indexer.process_here`)."""
+
+    def listings(self, scanner: Scanner, folders: Sequence[Path], **listing) -> Iterable[tuple[Path, Iterable[FileEntry]]]:
+        return ((folder, scanner(folder, **listing)) for folder in folders)
+
+    def process(self, indexer: "Indexer", todo: list[FileEntry], summary: Summary) -> list[tuple[str, str]]:
+        return indexer.process_here(todo, summary)
+
+
 class Indexer:
     def __init__(
         self,
@@ -122,16 +145,16 @@ class Indexer:
         on_total: Callable[[int], None] | None = None,
         captioner: Captioner | None = None,
         on_caption_error: Callable[[str, str], None] | None = None,
-        runner=None,
+        runner: "Runner | None" = None,
         prune: bool = False,
     ) -> None:
         self.prune = prune  # scan folders that look absent (unmounted) as they are: their files leave
         self._stopping = threading.Event()  # see `stop`
         self.model = model
         self.captioner = captioner
-        # What drives the stages: None for this process's threads (`_process`), or an object
-        # with `process(indexer, todo, summary)` such as `indexer.ray_runner.RayRunner`.
-        self.runner = runner
+        # What drives the stages (a `Runner`): this process's threads, or a cluster's
+        # (`indexer.ray_runner.RayRunner`).
+        self.runner: Runner = runner if runner is not None else LocalRunner()
         self.library = library
         self.settings = settings
         self.scanner = scanner
@@ -176,10 +199,7 @@ class Indexer:
         library_roots = tuple(Path(r) for r in library.roots())
         exclude = (Path(self.settings.data_dir).resolve(),)
         listing = dict(exclude=exclude, on_skipped_link=skipped_link, links=policy, roots=library_roots)
-        if self.runner is not None and hasattr(self.runner, "listings"):  # each folder listed on the cluster
-            listings = self.runner.listings(self.scanner, folders, **listing)
-        else:
-            listings = ((folder, self.scanner(folder, **listing)) for folder in folders)
+        listings = self.runner.listings(self.scanner, folders, **listing)  # on a cluster: listed there
         for folder, entries in listings:
             known = library.files_under(str(folder))
             why = self.absent(folder, len(known))
@@ -232,7 +252,7 @@ class Indexer:
         summary = summary if summary is not None else Summary()
         try:
             todo = list(changed)
-            linked = self.runner.process(self, todo, summary) if self.runner is not None else self._process(todo, summary)
+            linked = self.runner.process(self, todo, summary)
             if removed:
                 before = self.library.hashes_of(removed)
                 self.library.remove_files(removed)
@@ -290,7 +310,7 @@ class Indexer:
             raise SearchEngineError(f"{str(root)!r} is not a folder")
         return path.resolve()
 
-    def _process(self, todo: list[FileEntry], summary: Summary) -> list[tuple[str, str]]:
+    def process_here(self, todo: list[FileEntry], summary: Summary) -> list[tuple[str, str]]:
         """Embed, link or record every file; return (path, sha256) of the files linked to
         content already indexed (a move's arrival is among them).
 

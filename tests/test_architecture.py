@@ -244,3 +244,18 @@ def test_image_urls_are_built_in_one_place():
     for path in ROOT.glob("searchengine/**/*.py"):
         if path.name != "schemas.py":
             assert 'f"/api/images/{' not in path.read_text(), path  # a route's own path is not an f-string
+
+
+def test_the_runners_share_one_protocol():
+    """The indexer asked `hasattr(self.runner, "listings")` and called `_process` itself
+    when there was none; now a run always goes through a `Runner`: `LocalRunner` or
+    `RayRunner`, each with both of its methods."""
+    from indexer.pipeline import LocalRunner, Runner
+
+    wanted = {name for name in vars(Runner) if not name.startswith("_")}
+    assert wanted == {"listings", "process"}
+    ray = next(n for n in ast.walk(ast.parse((ROOT / "indexer/ray_runner.py").read_text()))
+               if isinstance(n, ast.ClassDef) and n.name == "RayRunner")
+    assert wanted <= {n.name for n in ray.body if isinstance(n, ast.FunctionDef)}
+    assert wanted <= set(vars(LocalRunner))
+    assert "hasattr(self.runner" not in (ROOT / "indexer/pipeline.py").read_text()
