@@ -94,6 +94,7 @@ def test_a_small_filter_is_scanned_exactly(tmp_path):
     lib.close()
 
 
+@pytest.mark.slow  # at scale: 50k images, 70 s of the fast tier's 318
 def test_recall_at_50k_synthetic_images_with_the_default_settings():
     """The defaults (8-bit codes, 4 representatives per image, nprobe tuned at build time)
     on 50k BLIP-2-shaped synthetic images (32 x 256-d): recall@10 of the final ranking against

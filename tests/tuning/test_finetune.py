@@ -45,6 +45,7 @@ def settings_for(tmp_path, batch_size: int = 8) -> Settings:
 FAST = Config(epochs=12, batch_size=8, lr=1e-3, held_out=0.2, seed=0, k_test=10, warmup=0.1)
 
 
+@pytest.mark.slow  # a whole training run, 10 s
 def test_fine_tuning_gains_ten_points_of_recall_on_a_new_domain(tmp_path, colour_model_dir):
     (tmp_path / "set").mkdir()
     data = datasets.load(new_domain(tmp_path / "set"))
