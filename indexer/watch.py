@@ -162,6 +162,24 @@ class Watcher:
             return not self._thread.is_alive()
         return True
 
+    def caught_up_line(self, summary: Summary) -> str:
+        """What `watch` prints (and `serve --watch` logs) once the catch-up scan is done."""
+        return (f"caught up: {summary.indexed} indexed, {summary.linked} linked, {summary.moved} moved, "
+                f"{summary.unchanged} unchanged, {summary.removed} removed, {summary.skipped} skipped; watching "
+                + ", ".join(f"{root} ({mode})" for root, mode in self.modes.items()))
+
+    def stopped_line(self, ended: bool) -> str:
+        """What the watcher did after its catch-up, once stopped; `ended`: `stop` saw its
+        thread end (else an update was still on its way, its files the next start's)."""
+        since = self.since_start
+        line = (f"stopped watching: since catching up {since.indexed} indexed, {since.linked} linked, {since.moved} moved, "
+                f"{since.removed} removed, {since.skipped} skipped")
+        if not ended:
+            line += "; an update was still on its way: its files are indexed at the next start"
+        elif self.left:
+            line += f"; {self.left} changed file{'s' if self.left != 1 else ''} left for the next start"
+        return line
+
     def health(self) -> str | None:
         """None while the watcher works; else what is wrong (for /healthz)."""
         if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():

@@ -21,7 +21,7 @@ from typing import Sequence
 
 from pydantic import ValidationError
 
-from searchengine import __version__, wiring
+from searchengine import __version__, locks, wiring
 from searchengine.nearest import missing_folder
 from tuning import cli as cli_models
 from searchengine.captioner import CPU_DEFAULT, GPU_DEFAULT
@@ -777,7 +777,7 @@ def cmd_watch(args: argparse.Namespace, out, err) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     summary = watcher.start()
-    print(caught_up(summary, watcher.modes), file=out, flush=True)
+    print(watcher.caught_up_line(summary), file=out, flush=True)
     try:
         stop.wait()
     except KeyboardInterrupt:
@@ -788,27 +788,8 @@ def cmd_watch(args: argparse.Namespace, out, err) -> int:
         ended = watcher.stop(timeout_s=1.5)
         if ended:
             library.close()
-        print(stopped_watching(watcher.since_start, watcher.left if ended else None), file=out, flush=True)
+        print(watcher.stopped_line(ended), file=out, flush=True)
     return 0
-
-
-def caught_up(summary, modes: dict[str, str]) -> str:
-    """The line a watcher says once its catch-up scan is done (`watch`, and `serve --watch`'s log)."""
-    return (f"caught up: {summary.indexed} indexed, {summary.linked} linked, {summary.moved} moved, "
-            f"{summary.unchanged} unchanged, {summary.removed} removed, {summary.skipped} skipped; watching "
-            + ", ".join(f"{root} ({mode})" for root, mode in modes.items()))
-
-
-def stopped_watching(since, left: int | None) -> str:
-    """What the watcher did after its catch-up; `left`: files of an update cut short, None
-    when it was still running (its files are as many as were on their way)."""
-    line = (f"stopped watching: since catching up {since.indexed} indexed, {since.linked} linked, {since.moved} moved, "
-            f"{since.removed} removed, {since.skipped} skipped")
-    if left is None:
-        line += "; an update was still on its way: its files are indexed at the next start"
-    elif left:
-        line += f"; {left} changed file{'s' if left != 1 else ''} left for the next start"
-    return line
 
 
 def _watch_in_server(settings: Settings, args: argparse.Namespace, captioner):
@@ -831,7 +812,7 @@ def _watch_in_server(settings: Settings, args: argparse.Namespace, captioner):
         log = logging.getLogger("indexer.watch")
         log.info("catching up with %s, then watching", ", ".join(map(str, watcher.roots)))
         summary = watcher.start()
-        log.info("%s", caught_up(summary, watcher.modes))
+        log.info("%s", watcher.caught_up_line(summary))
         return _ServerWatch(watcher)
 
     return on_ready
@@ -847,7 +828,7 @@ class _ServerWatch:
     def stop(self) -> None:
         # The library is the server's, closed by it once this returns: so wait for the thread.
         ended = self.watcher.stop()
-        logging.getLogger("indexer.watch").info("%s", stopped_watching(self.watcher.since_start, self.watcher.left if ended else None))
+        logging.getLogger("indexer.watch").info("%s", self.watcher.stopped_line(ended))
 
     def health(self) -> str | None:
         return self.watcher.health()
@@ -1125,7 +1106,7 @@ def _human(n: int) -> str:
 
 
 # Commands that write to the index: one at a time per data dir (see `writer_lock`).
-WRITERS = {"index", "watch", "caption", "restore", "reindex"}
+WRITERS = set(locks.WRITERS)
 
 
 def _as_the_writer(args: argparse.Namespace, out, err) -> int:

@@ -10,9 +10,6 @@ import sys
 import threading
 from typing import Sequence
 
-# The commands that take the data dir's writer lock (as `searchengine.cli.WRITERS`, and
-# `serve --watch`); a test holds the two lists equal.
-WRITERS = ("index", "watch", "caption", "restore", "reindex")
 
 
 def data_dir_named(args: Sequence[str]) -> str | None:
@@ -46,6 +43,8 @@ def data_dir_named(args: Sequence[str]) -> str | None:
 
 
 def takes_the_writer_lock(args: Sequence[str]) -> bool:
+    from searchengine.locks import WRITERS
+
     return bool(args) and (args[0] in WRITERS or (args[0] == "serve" and any(a == "--watch" or a.startswith("--watch=") for a in args)))
 
 

@@ -15,11 +15,14 @@ from typing import Iterator
 from searchengine.errors import IndexBusyError
 
 WRITER_LOCK = "writer.lock"
+# The commands that take it (and `serve --watch`): the CLI and the entry point read this list.
+WRITERS = ("index", "watch", "caption", "restore", "reindex")
 SERVING_LOCK = "serving.lock"
 
 
-def _busy_message(data_dir: Path, holder: str) -> str:
-    return f"another indexer is running on {data_dir} ({holder or 'another process'}); wait for it to finish, or stop it first"
+def _busy_message(data_dir: Path, fd: int) -> str:
+    holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+    return f"another indexer is running on {data_dir} ({holder}); wait for it to finish, or stop it first"
 
 
 def busy_writer(data_dir: str | os.PathLike) -> str | None:
@@ -35,7 +38,7 @@ def busy_writer(data_dir: str | os.PathLike) -> str | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return _busy_message(data_dir, os.pread(fd, 512, 0).decode("utf-8", "replace").strip())
+            return _busy_message(data_dir, fd)
         except OSError:
             return None
         return None
@@ -55,7 +58,7 @@ def writer_lock(data_dir: str | os.PathLike, command: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise IndexBusyError(_busy_message(data_dir, os.pread(fd, 512, 0).decode("utf-8", "replace").strip())) from None
+            raise IndexBusyError(_busy_message(data_dir, fd)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: searchengine {command}".encode(), 0)
         yield
