@@ -1,7 +1,7 @@
 """The vector index's tiers at 100k and 1M images (issue 11): recall against exact max-sim,
 query latency alone and at 16 at once, build time, memory and bytes per image.
 
-Synthetic but BLIP-2-shaped vectors (32 x 256-d per image, from searchengine/synthetic.py:
+Synthetic but BLIP-2-shaped vectors (32 x 256-d per image, from searchengine/vectors/synthetic.py:
 1,000 topics, image centres near a topic, vectors near their image's centre; queries near
 held-out image centres). The vectors live in a float16 memory-mapped file, as the store keeps
 them (float16), so that 1M images (16 GB) fit on this machine.
@@ -31,8 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from searchengine import ann, synthetic  # noqa: E402
-from searchengine.settings import Settings  # noqa: E402
+from searchengine.vectors import ann
+from searchengine.vectors import synthetic  # noqa: E402
+from searchengine.config.settings import Settings  # noqa: E402
 
 Q, D = 32, 256
 CHUNK = 5000
@@ -122,7 +123,7 @@ def run_size(n: int, folder: Path, depth: int, n_queries: int) -> None:
     rows = []
     exact_ram = n * Q * (D * 4 + 8)
     if exact_ram < 0.6 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
-        from searchengine.vector_index import VectorIndex
+        from searchengine.vectors.exact import VectorIndex
 
         before = rss_gib()
         t = time.perf_counter()
@@ -171,7 +172,7 @@ def run_size(n: int, folder: Path, depth: int, n_queries: int) -> None:
 def product_path(folder: Path, n: int, depth: int, n_queries: int) -> None:
     """`Library.search_vectors` itself on an n-image store, approximate tier against exact
     tier: re-scoring reads the candidates' float16 vectors from SQLite (16 KiB a row)."""
-    from searchengine.imageio import ImageMeta
+    from searchengine.media.imageio import ImageMeta
     from searchengine.library import Library
     from searchengine.store import ModelInfo, Store, sqlite_url
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build(settings, images: int) -> None:
     from searchengine.library import Library
-    from searchengine.imageio import ImageMeta
+    from searchengine.media.imageio import ImageMeta
     from searchengine.store import ModelInfo
 
     library = Library.open(settings, create=True, vectors=False)
@@ -45,8 +45,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=100_000)
     args = ap.parse_args()
-    from searchengine import backup
-    from searchengine.settings import Settings
+    from searchengine.store import backup
+    from searchengine.config.settings import Settings
 
     with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
         settings = Settings(data_dir=Path(tmp) / "data")

@@ -103,7 +103,7 @@ def _reranked_ids(r: Ranked, qi: int) -> list[int]:
 
 
 def measure(model_dir: str, per_colour: int = 10, queries=QUERIES) -> dict[str, dict]:
-    from searchengine.models import RetrievalModel
+    from searchengine.models.retrieval import RetrievalModel
 
     fp32 = RetrievalModel.load(model_dir, device="cpu", dtype="float32")
     bf16 = RetrievalModel.load(model_dir, device="cpu", dtype="bfloat16")

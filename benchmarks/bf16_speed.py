@@ -34,7 +34,7 @@ QUERY_TOKENS = 10
 
 
 def cpu_flags() -> str:
-    from searchengine.models import cpu_supports_bf16
+    from searchengine.models.retrieval import cpu_supports_bf16
 
     return "avx512_bf16 (dtype auto: bfloat16)" if cpu_supports_bf16() else "no bf16 instructions (dtype auto: float32)"
 
@@ -49,11 +49,11 @@ def main() -> None:
     quiet()
     import torch
 
-    from searchengine.models import RetrievalModel
-    from searchengine.onnx_text import OnnxTextEncoder
+    from searchengine.models.retrieval import RetrievalModel
+    from searchengine.models.onnx_text import OnnxTextEncoder
 
     if args.size == "tiny":
-        from searchengine.random_models import build_tiny_model
+        from searchengine.models.tiny import build_tiny_model
 
         path = build_tiny_model(Path(tempfile.mkdtemp(prefix="bf16-speed-")), seed=0)
     else:

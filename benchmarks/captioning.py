@@ -29,7 +29,7 @@ from benchmarks.common import CACHE, model_dir, photos, quiet  # noqa: E402
 
 
 def captioner_dir(size: str) -> Path:
-    from searchengine.random_models import build_tiny_captioner
+    from searchengine.models.tiny import build_tiny_captioner
 
     path = CACHE / f"blip-{size}-random"
     if not (path / "config.json").exists():
@@ -42,10 +42,10 @@ def captioner_dir(size: str) -> Path:
 def index(model_path: Path, files: list[Path], captioner, batch_size: int) -> float:
     from PIL import Image
 
-    from indexer.pipeline import Indexer
+    from searchengine.indexing.pipeline import Indexer
     from searchengine.library import Library
-    from searchengine.models import RetrievalModel
-    from searchengine.settings import Settings
+    from searchengine.models.retrieval import RetrievalModel
+    from searchengine.config.settings import Settings
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
@@ -78,8 +78,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from searchengine.captioner import Captioner
-    from searchengine.imageio import decode_image, read_file
+    from searchengine.models.captioner import Captioner
+    from searchengine.media.imageio import decode_image, read_file
 
     cap = Captioner.load(str(captioner_dir(args.size)), device="cpu", max_new_tokens=args.tokens)
     files = photos(args.n)

@@ -17,7 +17,7 @@ EXE = str(Path(sys.executable).with_name("searchengine"))
 
 def model_dir(size: str) -> Path:
     """A random model of `size` ('real': blip2-itm-vit-g's architecture), built once and kept."""
-    from searchengine.random_models import build_tiny_model
+    from searchengine.models.tiny import build_tiny_model
 
     path = CACHE / f"{size}-random"
     if not (path / "config.json").exists():

@@ -27,16 +27,16 @@ from pathlib import Path
 sys.path.append(sys.argv[1])  # benchmarks.common; the tree under test comes first (cwd)
 from benchmarks.common import model_dir, photos, quiet
 quiet()
-from indexer.pipeline import Indexer
+from searchengine.indexing.pipeline import Indexer
 from searchengine.library import Library
-from searchengine.models import RetrievalModel
+from searchengine.models.retrieval import RetrievalModel
 try:  # the module names since the architecture work, and before it
-    from searchengine.queries import Filters
-    from searchengine.serving import QueryService
+    from searchengine.search import Filters
+    from searchengine.service import QueryService
 except ImportError:
     from searchengine.search import Filters
     from searchengine.service import QueryService
-from searchengine.settings import Settings
+from searchengine.config.settings import Settings
 
 size, n = sys.argv[2], int(sys.argv[3])
 with tempfile.TemporaryDirectory() as tmp:

@@ -82,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from searchengine.models import RetrievalModel
+    from searchengine.models.retrieval import RetrievalModel
 
     threads = torch.get_num_threads()
     model = RetrievalModel.load(str(model_dir("real")), device="cpu", dtype="float32")

@@ -1,6 +1,6 @@
 """`find_duplicates` at library scale, on synthetic BLIP-2-shaped vectors in a real SQLite store.
 
-Each size is a store of n images (32 x 256-d float16 vectors, searchengine/synthetic.py),
+Each size is a store of n images (32 x 256-d float16 vectors, searchengine/vectors/synthetic.py),
 1% of them near-duplicates of another image (its vectors plus noise, image-to-image score
 ~0.97). Printed: the time of each stage (reading every image's mean vector, the candidate
 search over the means, scoring the proposed pairs), pairs scored, the planted pairs found
@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from searchengine import synthetic  # noqa: E402
+from searchengine.vectors import synthetic  # noqa: E402
 
 Q, D = 32, 256
 CHUNK = 2000
@@ -42,7 +42,7 @@ class StoreOnly:
 
 
 def fill(folder: Path, n: int, planted: int) -> None:
-    from searchengine.imageio import ImageMeta
+    from searchengine.media.imageio import ImageMeta
     from searchengine.store import ModelInfo, Store, sqlite_url
 
     gen = synthetic.Library.make(seed=2)
@@ -67,8 +67,8 @@ def fill(folder: Path, n: int, planted: int) -> None:
 
 
 def run(folder: Path, n: int) -> None:
-    from searchengine.duplicates import find_duplicates
-    from searchengine.queries import image_similarity
+    from searchengine.search.duplicates import find_duplicates
+    from searchengine.search import image_similarity
     from searchengine.store import Store, sqlite_url
 
     planted = n // 100

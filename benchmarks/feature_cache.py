@@ -28,8 +28,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from searchengine.feature_cache import FeatureCache
-    from searchengine.models import RetrievalModel
+    from searchengine.vectors.feature_cache import FeatureCache
+    from searchengine.models.retrieval import RetrievalModel
 
     model = RetrievalModel.load(str(model_dir("real")), device="cpu", dtype="float32")
     images = [Image.open(p).convert("RGB") for p in photos(args.photos)]

@@ -72,11 +72,11 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from indexer.scan import FileEntry
-    from indexer.stages import DecodeStage, ReadStage
-    from searchengine.captioner import Captioner
-    from searchengine.models import RetrievalModel
-    from searchengine.random_models import build_tiny_captioner
+    from searchengine.indexing.scan import FileEntry
+    from searchengine.indexing.stages import DecodeStage, ReadStage
+    from searchengine.models.captioner import Captioner
+    from searchengine.models.retrieval import RetrievalModel
+    from searchengine.models.tiny import build_tiny_captioner
 
     torch.set_num_threads(1)
     files = stand_ins(args.n)
@@ -95,7 +95,7 @@ def main() -> None:
         def stage(decode: str) -> DecodeStage:
             return DecodeStage(model.preprocessor, 150_000_000, 320, caption_preprocess=captioner.preprocessor, decode=decode, device="cpu")
 
-        import indexer.stages as stages
+        import searchengine.indexing.stages as stages
 
         base = rate(lambda f: Image.open(f).convert("RGB"), files)
         print(f"{args.n} JPEGs of 4000x3000; images/s on one core")
@@ -116,7 +116,7 @@ def main() -> None:
             env = {**os.environ, "SEARCHENGINE_DATA_DIR": str(data), "SEARCHENGINE_CAPTIONS": "false",
                    "SEARCHENGINE_BACKUPS": "0"}
             folder = files[0].parent
-            out = subprocess.run([sys.executable, "-c", "import sys; from searchengine.cli import main; sys.exit(main(sys.argv[1:]))",
+            out = subprocess.run([sys.executable, "-c", "import sys; from searchengine.app.cli import main; sys.exit(main(sys.argv[1:]))",
                                   "index", str(folder), "--model", str(model_dir("tiny"))],
                                  env=env, check=True, capture_output=True, text=True).stdout
             whole = float(re.search(r"\(([\d.]+) images/s\)", out).group(1))  # the run, as the command reports it

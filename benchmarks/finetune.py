@@ -35,9 +35,9 @@ def main() -> None:
 
     from transformers import Blip2VisionConfig, Blip2VisionModel
 
-    from tuning.finetune import Config, batch_losses
-    from searchengine.models import RetrievalModel
-    from searchengine.random_models import _WORDS, build_tiny_model
+    from searchengine.tuning.finetune import Config, batch_losses
+    from searchengine.models.retrieval import RetrievalModel
+    from searchengine.models.tiny import _WORDS, build_tiny_model
 
     transformers.logging.disable_progress_bar()
 

@@ -24,7 +24,7 @@ from benchmarks.common import model_dir, photos, quiet  # noqa: E402
 def naive(model_path: Path, files: list[Path]) -> float:
     from PIL import Image
 
-    from searchengine.models import RetrievalModel
+    from searchengine.models.retrieval import RetrievalModel
 
     model = RetrievalModel.load(str(model_path), device="cpu", dtype="float32")
     model.embed_images([Image.new("RGB", (64, 64))])  # warm-up
@@ -38,10 +38,10 @@ def naive(model_path: Path, files: list[Path]) -> float:
 def pipeline(model_path: Path, files: list[Path], dtype: str, batch_size: int) -> tuple[float, str]:
     from PIL import Image
 
-    from indexer.pipeline import Indexer
+    from searchengine.indexing.pipeline import Indexer
     from searchengine.library import Library
-    from searchengine.models import RetrievalModel
-    from searchengine.settings import Settings
+    from searchengine.models.retrieval import RetrievalModel
+    from searchengine.config.settings import Settings
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"

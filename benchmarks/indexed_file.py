@@ -37,8 +37,8 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    from searchengine.indexed_file import IndexedFileOpener
-    from searchengine.links import inside_library
+    from searchengine.media.indexed_file import IndexedFileOpener
+    from searchengine.media.links import inside_library
 
     files = [Indexed(p) for p in dict.fromkeys(photos(args.files))]
     roots = sorted({os.path.dirname(f.path) for f in files})

@@ -32,7 +32,7 @@ from benchmarks.common import median_ms  # noqa: E402
 
 
 def fill(store, n: int, rng: np.random.Generator, vocab: list[str]) -> float:
-    from searchengine.imageio import ImageMeta
+    from searchengine.media.imageio import ImageMeta
 
     weights = 1.0 / np.arange(1, len(vocab) + 1)
     weights /= weights.sum()
@@ -54,7 +54,7 @@ def main() -> None:
     from sqlalchemy import Integer, cast, select
     from sqlalchemy import text as sql
 
-    from searchengine.keywords import parse_query
+    from searchengine.media.keywords import parse_query
     from searchengine.store import ModelInfo, Store, images, sqlite_url
 
     ap = argparse.ArgumentParser()
@@ -108,7 +108,7 @@ def main() -> None:
 def postgres_side(sqlite_store, n: int, vocab: list[str], info) -> None:
     """The same images in a PostgreSQL store: write time per batch of 500 and keyword query
     latency, each against SQLite's in this run."""
-    from searchengine.keywords import parse_query
+    from searchengine.media.keywords import parse_query
     from searchengine.store import Store
     from tests.pg import Server
 

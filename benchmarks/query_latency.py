@@ -27,10 +27,10 @@ from benchmarks.common import median_ms, model_dir, photos, quiet  # noqa: E402
 def main() -> None:
     import torch
 
-    from searchengine.feature_cache import FeatureCache
-    from searchengine.imageio import decode_image, read_file
-    from searchengine.models import RetrievalModel
-    from searchengine.vector_index import VectorIndex
+    from searchengine.vectors.feature_cache import FeatureCache
+    from searchengine.media.imageio import decode_image, read_file
+    from searchengine.models.retrieval import RetrievalModel
+    from searchengine.vectors.exact import VectorIndex
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=["real", "tiny"], default="real")

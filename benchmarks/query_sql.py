@@ -38,14 +38,14 @@ def main() -> None:
 
     from sqlalchemy import event
 
-    from indexer.pipeline import Indexer
+    from searchengine.indexing.pipeline import Indexer
     from searchengine.library import Library
-    from searchengine.models import RetrievalModel
-    from searchengine.settings import Settings
+    from searchengine.models.retrieval import RetrievalModel
+    from searchengine.config.settings import Settings
 
     try:  # the module names since the architecture work, and before it
-        from searchengine.queries import Filters, Searcher
-        from searchengine.serving import QueryService
+        from searchengine.search import Filters, Searcher
+        from searchengine.service import QueryService
     except ImportError:
         from searchengine.search import Filters, Searcher
         from searchengine.service import QueryService

@@ -51,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=240)
     args = ap.parse_args()
-    from searchengine.random_models import build_tiny_captioner
+    from searchengine.models.tiny import build_tiny_captioner
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build_library(data_dir: Path, model_dir: Path, images: int) -> int:
     """Write `images` synthetic images for the model in `model_dir`; return bytes per FAISS copy."""
-    from searchengine.imageio import ImageMeta
+    from searchengine.media.imageio import ImageMeta
     from searchengine.library import Library, model_info
-    from searchengine.models import RetrievalModel
-    from searchengine.settings import Settings
+    from searchengine.models.retrieval import RetrievalModel
+    from searchengine.config.settings import Settings
 
     model = RetrievalModel.load(str(model_dir), device="cpu")
     settings = Settings(data_dir=data_dir, model=str(model_dir))
@@ -73,7 +73,7 @@ def measure(args: list[str], env: dict) -> tuple[int, int]:
     """(VmRSS, VmHWM) in KiB of a server started with `args`, once it is ready and settled."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from searchengine.cli import main; sys.exit(main(sys.argv[1:]))",
+        [sys.executable, "-c", "import sys; from searchengine.app.cli import main; sys.exit(main(sys.argv[1:]))",
          "serve", "--port", str(port), *args],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
@@ -104,7 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=100_000)
     args = ap.parse_args()
-    from searchengine.random_models import build_tiny_model
+    from searchengine.models.tiny import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

@@ -11,7 +11,7 @@ transformers, and keyword search loaded the model and encoded the query). Prints
 and the ratio baseline / now.
 
 The refusals' baselines are the order they had before: the CLI's imports before the writer
-lock (`searchengine.cli.main` called directly, not the entry point), and the retrieval model
+lock (`searchengine.app.cli.main` called directly, not the entry point), and the retrieval model
 (the tiny one here; a real one takes seconds more) loaded before the liked id is looked up.
 """
 
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build_index(data_dir: Path, images: int) -> None:
     from searchengine.library import Library
-    from searchengine.settings import Settings
-    from searchengine.imageio import ImageMeta
+    from searchengine.config.settings import Settings
+    from searchengine.media.imageio import ImageMeta
     from searchengine.store import ModelInfo
 
     settings = Settings(data_dir=data_dir)
@@ -76,7 +76,7 @@ def main() -> None:
         before = "import torch, transformers; "
         print(f"{args.images} images, {args.repeat} runs each, alternated; median seconds per fresh process")
         for name, argv in commands.items():
-            now_code = f"from searchengine.cli import main; main({argv})"
+            now_code = f"from searchengine.app.cli import main; main({argv})"
             now, then = [], []
             for _ in range(args.repeat):
                 now.append(timed(now_code, env))
@@ -89,16 +89,16 @@ def main() -> None:
 def refusals(tmp: Path, data: Path, env: dict, repeat: int) -> None:
     import fcntl
 
-    from searchengine.random_models import build_tiny_model
+    from searchengine.models.tiny import build_tiny_model
 
     model = build_tiny_model(tmp / "model", seed=0)
-    load_first = (f"from searchengine import wiring; from searchengine.settings import Settings; "
+    load_first = (f"from searchengine import wiring; from searchengine.config.settings import Settings; "
                   f"wiring.load_model(Settings(device='cpu'), {str(model)!r}); ")
     cases = {
-        "second indexer": ("from searchengine.entry import main; main(['index', '/nowhere'])",
-                           "from searchengine.cli import main; main(['index', '/nowhere'])"),
-        "search --like 9999": ("from searchengine.entry import main; main(['search', '--like', '9999'])",
-                               load_first + "from searchengine.cli import main; main(['search', '--like', '9999'])"),
+        "second indexer": ("from searchengine.app.entry import main; main(['index', '/nowhere'])",
+                           "from searchengine.app.cli import main; main(['index', '/nowhere'])"),
+        "search --like 9999": ("from searchengine.app.entry import main; main(['search', '--like', '9999'])",
+                               load_first + "from searchengine.app.cli import main; main(['search', '--like', '9999'])"),
     }
     fd = os.open(data / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX)  # another indexer, as far as the commands can tell

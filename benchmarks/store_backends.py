@@ -28,7 +28,7 @@ QUERIES = ["a dog on the beach", "red car", "lighthouse at night", "w1234 photo"
 
 def fill(library, model, n: int, seed: int) -> float:
     """Seconds spent in write_batch for n images, 500 a batch."""
-    from searchengine.imageio import ImageMeta
+    from searchengine.media.imageio import ImageMeta
     from searchengine.library import NewImage
 
     rng = np.random.default_rng(seed)
@@ -60,9 +60,9 @@ def main() -> None:
     args = ap.parse_args()
     quiet()
     from searchengine.library import Library, model_info
-    from searchengine.models import RetrievalModel
-    from searchengine.queries import Searcher
-    from searchengine.settings import Settings
+    from searchengine.models.retrieval import RetrievalModel
+    from searchengine.search import Searcher
+    from searchengine.config.settings import Settings
     from tests.pg import Server
 
     model = RetrievalModel.load(str(model_dir("tiny")), device="cpu", dtype="float32")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import model_dir  # noqa: E402
 
-RUN = "import sys; from searchengine.cli import main; sys.exit(main(sys.argv[1:]))"
+RUN = "import sys; from searchengine.app.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def images(folder: Path, n: int) -> None:

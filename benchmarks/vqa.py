@@ -1,4 +1,4 @@
-"""Latency of a question about a photo (searchengine.vqa.Answerer) with the real BLIP-2
+"""Latency of a question about a photo (searchengine.models.vqa.Answerer) with the real BLIP-2
 OPT-2.7b architecture (EVA ViT-g/14, a 32-query Q-Former, OPT-2.7b: 3.8 billion parameters,
 random weights, built in memory: no download, nothing written), on this machine's device.
 
@@ -70,10 +70,10 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from searchengine.models import resolve_device, resolve_dtype
-    from searchengine.vqa import Answerer
-    from searchengine.wiring import use_threads
-    from searchengine.settings import Settings
+    from searchengine.models.retrieval import resolve_device, resolve_dtype
+    from searchengine.models.vqa import Answerer
+    from searchengine.app.wiring import use_threads
+    from searchengine.config.settings import Settings
 
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device)

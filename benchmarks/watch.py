@@ -46,11 +46,11 @@ def small_jpeg(seed: int) -> bytes:
 
 
 def main() -> None:
-    from indexer.pipeline import Indexer
-    from indexer.watch import Watcher
+    from searchengine.indexing.pipeline import Indexer
+    from searchengine.indexing.watch import Watcher
     from searchengine.library import Library
-    from searchengine.models import RetrievalModel
-    from searchengine.settings import Settings
+    from searchengine.models.retrieval import RetrievalModel
+    from searchengine.config.settings import Settings
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=["tiny", "real"], default="tiny")

@@ -29,9 +29,9 @@ if "torch" in sys.modules:  # a plugin loaded torch first: the setting above cam
 import pytest
 import transformers
 
-from searchengine.models import RetrievalModel
-from searchengine.settings import Settings
-from searchengine.random_models import build_tiny_captioner, build_tiny_model
+from searchengine.models.retrieval import RetrievalModel
+from searchengine.config.settings import Settings
+from searchengine.models.tiny import build_tiny_captioner, build_tiny_model
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -52,7 +52,7 @@ def tiny_captioner_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def captioner(tiny_captioner_dir):
-    from searchengine.captioner import Captioner
+    from searchengine.models.captioner import Captioner
 
     return Captioner.load(str(tiny_captioner_dir), device="cpu", dtype="float32", max_new_tokens=12)
 

@@ -17,7 +17,7 @@ from tests.helpers import is_setting
 def run_cli(*args, env: Mapping[str, str] | None = None, clean: bool = True) -> subprocess.CompletedProcess:
     """`searchengine ARGS` with `env` on top of this process's environment (less every
     SEARCHENGINE_* variable when `clean`); returns what a subprocess run would."""
-    from searchengine.cli import main
+    from searchengine.app.cli import main
 
     saved = dict(os.environ)
     out, err = io.StringIO(), io.StringIO()

@@ -1,4 +1,5 @@
-"""Dependencies point one way: the core (`searchengine`) never imports `indexer` or `tuning`."""
+"""The shape of the engine, held: layers that import only from below, no cycles, no private
+names across modules, small modules, and each rule or default decided in one place."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SOURCES = sorted(ROOT.glob("searchengine/**/*.py"))
 
 
 def _imports(path: Path) -> set[str]:
@@ -20,18 +22,9 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-def test_core_never_imports_indexer_or_tuning():
-    # cli.py is the composition root: it wires the indexer into the `index` command, and
-    # tuning's commands (`eval`, `finetune`) in beside the others.
-    for path in (ROOT / "searchengine").glob("**/*.py"):
-        if path.name == "cli.py" and path.parent.name == "searchengine":
-            continue
-        assert not any(n.split(".")[0] in ("indexer", "tuning") for n in _imports(path)), path
-
-
 def test_importing_the_packages_loads_no_model_and_no_torch():
     code = (
-        "import sys, searchengine.cli, searchengine.queries, searchengine.library, searchengine.api, indexer.pipeline, tuning.finetune;"
+        "import sys, searchengine.app.cli, searchengine.search, searchengine.library, searchengine.app.api, searchengine.indexing.pipeline, searchengine.tuning.finetune;"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('torch','transformers')))"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -54,16 +47,16 @@ def test_nothing_goes_past_the_library():
     # The Library is the one way in to the data directory: it owns the write order, the
     # writer lane and the index lock. Everything else (indexer, watcher, captioning, search,
     # service, API, CLI) uses its methods, never its store, vector index or caches directly.
-    files = [p for p in ROOT.glob("searchengine/**/*.py") if p.name != "library.py"] + list(ROOT.glob("indexer/*.py"))
+    files = [p for p in SOURCES if "library" not in p.relative_to(ROOT).parts]
     found = [hit for path in files for hit in _reaches_into_the_library(path)]
     assert not found, found
 
 
 def test_the_read_and_decode_stages_import_no_database_code():
     code = (
-        "import sys, indexer.stages, indexer.scan;"
+        "import sys, searchengine.indexing.stages, searchengine.indexing.scan;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'faiss')"
-        " or m in ('searchengine.store', 'searchengine.library', 'searchengine.vector_index'));"
+        " or m in ('searchengine.store', 'searchengine.library', 'searchengine.vectors.exact'));"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -71,25 +64,25 @@ def test_the_read_and_decode_stages_import_no_database_code():
 
 def test_what_depends_on_the_device_is_decided_in_one_place():
     # Batch sizes, the feature cache, the captioner and the dtype of a GPU or a CPU: devices.py.
-    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py")]:
+    for path in SOURCES:
         if path.name != "devices.py":
             assert 'startswith("cuda")' not in path.read_text(), path
 
 
 def test_the_api_maps_errors_by_type_and_its_routes_reach_no_storage():
-    for path in ROOT.glob("searchengine/api/**/*.py"):
+    for path in ROOT.glob("searchengine/app/api/**/*.py"):
         assert ".reason ==" not in path.read_text(), f"{path}: map errors by exception type (api/errors.py)"
-    for path in ROOT.glob("searchengine/api/routes/*.py"):
+    for path in ROOT.glob("searchengine/app/api/routes/*.py"):
         banned = {n for n in _imports(path) if n.split(".")[0] in ("sqlalchemy", "faiss", "torch")
-                  or n in ("searchengine.store", "searchengine.vector_index", "searchengine.library")}
+                  or n in ("searchengine.store", "searchengine.vectors.exact", "searchengine.library")}
         assert not banned, (path, banned)
 
 
 def test_the_decode_stage_and_the_batch_size_are_built_in_one_place():
     """`DecodeStage` was built three ways, and reindex and eval left out the device (so
     `decode = device` decoded on the CPU) and sized batches for a CPU on a GPU; now every
-    run takes both from `indexer.stages.decode_stage` and `index_batch_size`."""
-    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py"), *ROOT.glob("tuning/*.py")]:
+    run takes both from `searchengine.indexing.stages.decode_stage` and `index_batch_size`."""
+    for path in SOURCES:
         if path.name == "stages.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
@@ -99,42 +92,45 @@ def test_the_decode_stage_and_the_batch_size_are_built_in_one_place():
                 assert name != "index_batch" or path.name == "stages.py", f"{path.relative_to(ROOT)}:{node.lineno} sizes a batch"
 
 
+QUERIES = ROOT / "searchengine/search/__init__.py"
+
+
 def test_a_page_and_the_rerank_default_are_decided_once():
     """The bounds on k, offset and min_itm were written in the CLI, in two places of
     queries.py and in the API; the re-rank default twice in queries.py. Now queries.py holds
     `check_page`, `check_min_itm`, MAX_K/MAX_OFFSET (the API's schema takes them) and
     `Searcher._rerank_depth`."""
-    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py"), *ROOT.glob("tuning/*.py")]:
+    for path in SOURCES:
         text = path.read_text()
         for written in ("k < 1", "min_itm <= 1", "min_itm <= 1.0", "MAX_K = ", "MAX_OFFSET = "):
-            assert written not in text or (path.name == "queries.py" and text.count(written) == 1), (path, written)
-        if path.name != "queries.py":
+            assert written not in text or (path == QUERIES and text.count(written) == 1), (path, written)
+        if path != QUERIES:
             assert "rerank_top if rerank is None" not in text, path
-    assert (ROOT / "searchengine/queries.py").read_text().count("self.settings.rerank_top") == 1
+    assert QUERIES.read_text().count("self.settings.rerank_top") == 1
 
 
 def test_the_file_types_and_orientations_are_listed_once():
     """Each list was written 3-4 times (CLI choices, API literals, filters, store, HEIF/AVIF
     sniffing); imageio holds both, and everything takes them from there."""
     from searchengine import store
-    from searchengine.imageio import FILE_TYPES, ORIENTATIONS
+    from searchengine.media.imageio import FILE_TYPES, ORIENTATIONS
 
     assert set(store._ORIENTATIONS) == set(ORIENTATIONS)
-    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py")]:
+    for path in SOURCES:
         if path.name == "imageio.py":
             continue
         text = path.read_text()
         assert '"landscape", "portrait"' not in text and '"heic", "avif"' not in text, path
         assert '".heic", ".heif"' not in text, path
-    imageio = (ROOT / "searchengine/imageio.py").read_text()
+    imageio = (ROOT / "searchengine/media/imageio.py").read_text()
     assert imageio.count('".heic", ".heif", ".hif"') == 1 and imageio.count('"landscape", "portrait", "square"') == 1
     assert list(FILE_TYPES)[:2] == ["jpeg", "png"]
 
 
 def test_durable_writes_are_written_once():
     """Atomic write, fsync and the disk-full test were each written 2-3 times (vector index,
-    backup, store, fine-tune, caches); searchengine/durable.py holds them."""
-    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py"), *ROOT.glob("tuning/*.py")]:
+    backup, store, fine-tune, caches); searchengine/util/durable.py holds them."""
+    for path in SOURCES:
         if path.name != "durable.py":
             text = path.read_text()
             assert "os.fsync(" not in text and "statvfs(" not in text, path
@@ -148,25 +144,25 @@ def test_every_exception_lives_in_errors_py():
     import searchengine.errors as errors
 
     known = {name for name in dir(errors) if isinstance(getattr(errors, name), type)}
-    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py"), *ROOT.glob("tuning/*.py")]:
-        if path.name == "errors.py" and path.parent.name == "searchengine":
+    for path in SOURCES:
+        if path == ROOT / "searchengine/errors.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
                 bases = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
                 assert not (bases & known or any(b.endswith(("Error", "Exception")) for b in bases)), (
                     f"{path.relative_to(ROOT)}: {node.name} belongs in searchengine/errors.py")
-    ours = {m for m in _imports(ROOT / "searchengine/api/errors.py") if m.startswith("searchengine")}
-    assert ours <= {"searchengine.errors", "searchengine.store", "searchengine.api.guards"}, ours
+    ours = {m for m in _imports(ROOT / "searchengine/app/api/errors.py") if m.startswith("searchengine")}
+    assert ours <= {"searchengine.errors", "searchengine.store", "searchengine.app.api.guards"}, ours
 
 
 def test_no_private_name_is_used_across_modules():
     """`_faiss`, `_group_max`, `_first_line`, `_itc_from_vit`, `indexer._commit` (the Ray
-    runner) and `searchengine.cli._settings` (tuning's commands) were used from other
+    runner) and `searchengine.app.cli._settings` (tuning's commands) were used from other
     modules; what another module needs is public."""
-    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py"), *ROOT.glob("tuning/*.py")]:
+    for path in SOURCES:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("searchengine", "indexer", "tuning"):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "searchengine":
                 private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
                 assert not private, f"{path.relative_to(ROOT)}:{node.lineno} imports {private} from {node.module}"
             if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
@@ -179,7 +175,7 @@ def test_no_private_name_is_used_across_modules():
 def _module_graph() -> dict[str, set[str]]:
     """Our modules and what each imports of ours, lazy (function-level) imports included."""
     mods = {}
-    for path in [*ROOT.glob("searchengine/**/*.py"), *ROOT.glob("indexer/*.py"), *ROOT.glob("tuning/*.py")]:
+    for path in SOURCES:
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
         mods[name.removesuffix(".__init__")] = path
     graph: dict[str, set[str]] = {m: set() for m in mods}
@@ -201,7 +197,7 @@ def _module_graph() -> dict[str, set[str]]:
 
 
 def test_no_import_cycles():
-    """searchengine.cli imported tuning.cli, which imported searchengine.cli back; serving and
+    """searchengine.app.cli imported searchengine.app.tuning_cli, which imported searchengine.app.cli back; serving and
     wiring imported each other. Every strongly connected component of the import graph
     (lazy imports counted) is one module."""
     graph = _module_graph()
@@ -237,7 +233,7 @@ def test_no_import_cycles():
 
 def test_image_urls_are_built_in_one_place():
     """An image's URLs were written in three places (hits, image detail, duplicates)."""
-    from searchengine.api.schemas import image_urls
+    from searchengine.app.api.schemas import image_urls
 
     assert image_urls(7) == {"thumbnail_url": "/api/images/7/thumbnail", "preview_url": "/api/images/7/preview",
                              "file_url": "/api/images/7/file"}
@@ -250,12 +246,43 @@ def test_the_runners_share_one_protocol():
     """The indexer asked `hasattr(self.runner, "listings")` and called `_process` itself
     when there was none; now a run always goes through a `Runner`: `LocalRunner` or
     `RayRunner`, each with both of its methods."""
-    from indexer.pipeline import LocalRunner, Runner
+    from searchengine.indexing.pipeline import LocalRunner, Runner
 
     wanted = {name for name in vars(Runner) if not name.startswith("_")}
     assert wanted == {"listings", "process"}
-    ray = next(n for n in ast.walk(ast.parse((ROOT / "indexer/ray_runner.py").read_text()))
+    ray = next(n for n in ast.walk(ast.parse((ROOT / "searchengine/indexing/ray_runner.py").read_text()))
                if isinstance(n, ast.ClassDef) and n.name == "RayRunner")
     assert wanted <= {n.name for n in ray.body if isinstance(n, ast.FunctionDef)}
     assert wanted <= set(vars(LocalRunner))
-    assert "hasattr(self.runner" not in (ROOT / "indexer/pipeline.py").read_text()
+    assert "hasattr(self.runner" not in (ROOT / "searchengine/indexing/pipeline.py").read_text()
+
+
+# The layers, bottom first: a package imports only from a row above its own (or from itself).
+# `errors` imports nothing of ours; a lazy import and a TYPE_CHECKING one count as imports.
+LAYERS = [
+    ("errors",),  # L0: every exception
+    ("util", "config"),  # L0: durable writes, locks, batcher, file caches; settings, devices
+    ("media",),  # L1: image I/O, preprocessing, thumbnails, links, keywords
+    ("models",),  # L1: retrieval, captioner, VQA, ONNX text, hub, tiny models
+    ("store", "vectors"),  # L2: the catalog and its writes; exact, ANN and GPU vector indexes
+    ("library",),  # L3: the data directory's one way in
+    ("search", "indexing"),  # L4: a request ranked; folders indexed
+    ("tuning", "service"),  # L5: eval and fine-tune; the query service
+    ("app",),  # L6: wiring, CLI, API, entry point
+]
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_each_layer_imports_only_from_below():
+    row = {pkg: i for i, pkgs in enumerate(LAYERS) for pkg in pkgs}
+    row[""] = 0  # searchengine/__init__.py: the version
+    graph = _module_graph()
+    assert {_package(m) for m in graph} <= set(row), {_package(m) for m in graph} - set(row)
+    wrong = [f"{m} -> {d}" for m, deps in graph.items() for d in deps
+             if _package(d) != _package(m) and row[_package(d)] >= row[_package(m)] and _package(d) != ""]
+    assert not wrong, wrong
+    assert not graph["searchengine.errors"], graph["searchengine.errors"]

@@ -88,7 +88,7 @@ def test_keyword_search_loads_no_model(lib):
 
 def test_stats_and_keyword_search_import_no_torch(lib):
     code = (
-        "import sys; from searchengine.cli import main;"
+        "import sys; from searchengine.app.cli import main;"
         "main(['stats']); main(['search', 'snow', '--mode', 'keyword']);"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'));"
         "assert not bad, bad"
@@ -212,7 +212,7 @@ def test_caption_and_watch_default_to_the_index_captioner(tmp_path, tiny_model_d
 def test_version_answers_before_any_heavy_import():
     """`--version` took 5 s on a loaded machine: it imported SQLAlchemy, numpy and pydantic
     first (1.2 s on an idle one); it now answers from the entry point (0.08 s)."""
-    code = ("import sys; from searchengine.entry import main; assert main(['--version']) == 0; "
+    code = ("import sys; from searchengine.app.entry import main; assert main(['--version']) == 0; "
             "heavy = [m for m in ('sqlalchemy', 'numpy', 'pydantic', 'torch') if m in sys.modules]; "
             "assert not heavy, heavy")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -225,13 +225,15 @@ def test_a_second_indexer_is_refused_before_any_heavy_import(tmp_path):
     """Refusing a second indexer took 7 s on a loaded machine (0.7 s idle): the CLI's imports
     came first. The entry point now asks the writer lock itself: every writing command, with
     the data dir from the flag or the environment, gets the CLI's own message."""
-    from searchengine import cli, entry, locks
-    from searchengine.locks import writer_lock
+    from searchengine.app import cli
+    from searchengine.app import entry
+    from searchengine.util import locks
+    from searchengine.util.locks import writer_lock
 
     assert cli.WRITERS == set(locks.WRITERS)  # one list, the entry point's too
     data = tmp_path / "data"
     data.mkdir()
-    probe = ("import sys; from searchengine.entry import main; code = main(sys.argv[1:]); "
+    probe = ("import sys; from searchengine.app.entry import main; code = main(sys.argv[1:]); "
              "heavy = [m for m in ('sqlalchemy', 'numpy', 'pydantic', 'torch') if m in sys.modules]; "
              "assert not heavy, heavy; sys.exit(code)")
     env = {k: v for k, v in os.environ.items() if not is_setting(k)}
@@ -257,7 +259,7 @@ def test_a_second_indexer_is_refused_before_any_heavy_import(tmp_path):
             assert entry.data_dir_named(args[1:]) is None or not entry.takes_the_writer_lock(args), args
     # Free again: the entry point hands over to the CLI.
     assert entry.takes_the_writer_lock(["serve", "--watch", "x"]) and not entry.takes_the_writer_lock(["search", "x"])
-    from searchengine.locks import busy_writer
+    from searchengine.util.locks import busy_writer
 
     assert busy_writer(data) is None and busy_writer(tmp_path / "nowhere") is None
     assert not (tmp_path / "nowhere").exists()  # asking creates nothing
@@ -265,7 +267,7 @@ def test_a_second_indexer_is_refused_before_any_heavy_import(tmp_path):
 
 def test_what_the_index_alone_refuses_is_refused_before_the_model_loads(lib, monkeypatch):
     """`search --like 9999` loaded the model for 7.7 s before saying the id is not there."""
-    from searchengine import wiring
+    from searchengine.app import wiring
 
     def no_model(*a, **kw):
         raise AssertionError("the model was loaded")

@@ -63,7 +63,7 @@ def test_an_index_an_earlier_version_built_in_bf16_opens_and_is_brought_up_to_da
     """Before, a bf16 run recorded the fingerprint of the bf16-rounded query tokens."""
     from sqlalchemy import create_engine, text
 
-    from searchengine.models import RetrievalModel
+    from searchengine.models.retrieval import RetrievalModel
 
     env = _env(tmp_path)
     r = run_cli("index", _pictures(tmp_path / "pics", 3, seed=3), "--model", tiny_model_dir, "--no-captions",
@@ -89,13 +89,13 @@ def test_an_index_an_earlier_version_built_in_bf16_opens_and_is_brought_up_to_da
 def model_fingerprint_in_bf16(model):
     import torch
 
-    from searchengine.models import fingerprint
+    from searchengine.models.retrieval import fingerprint
 
     return fingerprint(model.model.config, model.model.query_tokens.detach().to(torch.bfloat16).float().numpy())
 
 
 def test_a_real_mismatch_says_what_differs(tmp_path, tiny_model_dir):
-    from searchengine.random_models import build_tiny_model
+    from searchengine.models.tiny import build_tiny_model
 
     env = _env(tmp_path)
     mine = shutil.copytree(tiny_model_dir, tmp_path / "mine")

@@ -10,10 +10,10 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from indexer.pipeline import Indexer
-from searchengine.api import create_app
+from searchengine.indexing.pipeline import Indexer
+from searchengine.app.api import create_app
 from searchengine.library import Library
-from searchengine.locks import writer_lock
+from searchengine.util.locks import writer_lock
 from tests.helpers import fill_disk, wait_healthy
 from tests.inprocess import cli  # the real command, in this process
 
@@ -131,7 +131,7 @@ def test_temporary_files_of_a_dead_process_are_swept_on_open(settings, model):
 
 @pytest.mark.dtype
 def test_a_name_that_is_not_utf8_is_skipped_and_the_run_goes_on(tmp_path, settings, model, photo_files):
-    from indexer.watch import Watcher
+    from searchengine.indexing.watch import Watcher
     from tests.indexer.test_watch import wait_until
 
     folder = tmp_path / "photos"
@@ -236,7 +236,7 @@ def test_a_burst_of_large_uploads_takes_turns_and_gives_memory_back(settings, mo
 
     from PIL import Image
 
-    from searchengine.serving import release_memory
+    from searchengine.service import release_memory
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -322,7 +322,7 @@ def test_an_unmounted_folder_is_absent_not_empty(tmp_path, settings, photo_files
     r = cli("index", env_extra=env, check_rc=0)
     assert r.stdout.startswith("0 indexed") and "3 unchanged" in r.stdout and _ids(settings, folder) == before
     # A folder that was a mount point and is one no more is absent even with a stray file in it.
-    import indexer.pipeline as pipeline
+    import searchengine.indexing.pipeline as pipeline
 
     mounted = {str(folder.resolve())}
     monkeypatch.setattr(pipeline.os.path, "ismount", lambda p: str(p) in mounted)
@@ -341,7 +341,7 @@ def test_an_unmounted_folder_is_absent_not_empty(tmp_path, settings, photo_files
 
 @pytest.mark.slow  # a live watcher
 def test_the_watcher_keeps_the_images_of_a_folder_emptied_by_an_unmount(tmp_path, settings, model, photo_files):
-    from indexer.watch import Watcher
+    from searchengine.indexing.watch import Watcher
     from tests.indexer.test_watch import wait_until
 
     root, disk, away = tmp_path / "lib", tmp_path / "lib" / "disk", tmp_path / "away"

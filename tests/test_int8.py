@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from searchengine.errors import ModelLoadError
-from searchengine.models import int8_loading
+from searchengine.models.retrieval import int8_loading
 from tests.inprocess import run_cli
 
 
@@ -27,9 +27,9 @@ def test_int8_is_refused_on_a_cpu_naming_the_alternatives(tmp_path, tiny_model_d
     assert "CUDA GPU only" in r.stderr and "float32" in r.stderr and "cache-int8" in r.stderr
     assert "--no-captions" not in r.stderr  # not mistaken for a captioner that cannot load
     assert not (data / "store.db").exists()
-    from searchengine.captioner import Captioner
-    from searchengine.random_models import build_tiny_captioner
-    from searchengine.vqa import Answerer
+    from searchengine.models.captioner import Captioner
+    from searchengine.models.tiny import build_tiny_captioner
+    from searchengine.models.vqa import Answerer
 
     blip2 = build_tiny_captioner(tmp_path / "blip2", kind="blip2")
     for load, name in ((Captioner.load, tiny_captioner_dir), (Answerer.load, blip2)):
@@ -49,7 +49,7 @@ def test_int8_on_cuda_asks_for_bitsandbytes_then_loads_in_8_bits(monkeypatch):
 def test_the_captioner_passes_the_8_bit_arguments_and_is_not_moved(monkeypatch, tiny_captioner_dir):
     import transformers
 
-    from searchengine import captioner as captioner_module
+    from searchengine.models import captioner as captioner_module
 
     seen = {}
     real = transformers.BlipForConditionalGeneration.from_pretrained

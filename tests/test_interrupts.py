@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from indexer.pipeline import Indexer, Stopped, Summary
-from indexer.scan import FileEntry
-from indexer.watch import Watcher
+from searchengine.indexing.pipeline import Indexer, Stopped, Summary
+from searchengine.indexing.scan import FileEntry
+from searchengine.indexing.watch import Watcher
 from searchengine.library import Library
 from tests.helpers import is_setting
 
@@ -26,14 +26,14 @@ pytestmark = pytest.mark.slow  # real processes and waits
 
 SLOW_BATCH = """
 import sys, time
-from indexer import pipeline
+from searchengine.indexing import pipeline
 compute = pipeline.Indexer._compute
 def slow(self, *a, **kw):
     print("computing", flush=True)
     time.sleep(60)
     return compute(self, *a, **kw)
 pipeline.Indexer._compute = slow
-from searchengine.entry import main
+from searchengine.app.entry import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -78,18 +78,18 @@ def test_ctrl_c_ends_index_at_once_and_the_next_run_completes_it(tmp_path, setti
     assert proc.returncode == 130, err
     assert took < 2, took  # the batch on its way (a minute here) is not waited for
     assert "searchengine: interrupted" in err and "terminate called" not in err, err
-    again = subprocess.run([sys.executable, "-m", "searchengine.entry", "index", str(folder)], env=env,
+    again = subprocess.run([sys.executable, "-m", "searchengine.app.entry", "index", str(folder)], env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert again.stdout.startswith("6 indexed, 0 duplicates linked, 0 unchanged, 0 removed, 0 skipped"), again.stdout
-    check = subprocess.run([sys.executable, "-m", "searchengine.entry", "check"], env=env, capture_output=True, text=True, timeout=300)
+    check = subprocess.run([sys.executable, "-m", "searchengine.app.entry", "check"], env=env, capture_output=True, text=True, timeout=300)
     assert check.returncode == 0 and "vector index against the store: 6 images' vectors compared, all the same" in check.stdout, check.stdout
 
 
 def test_ctrl_c_ends_watch_within_two_seconds_and_says_what_it_did(tmp_path, settings, photo_files):
     folder = _photos(tmp_path, photo_files, 1)
     env = _env(settings)
-    proc = subprocess.Popen([sys.executable, "-m", "searchengine.entry", "watch", str(folder), "--debounce", "0.2"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "searchengine.app.entry", "watch", str(folder), "--debounce", "0.2"], env=env,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = proc.stdout.readline()
     assert first.startswith("caught up: 1 indexed, 0 linked, 0 moved, 0 unchanged, 0 removed, 0 skipped; watching "), first
@@ -119,7 +119,7 @@ def test_ctrl_c_ends_watch_within_two_seconds_and_says_what_it_did(tmp_path, set
     assert proc.returncode == 0 and took < 2, (took, err)
     assert out.strip().splitlines()[-1].endswith("; 1 changed file left for the next start"), out
     assert "terminate called" not in err, err
-    proc = subprocess.Popen([sys.executable, "-m", "searchengine.entry", "watch", str(folder)], env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "searchengine.app.entry", "watch", str(folder)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline().startswith("caught up: 1 indexed, 0 linked, 0 moved, 2 unchanged"), proc.stderr
     proc.send_signal(signal.SIGTERM)

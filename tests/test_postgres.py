@@ -132,10 +132,10 @@ def test_postgresql_down_is_a_503_to_retry_and_one_line_from_the_cli(tmp_path, m
 
     from fastapi.testclient import TestClient
 
-    from indexer.pipeline import Indexer
-    from searchengine.api import create_app
+    from searchengine.indexing.pipeline import Indexer
+    from searchengine.app.api import create_app
     from searchengine.library import Library
-    from searchengine.settings import Settings
+    from searchengine.config.settings import Settings
     from tests.helpers import wait_healthy
     from tests.inprocess import run_cli
     from tests.pg import Server
@@ -176,7 +176,7 @@ def test_a_store_lost_mid_command_is_one_line_from_the_cli(monkeypatch, tmp_path
     (`OperationalError: consuming input failed`)."""
     from sqlalchemy.exc import OperationalError
 
-    from searchengine import cli
+    from searchengine.app import cli
 
     def lost(args, out, err):
         raise OperationalError("INSERT INTO images ...", {}, Exception("consuming input failed: server closed the connection unexpectedly"))

@@ -59,7 +59,7 @@ def test_watch_command_indexes_what_arrives_and_stops_cleanly(tmp_path, photo_fi
             time.sleep(0.1)
         (folder / "arrived.jpg").write_bytes(photo_files[1].read_bytes())
         deadline = time.monotonic() + 90  # generous: CI machines are shared and noisy
-        while "indexer.watch: 1 indexed, 0 linked" not in (tmp_path / "watch.log").read_text():  # the update, not the catch-up line
+        while "searchengine.indexing.watch: 1 indexed, 0 linked" not in (tmp_path / "watch.log").read_text():  # the update, not the catch-up line
             assert time.monotonic() < deadline, (tmp_path / "watch.log").read_text()
             time.sleep(0.1)
         (folder / "broken.jpg").write_bytes(b"this is not a picture")

@@ -8,15 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from searchengine import wiring
-from searchengine.settings import Settings
+from searchengine.app import wiring
+from searchengine.config.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_cli_makes_waiting_openmp_threads_sleep_unless_told_otherwise(tmp_path):
     code = (
-        "import os, sys; from searchengine.cli import main;"
+        "import os, sys; from searchengine.app.cli import main;"
         f"main(['stats', '--data-dir', {str(tmp_path / 'none')!r}], out=sys.stderr, err=sys.stderr);"
         "print(os.environ.get('OMP_WAIT_POLICY'))"
     )

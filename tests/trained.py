@@ -1,14 +1,14 @@
 """A tiny BLIP-2 retrieval model *trained* for a few seconds to see colour, for ranking tests.
 
 Random weights rank at random, so no test of ranking quality can use them. This model is the
-tiny architecture of `searchengine.random_models`, trained with BLIP-2's own two heads (ITC: contrastive
+tiny architecture of `searchengine.models.tiny`, trained with BLIP-2's own two heads (ITC: contrastive
 over a batch; ITM: matched vs. mismatched pairs) on noisy single-colour pictures captioned
 with the colour and some other word ("a red dog", "car blue", ...). It learns what a real model knows about a photo (its colour here) and
 nothing about the other words, which in the tests only file names carry.
 
 Training takes seconds, but every test run would pay them, so `colour_model()` keeps the
 trained weights in a cache folder keyed by everything that decides them: this file's and
-`searchengine/random_models.py`'s source, the library versions, the steps, the seed and torch's thread
+`searchengine/models/tiny.py`'s source, the library versions, the steps, the seed and torch's thread
 count (its float sums, and so the weights, depend on it). A miss (a fresh clone, an edit to
 either file) trains again; delete the folder to force it.
 """
@@ -41,7 +41,7 @@ def train_colour_model(out_dir: Path, *, steps: int = STEPS, seed: int = 0) -> P
     from torch.nn import functional as F
     from transformers import AutoProcessor, Blip2ForImageTextRetrieval
 
-    from searchengine.random_models import build_tiny_model
+    from searchengine.models.tiny import build_tiny_model
 
     base = build_tiny_model(Path(out_dir) / "untrained", seed=seed)
     model = Blip2ForImageTextRetrieval.from_pretrained(base)
@@ -95,7 +95,7 @@ def model_key(*extra) -> str:
     import transformers
 
     h = hashlib.sha256()
-    for source in (Path(__file__), Path(__file__).resolve().parents[1] / "searchengine" / "random_models.py"):
+    for source in (Path(__file__), Path(__file__).resolve().parents[1] / "searchengine" / "models" / "tiny.py"):
         h.update(source.read_bytes())
     versions = (torch.__version__, transformers.__version__, np.__version__, PIL.__version__)
     h.update(repr((versions, extra, torch.get_num_threads())).encode())
@@ -164,7 +164,7 @@ def train_photo_model(out_dir: Path, photos: list[Path], *, steps: int = PHOTO_S
     from torch.nn import functional as F
     from transformers import AutoProcessor, Blip2ForImageTextRetrieval
 
-    from searchengine.random_models import build_tiny_model
+    from searchengine.models.tiny import build_tiny_model
 
     # 64 patches of 8 px: 32 px shows too little of a photo.
     base = build_tiny_model(Path(out_dir) / "untrained", seed=seed, image_size=64)

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from searchengine.library import Library, store_exists
-from searchengine.settings import Settings
+from searchengine.config.settings import Settings
 from tests.server import EXE, env_for
 
 pytestmark = pytest.mark.slow  # the real indexer process, killed and restarted

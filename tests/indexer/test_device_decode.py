@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from indexer.scan import FileEntry
-from indexer.stages import Decoded, DecodeStage, EmbedStage, Failed, ReadStage
-from searchengine import device_decode
-from searchengine.device_decode import decode_on_device, model_input, orient, pil_jpeg
+from searchengine.indexing.scan import FileEntry
+from searchengine.indexing.stages import Decoded, DecodeStage, EmbedStage, Failed, ReadStage
+from searchengine.media import device_decode
+from searchengine.media.device_decode import decode_on_device, model_input, orient, pil_jpeg
 from searchengine.errors import SearchEngineError
-from searchengine.imageio import decode_image
+from searchengine.media.imageio import decode_image
 from tests.images import exif_rotated_jpeg, gradient, save, write_awkward, write_bad
 
 
@@ -120,7 +120,7 @@ def test_fast_and_device_decodes_rank_as_the_exact_one_on_the_trained_fixture(co
     """The colour-trained tiny model, 40 large JPEGs of coloured pictures (so that the fast
     and device paths decode at reduced scale): each colour's top 10 is the exact path's, and
     every ITC vector within cosine 0.999 of it."""
-    from searchengine.models import RetrievalModel
+    from searchengine.models.retrieval import RetrievalModel
     from tests.trained import COLOURS, colour_picture
 
     model = RetrievalModel.load(str(colour_model_dir), device="cpu", dtype="float32")
@@ -153,8 +153,8 @@ def test_a_processor_the_tensor_path_cannot_follow_sends_files_to_pil_undecoded(
     nothing itself, and the result is the fast path's, bit for bit."""
     from dataclasses import replace
 
-    from searchengine import device_decode
-    from searchengine.device_decode import tensor_ready
+    from searchengine.media import device_decode
+    from searchengine.media.device_decode import tensor_ready
 
     assert tensor_ready(model.preprocessor)
     cropping = replace(model.preprocessor, image_processor=replace_attr(

@@ -6,12 +6,12 @@ import shutil
 import numpy as np
 import pytest
 
-from indexer.pipeline import Indexer
-from indexer.scan import scan_folder
+from searchengine.indexing.pipeline import Indexer
+from searchengine.indexing.scan import scan_folder
 from searchengine.errors import BadImageError
-from searchengine.imageio import decode_image, read_file
+from searchengine.media.imageio import decode_image, read_file
 from searchengine.library import Library
-from searchengine.queries import Searcher
+from searchengine.search import Searcher
 from tests.images import write_awkward, write_bad
 
 
@@ -44,7 +44,7 @@ def consistent(settings) -> set[int]:
     try:
         store_ids = set(library.store.image_ids().tolist())
         assert set(library.index.ids().tolist()) == store_ids
-        from searchengine.vector_index import VectorIndex
+        from searchengine.vectors.exact import VectorIndex
 
         saved = VectorIndex.load(settings.vectors_path, library.index.dim, library.index.num_vectors)
         assert set(saved.ids().tolist()) == store_ids  # the file on disk too, without repair
@@ -128,7 +128,7 @@ def test_recompute_mode_is_exact_and_the_cache_within_its_rounding(settings, mod
 def test_in_bf16_the_feature_cache_gives_what_recomputing_does(settings, tiny_model_dir, folder):
     """bf16 on a CPU (avx512_bf16) keeps the feature cache, as fp32 does: its fp16 entries hold
     bf16's values exactly within fp16's range, so ITM from the cache is the recomputed ITM."""
-    from searchengine.models import RetrievalModel
+    from searchengine.models.retrieval import RetrievalModel
 
     bf16 = RetrievalModel.load(str(tiny_model_dir), device="cpu", dtype="bfloat16")
     s = settings.model_copy(update={"dtype": "bfloat16"})
@@ -276,8 +276,8 @@ def test_non_folders_are_refused(settings, model, tmp_path):
 
 def test_a_different_model_is_refused(settings, model, folder, tmp_path):
     from searchengine.errors import ModelMismatchError
-    from searchengine.models import RetrievalModel
-    from searchengine.random_models import build_tiny_model
+    from searchengine.models.retrieval import RetrievalModel
+    from searchengine.models.tiny import build_tiny_model
 
     run(settings, model, folder)
     other = RetrievalModel.load(str(build_tiny_model(tmp_path / "other", seed=7)), device="cpu")
@@ -368,7 +368,7 @@ def test_heic_and_avif_photos_are_indexed(settings, model, tmp_path):
 def test_a_missing_codec_is_a_skip_that_names_the_package(settings, model, tmp_path, monkeypatch):
     from PIL import Image
 
-    from searchengine.imageio import decode_image
+    from searchengine.media.imageio import decode_image
 
     heic, avif = _phone_photos(tmp_path / "phone")
     decode_image(heic.read_bytes(), max_pixels=10**6)  # the codecs are there and registered...

@@ -13,14 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.pipeline import Indexer
-from indexer.ray_runner import RayRunner
-from indexer.scan import scan_folder
-from indexer.stages import DecodeStage
+from searchengine.indexing.pipeline import Indexer
+from searchengine.app import wiring
+from searchengine.indexing.ray_runner import Loaders, RayRunner
+from searchengine.indexing.scan import scan_folder
+from searchengine.indexing.stages import DecodeStage
 from searchengine.errors import SearchEngineError
-from searchengine.keywords import parse_query
+from searchengine.media.keywords import parse_query
 from searchengine.library import Library
 from tests.images import write_bad
+
+LOADERS = Loaders(wiring.load_model, wiring.load_captioner)
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,7 +85,7 @@ def test_the_ray_run_indexes_what_the_local_run_does(local_ray, settings, model,
     try:
         a = Indexer(model, local, s_local, captioner=captioner).run([folder, second])
         scanner = functools.partial(recording_scanner, record=str(listed_by))
-        b = Indexer(model, on_ray, s_ray, captioner=captioner, scanner=scanner, runner=RayRunner(s_ray, actors=1)).run([folder, second])
+        b = Indexer(model, on_ray, s_ray, captioner=captioner, scanner=scanner, runner=RayRunner(s_ray, LOADERS, actors=1)).run([folder, second])
         # Each folder was listed by a Ray task, in a worker process.
         pids = {p.name: int(p.read_text()) for p in listed_by.iterdir()}
         assert set(pids) == {"photos", "more"} and os.getpid() not in pids.values()
@@ -101,7 +104,7 @@ def test_the_ray_run_indexes_what_the_local_run_does(local_ray, settings, model,
             hits = lambda lib: sorted(p for h in lib.keyword_search(parse_query(query), 50, None) for p in lib.images([h.image_id])[h.image_id].paths)
             assert hits(on_ray) == hits(local) and hits(local), query
         # A second run changes nothing: the workers were told what the library has.
-        again = Indexer(model, on_ray, s_ray, captioner=captioner, runner=RayRunner(s_ray, actors=1)).run([folder, second])
+        again = Indexer(model, on_ray, s_ray, captioner=captioner, runner=RayRunner(s_ray, LOADERS, actors=1)).run([folder, second])
         assert (again.indexed, again.linked, again.unchanged) == (0, 0, 8 + 4)
     finally:
         local.close(), on_ray.close()
@@ -126,7 +129,7 @@ def test_a_worker_that_dies_mid_run_is_retried_and_nothing_is_written_twice(loca
     marker = tmp_path / "die"
     marker.write_text("once")
     try:
-        indexer = Indexer(model, library, s, runner=RayRunner(s, actors=1, read_batch=2))
+        indexer = Indexer(model, library, s, runner=RayRunner(s, LOADERS, actors=1, read_batch=2))
         d = indexer.decode_stage
         indexer.decode_stage = DiesOnce(d.preprocess, d.max_pixels, d.thumbnail_size, d.thumbnail_quality,
                                         d.caption_preprocess, d.decode, d.device, marker=str(marker))
@@ -140,7 +143,7 @@ def test_a_worker_that_dies_mid_run_is_retried_and_nothing_is_written_twice(loca
 
 
 def test_folders_the_workers_cannot_read_are_named(local_ray, settings, model, tmp_path, monkeypatch):
-    import indexer.ray_runner as rr
+    import searchengine.indexing.ray_runner as rr
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -150,7 +153,7 @@ def test_folders_the_workers_cannot_read_are_named(local_ray, settings, model, t
     s, library = _library(settings, tmp_path, "data")
     try:
         with pytest.raises(SearchEngineError, match=r"cannot read .*a\.jpg.*same path"):
-            Indexer(model, library, s, runner=RayRunner(s, actors=1)).run([folder])
+            Indexer(model, library, s, runner=RayRunner(s, LOADERS, actors=1)).run([folder])
     finally:
         library.close()
     assert real([str(folder / "a.jpg")]) is None  # really asked of a worker
@@ -194,7 +197,7 @@ def test_decode_device_runs_on_the_workers_cpus_whatever_the_drivers_device(loca
         (folder / f"{i}{f.suffix}").write_bytes(f.read_bytes())
     s, library = _library(settings, tmp_path, "data")
     try:
-        indexer = Indexer(model, library, s, runner=RayRunner(s, actors=1))
+        indexer = Indexer(model, library, s, runner=RayRunner(s, LOADERS, actors=1))
         indexer.decode_stage = replace(indexer.decode_stage, decode="device", device="cuda:0")  # as on a GPU driver
         summary = indexer.run([folder])
         assert (summary.indexed, dict(summary.failed)) == (3, {})

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.recaption import Recaptioner
-from searchengine.captioner import Captioner
-from searchengine.imageio import decode_image, read_file
+from searchengine.indexing.recaption import Recaptioner
+from searchengine.models.captioner import Captioner
+from searchengine.media.imageio import decode_image, read_file
 from searchengine.library import Library
-from searchengine.queries import Searcher
-from searchengine.random_models import build_tiny_captioner
+from searchengine.search import Searcher
+from searchengine.models.tiny import build_tiny_captioner
 from tests.indexer.test_pipeline import run
 
 

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.pipeline import Indexer
-from indexer.reindex import Reindexer
+from searchengine.indexing.pipeline import Indexer
+from searchengine.indexing.reindex import Reindexer
 from searchengine.library import Library
-from searchengine.models import RetrievalModel
-from searchengine.queries import Searcher
-from searchengine.random_models import build_tiny_model
-from searchengine.settings import Settings
+from searchengine.models.retrieval import RetrievalModel
+from searchengine.search import Searcher
+from searchengine.models.tiny import build_tiny_model
+from searchengine.config.settings import Settings
 from tests.server import EXE, env_for
 
 
@@ -138,13 +138,13 @@ def test_a_reindex_in_bf16_of_a_float32_index(tmp_path, model, other_model_dir):
 
 
 def test_a_server_switches_to_the_new_model_once_it_is_loaded(tmp_path, model, other_model_dir, other_model):
-    from searchengine.serving import QueryService
+    from searchengine.service import QueryService
 
     folder = pictures(tmp_path / "photos", 8)
     s = settings_for(tmp_path / "data")
     index(s, model, folder)
     serving = Library.open(s)
-    from searchengine import wiring
+    from searchengine.app import wiring
 
     service = QueryService(s, model, serving, load_model=lambda name: wiring.load_model(s, name, serving=True))
     before = [h.path for h in service.searcher.search("a dog", k=8, mode="semantic").hits]

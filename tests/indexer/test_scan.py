@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from indexer.scan import LINK_DUPLICATE, LINK_LOOP, LINK_OUTSIDE, scan_folder
+from searchengine.indexing.scan import LINK_DUPLICATE, LINK_LOOP, LINK_OUTSIDE, scan_folder
 from tests.images import gradient
 
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from indexer import stages
-from indexer.pipeline import Indexer
-from indexer.reindex import Reindexer
+from searchengine.indexing import stages
+from searchengine.indexing.pipeline import Indexer
+from searchengine.indexing.reindex import Reindexer
 from searchengine.library import Library
-from tuning import evaluation
+from searchengine.tuning import evaluation
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def on_a_gpu(model, monkeypatch):
     monkeypatch.setattr(stages, "DecodeStage", Recorded)
     monkeypatch.setattr(model, "device", "cuda:0")
     monkeypatch.setattr(model, "index_batch", lambda captioner_bytes=0: 37)  # what 80 GB free would hold
-    monkeypatch.setattr("searchengine.device_decode.check", lambda device: checked.append(device))
+    monkeypatch.setattr("searchengine.media.device_decode.check", lambda device: checked.append(device))
     return built, checked
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from indexer.pipeline import Indexer
-from indexer.scan import FileEntry
-from indexer.stages import CaptionStage, Decoded, DecodeStage, EmbedStage, Failed, Known, Read, ReadStage
-from searchengine.imageio import decode_image
+from searchengine.indexing.pipeline import Indexer
+from searchengine.indexing.scan import FileEntry
+from searchengine.indexing.stages import CaptionStage, Decoded, DecodeStage, EmbedStage, Failed, Known, Read, ReadStage
+from searchengine.media.imageio import decode_image
 from searchengine.library import Library
 
 
@@ -202,7 +202,7 @@ def test_a_batch_too_large_for_the_device_is_embedded_in_halves(model, photo_fil
 def test_pixels_are_staged_for_the_device_they_run_on(model, photo_files):
     """On a CPU a batch is its stacked pixels, ready at once (on a CUDA GPU the same call
     copies them from pinned memory on a side stream: not run here, there is no GPU)."""
-    from indexer.stages import stage_pixels
+    from searchengine.indexing.stages import stage_pixels
 
     pixels = [torch.rand(3, 8, 8) for _ in range(3)]
     staged = stage_pixels(pixels, "cpu")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from indexer.pipeline import Indexer
-from indexer.watch import Watcher, filesystem_type
+from searchengine.indexing.pipeline import Indexer
+from searchengine.indexing.watch import Watcher, filesystem_type
 from searchengine.library import Library
 from tests.indexer.test_pipeline import consistent
 

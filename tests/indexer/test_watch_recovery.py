@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.pipeline import Indexer
-from indexer.watch import Watcher
+from searchengine.indexing.pipeline import Indexer
+from searchengine.indexing.watch import Watcher
 from searchengine.library import Library
 from tests.helpers import fill_disk
 from tests.indexer.test_watch import wait_until

@@ -8,8 +8,8 @@ import threading
 
 import numpy as np
 
-from indexer.pipeline import Indexer
-from indexer.watch import Watcher
+from searchengine.indexing.pipeline import Indexer
+from searchengine.indexing.watch import Watcher
 from searchengine.library import Library
 from tests.indexer.test_watch import wait_until
 

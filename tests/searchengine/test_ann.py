@@ -7,13 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from searchengine import ann, synthetic
-from searchengine.ann import AnnIndex
-from searchengine.imageio import ImageMeta
+from searchengine.vectors import ann
+from searchengine.vectors import synthetic
+from searchengine.vectors.ann import AnnIndex
+from searchengine.media.imageio import ImageMeta
 from searchengine.library import Library
-from searchengine.settings import Settings
+from searchengine.config.settings import Settings
 from searchengine.store import SCHEMA_VERSION, ModelInfo
-from searchengine.vector_index import VectorIndex
+from searchengine.vectors.exact import VectorIndex
 
 Q, D = 4, 16
 INFO = ModelInfo("m", "fp", Q, D, (3, 2))
@@ -421,10 +422,10 @@ def test_queries_during_a_rebuild_never_fail_nor_return_a_deleted_image(tmp_path
 KILLED_REBUILD = r"""
 import os, sys, time
 from pathlib import Path
-from searchengine import ann
-from searchengine.ann import AnnIndex
+from searchengine.vectors import ann
+from searchengine.vectors.ann import AnnIndex
 from searchengine.library import Library
-from searchengine.settings import Settings
+from searchengine.config.settings import Settings
 
 data, moment = Path(sys.argv[1]), sys.argv[2]
 
@@ -493,7 +494,7 @@ def test_a_server_loads_the_index_another_process_rebuilt(tmp_path):
 
 
 def test_a_deeper_ranking_keeps_the_pages_already_served():
-    from searchengine.queries import Ranking
+    from searchengine.search import Ranking
 
     def ranking(ids, depth):
         n = len(ids)
@@ -515,7 +516,7 @@ def fake_gpu(monkeypatch):
     """FAISS "with a GPU": the copy is a CPU clone, and every search on it is counted."""
     import faiss
 
-    from searchengine import faiss_gpu
+    from searchengine.vectors import gpu as faiss_gpu
 
     searches = []
 
@@ -564,9 +565,9 @@ def test_without_a_gpu_one_line_says_so_and_the_cpu_searches(tmp_path, caplog):
 
     rng = np.random.default_rng(14)
     fill(Settings(data_dir=tmp_path), random_vectors(rng, 20))
-    with caplog.at_level(logging.INFO, logger="searchengine.faiss_gpu"):
+    with caplog.at_level(logging.INFO, logger="searchengine.vectors.gpu"):
         lib = Library.open(Settings(data_dir=tmp_path, vector_device="gpu"))
-    assert [r.levelname for r in caplog.records if r.name == "searchengine.faiss_gpu"] == ["WARNING"]
+    assert [r.levelname for r in caplog.records if r.name == "searchengine.vectors.gpu"] == ["WARNING"]
     assert "FAISS has no GPU here" in caplog.text
     assert lib.vector_index_info()["device"] == "cpu"
     assert len(lib.search_vectors(random_vectors(rng, 1)[0, :1], 3)[0].ids) == 3

@@ -15,11 +15,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import SecretStr
 
-from indexer.pipeline import Indexer
-from searchengine.api import create_app
+from searchengine.indexing.pipeline import Indexer
+from searchengine.app.api import create_app
 from searchengine.library import Library
-from searchengine.thumbnails import checked_jpeg
-from searchengine.queries import image_similarity
+from searchengine.media.thumbnails import checked_jpeg
+from searchengine.search import image_similarity
 from tests.images import bomb_png, gradient
 
 
@@ -36,7 +36,7 @@ def dated_jpeg(seed: int, when: str) -> bytes:
 def indexed(request, tmp_path_factory, photos_dir, tiny_model_dir, model, captioner):
     """The API's library, on each store backend: every test here runs on SQLite and on
     PostgreSQL (a server the tests start, tests/pg.py)."""
-    from searchengine.settings import Settings
+    from searchengine.config.settings import Settings
 
     database_url = request.getfixturevalue("postgres").new_database() if request.param == "postgresql" else None
 
@@ -627,7 +627,7 @@ def test_cors_is_off_unless_configured(client, indexed, model):
 
 
 def test_the_index_is_reloaded_while_serving(tmp_path, photo_files, tiny_model_dir, model):
-    from searchengine.settings import Settings
+    from searchengine.config.settings import Settings
 
     folder = tmp_path / "lib"
     folder.mkdir()
@@ -688,8 +688,8 @@ def test_deep_pages_reuse_the_rerank_and_agree_with_one_big_request(indexed, mod
 
 
 def test_a_hit_has_one_json_form_for_the_api_and_the_cli():
-    from searchengine.api import HitOut
-    from searchengine.queries import Hit
+    from searchengine.app.api import HitOut
+    from searchengine.search import Hit
 
     hit = Hit(7, ["/p/a.jpg", "/p/b.jpg"], 0.31, 0.9, 1.21, 64, 48, "2023-01-02T03:04:05", "X100", "a dog", 0.5)
     api = HitOut(**hit.as_json(), thumbnail_url="t", preview_url="p", file_url="f").model_dump()

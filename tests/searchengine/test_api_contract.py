@@ -16,15 +16,15 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from indexer.pipeline import Indexer
-from searchengine.api import create_app
+from searchengine.indexing.pipeline import Indexer
+from searchengine.app.api import create_app
 from searchengine.library import Library
 from tests.helpers import wait_healthy
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, photos_dir, tiny_model_dir, model):
-    from searchengine.settings import Settings
+    from searchengine.config.settings import Settings
 
     root = tmp_path_factory.mktemp("contract")
     photos = root / "photos"

@@ -6,7 +6,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from searchengine.api import errors
+from searchengine.app.api import errors
 from searchengine.errors import (
     BadImageError,
     ImageNotFoundError,
@@ -18,7 +18,7 @@ from searchengine.errors import (
     UploadError,
     UploadTooLarge,
 )
-from searchengine.serving import ServiceBusy
+from searchengine.service import ServiceBusy
 
 CASES = [
     (QueryError("the query is empty"), 400),

@@ -10,8 +10,8 @@ import sqlite3
 
 import pytest
 
-from indexer.pipeline import Indexer
-from searchengine import backup
+from searchengine.indexing.pipeline import Indexer
+from searchengine.store import backup
 from searchengine.errors import StoreDamagedError, StoreMissingError
 from searchengine.library import Library
 from tests.helpers import wait_healthy
@@ -142,7 +142,7 @@ def test_check_reports_each_part_and_changes_nothing(settings, indexed):
 def test_a_store_damaged_under_a_running_server_answers_503(settings, indexed, model):
     from fastapi.testclient import TestClient
 
-    from searchengine.api import create_app
+    from searchengine.app.api import create_app
 
     def loader(s):
         return model, Library.open(s)

@@ -5,7 +5,7 @@ import threading
 
 import numpy as np
 
-from searchengine.batcher import MicroBatcher
+from searchengine.util.batcher import MicroBatcher
 
 
 class Recorder:

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoProcessor, BlipForConditionalGeneration, Blip2ForConditionalGeneration
 
-from searchengine.captioner import Captioner, default_caption_model
+from searchengine.models.captioner import Captioner, default_caption_model
 from searchengine.errors import ModelLoadError
-from searchengine.imageio import decode_image, read_file
-from searchengine.random_models import build_tiny_captioner, build_tiny_model
+from searchengine.media.imageio import decode_image, read_file
+from searchengine.models.tiny import build_tiny_captioner, build_tiny_model
 
 CLASSES = {"blip": BlipForConditionalGeneration, "blip2": Blip2ForConditionalGeneration}
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from indexer.pipeline import Indexer
-from searchengine.api import create_app
+from searchengine.indexing.pipeline import Indexer
+from searchengine.app.api import create_app
 from searchengine.errors import ImageNotFoundError, QueryError
 from searchengine.library import Library
-from searchengine.models import RetrievalModel
-from searchengine.queries import Searcher, Steer, parse_example
-from searchengine.settings import Settings
+from searchengine.models.retrieval import RetrievalModel
+from searchengine.search import Searcher, Steer, parse_example
+from searchengine.config.settings import Settings
 from tests.inprocess import run_cli
 from tests.trained import COLOURS, colour_picture
 
@@ -200,7 +200,7 @@ def test_api_like_unlike_min_itm_and_strong(colours):
 
 def test_the_re_ranked_request_after_an_itc_one_does_not_encode_the_query_again(colours):
     """Results that sharpen: rerank=0 first, then the default; the second reuses the vector."""
-    from searchengine.queries import RankingCache
+    from searchengine.search import RankingCache
 
     searcher, *_ = colours
     calls: list[str] = []

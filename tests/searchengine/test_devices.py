@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from searchengine.devices import auto_dtype, defaults_for, pick
+from searchengine.config.devices import auto_dtype, defaults_for, pick
 from searchengine.errors import ModelLoadError
-from searchengine.models import resolve_device, resolve_dtype
+from searchengine.models.retrieval import resolve_device, resolve_dtype
 
 
 @pytest.mark.parametrize(
@@ -42,7 +42,7 @@ def test_what_each_device_changes():
 
 
 def test_a_gpu_batch_is_sized_to_the_memory_left():
-    from searchengine.devices import batch_for_memory, transformer_bytes_per_image
+    from searchengine.config.devices import batch_for_memory, transformer_bytes_per_image
 
     # blip2-itm-vit-g's ViT in bf16: 257 tokens, width 1408, MLP 6144, 16 heads.
     vit_g = transformer_bytes_per_image(257, 1408, 6144, 16, 2)

@@ -12,13 +12,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageEnhance
 
-from indexer.pipeline import Indexer
-from searchengine.api import create_app
-from searchengine.duplicates import find_duplicates
+from searchengine.indexing.pipeline import Indexer
+from searchengine.app.api import create_app
+from searchengine.search.duplicates import find_duplicates
 from searchengine.errors import QueryError
 from searchengine.library import Library
-from searchengine.models import RetrievalModel
-from searchengine.settings import Settings
+from searchengine.models.retrieval import RetrievalModel
+from searchengine.config.settings import Settings
 from tests.inprocess import run_cli
 from tests.trained import photo_model
 

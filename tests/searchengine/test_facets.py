@@ -12,13 +12,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import text, update
 
-from indexer.pipeline import Indexer
-from searchengine.api import create_app
+from searchengine.indexing.pipeline import Indexer
+from searchengine.app.api import create_app
 from searchengine.errors import QueryError
-from searchengine.imageio import ImageMeta
+from searchengine.media.imageio import ImageMeta
 from searchengine.library import Library
-from searchengine.queries import Filters, Searcher
-from searchengine.settings import Settings
+from searchengine.search import Filters, Searcher
+from searchengine.config.settings import Settings
 from searchengine.store import SCHEMA_VERSION, ModelInfo, Store, meta, sqlite_url
 from tests.inprocess import run_cli
 

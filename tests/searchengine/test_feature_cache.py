@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.pipeline import Indexer
-from searchengine.feature_cache import FeatureCache, dequantize, quantize
+from searchengine.indexing.pipeline import Indexer
+from searchengine.vectors.feature_cache import FeatureCache, dequantize, quantize
 from searchengine.library import Library
-from searchengine.models import RetrievalModel
-from searchengine.queries import Searcher
-from searchengine.settings import Settings
+from searchengine.models.retrieval import RetrievalModel
+from searchengine.search import Searcher
+from searchengine.config.settings import Settings
 from tests.trained import COLOURS, colour_picture
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from searchengine.api import create_app
+from searchengine.app.api import create_app
 from searchengine.library import Library
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from searchengine import hub
+from searchengine.models import hub
 from searchengine.errors import ModelLoadError
 
 

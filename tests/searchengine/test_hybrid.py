@@ -16,12 +16,12 @@ import shutil
 import numpy as np
 import pytest
 
-from indexer.pipeline import Indexer
+from searchengine.indexing.pipeline import Indexer
 from searchengine.errors import QueryError
 from searchengine.library import Library
-from searchengine.models import RetrievalModel
-from searchengine.queries import Searcher
-from searchengine.settings import Settings
+from searchengine.models.retrieval import RetrievalModel
+from searchengine.search import Searcher
+from searchengine.config.settings import Settings
 from tests.trained import COLOURS, colour_picture
 
 ANIMALS = ["dog", "cat", "bird"]

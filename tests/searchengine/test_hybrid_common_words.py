@@ -14,12 +14,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.pipeline import Indexer
+from searchengine.indexing.pipeline import Indexer
 from searchengine.library import Library
-from searchengine.models import RetrievalModel
-from searchengine.queries import Searcher
-from searchengine.settings import Settings
-from searchengine.textindex import clause_weight
+from searchengine.models.retrieval import RetrievalModel
+from searchengine.search import Searcher
+from searchengine.config.settings import Settings
+from searchengine.store.textindex import clause_weight
 from tests.searchengine.test_hybrid import ANIMALS, average_precision
 from tests.trained import COLOURS, colour_picture
 

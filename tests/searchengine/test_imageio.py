@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from searchengine.errors import BadImageError
-from searchengine.imageio import decode_image, read_file
-from searchengine.thumbnails import make_thumbnail
+from searchengine.media.imageio import decode_image, read_file
+from searchengine.media.thumbnails import make_thumbnail
 from tests.images import gradient, write_awkward, write_bad
 
 LIMIT = 150_000_000
@@ -94,7 +94,7 @@ def test_read_file_reasons(tmp_path):
 def test_heic_is_listed_and_decoded_with_pillow_heif(tmp_path):
     import pillow_heif  # in the dev extras: HEIC support is tested, not assumed
 
-    from indexer.scan import scan_folder
+    from searchengine.indexing.scan import scan_folder
     from tests.images import gradient
 
     pillow_heif.register_heif_opener()
@@ -148,7 +148,7 @@ def _random_image(fmt: str) -> bytes:
 
 
 def test_avif_is_listed_and_decoded(tmp_path):
-    from indexer.scan import scan_folder
+    from searchengine.indexing.scan import scan_folder
 
     path = tmp_path / "still.avif"
     Image.fromarray(gradient()).save(path, "AVIF", quality=95)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from searchengine.keywords import parse_query, path_words
+from searchengine.media.keywords import parse_query, path_words
 
 
 def test_plain_words_are_optional_and_stop_words_dropped():

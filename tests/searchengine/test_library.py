@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from searchengine.library import Library
-from searchengine.imageio import ImageMeta
+from searchengine.media.imageio import ImageMeta
 from searchengine.store import ModelInfo
 
 INFO = ModelInfo("m", "fp", 2, 4, (3, 2))
@@ -43,7 +43,7 @@ def test_index_missing_commits_are_added_and_deleted_ones_removed(settings):
     assert lib.previews.ids() == {b}  # a live image's preview stays
     lib.close()
     # The repair was saved: the file alone now holds exactly b.
-    from searchengine.vector_index import VectorIndex
+    from searchengine.vectors.exact import VectorIndex
 
     assert VectorIndex.load(settings.vectors_path, 4, 2).ids().tolist() == [b]
 

@@ -7,10 +7,10 @@ import shutil
 
 from fastapi.testclient import TestClient
 
-from indexer.pipeline import Indexer
-from searchengine.api import create_app
+from searchengine.indexing.pipeline import Indexer
+from searchengine.app.api import create_app
 from searchengine.library import Library
-from searchengine.links import inside_library
+from searchengine.media.links import inside_library
 from tests.helpers import wait_healthy
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 from sqlalchemy import create_engine, insert, text
 
-from searchengine import migrations
-from searchengine.keywords import parse_query
-from searchengine.imageio import ImageMeta
+from searchengine.store import migrations
+from searchengine.media.keywords import parse_query
+from searchengine.media.imageio import ImageMeta
 from searchengine.store import SCHEMA_VERSION, Store, meta, metadata, vectors
 
 

@@ -9,8 +9,8 @@ from PIL import Image, ImageOps
 from transformers import AutoProcessor, Blip2ForImageTextRetrieval
 
 from searchengine.errors import ModelLoadError
-from searchengine.imageio import decode_image
-from searchengine.models import RetrievalModel, resolve_dtype
+from searchengine.media.imageio import decode_image
+from searchengine.models.retrieval import RetrievalModel, resolve_dtype
 
 pytestmark = pytest.mark.dtype  # dtype auto, and every dtype a model loads in
 
@@ -102,7 +102,7 @@ def test_fingerprint_identifies_weights_not_path(tiny_model_dir, tmp_path, model
 
     moved = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere")
     assert RetrievalModel.load(str(moved), device="cpu").fingerprint == model.fingerprint
-    from searchengine.random_models import build_tiny_model
+    from searchengine.models.tiny import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", seed=1)
     assert RetrievalModel.load(str(other), device="cpu").fingerprint != model.fingerprint
@@ -112,7 +112,7 @@ def test_fingerprint_identifies_weights_not_path(tiny_model_dir, tmp_path, model
 def test_fingerprint_is_the_weights_as_stored_in_every_dtype(tiny_model_dir, model, dtype):
     """Loaded in bf16 or fp16, transformers casts the query tokens too: the fingerprint is
     taken from the files, so it is the float32 load's (it was 141d... against 67fb...)."""
-    from searchengine.models import peek_fingerprints
+    from searchengine.models.retrieval import peek_fingerprints
 
     loaded = RetrievalModel.load(str(tiny_model_dir), device="cpu", dtype=dtype)
     if dtype != "auto":
@@ -129,7 +129,7 @@ def test_fingerprint_is_the_weights_as_stored_in_every_dtype(tiny_model_dir, mod
 
 
 def models_fingerprint(loaded, tokens):
-    from searchengine.models import fingerprint
+    from searchengine.models.retrieval import fingerprint
 
     return fingerprint(loaded.model.config, tokens)
 
@@ -138,7 +138,7 @@ def test_fingerprint_of_a_pytorch_bin_checkpoint_is_read_from_its_file(tiny_mode
     """A checkpoint saved as pytorch_model.bin (no safetensors) is identified the same way."""
     import shutil
 
-    from searchengine.models import stored_query_tokens
+    from searchengine.models.retrieval import stored_query_tokens
 
     legacy = tmp_path / "bin"
     shutil.copytree(tiny_model_dir, legacy)
@@ -174,7 +174,7 @@ def test_blip2_without_retrieval_heads_is_refused(tmp_path, tiny_model_dir):
 
 
 def test_auto_dtype(monkeypatch):
-    import searchengine.models as models
+    import searchengine.models.retrieval as models
 
     monkeypatch.setattr(models, "cpu_supports_bf16", lambda: False)
     assert resolve_dtype("auto", "cpu") == torch.float32

@@ -11,7 +11,7 @@ import torch
 import pytest
 
 from searchengine.errors import ModelLoadError
-from searchengine.onnx_text import OnnxTextEncoder
+from searchengine.models.onnx_text import OnnxTextEncoder
 
 pytestmark = pytest.mark.dtype
 
@@ -50,7 +50,7 @@ def test_without_onnx_runtime_it_says_what_to_install(model, tmp_path, monkeypat
 
 
 def test_wiring_uses_it_on_a_cpu_when_asked(settings, tmp_path, monkeypatch):
-    from searchengine import wiring
+    from searchengine.app import wiring
 
     monkeypatch.setenv("SEARCHENGINE_CACHE_DIR", str(tmp_path / "cache"))
     loaded = wiring.load_model(settings.model_copy(update={"text_backend": "onnx"}), settings.model)
@@ -69,8 +69,9 @@ def test_auto_in_a_server_takes_the_backend_that_measured_faster(settings, tmp_p
     import logging
     import time
 
-    from searchengine import onnx_text, wiring
-    from searchengine.models import RetrievalModel
+    from searchengine.models import onnx_text
+    from searchengine.app import wiring
+    from searchengine.models.retrieval import RetrievalModel
 
     monkeypatch.setenv("SEARCHENGINE_CACHE_DIR", str(tmp_path / "cache"))
     if slower == "onnx":
@@ -79,7 +80,7 @@ def test_auto_in_a_server_takes_the_backend_that_measured_faster(settings, tmp_p
     else:
         features = RetrievalModel.text_features
         monkeypatch.setattr(RetrievalModel, "text_features", lambda self, *a: (time.sleep(0.03), features(self, *a))[1])
-    with caplog.at_level(logging.INFO, logger="searchengine.wiring"):
+    with caplog.at_level(logging.INFO, logger="searchengine.app.wiring"):
         loaded = wiring.load_model(settings.model_copy(update={"dtype": dtype}), settings.model, serving=True)
     assert loaded.vision_dtype == getattr(torch, dtype)
     assert (loaded.onnx_text is None) == (slower == "onnx")
@@ -89,7 +90,7 @@ def test_auto_in_a_server_takes_the_backend_that_measured_faster(settings, tmp_p
 
 
 def test_auto_keeps_torch_where_the_vectors_differ(settings, tmp_path, monkeypatch):
-    from searchengine import wiring
+    from searchengine.app import wiring
 
     monkeypatch.setenv("SEARCHENGINE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(OnnxTextEncoder, "__call__", lambda self, ids, mask: np.ones((len(ids), 16), np.float32) / 4)
@@ -99,7 +100,7 @@ def test_auto_keeps_torch_where_the_vectors_differ(settings, tmp_path, monkeypat
 def test_auto_chooses_onnx_where_it_wins_and_torch_elsewhere(monkeypatch):
     import importlib.util
 
-    from searchengine.wiring import text_backend
+    from searchengine.app.wiring import text_backend
 
     assert text_backend("auto", "cpu", serving=True) == "onnx"
     assert text_backend("auto", "cpu", serving=False) == "torch"  # one query: loading it costs more than it saves
@@ -112,7 +113,8 @@ def test_auto_chooses_onnx_where_it_wins_and_torch_elsewhere(monkeypatch):
 
 
 def test_auto_falls_back_to_torch_when_the_export_fails(settings, monkeypatch, caplog):
-    from searchengine import onnx_text, wiring
+    from searchengine.models import onnx_text
+    from searchengine.app import wiring
 
     def broken(model, path):
         raise ModelLoadError("cannot export the text encoder to ONNX (RuntimeError: boom); use text_backend torch")
@@ -155,7 +157,7 @@ def test_search_takes_text_backend_onnx_from_the_command_line(tmp_path, tiny_mod
 
 
 def test_the_export_cache_lives_where_the_environment_says(monkeypatch, tmp_path):
-    from searchengine.onnx_text import cache_dir
+    from searchengine.models.onnx_text import cache_dir
 
     monkeypatch.delenv("SEARCHENGINE_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

@@ -10,10 +10,10 @@ import shutil
 import pytest
 from sqlalchemy import event
 
-from indexer.pipeline import Indexer
+from searchengine.indexing.pipeline import Indexer
 from searchengine.library import Library
-from searchengine.queries import Filters, Searcher
-from searchengine.serving import QueryService
+from searchengine.search import Filters, Searcher
+from searchengine.service import QueryService
 
 
 @pytest.fixture()

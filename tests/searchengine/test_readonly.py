@@ -12,7 +12,7 @@ from sqlalchemy import update
 
 from searchengine.errors import ReadOnlyIndexError
 from searchengine.library import Library
-from searchengine.imageio import ImageMeta
+from searchengine.media.imageio import ImageMeta
 from searchengine.store import ModelInfo, meta
 from tests.readonly import read_only_view
 
@@ -73,7 +73,7 @@ def test_read_only_index_is_searched_as_it_is_and_left_unchanged(settings, tmp_p
 
 
 def test_writers_are_refused_at_once_with_the_path(settings, tmp_path, model):
-    from indexer.pipeline import Indexer
+    from searchengine.indexing.pipeline import Indexer
 
     Library.open(settings, create=True).close()
     with read_only_view(settings.data_dir, tmp_path / "ro") as view:

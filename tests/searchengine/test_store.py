@@ -5,9 +5,9 @@ import pytest
 from sqlalchemy import update
 
 from searchengine.errors import ModelMismatchError, SchemaError
-from searchengine.keywords import parse_query
-from searchengine.queries import Filters
-from searchengine.imageio import ImageMeta
+from searchengine.media.keywords import parse_query
+from searchengine.search import Filters
+from searchengine.media.imageio import ImageMeta
 from searchengine.store import SCHEMA_VERSION, ModelInfo, Store, meta, sqlite_url
 
 INFO = ModelInfo("m", "abc", 2, 3, (5, 4))

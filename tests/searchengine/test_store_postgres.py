@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import create_engine, select, text
 
-from searchengine.queries import Filters
+from searchengine.search import Filters
 from searchengine.store import Store, files, folder_condition
 from tests.searchengine.test_store import INFO
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings as hsettings, strategies as st
 
-from searchengine.vector_index import VectorIndex
+from searchengine.vectors.exact import VectorIndex
 
 
 def _unit(rng, *shape):

@@ -10,15 +10,15 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from indexer.pipeline import Indexer
-from searchengine import wiring
-from searchengine.api import create_app
-from searchengine.captioner import Captioner
+from searchengine.indexing.pipeline import Indexer
+from searchengine.app import wiring
+from searchengine.app.api import create_app
+from searchengine.models.captioner import Captioner
 from searchengine.errors import ModelLoadError, QueryError
 from searchengine.library import Library
-from searchengine.random_models import build_tiny_captioner
-from searchengine.settings import Settings
-from searchengine.vqa import MAX_QUESTION_CHARS, Answerer
+from searchengine.models.tiny import build_tiny_captioner
+from searchengine.config.settings import Settings
+from searchengine.models.vqa import MAX_QUESTION_CHARS, Answerer
 from tests.inprocess import run_cli
 
 QUESTIONS = ["what is the dog doing?", "Is it raining?", "how many birds are there"]
@@ -206,7 +206,7 @@ def test_cli_ask_by_path_and_by_id(indexed, blip2_dir, pictures, tiny_captioner_
 
 def test_a_loaded_blip2_captioner_is_shared_rather_than_loaded_twice(blip2_dir, tiny_captioner_dir):
     """`serve --watch` has its captioner loaded already: questions use the same weights."""
-    from searchengine.vqa import LazyAnswerer
+    from searchengine.models.vqa import LazyAnswerer
 
     def never(name):
         raise AssertionError("loaded a second copy")

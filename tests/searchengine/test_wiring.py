@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 
-from searchengine import wiring
+from searchengine.app import wiring
 from searchengine.errors import ModelMismatchError, ModelLoadError
 from searchengine.library import Library, Recorded
-from searchengine.settings import DEFAULT_MODEL, Settings
-from searchengine.random_models import build_tiny_model
+from searchengine.config.settings import DEFAULT_MODEL, Settings
+from searchengine.models.tiny import build_tiny_model
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_another_local_model_is_refused_before_loading(settings, recorded, tmp_p
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("searchengine.models.RetrievalModel.load", no_loading)
+    monkeypatch.setattr("searchengine.models.retrieval.RetrievalModel.load", no_loading)
     with pytest.raises(ModelMismatchError, match="is another checkpoint"):
         wiring.retrieval_model(settings.model_copy(update={"model": str(other)}), recorded)
 
@@ -69,7 +69,7 @@ def test_another_hub_model_is_refused_without_downloading_it(settings, recorded,
     def no_network(*a, **k):
         raise AssertionError("the hub was asked")
 
-    monkeypatch.setattr("searchengine.hub.hub_unreachable_reason", no_network)
+    monkeypatch.setattr("searchengine.models.hub.hub_unreachable_reason", no_network)
     with pytest.raises(ModelMismatchError) as e:
         wiring.retrieval_model(settings.model_copy(update={"model": "someone/another-model"}), recorded)
     assert "Leave out --model" in str(e.value)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tuning import datasets
-from tuning.datasets import DatasetError
+from searchengine.tuning import datasets
+from searchengine.tuning.datasets import DatasetError
 
 
 def picture(path, colour=(200, 30, 30)):

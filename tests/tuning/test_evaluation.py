@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from searchengine.models import RetrievalModel
-from searchengine.settings import Settings
-from tuning import datasets, evaluation
+from searchengine.models.retrieval import RetrievalModel
+from searchengine.config.settings import Settings
+from searchengine.tuning import datasets
+from searchengine.tuning import evaluation
 from tests.trained import COLOURS, colour_picture
 
 NAMES = list(COLOURS)

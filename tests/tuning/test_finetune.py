@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from searchengine.models import RetrievalModel
-from searchengine.settings import Settings
-from tuning import datasets, finetune
-from tuning.finetune import Config, FinetuneError
+from searchengine.models.retrieval import RetrievalModel
+from searchengine.config.settings import Settings
+from searchengine.tuning import datasets
+from searchengine.tuning import finetune
+from searchengine.tuning.finetune import Config, FinetuneError
 
 # The colour model (tests/trained.py) learned red, green, blue and yellow from plain noisy
 # squares. The new domain: other colours, named by words it was never trained on.
@@ -66,7 +67,7 @@ def test_fine_tuning_gains_ten_points_of_recall_on_a_new_domain(tmp_path, colour
     assert saved["after"] == after
     tuned = load(out)
     assert tuned.fingerprint != load(colour_model_dir).fingerprint
-    from tuning import evaluation
+    from searchengine.tuning import evaluation
 
     train, held = data.split(FAST.held_out, FAST.seed)
     again = evaluation.in_memory(tuned, evaluation.embed(tuned, held, settings_for(tmp_path)), FAST.k_test)

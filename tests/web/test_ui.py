@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
-from searchengine.random_models import build_tiny_captioner
+from searchengine.models.tiny import build_tiny_captioner
 from tests.images import gradient
 from tests.server import EXE, env_for, get, running_server
 

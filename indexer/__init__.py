@@ -1,1 +1,0 @@
-"""Index time: scan folders, decode each image once, embed in batches, write store + index."""

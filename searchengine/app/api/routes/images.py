@@ -1,0 +1,76 @@
+"""One image: its metadata, thumbnail, preview and original file (read on a pool of their own),
+and questions about it."""
+
+from __future__ import annotations
+
+import asyncio
+import mimetypes
+from dataclasses import asdict
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from searchengine.app.api.deps import Files, ImageId, Service
+from searchengine.app.api.schemas import FILE_RESPONSES, AskIn, AskOut, ErrorOut, FileOut, ImageOut, VqaOut, image_urls
+
+router = APIRouter()
+
+
+@router.get("/api/images/{image_id}", response_model=ImageOut, responses={404: {"model": ErrorOut}})
+def image(service: Service, image_id: ImageId):
+    """An image's metadata and files."""
+    d = service.image(image_id)
+    return ImageOut(
+        **{**asdict(d), "files": [FileOut(path=f.path, size=f.size) for f in d.files]},
+        paths=[f.path for f in d.files], **image_urls(image_id),
+    )
+
+
+@router.get("/api/images/{image_id}/thumbnail", response_class=Response, responses=FILE_RESPONSES)
+async def thumbnail(service: Service, files: Files, image_id: ImageId):
+    """A small JPEG of the image, made once and kept."""
+    jpeg = await files.run(service.thumbnail, image_id)
+    return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+
+@router.get("/api/images/{image_id}/preview", response_class=Response, responses=FILE_RESPONSES)
+async def preview(service: Service, files: Files, image_id: ImageId):
+    """A screen-sized JPEG of the image (longest side `preview_size`, 1600 px), made on first request and kept."""
+    jpeg = await files.run(service.preview, image_id)
+    return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+
+@router.get("/api/images/{image_id}/file", response_class=FileResponse, responses=FILE_RESPONSES)
+async def original(service: Service, files: Files, image_id: ImageId):
+    """The original file, with its content type: read from the descriptor it was checked on
+    (searchengine/media/indexed_file.py), never opened again by name."""
+    opened = await files.run(service.file, image_id)
+    media_type = mimetypes.guess_type(opened.path)[0] or "application/octet-stream"
+
+    def body():
+        try:
+            yield from opened.chunks()
+        finally:  # also when the client goes away mid-file
+            opened.close()
+
+    headers = {"Cache-Control": "private, max-age=3600", "Content-Length": str(opened.size)}
+    return StreamingResponse(body(), media_type=media_type, headers=headers, background=BackgroundTask(opened.close))
+
+
+@router.post(
+    "/api/images/{image_id}/ask", response_model=AskOut,
+    responses={404: {"model": ErrorOut}, 503: {"model": ErrorOut, "description": "no model here answers questions (why, in the message)"}},
+)
+async def ask(service: Service, image_id: ImageId, body: AskIn):
+    """Ask a question about the photo ("What breed is the dog?"); BLIP-2 with a language model
+    answers, prompted `Question: {question} Answer:`. The model loads on the first question."""
+    answer = await asyncio.to_thread(service.ask, image_id, body.question)
+    return AskOut(**answer.as_json())
+
+
+@router.get("/api/vqa", response_model=VqaOut)
+def vqa(service: Service):
+    """Whether questions about photos can be asked here, with which model, or why not."""
+    available, model, reason = service.answerer.status()
+    return VqaOut(available=available, model=model, reason=reason)

@@ -1,0 +1,184 @@
+"""The API's request and response models: what the OpenAPI schema documents."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, Field
+
+from searchengine.app.api.guards import NOT_BLANK
+from searchengine.search import Hit, Page
+from searchengine.models.vqa import MAX_QUESTION_CHARS
+
+
+class Mode(str, Enum):
+    hybrid = "hybrid"
+    semantic = "semantic"
+    keyword = "keyword"
+
+
+class HitOut(BaseModel):
+    id: int
+    path: str
+    paths: list[str]
+    width: int
+    height: int
+    taken_at: str | None
+    camera: str | None
+    caption: str | None
+    score: float
+    itc: float
+    itm: float | None
+    keyword: float | None
+    thumbnail_url: str
+    preview_url: str
+    file_url: str
+
+
+class SearchOut(BaseModel):
+    query: str | None
+    mode: str | None
+    k: int
+    offset: int
+    next_offset: int | None
+    reranked: int
+    strong: int | None = None  # re-ranked hits with ITM P(match) >= min_itm (else 0.5); None: none re-ranked
+    hits: list[HitOut]
+    timings_ms: dict[str, float]
+
+
+class FileOut(BaseModel):
+    path: str
+    size: int
+
+
+class ImageOut(BaseModel):
+    id: int
+    paths: list[str]
+    files: list[FileOut]
+    width: int
+    height: int
+    taken_at: str | None
+    camera: str | None
+    gps_lat: float | None
+    gps_lon: float | None
+    caption: str | None
+    caption_model: str | None
+    caption_error: str | None
+    thumbnail_url: str
+    preview_url: str
+    file_url: str
+
+
+class FolderOut(BaseModel):
+    path: str
+    images: int
+
+
+class FoldersOut(BaseModel):
+    folders: list[FolderOut]
+    total: int  # folders that matched, before `limit`
+
+
+class HealthOut(BaseModel):
+    status: str
+    error: str | None = None
+
+
+class ErrorOut(BaseModel):
+    error: str
+
+
+FILE_RESPONSES: dict = {
+    200: {"content": {"image/*": {}}, "description": "the image"},
+    404: {"model": ErrorOut, "description": "no image has this id, or its file is gone"},
+    409: {"model": ErrorOut, "description": "the file is there but no longer a readable image"},
+    504: {"model": ErrorOut, "description": "reading the file took too long (a slow or hung disk)"},
+}
+
+
+def image_urls(image_id: int) -> dict[str, str]:
+    """The URLs of an image's files, as every answer that shows an image gives them."""
+    base = f"/api/images/{image_id}"
+    return {"thumbnail_url": f"{base}/thumbnail", "preview_url": f"{base}/preview", "file_url": f"{base}/file"}
+
+
+def hit_out(h: Hit) -> HitOut:
+    """The one JSON form of a hit (`Hit.as_json`), with the URLs of the image's files."""
+    return HitOut(**h.as_json(), **image_urls(h.image_id))
+
+
+def search_out(page: Page, k: int, offset: int, mode: str | None = None) -> SearchOut:
+    return SearchOut(
+        query=page.query, mode=mode, k=k, offset=offset, next_offset=offset + k if page.has_more else None,
+        reranked=page.reranked, strong=page.strong, hits=[hit_out(h) for h in page.hits],
+        timings_ms={name: round(ms, 3) for name, ms in page.timings_ms.items()},
+    )
+
+
+# The routes that look something up by what the request names: an image id, a folder filter, an
+# example image (like/unlike). A name that matches nothing is a 404 whose message says which.
+NOT_FOUND = {404: {"model": ErrorOut, "description": "an image id or a folder filter that matches nothing (which, in the message)"}}
+
+
+class AskIn(BaseModel):
+    question: str = Field(
+        min_length=1, max_length=MAX_QUESTION_CHARS, pattern=NOT_BLANK, description="a question about the photo (not only spaces)"
+    )
+
+
+class AskOut(BaseModel):
+    question: str
+    answer: str
+    model: str
+    timings_ms: dict[str, float]
+
+
+class VqaOut(BaseModel):
+    available: bool  # whether questions can be asked (the model loads on the first one)
+    model: str | None
+    reason: str | None  # why not, when not
+
+
+class DuplicateOut(BaseModel):
+    id: int
+    path: str
+    paths: list[str]
+    width: int
+    height: int
+    bytes: int  # the first file's size
+    taken_at: str | None
+    score: float  # its best image-to-image score against another of the group
+    thumbnail_url: str
+    preview_url: str
+    file_url: str
+
+
+class DuplicateGroupOut(BaseModel):
+    images: list[DuplicateOut]  # best-connected first
+
+
+class DuplicatesOut(BaseModel):
+    threshold: float
+    total: int  # groups in all
+    offset: int
+    next_offset: int | None
+    images: int  # images compared
+    pairs_scored: int  # pairs the vector index proposed, scored exactly
+    groups: list[DuplicateGroupOut]  # largest first
+    timings_ms: dict[str, float]
+
+
+class FacetValue(BaseModel):
+    value: str
+    images: int
+
+
+class FacetsOut(BaseModel):
+    """Per facet, its values with how many images choosing each would give (the other
+    filters applied), most first."""
+
+    camera: list[FacetValue]
+    lens: list[FacetValue]
+    type: list[FacetValue]
+    orientation: list[FacetValue]

@@ -1,0 +1,91 @@
+"""Captioning an existing index (`searchengine caption`): no re-embedding, no ViT.
+
+Picks the images that have no caption from the captioner's model (or whose captioning failed;
+all of them with `redo`), reads and decodes each from its first readable file, a bounded
+window ahead in a thread pool, captions them in batches and stores each batch in one
+transaction (caption, model, error, and the full-text row). An interrupted run keeps the
+batches it stored; running it again does the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from searchengine.indexing.pipeline import map_ahead
+from searchengine.indexing.stages import CaptionDecodeStage, CaptionInput, caption_batch
+from searchengine.models.captioner import Captioner
+from searchengine.config.devices import defaults_for
+from searchengine.media.imageio import read_file
+from searchengine.library import Library
+from searchengine.config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptionSummary:
+    captioned: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+
+class Recaptioner:
+    def __init__(
+        self,
+        captioner: Captioner,
+        library: Library,
+        settings: Settings,
+        *,
+        reader: Callable[[str], bytes] = read_file,
+        on_error: Callable[[str, str], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+        on_total: Callable[[int], None] | None = None,
+    ) -> None:
+        self.captioner = captioner
+        self.library = library
+        self.settings = settings
+        self.reader = reader
+        self.on_error = on_error or (lambda path, message: None)
+        self.progress = progress or (lambda n: None)
+        self.on_total = on_total or (lambda n: None)
+        library.require_writable("captioning writes to it")
+        self.batch_size = settings.batch_size or defaults_for(captioner.device).caption_batch
+
+    def run(self, *, redo: bool = False) -> CaptionSummary:
+        """The indexer's runner shape with a caption-only mapper: decode in threads
+        (`CaptionDecodeStage`), caption in batches (`caption_batch`), write each batch
+        through the Library."""
+        start = time.perf_counter()
+        summary = CaptionSummary()
+        todo = self.library.images_to_caption(self.captioner.name, redo=redo)
+        self.on_total(len(todo))
+        decode = CaptionDecodeStage(self.captioner.preprocessor, self.settings.max_image_pixels, self.reader)
+        window = 2 * self.batch_size + self.settings.decode_threads
+        batch: list[CaptionInput] = []
+
+        def flush() -> None:
+            captions = caption_batch(self.captioner, [b.pixels for b in batch], [b.error for b in batch])
+            rows = []
+            for item, c in zip(batch, captions):
+                rows.append((item.image_id, c.text, self.captioner.name, c.error))
+                if c.text is None:
+                    summary.failed += 1
+                    self.on_error(item.path, c.error or "no caption")
+                else:
+                    summary.captioned += 1
+            self.library.set_captions(rows)
+            self.progress(len(rows))
+            batch.clear()
+
+        for item in map_ahead(decode, todo, self.settings.decode_threads, window):
+            batch.append(item)
+            # A batch is `batch_size` images for the captioner; those without pixels ride along.
+            if sum(b.pixels is not None for b in batch) >= self.batch_size or len(batch) >= 256:
+                flush()
+        if batch:
+            flush()
+        summary.seconds = time.perf_counter() - start
+        return summary

@@ -1,0 +1,179 @@
+"""Ask a photo: free-form questions answered by BLIP-2 with a language model (VQA).
+
+The model is a `Blip2ForConditionalGeneration` (OPT or Flan-T5), loaded by hub id or local
+directory: `--vqa-model`, else the index's captioner when it is such a model. The question is
+put as BLIP-2's model card does (`Question: {q} Answer:`), through the checkpoint's own
+processor, `generate` (greedy) and the processor's `decode`. A decoder-only language model
+(OPT) hands back the prompt's tokens ahead of the answer; only the new tokens are the answer.
+
+Nothing loads at import time or before the first question; when no model can answer, the
+reason says which flag helps (`VqaUnavailable`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from searchengine.errors import ModelLoadError, QueryError, SearchEngineError, VqaUnavailable
+from searchengine.models.retrieval import first_line, int8_loading, load_config, resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+PROMPT = "Question: {} Answer:"
+MAX_QUESTION_CHARS = 300
+MAX_ANSWER_CHARS = 500
+ANSWER_TOKENS = 30
+EXAMPLE_VQA_MODEL = "Salesforce/blip2-opt-2.7b"
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    model: str
+    timings_ms: dict[str, float]
+
+    def as_json(self) -> dict:
+        return {"question": self.question, "answer": self.answer, "model": self.model, "timings_ms": self.timings_ms}
+
+
+def check_question(question: str, limit: int = MAX_QUESTION_CHARS) -> str:
+    """The question, whitespace-normalised; QueryError when empty or over `limit` characters."""
+    text = " ".join((question or "").split())
+    if not text:
+        raise QueryError("the question is empty: ask something about the photo, such as 'what is the dog doing?'")
+    if len(text) > limit:
+        raise QueryError(f"the question is {len(text)} characters long; the limit is {limit}")
+    return text
+
+
+def answers_questions(config) -> bool:
+    """Whether a checkpoint's config is BLIP-2 with a language model (not the retrieval model)."""
+    architectures = getattr(config, "architectures", None) or []
+    return getattr(config, "model_type", None) == "blip-2" and (
+        not architectures or "Blip2ForConditionalGeneration" in architectures
+    )
+
+
+class Answerer:
+    """A loaded VQA model; `ask` is safe from many threads (one question at a time)."""
+
+    def __init__(self, name: str, model, processor, *, device: str, max_new_tokens: int = ANSWER_TOKENS) -> None:
+        self.name = name
+        self.model = model.eval()
+        self.processor = processor
+        self.device = device
+        self.max_new_tokens = max_new_tokens
+        self.dtype = next(model.parameters()).dtype
+        self._lock = threading.Lock()
+
+    @property
+    def image_side(self) -> int:
+        """The side of the square the processor resizes images to."""
+        size = getattr(self.processor.image_processor, "size", None) or {}
+        return int(size.get("height") or size.get("shortest_edge") or 224)
+
+    @classmethod
+    def load(cls, name: str, *, device: str = "auto", dtype: str = "auto", max_new_tokens: int = ANSWER_TOKENS) -> "Answerer":
+        from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+        where, config = load_config(name, "question-answering model")
+        if not answers_questions(config):
+            what = (getattr(config, "architectures", None) or [getattr(config, "model_type", "unknown")])[0]
+            raise ModelLoadError(
+                f"{name!r} is a {what!r}, which answers no questions; a BLIP-2 model with a language model does "
+                f"(such as {EXAMPLE_VQA_MODEL})"
+            )
+        device = resolve_device(device)
+        eight_bit = int8_loading(device) if dtype == "int8" else {}
+        try:
+            model, info = Blip2ForConditionalGeneration.from_pretrained(
+                where.source, dtype=resolve_dtype(dtype, device), output_loading_info=True,
+                local_files_only=where.local_files_only, **eight_bit,
+            )
+            processor = AutoProcessor.from_pretrained(where.source, local_files_only=where.local_files_only)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load question-answering model {name!r}: {first_line(e)}") from e
+        if any(k.startswith("language_model") for k in info.get("missing_keys", ())):
+            raise ModelLoadError(f"{name!r} has no trained language model weights; it cannot answer questions")
+        if not eight_bit:  # an 8-bit model is placed by its device_map and cannot be moved
+            model.to(device)
+        log.info("loaded question-answering model %s on %s%s", name, device, " in int8" if eight_bit else "")
+        return cls(name, model, processor, device=device, max_new_tokens=max_new_tokens)
+
+    def ask(self, image: "Image.Image", question: str) -> Answer:
+        """The model's answer to `question` about an RGB image, at most MAX_ANSWER_CHARS long."""
+        import torch
+
+        question = check_question(question)
+        t0 = time.perf_counter()
+        inputs = self.processor(images=image, text=PROMPT.format(question), return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        t1 = time.perf_counter()
+        with self._lock, torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
+        t2 = time.perf_counter()
+        tokens = out[0]
+        if not self.model.config.text_config.is_encoder_decoder:  # OPT: the prompt comes back first
+            tokens = tokens[inputs["input_ids"].shape[1]:]
+        answer = " ".join(self.processor.decode(tokens, skip_special_tokens=True).split())
+        if len(answer) > MAX_ANSWER_CHARS:
+            answer = answer[: MAX_ANSWER_CHARS - 1].rstrip() + "…"
+        return Answer(question, answer, self.name, {"prepare": (t1 - t0) * 1000, "generate": (t2 - t1) * 1000})
+
+
+class LazyAnswerer:
+    """The VQA model of a long-running server: loaded on the first question (a BLIP-2 OPT-2.7b
+    takes ~8 GB and a while to load, so a server that is never asked never pays), once, in
+    whichever request comes first; later requests wait for it. A failed load is remembered:
+    the reason is the answer until the server restarts."""
+
+    def __init__(self, name: str | None, why_none: str, load) -> None:
+        self.name = name
+        self._why_none = why_none
+        self._load = load
+        self._answerer: Answerer | None = None
+        self._error: str | None = None
+        self._lock = threading.Lock()
+
+    def status(self) -> tuple[bool, str | None, str | None]:
+        """(whether questions can be asked, the model's name, why not), without loading it."""
+        if self.name is None:
+            return False, None, self._why_none
+        if self._error is not None:
+            return False, self.name, self._error
+        return True, self.name, None
+
+    def share(self, captioner) -> None:
+        """Answer with a captioner already loaded (`serve --watch`'s) when it is the model
+        chosen, or when none was and it can answer: one copy of the weights, not two."""
+        if captioner is None or not answers_questions(captioner.model.config):
+            return
+        if self.name is not None and self.name != captioner.name:
+            return
+        with self._lock:
+            self.name, self._error = captioner.name, None
+            self._answerer = Answerer(captioner.name, captioner.model, captioner.processor, device=captioner.device)
+
+    def get(self) -> Answerer:
+        available, _, why = self.status()
+        if not available:
+            raise VqaUnavailable(why)
+        with self._lock:
+            if self._answerer is None and self._error is None:
+                try:
+                    self._answerer = self._load(self.name)
+                except SearchEngineError as e:
+                    self._error = f"the question-answering model cannot be loaded: {e}"
+                    log.error("%s", self._error)
+            if self._answerer is None:
+                raise VqaUnavailable(self._error)
+            return self._answerer
