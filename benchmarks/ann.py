@@ -174,7 +174,9 @@ def product_path(folder: Path, n: int, depth: int, n_queries: int) -> None:
     tier: re-scoring reads the candidates' float16 vectors from SQLite (16 KiB a row)."""
     from searchengine.media.imageio import ImageMeta
     from searchengine.library import Library
-    from searchengine.store import ModelInfo, Store, sqlite_url
+    from searchengine.store.records import ModelInfo
+    from searchengine.store.writes import Store
+    from searchengine.store.connection import sqlite_url
 
     data = folder / f"library-{n}"
     data.mkdir(exist_ok=True)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build(settings, images: int) -> None:
     from searchengine.library import Library
     from searchengine.media.imageio import ImageMeta
-    from searchengine.store import ModelInfo
+    from searchengine.store.records import ModelInfo
 
     library = Library.open(settings, create=True, vectors=False)
     library.store.bind_model(ModelInfo("bench/real", "0" * 16, 32, 256, (257, 1408), "float32"))

@@ -43,7 +43,9 @@ class StoreOnly:
 
 def fill(folder: Path, n: int, planted: int) -> None:
     from searchengine.media.imageio import ImageMeta
-    from searchengine.store import ModelInfo, Store, sqlite_url
+    from searchengine.store.records import ModelInfo
+    from searchengine.store.writes import Store
+    from searchengine.store.connection import sqlite_url
 
     gen = synthetic.Library.make(seed=2)
     store = Store.open(sqlite_url(folder / "store.db"))
@@ -69,7 +71,8 @@ def fill(folder: Path, n: int, planted: int) -> None:
 def run(folder: Path, n: int) -> None:
     from searchengine.search.duplicates import find_duplicates
     from searchengine.search import image_similarity
-    from searchengine.store import Store, sqlite_url
+    from searchengine.store.writes import Store
+    from searchengine.store.connection import sqlite_url
 
     planted = n // 100
     data = folder / f"dups-{n}"

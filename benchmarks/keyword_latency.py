@@ -55,7 +55,10 @@ def main() -> None:
     from sqlalchemy import text as sql
 
     from searchengine.media.keywords import parse_query
-    from searchengine.store import ModelInfo, Store, images, sqlite_url
+    from searchengine.store.records import ModelInfo
+    from searchengine.store.writes import Store
+    from searchengine.store.schema import images
+    from searchengine.store.connection import sqlite_url
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=100_000)
@@ -109,7 +112,7 @@ def postgres_side(sqlite_store, n: int, vocab: list[str], info) -> None:
     """The same images in a PostgreSQL store: write time per batch of 500 and keyword query
     latency, each against SQLite's in this run."""
     from searchengine.media.keywords import parse_query
-    from searchengine.store import Store
+    from searchengine.store.writes import Store
     from tests.pg import Server
 
     server = Server()

@@ -35,7 +35,7 @@ def build_index(data_dir: Path, images: int) -> None:
     from searchengine.library import Library
     from searchengine.config.settings import Settings
     from searchengine.media.imageio import ImageMeta
-    from searchengine.store import ModelInfo
+    from searchengine.store.records import ModelInfo
 
     settings = Settings(data_dir=data_dir)
     library = Library.open(settings, create=True)

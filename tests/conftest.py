@@ -107,7 +107,7 @@ def postgres():
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request, tmp_path) -> str:
     """A new, empty store on each backend: a SQLite file, a PostgreSQL database."""
-    from searchengine.store import sqlite_url
+    from searchengine.store.connection import sqlite_url
 
     if request.param == "sqlite":
         return sqlite_url(tmp_path / "store.db")

@@ -112,10 +112,10 @@ def test_a_page_and_the_rerank_default_are_decided_once():
 def test_the_file_types_and_orientations_are_listed_once():
     """Each list was written 3-4 times (CLI choices, API literals, filters, store, HEIF/AVIF
     sniffing); imageio holds both, and everything takes them from there."""
-    from searchengine import store
+    from searchengine.store import schema
     from searchengine.media.imageio import FILE_TYPES, ORIENTATIONS
 
-    assert set(store._ORIENTATIONS) == set(ORIENTATIONS)
+    assert set(schema.ORIENTATION_SQL) == set(ORIENTATIONS)
     for path in SOURCES:
         if path.name == "imageio.py":
             continue
@@ -153,7 +153,7 @@ def test_every_exception_lives_in_errors_py():
                 assert not (bases & known or any(b.endswith(("Error", "Exception")) for b in bases)), (
                     f"{path.relative_to(ROOT)}: {node.name} belongs in searchengine/errors.py")
     ours = {m for m in _imports(ROOT / "searchengine/app/api/errors.py") if m.startswith("searchengine")}
-    assert ours <= {"searchengine.errors", "searchengine.store", "searchengine.app.api.guards"}, ours
+    assert ours <= {"searchengine.errors", "searchengine.store.connection", "searchengine.app.api.guards"}, ours
 
 
 def test_no_private_name_is_used_across_modules():
@@ -286,3 +286,12 @@ def test_each_layer_imports_only_from_below():
              if _package(d) != _package(m) and row[_package(d)] >= row[_package(m)] and _package(d) != ""]
     assert not wrong, wrong
     assert not graph["searchengine.errors"], graph["searchengine.errors"]
+
+
+def test_only_the_library_writes_the_store_and_holds_the_vector_indexes():
+    """The library owns the write order (store, then FAISS, then the caches): everything else
+    reads through the store's catalog and records, and never builds a vector index."""
+    graph = _module_graph()
+    found = [f"{m} -> {d}" for m, deps in graph.items() if _package(m) not in ("library", "store", "vectors")
+             for d in deps if d == "searchengine.store.writes" or _package(d) == "vectors"]
+    assert not found, found

@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 from searchengine.indexing.pipeline import Indexer, Stopped, Summary
 from searchengine.indexing.scan import BAD_NAME, FileEntry, printable, scan_folder, storable
 from searchengine.errors import SearchEngineError
-from searchengine.store import is_unreachable
+from searchengine.store.connection import is_unreachable
 from searchengine.media.links import OUTSIDE_MESSAGE, LinkPolicy, folder_link_allowed
 from searchengine.media.imageio import image_extensions
 

@@ -57,7 +57,10 @@ from searchengine.media.imageio import ImageMeta
 from searchengine.media.links import LinkPolicy
 from searchengine.config.settings import Settings
 from searchengine.media.keywords import Clause, KeywordQuery
-from searchengine.store import VECTOR_DTYPE, FileState, FolderCount, ImageRecord, ModelInfo, Store, sqlite_readonly_url, sqlite_url
+from searchengine.store.schema import VECTOR_DTYPE
+from searchengine.store.records import FileState, FolderCount, ImageRecord, ModelInfo
+from searchengine.store.writes import Store
+from searchengine.store.connection import sqlite_readonly_url, sqlite_url
 from searchengine.store.textindex import KeywordHit
 from searchengine.media.thumbnails import PreviewCache, ThumbnailCache
 from searchengine.vectors.exact import Candidates, VectorIndex, write_atomic

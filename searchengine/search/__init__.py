@@ -38,7 +38,7 @@ from searchengine.search.itm import ItmFeatures
 if TYPE_CHECKING:
     from PIL import Image
 
-    from searchengine.store import ImageRecord
+    from searchengine.store.records import ImageRecord
 
 log = logging.getLogger(__name__)
 

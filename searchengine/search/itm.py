@@ -24,7 +24,7 @@ from searchengine.config.settings import Settings
 if TYPE_CHECKING:
     import torch
 
-    from searchengine.store import ImageRecord
+    from searchengine.store.records import ImageRecord
 
 log = logging.getLogger(__name__)
 

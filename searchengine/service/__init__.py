@@ -33,7 +33,7 @@ from searchengine.util.metrics import Metrics
 from searchengine.models.retrieval import RetrievalModel
 from searchengine.search import Filters, Page, RankingCache, Searcher, Steer
 from searchengine.config.settings import Settings
-from searchengine.store import FolderCount
+from searchengine.store.records import FolderCount
 from searchengine.models.vqa import Answer, LazyAnswerer, check_question
 
 log = logging.getLogger(__name__)

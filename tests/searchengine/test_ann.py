@@ -13,7 +13,8 @@ from searchengine.vectors.ann import AnnIndex
 from searchengine.media.imageio import ImageMeta
 from searchengine.library import Library
 from searchengine.config.settings import Settings
-from searchengine.store import SCHEMA_VERSION, ModelInfo
+from searchengine.store.schema import SCHEMA_VERSION
+from searchengine.store.records import ModelInfo
 from searchengine.vectors.exact import VectorIndex
 
 Q, D = 4, 16

@@ -19,7 +19,10 @@ from searchengine.media.imageio import ImageMeta
 from searchengine.library import Library
 from searchengine.search import Filters, Searcher
 from searchengine.config.settings import Settings
-from searchengine.store import SCHEMA_VERSION, ModelInfo, Store, meta, sqlite_url
+from searchengine.store.schema import SCHEMA_VERSION, meta
+from searchengine.store.records import ModelInfo
+from searchengine.store.writes import Store
+from searchengine.store.connection import sqlite_url
 from tests.inprocess import run_cli
 
 R5 = ("Canon", "Canon EOS R5", "RF24-105mm F4 L IS USM")

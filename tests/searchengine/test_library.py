@@ -6,7 +6,7 @@ import numpy as np
 
 from searchengine.library import Library
 from searchengine.media.imageio import ImageMeta
-from searchengine.store import ModelInfo
+from searchengine.store.records import ModelInfo
 
 INFO = ModelInfo("m", "fp", 2, 4, (3, 2))
 

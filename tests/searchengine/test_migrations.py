@@ -9,7 +9,8 @@ from sqlalchemy import create_engine, insert, text
 from searchengine.store import migrations
 from searchengine.media.keywords import parse_query
 from searchengine.media.imageio import ImageMeta
-from searchengine.store import SCHEMA_VERSION, Store, meta, metadata, vectors
+from searchengine.store.schema import SCHEMA_VERSION, meta, metadata, vectors
+from searchengine.store.writes import Store
 
 
 def test_a_new_store_is_the_head_of_the_migrations_and_matches_the_tables(store_url):

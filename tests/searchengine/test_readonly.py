@@ -13,7 +13,8 @@ from sqlalchemy import update
 from searchengine.errors import ReadOnlyIndexError
 from searchengine.library import Library
 from searchengine.media.imageio import ImageMeta
-from searchengine.store import ModelInfo, meta
+from searchengine.store.records import ModelInfo
+from searchengine.store.schema import meta
 from tests.readonly import read_only_view
 
 INFO = ModelInfo("m", "fp", 2, 4, (3, 2))

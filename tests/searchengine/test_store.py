@@ -8,7 +8,10 @@ from searchengine.errors import ModelMismatchError, SchemaError
 from searchengine.media.keywords import parse_query
 from searchengine.search import Filters
 from searchengine.media.imageio import ImageMeta
-from searchengine.store import SCHEMA_VERSION, ModelInfo, Store, meta, sqlite_url
+from searchengine.store.schema import SCHEMA_VERSION, meta
+from searchengine.store.records import ModelInfo
+from searchengine.store.writes import Store
+from searchengine.store.connection import sqlite_url
 
 INFO = ModelInfo("m", "abc", 2, 3, (5, 4))
 
@@ -323,7 +326,7 @@ def test_content_another_writer_commits_first_is_linked_not_refused(store_url):
 
     from sqlalchemy import insert
 
-    from searchengine.store import images
+    from searchengine.store.schema import images
 
     first, second = Store.open(store_url), Store.open(store_url)
     first.bind_model(INFO)

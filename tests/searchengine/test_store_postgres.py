@@ -5,7 +5,8 @@ from __future__ import annotations
 from sqlalchemy import create_engine, select, text
 
 from searchengine.search import Filters
-from searchengine.store import Store, files, folder_condition
+from searchengine.store.writes import Store
+from searchengine.store.schema import files, folder_condition
 from tests.searchengine.test_store import INFO
 
 

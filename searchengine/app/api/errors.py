@@ -35,7 +35,7 @@ from searchengine.errors import (
     UploadTooLarge,
 )
 from searchengine.app.api.guards import PATTERN_MEANS
-from searchengine.store import damage, is_damage, is_unreachable
+from searchengine.store.connection import damage, is_damage, is_unreachable
 
 log = logging.getLogger("searchengine.app.api")
 

@@ -1188,7 +1188,7 @@ def main(argv: Sequence[str] | None = None, out=None, err=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # pydantic validation of settings, and anything unforeseen: one line
-        from searchengine.store import damage, is_unreachable
+        from searchengine.store.connection import damage, is_unreachable
 
         if is_unreachable(e):  # `index` died with a raw "OperationalError: consuming input failed"
             where = _store_location(args)

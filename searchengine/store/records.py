@@ -1,0 +1,82 @@
+"""What the store hands out: plain records, no database in them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    fingerprint: str
+    num_vectors: int
+    dim: int
+    vit_shape: tuple[int, int]
+    dtype: str = ""  # what the first run embedded in; every run's: `Store.made_by`
+    device: str = ""  # the kind of device it ran on: cpu, cuda, mps ("" in indexes from before it was recorded)
+
+    @property
+    def made_by(self) -> str:
+        return f"{self.dtype} on {self.device}" if self.device else self.dtype
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vit_shape", tuple(self.vit_shape))
+
+
+def mismatch_message(have: ModelInfo, info: ModelInfo) -> str:
+    """What differs between the model an index was built with and the one opened on it."""
+    shape = lambda m: f"{m.num_vectors} vectors of {m.dim} a image, ViT output {m.vit_shape[0]}x{m.vit_shape[1]}"  # noqa: E731
+    arch = "" if shape(have) == shape(info) else f" It is another architecture too: {shape(info)} against the index's {shape(have)}."
+    if have.name == info.name:
+        return (
+            f"the weights of model {info.name!r} have changed since this index was built (fingerprint "
+            f"{have.fingerprint} then, {info.fingerprint} now), so its vectors are not this model's.{arch} "
+            f"Put the old weights back, re-embed the library with the new ones (searchengine reindex --model "
+            f"{info.name}), or use another --data-dir"
+        )
+    return (
+        f"this index was built with model {have.name!r} (fingerprint {have.fingerprint}); {info.name!r} "
+        f"(fingerprint {info.fingerprint}) is another checkpoint.{arch} Use the index's own (--model {have.name}, "
+        f"or no --model), re-embed the library with the other (searchengine reindex --model {info.name}), "
+        "or use another --data-dir"
+    )
+
+
+@dataclass(frozen=True)
+class FileState:
+    size: int
+    mtime_ns: int
+    status: str
+    image_id: int | None
+
+
+@dataclass
+class ImageRecord:
+    id: int
+    paths: list[str]  # in the order they were first indexed: the original first
+    width: int
+    height: int
+    taken_at: str | None
+    camera: str | None
+    caption: str | None
+
+
+@dataclass(frozen=True)
+class FolderCount:
+    path: str
+    images: int  # distinct images with a file in this folder or below it
+
+
+@dataclass
+class Stats:
+    images: int
+    files: int
+    failed: int
+    failures_by_reason: dict[str, int]
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # path, reason, error
+    roots: list[str] = field(default_factory=list)
+    model: ModelInfo | None = None
+    captioned: int = 0
+    caption_models: dict[str, int] = field(default_factory=dict)
+    caption_failures: int = 0
