@@ -197,12 +197,12 @@ class Indexer:
         policy = self.library.link_policy
         for folder in folders:
             library.add_root(str(folder))
-        library_roots = tuple(Path(r) for r in library.roots())
+        library_roots = tuple(Path(r) for r in library.catalog.roots())
         exclude = (Path(self.settings.data_dir).resolve(),)
         listing = dict(exclude=exclude, on_skipped_link=skipped_link, links=policy, roots=library_roots)
         listings = self.runner.listings(self.scanner, folders, **listing)  # on a cluster: listed there
         for folder, entries in listings:
-            known = library.files_under(str(folder))
+            known = library.catalog.files_under(str(folder))
             why = self.absent(folder, len(known))
             if why is not None:  # an unmounted disk is not an emptied one: nothing leaves
                 summary.kept_absent += len(known)
@@ -255,7 +255,7 @@ class Indexer:
             todo = list(changed)
             linked = self.runner.process(self, todo, summary)
             if removed:
-                before = self.library.hashes_of(removed)
+                before = self.library.catalog.hashes_of(removed)
                 self.library.remove_files(removed)
                 self._count_moves(removed, before, linked, summary)
         finally:
@@ -292,7 +292,7 @@ class Indexer:
         folder = str(folder)
         if not os.path.isdir(folder):
             return f"folder {folder} is not there now (unmounted?)"
-        if folder in self.library.mounted_roots() and not os.path.ismount(folder):
+        if folder in self.library.catalog.mounted_roots() and not os.path.ismount(folder):
             return f"folder {folder} was a mount point and is not one now (unmounted?)"
         try:
             with os.scandir(folder) as it:
@@ -413,7 +413,7 @@ class Indexer:
         chunk: list[Read | Failed] = []
 
         def settle() -> Iterator[Read | Known | Failed]:
-            have = self.library.indexed_hashes(r.sha256 for r in chunk if isinstance(r, Read) and r.sha256)
+            have = self.library.catalog.indexed_hashes(r.sha256 for r in chunk if isinstance(r, Read) and r.sha256)
             for r in chunk:
                 yield Known(r.entry, r.sha256) if isinstance(r, Read) and r.sha256 in have else r
             chunk.clear()

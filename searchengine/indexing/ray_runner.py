@@ -233,7 +233,7 @@ class RayRunner:
                 "that every Ray node mounts at the same path"
             )
         library = indexer.library
-        known = ray.put(frozenset(library.store_hashes()))
+        known = ray.put(frozenset(library.catalog.all_hashes()))
         actors, per_actor = self.pool()
         captioner = indexer.captioner.name if indexer.captioner is not None else None
         ds = ray.data.from_items([{"entry": e} for e in todo], override_num_blocks=max(1, len(todo) // self.read_batch))

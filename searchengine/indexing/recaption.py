@@ -60,7 +60,7 @@ class Recaptioner:
         through the Library."""
         start = time.perf_counter()
         summary = CaptionSummary()
-        todo = self.library.images_to_caption(self.captioner.name, redo=redo)
+        todo = self.library.catalog.images_to_caption(self.captioner.name, redo=redo)
         self.on_total(len(todo))
         decode = CaptionDecodeStage(self.captioner.preprocessor, self.settings.max_image_pixels, self.reader)
         window = 2 * self.batch_size + self.settings.decode_threads

@@ -275,9 +275,9 @@ class Watcher:
 
     def mark_folder(self, folder: str) -> None:
         """A folder came, went or moved: every file the store or the disk has below it."""
-        paths = set(self.library.files_under(folder))
+        paths = set(self.library.catalog.files_under(folder))
         if os.path.isdir(folder):
-            roots = tuple(map(Path, self.library.roots()))
+            roots = tuple(map(Path, self.library.catalog.roots()))
             found = scan_folder(Path(folder), exclude=(Path(self.data_dir),), links=self.library.link_policy, roots=roots)
             paths |= {e.path for e in found}
         for path in paths:
@@ -290,7 +290,7 @@ class Watcher:
             root = next((r for r in self.roots if path.startswith(str(r) + os.sep)), None)
             if root is not None and os.path.islink(path) and self._followed(path, root, self.library.link_policy):
                 self.mark_folder(path)
-        elif self.library.files_under(path):
+        elif self.library.catalog.files_under(path):
             self.mark_folder(path)
 
     def _wanted(self, path: str) -> bool:
@@ -368,7 +368,7 @@ class Watcher:
             if look is None:
                 gone.append(path)
                 continue
-            known = self.library.file_state(path)  # before the path leaves the list: a store error keeps it
+            known = self.library.catalog.file_state(path)  # before the path leaves the list: a store error keeps it
             self._done(path)
             if known is None or (known.size, known.mtime_ns) != look:
                 changed.append(FileEntry(path, *look))
@@ -390,7 +390,7 @@ class Watcher:
                 continue
             if not adding or now - self._missing_since.get(path, now) >= 10 * self.debounce_s:
                 self._done(path)
-                if self.library.file_state(path) is not None:
+                if self.library.catalog.file_state(path) is not None:
                     removed.append(path)
                 else:
                     self._no_retry(path)

@@ -170,9 +170,9 @@ def check_filters(library, filters: Filters | None) -> None:
     """FolderNotFoundError when the folder filter names no indexed folder: a typo or a path
     written the wrong way would otherwise look like a search with no results. Needs the
     library alone, so the CLI asks it before any model loads."""
-    if filters is None or not filters.folder or library.folder_has_images(filters.folder):
+    if filters is None or not filters.folder or library.catalog.folder_has_images(filters.folder):
         return
-    near = nearest.indexed_folder(filters.folder, [f.path for f in library.folders()])
+    near = nearest.indexed_folder(filters.folder, [f.path for f in library.catalog.folders()])
     raise FolderNotFoundError(
         f"no indexed folder matches {filters.folder!r}{nearest.did_you_mean(near)}. Give a folder's absolute path "
         "(/home/me/Pictures/Trips), a path from your home folder (~/Pictures/Trips), or a folder's "
@@ -185,7 +185,7 @@ def check_examples(library, steer: "Steer") -> None:
     """ImageNotFoundError naming the first example image (liked, then unliked) that is not in
     the index; like `check_filters`, answerable before a model loads."""
     wanted = [(i, "liked") for i, _ in steer.like] + [(i, "unliked") for i, _ in steer.unlike]
-    known = library.images([i for i, _ in wanted]) if wanted else {}
+    known = library.catalog.images([i for i, _ in wanted]) if wanted else {}
     for image_id, what in wanted:
         if image_id not in known:
             raise ImageNotFoundError(f"the {what} example image {image_id} is not in the index")
@@ -387,7 +387,7 @@ class Searcher:
     def allowed_ids(self, filters: Filters | None, excluded: np.ndarray | None = None) -> np.ndarray | None:
         allowed = None
         if filters is not None and filters.active:
-            allowed = self.library.filter_ids(filters)
+            allowed = self.library.catalog.filter_ids(filters)
         if excluded is not None and len(excluded):
             if allowed is None:
                 allowed = self.library.indexed_ids()
@@ -423,7 +423,7 @@ class Searcher:
         rerank = self._rerank_depth(mode, rerank)
         filters = filters or Filters()
         t0 = time.perf_counter()
-        excluded = self.library.keyword_matches(kq.excluded) if kq.excluded else None
+        excluded = self.library.catalog.keyword_matches(kq.excluded) if kq.excluded else None
         if exclude_ids is not None and len(exclude_ids):  # unliked examples
             excluded = exclude_ids if excluded is None else np.union1d(excluded, exclude_ids)
         if mode == "semantic":
@@ -446,7 +446,7 @@ class Searcher:
     def _keyword_pool(self, kq: KeywordQuery, text_vec: np.ndarray | None, depth: int, filters: Filters) -> _Pool:
         """The top `depth` images by share of the query's words matched, then BM25; with their
         ITC where the query was encoded (keyword mode still shows it)."""
-        hits = self.library.keyword_search(kq, depth, filters) if kq.searchable else []
+        hits = self.library.catalog.keyword_search(kq, depth, filters) if kq.searchable else []
         ids = np.array([h.image_id for h in hits], dtype=np.int64)
         if text_vec is None:
             itc_of = {i: np.nan for i in ids.tolist()}
@@ -464,7 +464,7 @@ class Searcher:
         """Semantic and keyword candidates fused by reciprocal rank: the fused order decides
         which candidates ITM re-ranks."""
         semantic = self._semantic_pool(text_vec, depth, filters, excluded)
-        hits = self.library.keyword_search(kq, depth, filters) if kq.searchable else []
+        hits = self.library.catalog.keyword_search(kq, depth, filters) if kq.searchable else []
         # Images that match only words the whole library shares (coverage 0) are no keyword
         # evidence: fusing them would hand ITM slots to an arbitrary list (a library under
         # ~/Pictures and the query "a picture of a dog").
@@ -592,7 +592,7 @@ class Searcher:
         if text_vec is not None:
             total += text_vec
         stored: dict[int, np.ndarray] = {}
-        for ids, vectors in self.library.iter_vectors([i for i, _ in steer.like + steer.unlike]):  # one read
+        for ids, vectors in self.library.catalog.iter_vectors([i for i, _ in steer.like + steer.unlike]):  # one read
             stored.update(zip(ids.tolist(), vectors))
         for examples, sign, what in ((steer.like, 1.0, "liked"), (steer.unlike, -1.0, "unliked")):
             for image_id, weight in examples:
@@ -696,7 +696,7 @@ class Searcher:
         summed.pop(exclude, None)
         pool = sorted(summed, key=summed.__getitem__, reverse=True)[: 4 * depth]
         ids_list, scores_list = [], []
-        for ids, stored in self.library.iter_vectors(pool):
+        for ids, stored in self.library.catalog.iter_vectors(pool):
             ids_list.append(ids)
             scores_list.append(image_similarity(vectors, stored))
         t1 = time.perf_counter()
@@ -729,7 +729,7 @@ class Searcher:
         records = {i: ranking.records[i] for i in wanted if i in ranking.records}
         unread = [i for i in wanted if i not in records]
         if unread:
-            records.update(self.library.images(unread))
+            records.update(self.library.catalog.images(unread))
         hits = []
         for j in window:
             rec = records.get(int(ranking.ids[j]))

@@ -108,7 +108,7 @@ def _means(library: "Library", chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids [n], each image's mean ITC vector, normalised [n, D] float32), in id order."""
     wanted = np.sort(library.indexed_ids())
     got_ids, got = [], []
-    for ids, vectors in library.iter_vectors(wanted.tolist()):
+    for ids, vectors in library.catalog.iter_vectors(wanted.tolist()):
         mean = vectors.astype(np.float32).mean(axis=1)
         mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
         got_ids.append(ids)
@@ -158,7 +158,7 @@ def _score_pairs(library: "Library", ids: np.ndarray, pairs: np.ndarray, chunk: 
             rows.update(pairs[end].tolist())
             end += 1
         vectors: dict[int, np.ndarray] = {}
-        for got_ids, got in library.iter_vectors(ids[sorted(rows)].tolist()):
+        for got_ids, got in library.catalog.iter_vectors(ids[sorted(rows)].tolist()):
             vectors.update(zip(got_ids.tolist(), got.astype(np.float32)))
         for p in range(start, end):
             a, b = (vectors.get(int(ids[r])) for r in pairs[p])

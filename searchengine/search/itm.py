@@ -56,7 +56,7 @@ class ItmFeatures:
             else:
                 features[image_id] = torch.from_numpy(np.array(arr))  # a private, writable copy
         if missing:
-            records.update(self.library.images([i for i in missing if i not in records]))
+            records.update(self.library.catalog.images([i for i in missing if i not in records]))
             features.update(self._recompute(missing, records))
         return features
 

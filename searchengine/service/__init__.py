@@ -309,7 +309,7 @@ class QueryService:
             if self._folders is None or self._folders[0] != revision:
                 # Derived from every file's path: kept until the library changes, as the UI
                 # asks again on every keystroke.
-                self._folders = (revision, self.library.folders())
+                self._folders = (revision, self.library.catalog.folders())
             every = self._folders[1]
         needle = contains.strip().casefold()
         found = [f for f in every if needle in f.path.casefold()]
@@ -326,7 +326,7 @@ class QueryService:
         with self._facets_lock:
             if key in self._facets:
                 return self._facets[key]
-        found = self.library.facets(filters)
+        found = self.library.catalog.facets(filters)
         with self._facets_lock:
             if len(self._facets) >= 64 or any(k[0] != key[0] for k in self._facets):
                 self._facets.clear()

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from searchengine.library import Library, store_exists
+from searchengine.library import Library
+from searchengine.library.opening import store_exists
 from searchengine.config.settings import Settings
 from tests.server import EXE, env_for
 

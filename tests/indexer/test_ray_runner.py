@@ -48,7 +48,7 @@ def _library(settings, tmp_path: Path, name: str):
 def _contents(library: Library) -> dict[str, tuple]:
     """path -> (caption, vectors, width, height) of every indexed file."""
     ids = [int(i) for i in library.indexed_ids()]
-    records = library.images(ids)
+    records = library.catalog.images(ids)
     out = {}
     for image_id, record in records.items():
         for path in record.paths:
@@ -101,7 +101,7 @@ def test_the_ray_run_indexes_what_the_local_run_does(local_ray, settings, model,
         # The text index: the same files for a word of the captions, and for a folder's name.
         word = next(c for c, *_ in want.values() if c).split()[0]
         for query in (word, "photos"):
-            hits = lambda lib: sorted(p for h in lib.keyword_search(parse_query(query), 50, None) for p in lib.images([h.image_id])[h.image_id].paths)
+            hits = lambda lib: sorted(p for h in lib.catalog.keyword_search(parse_query(query), 50, None) for p in lib.catalog.images([h.image_id])[h.image_id].paths)
             assert hits(on_ray) == hits(local) and hits(local), query
         # A second run changes nothing: the workers were told what the library has.
         again = Indexer(model, on_ray, s_ray, captioner=captioner, runner=RayRunner(s_ray, LOADERS, actors=1)).run([folder, second])

@@ -61,8 +61,8 @@ def vectors_by_path(settings: Settings) -> dict[str, np.ndarray]:
     lib = Library.open(settings, writable=False, vectors=False)
     try:
         ids = lib.store.image_ids()
-        recs = lib.images(ids.tolist())
-        return {recs[int(i)].paths[0]: v for got, vecs in lib.iter_vectors(ids) for i, v in zip(got, vecs)}
+        recs = lib.catalog.images(ids.tolist())
+        return {recs[int(i)].paths[0]: v for got, vecs in lib.catalog.iter_vectors(ids) for i, v in zip(got, vecs)}
     finally:
         lib.close()
 

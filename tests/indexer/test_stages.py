@@ -62,14 +62,14 @@ def test_the_runner_asks_the_library_about_known_content_once_per_batch(settings
     settings = settings.model_copy(update={"batch_size": 4})
     library = Library.open(settings, create=True)
     asked: list[int] = []
-    real = library.indexed_hashes
+    real = library.catalog.indexed_hashes
 
     def counting(hashes):
         hashes = list(hashes)
         asked.append(len(hashes))
         return real(hashes)
 
-    library.indexed_hashes = counting
+    library.catalog.indexed_hashes = counting
     decoded: list[str] = []
     indexer = Indexer(model, library, settings)
     decode = indexer.decode_stage
@@ -158,7 +158,7 @@ def test_batch_k_is_written_while_batch_k_plus_1_is_embedded(settings, model, ph
         # The models run in the lane; the Library is touched by the runner's thread alone.
         assert {t for _, _, t in embeds} != {threading.current_thread().name}
         assert {t for _, _, t in writes} == {threading.current_thread().name}
-        assert len(library.files_under(str(folder))) == 6
+        assert len(library.catalog.files_under(str(folder))) == 6
     finally:
         model.embed_pixels = real_embed
         library.close()

@@ -45,7 +45,7 @@ def test_an_indexer_a_watcher_and_queries_in_one_process_neither_lose_nor_duplic
         expected = {str(p) for p in (*watched.iterdir(), *indexed.iterdir())}
 
         def settled() -> bool:
-            have = library.files_under(str(tmp_path))
+            have = library.catalog.files_under(str(tmp_path))
             return set(have) == expected and all(s.status == "indexed" for s in have.values())
 
         wait_until(settled, "every file of both folders indexed", timeout=120)
@@ -57,7 +57,7 @@ def test_an_indexer_a_watcher_and_queries_in_one_process_neither_lose_nor_duplic
         assert not errors, errors
         store_ids = np.sort(library.store.image_ids())
         index_ids = library.index.ids()
-        assert len(store_ids) == len({library.hashes_of([p])[p] for p in expected})  # one image per content
+        assert len(store_ids) == len({library.catalog.hashes_of([p])[p] for p in expected})  # one image per content
         assert np.array_equal(np.sort(index_ids), store_ids) and len(np.unique(index_ids)) == len(index_ids)
         assert library.index.index.ntotal == len(store_ids) * model.num_query_tokens  # no vectors twice
     finally:

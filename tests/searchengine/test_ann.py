@@ -63,7 +63,7 @@ def test_probing_everything_equals_exact_search(tmp_path, seed):
     lib.remove_files([f"/p/{ids.index(i)}.jpg" for i in gone])
     exact = Library.open(Settings(data_dir=tmp_path / "x", vector_tier="exact"), create=True)
     exact.bind(INFO)
-    for got, vecs in lib.iter_vectors(lib.store.image_ids()):
+    for got, vecs in lib.catalog.iter_vectors(lib.store.image_ids()):
         exact.add_vectors(got.tolist(), vecs)
     allowed = np.setdiff1d(rng.choice(ids, n // 2, replace=False), gone)
     for _ in range(5):
@@ -309,8 +309,8 @@ def test_a_schema_2_index_is_migrated_in_place(tmp_path):
     lib = Library.open(s)
     assert lib.store.image_ids().tolist() == ids
     assert lib.index.holds_float16_values() and sorted(lib.index.ids().tolist()) == ids
-    assert sorted(r.paths[0] for r in lib.images(ids).values()) == sorted(f"/p/{i}.jpg" for i in range(40))
-    stored = np.concatenate([v for _, v in lib.iter_vectors(ids)])
+    assert sorted(r.paths[0] for r in lib.catalog.images(ids).values()) == sorted(f"/p/{i}.jpg" for i in range(40))
+    stored = np.concatenate([v for _, v in lib.catalog.iter_vectors(ids)])
     np.testing.assert_array_equal(stored, vecs.astype(np.float16).astype(np.float32))
     db = sqlite3.connect(s.store_path)
     assert {len(b) for (b,) in db.execute("SELECT data FROM vectors")} == {Q * D * 2}  # 2 bytes a value

@@ -136,6 +136,7 @@ class VectorsOnly:
 
     def __init__(self, vectors: np.ndarray) -> None:
         self.vectors = vectors
+        self.catalog = self  # the stored vectors are read through the library's catalog
 
     def indexed_ids(self) -> np.ndarray:
         return np.arange(1, len(self.vectors) + 1)

@@ -66,16 +66,16 @@ def shot(tmp_path_factory, tiny_model_dir, model):
 
 def test_facet_counts_and_each_facet_s_counts_ignore_its_own_choice(shot):
     library, _, _, _ = shot
-    f = library.facets(Filters())
+    f = library.catalog.facets(Filters())
     assert f["camera"] == [("Canon EOS R5", 3), ("FUJIFILM X100V", 1), ("Google Pixel 7", 1)]  # ties by name
     assert f["lens"] == [("RF24-105mm F4 L IS USM", 3), ("Pixel 7 back camera 6.81mm f/1.85", 1)]
     assert f["type"] == [("jpeg", 5), ("png", 1), ("webp", 1)]
     assert f["orientation"] == [("landscape", 3), ("portrait", 3), ("square", 1)]
-    canon = library.facets(Filters(camera="Canon EOS R5"))
+    canon = library.catalog.facets(Filters(camera="Canon EOS R5"))
     assert canon["orientation"] == [("landscape", 2), ("portrait", 1)]  # within the camera
     assert canon["type"] == [("jpeg", 3)]
     assert dict(canon["camera"])["Google Pixel 7"] == 1  # the camera facet still offers the others
-    portrait_jpeg = library.facets(Filters(orientation="portrait", file_type="jpeg"))
+    portrait_jpeg = library.catalog.facets(Filters(orientation="portrait", file_type="jpeg"))
     assert dict(portrait_jpeg["camera"]) == {"Canon EOS R5": 1, "Google Pixel 7": 1}
 
 

@@ -92,9 +92,9 @@ def test_folders_list_subfolders_with_image_counts(settings):
     _add(lib, "c", "/lib/c.jpg", 3)
     # The same content under two paths of one folder counts once.
     lib.store.write_batch(links=[("/lib/Trips/Winter 2022/copy of a.jpg", 1, 1, "a")])
-    got = {f.path: f.images for f in lib.folders()}
+    got = {f.path: f.images for f in lib.catalog.folders()}
     assert got == {"/lib": 3, "/lib/Trips": 2, "/lib/Trips/Winter 2022": 2, "/lib/Trips/Winter 2022/day 2": 1}
-    assert [f.path for f in lib.folders()] == sorted(got)  # above the root: nothing
+    assert [f.path for f in lib.catalog.folders()] == sorted(got)  # above the root: nothing
     lib.close()
 
 

@@ -768,7 +768,7 @@ def cmd_watch(args: argparse.Namespace, out, err) -> int:
     settings = settings_from_args(args)
     recorded = Library.recorded(settings)
     folders = _folders(args, settings, recorded, err)
-    logging.getLogger("indexer").setLevel(logging.INFO)
+    logging.getLogger("searchengine.indexing").setLevel(logging.INFO)
     parts = wiring.open_for_indexing(settings, recorded)
     library, model, captioner = parts.library, parts.model, parts.captioner
     _lock_new_index(args)
@@ -873,7 +873,6 @@ def cmd_serve(args: argparse.Namespace, out, err) -> int:
     # server that indexes without captions.
     choice = wiring.choose(settings, recorded, captions=bool(args.watch))
     logging.getLogger("searchengine").setLevel(logging.INFO)
-    logging.getLogger("indexer").setLevel(logging.INFO)
     on_ready = _watch_in_server(settings, args, wiring.load_captioner(settings, choice.caption_model)) if args.watch else None
     loader = functools.partial(wiring.open_for_serving, create=bool(args.watch), model=choice.model)
     app = create_app(settings, loader=loader, on_ready=on_ready)
@@ -1005,7 +1004,8 @@ def cmd_backup(args: argparse.Namespace, out, err) -> int:
 
 def cmd_restore(args: argparse.Namespace, out, err) -> int:
     from searchengine.store import backup
-    from searchengine.library import Library, unwritable_path
+    from searchengine.library import Library
+    from searchengine.library.opening import unwritable_path
     from searchengine.util.locks import no_server
 
     settings = settings_from_args(args)
