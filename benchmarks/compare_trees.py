@@ -27,16 +27,25 @@ from pathlib import Path
 sys.path.append(sys.argv[1])  # benchmarks.common; the tree under test comes first (cwd)
 from benchmarks.common import model_dir, photos, quiet
 quiet()
-from searchengine.indexing.pipeline import Indexer
+try:  # the layout since the redesign (issue 28): one import root, a request checked once
+    from searchengine.config.settings import Settings
+    from searchengine.indexing.pipeline import Indexer
+    from searchengine.models.retrieval import RetrievalModel
+    from searchengine.search import SearchRequest
+    from searchengine.service import QueryService
+
+    def text_query(service, settings, q, mode):
+        return service.search_text(SearchRequest.checked(q, settings, k=10, mode=mode))
+except ImportError:  # before it
+    from indexer.pipeline import Indexer
+    from searchengine.models import RetrievalModel
+    from searchengine.queries import Filters
+    from searchengine.serving import QueryService
+    from searchengine.settings import Settings
+
+    def text_query(service, settings, q, mode):
+        return service.search_text(q, k=10, offset=0, rerank=True, min_score=None, filters=Filters(), mode=mode)
 from searchengine.library import Library
-from searchengine.models.retrieval import RetrievalModel
-try:  # the module names since the architecture work, and before it
-    from searchengine.search import Filters
-    from searchengine.service import QueryService
-except ImportError:
-    from searchengine.search import Filters
-    from searchengine.service import QueryService
-from searchengine.config.settings import Settings
 
 size, n = sys.argv[2], int(sys.argv[3])
 with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +68,7 @@ with tempfile.TemporaryDirectory() as tmp:
         for r in range(8):
             q = f"a photo of {words[(7 * r) % len(words)]} {mode}"
             t = time.perf_counter()
-            asyncio.run(service.search_text(q, k=10, offset=0, rerank=True, min_score=None, filters=Filters(), mode=mode))
+            asyncio.run(text_query(service, settings, q, mode))
             times.append((time.perf_counter() - t) * 1000)
         out[f"{mode} query ms"] = statistics.median(times[1:])
     library.close()

@@ -43,12 +43,8 @@ def main() -> None:
     from searchengine.models.retrieval import RetrievalModel
     from searchengine.config.settings import Settings
 
-    try:  # the module names since the architecture work, and before it
-        from searchengine.search import Filters, Searcher
-        from searchengine.service import QueryService
-    except ImportError:
-        from searchengine.search import Filters, Searcher
-        from searchengine.service import QueryService
+    from searchengine.search import SearchRequest, Searcher
+    from searchengine.service import QueryService
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
@@ -88,8 +84,7 @@ def main() -> None:
                     count[0] = 0
                     t = time.perf_counter()
                     if name == "service":
-                        asyncio.run(path.search_text(query, k=10, offset=0, rerank=True, min_score=None,
-                                                     filters=Filters(), mode=mode))
+                        asyncio.run(path.search_text(SearchRequest.checked(query, settings, k=10, mode=mode)))
                     else:
                         path.search(query, k=10, mode=mode)
                     times.append((time.perf_counter() - t) * 1000)

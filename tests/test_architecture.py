@@ -92,21 +92,22 @@ def test_the_decode_stage_and_the_batch_size_are_built_in_one_place():
                 assert name != "index_batch" or path.name == "stages.py", f"{path.relative_to(ROOT)}:{node.lineno} sizes a batch"
 
 
-QUERIES = ROOT / "searchengine/search/__init__.py"
+QUERIES = ROOT / "searchengine/search/request.py"
+SEARCHER = ROOT / "searchengine/search/searcher.py"
 
 
 def test_a_page_and_the_rerank_default_are_decided_once():
     """The bounds on k, offset and min_itm were written in the CLI, in two places of
     queries.py and in the API; the re-rank default twice in queries.py. Now queries.py holds
-    `check_page`, `check_min_itm`, MAX_K/MAX_OFFSET (the API's schema takes them) and
-    `Searcher._rerank_depth`."""
+    `check_page`, `check_min_itm`, MAX_K/MAX_OFFSET (the API's schema takes them) in
+    search/request.py, and `Searcher._rerank_depth` in search/searcher.py."""
     for path in SOURCES:
         text = path.read_text()
         for written in ("k < 1", "min_itm <= 1", "min_itm <= 1.0", "MAX_K = ", "MAX_OFFSET = "):
             assert written not in text or (path == QUERIES and text.count(written) == 1), (path, written)
-        if path != QUERIES:
+        if path != SEARCHER:
             assert "rerank_top if rerank is None" not in text, path
-    assert QUERIES.read_text().count("self.settings.rerank_top") == 1
+    assert SEARCHER.read_text().count("self.settings.rerank_top") == 1
 
 
 def test_the_file_types_and_orientations_are_listed_once():
@@ -295,3 +296,21 @@ def test_only_the_library_writes_the_store_and_holds_the_vector_indexes():
     found = [f"{m} -> {d}" for m, deps in graph.items() if _package(m) not in ("library", "store", "vectors")
              for d in deps if d == "searchengine.store.writes" or _package(d) == "vectors"]
     assert not found, found
+
+
+def test_a_text_query_is_checked_once_where_it_comes_in():
+    """The query was checked in serving.py and then again in queries.py, and the CLI checked
+    the page and the mode before both. Now the CLI and the route build a
+    `SearchRequest.checked`, and what runs it (`Searcher.run`, the service) checks nothing."""
+    import inspect
+
+    from searchengine.search.searcher import Searcher
+    from searchengine.service import QueryService
+
+    for fn in (Searcher.run, QueryService.search_text):
+        code = inspect.getsource(fn)
+        for check in ("check_query", "check_page", "check_min_itm", "parse_for_mode", "SearchRequest.checked"):
+            assert check not in code, (fn.__qualname__, check)
+    callers = [p.relative_to(ROOT).as_posix() for p in SOURCES if "SearchRequest.checked(" in p.read_text()]
+    assert sorted(callers) == ["searchengine/app/api/routes/search.py", "searchengine/app/cli/searching.py",
+                               "searchengine/search/searcher.py"], callers  # searcher: `search`, the convenience form

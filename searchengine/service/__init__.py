@@ -31,7 +31,7 @@ from searchengine.media.indexed_file import IndexedFileOpener, OpenedFile
 from searchengine.library import ImageDetail, Library
 from searchengine.util.metrics import Metrics
 from searchengine.models.retrieval import RetrievalModel
-from searchengine.search import Filters, Page, RankingCache, Searcher, Steer
+from searchengine.search import Filters, Page, RankingCache, Searcher, SearchRequest
 from searchengine.config.settings import Settings
 from searchengine.store.records import FolderCount
 from searchengine.models.vqa import Answer, LazyAnswerer, check_question
@@ -170,30 +170,15 @@ class QueryService:
     # Each is the Searcher's one path, in a worker thread, with the service's parts plugged in:
     # the micro-batcher encodes texts, the ranking cache keeps rankings across pages.
 
-    async def search_text(
-        self,
-        query: str,
-        *,
-        k: int,
-        offset: int,
-        rerank: bool,
-        min_score: float | None,
-        filters: Filters,
-        mode: str | None = None,
-        steer: Steer | None = None,
-        min_itm: float | None = None,
-    ) -> Page:
-        self.searcher.check_query(query, examples_only=bool(steer and steer.like))  # a bad query costs nothing
+    async def search_text(self, request: SearchRequest) -> Page:
+        """A text query, checked where it came in (the route builds the request)."""
         await asyncio.to_thread(self.refresh)
         loop = asyncio.get_running_loop()
 
         def encode(text: str):
             return asyncio.run_coroutine_threadsafe(self.batcher.submit(text), loop).result()
 
-        page = await asyncio.to_thread(
-            self.searcher.search, query, k=k, offset=offset, rerank=None if rerank else 0, filters=filters,
-            min_score=min_score, mode=mode, encode=encode, rankings=self.rankings, steer=steer, min_itm=min_itm,
-        )
+        page = await asyncio.to_thread(self.searcher.run, request, encode=encode, rankings=self.rankings)
         return self._observed(page)
 
     async def search_image(

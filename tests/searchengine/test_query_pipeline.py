@@ -12,7 +12,7 @@ from sqlalchemy import event
 
 from searchengine.indexing.pipeline import Indexer
 from searchengine.library import Library
-from searchengine.search import Filters, Searcher
+from searchengine.search import Searcher, SearchRequest
 from searchengine.service import QueryService
 
 
@@ -42,8 +42,7 @@ def test_a_fresh_text_query_makes_at_most_two_statements(counted, model, mode, f
         result = searcher.search(query, k=5, mode=mode)
         assert result.hits and len(statements) <= 2 + ("-" in query), statements  # an exclusion: one more
         statements.clear()
-        page = asyncio.run(service.search_text(f"{query} {i}", k=5, offset=0, rerank=True, min_score=None,
-                                               filters=Filters(), mode=mode))
+        page = asyncio.run(service.search_text(SearchRequest.checked(f"{query} {i}", settings, k=5, mode=mode)))
         assert page.hits and len(statements) <= 2 + ("-" in query), statements
 
 
@@ -55,7 +54,7 @@ def test_many_concurrent_queries_share_the_model_and_never_wait_on_each_other_fo
 
     async def many():
         pages = [
-            service.search_text(f"beach {i}", k=3, offset=0, rerank=False, min_score=None, filters=Filters(), mode="semantic")
+            service.search_text(SearchRequest.checked(f"beach {i}", settings, k=3, rerank=0, mode="semantic"))
             for i in range(40)
         ]
         return await asyncio.wait_for(asyncio.gather(*pages), 60)
@@ -63,5 +62,5 @@ def test_many_concurrent_queries_share_the_model_and_never_wait_on_each_other_fo
     pages = asyncio.run(many())
     assert all(p.hits and p.fresh for p in pages)
     # The same query again is a kept ranking: no model call, no ranking work.
-    again = asyncio.run(service.search_text("beach 3", k=3, offset=0, rerank=False, min_score=None, filters=Filters(), mode="semantic"))
+    again = asyncio.run(service.search_text(SearchRequest.checked("beach 3", settings, k=3, rerank=0, mode="semantic")))
     assert not again.fresh and again.timings_ms["encode"] == 0.0 and [h.image_id for h in again.hits] == [h.image_id for h in pages[3].hits]

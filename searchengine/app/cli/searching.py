@@ -30,7 +30,7 @@ def _search_filters(args: argparse.Namespace):
 
 
 def cmd_search(args: argparse.Namespace, out, err) -> int:
-    from searchengine.search import Steer, check_examples, check_filters, check_min_itm, check_page, parse_for_mode
+    from searchengine.search import SearchRequest, Steer, check_examples, check_filters, check_page
 
     settings = settings_from_args(args)
     query = " ".join(args.query).strip()
@@ -39,12 +39,16 @@ def cmd_search(args: argparse.Namespace, out, err) -> int:
         raise SearchEngineError("search by words (with --like/--unlike) or by --image, not both")
     if not args.image and not query and not steer.like:
         raise SearchEngineError("the query is empty: type some words that describe the picture (or --image PATH, or --like ID)")
-    check_page(args.k, k_name="-k")
-    check_min_itm(args.min_itm, name="--min-itm")
     filters = _search_filters(args)
     keyword_only = settings.search_mode == "keyword" and not args.image
-    if query:
-        parse_for_mode(query, settings.search_mode)
+    if args.image:
+        check_page(args.k, k_name="-k")
+        request = None
+    else:  # checked here, once, before any model loads
+        request = SearchRequest.checked(
+            query, settings, k=args.k, rerank=0 if args.no_rerank else None, filters=filters, steer=steer,
+            min_itm=args.min_itm, names={"k": "-k", "min_itm": "--min-itm"},
+        )
     example = _example_image(args.image, settings) if args.image else None
     def refusals(library) -> None:  # what the index alone answers, before the model loads
         check_filters(library, filters)
@@ -55,12 +59,10 @@ def cmd_search(args: argparse.Namespace, out, err) -> int:
         if example is not None:
             result = searcher.search_image(example, k=args.k, filters=filters)
         else:
-            result = searcher.search(
-                query, k=args.k, rerank=0 if args.no_rerank else None, filters=filters, steer=steer, min_itm=args.min_itm
-            )
+            result = searcher.run(request)
     finally:
         searcher.library.close()
-    mode = "image" if example is not None else settings.search_mode if query else "semantic"
+    mode = "image" if example is not None else request.mode
     if args.json:
         print(json.dumps(_result_json(result, mode), ensure_ascii=False, indent=2), file=out)
         return 0

@@ -10,7 +10,7 @@ from searchengine.app.api.deps import ImageId, Paging, Service, State
 from searchengine.app.api.guards import QUERY_TEXT
 from searchengine.app.api.schemas import NOT_FOUND, ErrorOut, Mode, SearchOut, search_out
 from searchengine.errors import UploadError, UploadTooLarge
-from searchengine.search import Steer
+from searchengine.search import SearchRequest, Steer
 
 # ID or ID:WEIGHT: an id from 1 (up to 18 digits, within the store's 64-bit ids), a weight up to
 # 10 (above 0: a rule the pattern leaves to the server); spaces around, never other white space.
@@ -58,13 +58,13 @@ async def search(
 
     Results that sharpen: ask with `rerank=false` first (ITC order, in milliseconds), then
     the same query with `rerank=true` (ITM order; the ITC candidates are not searched again)."""
-    mode_name = mode.value if mode is not None else state.settings.search_mode
-    steer = Steer.parse(like, unlike)
-    page = await service.search_text(
-        q, k=p.k, offset=p.offset, rerank=rerank, min_score=p.min_score, filters=p.filters, mode=mode_name,
-        steer=steer, min_itm=min_itm,
+    request = SearchRequest.checked(
+        q, state.settings, k=p.k, offset=p.offset, rerank=None if rerank else 0, filters=p.filters,
+        min_score=p.min_score, min_itm=min_itm, mode=mode.value if mode is not None else None,
+        steer=Steer.parse(like, unlike),
     )
-    return search_out(page, p.k, p.offset, mode_name if q.strip() else "semantic")
+    page = await service.search_text(request)
+    return search_out(page, p.k, p.offset, request.mode)
 
 
 @router.post("/api/search/image", response_model=SearchOut, responses={400: {"model": ErrorOut}, 413: {"model": ErrorOut}, **NOT_FOUND})
