@@ -62,13 +62,7 @@ def retrieval_model(settings: Settings, recorded: Recorded | None) -> str:
 
 
 def captions_wanted(settings: Settings, recorded: Recorded | None) -> bool:
-    if settings.captions is not None:
-        return settings.captions
-    if settings.caption_model:
-        return True  # naming a captioner asks for captions
-    if recorded is not None and recorded.captioner is not None:
-        return recorded.captioner[0]
-    return True
+    return settings.captions_on(recorded.captioner[0] if recorded is not None and recorded.captioner is not None else None)
 
 
 def caption_model(settings: Settings, recorded: Recorded | None, *, force: bool = False) -> str | None:

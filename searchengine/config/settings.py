@@ -136,6 +136,16 @@ class Settings(BaseSettings):
         """Whether ViT features are cached (at index time, and when re-computed at query time)."""
         return self.itm_features in ("cache", "cache-int8") or (self.itm_features == "auto" and defaults_for(device).vit_cache)
 
+    def captions_on(self, recorded: bool | None) -> bool:
+        """Whether a run captions: the `captions` setting, else on where a caption model is
+        named (naming a captioner asks for captions), else as the index was captioned
+        (`recorded`: None for a new index), else on."""
+        if self.captions is not None:
+            return self.captions
+        if self.caption_model:
+            return True
+        return recorded if recorded is not None else True
+
     @property
     def decode_threads(self) -> int:
         """Decoding threads: `decode_workers`, or one per core."""
@@ -190,5 +200,7 @@ def settings_from_args(args) -> "Settings":
             "max_image_pixels", "k_candidates", "rerank_top", "host", "port", "captions", "caption_model", "search_mode", "links", "vqa_model", "text_backend", "database_url")
     values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if values.get("caption_model") and "captions" not in values:
-        values["captions"] = True  # naming a captioner asks for captions
+        # A captioner named on the command line outweighs SEARCHENGINE_CAPTIONS (flags over
+        # the environment); what naming one means is `Settings.captions_on`'s to say.
+        values["captions"] = None
     return Settings(**values)

@@ -97,3 +97,31 @@ def test_serving_loads_the_index_model_and_never_creates_an_index(settings, reco
     with pytest.raises(IndexNotFoundError):
         wiring.open_for_serving(Settings(data_dir=typo))
     assert not typo.exists()
+
+
+def test_naming_a_captioner_asks_for_captions_decided_in_one_place(monkeypatch):
+    """The rule was written in settings_from_args and again in wiring.captions_wanted; now
+    `Settings.captions_on` holds it, and settings_from_args only lets a named captioner (a
+    flag) outweigh SEARCHENGINE_CAPTIONS (the environment)."""
+    import argparse
+
+    from searchengine.config.settings import settings_from_args
+
+    def wanted(recorded_on=None, **flags):
+        args = argparse.Namespace(**{"captions": None, "caption_model": None, **flags})
+        recorded = Recorded(None, (recorded_on, "m") if recorded_on is not None else None, ())
+        return wiring.captions_wanted(settings_from_args(args), recorded)
+
+    assert wanted() is True  # a new index: on
+    assert wanted(recorded_on=False) is False  # as the index was captioned
+    assert wanted(recorded_on=False, caption_model="blip") is True  # naming one asks for captions
+    assert wanted(recorded_on=True, captions=False, caption_model="blip") is False  # --no-captions wins
+    monkeypatch.setenv("SEARCHENGINE_CAPTIONS", "false")
+    assert wanted() is False and wanted(recorded_on=True) is False
+    assert wanted(caption_model="blip") is True  # the flag outweighs the environment
+    monkeypatch.setenv("SEARCHENGINE_CAPTION_MODEL", "blip")
+    assert wanted() is False  # both from the environment: captions off says it
+    monkeypatch.delenv("SEARCHENGINE_CAPTIONS")
+    assert Settings().captions_on(False) is True  # a captioner named in the environment asks too
+    text = "".join(p.read_text() for p in __import__("pathlib").Path(wiring.__file__).parents[1].glob("**/*.py"))
+    assert text.count("naming a captioner asks for captions") == 1
