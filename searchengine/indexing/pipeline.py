@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
+from searchengine.indexing.batches import Batch, Sorter
 from searchengine.indexing.scan import BAD_NAME, LINK_DUPLICATE, LINK_LOOP, LINK_OUTSIDE, FileEntry, printable, scan_folder, storable
 from searchengine.indexing.stages import (
     CaptionStage, Decoded, Embedded, EmbedStage, Failed, Known, Read, ReadStage, decode_stage, index_batch_size,
@@ -324,16 +325,13 @@ class Indexer:
         batch k+1 is done. Only this thread touches the Library.
         """
         linked: list[tuple[str, str]] = []
-        batch: list[Decoded] = []
-        known: list[Known] = []
-        failures: list[Failed] = []
         # Content embedded in this run, committed or still on its way: a copy of it that the
         # decode threads read before that commit is linked, not embedded a second time.
-        embedded: set[str] = set()
-        pending: list[tuple[Future, list[Known], list[Failed]]] = []  # at most one batch in the lane
+        sorter = Sorter(self.batch_size, lambda failed: self.record_failure(failed, summary))
+        pending: list[tuple[Future, Batch]] = []  # at most one batch in the lane
 
         def commit() -> None:
-            future, k, f = pending.pop()
+            future, b = pending.pop()
             while True:  # a batch takes seconds on a CPU: `stop` is heard while it runs
                 try:
                     embedded = future.result(timeout=0.1)
@@ -341,9 +339,9 @@ class Indexer:
                 except NotYet:
                     if self._stopping.is_set():
                         raise Stopped from None
-            self.commit_batch(embedded, k, f, summary)
-            linked.extend((x.entry.path, x.sha256) for x in k)
-            self.progress(len(embedded) + len(k) + len(f))
+            self.commit_batch(embedded, b.known, b.failed, summary)
+            linked.extend((x.entry.path, x.sha256) for x in b.known)
+            self.progress(len(embedded) + len(b.known) + len(b.failed))
 
         workers, window = self.settings.decode_threads, 2 * self.batch_size + self.settings.decode_threads
         def timed(stage, name: str):
@@ -361,33 +359,24 @@ class Indexer:
         reads = decoded = None
         try:
 
-            def flush() -> None:
-                nonlocal batch, known, failures
-                if not (batch or known or failures):
+            def flush(b: Batch) -> None:
+                if not b:
                     return
-                staged = self.embed_stage.stage(batch)  # on a GPU: the copy starts now
-                future = lane.submit(self._compute, batch, staged, summary)
+                staged = self.embed_stage.stage(b.new)  # on a GPU: the copy starts now
+                future = lane.submit(self._compute, b.new, staged, summary)
                 if pending:
                     commit()  # the batch before, written while this one computes
-                pending.append((future, known, failures))
-                batch, known, failures = [], [], []
+                pending.append((future, b))
 
             reads = map_ahead(timed(self.read_stage, "read"), todo, workers, window)
             decoded = map_ahead(timed(self.decode_stage, "decode"), self._known_content(reads), workers, window)
             for result in decoded:
                 if self._stopping.is_set():
                     raise Stopped
-                if isinstance(result, Failed):
-                    failures.append(result)
-                    self.record_failure(result, summary)
-                elif isinstance(result, Known) or result.sha256 in embedded:
-                    known.append(result if isinstance(result, Known) else Known(result.entry, result.sha256))
-                else:
-                    batch.append(result)
-                    embedded.add(result.sha256)
-                if len(batch) >= self.batch_size or len(known) + len(failures) >= 256:
-                    flush()
-            flush()
+                full = sorter.add(result)
+                if full is not None:
+                    flush(full)
+            flush(sorter.rest())
             if pending:
                 commit()
             finished = True

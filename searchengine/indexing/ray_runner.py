@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
+from searchengine.indexing.batches import Batch, Sorter
 from searchengine.indexing.scan import FileEntry
-from searchengine.indexing.stages import CaptionStage, Decoded, DecodeStage, Embedded, EmbedStage, Failed, Known, Read, ReadStage
+from searchengine.indexing.stages import CaptionStage, Decoded, DecodeStage, EmbedStage, Known, Read, ReadStage
 from searchengine.errors import SearchEngineError
 
 if TYPE_CHECKING:
@@ -251,31 +252,20 @@ class RayRunner:
                 max_restarts=RETRIES, max_task_retries=RETRIES, **per_actor,
             )
         linked: list[tuple[str, str]] = []
-        written: set[str] = set()
-        new: list[Embedded] = []
-        links: list[Known] = []
-        failures: list[Failed] = []
+        sorter = Sorter(indexer.batch_size, lambda failed: indexer.record_failure(failed, summary))
 
-        def commit() -> None:
-            indexer.commit_batch(new, links, failures, summary)
-            linked.extend((k.entry.path, k.sha256) for k in links)
-            indexer.progress(len(new) + len(links) + len(failures))
-            new.clear(), links.clear(), failures.clear()
+        def commit(b: Batch) -> None:
+            indexer.commit_batch(b.new, b.known, b.failed, summary)
+            linked.extend((k.entry.path, k.sha256) for k in b.known)
+            indexer.progress(len(b))
 
         waited = time.perf_counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             summary.add_time("cluster", time.perf_counter() - waited)
             for item in batch["item"]:
-                if isinstance(item, Failed):
-                    failures.append(item)
-                    indexer.record_failure(item, summary)
-                elif isinstance(item, Known) or item.item.sha256 in written:
-                    links.append(item if isinstance(item, Known) else Known(item.entry, item.item.sha256))
-                else:
-                    new.append(item)
-                    written.add(item.item.sha256)
-            if len(new) >= indexer.batch_size or len(links) + len(failures) >= 256:
-                commit()
+                full = sorter.add(item)
+                if full is not None:
+                    commit(full)
             waited = time.perf_counter()
-        commit()
+        commit(sorter.rest())
         return linked

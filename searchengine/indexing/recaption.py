@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from searchengine.indexing.batches import batched
 from searchengine.indexing.pipeline import map_ahead
-from searchengine.indexing.stages import CaptionDecodeStage, CaptionInput, caption_batch
+from searchengine.indexing.stages import CaptionDecodeStage, caption_batch
 from searchengine.models.captioner import Captioner
 from searchengine.config.devices import defaults_for
 from searchengine.media.imageio import read_file
@@ -64,9 +65,9 @@ class Recaptioner:
         self.on_total(len(todo))
         decode = CaptionDecodeStage(self.captioner.preprocessor, self.settings.max_image_pixels, self.reader)
         window = 2 * self.batch_size + self.settings.decode_threads
-        batch: list[CaptionInput] = []
-
-        def flush() -> None:
+        # A batch is `batch_size` images for the captioner; those without pixels ride along.
+        decoded = map_ahead(decode, todo, self.settings.decode_threads, window)
+        for batch in batched(decoded, self.batch_size, counts=lambda item: item.pixels is not None):
             captions = caption_batch(self.captioner, [b.pixels for b in batch], [b.error for b in batch])
             rows = []
             for item, c in zip(batch, captions):
@@ -78,14 +79,5 @@ class Recaptioner:
                     summary.captioned += 1
             self.library.set_captions(rows)
             self.progress(len(rows))
-            batch.clear()
-
-        for item in map_ahead(decode, todo, self.settings.decode_threads, window):
-            batch.append(item)
-            # A batch is `batch_size` images for the captioner; those without pixels ride along.
-            if sum(b.pixels is not None for b in batch) >= self.batch_size or len(batch) >= 256:
-                flush()
-        if batch:
-            flush()
         summary.seconds = time.perf_counter() - start
         return summary

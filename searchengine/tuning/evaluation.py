@@ -72,15 +72,16 @@ def embed(
     after the ViT, exactly as this did)."""
     import torch
 
+    from searchengine.indexing.batches import batched
     from searchengine.indexing.stages import EmbedStage
 
     decode = decoder(model, settings)
     embed_stage = EmbedStage(model, keep_vit=True)
     batch = batch_size(model, settings)
     itc, vit, bad = [], [], {}
-    for start in range(0, len(data.images), batch):
+    for chunk in batched(range(len(data.images)), batch):
         decoded = []
-        for i in range(start, min(len(data.images), start + batch)):
+        for i in chunk:
             item = decode(data.images[i])
             if isinstance(item, str):
                 bad[i] = item
@@ -89,7 +90,7 @@ def embed(
         for e in embed_stage(decoded):
             itc.append(e.itc.astype(np.float16).astype(np.float32))
             vit.append(torch.from_numpy(e.vit))
-        progress(min(batch, len(data.images) - start))
+        progress(len(chunk))
     kept = data.without(bad) if bad else data
     if not kept.texts:
         from searchengine.tuning.datasets import DatasetError
