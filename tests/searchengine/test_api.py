@@ -552,6 +552,16 @@ def test_stats_and_metrics(client):
     assert "searchengine_request_seconds_bucket" in text
 
 
+def test_stats_is_a_typed_response(client):
+    """/api/stats was an untyped dict: its schema said nothing of its fields."""
+    spec = client.get("/openapi.json").json()
+    ok = spec["paths"]["/api/stats"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/StatsOut"}
+    fields = spec["components"]["schemas"]["StatsOut"]["properties"]
+    stats = client.get("/api/stats").json()
+    assert set(stats) == set(fields) and {"images", "failures", "backups", "vector_index", "server_paths_hidden"} <= set(fields)
+
+
 def test_openapi_documents_every_endpoint(client):
     spec = client.get("/openapi.json").json()
     for path in ["/api/search", "/api/search/image", "/api/images/{image_id}", "/api/images/{image_id}/thumbnail",

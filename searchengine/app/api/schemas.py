@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -182,3 +183,42 @@ class FacetsOut(BaseModel):
     lens: list[FacetValue]
     type: list[FacetValue]
     orientation: list[FacetValue]
+
+
+class FailureOut(BaseModel):
+    path: str
+    reason: str  # a short code: unreadable, too_large, not_an_image, ...
+    error: str
+
+
+class BackupOut(BaseModel):
+    name: str
+    taken: str  # UTC, YYYYmmddTHHMMSS.ffffff
+    bytes: int
+
+
+class StatsOut(BaseModel):
+    """What the index holds (`searchengine stats --json` shows the same, less the last field)."""
+
+    data_dir: str | None  # None: hidden from this caller (see `server_paths_hidden`)
+    store: str | None
+    images: int
+    files: int
+    failed: int
+    failures_by_reason: dict[str, int]
+    failures: list[FailureOut]
+    roots: list[str]
+    model: str | None
+    model_fingerprint: str | None
+    model_dtype: str | None
+    made_by: list[str]  # how the model ran that made the vectors ("bfloat16 on cpu"), first first
+    index_type: str
+    vector_index: dict[str, Any]  # the tier and its parameters (they differ by tier)
+    links: str
+    vectors: int
+    bytes_on_disk: dict[str, int]
+    captioned: int
+    caption_models: dict[str, int]
+    caption_failures: int
+    backups: list[BackupOut]
+    server_paths_hidden: bool

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 
 from searchengine.app.api.deps import Filtering, Service, State
 from searchengine.app.api.guards import PLAIN_TEXT, loopback
-from searchengine.app.api.schemas import NOT_FOUND, DuplicateGroupOut, DuplicateOut, DuplicatesOut, FacetsOut, FacetValue, FolderOut, FoldersOut, image_urls
+from searchengine.app.api.schemas import NOT_FOUND, DuplicateGroupOut, DuplicateOut, DuplicatesOut, FacetsOut, FacetValue, FolderOut, FoldersOut, StatsOut, image_urls
 from searchengine.search.duplicates import DEFAULT_THRESHOLD, with_details
 
 router = APIRouter()
@@ -29,8 +29,8 @@ async def folders(
     return FoldersOut(folders=[FolderOut(path=f.path, images=f.images) for f in found], total=total)
 
 
-@router.get("/api/stats")
-def stats(service: Service, state: State, request: Request) -> dict:
+@router.get("/api/stats", response_model=StatsOut)
+def stats(service: Service, state: State, request: Request) -> StatsOut:
     """Images, failures by reason, model, index type and sizes on disk.
 
     The server's own paths (its data directory, a model directory) are shown to callers
@@ -45,8 +45,7 @@ def stats(service: Service, state: State, request: Request) -> dict:
         described["store"] = None  # a file path, or a database server's address
         if described["model"] and os.path.isabs(described["model"]):
             described["model"] = os.path.basename(described["model"].rstrip("/"))
-    described["server_paths_hidden"] = not trusted
-    return described
+    return StatsOut(**described, server_paths_hidden=not trusted)
 
 
 @router.get("/api/duplicates", response_model=DuplicatesOut)
