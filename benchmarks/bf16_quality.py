@@ -8,7 +8,7 @@ an index built in float32 searched in bf16.
 
     python benchmarks/bf16_quality.py --per-colour 25
 
-tests/searchengine/test_bf16_quality.py holds the bound this measures.
+tests/models/test_bf16_quality.py holds the bound this measures.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def run_cli(*args, env: Mapping[str, str] | None = None, clean: bool = True) -> 
 
 
 def cli(*args, env_extra: Mapping[str, str] | None = None, check_rc: int | None = None) -> subprocess.CompletedProcess:
-    """`tests.test_cli.cli`'s signature, in this process."""
+    """`tests.e2e.test_cli.cli`'s signature, in this process."""
     proc = run_cli(*args, env=env_extra)
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stderr

@@ -373,3 +373,15 @@ def test_every_loop_forms_its_batches_one_way():
         if path.name != "batches.py":
             text = path.read_text()
             assert ">= 256" not in text and "written: set[str]" not in text, path
+
+
+def test_the_tests_mirror_the_packages():
+    """Module tests sat in tests/searchengine and tests/indexer beside feature tests, with no
+    test_queries and no test_serving. Now each package's tests are in tests/<package>/, and
+    what spans them in tests/features/ (a behaviour across layers) or tests/e2e/ (through the
+    CLI, a server or a browser)."""
+    packages = {p.name for p in (ROOT / "searchengine").iterdir() if (p / "__init__.py").exists()}
+    dirs = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    assert dirs - packages == {"features", "e2e"}, dirs - packages
+    assert packages - dirs == set(), f"packages without tests: {packages - dirs}"
+    assert [p.name for p in (ROOT / "tests").glob("test_*.py")] == ["test_architecture.py"]

@@ -13,7 +13,7 @@ read from the header before any pixel is decoded.
 The resize is PyTorch's antialiased bicubic, which uses PIL's kernel (a = -0.5) over PIL's
 support, then rounded to 8 bits as PIL's is: the pixels differ from the reference
 processor's by rounding, and the ITC vectors by cosine >= 0.9999 (benchmarks/feed_rate.py
---parity, tests/indexer/test_device_decode.py).
+--parity, tests/media/test_device_decode.py).
 """
 
 from __future__ import annotations

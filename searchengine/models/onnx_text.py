@@ -114,7 +114,7 @@ class OnnxTextEncoder:
         try:
             text_side.requires_grad_(False)  # the exporter takes the weights as constants
             # The exporter's tracer warns about every Python branch of the modelling code; the
-            # export is checked against torch (tests/searchengine/test_onnx_text.py), not by eye.
+            # export is checked against torch (tests/models/test_onnx_text.py), not by eye.
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(

@@ -2,7 +2,7 @@
 
 Every score is computed by calling the submodules of transformers'
 `Blip2ForImageTextRetrieval` in exactly the order its own `forward` does, so that the numbers
-equal the reference (tests/searchengine/test_models.py checks this). We call the submodules
+equal the reference (tests/models/test_models.py checks this). We call the submodules
 instead of `forward` because `forward` always re-runs the ViT from pixels, while re-ranking
 wants to start from stored ViT outputs, and indexing wants the ITC vectors and the ViT output
 from one pass.

@@ -14,7 +14,7 @@ other's mode too:
 - int8 [P, W + 4] (`cache-int8`): each token's W values scaled by its own largest magnitude
   to -127..127, the token's float32 scale in its last 4 bytes. Half the disk of fp16
   (blip2-itm-vit-g: 355 KiB an image against 707 KiB); the ITM difference it makes is
-  measured in tests/searchengine/test_feature_cache.py.
+  measured in tests/vectors/test_feature_cache.py.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def test_iphone_heic_and_avif_photos_are_indexed(tmp_path, tiny_model_dir):
 
 
 def test_index_follows_folder_links_and_says_how_many_it_did_not(tmp_path, tiny_model_dir):
-    from tests.indexer.test_scan import linked_tree
+    from tests.indexing.test_scan import linked_tree
 
     root, _ = linked_tree(tmp_path)
     proc = cli("index", root, "--data-dir", tmp_path / "data", "--device", "cpu", "--no-captions",

@@ -117,7 +117,7 @@ def test_api_facets_and_filters(shot):
     library, settings, names, model = shot
     app = create_app(settings, loader=lambda s: (model, Library.open(s)))
     with TestClient(app) as client:
-        from tests.searchengine.test_api import wait_ready
+        from tests.app.test_api import wait_ready
 
         wait_ready(client)
         f = client.get("/api/facets").json()

@@ -7,7 +7,7 @@ from sqlalchemy import create_engine, select, text
 from searchengine.search import Filters
 from searchengine.store.writes import Store
 from searchengine.store.schema import files, folder_condition
-from tests.searchengine.test_store import INFO
+from tests.store.test_store import INFO
 
 
 def test_folder_filters_hold_under_a_linguistic_collation(postgres):

@@ -12,7 +12,7 @@ import pytest
 from searchengine.indexing.pipeline import Indexer
 from searchengine.indexing.watch import Watcher, filesystem_type
 from searchengine.library import Library
-from tests.indexer.test_pipeline import consistent
+from tests.indexing.test_pipeline import consistent
 
 # Every change is reflected within this many seconds (debounce 0.3 s, looked at twice, plus
 # one poll interval and the embedding of a few images by the tiny model on 2 cores).

@@ -14,7 +14,7 @@ from searchengine.media.imageio import decode_image, read_file
 from searchengine.library import Library
 from searchengine.search import Searcher
 from searchengine.models.tiny import build_tiny_captioner
-from tests.indexer.test_pipeline import run
+from tests.indexing.test_pipeline import run
 
 
 @pytest.fixture

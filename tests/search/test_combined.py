@@ -170,7 +170,7 @@ def test_api_like_unlike_min_itm_and_strong(colours):
     searcher, colour_of, by_colour, settings, model = colours
     app = create_app(settings.model_copy(update={"refresh_interval_s": 0}), loader=lambda s: (model, Library.open(s)))
     with TestClient(app) as client:
-        from tests.searchengine.test_api import wait_ready
+        from tests.app.test_api import wait_ready
 
         wait_ready(client)
         blue, red = by_colour["blue"][0], by_colour["red"][0]

@@ -20,7 +20,7 @@ from searchengine.models.retrieval import RetrievalModel
 from searchengine.search import Searcher
 from searchengine.config.settings import Settings
 from searchengine.store.textindex import clause_weight
-from tests.searchengine.test_hybrid import ANIMALS, average_precision
+from tests.search.test_hybrid import ANIMALS, average_precision
 from tests.trained import COLOURS, colour_picture
 
 PER_COLOUR = 24

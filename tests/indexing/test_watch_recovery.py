@@ -20,7 +20,7 @@ from searchengine.indexing.pipeline import Indexer
 from searchengine.indexing.watch import Watcher
 from searchengine.library import Library
 from tests.helpers import fill_disk
-from tests.indexer.test_watch import wait_until
+from tests.indexing.test_watch import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs or a bind mount needs root")]
 

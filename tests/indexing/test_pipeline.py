@@ -73,7 +73,7 @@ def search(settings, model, text, **kw):
 
 def test_scores_from_the_index_equal_the_model(settings, model, folder):
     # On the exact decode the index holds the reference's own numbers; the fast decode's
-    # difference is measured (tests/indexer/test_stages.py, benchmarks/feed_rate.py).
+    # difference is measured (tests/indexing/test_stages.py, benchmarks/feed_rate.py).
     settings = settings.model_copy(update={"decode": "exact"})
     summary = run(settings, model, folder)
     assert summary.indexed == 8 and summary.skipped == 0
@@ -384,7 +384,7 @@ def test_a_missing_codec_is_a_skip_that_names_the_package(settings, model, tmp_p
 
 
 def test_photos_in_symlinked_folders_are_indexed_once(settings, model, tmp_path):
-    from tests.indexer.test_scan import linked_tree
+    from tests.indexing.test_scan import linked_tree
 
     root, _ = linked_tree(tmp_path)
     counting = CountingModel(model)

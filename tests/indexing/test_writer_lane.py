@@ -11,7 +11,7 @@ import numpy as np
 from searchengine.indexing.pipeline import Indexer
 from searchengine.indexing.watch import Watcher
 from searchengine.library import Library
-from tests.indexer.test_watch import wait_until
+from tests.indexing.test_watch import wait_until
 
 
 def test_an_indexer_a_watcher_and_queries_in_one_process_neither_lose_nor_duplicate(settings, model, tmp_path, photo_files):

@@ -132,7 +132,7 @@ def test_temporary_files_of_a_dead_process_are_swept_on_open(settings, model):
 @pytest.mark.dtype
 def test_a_name_that_is_not_utf8_is_skipped_and_the_run_goes_on(tmp_path, settings, model, photo_files):
     from searchengine.indexing.watch import Watcher
-    from tests.indexer.test_watch import wait_until
+    from tests.indexing.test_watch import wait_until
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -342,7 +342,7 @@ def test_an_unmounted_folder_is_absent_not_empty(tmp_path, settings, photo_files
 @pytest.mark.slow  # a live watcher
 def test_the_watcher_keeps_the_images_of_a_folder_emptied_by_an_unmount(tmp_path, settings, model, photo_files):
     from searchengine.indexing.watch import Watcher
-    from tests.indexer.test_watch import wait_until
+    from tests.indexing.test_watch import wait_until
 
     root, disk, away = tmp_path / "lib", tmp_path / "lib" / "disk", tmp_path / "away"
     disk.mkdir(parents=True), away.mkdir()

@@ -11,7 +11,7 @@ from pathlib import Path
 from searchengine.app import wiring
 from searchengine.config.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_cli_makes_waiting_openmp_threads_sleep_unless_told_otherwise(tmp_path):

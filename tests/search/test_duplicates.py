@@ -116,7 +116,7 @@ def test_api_duplicates_pages_through_groups(library_of_copies):
     library, truth, settings, model = library_of_copies
     app = create_app(settings, loader=lambda s: (model, Library.open(s)))
     with TestClient(app) as client:
-        from tests.searchengine.test_api import wait_ready
+        from tests.app.test_api import wait_ready
 
         wait_ready(client)
         first = client.get("/api/duplicates", params={"threshold": THRESHOLD, "limit": 3}).json()

@@ -17,7 +17,7 @@ from PIL import Image
 
 from tests.helpers import is_setting, offline_hub_env
 from tests.inprocess import run_cli
-from tests.test_cli import EXE
+from tests.e2e.test_cli import EXE
 
 pytestmark = pytest.mark.slow
 

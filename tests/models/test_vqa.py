@@ -132,7 +132,7 @@ def test_the_index_s_blip2_captioner_is_the_vqa_model_unless_one_is_named(indexe
 
 
 def wait_ready(client):
-    from tests.searchengine.test_api import wait_ready as ready
+    from tests.app.test_api import wait_ready as ready
 
     ready(client)
 
