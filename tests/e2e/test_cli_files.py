@@ -4,7 +4,6 @@ image formats, symlinked folders) and how the commands report it."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.inprocess import run_cli
 from tests.readonly import read_only_view
 
 pytestmark = pytest.mark.slow  # real processes, mounts and waits
@@ -20,9 +20,10 @@ pytestmark = pytest.mark.slow  # real processes, mounts and waits
 EXE = str(Path(sys.executable).with_name("searchengine"))
 
 
-def cli(*args, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+def cli(*args, env_extra=None) -> subprocess.CompletedProcess:
+    """The command in this process (see tests/inprocess.py): what these tests look at is what
+    it does with the files, not how a process starts."""
+    return run_cli(*args, env={"HF_HUB_OFFLINE": "1", **(env_extra or {})}, clean=False)
 
 
 def _colour_photos(folder: Path) -> None:
@@ -91,7 +92,7 @@ def test_serve_on_a_read_only_index(indexed, read_only, tiny_model_dir, tmp_path
 def test_write_commands_refuse_a_read_only_index_in_one_line(indexed, read_only, command):
     photos = indexed["root"] / "photos"
     args = [a.format(photos=photos) for a in command]
-    proc = cli(*args, "--data-dir", read_only, env_extra=indexed["env"], timeout=120)
+    proc = cli(*args, "--data-dir", read_only, env_extra=indexed["env"])
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert lines == [

@@ -20,6 +20,7 @@ from searchengine.indexing.pipeline import Indexer, Stopped, Summary
 from searchengine.indexing.scan import FileEntry
 from searchengine.indexing.watch import Watcher
 from searchengine.library import Library
+from tests.inprocess import run_cli
 from tests.helpers import is_setting
 
 pytestmark = pytest.mark.slow  # real processes and waits
@@ -78,11 +79,12 @@ def test_ctrl_c_ends_index_at_once_and_the_next_run_completes_it(tmp_path, setti
     assert proc.returncode == 130, err
     assert took < 2, took  # the batch on its way (a minute here) is not waited for
     assert "searchengine: interrupted" in err and "terminate called" not in err, err
-    again = subprocess.run([sys.executable, "-m", "searchengine.app.entry", "index", str(folder)], env=env,
-                           capture_output=True, text=True, timeout=300)
+    # The next run and the check: the same commands in this process (what was interrupted
+    # needed a real one; completing it is the command's work).
+    again = run_cli("index", folder, env=env, clean=False)
     assert again.returncode == 0, again.stderr
     assert again.stdout.startswith("6 indexed, 0 duplicates linked, 0 unchanged, 0 removed, 0 skipped"), again.stdout
-    check = subprocess.run([sys.executable, "-m", "searchengine.app.entry", "check"], env=env, capture_output=True, text=True, timeout=300)
+    check = run_cli("check", env=env, clean=False)
     assert check.returncode == 0 and "vector index against the store: 6 images' vectors compared, all the same" in check.stdout, check.stdout
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.inprocess import run_cli
 from tests.server import EXE, env_for, get, running_server
 
 pytestmark = pytest.mark.slow  # the real `serve` and `watch` processes
@@ -20,7 +21,7 @@ def test_serve_answers_over_http(tmp_path, photo_files, tiny_model_dir):
     for f in photo_files[:4]:
         (folder / f.name).write_bytes(f.read_bytes())
     env = env_for(tiny_model_dir, tmp_path / "data")
-    subprocess.run([EXE, "index", str(folder)], env=env, check=True, capture_output=True, timeout=300)
+    assert run_cli("index", folder, env=env, clean=False).returncode == 0  # in this process: only serving needs its own
     with running_server(env, tmp_path / "serve.log") as (base, log):
         status, body = get(f"{base}/api/search?q=a+yellow+flower&k=3")
         assert status == 200
@@ -33,9 +34,9 @@ def test_serve_answers_over_http(tmp_path, photo_files, tiny_model_dir):
         status, page = get(base + "/")
         assert status == 200 and b"/static/app.js" in page
         # A restore under a running server left it answering from the replaced store.
-        refused = subprocess.run([EXE, "restore"], env=env, capture_output=True, text=True, timeout=120)
+        refused = run_cli("restore", env=env, clean=False)
         assert refused.returncode != 0 and "a server (searchengine serve) has" in refused.stderr, refused.stderr
-    restored = subprocess.run([EXE, "restore"], env=env, capture_output=True, text=True, timeout=120)
+    restored = run_cli("restore", env=env, clean=False)
     assert restored.returncode == 0, restored.stderr  # the server stopped: restore goes on
     text = (tmp_path / "serve.log").read_text()
     assert "GET /api/search?q=a+yellow+flower&k=3 200" in text  # one line per request
@@ -69,7 +70,7 @@ def test_watch_command_indexes_what_arrives_and_stops_cleanly(tmp_path, photo_fi
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    out = subprocess.run([EXE, "stats", "--json"], env=env, capture_output=True, text=True, check=True).stdout
+    out = run_cli("stats", "--json", env=env, clean=False).stdout
     assert json.loads(out)["images"] == 2
     text = (tmp_path / "watch.log").read_text()
     assert "Traceback" not in text

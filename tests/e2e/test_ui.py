@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from urllib.parse import quote
 
@@ -16,8 +15,9 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 from searchengine.models.tiny import build_tiny_captioner
+from tests.inprocess import run_cli
 from tests.images import gradient
-from tests.server import EXE, env_for, get, running_server
+from tests.server import env_for, get, running_server
 
 pytestmark = pytest.mark.slow  # a real server and a real browser
 
@@ -44,8 +44,8 @@ def library(tmp_path_factory, photos_dir, tiny_model_dir, tiny_captioner_dir):
         (photos / "Backups" / f"copy {i}").mkdir(parents=True)
         shutil.copy(deep / "transparent-logo.png", photos / "Backups" / f"copy {i}" / "transparent-logo.png")
     env = env_for(tiny_model_dir, root / "data", tiny_captioner_dir)
-    subprocess.run([EXE, "index", str(photos)], env={**env, "SEARCHENGINE_CAPTION_MAX_TOKENS": "8"}, check=True,
-                   capture_output=True, timeout=600)
+    indexed = run_cli("index", photos, env={**env, "SEARCHENGINE_CAPTION_MAX_TOKENS": "8"}, clean=False)  # only the server is a process
+    assert indexed.returncode == 0, indexed.stderr
     # Questions about photos: a tiny BLIP-2 OPT model answers them.
     env["SEARCHENGINE_VQA_MODEL"] = str(build_tiny_captioner(root / "tiny-blip2-opt", kind="blip2", seed=1))
     with running_server(env, root / "serve.log") as (base, _):
@@ -296,7 +296,7 @@ def test_empty_library_says_how_to_index(browser, tmp_path, tiny_model_dir, scre
     # refuses to start, so a typo in --data-dir is never shown as an empty library).
     env = env_for(tiny_model_dir, tmp_path / "empty")
     (tmp_path / "nothing").mkdir()
-    subprocess.run([EXE, "index", str(tmp_path / "nothing")], env=env, check=True, capture_output=True, timeout=300)
+    assert run_cli("index", tmp_path / "nothing", env=env, clean=False).returncode == 0
     with running_server(env, tmp_path / "serve.log") as (base, _):
         context = browser.new_context(viewport=PHONE)
         page = context.new_page()

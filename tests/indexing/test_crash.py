@@ -18,6 +18,7 @@ from PIL import Image
 from searchengine.library import Library
 from searchengine.library.opening import store_exists
 from searchengine.config.settings import Settings
+from tests.inprocess import run_cli
 from tests.server import EXE, env_for
 
 pytestmark = pytest.mark.slow  # the real indexer process, killed and restarted
@@ -123,7 +124,9 @@ def test_kill_9_then_restart_is_consistent_and_complete(folder, tmp_path, tiny_m
     (folder / "a" / "img003.jpg").unlink()
     (folder / "a" / "late.jpg").write_bytes((folder / "b" / "img000.jpg").read_bytes()[:-2] + b"\xff\xd9")
 
-    restart = subprocess.run([EXE, "index", str(folder)], env=env, capture_output=True, text=True, timeout=600)
+    # The restart: the same command in this process (the kill needed a real one; the repair
+    # is the command's, not the interpreter's).
+    restart = run_cli("index", folder, env=env, clean=False)
     assert restart.returncode == 0, restart.stderr
     assert "Traceback" not in restart.stderr
     check(settings, folder, complete=True)
