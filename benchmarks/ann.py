@@ -173,6 +173,7 @@ def product_path(folder: Path, n: int, depth: int, n_queries: int) -> None:
     """`Library.search_vectors` itself on an n-image store, approximate tier against exact
     tier: re-scoring reads the candidates' float16 vectors from SQLite (16 KiB a row)."""
     from searchengine.media.imageio import ImageMeta
+    from searchengine.store.records import NewImage
     from searchengine.library import Library
     from searchengine.store.records import ModelInfo
     from searchengine.store.writes import Store
@@ -189,7 +190,7 @@ def product_path(folder: Path, n: int, depth: int, n_queries: int) -> None:
     t = time.perf_counter()
     for s0 in range(have, n, CHUNK):
         v = gen.images(s0, min(CHUNK, n - s0))
-        store.write_batch(new_images=[(f"h{s0 + i}", ImageMeta(1, 1), v[i], [(f"/p/{s0 + i}.jpg", 1, 1)]) for i in range(len(v))])
+        store.write_batch(new_images=[NewImage(f"h{s0 + i}", ImageMeta(1, 1), v[i], None, b"", (f"/p/{s0 + i}.jpg", 1, 1)) for i in range(len(v))])
     if have < n:
         print(f"  filled a {n:,}-image store in {time.perf_counter() - t:.0f} s")
     store.close()

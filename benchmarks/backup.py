@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build(settings, images: int) -> None:
     from searchengine.library import Library
     from searchengine.media.imageio import ImageMeta
+    from searchengine.store.records import NewImage
     from searchengine.store.records import ModelInfo
 
     library = Library.open(settings, create=True, vectors=False)
@@ -36,7 +37,7 @@ def build(settings, images: int) -> None:
         batch = []
         for i in range(start, min(start + 1000, images)):
             caption = f"a {words[i % 10]} and a {words[(i // 10) % 10]} at {words[(i // 100) % 10]}"
-            batch.append((f"{i:064x}", ImageMeta(4000, 3000, caption=caption), vec, [(f"/photos/{i // 1000}/img_{i:07d}.jpg", 4_000_000, i)]))
+            batch.append(NewImage(f"{i:064x}", ImageMeta(4000, 3000, caption=caption), vec, None, b"", (f"/photos/{i // 1000}/img_{i:07d}.jpg", 4_000_000, i)))
         library.store.write_batch(new_images=batch)
     library.close()
 

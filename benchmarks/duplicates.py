@@ -43,6 +43,7 @@ class StoreOnly:
 
 def fill(folder: Path, n: int, planted: int) -> None:
     from searchengine.media.imageio import ImageMeta
+    from searchengine.store.records import NewImage
     from searchengine.store.records import ModelInfo
     from searchengine.store.writes import Store
     from searchengine.store.connection import sqlite_url
@@ -62,7 +63,7 @@ def fill(folder: Path, n: int, planted: int) -> None:
             if j >= n - planted:
                 src = first[n - 1 - j]
                 v[i] = synthetic.unit(src + rng.normal(0, 0.015, src.shape).astype(np.float32))
-        store.write_batch(new_images=[(f"h{s0 + i}", ImageMeta(1, 1), v[i], [(f"/p/{s0 + i}.jpg", 1, 1)]) for i in range(len(v))])
+        store.write_batch(new_images=[NewImage(f"h{s0 + i}", ImageMeta(1, 1), v[i], None, b"", (f"/p/{s0 + i}.jpg", 1, 1)) for i in range(len(v))])
     if have < n:
         print(f"  filled a {n:,}-image store in {time.perf_counter() - t:.0f} s", flush=True)
     store.close()

@@ -33,6 +33,7 @@ from benchmarks.common import median_ms  # noqa: E402
 
 def fill(store, n: int, rng: np.random.Generator, vocab: list[str]) -> float:
     from searchengine.media.imageio import ImageMeta
+    from searchengine.store.records import NewImage
 
     weights = 1.0 / np.arange(1, len(vocab) + 1)
     weights /= weights.sum()
@@ -43,7 +44,7 @@ def fill(store, n: int, rng: np.random.Generator, vocab: list[str]) -> float:
         for i in range(start, min(n, start + 500)):
             caption = " ".join(rng.choice(vocab, size=rng.integers(8, 15), p=weights))
             path = f"/photos/folder{i % 500:03d}/IMG_{i:06d}.jpg"
-            batch.append((f"{i:064x}", ImageMeta(640, 480, caption=caption), vec, [(path, 1, 1)]))
+            batch.append(NewImage(f"{i:064x}", ImageMeta(640, 480, caption=caption), vec, None, b"", (path, 1, 1)))
         t = time.perf_counter()
         store.write_batch(new_images=batch)
         seconds += time.perf_counter() - t

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build_library(data_dir: Path, model_dir: Path, images: int) -> int:
     """Write `images` synthetic images for the model in `model_dir`; return bytes per FAISS copy."""
     from searchengine.media.imageio import ImageMeta
+    from searchengine.store.records import NewImage
     from searchengine.library import Library, model_info
     from searchengine.models.retrieval import RetrievalModel
     from searchengine.config.settings import Settings
@@ -46,7 +47,7 @@ def build_library(data_dir: Path, model_dir: Path, images: int) -> int:
         vecs = rng.normal(size=(n, q, d)).astype(np.float32)
         vecs /= np.linalg.norm(vecs, axis=2, keepdims=True)
         batch = [
-            (f"{start + i:064x}", ImageMeta(width=64, height=48), vecs[i], [(f"/photos/img_{start + i:07d}.jpg", 1000, 1)])
+            NewImage(f"{start + i:064x}", ImageMeta(width=64, height=48), vecs[i], None, b"", (f"/photos/img_{start + i:07d}.jpg", 1000, 1))
             for i in range(n)
         ]
         ids, _ = library.store.write_batch(new_images=batch)

@@ -35,6 +35,7 @@ def build_index(data_dir: Path, images: int) -> None:
     from searchengine.library import Library
     from searchengine.config.settings import Settings
     from searchengine.media.imageio import ImageMeta
+    from searchengine.store.records import NewImage
     from searchengine.store.records import ModelInfo
 
     settings = Settings(data_dir=data_dir)
@@ -50,7 +51,7 @@ def build_index(data_dir: Path, images: int) -> None:
             vec /= np.linalg.norm(vec, axis=1, keepdims=True)
             caption = " ".join(rng.choice(words, 4))
             path = f"/photos/{words[i % 10]}/img_{i:06d}.jpg"
-            batch.append((f"{i:064x}", ImageMeta(width=64, height=48, caption=caption), vec, [(path, 1000, 1)]))
+            batch.append(NewImage(f"{i:064x}", ImageMeta(width=64, height=48, caption=caption), vec, None, b"", (path, 1000, 1)))
         ids, _ = library.store.write_batch(new_images=batch)
         library.add_vectors(ids, np.stack([b[2] for b in batch]))
     library.save()

@@ -385,3 +385,17 @@ def test_the_tests_mirror_the_packages():
     assert dirs - packages == {"features", "e2e"}, dirs - packages
     assert packages - dirs == set(), f"packages without tests: {packages - dirs}"
     assert [p.name for p in (ROOT / "tests").glob("test_*.py")] == ["test_architecture.py"]
+
+
+def test_an_embedded_image_reaches_the_store_as_it_is():
+    """One image went FileEntry -> Read -> Decoded -> Embedded -> NewImage -> a 4-tuple ->
+    dict rows; the library now hands the store the indexer's NewImage records themselves."""
+    import inspect
+
+    from searchengine.library.core import Library
+    from searchengine.store.records import NewImage
+    from searchengine.store.writes import Store
+
+    assert inspect.signature(Store.write_batch).parameters["new_images"].annotation == "Sequence[NewImage]"
+    assert "new_images=new," in inspect.getsource(Library.write_batch)
+    assert NewImage.__module__ == "searchengine.store.records"

@@ -52,7 +52,6 @@ from searchengine.library.opening import (
 from searchengine.library.records import (
     ImageDetail,
     IndexedFile,
-    NewImage,
     ReconcileReport,
     Recorded,
     recorded_in,
@@ -62,7 +61,7 @@ from searchengine.library.tiers import VectorTiers
 from searchengine.media import links
 from searchengine.media.links import LinkPolicy
 from searchengine.media.thumbnails import PreviewCache, ThumbnailCache
-from searchengine.store.records import ModelInfo
+from searchengine.store.records import ModelInfo, NewImage
 from searchengine.store.schema import VECTOR_DTYPE
 from searchengine.store.catalog import Catalog
 from searchengine.store.writes import Store
@@ -379,7 +378,7 @@ class Library(VectorTiers, Reindexing, Health):
             return []
         with self._write_lane, self.lock:
             new_ids, orphans = self.store.write_batch(
-                new_images=[(n.sha256, n.meta, n.itc, [n.file]) for n in new], links=links, failures=failures
+                new_images=new, links=links, failures=failures
             )
             # An id of None: another writer of a shared database indexed that content first,
             # and the store linked the file to theirs.

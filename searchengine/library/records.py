@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
-from searchengine.media.imageio import ImageMeta
 from searchengine.store.records import ModelInfo
 from searchengine.store.writes import Store
 
@@ -56,19 +54,6 @@ class ImageDetail:
     caption_model: str | None
     caption_error: str | None
     sha256: str = ""  # the indexed content's: what a file must still hash to, to be served as it
-
-
-@dataclass(frozen=True)
-class NewImage:
-    """An embedded image for `Library.write_batch`: its content hash, metadata (caption
-    included), ITC vectors [Q, D], ViT output (None: not cached), thumbnail JPEG, and file."""
-
-    sha256: str
-    meta: ImageMeta
-    itc: np.ndarray
-    vit: np.ndarray | None
-    thumbnail: bytes
-    file: tuple[str, int, int]  # path, size, mtime_ns
 
 
 @dataclass(frozen=True)

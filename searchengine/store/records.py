@@ -1,9 +1,12 @@
-"""What the store hands out: plain records, no database in them."""
+"""What the store takes in and hands out: plain records, no database in them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from searchengine.media.imageio import ImageMeta
 
 
 @dataclass(frozen=True)
@@ -80,3 +83,18 @@ class Stats:
     captioned: int = 0
     caption_models: dict[str, int] = field(default_factory=dict)
     caption_failures: int = 0
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """An embedded image, as the indexer makes it and the library and the store write it: its
+    content hash, metadata (caption included), ITC vectors [Q, D], ViT output (None: not
+    cached), thumbnail JPEG, and file. The store keeps the first three and the file; the
+    library the rest in its caches."""
+
+    sha256: str
+    meta: ImageMeta
+    itc: np.ndarray
+    vit: np.ndarray | None
+    thumbnail: bytes
+    file: tuple[str, int, int]  # path, size, mtime_ns

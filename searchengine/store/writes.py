@@ -51,7 +51,6 @@ from searchengine.errors import (
     SearchEngineError,
     StoreDamagedError,
 )
-from searchengine.media.imageio import ImageMeta
 from searchengine.media.keywords import path_words
 from searchengine.store.catalog import Catalog, chunks, ids_by_hash
 from searchengine.store.connection import (
@@ -61,7 +60,7 @@ from searchengine.store.connection import (
     sqlite_pragmas,
     sqlite_readonly_pragmas,
 )
-from searchengine.store.records import ModelInfo, mismatch_message
+from searchengine.store.records import NewImage, ModelInfo, mismatch_message
 from searchengine.store.schema import (
     SCHEMA_VERSION,
     VECTOR_DTYPE,
@@ -264,13 +263,13 @@ class Store(Catalog):
 
     def write_batch(
         self,
-        new_images: Sequence[tuple[str, ImageMeta, np.ndarray, Sequence[tuple[str, int, int]]]] = (),
+        new_images: Sequence[NewImage] = (),
         links: Sequence[tuple[str, int, int, str]] = (),
         failures: Sequence[tuple[str, int, int, str, str]] = (),
     ) -> tuple[list[int], list[int]]:
         """Commit one batch in one transaction.
 
-        new_images: (sha256, meta, vectors [Q, D], [(path, size, mtime_ns), ...])
+        new_images: embedded images (their hash, metadata, ITC vectors [Q, D] and file)
         links: (path, size, mtime_ns, sha256) of files whose content is already indexed
         failures: (path, size, mtime_ns, reason, error)
         Returns (ids of the new images, ids of images left with no file, now deleted). A new
@@ -279,22 +278,22 @@ class Store(Catalog):
         """
         taken: set[str] = set()
         for attempt in range(3):
-            kept = [n for n in new_images if n[0] not in taken]
-            extra = [(p, size, m, sha) for sha, _, _, paths in new_images if sha in taken for p, size, m in paths]
+            kept = [n for n in new_images if n.sha256 not in taken]
+            extra = [(*n.file, n.sha256) for n in new_images if n.sha256 in taken]
             try:
                 ids, orphans = self._write_batch(kept, [*links, *extra], failures)
             except IntegrityError:
-                now_taken = self.indexed_hashes(n[0] for n in new_images)
+                now_taken = self.indexed_hashes(n.sha256 for n in new_images)
                 if attempt == 2 or not (now_taken - taken):
                     raise
                 log.info("%d images of a batch were indexed by another writer meanwhile: linked to theirs", len(now_taken))
                 taken = now_taken
                 continue
             made = iter(ids)
-            return [None if n[0] in taken else next(made) for n in new_images], orphans
+            return [None if n.sha256 in taken else next(made) for n in new_images], orphans
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _write_batch(self, new_images, links, failures) -> tuple[list[int], list[int]]:
+    def _write_batch(self, new_images: Sequence[NewImage], links, failures) -> tuple[list[int], list[int]]:
         # A handful of statements a batch, not four an image: the single writer has to keep up
         # with a GPU (benchmarks/store_backends.py).
         now = time.time()
@@ -304,15 +303,14 @@ class Store(Catalog):
             if new_images:
                 # Many rows in one statement, then their ids by content (unique): an INSERT ...
                 # RETURNING that keeps the rows' order runs one row at a time on SQLite.
-                conn.execute(insert(images), [dict(sha256=sha, created_at=now, **m.__dict__) for sha, m, _, _ in new_images])
-                made = self._ids_of(conn, [sha for sha, *_ in new_images])
-                new_ids = [made[sha] for sha, *_ in new_images]
+                conn.execute(insert(images), [dict(sha256=n.sha256, created_at=now, **n.meta.__dict__) for n in new_images])
+                made = self._ids_of(conn, [n.sha256 for n in new_images])
+                new_ids = [made[n.sha256] for n in new_images]
                 conn.execute(insert(vectors), [
-                    dict(image_id=i, data=np.ascontiguousarray(vec, VECTOR_DTYPE).tobytes())
-                    for i, (_, _, vec, _) in zip(new_ids, new_images)
+                    dict(image_id=i, data=np.ascontiguousarray(n.itc, VECTOR_DTYPE).tobytes())
+                    for i, n in zip(new_ids, new_images)
                 ])
-            rows = [(path, size, mtime_ns, "indexed", i, None, None)
-                    for i, (_, _, _, paths) in zip(new_ids, new_images) for path, size, mtime_ns in paths]
+            rows = [(*n.file, "indexed", i, None, None) for i, n in zip(new_ids, new_images)]
             if links:
                 by_sha = self._ids_of(conn, [sha for *_, sha in links])
                 rows += [(path, size, mtime_ns, "indexed", by_sha[sha], None, None) for path, size, mtime_ns, sha in links]

@@ -16,6 +16,7 @@ from searchengine.media.imageio import ImageMeta
 from searchengine.store.records import ModelInfo
 from searchengine.store.schema import meta
 from tests.readonly import read_only_view
+from searchengine.store.records import NewImage
 
 INFO = ModelInfo("m", "fp", 2, 4, (3, 2))
 
@@ -23,7 +24,7 @@ INFO = ModelInfo("m", "fp", 2, 4, (3, 2))
 def _add(library, sha, path, seed):
     vec = np.random.default_rng(seed).standard_normal((2, 4)).astype(np.float32)
     vec /= np.linalg.norm(vec, axis=-1, keepdims=True)
-    ids, _ = library.store.write_batch(new_images=[(sha, ImageMeta(1, 1), vec, [(path, 1, 1)])])
+    ids, _ = library.store.write_batch(new_images=[NewImage(sha, ImageMeta(1, 1), vec, None, b"", (path, 1, 1))])
     return ids[0]
 
 

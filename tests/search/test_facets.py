@@ -24,6 +24,7 @@ from searchengine.store.records import ModelInfo
 from searchengine.store.writes import Store
 from searchengine.store.connection import sqlite_url
 from tests.inprocess import run_cli
+from searchengine.store.records import NewImage
 
 R5 = ("Canon", "Canon EOS R5", "RF24-105mm F4 L IS USM")
 X100 = ("FUJIFILM", "X100V", None)
@@ -138,7 +139,7 @@ def test_schema_3_stores_get_the_lens_column_and_read_only_ones_work_without_it(
     s.bind_model(ModelInfo("m", "f", 2, 4, (5, 4)))
     s.add_root("/p")
     vec = np.ones((2, 4), np.float32) / 2
-    s.write_batch(new_images=[("h1", ImageMeta(30, 20, camera="X", lens="L"), vec, [("/p/a.jpg", 1, 1)])])
+    s.write_batch(new_images=[NewImage("h1", ImageMeta(30, 20, camera="X", lens="L"), vec, None, b"", ("/p/a.jpg", 1, 1))])
     with s.engine.begin() as conn:  # what schema 3 wrote: no lens column
         conn.execute(text("ALTER TABLE images DROP COLUMN lens"))
         conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="3"))
@@ -154,7 +155,7 @@ def test_schema_3_stores_get_the_lens_column_and_read_only_ones_work_without_it(
     try:
         with s.engine.connect() as conn:
             assert conn.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == str(SCHEMA_VERSION)
-        s.write_batch(new_images=[("h2", ImageMeta(20, 30, lens="L"), vec, [("/p/b.jpg", 1, 1)])])
+        s.write_batch(new_images=[NewImage("h2", ImageMeta(20, 30, lens="L"), vec, None, b"", ("/p/b.jpg", 1, 1))])
         assert s.facets(Filters())["lens"] == [("L", 1)]
     finally:
         s.close()

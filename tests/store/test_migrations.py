@@ -11,6 +11,7 @@ from searchengine.media.keywords import parse_query
 from searchengine.media.imageio import ImageMeta
 from searchengine.store.schema import SCHEMA_VERSION, meta, metadata, vectors
 from searchengine.store.writes import Store
+from searchengine.store.records import NewImage
 
 
 def test_a_new_store_is_the_head_of_the_migrations_and_matches_the_tables(store_url):
@@ -61,7 +62,7 @@ def test_a_version_1_store_is_carried_to_the_head_on_each_backend(store_url):
         np.testing.assert_array_equal(np.frombuffer(blob, np.float16), vec.ravel().astype(np.float16))
         assert [h.image_id for h in store.keyword_search(parse_query("summer"), 5)] == [image_id]
         assert store.image_detail(image_id)["caption_error"] is None
-        (new_id,), _ = store.write_batch(new_images=[("h2", ImageMeta(1, 1, lens="L"), vec, [("/p/b.jpg", 1, 1)])])
+        (new_id,), _ = store.write_batch(new_images=[NewImage("h2", ImageMeta(1, 1, lens="L"), vec, None, b"", ("/p/b.jpg", 1, 1))])
         assert new_id != image_id and store.image_detail(new_id)["lens"] == "L"
     finally:
         store.close()

@@ -12,6 +12,7 @@ from searchengine.store.schema import SCHEMA_VERSION, meta
 from searchengine.store.records import ModelInfo
 from searchengine.store.writes import Store
 from searchengine.store.connection import sqlite_url
+from searchengine.store.records import NewImage
 
 INFO = ModelInfo("m", "abc", 2, 3, (5, 4))
 
@@ -78,7 +79,7 @@ def test_the_dtypes_and_devices_that_made_the_vectors_are_recorded(store_url):
 def test_an_index_from_before_made_by_was_kept_names_its_first_runs_dtype(store_url):
     store = Store.open(store_url)
     store.bind_model(ModelInfo("m", "abc", 2, 3, (5, 4), dtype="float32", device=""))
-    store.write_batch(new_images=[("h1", ImageMeta(1, 1), _vec(1), [("/a/1.jpg", 1, 1)])])
+    store.write_batch(new_images=[NewImage("h1", ImageMeta(1, 1), _vec(1), None, b"", ("/a/1.jpg", 1, 1))])
     assert store.made_by() == ["float32"]
     store.record_made_by("bfloat16 on cpu")
     assert store.made_by() == ["float32", "bfloat16 on cpu"]
@@ -97,7 +98,7 @@ def test_newer_schema_is_refused(store_url):
 
 def test_batch_links_and_orphans(store):
     ids, orphans = store.write_batch(
-        new_images=[("h1", ImageMeta(10, 20), _vec(1), [("/p/a.jpg", 1, 1)])],
+        new_images=[NewImage("h1", ImageMeta(10, 20), _vec(1), None, b"", ("/p/a.jpg", 1, 1))],
         links=[("/p/b.jpg", 1, 2, "h1")],
         failures=[("/p/bad.jpg", 0, 3, "empty", "file is empty")],
     )
@@ -109,7 +110,7 @@ def test_batch_links_and_orphans(store):
     assert got_ids.tolist() == [image_id]
     np.testing.assert_array_equal(got_vecs[0], _vec(1).astype(np.float16).astype(np.float32))  # stored as float16
     # a.jpg now holds new content: the old image is still shown by b.jpg, so it stays.
-    ids2, orphans = store.write_batch(new_images=[("h2", ImageMeta(1, 1), _vec(2), [("/p/a.jpg", 2, 5)])])
+    ids2, orphans = store.write_batch(new_images=[NewImage("h2", ImageMeta(1, 1), _vec(2), None, b"", ("/p/a.jpg", 2, 5))])
     assert orphans == []
     # b.jpg goes: nothing shows h1 any more, so it is deleted with its vectors.
     assert store.remove_files(["/p/b.jpg"]) == [image_id]
@@ -137,8 +138,10 @@ def test_a_batch_is_a_few_statements_not_several_an_image(store):
         return len(count), ids
 
     def batch(n, tag):
-        return {"new_images": [(f"{tag}{i}", ImageMeta(i + 1, 1), _vec(i), [(f"/s/{i}.jpg", 1, i), (f"/s/{i}-copy.jpg", 1, i)])
+        # Two paths an image: the image with its file, and a copy linked to it in the same batch.
+        return {"new_images": [NewImage(f"{tag}{i}", ImageMeta(i + 1, 1), _vec(i), None, b"", (f"/s/{i}.jpg", 1, i))
                                for i in range(n)],
+                "links": [(f"/s/{i}-copy.jpg", 1, i, f"{tag}{i}") for i in range(n)],
                 "failures": [(f"/s/bad{i}.jpg", 0, 1, "empty", "e") for i in range(n)]}
 
     statements(batch(3, "a"))
@@ -156,9 +159,9 @@ def test_a_batch_is_a_few_statements_not_several_an_image(store):
 
 
 def test_a_path_twice_in_one_batch_ends_as_its_last_row(store):
-    (kept,), _ = store.write_batch(new_images=[("k", ImageMeta(1, 1), _vec(1), [("/t/keep.jpg", 1, 1)])])
+    (kept,), _ = store.write_batch(new_images=[NewImage("k", ImageMeta(1, 1), _vec(1), None, b"", ("/t/keep.jpg", 1, 1))])
     ids, orphans = store.write_batch(
-        new_images=[("n", ImageMeta(1, 1), _vec(2), [("/t/x.jpg", 1, 2)])],
+        new_images=[NewImage("n", ImageMeta(1, 1), _vec(2), None, b"", ("/t/x.jpg", 1, 2))],
         links=[("/t/x.jpg", 1, 3, "k")],  # later in the batch: x.jpg shows k's content after all
     )
     (new,) = ids
@@ -168,9 +171,9 @@ def test_a_path_twice_in_one_batch_ends_as_its_last_row(store):
 
 
 def test_ids_are_never_reused(store):
-    (a,), _ = store.write_batch(new_images=[("h1", ImageMeta(1, 1), _vec(1), [("/x/1.jpg", 1, 1)])])
+    (a,), _ = store.write_batch(new_images=[NewImage("h1", ImageMeta(1, 1), _vec(1), None, b"", ("/x/1.jpg", 1, 1))])
     store.remove_files(["/x/1.jpg"])
-    (b,), _ = store.write_batch(new_images=[("h2", ImageMeta(1, 1), _vec(2), [("/x/2.jpg", 1, 1)])])
+    (b,), _ = store.write_batch(new_images=[NewImage("h2", ImageMeta(1, 1), _vec(2), None, b"", ("/x/2.jpg", 1, 1))])
     assert b > a
 
 
@@ -192,8 +195,7 @@ def _kw(store, text, limit=50):
 def test_full_text_rows_follow_every_write(store):
     store.add_root("/lib/Pictures")
     (a,), _ = store.write_batch(
-        new_images=[("h1", ImageMeta(1, 1, caption="a dog running on the sand"), _vec(1),
-                     [("/lib/Pictures/Holidays/IMG_0001.jpg", 1, 1)])]
+        new_images=[NewImage("h1", ImageMeta(1, 1, caption="a dog running on the sand"), _vec(1), None, b"", ("/lib/Pictures/Holidays/IMG_0001.jpg", 1, 1))]
     )
     assert _kw(store, "dogs") == [a]  # caption, stemmed
     assert _kw(store, "holidays") == [a] and _kw(store, "pictures") == [a] and _kw(store, "0001") == [a]
@@ -228,7 +230,7 @@ def test_keyword_ranking_phrases_exclusions_and_filters(store):
     }
     ids = {}
     for sha, (caption, path) in rows.items():
-        (ids[sha],), _ = store.write_batch(new_images=[(sha, ImageMeta(1, 1, caption=caption), _vec(1), [(path, 1, 1)])])
+        (ids[sha],), _ = store.write_batch(new_images=[NewImage(sha, ImageMeta(1, 1, caption=caption), _vec(1), None, b"", (path, 1, 1))])
     hits = store.keyword_search(parse_query("red car"), 10)
     by_id = {h.image_id: h.coverage for h in hits}
     assert by_id == {ids["h1"]: 1.0, ids["h2"]: 1.0, ids["h3"]: 0.5, ids["h4"]: 0.5}
@@ -248,7 +250,7 @@ def test_a_version_1_store_is_upgraded_and_its_text_index_built(tmp_path):
     s = Store.open(url)
     s.bind_model(INFO)
     s.add_root("/p")
-    s.write_batch(new_images=[("h1", ImageMeta(1, 1, caption="a sunny beach"), _vec(1), [("/p/summer/a.jpg", 1, 1)])])
+    s.write_batch(new_images=[NewImage("h1", ImageMeta(1, 1, caption="a sunny beach"), _vec(1), None, b"", ("/p/summer/a.jpg", 1, 1))])
     # Make it what version 1 wrote: no caption_error column, no full-text table.
     with s.engine.begin() as conn:
         conn.execute(text("DROP TABLE image_text"))
@@ -267,7 +269,7 @@ def test_a_version_1_store_is_upgraded_and_its_text_index_built(tmp_path):
 
 
 def test_paths_are_listed_oldest_first(store):
-    (image_id,), _ = store.write_batch(new_images=[("h1", ImageMeta(10, 20), _vec(1), [("/p/zebra.jpg", 1, 1)])])
+    (image_id,), _ = store.write_batch(new_images=[NewImage("h1", ImageMeta(10, 20), _vec(1), None, b"", ("/p/zebra.jpg", 1, 1))])
     store.write_batch(links=[("/p/aardvark.jpg", 1, 2, "h1")])  # a copy, added later, sorting first
     store.write_batch(links=[("/p/zebra.jpg", 1, 3, "h1")])  # touched again: updated in place
     assert store.images([image_id])[image_id].paths == ["/p/zebra.jpg", "/p/aardvark.jpg"]
@@ -278,9 +280,8 @@ def test_words_match_alike_on_every_backend(store):
     """What FTS5 (unicode61, diacritics off, porter) finds, PostgreSQL finds too: accents,
     other scripts, stemming, and short words that PostgreSQL would drop as stop words."""
     store.add_root("/lib")
-    (a,), _ = store.write_batch(new_images=[("h1", ImageMeta(1, 1, caption="a dog on the sand at the Café"), _vec(1),
-                                             [("/lib/Zürich 東京/IMG_2.jpg", 1, 1)])])
-    (b,), _ = store.write_batch(new_images=[("h2", ImageMeta(1, 1, caption="cats sleeping"), _vec(2), [("/lib/x/y.jpg", 1, 1)])])
+    (a,), _ = store.write_batch(new_images=[NewImage("h1", ImageMeta(1, 1, caption="a dog on the sand at the Café"), _vec(1), None, b"", ("/lib/Zürich 東京/IMG_2.jpg", 1, 1))])
+    (b,), _ = store.write_batch(new_images=[NewImage("h2", ImageMeta(1, 1, caption="cats sleeping"), _vec(2), None, b"", ("/lib/x/y.jpg", 1, 1))])
     for query, expected in (
         ("cafe", [a]), ("café", [a]), ("CAFE", [a]), ("zurich", [a]), ("zürich", [a]), ("東京", [a]),
         ("dogs", [a]), ("cat", [b]), ("sleep", [b]), ("on", [a]), ("the", [a]), ('"on the sand"', [a]),
@@ -335,8 +336,8 @@ def test_content_another_writer_commits_first_is_linked_not_refused(store_url):
         with first.engine.begin() as conn:  # the first writer's transaction, still open
             conn.execute(insert(images).values(sha256="same", width=1, height=1, created_at=0.0))
             t = threading.Thread(target=lambda: result.update(
-                out=second.write_batch(new_images=[("same", ImageMeta(1, 1), _vec(1), [("/b/copy.jpg", 1, 1)]),
-                                                   ("other", ImageMeta(2, 2), _vec(2), [("/b/other.jpg", 1, 1)])])))
+                out=second.write_batch(new_images=[NewImage("same", ImageMeta(1, 1), _vec(1), None, b"", ("/b/copy.jpg", 1, 1)),
+                                                   NewImage("other", ImageMeta(2, 2), _vec(2), None, b"", ("/b/other.jpg", 1, 1))])))
             t.start()
             t.join(timeout=1.5)  # it waits on the first writer's row (PostgreSQL) or lock (SQLite)
             assert t.is_alive()

@@ -16,6 +16,7 @@ from searchengine.config.settings import Settings
 from searchengine.store.schema import SCHEMA_VERSION
 from searchengine.store.records import ModelInfo
 from searchengine.vectors.exact import VectorIndex
+from searchengine.store.records import NewImage
 
 Q, D = 4, 16
 INFO = ModelInfo("m", "fp", Q, D, (3, 2))
@@ -32,7 +33,7 @@ def fill(settings: Settings, vecs: np.ndarray, start: int = 0) -> list[int]:
     ids = []
     for s in range(0, len(vecs), 200):
         new = [
-            (f"sha{start + i}", ImageMeta(1, 1), vecs[i], [(f"/p/{start + i}.jpg", 1, 1)])
+            NewImage(f"sha{start + i}", ImageMeta(1, 1), vecs[i], None, b"", (f"/p/{start + i}.jpg", 1, 1))
             for i in range(s, min(len(vecs), s + 200))
         ]
         ids += lib.store.write_batch(new_images=new)[0]
@@ -229,7 +230,7 @@ def test_the_library_switches_tier_with_its_size_and_back(tmp_path):
     assert lib.index.tier == "exact" and lib.needs_rebuild() is None
     for start in range(150, 260, 30):  # grows past the threshold, batch by batch
         vecs = random_vectors(rng, 30)
-        new, _ = lib.store.write_batch(new_images=[(f"sha{start + i}", ImageMeta(1, 1), vecs[i], [(f"/p/{start + i}.jpg", 1, 1)]) for i in range(30)])
+        new, _ = lib.store.write_batch(new_images=[NewImage(f"sha{start + i}", ImageMeta(1, 1), vecs[i], None, b"", (f"/p/{start + i}.jpg", 1, 1)) for i in range(30)])
         lib.add_vectors(new, vecs)
     lib.maybe_retier(wait=True)
     assert lib.index.tier == "ann" and len(lib.index) == 270
@@ -402,13 +403,13 @@ def test_queries_during_a_rebuild_never_fail_nor_return_a_deleted_image(tmp_path
     for t in readers:
         t.start()
     vecs = random_vectors(rng, 20)
-    new, _ = lib.store.write_batch(new_images=[(f"sha{190 + i}", ImageMeta(1, 1), vecs[i], [(f"/p/{190 + i}.jpg", 1, 1)]) for i in range(20)])
+    new, _ = lib.store.write_batch(new_images=[NewImage(f"sha{190 + i}", ImageMeta(1, 1), vecs[i], None, b"", (f"/p/{190 + i}.jpg", 1, 1)) for i in range(20)])
     lib.add_vectors(new, vecs)  # crosses the threshold: a rebuild starts in the background
     assert training.wait(10) and lib.rebuilding
     removed = lib.remove_files([f"/p/{i}.jpg" for i in range(0, 30)])  # during the rebuild
     gone.update(removed)
     more = random_vectors(rng, 5)
-    new2, _ = lib.store.write_batch(new_images=[(f"sha{300 + i}", ImageMeta(1, 1), more[i], [(f"/p/{300 + i}.jpg", 1, 1)]) for i in range(5)])
+    new2, _ = lib.store.write_batch(new_images=[NewImage(f"sha{300 + i}", ImageMeta(1, 1), more[i], None, b"", (f"/p/{300 + i}.jpg", 1, 1)) for i in range(5)])
     lib.add_vectors(new2, more)
     lib._rebuild.join(30)
     time.sleep(0.2)
@@ -553,7 +554,7 @@ def test_unfiltered_searches_run_on_the_gpu_copy_once_it_has_every_write(tmp_pat
     assert len(fake_gpu) == 1
     # A write: the copy lacks it, so the CPU answers (and finds it) until the next save.
     vec = np.repeat(q[None], Q, axis=1)
-    new, _ = lib.store.write_batch(new_images=[("shaq", ImageMeta(1, 1), vec[0], [("/p/q.jpg", 1, 1)])])
+    new, _ = lib.store.write_batch(new_images=[NewImage("shaq", ImageMeta(1, 1), vec[0], None, b"", ("/p/q.jpg", 1, 1))])
     lib.add_vectors(new, vec)
     assert lib.search_vectors(q, 5)[0].ids.tolist()[0] == new[0]
     assert len(fake_gpu) == 1
