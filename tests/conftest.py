@@ -32,6 +32,7 @@ import transformers
 from searchengine.models.retrieval import RetrievalModel
 from searchengine.config.settings import Settings
 from searchengine.models.tiny import build_tiny_captioner, build_tiny_model
+from tests.helpers import photos_in, settings_for
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -86,12 +87,12 @@ def photos_dir() -> Path:
 
 @pytest.fixture
 def photo_files(photos_dir) -> list[Path]:
-    return sorted(p for p in photos_dir.rglob("*") if p.suffix.lower() in {".jpg", ".png"})
+    return photos_in(photos_dir)
 
 
 @pytest.fixture
 def settings(tmp_path, tiny_model_dir) -> Settings:
-    return Settings(data_dir=tmp_path / "data", model=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=4)
+    return settings_for(tmp_path / "data", tiny_model_dir)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Small things several tests do: wait for a server to be ready, fill a disk, an offline hub."""
+"""Small things several tests do: the photos and the settings most tests use, wait for a server to
+be ready, fill a disk, an offline hub."""
 
 from __future__ import annotations
 
@@ -6,6 +7,19 @@ import os
 import socket
 import time
 from pathlib import Path
+
+
+def photos_in(photos_dir: Path) -> list[Path]:
+    """The test photos (the `photo_files` fixture), for fixtures of a wider scope."""
+    return sorted(p for p in photos_dir.rglob("*") if p.suffix.lower() in {".jpg", ".png"})
+
+
+def settings_for(data_dir: Path, model_dir: Path, **more):
+    """The settings most tests run with (the `settings` fixture): the tiny model, on the CPU,
+    in float32, in small batches."""
+    from searchengine.config.settings import Settings
+
+    return Settings(data_dir=data_dir, model=str(model_dir), device="cpu", dtype="float32", batch_size=4, **more)
 
 
 def wait_healthy(client, tries: int = 300) -> None:

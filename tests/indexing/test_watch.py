@@ -143,6 +143,7 @@ def test_a_library_inside_a_hidden_folder_is_watched_but_hidden_subfolders_are_n
         library.close()
 
 
+@pytest.mark.slow  # a live watcher: real file-system events, debounce and polling waits
 @pytest.mark.parametrize("mode", ["native", "polling"])
 def test_symlinked_folders_are_indexed_at_start_and_when_linked(mode, settings, model, tmp_path, photo_files):
     import os

@@ -3,6 +3,8 @@ reconcile the vector index with the store) share it and never lose or duplicate 
 
 from __future__ import annotations
 
+import pytest
+
 import shutil
 import threading
 
@@ -14,6 +16,7 @@ from searchengine.library import Library
 from tests.indexing.test_watch import wait_until
 
 
+@pytest.mark.slow  # a live watcher beside an indexer and queries: real file-system events and waits
 def test_an_indexer_a_watcher_and_queries_in_one_process_neither_lose_nor_duplicate(settings, model, tmp_path, photo_files):
     watched, indexed = tmp_path / "watched", tmp_path / "indexed"
     watched.mkdir(), indexed.mkdir()

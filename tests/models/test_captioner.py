@@ -10,6 +10,7 @@ from searchengine.models.captioner import Captioner, default_caption_model
 from searchengine.errors import ModelLoadError
 from searchengine.media.imageio import decode_image, read_file
 from searchengine.models.tiny import build_tiny_captioner, build_tiny_model
+from tests.helpers import photos_in
 
 CLASSES = {"blip": BlipForConditionalGeneration, "blip2": Blip2ForConditionalGeneration}
 
@@ -20,9 +21,10 @@ def family(request, tmp_path_factory):
     return request.param, path
 
 
-@pytest.fixture
-def images(photo_files):
+@pytest.fixture(scope="module")
+def images(photos_dir):
     # Photos, one with alpha, decoded as the indexer decodes them (EXIF transpose, RGB).
+    photo_files = photos_in(photos_dir)
     picked = [f for f in photo_files if f.suffix == ".jpg"][:5] + [f for f in photo_files if f.suffix == ".png"][:1]
     return [decode_image(read_file(str(f)), max_pixels=200_000_000).image for f in picked]
 

@@ -14,15 +14,19 @@ from searchengine.indexing.pipeline import Indexer
 from searchengine.library import Library
 from searchengine.search import Searcher, SearchRequest
 from searchengine.service import QueryService
+from tests.helpers import photos_in, settings_for
 
 
-@pytest.fixture()
-def counted(settings, model, photo_files, tmp_path):
+@pytest.fixture(scope="module")
+def counted(tmp_path_factory, tiny_model_dir, model, photos_dir):
+    """One indexed library for the module: the tests only search it (each with its own
+    searcher or service, so no ranking is kept from one test to the next)."""
+    tmp_path = tmp_path_factory.mktemp("query-pipeline")
     folder = tmp_path / "beach photos"
     folder.mkdir()
-    for f in photo_files[:8]:
+    for f in photos_in(photos_dir)[:8]:
         shutil.copy(f, folder / f.name)
-    settings = settings.model_copy(update={"refresh_interval_s": 3600})
+    settings = settings_for(tmp_path / "data", tiny_model_dir, refresh_interval_s=3600)
     library = Library.open(settings, create=True)
     Indexer(model, library, settings).run([folder])
     statements: list[str] = []

@@ -74,6 +74,7 @@ def test_fine_tuning_gains_ten_points_of_recall_on_a_new_domain(tmp_path, colour
     assert again == after
 
 
+@pytest.mark.slow  # whole training runs, interrupted and resumed
 def test_an_interrupted_run_resumes_and_trains_as_one_run(tmp_path, colour_model_dir):
     (tmp_path / "set").mkdir()
     data = datasets.load(new_domain(tmp_path / "set", per_colour=3))
@@ -138,6 +139,7 @@ def test_schedules():
     assert hard[29] == 0.0 and hard[30] == 0.0 and hard[45] == pytest.approx(0.5) and hard[60] == 1.0 and hard[99] == 1.0
 
 
+@pytest.mark.slow  # whole training runs, interrupted and resumed
 def test_a_run_says_how_it_goes_and_what_it_resumes(tmp_path, colour_model_dir):
     """`finetune` was silent while it trained, in a log or a pipe. It now prints the losses,
     the rate and the time left at each epoch's end; an interrupted ViT pass goes on from
