@@ -255,6 +255,7 @@ def rejected_valid_request(case, response) -> str | None:
     return f"valid request refused: {response.status_code} {message!r}"
 
 
+@pytest.mark.slow  # end to end over HTTP: schemathesis against a live uvicorn, every operation
 def test_the_schema_and_the_server_agree(over_http):
     """schemathesis over every operation: documented statuses and content types, bodies that
     match their schema, no 5xx, and every request the schema calls valid accepted unless a rule

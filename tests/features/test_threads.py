@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from searchengine.app import wiring
 from searchengine.config.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # real processes: what the CLI sets before torch loads
 def test_the_cli_makes_waiting_openmp_threads_sleep_unless_told_otherwise(tmp_path):
     code = (
         "import os, sys; from searchengine.app.cli import main;"
