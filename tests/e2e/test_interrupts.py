@@ -39,6 +39,23 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.fixture
+def start():
+    """subprocess.Popen, and every process it started killed when the test ends: a test that
+    failed midway left its watcher running (one was found an hour later)."""
+    procs: list[subprocess.Popen] = []
+
+    def popen(*args, **kwargs) -> subprocess.Popen:
+        procs.append(subprocess.Popen(*args, **kwargs))
+        return procs[-1]
+
+    yield popen
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _env(settings) -> dict:
     import os
 
@@ -70,10 +87,10 @@ def _interrupt_when_computing(proc: subprocess.Popen) -> tuple[float, str, str]:
     return time.perf_counter() - t, "".join(lines) + out, err
 
 
-def test_ctrl_c_ends_index_at_once_and_the_next_run_completes_it(tmp_path, settings, photo_files):
+def test_ctrl_c_ends_index_at_once_and_the_next_run_completes_it(tmp_path, settings, photo_files, start):
     folder = _photos(tmp_path, photo_files, 6)
     env = _env(settings)
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_BATCH, "index", str(folder)], env=env, text=True,
+    proc = start([sys.executable, "-c", SLOW_BATCH, "index", str(folder)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     took, out, err = _interrupt_when_computing(proc)
     assert proc.returncode == 130, err
@@ -88,10 +105,10 @@ def test_ctrl_c_ends_index_at_once_and_the_next_run_completes_it(tmp_path, setti
     assert check.returncode == 0 and "vector index against the store: 6 images' vectors compared, all the same" in check.stdout, check.stdout
 
 
-def test_ctrl_c_ends_watch_within_two_seconds_and_says_what_it_did(tmp_path, settings, photo_files):
+def test_ctrl_c_ends_watch_within_two_seconds_and_says_what_it_did(tmp_path, settings, photo_files, start):
     folder = _photos(tmp_path, photo_files, 1)
     env = _env(settings)
-    proc = subprocess.Popen([sys.executable, "-m", "searchengine.app.entry", "watch", str(folder), "--debounce", "0.2"], env=env,
+    proc = start([sys.executable, "-m", "searchengine.app.entry", "watch", str(folder), "--debounce", "0.2"], env=env,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = proc.stdout.readline()
     assert first.startswith("caught up: 1 indexed, 0 linked, 0 moved, 0 unchanged, 0 removed, 0 skipped; watching "), first
@@ -113,7 +130,7 @@ def test_ctrl_c_ends_watch_within_two_seconds_and_says_what_it_did(tmp_path, set
     assert out.strip().splitlines()[-1] == "stopped watching: since catching up 1 indexed, 0 linked, 0 moved, 0 removed, 0 skipped", out
 
     # With a model batch on its way: still within 2 s, and its files are the next start's.
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_BATCH, "watch", str(folder), "--debounce", "0.2"], env=env, text=True,
+    proc = start([sys.executable, "-c", SLOW_BATCH, "watch", str(folder), "--debounce", "0.2"], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline().startswith("caught up: 0 indexed")
     shutil.copy(photo_files[2], folder / "newer.jpg")
@@ -121,7 +138,7 @@ def test_ctrl_c_ends_watch_within_two_seconds_and_says_what_it_did(tmp_path, set
     assert proc.returncode == 0 and took < 2, (took, err)
     assert out.strip().splitlines()[-1].endswith("; 1 changed file left for the next start"), out
     assert "terminate called" not in err, err
-    proc = subprocess.Popen([sys.executable, "-m", "searchengine.app.entry", "watch", str(folder)], env=env, text=True,
+    proc = start([sys.executable, "-m", "searchengine.app.entry", "watch", str(folder)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline().startswith("caught up: 1 indexed, 0 linked, 0 moved, 2 unchanged"), proc.stderr
     proc.send_signal(signal.SIGTERM)
