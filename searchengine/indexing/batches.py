@@ -9,7 +9,7 @@ folder of copies is written as it goes rather than in one transaction at the end
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from searchengine.indexing.stages import Embedded, Failed, Known
 
@@ -50,7 +50,7 @@ class Batch:
         return len(self.new) + len(self.known) + len(self.failed)
 
 
-class Sorter(Generic[T]):
+class Sorter:
     """Sorts stage results, one at a time, into the batch being gathered: `add` returns the
     batch when it is full, `rest` what is left at the end. Content seen before in this run
     (a copy read before the first was committed) is linked, never embedded twice. Each

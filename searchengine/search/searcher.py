@@ -39,11 +39,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Window:
-    """Which hits of an image query's ranking a page shows."""
+    """Which hits of an image query's ranking a page shows (what a `SearchRequest` says of its
+    page; an image query has no text and no ITM threshold)."""
 
     k: int
     offset: int
     min_score: float | None = None
+    min_itm: None = None
+    text: None = None
 
 
 class Searcher:
@@ -294,7 +297,7 @@ class Searcher:
     def _page(self, ranking: Ranking, request: "SearchRequest | Window", t0: float, encode_ms: float, *, fresh: bool) -> Page:
         """A page of a ranking, timed: `fresh` when this request computed the ranking (a kept
         one cost it nothing)."""
-        min_itm = getattr(request, "min_itm", None)
+        min_itm = request.min_itm
         hits, has_more = self.page(ranking, request.offset, request.k, request.min_score, min_itm)
         timings = {"encode": encode_ms, "ann": 0.0, "rerank": 0.0}
         if fresh:
@@ -304,8 +307,7 @@ class Searcher:
         if ranking.reranked:
             threshold = self.settings.strong_match if min_itm is None else min_itm
             strong = int((np.nan_to_num(ranking.itm, nan=-1.0) >= threshold).sum())
-        return Page(hits, has_more, ranking.reranked, timings, getattr(request, "text", None), fresh, strong)
-
+        return Page(hits, has_more, ranking.reranked, timings, request.text, fresh, strong)
 
     def search_image(
         self,
