@@ -43,7 +43,10 @@ def library(tmp_path_factory, photos_dir, tiny_model_dir, tiny_captioner_dir):
     write_awkward(photos / "awkward")
     bad = write_bad(photos / "bad", next(photos.rglob("*.jpg")).read_bytes())
     env = {"SEARCHENGINE_MODEL": str(tiny_model_dir), "SEARCHENGINE_DATA_DIR": str(root / "data"),
-           "SEARCHENGINE_CAPTION_MODEL": str(tiny_captioner_dir), "SEARCHENGINE_CAPTION_MAX_TOKENS": "12"}
+           "SEARCHENGINE_CAPTION_MODEL": str(tiny_captioner_dir), "SEARCHENGINE_CAPTION_MAX_TOKENS": "12",
+           # dtype auto, as a user's index is made (the stats test checks what auto picked),
+           # whatever SEARCHENGINE_DTYPE the suite itself runs under
+           "SEARCHENGINE_DTYPE": "auto"}
     first = cli("index", photos, "--device", "cpu", env_extra=env, check_rc=0, process=True)  # the real command
     return {"photos": photos, "env": env, "first": first, "bad": bad, "data": root / "data"}
 
