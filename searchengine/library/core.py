@@ -230,9 +230,19 @@ class Library(VectorTiers, Reindexing, Health):
         self.previews.close()
 
     def bind(self, info: ModelInfo, former: Iterable[str] = ()) -> None:
-        """Tie the library to a model (refused if it was built with another one). `former`:
-        fingerprints earlier versions took of the same weights (`Store.bind_model`)."""
+        """Tie the library to the model that writes its vectors, recording it on first use
+        (refused if the index was built with another one). `former`: fingerprints earlier
+        versions took of the same weights (`Store.bind_model`)."""
         self.store.bind_model(info, former)
+        self._use(info, former)
+
+    def use_model(self, info: ModelInfo, former: Iterable[str] = ()) -> None:
+        """Tie the library to the model that searches it, without writing: refused if the index
+        was built with another one; an index with no model yet stays without one."""
+        self.store.check_model(info, former)
+        self._use(info, former)
+
+    def _use(self, info: ModelInfo, former: Iterable[str]) -> None:
         self._same_weights.append(frozenset({info.fingerprint, *former}))
         if self.index is None:
             self._attach(self.store.model_info() or info)

@@ -57,7 +57,7 @@ class Searcher:
         self.library = library
         self.settings = settings
         if model is not None:
-            library.bind(model_info(model), model.former_fingerprints)  # refuses an index built with another model
+            library.use_model(model_info(model), model.former_fingerprints)  # refuses an index built with another model
         self.itm_features = ItmFeatures(model, library, settings) if model is not None else None
 
     def check_filters(self, filters: Filters | None) -> None:

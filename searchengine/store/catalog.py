@@ -15,7 +15,7 @@ from sqlalchemy.exc import DatabaseError
 from searchengine.media.imageio import FILE_TYPES, ORIENTATIONS, file_type
 from searchengine.media.keywords import Clause, KeywordQuery
 from searchengine.store.connection import damage, is_damage
-from searchengine.store.records import FileState, FolderCount, ImageRecord, ModelInfo, Stats
+from searchengine.store.records import FileState, FolderCount, ImageRecord, ModelInfo, Stats, recorded_as
 from searchengine.store.schema import (
     ORIENTATION_SQL,
     VECTOR_DTYPE,
@@ -64,6 +64,11 @@ class Catalog:
         with self.engine.connect() as conn:
             raw = self._get_meta(conn, "model")
         return ModelInfo(**json.loads(raw)) if raw else None
+
+    def check_model(self, info: ModelInfo, former: Iterable[str] = ()) -> None:
+        """Refuse (ModelMismatchError) a model other than the one this index was built with;
+        the read a search makes (`Store.bind_model` is the indexer's, which records it)."""
+        recorded_as(self.model_info(), info, former)
 
     def captioner(self) -> tuple[bool, str | None] | None:
         """(captions on, caption model) as the last indexing run used them; None if never recorded."""

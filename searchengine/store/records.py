@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 
+from searchengine.errors import ModelMismatchError
 from searchengine.media.imageio import ImageMeta
 
 
@@ -44,6 +46,20 @@ def mismatch_message(have: ModelInfo, info: ModelInfo) -> str:
         f"or no --model), re-embed the library with the other (searchengine reindex --model {info.name}), "
         "or use another --data-dir"
     )
+
+
+def recorded_as(have: ModelInfo | None, info: ModelInfo, former: Iterable[str] = ()) -> str:
+    """How an index that recorded `have` stands to the model `info`: "nothing" recorded yet,
+    the "same" weights, or the same weights under a "former" fingerprint (one an earlier version
+    took of them in bf16 or fp16, see `models.former_fingerprints`), whose record a writer brings
+    up to date. Another model raises ModelMismatchError, saying what differs."""
+    if have is None:
+        return "nothing"
+    if have.fingerprint == info.fingerprint:
+        return "same"
+    if have.fingerprint in set(former) and have.vit_shape == info.vit_shape:
+        return "former"
+    raise ModelMismatchError(mismatch_message(have, info))
 
 
 @dataclass(frozen=True)

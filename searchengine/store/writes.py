@@ -45,7 +45,6 @@ from sqlalchemy.engine import Connection, URL
 from sqlalchemy.exc import DatabaseError, IntegrityError
 
 from searchengine.errors import (
-    ModelMismatchError,
     ReadOnlyIndexError,
     SchemaError,
     SearchEngineError,
@@ -60,7 +59,7 @@ from searchengine.store.connection import (
     sqlite_pragmas,
     sqlite_readonly_pragmas,
 )
-from searchengine.store.records import NewImage, ModelInfo, mismatch_message
+from searchengine.store.records import NewImage, ModelInfo, recorded_as
 from searchengine.store.schema import (
     SCHEMA_VERSION,
     VECTOR_DTYPE,
@@ -225,21 +224,16 @@ class Store(Catalog):
         """
         with self.engine.begin() as conn:
             raw = self._get_meta(conn, "model")
-            if raw is None:
-                if not self.read_only:
-                    self._set_meta(conn, "model", json.dumps(info.__dict__))
+            have = ModelInfo(**json.loads(raw)) if raw else None
+            standing = recorded_as(have, info, former)
+            if self.read_only or standing == "same":
                 return
-            have = ModelInfo(**json.loads(raw))
-            if have.fingerprint == info.fingerprint:
+            if standing == "nothing":
+                self._set_meta(conn, "model", json.dumps(info.__dict__))
                 return
-            if have.fingerprint in set(former) and have.vit_shape == info.vit_shape:
-                if not self.read_only:
-                    upgraded = dict(json.loads(raw), fingerprint=info.fingerprint)
-                    self._set_meta(conn, "model", json.dumps(upgraded))
-                    log.info("the index's model fingerprint %s (taken in %s by an earlier version) is now %s, "
-                             "taken from the weights as stored", have.fingerprint, have.dtype or "bf16", info.fingerprint)
-                return
-        raise ModelMismatchError(mismatch_message(have, info))
+            self._set_meta(conn, "model", json.dumps(dict(json.loads(raw), fingerprint=info.fingerprint)))
+            log.info("the index's model fingerprint %s (taken in %s by an earlier version) is now %s, "
+                     "taken from the weights as stored", have.fingerprint, have.dtype or "bf16", info.fingerprint)
 
     def record_mount(self, root: str, mounted: bool) -> None:
         with self.engine.begin() as conn:
