@@ -399,3 +399,14 @@ def test_an_embedded_image_reaches_the_store_as_it_is():
     assert inspect.signature(Store.write_batch).parameters["new_images"].annotation == "Sequence[NewImage]"
     assert "new_images=new," in inspect.getsource(Library.write_batch)
     assert NewImage.__module__ == "searchengine.store.records"
+
+
+def test_ci_runs_the_readmes_test_command_and_it_prints_where_the_time_goes():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```sh\n(.*?)\n```", readme, re.S)
+    tests = [c for c in commands if "pytest" in c]
+    assert len(tests) == 1, tests
+    assert tests[0] in (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests[0].endswith("pytest --durations=20")
