@@ -410,3 +410,21 @@ def test_ci_runs_the_readmes_test_command_and_it_prints_where_the_time_goes():
     assert len(tests) == 1, tests
     assert tests[0] in (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests[0].endswith("pytest --durations=20")
+
+
+def test_runs_report_through_one_record():
+    """Indexer.__init__ took 12 parameters, 4 of them callbacks, and the trio of progress, total
+    and skip was written again in Recaptioner and Reindexer: each now takes one `Report`."""
+    import inspect
+
+    from searchengine.indexing.pipeline import Indexer
+    from searchengine.indexing.recaption import Recaptioner
+    from searchengine.indexing.reindex import Reindexer
+    from searchengine.indexing.report import Report
+
+    for cls in (Indexer, Recaptioner, Reindexer):
+        params = inspect.signature(cls.__init__).parameters
+        assert params["report"].default == Report()
+        callbacks = [n for n in params if n.startswith("on_") or n == "progress"]
+        assert callbacks == [], (cls.__name__, callbacks)
+    assert len(inspect.signature(Indexer.__init__).parameters) <= 10

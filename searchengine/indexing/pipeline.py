@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 from searchengine.indexing.batches import Batch, Sorter
 from searchengine.indexing.scan import BAD_NAME, LINK_DUPLICATE, LINK_LOOP, LINK_OUTSIDE, FileEntry, printable, scan_folder, storable
+from searchengine.indexing.report import Report
 from searchengine.indexing.stages import (
     CaptionStage, Decoded, Embedded, EmbedStage, Failed, Known, Read, ReadStage, decode_stage, index_batch_size,
 )
@@ -142,11 +143,8 @@ class Indexer:
         *,
         scanner: Scanner = scan_folder,
         reader: Reader = read_file,
-        on_skip: Callable[[str, str], None] | None = None,
-        progress: Callable[[int], None] | None = None,
-        on_total: Callable[[int], None] | None = None,
+        report: Report = Report(),
         captioner: Captioner | None = None,
-        on_caption_error: Callable[[str, str], None] | None = None,
         runner: "Runner | None" = None,
         prune: bool = False,
     ) -> None:
@@ -160,10 +158,7 @@ class Indexer:
         self.library = library
         self.settings = settings
         self.scanner = scanner
-        self.on_skip = on_skip or (lambda path, message: None)
-        self.on_caption_error = on_caption_error or (lambda path, message: None)
-        self.progress = progress or (lambda n: None)
-        self.on_total = on_total or (lambda n: None)
+        self.report = report
         library.require_writable("indexing writes to it")
         self.library.bind(model_info(model), model.former_fingerprints)
         self._made_by: set[str] = set()  # how the models that made this run's vectors ran, as recorded
@@ -189,10 +184,10 @@ class Indexer:
             if reason == LINK_OUTSIDE:
                 summary.links_outside += 1
                 # A folder link leads outside only under the `none` policy; a file link under `folders` too.
-                self.on_skip(path, links.OUTSIDE_FOLDER_MESSAGE if os.path.isdir(path) else links.OUTSIDE_MESSAGE)
+                self.report.skipped(path, links.OUTSIDE_FOLDER_MESSAGE if os.path.isdir(path) else links.OUTSIDE_MESSAGE)
             else:
                 summary.links_skipped += 1
-                self.on_skip(path, LINK_MESSAGES[reason])
+                self.report.skipped(path, LINK_MESSAGES[reason])
 
         self.library.record_link_policy()
         policy = self.library.link_policy
@@ -207,7 +202,7 @@ class Indexer:
             why = self.absent(folder, len(known))
             if why is not None:  # an unmounted disk is not an emptied one: nothing leaves
                 summary.kept_absent += len(known)
-                self.on_skip(str(folder), f"{why}; its {len(known)} indexed files stay in the index until it is back "
+                self.report.skipped(str(folder), f"{why}; its {len(known)} indexed files stay in the index until it is back "
                              f"(searchengine index --prune {folder} drops them)")
                 continue
             library.record_mount(str(folder), os.path.ismount(folder))
@@ -219,7 +214,7 @@ class Indexer:
                     summary.failed["bad_name"] += 1
                     summary.failures.append((shown, "bad_name", BAD_NAME))
                     summary.note("skipped", f"{shown}: {BAD_NAME}")
-                    self.on_skip(shown, BAD_NAME)
+                    self.report.skipped(shown, BAD_NAME)
                     # Recorded under its name with the bytes escaped, so that `stats` lists it
                     # (and drops it once the file is renamed); never read by that name.
                     seen.add(shown)
@@ -236,7 +231,7 @@ class Indexer:
             gone.extend(p for p in known if p not in seen)
             if bad_names:
                 library.write_batch(failures=bad_names)
-        self.on_total(len(todo))
+        self.report.total(len(todo))
         self.update(todo, gone, summary)
         # A library that outgrew its vector index's tier is re-indexed before the run ends
         # (a watcher's is, in the background).
@@ -341,7 +336,7 @@ class Indexer:
                         raise Stopped from None
             self.commit_batch(embedded, b.known, b.failed, summary)
             linked.extend((x.entry.path, x.sha256) for x in b.known)
-            self.progress(len(embedded) + len(b.known) + len(b.failed))
+            self.report.done(len(embedded) + len(b.known) + len(b.failed))
 
         workers, window = self.settings.decode_threads, 2 * self.batch_size + self.settings.decode_threads
         def timed(stage, name: str):
@@ -414,11 +409,11 @@ class Indexer:
         yield from settle()
 
     def record_failure(self, failed: Failed, summary: Summary) -> None:
-        """A file that could not be read or decoded: counted, listed, and told to `on_skip`."""
+        """A file that could not be read or decoded: counted, listed, and told to `report.skipped`."""
         summary.failed[failed.reason] += 1
         summary.failures.append((failed.entry.path, failed.reason, failed.message))
         summary.note("skipped", f"{failed.entry.path}: {failed.message}")
-        self.on_skip(failed.entry.path, failed.message)
+        self.report.skipped(failed.entry.path, failed.message)
 
     def _compute(self, batch: list[Decoded], staged, summary: Summary) -> list[Embedded]:
         """The model lane's work on one batch: embed, then caption (wall seconds of the lane)."""
@@ -464,4 +459,4 @@ class Indexer:
         else:
             summary.caption_failed += 1
             summary.note("no caption", f"{e.entry.path}: {e.meta.caption_error}")
-            self.on_caption_error(e.entry.path, e.meta.caption_error)
+            self.report.caption_failed(e.entry.path, e.meta.caption_error)

@@ -257,7 +257,7 @@ class RayRunner:
         def commit(b: Batch) -> None:
             indexer.commit_batch(b.new, b.known, b.failed, summary)
             linked.extend((k.entry.path, k.sha256) for k in b.known)
-            indexer.progress(len(b))
+            indexer.report.done(len(b))
 
         waited = time.perf_counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

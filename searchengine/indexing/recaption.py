@@ -16,6 +16,7 @@ from typing import Callable
 
 from searchengine.indexing.batches import batched
 from searchengine.indexing.pipeline import map_ahead
+from searchengine.indexing.report import Report
 from searchengine.indexing.stages import CaptionDecodeStage, caption_batch
 from searchengine.models.captioner import Captioner
 from searchengine.config.devices import defaults_for
@@ -41,17 +42,13 @@ class Recaptioner:
         settings: Settings,
         *,
         reader: Callable[[str], bytes] = read_file,
-        on_error: Callable[[str, str], None] | None = None,
-        progress: Callable[[int], None] | None = None,
-        on_total: Callable[[int], None] | None = None,
+        report: Report = Report(),
     ) -> None:
         self.captioner = captioner
         self.library = library
         self.settings = settings
         self.reader = reader
-        self.on_error = on_error or (lambda path, message: None)
-        self.progress = progress or (lambda n: None)
-        self.on_total = on_total or (lambda n: None)
+        self.report = report
         library.require_writable("captioning writes to it")
         self.batch_size = settings.batch_size or defaults_for(captioner.device).caption_batch
 
@@ -62,7 +59,7 @@ class Recaptioner:
         start = time.perf_counter()
         summary = CaptionSummary()
         todo = self.library.catalog.images_to_caption(self.captioner.name, redo=redo)
-        self.on_total(len(todo))
+        self.report.total(len(todo))
         decode = CaptionDecodeStage(self.captioner.preprocessor, self.settings.max_image_pixels, self.reader)
         window = 2 * self.batch_size + self.settings.decode_threads
         # A batch is `batch_size` images for the captioner; those without pixels ride along.
@@ -74,10 +71,10 @@ class Recaptioner:
                 rows.append((item.image_id, c.text, self.captioner.name, c.error))
                 if c.text is None:
                     summary.failed += 1
-                    self.on_error(item.path, c.error or "no caption")
+                    self.report.caption_failed(item.path, c.error or "no caption")
                 else:
                     summary.captioned += 1
             self.library.set_captions(rows)
-            self.progress(len(rows))
+            self.report.done(len(rows))
         summary.seconds = time.perf_counter() - start
         return summary

@@ -19,12 +19,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from searchengine.indexing.pipeline import map_ahead
 from searchengine.indexing.scan import FileEntry
+from searchengine.indexing.report import Report
 from searchengine.indexing.stages import Decoded, EmbedStage, Read, ReadStage, decode_stage, index_batch_size
 from searchengine.errors import SearchEngineError
 from searchengine.library import Library, model_info
@@ -51,16 +51,12 @@ class Reindexer:
         library: Library,
         settings: Settings,
         *,
-        progress: Callable[[int], None] | None = None,
-        on_total: Callable[[int], None] | None = None,
-        on_skip: Callable[[str, str], None] | None = None,
+        report: Report = Report(),
     ) -> None:
         self.model = model
         self.library = library
         self.settings = settings
-        self.progress = progress or (lambda n: None)
-        self.on_total = on_total or (lambda n: None)
-        self.on_skip = on_skip or (lambda what, message: None)
+        self.report = report
         self.batch_size = index_batch_size(model, settings)
         self.read = ReadStage()
         self.decode = decode_stage(model, settings, library.thumbnail_format)
@@ -76,15 +72,15 @@ class Reindexer:
         if current is not None and (current.num_vectors, current.dim) != (info.num_vectors, info.dim):
             log.info("the new model's vectors are %dx%d (were %dx%d)", info.num_vectors, info.dim, current.num_vectors, current.dim)
         summary = ReindexSummary(resumed_from=self.library.begin_reindex(info, self.keep_vit))
-        self.on_total(self.library.image_count())
-        self.progress(summary.resumed_from)
+        self.report.total(self.library.image_count())
+        self.report.done(summary.resumed_from)
         while todo := self.library.reindex_todo(self.batch_size):
             decoded = list(map_ahead(self._load, todo, self.settings.decode_threads, 2 * self.batch_size))
             gone, ids, ready = [], [], []
             for (image_id, _, paths), d in zip(todo, decoded):
                 if d is None:
                     gone.append(image_id)
-                    self.on_skip(paths[0] if paths else f"image {image_id}", GONE)
+                    self.report.skipped(paths[0] if paths else f"image {image_id}", GONE)
                 else:
                     ids.append(image_id)
                     ready.append(d)
@@ -94,7 +90,7 @@ class Reindexer:
             self.library.write_reindexed(ids, vecs, gone, vit)
             summary.embedded += len(ids)
             summary.gone += len(gone)
-            self.progress(len(todo))
+            self.report.done(len(todo))
         _, left = self.library.swap_in_reindex()
         summary.gone = len(left)
         summary.seconds = time.perf_counter() - start

@@ -246,6 +246,7 @@ def through_search(
     returns does). {"tier", "images", "captions", "itc": {"text_to_image": recalls}, "itm": ...};
     images the indexer could not read are left out with their captions, as in (a)."""
     from searchengine.indexing.pipeline import Indexer
+    from searchengine.indexing.report import Report
     from searchengine.indexing.scan import FileEntry
     from searchengine.library import Library
     from searchengine.search import Searcher
@@ -265,7 +266,7 @@ def through_search(
 
         library = Library.open(s, create=True, writable=True)
         try:
-            summary = Indexer(model, library, s, scanner=only_the_set, progress=progress).run([root])
+            summary = Indexer(model, library, s, scanner=only_the_set, report=Report(done=progress)).run([root])
             bad = {wanted[path]: message for path, _, message in summary.failures if path in wanted}
             if bad:
                 data = data.without(bad)

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from searchengine.indexing.report import Report
 from searchengine.indexing.pipeline import Indexer
 from searchengine.indexing.scan import scan_folder
 from searchengine.errors import BadImageError
@@ -200,7 +201,7 @@ def test_bad_files_are_skipped_with_reasons_and_the_index_stays_consistent(setti
     bad = write_bad(folder / "bad", photo_files[0].read_bytes())
     awkward = write_awkward(folder / "awkward")
     skipped = []
-    summary = run(settings, model, folder, on_skip=lambda p, m: skipped.append(p))
+    summary = run(settings, model, folder, report=Report(skipped=lambda p, m: skipped.append(p)))
     assert summary.indexed == 8 + len(awkward)
     assert dict(summary.failed) == {reason: 1 for reason in bad}
     assert sorted(skipped) == sorted(str(p) for p in bad.values())
@@ -376,7 +377,7 @@ def test_a_missing_codec_is_a_skip_that_names_the_package(settings, model, tmp_p
         monkeypatch.setattr(Image, "ID", [i for i in Image.ID if i != fmt])
         monkeypatch.delitem(Image.OPEN, fmt)
     skipped = []
-    summary = run(settings, model, tmp_path / "phone", on_skip=lambda path, message: skipped.append((path, message)))
+    summary = run(settings, model, tmp_path / "phone", report=Report(skipped=lambda path, message: skipped.append((path, message))))
     assert summary.indexed == 0 and summary.failed == {"unsupported_format": 2}
     messages = dict(skipped)
     assert "pip install pillow-heif" in messages[str(heic)]
@@ -389,7 +390,7 @@ def test_photos_in_symlinked_folders_are_indexed_once(settings, model, tmp_path)
     root, _ = linked_tree(tmp_path)
     counting = CountingModel(model)
     skips = []
-    summary = run(settings, counting, root, on_skip=lambda path, message: skips.append(path))
+    summary = run(settings, counting, root, report=Report(skipped=lambda path, message: skips.append(path)))
     assert (summary.indexed, summary.linked, summary.skipped, summary.links_skipped) == (3, 0, 0, 4)
     assert counting.embedded == 3 and len(skips) == 4  # each not-followed link is reported
     paths = {p for h in search(settings, model, "a photo", k=10, rerank=0).hits for p in h.paths}

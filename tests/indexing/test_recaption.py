@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from searchengine.indexing.report import Report
 from searchengine.indexing.recaption import Recaptioner
 from searchengine.models.captioner import Captioner
 from searchengine.media.imageio import decode_image, read_file
@@ -83,7 +84,7 @@ def test_an_image_that_fails_to_caption_keeps_its_embedding(settings, model, cap
 
     monkeypatch.setattr(captioner, "generate", generate)
     errors = []
-    summary = run(settings, model, folder, captioner=captioner, on_caption_error=lambda p, m: errors.append((p, m)))
+    summary = run(settings, model, folder, captioner=captioner, report=Report(caption_failed=lambda p, m: errors.append((p, m))))
     assert summary.indexed == 6 and summary.captioned == 5 and summary.caption_failed == 1
     assert errors == [(str(victim), "RuntimeError: the caption model choked (simulated)")]
     row = captions(settings)[str(victim)]
@@ -143,7 +144,7 @@ def test_a_vanished_file_is_a_caption_failure_not_a_crash(settings, model, capti
     library = Library.open(settings)
     try:
         failed = []
-        summary = Recaptioner(captioner, library, settings, on_error=lambda p, m: failed.append(p)).run()
+        summary = Recaptioner(captioner, library, settings, report=Report(caption_failed=lambda p, m: failed.append(p))).run()
         assert (summary.captioned, summary.failed) == (5, 1) and failed == [str(victim)]
     finally:
         library.close()

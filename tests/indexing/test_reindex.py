@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from searchengine.indexing.report import Report
 from searchengine.indexing.pipeline import Indexer
 from searchengine.indexing.reindex import Reindexer
 from searchengine.library import Library
@@ -80,7 +81,7 @@ def test_reindex_equals_indexing_with_the_new_model_and_keeps_captions(tmp_path,
 
     lib = Library.open(s, writable=True, vectors=False)
     skipped = []
-    summary = Reindexer(other_model, lib, s, on_skip=lambda what, why: skipped.append(what)).run()
+    summary = Reindexer(other_model, lib, s, report=Report(skipped=lambda what, why: skipped.append(what))).run()
     assert (summary.embedded, summary.gone, summary.resumed_from) == (9, 1, 0)
     assert skipped == [str(folder / "p003.png")]
     assert lib.built_with().model.fingerprint == other_model.fingerprint
@@ -185,7 +186,7 @@ def test_an_interrupted_reindex_leaves_the_old_index_in_use_and_resumes(tmp_path
             raise Stop
 
     with pytest.raises(Stop):
-        Reindexer(other_model, lib, s, progress=stop_after_two_batches).run()
+        Reindexer(other_model, lib, s, report=Report(done=stop_after_two_batches)).run()
     lib.close()
     # The old model and its index serve on, in full.
     lib = Library.open(s)

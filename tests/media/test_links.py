@@ -7,6 +7,7 @@ import shutil
 
 from fastapi.testclient import TestClient
 
+from searchengine.indexing.report import Report
 from searchengine.indexing.pipeline import Indexer
 from searchengine.app.api import create_app
 from searchengine.library import Library
@@ -83,7 +84,7 @@ def test_a_path_that_resolves_outside_the_library_is_not_served_unless_allowed(s
     library = Library.open(again)
     skipped: list[tuple[str, str]] = []
     try:
-        summary = Indexer(model, library, again, on_skip=lambda p, m: skipped.append((p, m))).run([folder])
+        summary = Indexer(model, library, again, report=Report(skipped=lambda p, m: skipped.append((p, m)))).run([folder])
         assert summary.links_outside == 2 and summary.removed == 2
         assert library.store.files_under(str(folder)) == {}
         assert library.store.link_policy() == "folders"

@@ -14,6 +14,18 @@ from searchengine.errors import SearchEngineError
 from searchengine.util.nearest import missing_folder
 
 
+def bar_report(bar, err, *, skipped: str = "skipping"):
+    """A run's `Report` on a tqdm bar: counts move the bar, messages print above it."""
+    from searchengine.indexing.report import Report
+
+    return Report(
+        total=lambda n: bar.reset(total=n),
+        done=bar.update,
+        skipped=lambda what, why: bar.write(f"{skipped} {what}: {why}", file=err),
+        caption_failed=lambda path, why: bar.write(f"no caption for {path}: {why}", file=err),
+    )
+
+
 def _folders(args: argparse.Namespace, settings: Settings, recorded, err) -> list[str]:
     """The folders named, or else every folder the index has (those not there now are
     skipped with a word: an unmounted disk must not empty the index)."""
@@ -57,19 +69,9 @@ def cmd_index(args: argparse.Namespace, out, err) -> int:
     lock_new_index(args)
     bar = tqdm(total=0, unit="file", file=err, disable=None, dynamic_ncols=True)
 
-    def on_skip(path: str, message: str) -> None:
-        bar.write(f"skipping {path}: {message}", file=err)
-
-    def on_caption_error(path: str, message: str) -> None:
-        bar.write(f"no caption for {path}: {message}", file=err)
-
-    def on_total(n: int) -> None:
-        bar.reset(total=n)
-
     try:
         indexer = Indexer(
-            model, library, settings, on_skip=on_skip, progress=bar.update, on_total=on_total,
-            captioner=captioner, on_caption_error=on_caption_error, runner=runner, prune=args.prune,
+            model, library, settings, report=bar_report(bar, err), captioner=captioner, runner=runner, prune=args.prune,
         )
         library.record_captioner(captioner is not None, captioner.name if captioner else None)
         summary = indexer.run(folders)
@@ -121,11 +123,7 @@ def cmd_caption(args: argparse.Namespace, out, err) -> int:
     try:
         bar = tqdm(total=0, unit="img", file=err, disable=None, dynamic_ncols=True)
         try:
-            summary = Recaptioner(
-                captioner, library, settings,
-                on_error=lambda path, message: bar.write(f"no caption for {path}: {message}", file=err),
-                progress=bar.update, on_total=lambda n: bar.reset(total=n),
-            ).run(redo=args.redo)
+            summary = Recaptioner(captioner, library, settings, report=bar_report(bar, err)).run(redo=args.redo)
         finally:
             bar.close()
         library.record_captioner(True, captioner.name)
@@ -191,10 +189,7 @@ def cmd_reindex(args: argparse.Namespace, out, err) -> int:
         model = wiring.load_model(settings, settings.model)
         bar = tqdm(total=0, unit="img", file=err, disable=None, dynamic_ncols=True)
         try:
-            summary = Reindexer(
-                model, library, settings, progress=bar.update, on_total=lambda n: bar.reset(total=n),
-                on_skip=lambda what, message: bar.write(f"leaving out {what}: {message}", file=err),
-            ).run()
+            summary = Reindexer(model, library, settings, report=bar_report(bar, err, skipped="leaving out")).run()
         except KeyboardInterrupt:
             bar.close()
             print("interrupted: the index still uses its old model; run the same command to go on where it stopped", file=err)
