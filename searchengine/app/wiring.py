@@ -103,8 +103,18 @@ def load_model(settings: Settings, name: str, *, serving: bool = False):
     where text_backend auto puts the query encoder on ONNX Runtime on a CPU."""
     from searchengine.models.retrieval import RetrievalModel
 
-    model = RetrievalModel.load(name, device=settings.device, dtype=settings.dtype, text_max_tokens=settings.text_max_tokens)
-    use_threads(settings, model.device)
+    def query_encoder(model):
+        use_threads(settings, model.device)  # before the race below measures anything
+        return choose_text_encoder(settings, model, serving=serving)
+
+    return RetrievalModel.load(
+        name, device=settings.device, dtype=settings.dtype, text_max_tokens=settings.text_max_tokens, text_encoder=query_encoder,
+    )
+
+
+def choose_text_encoder(settings: Settings, model, *, serving: bool):
+    """What encodes the model's queries: an OnnxTextEncoder, or None for torch (see
+    `Settings.text_backend`)."""
     backend = text_backend(settings.text_backend, model.device, serving=serving)
     if backend == "onnx":
         from searchengine.models.onnx_text import OnnxTextEncoder
@@ -115,11 +125,11 @@ def load_model(settings: Settings, name: str, *, serving: bool = False):
             if settings.text_backend == "onnx":
                 raise
             log.warning("queries are encoded with torch: %s", e)
-        else:
-            model.onnx_text = encoder if settings.text_backend == "onnx" else measured_text_backend(model, encoder)
-    elif settings.text_backend == "onnx":
+            return None
+        return encoder if settings.text_backend == "onnx" else measured_text_backend(model, encoder)
+    if settings.text_backend == "onnx":
         log.info("text_backend onnx is for CPUs; %s encodes queries with torch", model.device)
-    return model
+    return None
 
 
 def measured_text_backend(model, encoder):

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -259,13 +259,16 @@ class RetrievalModel:
         self.fingerprint: str = fingerprint(cfg, stored)
         # What versions before the stored-weights rule recorded for this checkpoint in bf16/fp16.
         self.former_fingerprints: set[str] = former_fingerprints(cfg, stored)
-        self.onnx_text = None  # an OnnxTextEncoder where text_backend is onnx
+        self.onnx_text: Callable | None = None  # what encodes queries instead of torch (`load`'s text_encoder)
 
     @classmethod
     def load(
-        cls, name: str, *, device: str = "auto", dtype: str = "auto", text_max_tokens: int = 35
+        cls, name: str, *, device: str = "auto", dtype: str = "auto", text_max_tokens: int = 35,
+        text_encoder: "Callable[[RetrievalModel], Callable | None] | None" = None,
     ) -> "RetrievalModel":
-        """Load by hub id or local directory, both through `from_pretrained`."""
+        """Load by hub id or local directory, both through `from_pretrained`. `text_encoder`:
+        given the loaded model, what encodes its queries instead of torch (an OnnxTextEncoder,
+        see searchengine/models/onnx_text.py), or None for torch; decided here, once."""
         from transformers import AutoProcessor, Blip2ForImageTextRetrieval
 
         where, config = load_config(name)
@@ -298,7 +301,9 @@ class RetrievalModel:
         if image_processor is None or tokenizer is None:
             raise ModelLoadError(f"model {name!r} has no image processor and tokenizer saved with it")
         log.info("loaded %s on %s in %s", name, device, torch_dtype)
-        return cls(name, model, image_processor, tokenizer, device=device, text_max_tokens=text_max_tokens, processor=processor)
+        loaded = cls(name, model, image_processor, tokenizer, device=device, text_max_tokens=text_max_tokens, processor=processor)
+        loaded.onnx_text = text_encoder(loaded) if text_encoder is not None else None
+        return loaded
 
     # -- images ---------------------------------------------------------------------------
 

@@ -18,15 +18,16 @@ pytestmark = pytest.mark.dtype
 TEXTS = ["a dog", "a red car parked by the sea at sunset with people walking", "x", "two yellow flowers in a garden"]
 
 
-def test_onnx_vectors_equal_torch_s_for_any_batch_and_length(model, tmp_path):
-    encoder = OnnxTextEncoder(model, tmp_path, threads=1)
+def test_onnx_vectors_equal_torch_s_for_any_batch_and_length(model, tiny_model_dir, tmp_path):
+    from searchengine.models.retrieval import RetrievalModel
+
     want = model.embed_texts(TEXTS)
-    model.onnx_text = encoder
-    try:
-        got = model.embed_texts(TEXTS)
-        one = model.embed_texts(TEXTS[1:2])
-    finally:
-        model.onnx_text = None
+    # The backend is chosen as the model loads (what `wiring.load_model` passes).
+    on_onnx = RetrievalModel.load(str(tiny_model_dir), device="cpu", dtype="float32",
+                                  text_encoder=lambda m: OnnxTextEncoder(m, tmp_path, threads=1))
+    assert isinstance(on_onnx.onnx_text, OnnxTextEncoder) and model.onnx_text is None
+    got = on_onnx.embed_texts(TEXTS)
+    one = on_onnx.embed_texts(TEXTS[1:2])
     cos = (got * want).sum(axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
     assert got.shape == want.shape and cos.min() >= 0.9999, cos
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
