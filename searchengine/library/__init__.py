@@ -4,7 +4,7 @@ in and comes out; `opening` finds the store; `tiers`, `reindexing` and `health` 
 `Library` by job."""
 
 from searchengine.library.core import Library
-from searchengine.library.records import ImageDetail, IndexedFile, Recorded, ReconcileReport, model_info
-from searchengine.store.records import NewImage
+from searchengine.library.records import Recorded, ReconcileReport, model_info
+from searchengine.store.records import ImageDetail, IndexedFile, NewImage
 
 __all__ = ["Library", "ImageDetail", "IndexedFile", "NewImage", "Recorded", "ReconcileReport", "model_info"]

@@ -50,8 +50,6 @@ from searchengine.library.opening import (
     unwritable_path,
 )
 from searchengine.library.records import (
-    ImageDetail,
-    IndexedFile,
     ReconcileReport,
     Recorded,
     recorded_in,
@@ -464,17 +462,6 @@ class Library(VectorTiers, Reindexing, Health):
     def image_count(self) -> int:
         """Images in the store (whether or not a vector index is loaded)."""
         return len(self.store.image_ids())
-
-    def image_detail(self, image_id: int) -> ImageDetail | None:
-        """Everything the library knows of one image, with its files (None: no such image)."""
-        d = self.store.image_detail(image_id)
-        if d is None:
-            return None
-        return ImageDetail(
-            d["id"], [IndexedFile(f["path"], f["size"], f["mtime_ns"]) for f in d["files"]], d["width"], d["height"],
-            d["taken_at"], d["camera"], d["gps_lat"], d["gps_lon"], d["caption"], d["caption_model"], d["caption_error"],
-            d["sha256"],
-        )
 
     def thumbnail(self, image_id: int, read: Callable[[], bytes]) -> bytes:
         """The image's thumbnail (JPEG), made from its original (`read`) if not kept yet."""

@@ -32,31 +32,6 @@ class ReconcileReport:
 
 
 @dataclass(frozen=True)
-class IndexedFile:
-    path: str
-    size: int
-    mtime_ns: int  # size and mtime as indexed: a file that differs is not the indexed content
-
-
-@dataclass(frozen=True)
-class ImageDetail:
-    """Everything the library knows of one image, with its files (oldest first)."""
-
-    id: int
-    files: list[IndexedFile]
-    width: int
-    height: int
-    taken_at: str | None
-    camera: str | None
-    gps_lat: float | None
-    gps_lon: float | None
-    caption: str | None
-    caption_model: str | None
-    caption_error: str | None
-    sha256: str = ""  # the indexed content's: what a file must still hash to, to be served as it
-
-
-@dataclass(frozen=True)
 class Recorded:
     """What an index remembers of how it was built: its model and its captioner."""
 

@@ -95,7 +95,7 @@ def find_duplicates(
 def with_details(library: "Library", groups: list[Group]) -> list[list[tuple[Member, "ImageDetail"]]]:
     """The groups as shown (the CLI and the API alike): each member with its files, size and
     date; members deleted since left out, and a group left with one member dropped."""
-    details = {i: library.image_detail(i) for g in groups for i in g.ids}
+    details = {i: library.catalog.image_detail(i) for g in groups for i in g.ids}
     shown = []
     for g in groups:
         members = [(m, details[m.id]) for m in g.members if details[m.id] is not None and details[m.id].files]

@@ -255,7 +255,7 @@ class QueryService:
     # -- images -----------------------------------------------------------------------------
 
     def image(self, image_id: int) -> ImageDetail:
-        detail = self.library.image_detail(image_id)
+        detail = self.library.catalog.image_detail(image_id)
         if detail is None or not detail.files:
             raise ImageNotFoundError(f"no image has id {image_id}")
         return detail

@@ -15,7 +15,9 @@ from sqlalchemy.exc import DatabaseError
 from searchengine.media.imageio import FILE_TYPES, ORIENTATIONS, file_type
 from searchengine.media.keywords import Clause, KeywordQuery
 from searchengine.store.connection import damage, is_damage
-from searchengine.store.records import FileState, FolderCount, ImageRecord, ModelInfo, Stats, recorded_as
+from searchengine.store.records import (
+    FileState, FolderCount, ImageDetail, ImageRecord, IndexedFile, ModelInfo, Stats, recorded_as,
+)
 from searchengine.store.schema import (
     ORIENTATION_SQL,
     VECTOR_DTYPE,
@@ -366,22 +368,25 @@ class Catalog:
         records = self.images(ids)
         return [(i, records[i].paths) for i in ids if i in records]
 
-    def image_detail(self, image_id: int) -> dict | None:
-        """Everything the store knows of one image, with its files."""
+    def image_detail(self, image_id: int) -> ImageDetail | None:
+        """Everything the store knows of one image, with its files (None: no such image)."""
         with self.engine.connect() as conn:
             row = conn.execute(select(images).where(images.c.id == image_id)).first()
             if row is None:
                 return None
-            out = dict(row._mapping)
-            out["files"] = [
-                dict(r._mapping)
+            indexed = [
+                IndexedFile(r.path, r.size, r.mtime_ns)
                 for r in conn.execute(
                     select(files.c.path, files.c.size, files.c.mtime_ns)
                     .where(files.c.image_id == image_id)
                     .order_by(files.c.id)  # oldest first, as `images` lists them
                 )
             ]
-        return out
+        d = row._mapping
+        return ImageDetail(
+            d["id"], indexed, d["width"], d["height"], d["taken_at"], d["camera"], d["gps_lat"], d["gps_lon"],
+            d["caption"], d["caption_model"], d["caption_error"], d["sha256"], d.get("lens"),
+        )
 
     def consistency(self) -> dict[str, int]:
         """Counts that must agree in a sound store (what `searchengine check` compares)."""

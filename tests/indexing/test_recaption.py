@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -33,9 +34,9 @@ def captions(settings) -> dict[str, dict]:
     try:
         out = {}
         for image_id in library.store.image_ids().tolist():
-            d = library.store.image_detail(image_id)
-            for f in d["files"]:
-                out[f["path"]] = d
+            d = library.catalog.image_detail(image_id)
+            for f in d.files:
+                out[f.path] = asdict(d)
         return out
     finally:
         library.close()

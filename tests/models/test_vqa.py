@@ -111,7 +111,7 @@ def indexed(tmp_path_factory, pictures, tiny_model_dir, model, blip2_dir):
     captioner = Captioner.load(str(blip2_dir), device="cpu", dtype="float32", max_new_tokens=5)
     Indexer(model, library, settings, captioner=captioner).run([pictures])
     library.record_captioner(True, str(blip2_dir))  # as `index` does
-    ids = {library.image_detail(i).files[0].path: i for i in library.indexed_ids().tolist()}
+    ids = {library.catalog.image_detail(i).files[0].path: i for i in library.indexed_ids().tolist()}
     library.close()
     return settings, ids
 

@@ -78,7 +78,7 @@ def library_of_copies(tmp_path_factory, photos_dir):
 
 
 def path_groups(library, groups) -> list[set[str]]:
-    return [{library.image_detail(i).files[0].path for i in g.ids} for g in groups]
+    return [{library.catalog.image_detail(i).files[0].path for i in g.ids} for g in groups]
 
 
 def test_edited_copies_are_grouped_with_their_original_and_different_photos_are_not(library_of_copies):

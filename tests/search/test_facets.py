@@ -60,7 +60,7 @@ def shot(tmp_path_factory, tiny_model_dir, model):
     settings = Settings(data_dir=root / "data", model=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=8, refresh_interval_s=0)
     library = Library.open(settings, create=True)
     Indexer(model, library, settings).run([folder])
-    names = {library.image_detail(i).files[0].path.rsplit("/", 1)[1]: i for i in library.indexed_ids().tolist()}
+    names = {library.catalog.image_detail(i).files[0].path.rsplit("/", 1)[1]: i for i in library.indexed_ids().tolist()}
     yield library, settings, names, model
     library.close()
 

@@ -61,8 +61,8 @@ def test_a_version_1_store_is_carried_to_the_head_on_each_backend(store_url):
         assert {"caption_error", "lens"} <= columns
         np.testing.assert_array_equal(np.frombuffer(blob, np.float16), vec.ravel().astype(np.float16))
         assert [h.image_id for h in store.keyword_search(parse_query("summer"), 5)] == [image_id]
-        assert store.image_detail(image_id)["caption_error"] is None
+        assert store.image_detail(image_id).caption_error is None
         (new_id,), _ = store.write_batch(new_images=[NewImage("h2", ImageMeta(1, 1, lens="L"), vec, None, b"", ("/p/b.jpg", 1, 1))])
-        assert new_id != image_id and store.image_detail(new_id)["lens"] == "L"
+        assert new_id != image_id and store.image_detail(new_id).lens == "L"
     finally:
         store.close()

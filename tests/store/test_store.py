@@ -208,11 +208,11 @@ def test_full_text_rows_follow_every_write(store):
     # A new caption replaces the old words.
     store.set_captions([(a, "a cat asleep", "captioner-2", None)])
     assert _kw(store, "dog") == [] and _kw(store, "cat") == [a]
-    assert store.image_detail(a)["caption_model"] == "captioner-2"
+    assert store.image_detail(a).caption_model == "captioner-2"
     # A failed re-caption keeps the caption it had and records why.
     store.set_captions([(a, None, "captioner-3", "RuntimeError: boom")])
     d = store.image_detail(a)
-    assert (d["caption"], d["caption_model"], d["caption_error"]) == ("a cat asleep", "captioner-2", "RuntimeError: boom")
+    assert (d.caption, d.caption_model, d.caption_error) == ("a cat asleep", "captioner-2", "RuntimeError: boom")
     # The last path gone: the image and its row go.
     store.remove_files(["/lib/Pictures/Best of/copy.jpg"])
     assert _kw(store, "cat") == [] and _kw(store, "copy") == []
@@ -263,7 +263,7 @@ def test_a_version_1_store_is_upgraded_and_its_text_index_built(tmp_path):
         with s.engine.connect() as conn:
             assert conn.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == str(SCHEMA_VERSION)
         assert len(_kw(s, "beach")) == 1 and len(_kw(s, "summer")) == 1
-        assert s.image_detail(_kw(s, "beach")[0])["caption_error"] is None
+        assert s.image_detail(_kw(s, "beach")[0]).caption_error is None
     finally:
         s.close()
 
@@ -273,7 +273,7 @@ def test_paths_are_listed_oldest_first(store):
     store.write_batch(links=[("/p/aardvark.jpg", 1, 2, "h1")])  # a copy, added later, sorting first
     store.write_batch(links=[("/p/zebra.jpg", 1, 3, "h1")])  # touched again: updated in place
     assert store.images([image_id])[image_id].paths == ["/p/zebra.jpg", "/p/aardvark.jpg"]
-    assert [f["path"] for f in store.image_detail(image_id)["files"]] == ["/p/zebra.jpg", "/p/aardvark.jpg"]
+    assert [f.path for f in store.image_detail(image_id).files] == ["/p/zebra.jpg", "/p/aardvark.jpg"]
 
 
 def test_words_match_alike_on_every_backend(store):

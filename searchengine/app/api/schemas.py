@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from searchengine.app.api.guards import NOT_BLANK
+from searchengine.library import ImageDetail
 from searchengine.search import Hit, Page
 from searchengine.models.vqa import MAX_QUESTION_CHARS
 
@@ -69,6 +70,15 @@ class ImageOut(BaseModel):
     thumbnail_url: str
     preview_url: str
     file_url: str
+
+    @classmethod
+    def of(cls, d: ImageDetail) -> "ImageOut":
+        """The library's record of an image, as the API shows it."""
+        return cls(
+            id=d.id, paths=[f.path for f in d.files], files=[FileOut(path=f.path, size=f.size) for f in d.files],
+            width=d.width, height=d.height, taken_at=d.taken_at, camera=d.camera, gps_lat=d.gps_lat, gps_lon=d.gps_lon,
+            caption=d.caption, caption_model=d.caption_model, caption_error=d.caption_error, **image_urls(d.id),
+        )
 
 
 class FolderOut(BaseModel):

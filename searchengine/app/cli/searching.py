@@ -203,7 +203,7 @@ def cmd_ask(args: argparse.Namespace, out, err) -> int:
             raise IndexNotFoundError(f"no index in {settings.data_dir} to find image {args.image} in; give a file's path instead")
         library = Library.open(settings, vectors=False)
         try:
-            detail = library.image_detail(int(args.image))
+            detail = library.catalog.image_detail(int(args.image))
         finally:
             library.close()
         paths = [f.path for f in detail.files if os.path.isfile(f.path)] if detail is not None else []

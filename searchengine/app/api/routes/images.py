@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import mimetypes
-from dataclasses import asdict
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from searchengine.app.api.deps import Files, ImageId, Service
-from searchengine.app.api.schemas import FILE_RESPONSES, AskIn, AskOut, ErrorOut, FileOut, ImageOut, VqaOut, image_urls
+from searchengine.app.api.schemas import FILE_RESPONSES, AskIn, AskOut, ErrorOut, ImageOut, VqaOut
 
 router = APIRouter()
 
@@ -20,11 +19,7 @@ router = APIRouter()
 @router.get("/api/images/{image_id}", response_model=ImageOut, responses={404: {"model": ErrorOut}})
 def image(service: Service, image_id: ImageId):
     """An image's metadata and files."""
-    d = service.image(image_id)
-    return ImageOut(
-        **{**asdict(d), "files": [FileOut(path=f.path, size=f.size) for f in d.files]},
-        paths=[f.path for f in d.files], **image_urls(image_id),
-    )
+    return ImageOut.of(service.image(image_id))
 
 
 @router.get("/api/images/{image_id}/thumbnail", response_class=Response, responses=FILE_RESPONSES)
