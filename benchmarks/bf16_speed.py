@@ -34,7 +34,7 @@ QUERY_TOKENS = 10
 
 
 def cpu_flags() -> str:
-    from searchengine.models.retrieval import cpu_supports_bf16
+    from searchengine.models.loading import cpu_supports_bf16
 
     return "avx512_bf16 (dtype auto: bfloat16)" if cpu_supports_bf16() else "no bf16 instructions (dtype auto: float32)"
 

@@ -70,7 +70,7 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from searchengine.models.retrieval import resolve_device, resolve_dtype
+    from searchengine.models.loading import resolve_device, resolve_dtype
     from searchengine.models.vqa import Answerer
     from searchengine.app.wiring import use_threads
     from searchengine.config.settings import Settings

@@ -264,7 +264,7 @@ LAYERS = [
     ("errors",),  # L0: every exception
     ("util", "config"),  # L0: durable writes, locks, batcher, file caches; settings, devices
     ("media",),  # L1: image I/O, preprocessing, thumbnails, links, keywords
-    ("models",),  # L1: retrieval, captioner, VQA, ONNX text, hub, tiny models
+    ("models",),  # L1: retrieval, captioner, VQA, their loading, ONNX text, hub, tiny models
     ("store", "vectors"),  # L2: the catalog and its writes; exact, ANN and GPU vector indexes
     ("library",),  # L3: the data directory's one way in
     ("search", "indexing"),  # L4: a request ranked; folders indexed
@@ -428,3 +428,23 @@ def test_runs_report_through_one_record():
         callbacks = [n for n in params if n.startswith("on_") or n == "progress"]
         assert callbacks == [], (cls.__name__, callbacks)
     assert len(inspect.signature(Indexer.__init__).parameters) <= 10
+
+
+def test_models_load_through_one_load_pretrained():
+    """The retrieval model, the captioner and the question-answering model each wrote their own
+    from_pretrained + processor + error message; they share `load_pretrained` (configs aside;
+    tiny.py builds models, onnx_text exports the text side of one already loaded)."""
+    where = []
+    for path in sorted((ROOT / "searchengine").rglob("*.py")):
+        if path.name in ("tiny.py", "onnx_text.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_pretrained":
+                    receiver = node.func.value
+                    if not (isinstance(receiver, ast.Name) and receiver.id == "AutoConfig"):
+                        where.append((path.name, fn.name))
+    assert sorted(set(where)) == [("loading.py", "load_pretrained")], where

@@ -75,7 +75,7 @@ def caption_model(settings: Settings, recorded: Recorded | None, *, force: bool 
     if recorded is not None and recorded.captioner is not None and recorded.captioner[1]:
         return recorded.captioner[1]
     from searchengine.models.captioner import default_caption_model
-    from searchengine.models.retrieval import resolve_device
+    from searchengine.models.loading import resolve_device
 
     return default_caption_model(resolve_device(settings.device))
 
@@ -280,7 +280,7 @@ def vqa_model(settings: Settings, recorded: Recorded | None) -> tuple[str | None
     captioner = recorded.captioner[1] if recorded is not None and recorded.captioner is not None else None
     if not captioner:
         return None, f"no model that answers questions: the index has no BLIP-2 captioner to ask; {hint}"
-    from searchengine.models.retrieval import load_config
+    from searchengine.models.loading import load_config
 
     try:
         _, config = load_config(captioner, "caption model")
@@ -294,7 +294,7 @@ def vqa_model(settings: Settings, recorded: Recorded | None) -> tuple[str | None
 def _check_int8(settings: Settings) -> None:
     """`--dtype int8` is refused at once where it cannot run (anything but CUDA)."""
     if settings.dtype == "int8":
-        from searchengine.models.retrieval import int8_loading, resolve_device
+        from searchengine.models.loading import int8_loading, resolve_device
 
         int8_loading(resolve_device(settings.device))
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 from searchengine.config.devices import CPU_CAPTIONER, GPU_CAPTIONER, defaults_for
 from searchengine.errors import ModelLoadError
 from searchengine.media.preprocess import Preprocessor
-from searchengine.models.retrieval import first_line, int8_loading, load_config, resolve_device, resolve_dtype
+from searchengine.models.loading import first_line, int8_loading, load_config, load_pretrained, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +65,6 @@ class Captioner:
         cls, name: str, *, device: str = "auto", dtype: str = "auto", max_new_tokens: int = 30, num_beams: int = 1
     ) -> "Captioner":
         import transformers
-        from transformers import AutoProcessor
 
         where, config = load_config(name, "caption model")
         family = _FAMILIES.get(getattr(config, "model_type", None))
@@ -80,15 +79,10 @@ class Captioner:
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
         eight_bit = int8_loading(device) if dtype == "int8" else {}
-        try:
-            model, info = getattr(transformers, class_name).from_pretrained(
-                where.source, dtype=torch_dtype, output_loading_info=True, local_files_only=where.local_files_only,
-                **eight_bit,
-            )
-            processor = AutoProcessor.from_pretrained(where.source, local_files_only=where.local_files_only)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load caption model {name!r}: {first_line(e)}") from e
-        if any(k.startswith(decoder) for k in info.get("missing_keys", ())):
+        model, processor, missing = load_pretrained(
+            getattr(transformers, class_name), where, name, "caption model", dtype=torch_dtype, **eight_bit,
+        )
+        if any(k.startswith(decoder) for k in missing):
             raise ModelLoadError(f"caption model {name!r} has no trained {decoder} weights; it cannot write captions")
         if not eight_bit:  # an 8-bit model is placed by its device_map and cannot be moved
             model.to(device)

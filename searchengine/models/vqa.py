@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from searchengine.errors import ModelLoadError, QueryError, SearchEngineError, VqaUnavailable
-from searchengine.models.retrieval import first_line, int8_loading, load_config, resolve_device, resolve_dtype
+from searchengine.models.loading import int8_loading, load_config, load_pretrained, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -82,7 +82,7 @@ class Answerer:
 
     @classmethod
     def load(cls, name: str, *, device: str = "auto", dtype: str = "auto", max_new_tokens: int = ANSWER_TOKENS) -> "Answerer":
-        from transformers import AutoProcessor, Blip2ForConditionalGeneration
+        from transformers import Blip2ForConditionalGeneration
 
         where, config = load_config(name, "question-answering model")
         if not answers_questions(config):
@@ -93,15 +93,11 @@ class Answerer:
             )
         device = resolve_device(device)
         eight_bit = int8_loading(device) if dtype == "int8" else {}
-        try:
-            model, info = Blip2ForConditionalGeneration.from_pretrained(
-                where.source, dtype=resolve_dtype(dtype, device), output_loading_info=True,
-                local_files_only=where.local_files_only, **eight_bit,
-            )
-            processor = AutoProcessor.from_pretrained(where.source, local_files_only=where.local_files_only)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load question-answering model {name!r}: {first_line(e)}") from e
-        if any(k.startswith("language_model") for k in info.get("missing_keys", ())):
+        model, processor, missing = load_pretrained(
+            Blip2ForConditionalGeneration, where, name, "question-answering model", dtype=resolve_dtype(dtype, device),
+            **eight_bit,
+        )
+        if any(k.startswith("language_model") for k in missing):
             raise ModelLoadError(f"{name!r} has no trained language model weights; it cannot answer questions")
         if not eight_bit:  # an 8-bit model is placed by its device_map and cannot be moved
             model.to(device)

@@ -83,10 +83,10 @@ def representatives(vecs: np.ndarray, r: int, iterations: int = 4) -> np.ndarray
         return vecs
     centres = vecs[:, np.linspace(0, q - 1, r).round().astype(int)].copy()
     for _ in range(iterations):
-        assign = np.matmul(vecs, centres.transpose(0, 2, 1)).argmax(axis=2)  # [n, Q]
+        assign = np.einsum("nqd,nrd->nqr", vecs, centres).argmax(axis=2)  # [n, Q]
         onehot = np.zeros((n, q, r), dtype=np.float32)
         np.put_along_axis(onehot, assign[..., None], 1.0, axis=2)
-        sums = np.matmul(onehot.transpose(0, 2, 1), vecs)  # [n, r, D]
+        sums = np.einsum("nqr,nqd->nrd", onehot, vecs)
         empty = onehot.sum(axis=1) == 0  # [n, r]: a centre nobody chose keeps its place
         sums[empty] = centres[empty]
         centres = sums

@@ -7,7 +7,7 @@ import torch
 
 from searchengine.config.devices import auto_dtype, defaults_for, pick
 from searchengine.errors import ModelLoadError
-from searchengine.models.retrieval import resolve_device, resolve_dtype
+from searchengine.models.loading import resolve_device, resolve_dtype
 
 
 @pytest.mark.parametrize(

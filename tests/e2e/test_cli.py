@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from searchengine.models.retrieval import resolve_dtype
+from searchengine.models.loading import resolve_dtype
 from tests.images import write_awkward, write_bad
 from tests.inprocess import run_cli
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from searchengine.errors import ModelLoadError
-from searchengine.models.retrieval import int8_loading
+from searchengine.models.loading import int8_loading
 from tests.inprocess import run_cli
 
 

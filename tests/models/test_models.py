@@ -10,7 +10,8 @@ from transformers import AutoProcessor, Blip2ForImageTextRetrieval
 
 from searchengine.errors import ModelLoadError
 from searchengine.media.imageio import decode_image
-from searchengine.models.retrieval import RetrievalModel, resolve_dtype
+from searchengine.models.retrieval import RetrievalModel
+from searchengine.models.loading import resolve_dtype
 
 pytestmark = pytest.mark.dtype  # dtype auto, and every dtype a model loads in
 
@@ -174,7 +175,7 @@ def test_blip2_without_retrieval_heads_is_refused(tmp_path, tiny_model_dir):
 
 
 def test_auto_dtype(monkeypatch):
-    import searchengine.models.retrieval as models
+    import searchengine.models.loading as models
 
     monkeypatch.setattr(models, "cpu_supports_bf16", lambda: False)
     assert resolve_dtype("auto", "cpu") == torch.float32
