@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from searchengine.config.datadir import default_data_dir
@@ -131,6 +131,14 @@ class Settings(BaseSettings):
     # original; made on first request and kept.
     preview_size: int = Field(1600, ge=64, le=8192)
     refresh_interval_s: float = Field(1.0, ge=0)  # how often the service looks for index writes
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _blank_key_is_no_key(cls, value):
+        """An empty or blank key is no key (compose passes `SEARCHENGINE_API_KEY: ''` when
+        it is unset): the server then says it has none, rather than guarding with ''."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return None if isinstance(raw, str) and not raw.strip() else value
 
     def writes_feature_cache(self, device: str) -> bool:
         """Whether ViT features are cached (at index time, and when re-computed at query time)."""

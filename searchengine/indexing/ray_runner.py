@@ -60,9 +60,17 @@ def check_installed() -> None:
         raise SearchEngineError("--runner ray needs Ray Data: pip install 'searchengine[ray]' (or pip install 'ray[data]')") from None
 
 
+RAY_CLIENT_REFUSED = (
+    "--ray-address {address}: Ray Data does not run through Ray Client (ray://), so an index run cannot "
+    "drive a cluster from outside it; run the command on a node of the cluster, or on a machine that "
+    "joins it first (`ray start --address HEAD:6379`), with --ray-address auto"
+)
+
+
 def connect(address: str | None) -> None:
-    """Join the cluster at `address` ("auto": the one this machine belongs to; "ray://host:port":
-    a remote one), or start a local instance on this machine when there is none to join."""
+    """Join the cluster at `address` ("auto": the one this machine belongs to, as a node of it;
+    "HOST:6379": the head's address, from a node), or start a local instance on this machine
+    when there is none to join. A Ray Client address (ray://) was refused by `RayRunner`."""
     import ray
 
     if ray.is_initialized():
@@ -182,6 +190,10 @@ class RayRunner:
 
     def __init__(self, settings: "Settings", loaders: Loaders, address: str | None = None, *, actors: int = 0,
                  read_batch: int = 16) -> None:
+        if address and address.startswith("ray://"):
+            # Ray Data's streaming executor fails through Ray Client (`'Worker' object has no
+            # attribute 'core_worker'`, Ray 2.x): refused before any model loads.
+            raise SearchEngineError(RAY_CLIENT_REFUSED.format(address=address))
         self.settings = settings
         self.loaders = loaders
         self.address = address

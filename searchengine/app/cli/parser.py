@@ -41,7 +41,7 @@ def _index_command(command) -> None:
     )
     p.add_argument(
         "--ray-address", metavar="ADDRESS",
-        help="with --runner ray: auto (the cluster this machine is in), ray://HOST:PORT, or none to start Ray here",
+        help="with --runner ray: auto (the cluster this machine is a node of), HOST:6379 (the head, from a node), or none to start Ray here",
     )
     links_option(p)
     caption_options(p)
