@@ -18,10 +18,12 @@ def get(path):
 
 
 assert os.getuid() == 1000, f"runs as uid {os.getuid()}, not the image's unprivileged user"
-for args in (["/data/tiny-blip2"], ["/data/tiny-captioner", "--kind", "blip"]):
+# The data dir: the image's /data, or the host folder build-here.sh mounts (SEARCHENGINE_DATA_DIR).
+DATA = os.environ.get("SEARCHENGINE_DATA_DIR", "/data")
+for args in ([f"{DATA}/tiny-blip2"], [f"{DATA}/tiny-captioner", "--kind", "blip"]):
     subprocess.run(["searchengine", "make-tiny-model", *args], check=True, capture_output=True)
-env = {**os.environ, "HF_HUB_OFFLINE": "1", "SEARCHENGINE_MODEL": "/data/tiny-blip2",
-       "SEARCHENGINE_CAPTION_MODEL": "/data/tiny-captioner", "SEARCHENGINE_HOST": "127.0.0.1", "SEARCHENGINE_PORT": PORT}
+env = {**os.environ, "HF_HUB_OFFLINE": "1", "SEARCHENGINE_MODEL": f"{DATA}/tiny-blip2",
+       "SEARCHENGINE_CAPTION_MODEL": f"{DATA}/tiny-captioner", "SEARCHENGINE_HOST": "127.0.0.1", "SEARCHENGINE_PORT": PORT}
 server = subprocess.Popen(["searchengine", "serve", "--watch", "/photos"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 try:
     for _ in range(180):
