@@ -6,6 +6,8 @@
 #   - the driver, with ray-driver's entrypoint and default command: it joins the head as a node,
 #     then `searchengine index /photos --runner ray --ray-address auto`;
 # then `stats` in the driver's data dir. Prints the index run's images/s.
+# buildah's chroot isolation shares this machine's processes, so the end (`ray stop`) stops
+# every Ray running here, not only these two containers': run it where nothing else uses Ray.
 #
 #   docker/ray-here.sh [PHOTO_FOLDER]           (root; podman, buildah)
 set -euo pipefail
@@ -38,10 +40,12 @@ buildah run --isolation=chroot --network=host "${mounts[@]}" "$head" -- \
   ray start --head --block --port="$PORT" --num-cpus=2 --include-dashboard=false --disable-usage-stats \
   > "$work/head.log" 2>&1 &
 head_pid=$!
+up=
 for _ in $(seq 60); do
-  buildah run --isolation=chroot --network=host "$head" -- ray status --address="127.0.0.1:$PORT" >/dev/null 2>&1 && break
+  buildah run --isolation=chroot --network=host "$head" -- ray status --address="127.0.0.1:$PORT" >/dev/null 2>&1 && { up=1; break; }
   sleep 2
 done
+[ -n "$up" ] || { echo "the Ray head did not start:"; cat "$work/head.log"; exit 1; }
 
 # The driver: ray-driver's entrypoint and default command, with the head at 127.0.0.1.
 start=$(date +%s.%N)

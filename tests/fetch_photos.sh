@@ -11,5 +11,10 @@ trap 'rm -rf "$work"' EXIT
 (cd "$work" && { apt-get download mate-backgrounds >/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get download mate-backgrounds >/dev/null 2>&1; }; })
 dpkg -x "$work"/mate-backgrounds_*.deb "$work/x"
 mkdir -p "$(dirname "$dest")"
-rm -rf "$dest.partial" && cp -r "$work/x/usr/share/backgrounds/mate" "$dest.partial" && mv "$dest.partial" "$dest"
+# Copied beside the cache under a name of its own, then renamed into place in one step: two
+# runs at once (the suite's workers) never copy into each other's folder, and the one that
+# renames second finds the folder there and keeps it.
+part=$(mktemp -d "$dest.partial.XXXXXX") && chmod 755 "$part"
+cp -r "$work/x/usr/share/backgrounds/mate/." "$part/"
+mv -T "$part" "$dest" 2>/dev/null || rm -rf "$part"
 echo "$dest"

@@ -190,10 +190,12 @@ class RayRunner:
 
     def __init__(self, settings: "Settings", loaders: Loaders, address: str | None = None, *, actors: int = 0,
                  read_batch: int = 16) -> None:
-        if address and address.startswith("ray://"):
-            # Ray Data's streaming executor fails through Ray Client (`'Worker' object has no
-            # attribute 'core_worker'`, Ray 2.x): refused before any model loads.
-            raise SearchEngineError(RAY_CLIENT_REFUSED.format(address=address))
+        # Ray Data's streaming executor fails through Ray Client (`'Worker' object has no
+        # attribute 'core_worker'`, Ray 2.x): refused before any model loads. Ray reads
+        # $RAY_ADDRESS where the address is none or auto.
+        effective = os.environ.get("RAY_ADDRESS", "") if address in (None, "auto") else address
+        if effective.strip().lower().startswith("ray://"):
+            raise SearchEngineError(RAY_CLIENT_REFUSED.format(address=effective))
         self.settings = settings
         self.loaders = loaders
         self.address = address

@@ -8,7 +8,7 @@ import os
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import case, false, func, inspect, or_, select, text
+from sqlalchemy import case, false, func, inspect, literal, or_, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DatabaseError
 
@@ -370,8 +370,10 @@ class Catalog:
 
     def image_detail(self, image_id: int) -> ImageDetail | None:
         """Everything the store knows of one image, with its files (None: no such image)."""
+        # A read-only index of schema 3 or older has no lens column: None for it there.
+        columns = [c for c in images.c if c.name != "lens"] + [images.c.lens if self.has_lens else literal(None).label("lens")]
         with self.engine.connect() as conn:
-            row = conn.execute(select(images).where(images.c.id == image_id)).first()
+            row = conn.execute(select(*columns).where(images.c.id == image_id)).first()
             if row is None:
                 return None
             indexed = [
@@ -385,7 +387,7 @@ class Catalog:
         d = row._mapping
         return ImageDetail(
             d["id"], indexed, d["width"], d["height"], d["taken_at"], d["camera"], d["gps_lat"], d["gps_lon"],
-            d["caption"], d["caption_model"], d["caption_error"], d["sha256"], d.get("lens"),
+            d["caption"], d["caption_model"], d["caption_error"], d["sha256"], d["lens"],
         )
 
     def consistency(self) -> dict[str, int]:

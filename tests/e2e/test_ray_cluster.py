@@ -9,9 +9,11 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,8 @@ EXE = str(Path(sys.executable).with_name("searchengine"))
 @pytest.fixture
 def ray_head():
     """A head node on this machine, in a temporary folder of its own (short: Ray's socket
-    paths live under it); its GCS address."""
+    paths live under it), in a process group of its own; its GCS address. It is stopped by
+    ending that group: `ray stop` would end every Ray on the machine, another worker's too."""
     port = free_port()
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")
     # Token authentication (Ray 2.5x): on whenever ~/.ray/auth_token exists, which a local
@@ -37,16 +40,30 @@ def ray_head():
     # the head and to the node that drives it, whatever that file holds.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    start = subprocess.run(
-        [RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
          f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    assert start.returncode == 0, start.stdout + start.stderr
+    address = f"127.0.0.1:{port}"
     try:
-        yield f"127.0.0.1:{port}", env
+        deadline = time.monotonic() + 120
+        while subprocess.run([RAY, "status", f"--address={address}"], env=env, capture_output=True, timeout=60).returncode:
+            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+            time.sleep(1)
+        yield address, env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        # The head's own stop (it takes a few seconds), then whatever is left of its group.
+        for sig, grace in ((signal.SIGTERM, 8), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                head.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+            time.sleep(1)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -73,4 +90,9 @@ def test_a_ray_client_address_is_refused_before_anything_loads(tiny_model_dir, t
                 "--ray-address", "ray://ray-head:10001", env={"SEARCHENGINE_DATA_DIR": str(tmp_path / "data")})
     assert r.returncode != 0 and "Ray Data does not run through Ray Client" in r.stderr, r.stderr
     assert "--ray-address auto" in r.stderr
+    assert not (tmp_path / "data").exists()
+    # `auto` (and no address) is what $RAY_ADDRESS says, for Ray: a Ray Client one there too.
+    r = run_cli("index", tmp_path / "photos", "--model", tiny_model_dir, "--runner", "ray", "--ray-address", "auto",
+                env={"SEARCHENGINE_DATA_DIR": str(tmp_path / "data"), "RAY_ADDRESS": "RAY://ray-head:10001"})
+    assert r.returncode != 0 and "RAY://ray-head:10001: Ray Data does not run through Ray Client" in r.stderr, r.stderr
     assert not (tmp_path / "data").exists()

@@ -61,3 +61,32 @@ def test_both_images_take_a_ca_bundle_and_keep_an_existing_uid_1000():
         user = next(s for s in steps if "useradd" in s)
         assert "getent passwd 1000 >/dev/null ||" in user, user
         assert "USER 1000" in steps
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore leaves `path` out of the build context: the last pattern that
+    matches the path or a folder above it decides; `!` lets it back in."""
+    import fnmatch
+
+    parts = path.split("/")
+    out = False
+    for pattern in patterns:
+        keep = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        for i in range(1, len(parts) + 1):
+            here = "/".join(parts[:i])
+            if fnmatch.fnmatch(here, pattern) or (pattern.startswith("**/") and fnmatch.fnmatch(parts[i - 1], pattern[3:])):
+                out = not keep
+    return out
+
+
+def test_what_the_images_copy_is_in_the_build_context():
+    """`.dockerignore` leaves out docker/, and Dockerfile.gpu copies docker/gpu-requirements.txt."""
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+    assert ignored("docker/smoke.py", patterns) and ignored("tests/conftest.py", patterns)  # the matcher works
+    for dockerfile in (CPU, GPU):
+        for step in instructions(dockerfile):
+            if step.startswith("COPY"):
+                for source in step.split()[1:-1]:
+                    assert (ROOT / source).exists(), source
+                    assert not ignored(source, patterns), f"{source} is left out of the build context"

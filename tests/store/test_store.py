@@ -384,3 +384,25 @@ def test_a_store_file_deleted_or_replaced_under_an_open_store_is_never_used(tmp_
     else:
         assert os.stat(path).st_ino == copy  # left as the other process put it
     store.close()
+
+
+def test_a_read_only_store_of_schema_3_shows_an_image_without_its_lens(tmp_path):
+    """Schema 3 had no lens column and a read-only open does not upgrade it: an image's detail
+    selected the column all the same, and /api/images/{id} was a 500 there."""
+    from sqlalchemy import text
+
+    url = sqlite_url(tmp_path / "old.db")
+    s = Store.open(url)
+    s.bind_model(INFO)
+    (image_id,), _ = s.write_batch(new_images=[NewImage("h1", ImageMeta(3, 2, caption="a beach"), _vec(1), None, b"", ("/p/a.jpg", 1, 1))])
+    with s.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE images DROP COLUMN lens"))
+        conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="3"))
+    s.close()
+    s = Store.open(url, read_only=True)
+    try:
+        d = s.image_detail(image_id)
+        assert (d.width, d.height, d.caption, d.lens) == (3, 2, "a beach", None)
+        assert [f.path for f in d.files] == ["/p/a.jpg"]
+    finally:
+        s.close()
