@@ -4,7 +4,6 @@ question-answering model all load this way)."""
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -15,7 +14,6 @@ from searchengine.models.hub import ModelSource, locate, prepare_loading
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger(__name__)
 
 CPU_BF16_ENV = "SEARCHENGINE_CPU_BF16"
 
@@ -50,7 +48,6 @@ def cpu_supports_bf16() -> bool:
     return False
 
 
-
 def resolve_device(device: str) -> str:
     import torch
 
@@ -60,7 +57,6 @@ def resolve_device(device: str) -> str:
         what = "Apple GPU (mps)" if device == "mps" else "CUDA GPU"
         raise ModelLoadError(f"device {device!r} was asked for, but this machine has no {what}; use --device cpu")
     return picked
-
 
 
 def int8_loading(device: str) -> dict:
@@ -80,7 +76,6 @@ def int8_loading(device: str) -> dict:
     return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
 
 
-
 def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
     """The torch dtype of `--dtype` on this device. int8 is the weights of language models
     (`int8_loading`); everything else, the retrieval model whole, runs in the automatic dtype."""
@@ -90,7 +85,6 @@ def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
         gpu_bf16 = is_cuda(device) and torch.cuda.is_bf16_supported()  # Apple GPUs: fp16
         dtype = auto_dtype(device, gpu_bf16=gpu_bf16, cpu_bf16=not on_gpu(device) and cpu_supports_bf16())
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
 
 
 def load_config(name: str, what: str = "model") -> tuple[ModelSource, object]:
@@ -103,7 +97,6 @@ def load_config(name: str, what: str = "model") -> tuple[ModelSource, object]:
         return where, AutoConfig.from_pretrained(where.source, local_files_only=where.local_files_only)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load {what} {name!r}: {first_line(e)}") from e
-
 
 
 def load_pretrained(model_class, where: ModelSource, name: str, what: str, *, dtype, **kwargs) -> tuple[object, object, list[str]]:
@@ -120,7 +113,6 @@ def load_pretrained(model_class, where: ModelSource, name: str, what: str, *, dt
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load {what} {name!r}: {first_line(e)}") from e
     return model, processor, list(info.get("missing_keys", ()))
-
 
 
 def first_line(e: BaseException) -> str:
