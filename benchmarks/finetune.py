@@ -35,7 +35,8 @@ def main() -> None:
 
     from transformers import Blip2VisionConfig, Blip2VisionModel
 
-    from searchengine.tuning.finetune import Config, batch_losses
+    from searchengine.tuning.finetune import Config
+    from searchengine.tuning.training import batch_losses
     from searchengine.models.retrieval import RetrievalModel
     from searchengine.models.tiny import _WORDS, build_tiny_model
 

@@ -324,7 +324,6 @@ LONG_FUNCTIONS = {
     "searchengine/indexing/scan.py:scan_folder": 101,
     "searchengine/indexing/watch.py:Watcher.step": 88,
     "searchengine/models/tiny.py:build_tiny_captioner": 102,
-    "searchengine/tuning/finetune.py:run": 109,
 }
 LONG_MODULES: dict[str, int] = {}
 

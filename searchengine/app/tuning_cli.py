@@ -19,6 +19,7 @@ examples:
 examples:
   searchengine finetune ~/datasets/catalogue --out ~/models/catalogue-blip2
   searchengine finetune DATA --out DIR --epochs 10 --lr 2e-5     (run it again after Ctrl-C: it resumes)
+  searchengine finetune DATA --out DIR --train-vision 2           photos that look unlike the model's: train the ViT's top too
   searchengine index ~/Pictures --model ~/models/catalogue-blip2 --data-dir ~/.local/share/searchengine-catalogue""",
 }
 
@@ -46,10 +47,11 @@ def add_parsers(command, common) -> None:
     d = Config()
     p = command(
         "finetune", "fine-tune the retrieval model on captioned images",
-        "Train the Q-Former, its query tokens and projections and the ITM head (the ViT frozen, its outputs "
-        "computed once) with BLIP-2's ITC and ITM objectives on a captioned set; measure a held-out split "
-        "before and after, as `eval` does; write a model folder that `index --model` loads. Interrupted, "
-        "the same command resumes from the last checkpoint.",
+        "Train the Q-Former, its query tokens and projections and the ITM head (and with --train-vision the "
+        "ViT's last blocks; the frozen part's outputs are computed once) with BLIP-2's ITC and ITM objectives "
+        "on a captioned set; measure a held-out split before and after, as `eval` does, and after each epoch "
+        "(the best epoch is kept); write a model folder that `index --model` loads. Interrupted, the same "
+        "command resumes from the last checkpoint.",
     )
     p.add_argument("data", metavar="DATA", help="a captions file (JSON lines, or Karpathy's COCO/Flickr30k JSON) or its folder")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the fine-tuned model (a new or empty folder)")
@@ -57,13 +59,33 @@ def add_parsers(command, common) -> None:
     p.add_argument("--split", help="only this split (Karpathy files: train by default)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training images (default: {d.epochs})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step, one caption each (default: {d.batch_size})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    p.add_argument("--lr", type=learning_rate, default=d.lr,
+                   help="peak learning rate, or auto: the best of a short sweep measured on the held-out split (default: auto)")
+    p.add_argument("--train-vision", type=int, default=d.train_vision, metavar="N",
+                   help=f"also train the ViT's last N blocks, at layer-wise decayed rates; 0 keeps it frozen (default: {d.train_vision})")
+    p.add_argument("--layer-decay", type=float, default=d.layer_decay,
+                   help=f"with --train-vision: each ViT block's rate against the one above (default: {d.layer_decay})")
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help=f"stop after this many epochs without a better held-out R@1; the best epoch's weights are kept (default: {d.patience})")
     p.add_argument("--held-out", type=float, default=d.held_out, help=f"share of the images measured and never trained on (default: {d.held_out})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"decides the split, the order and the negatives (default: {d.seed})")
     p.add_argument("--k-test", type=int, default=d.k_test, help=f"ITC candidates ITM re-ranks when measuring (default: {d.k_test})")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"steps between checkpoints (default: {d.checkpoint_every})")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     common(p, model=True)
+
+
+def learning_rate(text: str) -> float | str:
+    """--lr: a number above 0, or auto."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor auto") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, or auto; got {text}")
+    return value
 
 
 def _stages(bar):
@@ -104,6 +126,18 @@ class TrainingLog:
         left = f", {duration((s.total - s.step) / rate)} left" if rate > 0 and s.step < s.total else ""
         print(f"step {s.step}/{s.total} (epoch {s.epoch}/{s.epochs}): loss itc {s.loss_itc:.3f}, itm {s.loss_itm:.3f}; "
               f"{rate:.2f} steps/s{left}", file=self.err, flush=True)
+
+    def epoch(self, e) -> None:
+        """Each epoch's held-out recall, in a terminal above the bar too."""
+        best = "the best so far" if e.best_epoch == e.epoch else (
+            f"best: epoch {e.best_epoch}" if e.best_epoch else "no better than before training")
+        line = f"epoch {e.epoch}/{e.epochs}: held-out R@1 {e.recalls['R@1']:.1f} (text->image, ITC; {best})"
+        if e.stopping:
+            line += f"; stopping: no better R@1 for {e.epoch - e.best_epoch} epochs"
+        if self.bar.disable:
+            print(line, file=self.err, flush=True)
+        else:
+            self.bar.write(line, file=self.err)
 
 
 def duration(seconds: float) -> str:
@@ -183,11 +217,14 @@ def cmd_finetune(args: argparse.Namespace, out, err) -> int:
                              ("--checkpoint-every", args.checkpoint_every, 1)):
         if value < low:
             raise SearchEngineError(f"{name} must be at least {low}")
-    if not 0 < args.held_out < 1 or not args.lr > 0:
-        raise SearchEngineError("--held-out must be between 0 and 1, and --lr above 0")
+    if args.train_vision < 0 or args.patience < 1:
+        raise SearchEngineError("--train-vision must be 0 or more, and --patience at least 1")
+    if not 0 < args.held_out < 1 or not 0 < args.layer_decay <= 1:
+        raise SearchEngineError("--held-out must be between 0 and 1, and --layer-decay above 0 and at most 1")
     config = finetune.Config(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, held_out=args.held_out, seed=args.seed,
-        k_test=args.k_test, checkpoint_every=args.checkpoint_every,
+        k_test=args.k_test, checkpoint_every=args.checkpoint_every, train_vision=args.train_vision,
+        layer_decay=args.layer_decay, patience=args.patience,
     )
     data = datasets.load(Path(args.data), images=Path(args.images) if args.images else None, split=args.split, default_split="train")
     for message in data.messages:
@@ -201,7 +238,7 @@ def cmd_finetune(args: argparse.Namespace, out, err) -> int:
     log = TrainingLog(bar, err)
     try:
         report = finetune.run(
-            model, data, Path(args.out), config, settings, on_stage=stage, on_step=log.step,
+            model, data, Path(args.out), config, settings, on_stage=stage, on_step=log.step, on_epoch=log.epoch,
             on_note=lambda message: bar.write(message, file=err),
         )
     except KeyboardInterrupt:
@@ -220,6 +257,11 @@ def cmd_finetune(args: argparse.Namespace, out, err) -> int:
         f"{report.pairs_per_s:.1f} pairs/s; held out: {report.held_out_images} images ({report.held_out_captions} captions)",
         file=out,
     )
+    chosen = "chosen by the sweep" if report.lr_trials else "as asked"
+    vision = f"the ViT's last {config.train_vision} blocks trained" if config.train_vision else "the ViT frozen"
+    kept = f"epoch {report.best_epoch}'s weights kept" if report.best_epoch else "no epoch beat the base model: its weights kept"
+    stopped = f", stopped early after {report.epochs_run} of {config.epochs} epochs" if report.stopped_early else ""
+    print(f"learning rate {report.lr:.0e} ({chosen}), {vision}; {kept}{stopped}", file=out)
     print(report.table(), file=out)
     print(f"wrote {report.out}; index with it: searchengine index FOLDER --model {report.out} --data-dir NEW_DIR", file=out)
     return 0

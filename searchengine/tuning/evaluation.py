@@ -128,13 +128,14 @@ def batch_size(model: "RetrievalModel", settings: Settings) -> int:
     return index_batch_size(model, settings)
 
 
-def from_vit(model: "RetrievalModel", emb: Embedded, settings: Settings) -> Embedded:
+def from_vit(model: "RetrievalModel", emb: Embedded, settings: Settings, vit: "torch.Tensor | None" = None) -> Embedded:
     """`emb`'s set embedded again by `model` from the ViT outputs `embed(keep_raw=True)` kept
-    (fine-tuning trains everything after the ViT): in the batches `embed` used, so the same
-    weights give the same vectors."""
+    (fine-tuning trains everything after the ViT), or from `vit` (a trained ViT's outputs): in
+    the batches `embed` used, so the same weights give the same vectors."""
     import torch
 
-    vit, batch = emb.raw_vit, batch_size(model, settings)
+    vit = emb.raw_vit if vit is None else vit
+    batch = batch_size(model, settings)
     with torch.inference_mode():
         itc = [model.itc_from_vit(vit[s:s + batch].to(model.device, model.vision_dtype)) for s in range(0, len(vit), batch)]
     return _with_texts(model, emb.data, np.concatenate(itc).astype(np.float16).astype(np.float32), vit, settings, vit)
@@ -197,6 +198,17 @@ def top_by_itc(scores: np.ndarray, k: int) -> np.ndarray:
     return order[:k]
 
 
+def itc_recalls(emb: Embedded) -> dict[str, dict[str, float]]:
+    """(a) by ITC alone, without ITM: {"text_to_image": recalls, "image_to_text": recalls}."""
+    sim = similarity(emb.itc, emb.texts)[:, emb.text_of]  # [N, T]
+    data = emb.data
+    per_image = data.image_texts()
+    return {
+        "text_to_image": recalls(np.array([rank_of(sim[:, t], data.text_image[t:t + 1]) for t in range(len(data.texts))])),
+        "image_to_text": recalls(np.array([rank_of(sim[i], per_image[i]) for i in range(len(data.images))])),
+    }
+
+
 def in_memory(
     model: "RetrievalModel", emb: Embedded, k_test: int, *, progress: Progress = lambda n: None,
 ) -> dict[str, dict[str, dict[str, float]]]:
@@ -206,12 +218,11 @@ def in_memory(
     sim = similarity(emb.itc, emb.texts)[:, emb.text_of]  # [N, T]
     data = emb.data
     per_image = data.image_texts()
-    t2i_itc, t2i_itm, i2t_itc, i2t_itm = [], [], [], []
+    t2i_itm, i2t_itm = [], []
     k = min(k_test, len(data.images))
     for t in range(len(data.texts)):
         right = data.text_image[t:t + 1]
         col = sim[:, t]
-        t2i_itc.append(rank_of(col, right))
         top = top_by_itc(col, k)
         itm = model.itm(data.texts[t], emb.vit[torch.from_numpy(top)]) if k else np.zeros(0, np.float32)
         t2i_itm.append(reranked_rank(col, right, top, itm))
@@ -220,7 +231,6 @@ def in_memory(
     for i in range(len(data.images)):
         row = sim[i]
         right = per_image[i]
-        i2t_itc.append(rank_of(row, right))
         top = top_by_itc(row, k)
         # Each distinct caption scored once: equal captions get equal scores (and ties stay ties).
         rows, which = np.unique(emb.text_of[top], return_inverse=True)
@@ -229,7 +239,7 @@ def in_memory(
         i2t_itm.append(reranked_rank(row, right, top, itm))
         progress(1)
     return {
-        "itc": {"text_to_image": recalls(np.array(t2i_itc)), "image_to_text": recalls(np.array(i2t_itc))},
+        "itc": itc_recalls(emb),
         "itm": {"text_to_image": recalls(np.array(t2i_itm)), "image_to_text": recalls(np.array(i2t_itm))},
     }
 

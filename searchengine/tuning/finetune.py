@@ -1,63 +1,66 @@
 """`searchengine finetune`: BLIP-2's retrieval objectives on a user's captioned photos.
 
 What BLIP-2's first stage trains for retrieval, on a checkpoint that already has it: the
-Q-Former, its query tokens, its word embeddings and both projections and the ITM head; the
-ViT stays frozen, as in the paper, so its outputs are computed once and kept on disk for the
-run (`ViTCache`). Two losses per batch of images, one caption each:
+Q-Former, its query tokens, its word embeddings and both projections and the ITM head; and,
+with `--train-vision N`, the ViT's last N blocks at layer-wise decayed rates (`vision.py`).
+The rest of the ViT stays frozen, so its outputs are computed once and kept on disk for the run
+(`ViTCache`). The losses and the optimizer: `training.py`.
 
-- ITC, contrastive over the batch both ways, image-text similarity the best of the image's
-  query vectors (as search scores it) over a learnable temperature (LAVIS: 0.07, kept in
-  [0.001, 0.5]; the transformers class has none, and ranking does not need one), label
-  smoothing 0.1. Captions equal to each other count as positives of each other's images.
-- ITM, binary: every pair, plus one wrong image for each caption and one wrong caption for
-  each image. Wrong ones are drawn at random first, then more and more from ITC's own
-  mistakes (hard negatives, in proportion to their similarity): ITM learns nothing when it
-  starts on hard negatives (MODEL_NOTES.md).
+The run:
+1. the frozen part's outputs of the training images into the cache (resumable);
+2. the held-out split embedded and measured with `eval`'s code ("before");
+3. with `--lr auto` (the default), the peak learning rate chosen by a short sweep measured on
+   the held-out split (`lr_sweep.py`);
+4. training, the held-out text->image ITC recall measured after each epoch: the best epoch's
+   weights are kept (the base model's, where no epoch beats it), and training stops when
+   `patience` epochs in a row have not beaten it;
+5. the kept weights measured with `eval`'s code ("after") and written out.
 
-AdamW (no decay on biases, norms and the query tokens), linear warm-up then cosine decay. A
-held-out split is measured with `eval`'s code before and after. The run checkpoints into
-`OUT/.finetune/` every so many steps and on Ctrl-C: the same command resumes it, and a resumed
-run trains exactly as an uninterrupted one (each step's data order, negatives and dropout come
-from the seed and the step alone). The result is a `save_pretrained` folder (model, image
-processor, tokenizer) that `index --model OUT` loads like any checkpoint, with `finetune.json`
-(the before/after recalls and the settings) beside it.
+The run checkpoints into `OUT/.finetune/` every so many steps and on Ctrl-C: the same command
+resumes it, and a resumed run trains exactly as an uninterrupted one (each step's data order,
+negatives and dropout come from the seed and the step alone). The result is a `save_pretrained`
+folder (model, image processor, tokenizer) that `index --model OUT` loads like any checkpoint,
+with `finetune.json` (the before/after recalls, the chosen learning rate, each epoch's recall
+and the settings) beside it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from searchengine.config.devices import is_cuda
 from searchengine.errors import FinetuneError
 from searchengine.util.durable import write_json
 from searchengine.config.settings import Settings
-from searchengine.tuning import evaluation
+from searchengine.tuning import evaluation, lr_sweep
 from searchengine.tuning.datasets import CaptionedSet
+from searchengine.tuning.training import Schedule, Trainer
+from searchengine.tuning.vit_cache import Batches, ViTCache
+from searchengine.tuning.vision import VisionSplit
 
 if TYPE_CHECKING:
     import torch
 
     from searchengine.models.retrieval import RetrievalModel
 
-WORK = ".finetune"  # inside OUT: the ViT cache and the checkpoint, removed when done
+WORK = ".finetune"  # inside OUT: the ViT caches and the checkpoint, removed when done
 REPORT = "finetune.json"
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
 class Config:
-    epochs: int = 5
+    epochs: int = 10
     batch_size: int = 16
-    lr: float = 1e-5  # LAVIS fine-tunes retrieval at 1e-5
+    lr: float | str = AUTO  # a peak rate, or chosen by a sweep (LAVIS fine-tunes the real model at 1e-5)
     weight_decay: float = 0.05
     warmup: float = 0.1  # share of the steps
     hard_from: float = 0.3  # share of the steps on random negatives; hard ones then ramp in as long again
@@ -67,6 +70,12 @@ class Config:
     checkpoint_every: int = 200  # steps
     label_smoothing: float = 0.1
     temp_init: float = 0.07
+    train_vision: int = 0  # the ViT's last blocks trained
+    layer_decay: float = 0.95  # each ViT block's rate against the one above it (LAVIS, EVA)
+    patience: int = 3  # epochs without a better held-out R@1 before training stops
+
+    def schedule(self, lr: float, total: int) -> Schedule:
+        return Schedule(lr=lr, total=total, warmup=self.warmup, hard_from=self.hard_from)
 
 
 @dataclass
@@ -83,116 +92,15 @@ class Step:
     seconds: float = 0.0  # this step's time
 
 
-# -- the ViT outputs, computed once ------------------------------------------------------------
+@dataclass
+class Epoch:
+    """What the epoch callback is told when an epoch has been measured."""
 
-
-class ViTCache:
-    """The images' ViT outputs [N, P, W] as float16 in a file, filled in order; `done.json`
-    says how far, and which images could not be read, so an interrupted fill goes on."""
-
-    def __init__(self, folder: Path, n: int, shape: tuple[int, int]) -> None:
-        self.folder = folder
-        self.path = folder / "vit.f16"
-        self.state_path = folder / "vit.json"
-        self.n, self.shape = n, tuple(shape)
-        state = self._state()
-        mode = "r+" if self.path.exists() and self.path.stat().st_size == n * shape[0] * shape[1] * 2 else "w+"
-        self.array = np.memmap(self.path, dtype=np.float16, mode=mode, shape=(n, *shape))
-        if mode == "w+":
-            state = {"done": 0, "bad": {}}
-        self.done: int = state["done"]
-        self.bad: dict[int, str] = {int(k): v for k, v in state["bad"].items()}
-
-    def _state(self) -> dict:
-        try:
-            return json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            return {"done": 0, "bad": {}}
-
-    def fill(self, model: "RetrievalModel", images: list[Path], settings: Settings, progress: Callable[[int], None]) -> None:
-        """The rest of the images through the indexer's read and decode stages and the ViT."""
-        import torch
-
-        decode = evaluation.decoder(model, settings)
-        batch = evaluation.batch_size(model, settings)
-        progress(self.done)
-        while self.done < self.n:
-            start, end = self.done, min(self.n, self.done + batch)
-            rows, pixels = [], []
-            for i in range(start, end):
-                item = decode(images[i])
-                if isinstance(item, str):
-                    self.bad[i] = item
-                else:
-                    rows.append(i)
-                    pixels.append(item.pixels)
-            if pixels:
-                self.array[rows] = model.vit(torch.stack(pixels)).float().cpu().numpy().astype(np.float16)
-                self.array.flush()
-            self.done = end
-            write_json(self.state_path, {"done": self.done, "bad": self.bad})
-            progress(end - start)
-
-    def rows(self, index: np.ndarray) -> "torch.Tensor":
-        import torch
-
-        return torch.from_numpy(np.asarray(self.array[np.asarray(index)], dtype=np.float32))
-
-
-# -- one step ------------------------------------------------------------------------------------
-
-
-def batch_losses(
-    model: "RetrievalModel", vit: "torch.Tensor", texts: list[str], temp: "torch.Tensor",
-    rng: np.random.Generator, hard: float, smoothing: float,
-) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """(ITC loss, ITM loss) of a batch: image i [B, P, W] with caption i (see the module doc)."""
-    import torch
-    from torch.nn import functional as F
-
-    b = len(texts)
-    tok = model.tokenize(texts)
-    ids, mask = tok["input_ids"].to(model.device), tok["attention_mask"].to(model.device)
-    img = model.image_features(vit)  # [B, Q, D]
-    txt = model.text_features(ids, mask)  # [B, D]
-    sim = torch.einsum("iqd,td->itq", img, txt).amax(dim=-1)  # [B images, B texts]
-    same = np.array([[a == c for c in texts] for a in texts])  # equal captions: positives both ways
-    targets = torch.from_numpy(same / same.sum(axis=1, keepdims=True)).to(sim)
-    targets = (1 - smoothing) * targets + smoothing / b
-    logits = sim / temp
-    loss_itc = (-(targets * F.log_softmax(logits, dim=1)).sum(1).mean() - (targets * F.log_softmax(logits.t(), dim=1)).sum(1).mean()) / 2
-
-    with torch.no_grad():  # one wrong image per caption, one wrong caption per image
-        weights = {"i2t": F.softmax(logits.float(), dim=1).cpu().numpy(), "t2i": F.softmax(logits.t().float(), dim=1).cpu().numpy()}
-    neg_img_for, neg_txt_for = [], []
-    for row in range(b):
-        wrong = ~same[row]
-        if not wrong.any():
-            continue
-        for kind, out in (("t2i", neg_img_for), ("i2t", neg_txt_for)):
-            w = weights[kind][row] * wrong if rng.random() < hard else wrong.astype(np.float64)
-            w = w / w.sum() if w.sum() > 0 else wrong / wrong.sum()
-            out.append((row, int(rng.choice(b, p=w))))
-    pairs_text = list(range(b)) + [t for t, _ in neg_img_for] + [j for _, j in neg_txt_for]
-    pairs_image = list(range(b)) + [j for _, j in neg_img_for] + [i for i, _ in neg_txt_for]
-    labels = torch.tensor([1] * b + [0] * (len(pairs_text) - b), device=model.device)
-    itm = model.itm_logits(ids[pairs_text], mask[pairs_text], vit[pairs_image])
-    return loss_itc, F.cross_entropy(itm.float(), labels)
-
-
-def lr_at(step: int, total: int, config: Config) -> float:
-    """Linear warm-up over `warmup` of the steps, then cosine decay to 0."""
-    warm = max(1, round(config.warmup * total))
-    if step < warm:
-        return config.lr * (step + 1) / warm
-    return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-
-def hard_share(step: int, total: int, config: Config) -> float:
-    """The share of negatives drawn from ITC's mistakes: none for `hard_from` of the run, then
-    rising to all over as many steps again."""
-    start = config.hard_from * total
-    return float(np.clip((step - start) / max(1.0, start), 0.0, 1.0)) if step >= start else 0.0
+    epoch: int
+    epochs: int
+    recalls: dict[str, float]  # held-out text->image ITC recalls after it
+    best_epoch: int  # 0: the base model
+    stopping: bool  # patience ran out: this was the last epoch
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -206,12 +114,18 @@ class Report:
     train_captions: int
     held_out_images: int
     held_out_captions: int
-    steps: int
-    pairs_per_s: float  # image-caption pairs trained per second (the ViT cached), this run
+    steps: int  # taken, over all the run's sessions (fewer than planned where it stopped early)
+    pairs_per_s: float  # image-caption pairs trained per second (the ViT cached), this session
     before: dict
     after: dict
     config: dict
     skipped: dict
+    lr: float = 0.0  # the peak learning rate trained with
+    lr_trials: list = field(default_factory=list)  # [{"lr", "recalls"}] where --lr auto chose it
+    best_epoch: int = 0  # whose weights were kept (0: the base model's)
+    epochs_run: int = 0
+    stopped_early: bool = False
+    history: list = field(default_factory=list)  # [{"epoch", "recalls"}]: held-out text->image ITC after each
 
     def table(self) -> str:
         k = self.config["k_test"]
@@ -221,115 +135,205 @@ class Report:
         ])
 
 
+@dataclass
+class Held:
+    """The held-out split: as `eval` embedded it, and its outputs of the ViT's frozen part."""
+
+    emb: evaluation.Embedded
+    frozen: "torch.Tensor"
+
+    def itc(self, model: "RetrievalModel", split: VisionSplit, settings: Settings) -> dict[str, float]:
+        """Text->image ITC recalls with the weights as they are now."""
+        import torch
+
+        model.model.eval()
+        batch = evaluation.batch_size(model, settings)
+        with torch.inference_mode():
+            vit = torch.cat([split.tail(self.frozen[s:s + batch].to(model.device)).cpu() for s in range(0, len(self.frozen), batch)])
+        return evaluation.itc_recalls(evaluation.from_vit(model, self.emb, settings, vit))["text_to_image"]
+
+
 def run(
     model: "RetrievalModel", data: CaptionedSet, out: Path, config: Config, settings: Settings, *,
     on_stage: Callable[[str, int], Callable[[int], None]] = lambda what, total: (lambda n: None),
     on_step: Callable[[Step], None] = lambda s: None,
     on_note: Callable[[str], None] = lambda message: None,
+    on_epoch: Callable[[Epoch], None] = lambda e: None,
 ) -> Report:
     """Fine-tune `model` (loaded in float32) on `data`, into `out`. `on_stage(what, total)`
-    names each stage and returns its progress callback; `on_step` hears every training step;
-    `on_note` is told, in words, what a resumed run takes from the one before."""
-    import torch
-
+    names each stage and returns its progress callback; `on_step` hears every training step,
+    `on_epoch` every epoch's held-out recall; `on_note` is told, in words, what a resumed run
+    takes from the one before and which learning rate was chosen."""
     out = Path(out).expanduser()
     work = out / WORK
+    split = VisionSplit(model, config.train_vision)  # refused before OUT is claimed
     key = _run_key(model, data, config)
     _claim(out, work, key)
-    m = model.model
     train, held = data.split(config.held_out, config.seed)
     cache = ViTCache(work, len(train.images), model.vit_shape)
     if 0 < cache.done < cache.n:
         on_note(f"the ViT outputs of {cache.done} of {cache.n} training images were computed before: going on from there")
-    cache.fill(model, train.images, settings, on_stage("computing ViT outputs", len(train.images)))
-    train_rows = np.array([i for i in range(len(train.images)) if i not in cache.bad], np.int64)
-    if cache.bad:
-        train = train.without(cache.bad)
-    # The held-out images as `eval` embeds them; after training, embedded again from their
-    # ViT outputs (frozen) by the new weights.
-    held_emb = evaluation.embed(model, held, settings, keep_raw=True, progress=on_stage("embedding the held-out images", len(held)))
-    held = held_emb.data
-    if len(train) < 2 or not held.texts:
-        raise FinetuneError(f"too few readable images to train and measure: {len(train)} to train on, {len(held)} held out")
-
-    def measure(what: str, emb: evaluation.Embedded) -> dict:
-        m.eval()
-        return evaluation.in_memory(model, emb, config.k_test, progress=on_stage(what, len(held.texts) + len(held)))
-
+    cache.fill(model, split.frozen, train.images, settings, on_stage("computing ViT outputs", len(train.images)))
+    rows = np.array([i for i in range(len(train.images)) if i not in cache.bad], np.int64)
+    train = train.without(cache.bad) if cache.bad else train
+    held = _held(model, split, held, work, settings, on_stage)
+    if len(train) < 2 or not held.emb.data.texts:
+        raise FinetuneError(f"too few readable images to train and measure: {len(train)} to train on, {len(held.emb.data)} held out")
     state = _load_checkpoint(work)
-    before = state["before"] if state else measure("measuring before", held_emb)
-
-    params = [(n, p) for n, p in m.named_parameters() if not n.startswith("vision_model.")]
-    for p in m.vision_model.parameters():
-        p.requires_grad_(False)
-    temp = torch.nn.Parameter(torch.tensor(config.temp_init, device=model.device))
-    decay = [p for n, p in params if p.ndim >= 2 and n != "query_tokens"]
-    no_decay = [p for n, p in params if not (p.ndim >= 2 and n != "query_tokens")] + [temp]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
-    )
-    batch = min(config.batch_size, len(train))
-    per_epoch = max(1, len(train) // batch)
-    total = per_epoch * config.epochs
-    step = 0
+    before = state["before"] if state else _measure(model, held.emb, config, on_stage, "measuring before")
+    batches = Batches(cache, rows, train, min(config.batch_size, len(train)), config.seed, model.device)
+    total = batches.per_epoch * config.epochs
+    base = {n: p.detach().cpu().clone() for n, p in model.model.named_parameters() if split.is_trained(n)}
+    lr, trials = _learning_rate(model, split, batches, held, config, settings, work, base, total, on_stage, on_note)
+    trainer = Trainer(model, split, config.schedule(lr, total), weight_decay=config.weight_decay, layer_decay=config.layer_decay,
+                      temp_init=config.temp_init, smoothing=config.label_smoothing, seed=config.seed)
+    progress = _Progress(config, total, batches.per_epoch, on_step, on_epoch)
     if state:
-        m.load_state_dict(state["weights"], strict=False)
-        temp.data.fill_(state["temp"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        on_note(f"resuming from step {step} of {total} (epoch {step // per_epoch + 1} of {config.epochs}), saved in {work}")
-    texts_of = train.image_texts()
-    progress = on_stage("fine-tuning", total)
-    progress(step)
-    trained_s, pairs, updating = 0.0, 0, False
-    on_cuda = is_cuda(str(model.device))
-    try:
-        while step < total:
-            t0 = time.perf_counter()
-            epoch, at = divmod(step, per_epoch)
-            order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
-            chosen = order[at * batch:(at + 1) * batch]
-            rng = np.random.default_rng([config.seed, 1_000_003, step])
-            torch.manual_seed(config.seed * 1_000_003 + step)  # dropout, by step: a resumed run matches
-            texts = [train.texts[int(rng.choice(texts_of[i]))] for i in chosen]
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, config)
-            m.train()
-            share = hard_share(step, total, config)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):  # float32 weights, bf16 maths
-                loss_itc, loss_itm = batch_losses(
-                    model, cache.rows(train_rows[chosen]).to(model.device), texts, temp, rng, share, config.label_smoothing,
-                )
-            opt.zero_grad(set_to_none=True)
-            (loss_itc + loss_itm).backward()
-            updating = True  # weights and step disagree until the step is counted
-            opt.step()
-            with torch.no_grad():
-                temp.clamp_(0.001, 0.5)
-            step += 1
-            updating = False
-            trained_s += time.perf_counter() - t0
-            pairs += len(chosen)
-            progress(1)
-            on_step(Step(step, total, float(loss_itc.detach()), float(loss_itm.detach()), share,
-                         epoch=(step - 1) // per_epoch + 1, epochs=config.epochs, seconds=time.perf_counter() - t0))
-            if step % config.checkpoint_every == 0 and step < total:
-                _save_checkpoint(work, key, step, m, temp, opt, before)
-    except BaseException:  # Ctrl-C, or anything: what was trained is kept for the next run
-        if not updating and step > (state["step"] if state else 0):
-            _save_checkpoint(work, key, step, m, temp, opt, before)
-        raise
-    skipped = dict(train.skipped + (held.skipped - data.skipped))  # each part counts the set's own skips, and its unreadable images
-    m.eval()
-    after = measure("measuring after", evaluation.from_vit(model, held_emb, settings))
+        trainer.load(state)
+        on_note(f"resuming from step {state['step']} of {total} (epoch {state['step'] // batches.per_epoch + 1} of {config.epochs}), saved in {work}")
+    else:
+        state = {"step": 0, "history": [], "best": {"epoch": 0, "recalls": held.itc(model, split, settings), "weights": base}}
+    fit = _Fit(trainer, batches, held, settings, work, key, before, lr, trials)
+    fit.train(state, total, on_stage("fine-tuning", total), progress)
+    model.model.load_state_dict(fit.best["weights"], strict=False)
+    model.model.eval()
+    after = (_measure(model, evaluation.from_vit(model, held.emb, settings), config, on_stage, "measuring after") if not split.trained
+             else _measure(model, evaluation.embed(model, held.emb.data, settings), config, on_stage, "measuring after"))
     report = Report(
         base=model.name, out=str(out), train_images=len(train), train_captions=len(train.texts),
-        held_out_images=len(held), held_out_captions=len(held.texts), steps=total,
-        pairs_per_s=round(pairs / trained_s, 2) if trained_s else 0.0, before=before, after=after,
-        config=asdict(config), skipped=skipped,
+        held_out_images=len(held.emb.data), held_out_captions=len(held.emb.data.texts), steps=fit.step,
+        pairs_per_s=progress.pairs_per_s(batches.batch), before=before, after=after, config=asdict(config),
+        skipped=dict(train.skipped + (held.emb.data.skipped - data.skipped)),  # each part counts the set's own skips, and its unreadable images
+        lr=lr, lr_trials=trials, best_epoch=fit.best["epoch"], epochs_run=len(fit.history),
+        stopped_early=fit.step < total, history=fit.history,
     )
     _save_model(model, out, work, report)
     return report
+
+
+def _held(model: "RetrievalModel", split: VisionSplit, held: CaptionedSet, work: Path, settings: Settings, on_stage) -> Held:
+    """The held-out images as `eval` embeds them, and their outputs of the frozen part (the
+    ViT outputs `eval` kept, where the whole ViT is frozen; else a cache of their own)."""
+    emb = evaluation.embed(model, held, settings, keep_raw=True, progress=on_stage("embedding the held-out images", len(held)))
+    if not split.trained:
+        return Held(emb, emb.raw_vit)
+    cache = ViTCache(work, len(emb.data.images), model.vit_shape, name="held")
+    cache.fill(model, split.frozen, emb.data.images, settings, on_stage("computing the held-out images' ViT outputs", len(emb.data)))
+    if cache.bad:  # read once, unreadable the next time
+        raise FinetuneError(f"a held-out image changed while it was read: {next(iter(cache.bad.values()))}")
+    return Held(emb, cache.rows(np.arange(cache.n)))
+
+
+def _measure(model: "RetrievalModel", emb: evaluation.Embedded, config: Config, on_stage, what: str) -> dict:
+    model.model.eval()
+    return evaluation.in_memory(model, emb, config.k_test, progress=on_stage(what, len(emb.data.texts) + len(emb.data)))
+
+
+def _learning_rate(model, split, batches: Batches, held: Held, config: Config, settings, work: Path, base: dict,
+                   total: int, on_stage, on_note) -> tuple[float, list]:
+    """The peak rate: the one asked for, or the sweep's choice (kept in the work folder, so a
+    resumed run does not sweep again)."""
+    if config.lr != AUTO:
+        return float(config.lr), []
+    saved = work / "lr.json"
+    try:
+        chosen = json.loads(saved.read_text())
+        on_note(f"learning rate {lr_sweep.describe(chosen['lr'])}, chosen before")
+        return chosen["lr"], chosen["trials"]
+    except (OSError, ValueError, KeyError):
+        pass
+    steps = lr_sweep.trial_steps(total)
+    progress = on_stage("choosing the learning rate", steps * len(lr_sweep.CANDIDATES))
+
+    def trial(lr: float) -> dict[str, float]:
+        trainer = Trainer(model, split, config.schedule(lr, steps), weight_decay=config.weight_decay, layer_decay=config.layer_decay,
+                          temp_init=config.temp_init, smoothing=config.label_smoothing, seed=config.seed)
+        for step in range(steps):
+            trainer.step(step, *batches.at(step))
+            progress(1)
+        recalls = held.itc(model, split, settings)
+        model.model.load_state_dict(base, strict=False)
+        return recalls
+
+    lr, trials = lr_sweep.choose(trial, on_trial=lambda t: on_note(
+        f"learning rate {lr_sweep.describe(t.lr)}: held-out R@1 {t.recalls['R@1']:.1f} after {steps} steps"))
+    kept = [{"lr": t.lr, "recalls": t.recalls} for t in trials]
+    on_note(f"learning rate {lr_sweep.describe(lr)}: the best of {len(trials)} tried on the held-out split")
+    write_json(saved, {"lr": lr, "trials": kept})
+    return lr, kept
+
+
+class _Progress:
+    """Tells the callbacks of each step and epoch; counts this session's rate."""
+
+    def __init__(self, config: Config, total: int, per_epoch: int, on_step, on_epoch) -> None:
+        self.config, self.total, self.per_epoch = config, total, per_epoch
+        self.on_step, self.on_epoch = on_step, on_epoch
+        self.seconds, self.steps = 0.0, 0
+
+    def step(self, step: int, losses, seconds: float) -> None:
+        self.seconds += seconds
+        self.steps += 1
+        self.on_step(Step(step, self.total, losses.itc, losses.itm, losses.hard, epoch=(step - 1) // self.per_epoch + 1,
+                          epochs=self.config.epochs, seconds=seconds))
+
+    def epoch(self, epoch: int, recalls: dict, best_epoch: int, stopping: bool) -> None:
+        self.on_epoch(Epoch(epoch, self.config.epochs, recalls, best_epoch, stopping))
+
+    def pairs_per_s(self, batch: int) -> float:
+        return round(self.steps * batch / self.seconds, 2) if self.seconds else 0.0
+
+
+class _Fit:
+    """The training loop: steps, each epoch measured, the best weights kept, patience."""
+
+    def __init__(self, trainer: Trainer, batches: Batches, held: Held, settings: Settings, work: Path, key: str,
+                 before: dict, lr: float, trials: list) -> None:
+        self.trainer, self.batches, self.held, self.settings = trainer, batches, held, settings
+        self.work, self.key, self.kept = work, key, {"before": before, "lr": lr, "trials": trials}
+        self.step, self.history, self.best = 0, [], {}
+
+    def train(self, state: dict, total: int, bar: Callable[[int], None], progress: _Progress) -> None:
+        config = progress.config
+        self.step, self.history, self.best = state["step"], state["history"], state["best"]
+        start, busy = self.step, False
+        bar(self.step)
+        try:
+            while True:
+                if self.step // self.batches.per_epoch > len(self.history):  # an epoch ended: measure it
+                    epoch = len(self.history) + 1
+                    recalls = self.held.itc(self.trainer.model, self.trainer.split, self.settings)
+                    self.history.append({"epoch": epoch, "recalls": recalls})
+                    if (recalls["R@1"], recalls["mean"]) > (self.best["recalls"]["R@1"], self.best["recalls"]["mean"]):
+                        self.best = {"epoch": epoch, "recalls": recalls, "weights": self.trainer.weights()}
+                    stopping = epoch - self.best["epoch"] >= config.patience and self.step < total
+                    progress.epoch(epoch, recalls, self.best["epoch"], stopping)
+                    if stopping:
+                        break
+                    continue
+                if self.step >= total:
+                    break
+                t0 = time.perf_counter()
+                busy = True  # weights and step disagree until the step is counted
+                losses = self.trainer.step(self.step, *self.batches.at(self.step))
+                self.step += 1
+                busy = False
+                bar(1)
+                progress.step(self.step, losses, time.perf_counter() - t0)
+                if self.step % config.checkpoint_every == 0 and self.step < total:
+                    self.save()
+        except BaseException:  # Ctrl-C, or anything: what was trained is kept for the next run
+            if not busy and self.step > start:
+                self.save()
+            raise
+
+    def save(self) -> None:
+        import torch
+
+        tmp = self.work / "checkpoint.pt.tmp"
+        torch.save({"key": self.key, "step": self.step, "history": self.history, "best": self.best, **self.kept,
+                    **self.trainer.state()}, tmp)
+        os.replace(tmp, self.work / "checkpoint.pt")
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -374,15 +378,6 @@ def _claim(out: Path, work: Path, key: str) -> None:
         return
     work.mkdir(parents=True)
     write_json(work / "run.json", {"key": key})
-
-
-def _save_checkpoint(work: Path, key: str, step: int, m, temp, opt, before: dict) -> None:
-    import torch
-
-    weights = {n: p.detach().cpu() for n, p in m.named_parameters() if not n.startswith("vision_model.")}
-    tmp = work / "checkpoint.pt.tmp"
-    torch.save({"key": key, "step": step, "weights": weights, "temp": float(temp.detach()), "optimizer": opt.state_dict(), "before": before}, tmp)
-    os.replace(tmp, work / "checkpoint.pt")
 
 
 def _load_checkpoint(work: Path) -> dict | None:
