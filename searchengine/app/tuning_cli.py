@@ -57,7 +57,7 @@ def add_parsers(command, common) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the fine-tuned model (a new or empty folder)")
     p.add_argument("--images", metavar="DIR", help="where the images are (default: the captions file's folder)")
     p.add_argument("--split", help="only this split (Karpathy files: train by default)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training images (default: {d.epochs})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training images, at most: training stops when the held-out R@1 stops improving (default: {d.epochs})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step, one caption each (default: {d.batch_size})")
     p.add_argument("--lr", type=learning_rate, default=d.lr,
                    help="peak learning rate, or auto: the best of a short sweep measured on the held-out split (default: auto)")

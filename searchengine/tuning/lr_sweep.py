@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 CANDIDATES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
-LEAST_TRIAL_STEPS = 20
+LEAST_TRIAL_STEPS, MOST_TRIAL_STEPS = 20, 300
 
 
 def trial_steps(total: int) -> int:
-    """Steps of one candidate's run: a fifth of the real run's, at least 20, at most all of it."""
-    return min(total, max(LEAST_TRIAL_STEPS, total // 3))
+    """Steps of one candidate's run: a fifth of the planned run's, from 20 to 300 (and never
+    more than the run)."""
+    return min(total, max(LEAST_TRIAL_STEPS, min(MOST_TRIAL_STEPS, total // 5)))
 
 
 @dataclass(frozen=True)

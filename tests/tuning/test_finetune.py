@@ -294,7 +294,7 @@ def test_the_sweep_takes_the_best_mean_recall_then_r1_then_the_smaller_rate():
     heard = []
     lr, trials = lr_sweep.choose(measured.__getitem__, on_trial=heard.append)
     assert lr == 1e-4 and [t.lr for t in trials] == sorted(measured) and heard == trials
-    assert [lr_sweep.trial_steps(n) for n in (5, 40, 60, 300)] == [5, 20, 20, 100]
+    assert [lr_sweep.trial_steps(n) for n in (5, 40, 240, 5000)] == [5, 20, 48, 300]
 
 
 # A visual shift: the colour model learned red, green, blue and yellow from saturated squares;
@@ -315,24 +315,60 @@ def faded_set(folder, per_colour: int = 20, seed: int = 0):
     return folder
 
 
-@pytest.mark.slow  # two whole runs with the default settings, a sweep each, 20 s
-def test_the_defaults_gain_ten_points_on_photos_that_look_unlike_the_models(tmp_path, colour_model_dir):
+@pytest.mark.slow  # four whole runs with the default settings, a sweep each, 40 s
+def test_the_defaults_gain_ten_points_on_photos_that_look_unlike_the_models_and_the_vit_gains_more(tmp_path, colour_model_dir):
+    """On two sets of such photos: the defaults gain at least 10 points of held-out text->image
+    R@1 on each, and training the ViT's two blocks gains more than keeping them frozen, over
+    both, in the ranking search shows (ITC candidates re-ranked by ITM), and no less by ITC
+    alone. Two sets, because one caption in 44 moves R@1 by 2.3 points; two held-out images
+    of each colour share its captions, so 50 is the most R@1 can reach."""
     from searchengine.tuning import lr_sweep
 
+    gains: dict[tuple[int, str], float] = {}
+    for seed in (0, 1):
+        (tmp_path / f"set{seed}").mkdir()
+        data = datasets.load(faded_set(tmp_path / f"set{seed}", seed=seed))
+        for n in (0, 2):
+            notes = []
+            out = tmp_path / f"out{seed}-{n}"
+            report = finetune.run(load(colour_model_dir), data, out, Config(train_vision=n), settings_for(tmp_path, batch_size=16),
+                                  on_note=notes.append)
+            for kind in ("itc", "itm"):
+                gain = report.after[kind]["text_to_image"]["R@1"] - report.before[kind]["text_to_image"]["R@1"]
+                gains[n, kind] = round(gains.get((n, kind), 0.0) + gain, 2)
+                assert n or gain >= 10, (seed, kind, report.before, report.after)
+            print(json.dumps({"set": seed, "train_vision": n, "lr": report.lr, "best_epoch": report.best_epoch,
+                              **{k: [report.before[k]["text_to_image"]["R@1"], report.after[k]["text_to_image"]["R@1"]] for k in ("itc", "itm")},
+                              "history": [h["recalls"]["R@1"] for h in report.history]}))
+            # The chosen rate: one of the sweep's, said, and kept with the model.
+            assert report.lr in lr_sweep.CANDIDATES and [t["lr"] for t in report.lr_trials] == sorted(lr_sweep.CANDIDATES)
+            assert notes[-1] == f"learning rate {report.lr:.0e}: the best of {len(lr_sweep.CANDIDATES)} tried on the held-out split"
+            assert json.loads((out / finetune.REPORT).read_text())["lr"] == report.lr
+    assert gains[2, "itm"] > gains[0, "itm"] and gains[2, "itc"] >= gains[0, "itc"], gains
+
+
+@pytest.mark.slow  # a sweep and a run, interrupted and resumed
+def test_a_resumed_run_keeps_the_learning_rate_it_chose(tmp_path, colour_model_dir):
     (tmp_path / "set").mkdir()
-    data = datasets.load(faded_set(tmp_path / "set"))
-    gains = {}
-    for n in (0, 2):
-        notes = []
-        report = finetune.run(load(colour_model_dir), data, tmp_path / f"out{n}", Config(train_vision=n),
-                              settings_for(tmp_path, batch_size=16), on_note=notes.append)
-        before, after = report.before["itc"]["text_to_image"]["R@1"], report.after["itc"]["text_to_image"]["R@1"]
-        gains[n] = after - before
-        print(json.dumps({"train_vision": n, "lr": report.lr, "before": before, "after": after, "best_epoch": report.best_epoch,
-                          "history": [h["recalls"]["R@1"] for h in report.history]}))
-        # The chosen rate: one of the sweep's, said, and kept with the model.
-        assert report.lr in lr_sweep.CANDIDATES and [t["lr"] for t in report.lr_trials] == sorted(lr_sweep.CANDIDATES)
-        assert notes[-1] == f"learning rate {report.lr:.0e}: the best of {len(lr_sweep.CANDIDATES)} tried on the held-out split"
-        assert json.loads((tmp_path / f"out{n}" / finetune.REPORT).read_text())["lr"] == report.lr
-    assert gains[0] >= 10, gains
-    assert gains[2] >= 5, gains  # it learns too; that it gains more than frozen does not hold here (see the issue note)
+    data = datasets.load(new_domain(tmp_path / "set", per_colour=3))
+    config = Config(epochs=2, batch_size=4, held_out=0.25, k_test=5)  # --lr auto
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step):
+        if step.step == 3:
+            raise Stop
+
+    first = []
+    with pytest.raises(Stop):
+        finetune.run(load(colour_model_dir), data, tmp_path / "out", config, settings_for(tmp_path, batch_size=4),
+                     on_step=stop_at_3, on_note=first.append)
+    chosen = json.loads((tmp_path / "out" / finetune.WORK / "lr.json").read_text())["lr"]
+    assert first[-1].startswith(f"learning rate {chosen:.0e}: the best of")
+    again = []
+    report = finetune.run(load(colour_model_dir), data, tmp_path / "out", config, settings_for(tmp_path, batch_size=4),
+                          on_note=again.append)
+    assert again[0] == f"learning rate {chosen:.0e}, chosen before" and not any("held-out R@1" in n for n in again), again
+    assert again[1].startswith("resuming from step 3 of")
+    assert report.lr == chosen and len(report.lr_trials) == 6
