@@ -149,7 +149,8 @@ class Held:
         model.model.eval()
         batch = evaluation.batch_size(model, settings)
         with torch.inference_mode():
-            vit = torch.cat([split.tail(self.frozen[s:s + batch].to(model.device)).cpu() for s in range(0, len(self.frozen), batch)])
+            vit = torch.cat([split.tail(self.frozen[s:s + batch].to(model.device, torch.float32)).cpu()
+                             for s in range(0, len(self.frozen), batch)])
         return evaluation.itc_recalls(evaluation.from_vit(model, self.emb, settings, vit))["text_to_image"]
 
 
@@ -221,7 +222,7 @@ def _held(model: "RetrievalModel", split: VisionSplit, held: CaptionedSet, work:
     cache.fill(model, split.frozen, emb.data.images, settings, on_stage("computing the held-out images' ViT outputs", len(emb.data)))
     if cache.bad:  # read once, unreadable the next time
         raise FinetuneError(f"a held-out image changed while it was read: {next(iter(cache.bad.values()))}")
-    return Held(emb, cache.rows(np.arange(cache.n)))
+    return Held(emb, cache.rows(np.arange(cache.n)).half())  # as cached: half the memory
 
 
 def _measure(model: "RetrievalModel", emb: evaluation.Embedded, config: Config, on_stage, what: str) -> dict:
