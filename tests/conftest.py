@@ -67,6 +67,14 @@ def colour_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def object_model_dir() -> Path:
+    """The tiny model trained on two coloured squares a picture (tests/trained.py); cached."""
+    from tests.trained import object_model
+
+    return object_model()
+
+
+@pytest.fixture(scope="session")
 def model(tiny_model_dir) -> RetrievalModel:
     return RetrievalModel.load(str(tiny_model_dir), device="cpu", dtype="float32")
 

@@ -204,3 +204,74 @@ def photo_model(photos: list[Path], *, steps: int = PHOTO_STEPS, seed: int = 0) 
     """A tiny model trained to tell these photos apart (see above); cached."""
     names = [(p.name, p.stat().st_size) for p in photos]
     return cached("photo-model", model_key("photo", names, steps, seed), lambda work: train_photo_model(work, photos, steps=steps, seed=seed))
+
+
+# -- a model that tells where things are ------------------------------------------------------------
+# For "where a query matches" (searchengine/models/explain.py): the tiny architecture at 64 px
+# (8 x 8 patches), trained with ITC and ITM on pictures of two coloured squares on grey,
+# captioned with one of the two colours (matched) or a colour not in the picture (not). The
+# colour model above saw only one colour filling each picture, so its ITM has no reason to
+# look at one part of a picture rather than another.
+
+OBJECT_STEPS = 1000  # ITM near 1 on the matched pairs, and the maps point (0.88); at 300 neither
+OBJECT_SIZE = 64
+
+
+def two_squares(rng: np.random.Generator, size: int = OBJECT_SIZE, side: tuple[int, int] = (16, 27)):
+    """(picture, {colour: box}) with two squares of different colours, one in each half
+    (left and right, or top and bottom), anywhere within it."""
+    names = list(COLOURS)
+    pixels = np.full((size, size, 3), 128.0) + rng.normal(0, 12, (size, size, 3))
+    boxes: dict[str, tuple[int, int, int, int]] = {}
+    across = rng.random() < 0.5  # halves side by side, else one above the other
+    for half, colour in enumerate(rng.choice(len(names), 2, replace=False)):
+        s = int(rng.integers(*side))
+        along, within = int(rng.integers(0, size // 2 - s + 1)) + half * size // 2, int(rng.integers(0, size - s + 1))
+        x, y = (along, within) if across else (within, along)
+        pixels[y:y + s, x:x + s] = np.array(COLOURS[names[colour]], float) + rng.normal(0, 12, (s, s, 3))
+        boxes[names[colour]] = (x, y, x + s, y + s)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), boxes
+
+
+def train_object_model(out_dir: Path, *, steps: int = OBJECT_STEPS, seed: int = 0) -> Path:
+    import torch
+    from torch.nn import functional as F
+    from transformers import AutoProcessor, Blip2ForImageTextRetrieval
+
+    from searchengine.models.tiny import build_tiny_model
+
+    base = build_tiny_model(Path(out_dir) / "untrained", seed=seed, image_size=OBJECT_SIZE)
+    model = Blip2ForImageTextRetrieval.from_pretrained(base)
+    processor = AutoProcessor.from_pretrained(base)
+    names = list(COLOURS)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    tok = processor.tokenizer
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(steps):
+        pictures = [two_squares(rng) for _ in range(16)]
+        pixels = processor.image_processor([p for p, _ in pictures], return_tensors="pt")["pixel_values"]
+        match = rng.integers(0, 2, 16)
+        shown = []
+        for (_, boxes), m in zip(pictures, match):
+            present = list(boxes)
+            absent = [c for c in names if c not in boxes]
+            shown.append(present[rng.integers(0, 2)] if m else absent[rng.integers(0, len(absent))])
+        texts = tok([f"a {c} square" for c in shown], padding=True, return_tensors="pt")
+        itm = model(pixel_values=pixels, **texts, use_image_text_matching_head=True).logits_per_image
+        loss = F.cross_entropy(itm, torch.from_numpy(match))
+        # ITC on the matched pairs: each query vector may take one square
+        prompts = tok([f"a {c} square" for c in names], padding=True, return_tensors="pt")
+        itc = model(pixel_values=pixels, **prompts, use_image_text_matching_head=False).logits_per_image  # [16, 4]
+        present = torch.tensor([[c in boxes for c in names] for _, boxes in pictures], dtype=torch.float32)
+        loss = loss + F.binary_cross_entropy_with_logits(itc * 10 - 5, present)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return saved(model, processor, out_dir)
+
+
+def object_model(*, steps: int = OBJECT_STEPS, seed: int = 0) -> Path:
+    """The two-squares model's folder: from the cache, or trained now and cached."""
+    return cached("object-model", model_key("objects", steps, seed), lambda work: train_object_model(work, steps=steps, seed=seed))

@@ -315,6 +315,12 @@ class RetrievalModel:
 
     # -- text -----------------------------------------------------------------------------
 
+    def explain(self, text: str, vit: "torch.Tensor"):
+        """Where `text` matches one image, from its ViT output: a HeatMap (models/explain.py)."""
+        from searchengine.models.explain import grad_cam
+
+        return grad_cam(self, text, vit)
+
     def tokenize(self, texts: Sequence[str]) -> dict:
         # The tokenizer directly, never the processor: Blip2Processor with num_query_tokens
         # prepends <image> tokens, and with max_length it fails (MODEL_NOTES.md).

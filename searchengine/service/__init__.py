@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
+import io
 import os
 import threading
 import time
@@ -35,6 +37,23 @@ from searchengine.search import Filters, Page, RankingCache, Searcher, SearchReq
 from searchengine.config.settings import Settings
 from searchengine.store.records import FolderCount
 from searchengine.models.vqa import Answer, LazyAnswerer, check_question
+from searchengine.media import heatmap
+from searchengine.models.explain import HeatMap
+from searchengine.search.itm import ItmFeatures
+from searchengine.search.request import check_query
+
+T = TypeVar("T")
+
+
+@dataclass
+class Explained:
+    """Where a query matches an image (`QueryService.explain`)."""
+
+    image_id: int | None  # None: an upload
+    query: str
+    heat: HeatMap
+    timings_ms: dict[str, float]
+    png: bytes | None = None  # the map over the photo, where asked for
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +86,7 @@ def release_memory() -> None:
 class LockedModel:
     """The model with its compute methods under one lock, for use from many threads."""
 
-    _LOCKED = {"embed_texts", "embed_pixels", "embed_images", "itm", "vit"}
+    _LOCKED = {"embed_texts", "embed_pixels", "embed_images", "itm", "vit", "explain"}
 
     def __init__(self, model: RetrievalModel) -> None:
         self._model = model
@@ -198,10 +217,23 @@ class QueryService:
         return self._observed(page)
 
     async def _embed_upload(self, data: bytes):
-        """An upload's ITC vectors. Decodes take turns (a 49 MP PNG costs ~330 MiB while it
-        decodes): at most `upload_decodes` at once, at most `upload_queue` waiting, and past
-        that a 503 with Retry-After rather than memory that grows with the burst. JPEGs are
-        decoded at a reduced DCT scale; freed memory goes back to the system afterwards."""
+        """An upload's ITC vectors."""
+
+        def embed(image: Image.Image):
+            # Straight to the model's input size, with the bicubic filter its processor uses:
+            # the processor would otherwise turn the full-size image into float arrays first
+            # (a 49 MP upload: ~600 MiB more).
+            size = self.model.image_size
+            return self.model.embed_images([image.resize((size, size), Image.Resampling.BICUBIC)]).itc[0]
+
+        return await self._with_upload(data, embed, draft=2 * self.model.image_size)
+
+    async def _with_upload(self, data: bytes, work: Callable[[Image.Image], T], *, draft: int) -> T:
+        """`work(image)` on an upload's decoded image, in a thread. Decodes take turns (a 49 MP
+        PNG costs ~330 MiB while it decodes): at most `upload_decodes` at once, at most
+        `upload_queue` waiting, and past that a 503 with Retry-After rather than memory that
+        grows with the burst. JPEGs are decoded at a reduced DCT scale (`draft`, the pixels
+        the work needs); freed memory goes back to the system afterwards."""
         if self._upload_turn.locked() and self._upload_waiting >= self.settings.upload_queue:
             raise ServiceBusy("too many images are being searched by at the moment; try again in a few seconds")
         self._upload_waiting += 1
@@ -213,24 +245,18 @@ class QueryService:
             try:
                 image = (await asyncio.to_thread(
                     decode_image, data, max_pixels=self.settings.max_upload_pixels,
-                    limit_hint="the server takes uploads up to this size; send a smaller image",
-                    draft=2 * self.model.image_size,
+                    limit_hint="the server takes uploads up to this size; send a smaller image", draft=draft,
                 )).image
             except BadImageError as e:
                 if e.reason == "too_large":  # more pixels than the server takes
                     raise UploadTooLarge(str(e)) from e
                 raise UploadError(f"the upload is not a usable image: {e}") from e
-            # Straight to the model's input size, with the bicubic filter its processor uses:
-            # the processor would otherwise turn the full-size image into float arrays first
-            # (a 49 MP upload: ~600 MiB more).
-            size = self.model.image_size
-            image = await asyncio.to_thread(image.resize, (size, size), Image.Resampling.BICUBIC)
-            vectors = (await asyncio.to_thread(self.model.embed_images, [image])).itc[0]
+            result = await asyncio.to_thread(work, image)
             del image
         finally:
             self._upload_turn.release()
             await asyncio.to_thread(release_memory)
-        return vectors
+        return result
 
     async def similar(
         self, image_id: int, *, k: int, offset: int, min_score: float | None, filters: Filters
@@ -347,6 +373,43 @@ class QueryService:
         answer.timings_ms = {"read": read_ms, **answer.timings_ms}
         answer.timings_ms["total"] = sum(answer.timings_ms.values())
         return answer
+
+    # -- where a query matches ----------------------------------------------------------------
+
+    def explain(self, image_id: int, query: str, *, overlay: bool = False) -> Explained:
+        """Where `query` matches an indexed image: Grad-CAM over ITM (models/explain.py), from
+        the ViT output re-ranking scores it with; with `overlay`, drawn over its preview too."""
+        query = check_query(query, self.settings.max_query_chars)
+        t0 = time.perf_counter()
+        features = ItmFeatures(self.model, self.library, self.settings).get([image_id], {})
+        if image_id not in features:
+            self._open_indexed(image_id).close()  # why not: no such image, or its file is gone
+            raise IndexedFileError(f"image {image_id}'s file cannot be read any more; re-index its folder")
+        t1 = time.perf_counter()
+        heat = self.model.explain(query, features[image_id])
+        timings = {"features": (t1 - t0) * 1000, "explain": (time.perf_counter() - t1) * 1000}
+        png = None
+        if overlay:
+            t2 = time.perf_counter()
+            png = heatmap.overlay(Image.open(io.BytesIO(self.preview(image_id))), heat.grid)
+            timings["overlay"] = (time.perf_counter() - t2) * 1000
+        return Explained(image_id, query, heat, timings, png)
+
+    async def explain_upload(self, data: bytes, query: str) -> Explained:
+        """Where `query` matches an uploaded image, with the map drawn over it (longest side
+        `preview_size`); decodes take turns as searches by an upload do."""
+        query = check_query(query, self.settings.max_query_chars)
+
+        def work(image: Image.Image) -> Explained:
+            t0 = time.perf_counter()
+            size = self.model.image_size
+            vit = self.model.vit(self.model.preprocess([image.resize((size, size), Image.Resampling.BICUBIC)]))
+            heat = self.model.explain(query, vit)
+            image.thumbnail((self.settings.preview_size, self.settings.preview_size), Image.Resampling.LANCZOS)
+            png = heatmap.overlay(image, heat.grid)
+            return Explained(None, query, heat, {"explain": (time.perf_counter() - t0) * 1000}, png)
+
+        return await self._with_upload(data, work, draft=self.settings.preview_size)
 
     def file(self, image_id: int) -> OpenedFile:
         """The image's first file that is still the indexed content, open (the caller closes

@@ -19,6 +19,7 @@ from searchengine.app import wiring
 from searchengine.app.api import errors
 from searchengine.app.api import guards
 from searchengine.app.api.deps import AppState, Companion, FileReads, plain_text_parameters
+from searchengine.app.api.routes import explain as explain_routes
 from searchengine.app.api.routes import health
 from searchengine.app.api.routes import images
 from searchengine.app.api.routes import ui
@@ -101,6 +102,6 @@ def create_app(
     guards.install(app, settings, metrics)
     errors.install(app)
     app.mount("/static", StaticFiles(directory=ui.web_dir()), name="static")
-    for module in (ui, health, search_routes, images, library_routes):
+    for module in (ui, health, search_routes, images, explain_routes, library_routes):
         app.include_router(module.router)
     return app

@@ -145,6 +145,26 @@ class AskOut(BaseModel):
     timings_ms: dict[str, float]
 
 
+class ExplainOut(BaseModel):
+    image_id: int | None  # None for an upload
+    query: str
+    grid: list[list[float]]  # [rows][columns] over the ViT's patches, the peak 1 (16 x 16 for ViT-g at 224 px)
+    itm: float  # P(match) of the query and the image, as re-ranking scores it
+    overlay_url: str | None  # the map over the preview, as a PNG (indexed images)
+    overlay_png: str | None  # the map over the upload, a PNG in base64 (uploads)
+    timings_ms: dict[str, float]
+
+    @classmethod
+    def of(cls, explained, overlay_url: str | None = None) -> "ExplainOut":
+        import base64
+
+        png = base64.b64encode(explained.png).decode() if explained.png is not None else None
+        return cls(
+            image_id=explained.image_id, query=explained.query, grid=explained.heat.grid.round(4).tolist(),
+            itm=explained.heat.itm, overlay_url=overlay_url, overlay_png=png, timings_ms=explained.timings_ms,
+        )
+
+
 class VqaOut(BaseModel):
     available: bool  # whether questions can be asked (the model loads on the first one)
     model: str | None

@@ -29,7 +29,7 @@ from searchengine.app.cli.maintenance import (
 )
 from searchengine.app.cli.options import EXIT_ERROR, EXIT_USAGE
 from searchengine.app.cli.parser import build_parser, dash_words_as_query
-from searchengine.app.cli.searching import cmd_ask, cmd_duplicates, cmd_search
+from searchengine.app.cli.searching import cmd_ask, cmd_duplicates, cmd_explain, cmd_search
 from searchengine.app.cli.serving import cmd_serve
 from searchengine.config.settings import settings_from_args
 from searchengine.errors import SearchEngineError
@@ -82,6 +82,7 @@ COMMANDS = {
     "watch": cmd_watch,
     "serve": cmd_serve,
     "ask": cmd_ask,
+    "explain": cmd_explain,
     "duplicates": cmd_duplicates,
     "make-tiny-model": cmd_make_tiny_model,
     "reindex": cmd_reindex,

@@ -136,6 +136,20 @@ def _duplicates_command(command) -> None:
     common(p, model=False)
 
 
+def _explain_command(command) -> None:
+    p = command(
+        "explain", "show where a query matches a photo (a heat map over it)",
+        "Which parts of a photo made the image-text matching head match it to the words: Grad-CAM over the "
+        "Q-Former's cross-attention (one ITM forward and backward), a grid over the ViT's patches drawn over the "
+        "photo (longest side preview_size). A file, or an indexed image by its id.",
+    )
+    p.add_argument("image", metavar="PATH_OR_ID", help="an image file, or an indexed image's id (from search --json or the UI)")
+    p.add_argument("query", nargs="+", metavar="QUERY", help="the words, e.g. a red umbrella on the left")
+    p.add_argument("--out", metavar="PNG", help="write the map over the photo to this PNG file")
+    p.add_argument("--json", action="store_true", help="print JSON (the grid, its peak, P(match))")
+    common(p, model=True)
+
+
 def _ask_command(command) -> None:
     p = command(
         "ask", "ask a question about a photo (BLIP-2 with a language model answers)",
@@ -242,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _watch_command(command)
     _duplicates_command(command)
     _ask_command(command)
+    _explain_command(command)
     _serve_command(command)
     _check_command(command)
     _backup_command(command)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 from searchengine.app import wiring
 from searchengine.app.cli.options import human
@@ -187,6 +188,29 @@ def cmd_duplicates(args: argparse.Namespace, out, err) -> int:
     return 0
 
 
+def image_file(settings: Settings, image: str, recorded) -> str:
+    """PATH_OR_ID -> a readable file: the path as given, or an indexed image's first file
+    that is still there."""
+    from searchengine.library import Library
+
+    local = os.path.expanduser(image)
+    if not (image.isdigit() and not os.path.exists(local)):
+        return local
+    if recorded is None:
+        raise IndexNotFoundError(f"no index in {settings.data_dir} to find image {image} in; give a file's path instead")
+    library = Library.open(settings, vectors=False)
+    try:
+        detail = library.catalog.image_detail(int(image))
+    finally:
+        library.close()
+    paths = [f.path for f in detail.files if os.path.isfile(f.path)] if detail is not None else []
+    if detail is None or not detail.files:
+        raise SearchEngineError(f"no indexed image has id {image}")
+    if not paths:
+        raise SearchEngineError(f"image {image}'s files are gone: {', '.join(f.path for f in detail.files)}")
+    return paths[0]
+
+
 def cmd_ask(args: argparse.Namespace, out, err) -> int:
     from searchengine.errors import BadImageError
     from searchengine.media.imageio import decode_image, read_file
@@ -195,23 +219,8 @@ def cmd_ask(args: argparse.Namespace, out, err) -> int:
 
     settings = settings_from_args(args)
     question = check_question(" ".join(args.question))
-    local = os.path.expanduser(args.image)
-    by_id = args.image.isdigit() and not os.path.exists(local)
     recorded = Library.recorded(settings)
-    if by_id:
-        if recorded is None:
-            raise IndexNotFoundError(f"no index in {settings.data_dir} to find image {args.image} in; give a file's path instead")
-        library = Library.open(settings, vectors=False)
-        try:
-            detail = library.catalog.image_detail(int(args.image))
-        finally:
-            library.close()
-        paths = [f.path for f in detail.files if os.path.isfile(f.path)] if detail is not None else []
-        if detail is None or not detail.files:
-            raise SearchEngineError(f"no indexed image has id {args.image}")
-        if not paths:
-            raise SearchEngineError(f"image {args.image}'s files are gone: {', '.join(f.path for f in detail.files)}")
-        local = paths[0]
+    local = image_file(settings, args.image, recorded)
     name, why = wiring.vqa_model(settings, recorded)
     if name is None:
         raise VqaUnavailable(why)
@@ -228,4 +237,44 @@ def cmd_ask(args: argparse.Namespace, out, err) -> int:
         return 0
     print(answer.answer or "(no answer)", file=out)
     print(f"{name}: load {load_ms / 1000:.1f} s, answer {answer.timings_ms['generate']:.0f} ms", file=err)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace, out, err) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from searchengine.errors import BadImageError
+    from searchengine.library import Library
+    from searchengine.media import heatmap
+    from searchengine.media.imageio import decode_image, read_file
+    from searchengine.search.request import check_query
+    from searchengine.util.durable import write_atomic
+
+    settings = settings_from_args(args)
+    query = check_query(" ".join(args.query), settings.max_query_chars)
+    recorded = Library.recorded(settings)
+    local = image_file(settings, args.image, recorded)
+    try:
+        image = decode_image(read_file(local), max_pixels=settings.max_image_pixels, draft=settings.preview_size).image
+    except BadImageError as e:
+        raise SearchEngineError(f"cannot read {local}: {e}") from None
+    model = wiring.load_model(settings, wiring.retrieval_model(settings, recorded))
+    t0 = time.perf_counter()
+    size = model.image_size
+    heat = model.explain(query, model.vit(model.preprocess([image.resize((size, size), Image.Resampling.BICUBIC)])))
+    explain_ms = (time.perf_counter() - t0) * 1000
+    image.thumbnail((settings.preview_size, settings.preview_size), Image.Resampling.LANCZOS)
+    if args.out:
+        png = heatmap.overlay(image, heat.grid)
+        write_atomic(Path(args.out).expanduser(), lambda tmp: tmp.write_bytes(png), fsync=False)
+    row, column = (int(v) for v in np.unravel_index(int(np.argmax(heat.grid)), heat.grid.shape))
+    if args.json:
+        print(json.dumps({"image": local, "query": query, "itm": heat.itm, "grid": heat.grid.round(4).tolist(),
+                          "peak": [row, column], "out": args.out, "explain_ms": round(explain_ms, 1)}), file=out)
+        return 0
+    rows, columns = heat.grid.shape
+    print(f"P(match) {heat.itm:.3f}; strongest at row {row + 1}, column {column + 1} of {rows} x {columns}"
+          + (f"; wrote {args.out} ({image.width} x {image.height})" if args.out else ""), file=out)
+    print(f"{model.name}: explained in {explain_ms:.0f} ms", file=err)
     return 0

@@ -75,7 +75,7 @@ async def search_image(
     p: Paging,
 ):
     """Image-to-image search by an uploaded example (score: mean over query vectors of the best match)."""
-    data = await _read_capped(image, state.settings.max_upload_bytes)
+    data = await read_capped(image, state.settings.max_upload_bytes)
     if not data:
         raise UploadError("the upload is empty: send the example image's bytes")
     page = await service.search_image(data, k=p.k, offset=p.offset, min_score=p.min_score, filters=p.filters)
@@ -89,7 +89,7 @@ async def similar(service: Service, image_id: ImageId, p: Paging):
     return search_out(page, p.k, p.offset)
 
 
-async def _read_capped(upload: UploadFile, limit: int) -> bytes:
+async def read_capped(upload: UploadFile, limit: int) -> bytes:
     chunks, total = [], 0
     while chunk := await upload.read(1 << 20):
         total += len(chunk)
