@@ -478,6 +478,7 @@ function openDetail(i) {
   $("d-like").textContent = state.like.includes(String(h.id)) ? "+ Liked" : "+ Like";
   $("d-unlike").textContent = state.unlike.includes(String(h.id)) ? "− Unliked" : "− Unlike";
   askReset();
+  explainReset();
   $("d-prev").disabled = i === 0;
   $("d-next").disabled = i === state.hits.length - 1 && state.nextOffset == null;
   $("detail").hidden = false;
@@ -498,6 +499,37 @@ async function step(delta) {
   const i = state.detail + delta;
   if (i >= state.hits.length && state.nextOffset != null) await loadMore();
   if (i >= 0 && i < state.hits.length) openDetail(i);
+}
+
+// -- where the words match: the map over the photo (ITM Grad-CAM), on request ------------------
+
+function explainReset() {
+  const words = state.mode === "text" ? state.q.trim() : "";
+  $("d-explain").hidden = !words;
+  $("d-explain").setAttribute("aria-pressed", "false");
+  $("d-explain").textContent = "Where it matches";
+  $("d-explain-note").textContent = "";
+  $("d-img").onload = $("d-img").onerror = null;
+}
+
+function toggleExplain() {
+  const h = state.hits[state.detail];
+  const img = $("d-img");
+  const on = $("d-explain").getAttribute("aria-pressed") !== "true";
+  $("d-explain").setAttribute("aria-pressed", String(on));
+  $("d-explain").textContent = on ? "Hide the map" : "Where it matches";
+  $("d-explain-note").textContent = on ? "Finding where it matches…" : "";
+  const shown = state.detail;
+  img.onload = () => { if (state.detail === shown) $("d-explain-note").textContent = on ? `Red to yellow: what matches “${state.q.trim()}”` : ""; };
+  img.onerror = () => {
+    img.onload = img.onerror = null;  // the preview again, once
+    if (state.detail !== shown) return;
+    $("d-explain-note").textContent = "The map could not be made.";
+    $("d-explain").setAttribute("aria-pressed", "false");
+    $("d-explain").textContent = "Where it matches";
+    img.src = withKey(h.preview_url);
+  };
+  img.src = on ? withKey(`/api/images/${h.id}/explain.png?q=${encodeURIComponent(state.q.trim())}`) : withKey(h.preview_url);
 }
 
 // -- asking a photo ---------------------------------------------------------------------------
@@ -795,6 +827,7 @@ function wire() {
   $("d-prev").addEventListener("click", () => step(-1));
   $("d-next").addEventListener("click", () => step(1));
   $("d-more").addEventListener("click", moreLikeThis);
+  $("d-explain").addEventListener("click", toggleExplain);
   $("d-like").addEventListener("click", () => steerBy(String(state.hits[state.detail].id), "like"));
   $("d-unlike").addEventListener("click", () => steerBy(String(state.hits[state.detail].id), "unlike"));
   $("d-ask").addEventListener("submit", ask);

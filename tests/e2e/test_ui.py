@@ -643,3 +643,34 @@ def test_the_duplicates_page_shows_groups_side_by_side(page, library, screenshot
     page.locator("#dups-back").click()
     expect(page.locator("#dups")).to_be_hidden()
     expect(page).not_to_have_url(re.compile("view=duplicates"))
+
+
+def test_the_detail_view_shows_where_the_words_match(page, library, screenshots):
+    search(page, library, "sand dune")
+    reranked(page)
+    first = grid_ids(page)[0]
+    tiles(page).first.click()
+    button = page.locator("#d-explain")
+    expect(button).to_be_visible()
+    expect(button).to_have_attribute("aria-pressed", "false")
+    button.click()
+    expect(button).to_have_attribute("aria-pressed", "true")
+    expect(page.locator("#d-img")).to_have_attribute("src", re.compile(rf"/api/images/{first}/explain\.png\?q=sand%20dune"))
+    page.wait_for_function("document.getElementById('d-img').complete && document.getElementById('d-img').naturalWidth > 0")
+    expect(page.locator("#d-explain-note")).to_contain_text("what matches “sand dune”")
+    # The map is the preview's size, drawn over it.
+    size = page.evaluate("[document.getElementById('d-img').naturalWidth, document.getElementById('d-img').naturalHeight]")
+    want = api(library, f"/api/images/{first}")
+    longest = max(want["width"], want["height"])
+    assert max(size) == min(longest, 1600), (size, want)
+    page.screenshot(path=screenshots / "explain.png")
+    button.click()  # off: the photo as it is
+    expect(page.locator("#d-img")).to_have_attribute("src", re.compile(rf"/api/images/{first}/preview"))
+    page.keyboard.press("ArrowRight")  # another photo starts without the map
+    expect(button).to_have_attribute("aria-pressed", "false")
+    # With no words (search by an example), there is nothing to explain.
+    page.goto(f"{library['base']}/?similar={first}")
+    expect(tiles(page).first).to_be_visible()
+    tiles(page).first.click()
+    expect(page.locator("#detail")).to_be_visible()
+    expect(button).to_be_hidden()

@@ -173,6 +173,10 @@ examples:
   searchengine ask ~/Pictures/dog.jpg what breed is the dog?
   searchengine ask 42 is it raining?                         an indexed image, by its id
   searchengine ask 42 how many people are there --vqa-model Salesforce/blip2-opt-2.7b""",
+    "explain": """\
+examples:
+  searchengine explain 42 a red umbrella on the left --out map.png   an indexed image, by its id
+  searchengine explain ~/Pictures/beach.jpg dog --json                 a file; the grid and its peak as JSON""",
     "make-tiny-model": """\
 examples:
   searchengine make-tiny-model /tmp/tiny-blip2
