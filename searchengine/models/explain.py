@@ -34,8 +34,6 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from searchengine.models.retrieval import RetrievalModel
-
 
 @dataclass
 class HeatMap:
@@ -44,8 +42,9 @@ class HeatMap:
     logit: float  # the decision the map explains: match logit minus no-match logit
 
 
-def cross_attentions(model: "RetrievalModel") -> list:
-    """The Q-Former's cross-attention modules (queries -> ViT patches), bottom first."""
+def cross_attentions(model) -> list:
+    """The Q-Former's cross-attention modules (queries -> ViT patches) of a RetrievalModel
+    (which calls this module: its type is not imported here), bottom first."""
     return [layer.crossattention.attention for layer in model.model.qformer.encoder.layer if layer.has_cross_attention]
 
 
@@ -76,8 +75,9 @@ class _Written:
         return out, probs
 
 
-def grad_cam(model: "RetrievalModel", text: str, vit: "torch.Tensor") -> HeatMap:
-    """The map of `text` over one image, from its ViT output [1, P, W] (or [P, W])."""
+def grad_cam(model, text: str, vit: "torch.Tensor") -> HeatMap:
+    """The map of `text` over one image for a RetrievalModel, from its ViT output [1, P, W]
+    (or [P, W])."""
     import torch
 
     tok = model.tokenize([text])

@@ -155,13 +155,16 @@ class ExplainOut(BaseModel):
     timings_ms: dict[str, float]
 
     @classmethod
-    def of(cls, explained, overlay_url: str | None = None) -> "ExplainOut":
+    def of(cls, explained) -> "ExplainOut":
+        """An indexed image's map links its overlay; an upload's carries it."""
         import base64
+        from urllib.parse import urlencode
 
         png = base64.b64encode(explained.png).decode() if explained.png is not None else None
+        url = None if explained.image_id is None else f"/api/images/{explained.image_id}/explain.png?{urlencode({'q': explained.query})}"
         return cls(
             image_id=explained.image_id, query=explained.query, grid=explained.heat.grid.round(4).tolist(),
-            itm=explained.heat.itm, overlay_url=overlay_url, overlay_png=png, timings_ms=explained.timings_ms,
+            itm=explained.heat.itm, overlay_url=url, overlay_png=png, timings_ms=explained.timings_ms,
         )
 
 

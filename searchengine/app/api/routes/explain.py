@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from typing import Annotated
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
@@ -26,8 +25,7 @@ RESPONSES = {400: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": 
 async def explain(service: Service, image_id: ImageId, q: Text):
     """Which parts of the photo made the ITM head match it to `q`: a patch grid, peak 1,
     from one ITM forward and backward (it runs only when asked)."""
-    explained = await asyncio.to_thread(service.explain, image_id, q)
-    return ExplainOut.of(explained, overlay_url=f"/api/images/{image_id}/explain.png?{urlencode({'q': explained.query})}")
+    return ExplainOut.of(await asyncio.to_thread(service.explain, image_id, q))
 
 
 @router.get("/api/images/{image_id}/explain.png", response_class=Response, responses={**FILE_RESPONSES, 400: {"model": ErrorOut}})
