@@ -16,9 +16,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from searchengine.errors import ModelLoadError, QueryError, SearchEngineError, VqaUnavailable
+from searchengine.models.conversation import Decoding, Turn, check_turns, fit
 from searchengine.models.loading import int8_loading, load_config, load_pretrained, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROMPT = "Question: {} Answer:"
 MAX_QUESTION_CHARS = 300
 MAX_ANSWER_CHARS = 500
 ANSWER_TOKENS = 30
@@ -39,9 +39,16 @@ class Answer:
     answer: str
     model: str
     timings_ms: dict[str, float]
+    kept_turns: int = 0  # of the earlier turns, how many the prompt kept (the oldest are cut to fit)
 
     def as_json(self) -> dict:
         return {"question": self.question, "answer": self.answer, "model": self.model, "timings_ms": self.timings_ms}
+
+
+def clipped(text: str) -> str:
+    """An answer as shown: whitespace-normalised, at most MAX_ANSWER_CHARS long."""
+    answer = " ".join(text.split())
+    return answer if len(answer) <= MAX_ANSWER_CHARS else answer[: MAX_ANSWER_CHARS - 1].rstrip() + "…"
 
 
 def check_question(question: str, limit: int = MAX_QUESTION_CHARS) -> str:
@@ -105,25 +112,68 @@ class Answerer:
         return cls(name, model, processor, device=device, max_new_tokens=max_new_tokens)
 
     def ask(self, image: "Image.Image", question: str) -> Answer:
-        """The model's answer to `question` about an RGB image, at most MAX_ANSWER_CHARS long."""
+        """The model's answer to `question` about an RGB image, at most MAX_ANSWER_CHARS long
+        (greedy, `max_new_tokens`): a conversation of one question."""
+        return self.chat(image, [], question, Decoding(max_new_tokens=self.max_new_tokens))
+
+    def chat(self, image: "Image.Image", turns: Sequence[Turn], question: str, decoding: Decoding = Decoding()) -> Answer:
+        """The answer to `question` after the earlier `turns` (models/conversation.py)."""
         import torch
 
-        question = check_question(question)
         t0 = time.perf_counter()
-        inputs = self.processor(images=image, text=PROMPT.format(question), return_tensors="pt")
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        inputs, kept, question = self._prepare(image, turns, question, decoding)
         t1 = time.perf_counter()
         with self._lock, torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
+            out = self.model.generate(**inputs, **decoding.generate_kwargs())
         t2 = time.perf_counter()
         tokens = out[0]
         if not self.model.config.text_config.is_encoder_decoder:  # OPT: the prompt comes back first
             tokens = tokens[inputs["input_ids"].shape[1]:]
-        answer = " ".join(self.processor.decode(tokens, skip_special_tokens=True).split())
-        if len(answer) > MAX_ANSWER_CHARS:
-            answer = answer[: MAX_ANSWER_CHARS - 1].rstrip() + "…"
-        return Answer(question, answer, self.name, {"prepare": (t1 - t0) * 1000, "generate": (t2 - t1) * 1000})
+        answer = clipped(self.processor.decode(tokens, skip_special_tokens=True))
+        return Answer(question, answer, self.name, {"prepare": (t1 - t0) * 1000, "generate": (t2 - t1) * 1000}, kept)
+
+    def stream(self, image: "Image.Image", turns: Sequence[Turn], question: str, decoding: Decoding = Decoding()) -> Iterator[str]:
+        """The answer's text as it is generated, piece by piece (`clipped("".join(...))` is
+        `chat`'s answer). Beam search settles its answer only at the end: it comes in one piece."""
+        if not decoding.streams:
+            yield self.chat(image, turns, question, decoding).answer
+            return
+        import torch
+        from transformers import TextIteratorStreamer
+
+        inputs, _, _ = self._prepare(image, turns, question, decoding)
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failed: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                with self._lock, torch.inference_mode():
+                    self.model.generate(**inputs, **decoding.generate_kwargs(), streamer=streamer)
+            except BaseException as e:  # noqa: BLE001 - handed to the reader below
+                failed.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=generate, name="vqa-stream", daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if failed:
+            raise failed[0]
+
+    def _prepare(self, image: "Image.Image", turns: Sequence[Turn], question: str, decoding: Decoding):
+        """(the model's inputs, how many turns the prompt keeps, the question as asked)."""
+        question = check_question(question)
+        turns = check_turns(turns, check_question)
+        decoding.checked()
+        config = self.model.config
+        context = getattr(config.text_config, "max_position_embeddings", None) or 512
+        budget = context - int(getattr(config, "num_query_tokens", 32)) - decoding.max_new_tokens
+        tokenizer = self.processor.tokenizer
+        text, kept = fit(turns, question, lambda t: len(tokenizer(t)["input_ids"]), budget)
+        inputs = self.processor(images=image, text=text, return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs, kept, question
 
 
 class LazyAnswerer:
