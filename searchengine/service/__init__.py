@@ -36,7 +36,8 @@ from searchengine.models.retrieval import RetrievalModel
 from searchengine.search import Filters, Page, RankingCache, Searcher, SearchRequest
 from searchengine.config.settings import Settings
 from searchengine.store.records import FolderCount
-from searchengine.models.vqa import Answer, LazyAnswerer, check_question
+from searchengine.models.conversation import Decoding, Turn, check_turns
+from searchengine.models.vqa import ANSWER_TOKENS, Answer, LazyAnswerer, check_question
 from searchengine.media import heatmap
 from searchengine.models.explain import HeatMap
 from searchengine.search.itm import ItmFeatures
@@ -359,20 +360,34 @@ class QueryService:
 
     def ask(self, image_id: int, question: str) -> Answer:
         """The VQA model's answer to a question about an indexed image (loaded on first use)."""
-        question = check_question(question)
+        return self.chat(image_id, [], check_question(question), Decoding(max_new_tokens=ANSWER_TOKENS))
+
+    def chat(self, image_id: int, turns: list[Turn], question: str, decoding: Decoding) -> Answer:
+        """The answer to `question` about an indexed image after the earlier `turns` (the
+        server keeps no conversation: the client sends it back each time)."""
+        answerer, image, read_ms = self._for_answer(image_id, turns, question, decoding)
+        answer = answerer.chat(image, turns, question, decoding)
+        answer.timings_ms = {"read": read_ms, **answer.timings_ms}
+        answer.timings_ms["total"] = sum(answer.timings_ms.values())
+        return answer
+
+    def chat_stream(self, image_id: int, turns: list[Turn], question: str, decoding: Decoding) -> tuple[str, Iterator[str]]:
+        """(the model's name, the answer's pieces as they are generated). Everything that can
+        be refused is refused here, before the first piece."""
+        answerer, image, _ = self._for_answer(image_id, turns, question, decoding)
+        return answerer.name, answerer.stream(image, turns, question, decoding)
+
+    def _for_answer(self, image_id: int, turns: list[Turn], question: str, decoding: Decoding):
+        """(the answerer, the image, ms to read it), the request checked first."""
+        check_question(question)
+        check_turns(turns, check_question)
+        decoding.checked()
         answerer = self.answerer.get()  # VqaUnavailable: why none can answer
         t0 = time.perf_counter()
         data = self._read_indexed(image_id)
         with _indexed_file_errors():
-            image = decode_image(
-                data, max_pixels=self.settings.max_image_pixels,
-                draft=2 * answerer.image_side,
-            ).image
-        read_ms = (time.perf_counter() - t0) * 1000
-        answer = answerer.ask(image, question)
-        answer.timings_ms = {"read": read_ms, **answer.timings_ms}
-        answer.timings_ms["total"] = sum(answer.timings_ms.values())
-        return answer
+            image = decode_image(data, max_pixels=self.settings.max_image_pixels, draft=2 * answerer.image_side).image
+        return answerer, image, (time.perf_counter() - t0) * 1000
 
     # -- where a query matches ----------------------------------------------------------------
 

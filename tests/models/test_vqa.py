@@ -222,3 +222,47 @@ def test_a_loaded_blip2_captioner_is_shared_rather_than_loaded_twice(blip2_dir, 
     plain = LazyAnswerer(None, "no model", never)  # a BLIP captioner answers nothing
     plain.share(blip)
     assert plain.status()[0] is False
+
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    """(event, data) of a server-sent event stream."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        out.append((lines.get("event", "message"), json.loads(lines["data"])))
+    return out
+
+
+def test_api_chat_keeps_no_conversation_and_streams_what_it_answers(indexed, model, blip2_dir):
+    from searchengine.models.conversation import Turn, prompt
+
+    from tests.models.test_conversation import model_card
+
+    settings, ids = indexed
+    app = create_app(settings, loader=lambda s: (model, Library.open(s)))
+    with TestClient(app) as client:
+        wait_ready(client)
+        path, image_id = sorted(ids.items())[2]
+        image = Image.open(path).convert("RGB")
+        turns = [{"question": "what is the dog doing?", "answer": "running"}, {"question": "where?", "answer": "on a beach"}]
+        body = {"question": "is it sunny?", "turns": turns, "decoding": {"max_new_tokens": 8}}
+        r = client.post(f"/api/images/{image_id}/chat", json=body)
+        assert r.status_code == 200, r.text
+        whole = r.json()
+        want = model_card(blip2_dir, image, prompt([Turn(**t) for t in turns], "is it sunny?"), max_new_tokens=8, do_sample=False, num_beams=1)
+        assert whole["answer"] == want and whole["kept_turns"] == 2 and whole["model"] == str(blip2_dir)
+        # Streamed: the same answer, piece by piece, then `done`.
+        with client.stream("POST", f"/api/images/{image_id}/chat", json={**body, "stream": True}) as s:
+            assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+            events = sse_events(s.read().decode())
+        pieces = [data["text"] for event, data in events if event == "message"]
+        assert len(pieces) >= 2 and events[-1][0] == "done", events
+        assert events[-1][1]["answer"] == want == " ".join("".join(pieces).split())
+        assert 0 < events[-1][1]["timings_ms"]["first_piece"] <= events[-1][1]["timings_ms"]["total"]
+        # Refused before anything streams, with the reason.
+        for bad, says in (({"decoding": {"method": "top-k"}}, "decoding.method"), ({"decoding": {"max_new_tokens": 0}}, "max_new_tokens"),
+                          ({"decoding": {"method": "nucleus", "top_p": 0}}, "top_p"), ({"turns": [{"question": " ", "answer": "x"}]}, "turns"),
+                          ({"turns": [{"question": "q?", "answer": "a"}] * 51}, "turns")):
+            r = client.post(f"/api/images/{image_id}/chat", json={**body, **bad, "stream": True})
+            assert r.status_code == 422 and says in r.json()["error"], (bad, r.text)
+        assert client.post("/api/images/99999/chat", json={**body, "stream": True}).status_code == 404

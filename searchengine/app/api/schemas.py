@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from searchengine.app.api.guards import NOT_BLANK
 from searchengine.library import ImageDetail
 from searchengine.search import Hit, Page
-from searchengine.models.vqa import MAX_QUESTION_CHARS
+from searchengine.models.conversation import MAX_TURNS, Decoding, Turn
+from searchengine.models.vqa import MAX_ANSWER_CHARS, MAX_QUESTION_CHARS
 
 
 class Mode(str, Enum):
@@ -166,6 +167,40 @@ class ExplainOut(BaseModel):
             image_id=explained.image_id, query=explained.query, grid=explained.heat.grid.round(4).tolist(),
             itm=explained.heat.itm, overlay_url=url, overlay_png=png, timings_ms=explained.timings_ms,
         )
+
+
+class TurnIn(BaseModel):
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, pattern=NOT_BLANK)
+    answer: str = Field(max_length=MAX_ANSWER_CHARS)
+
+
+class DecodingIn(BaseModel):
+    method: Literal["greedy", "beam", "nucleus"] = "greedy"
+    max_new_tokens: int = Field(30, ge=1, le=200)
+    num_beams: int = Field(3, ge=2, le=8, description="beam: beams kept")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus: the share of probability sampled from")
+    temperature: float = Field(1.0, ge=0.05, le=2, description="nucleus: below 1 surer, above 1 more varied")
+
+
+class ChatIn(BaseModel):
+    question: str = Field(
+        min_length=1, max_length=MAX_QUESTION_CHARS, pattern=NOT_BLANK, description="the new question (not only spaces)"
+    )
+    turns: list[TurnIn] = Field(default_factory=list, max_length=MAX_TURNS,
+                                description="the conversation so far, oldest first (the server keeps none)")
+    decoding: DecodingIn = Field(default_factory=DecodingIn)
+    stream: bool = Field(False, description="answer as server-sent events, a `data` event per piece, then `done`")
+
+    def conversation(self) -> tuple[list[Turn], Decoding]:
+        return [Turn(t.question, t.answer) for t in self.turns], Decoding(**self.decoding.model_dump())
+
+
+class ChatOut(BaseModel):
+    question: str
+    answer: str
+    model: str
+    kept_turns: int  # of the turns sent, how many the prompt kept (the oldest are cut to fit the model's context)
+    timings_ms: dict[str, float]
 
 
 class VqaOut(BaseModel):

@@ -4,14 +4,18 @@ and questions about it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import mimetypes
+import time
+from typing import Iterator
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from searchengine.app.api.deps import Files, ImageId, Service
-from searchengine.app.api.schemas import FILE_RESPONSES, AskIn, AskOut, ErrorOut, ImageOut, VqaOut
+from searchengine.app.api.schemas import FILE_RESPONSES, AskIn, AskOut, ChatIn, ChatOut, ErrorOut, ImageOut, VqaOut
+from searchengine.models.vqa import clipped
 
 router = APIRouter()
 
@@ -62,6 +66,47 @@ async def ask(service: Service, image_id: ImageId, body: AskIn):
     answers, prompted `Question: {question} Answer:`. The model loads on the first question."""
     answer = await asyncio.to_thread(service.ask, image_id, body.question)
     return AskOut(**answer.as_json())
+
+
+@router.post(
+    "/api/images/{image_id}/chat", response_model=ChatOut,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "the answer; with `stream`, as server-sent events"},
+        404: {"model": ErrorOut}, 503: {"model": ErrorOut, "description": "no model here answers questions (why, in the message)"},
+    },
+)
+async def chat(service: Service, image_id: ImageId, body: ChatIn):
+    """A conversation about the photo: the turns so far (the server keeps none) and a new
+    question, put to BLIP-2 as LAVIS prompts multi-turn VQA ("Question: ... Answer: ...."),
+    the oldest turns cut where the model's context is full. With `stream`, the answer comes as
+    server-sent events: `data: {"text": ...}` per piece as it is generated, then `event: done`
+    with the whole answer, or `event: error`."""
+    turns, decoding = body.conversation()
+    if not body.stream:
+        answer = await asyncio.to_thread(service.chat, image_id, turns, body.question, decoding)
+        return ChatOut(**answer.as_json(), kept_turns=answer.kept_turns)
+    model, pieces = await asyncio.to_thread(service.chat_stream, image_id, turns, body.question, decoding)
+    return StreamingResponse(sse(body.question, model, pieces), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+def sse(question: str, model: str, pieces) -> Iterator[str]:
+    """Server-sent events of an answer's pieces (run in the thread pool: `pieces` blocks)."""
+    t0 = time.perf_counter()
+    first, text = None, []
+    try:
+        for piece in pieces:
+            if first is None:
+                first = (time.perf_counter() - t0) * 1000
+            text.append(piece)
+            yield f"data: {json.dumps({'text': piece})}\n\n"
+    except Exception as e:  # noqa: BLE001 - the status line has gone: say it in the stream
+        yield f"event: error\ndata: {json.dumps({'error': str(e)})}\n\n"
+        return
+    total = (time.perf_counter() - t0) * 1000
+    done = {"question": question, "answer": clipped("".join(text)), "model": model,
+            "timings_ms": {"first_piece": first if first is not None else total, "total": total}}
+    yield f"event: done\ndata: {json.dumps(done)}\n\n"
 
 
 @router.get("/api/vqa", response_model=VqaOut)
