@@ -266,3 +266,68 @@ def test_api_chat_keeps_no_conversation_and_streams_what_it_answers(indexed, mod
             r = client.post(f"/api/images/{image_id}/chat", json={**body, **bad, "stream": True})
             assert r.status_code == 422 and says in r.json()["error"], (bad, r.text)
         assert client.post("/api/images/99999/chat", json={**body, "stream": True}).status_code == 404
+
+
+def test_ask_without_a_question_is_a_conversation_in_a_terminal(blip2_dir, pictures, tmp_path):
+    """Driven through a pseudo-terminal: three questions, each answered with the ones before
+    (as Answerer.chat answers that conversation), then Ctrl-D."""
+    import os
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from searchengine.models.conversation import Decoding, Turn
+
+    image_path = sorted(pictures.iterdir())[0]
+    master, slave = os.openpty()
+    env = {**os.environ, "SEARCHENGINE_DATA_DIR": str(tmp_path / "d"), "TERM": "dumb"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "searchengine.app.entry", "ask", str(image_path), "--vqa-model", str(blip2_dir),
+         "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "8"],
+        stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
+    )
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 120) -> None:
+        nonlocal seen
+        end = time.monotonic() + timeout
+        while marker not in seen:
+            assert time.monotonic() < end, seen.decode(errors="replace")
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # the other side closed
+                    break
+
+    try:
+        read_until(b"you> ")
+        for question in QUESTIONS:
+            before = seen.count(b"you> ")
+            os.write(master, question.encode() + b"\n")
+            end = time.monotonic() + 120
+            while seen.count(b"you> ") <= before:
+                assert time.monotonic() < end, seen.decode(errors="replace")
+                ready, _, _ = select.select([master], [], [], 0.5)
+                if ready:
+                    seen += os.read(master, 4096)
+        os.write(master, b"\x04")  # Ctrl-D
+        read_until(b"questions answered")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    text = seen.decode().replace("\r\n", "\n")
+    got = [line[len("photo> "):].strip() for line in text.splitlines() if line.startswith("photo> ")]
+    answerer = Answerer.load(str(blip2_dir), device="cpu", dtype="float32")
+    image = Image.open(image_path).convert("RGB")
+    turns, want = [], []
+    for question in QUESTIONS:
+        answer = answerer.chat(image, turns, question, Decoding(max_new_tokens=8)).answer
+        want.append(answer)
+        turns.append(Turn(question, answer))
+    assert got == want, text
+    assert "Ctrl-D ends the conversation" in text and "3 questions answered" in text

@@ -153,11 +153,20 @@ def _explain_command(command) -> None:
 def _ask_command(command) -> None:
     p = command(
         "ask", "ask a question about a photo (BLIP-2 with a language model answers)",
-        "Answer a question about a photo: a file, or an indexed image by its id. The model is --vqa-model, "
+        "Answer a question about a photo: a file, or an indexed image by its id. With no question, a "
+        "conversation: each question is asked with the ones before and their answers (as LAVIS prompts "
+        "multi-turn VQA), the answer printed as it is generated; Ctrl-D ends it. The model is --vqa-model, "
         "else the index's captioner when it is BLIP-2 with a language model.",
     )
     p.add_argument("image", metavar="PATH_OR_ID", help="an image file, or an indexed image's id (from search --json or the UI)")
-    p.add_argument("question", nargs="+", metavar="QUESTION", help="the question, e.g. what breed is the dog?")
+    p.add_argument("question", nargs="*", metavar="QUESTION",
+                   help="the question, e.g. what breed is the dog?; none: a conversation, a question a line (Ctrl-D ends it)")
+    g = p.add_argument_group("decoding the answer")
+    g.add_argument("--decoding", choices=["greedy", "beam", "nucleus"], default="greedy", help="how the answer is chosen (default: greedy)")
+    g.add_argument("--max-new-tokens", type=int, default=30, metavar="N", help="longest answer, 1 to 200 tokens (default: 30)")
+    g.add_argument("--beams", type=int, default=3, metavar="N", help="beam: beams kept, 2 to 8 (default: 3)")
+    g.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus: the share of probability sampled from (default: 0.9)")
+    g.add_argument("--temperature", type=float, default=1.0, metavar="T", help="nucleus: 0.05 to 2 (default: 1.0)")
     vqa_option(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     common(p, model=False)

@@ -215,10 +215,12 @@ def cmd_ask(args: argparse.Namespace, out, err) -> int:
     from searchengine.errors import BadImageError
     from searchengine.media.imageio import decode_image, read_file
     from searchengine.library import Library
+    from searchengine.models.conversation import Decoding
     from searchengine.models.vqa import VqaUnavailable, check_question
 
     settings = settings_from_args(args)
-    question = check_question(" ".join(args.question))
+    decoding = Decoding(args.decoding, args.max_new_tokens, args.beams, args.top_p, args.temperature).checked()
+    question = check_question(" ".join(args.question)) if args.question else None
     recorded = Library.recorded(settings)
     local = image_file(settings, args.image, recorded)
     name, why = wiring.vqa_model(settings, recorded)
@@ -231,12 +233,55 @@ def cmd_ask(args: argparse.Namespace, out, err) -> int:
     t0 = time.perf_counter()
     answerer = wiring.load_answerer(settings, name)
     load_ms = (time.perf_counter() - t0) * 1000
-    answer = answerer.ask(image, question)
+    if question is None:
+        return converse(answerer, image, decoding, out, err)
+    answer = answerer.chat(image, [], question, decoding)
     if args.json:
         print(json.dumps({**answer.as_json(), "image": local, "load_ms": round(load_ms, 1)}, ensure_ascii=False), file=out)
         return 0
     print(answer.answer or "(no answer)", file=out)
     print(f"{name}: load {load_ms / 1000:.1f} s, answer {answer.timings_ms['generate']:.0f} ms", file=err)
+    return 0
+
+
+def converse(answerer, image, decoding, out, err) -> int:
+    """A conversation in the terminal: a question a line (with the line editor's history in
+    a terminal), each answer printed as it is generated; Ctrl-D (or the end of the input) ends
+    it. A question that cannot be asked says why and the conversation goes on."""
+    import importlib
+    import sys
+
+    from searchengine.errors import QueryError
+    from searchengine.models.conversation import Turn
+    from searchengine.models.vqa import clipped
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        importlib.import_module("readline")  # input() gets line editing and history
+
+        print("Ask about the photo; Ctrl-D ends the conversation.", file=err)
+    turns: list[Turn] = []
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            continue
+        try:
+            pieces = []
+            print("photo> " if interactive else "", end="", file=out, flush=True)
+            for piece in answerer.stream(image, turns, line, decoding):
+                pieces.append(piece)
+                print(piece, end="", file=out, flush=True)
+            print(file=out, flush=True)
+        except QueryError as e:
+            print(f"\n{e}", file=err, flush=True)
+            continue
+        turns.append(Turn(" ".join(line.split()), clipped("".join(pieces))))
+    if interactive:
+        print(file=err)
+    print(f"{len(turns)} question{'s' if len(turns) != 1 else ''} answered", file=err)
     return 0
 
 
