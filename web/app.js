@@ -541,9 +541,64 @@ function askReset() {
   $("d-ask-note").textContent = can || !state.vqa ? "" :
     "Questions about photos need a BLIP-2 model with a language model (searchengine serve --vqa-model …).";
   $("d-question").value = "";
+  state.turns = [];  // the conversation about this photo: the server keeps none
+  showTurns();
+  $("d-asked").textContent = "";
   $("d-answer").textContent = "";
   $("d-answer").className = "";
   state.asking = (state.asking || 0) + 1;  // an answer for another photo is dropped
+}
+
+// The turns before the latest in the list; the latest question and its answer (as it
+// streams) below them.
+function turnItem(t) {
+  const li = document.createElement("li");
+  const q = document.createElement("b");
+  q.textContent = t.question;
+  const a = document.createElement("span");
+  a.textContent = t.answer;
+  li.append(q, a);
+  return li;
+}
+
+function showTurns(earlier = []) {
+  $("d-turns").replaceChildren(...earlier.map(turnItem));
+  $("d-new-chat").hidden = !state.turns.length;
+}
+
+// The answer as server-sent events: `data: {"text"}` per piece, then `done` (or `error`).
+async function streamAnswer(url, body, onPiece) {
+  const headers = { "Content-Type": "application/json", ...(apiKey() ? { "X-API-Key": apiKey() } : {}) };
+  let response;
+  try {
+    response = await fetch(url, { method: "POST", headers, body: JSON.stringify({ ...body, stream: true }) });
+  } catch (e) {
+    throw new ApiError(0, "cannot reach the search service: is `searchengine serve` running?");
+  }
+  if (!response.ok) {
+    let message = `the service answered ${response.status}`;
+    try { message = (await response.json()).error || message; } catch (e) { /* not JSON */ }
+    throw new ApiError(response.status, message);
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      const event = (block.match(/^event: (.*)$/m) || [null, "message"])[1];
+      const data = JSON.parse((block.match(/^data: (.*)$/m) || [null, "{}"])[1]);
+      if (event === "message") onPiece(data.text);
+      else if (event === "done") return data;
+      else if (event === "error") throw new ApiError(500, data.error);
+    }
+  }
+  throw new ApiError(0, "the answer was cut off");
 }
 
 async function ask(e) {
@@ -552,19 +607,30 @@ async function ask(e) {
   const h = state.hits[state.detail];
   if (!question || !h) return;
   const asking = ++state.asking;
+  const turns = state.turns.slice();
+  showTurns(turns);  // the last turn moves up into the list
+  $("d-asked").textContent = question;
+  $("d-question").value = "";
   $("d-answer").className = "working";
   $("d-answer").textContent = "Thinking…";
   $("d-ask-go").disabled = true;
+  let text = "";
   try {
-    const r = await api(`/api/images/${h.id}/ask`, {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ question }),
+    const done = await streamAnswer(`/api/images/${h.id}/chat`, { question, turns }, (piece) => {
+      if (asking !== state.asking) return;
+      text += piece;
+      $("d-answer").className = "answer";
+      $("d-answer").textContent = text;
     });
     if (asking !== state.asking) return;
     $("d-answer").className = "answer";
-    $("d-answer").textContent = r.answer || "(no answer)";
-    $("d-answer").title = `${r.model} · ${Math.round(r.timings_ms.total)} ms`;
+    $("d-answer").textContent = done.answer || "(no answer)";
+    $("d-answer").title = `${done.model} · first words ${Math.round(done.timings_ms.first_piece)} ms · ${Math.round(done.timings_ms.total)} ms`;
+    state.turns = turns.concat([{ question, answer: done.answer }]);
+    $("d-new-chat").hidden = false;
   } catch (err) {
     if (asking !== state.asking) return;
+    state.turns = turns;
     $("d-answer").className = "error";
     $("d-answer").textContent = err.message;
     if (err.status === 503) { state.vqa = { available: false }; }
@@ -831,6 +897,7 @@ function wire() {
   $("d-like").addEventListener("click", () => steerBy(String(state.hits[state.detail].id), "like"));
   $("d-unlike").addEventListener("click", () => steerBy(String(state.hits[state.detail].id), "unlike"));
   $("d-ask").addEventListener("submit", ask);
+  $("d-new-chat").addEventListener("click", () => { askReset(); $("d-question").focus(); });
   $("dups-threshold").addEventListener("change", () => loadDuplicates(true));
   $("dups-more").addEventListener("click", () => loadDuplicates(false));
   for (const link of document.querySelectorAll(".dups-link")) {

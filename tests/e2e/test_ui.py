@@ -674,3 +674,37 @@ def test_the_detail_view_shows_where_the_words_match(page, library, screenshots)
     tiles(page).first.click()
     expect(page.locator("#detail")).to_be_visible()
     expect(button).to_be_hidden()
+
+
+def test_a_three_turn_conversation_in_the_detail_view(page, library, screenshots):
+    """Each question goes with the turns before it, the answer streams in, and the panel
+    shows the conversation; "New conversation" starts again."""
+    import urllib.request
+
+    search(page, library, "sand dune")
+    reranked(page)
+    first = grid_ids(page)[0]
+    tiles(page).first.click()
+    expect(page.locator("#d-ask")).to_be_visible()
+    questions = ["what is in the picture?", "is it sunny?", "where is it?"]
+    turns = []
+    for n, question in enumerate(questions):
+        page.locator("#d-question").fill(question)
+        page.locator("#d-question").press("Enter")
+        request = urllib.request.Request(
+            f"{library['base']}/api/images/{first}/chat", data=json.dumps({"question": question, "turns": turns}).encode(),
+            headers={"Content-Type": "application/json"}, method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=60) as r:
+            want = json.loads(r.read())["answer"]
+        expect(page.locator("#d-answer")).to_have_text(want or "(no answer)")
+        expect(page.locator("#d-asked")).to_have_text(question)
+        expect(page.locator("#d-turns li")).to_have_count(n)  # the earlier turns
+        expect(page.locator("#d-ask-go")).to_be_enabled()
+        turns.append({"question": question, "answer": want})
+    assert page.locator("#d-turns li b").all_inner_texts() == questions[:2]
+    page.screenshot(path=screenshots / "chat.png")
+    page.locator("#d-new-chat").click()
+    expect(page.locator("#d-turns li")).to_have_count(0)
+    expect(page.locator("#d-answer")).to_have_text("")
+    expect(page.locator("#d-new-chat")).to_be_hidden()
