@@ -489,6 +489,7 @@ function openDetail(i) {
 
 function closeDetail() {
   const i = state.detail;
+  if (state.answering) state.answering.abort();  // no answer is wanted for a closed view
   $("detail").hidden = true;
   state.detail = -1;
   const tile = $("grid").children[i];
@@ -547,6 +548,9 @@ function askReset() {
   $("d-answer").textContent = "";
   $("d-answer").className = "";
   state.asking = (state.asking || 0) + 1;  // an answer for another photo is dropped
+  if (state.answering) state.answering.abort();  // and its generation stopped on the server
+  state.answering = null;
+  $("d-ask-go").disabled = false;
 }
 
 // The turns before the latest in the list; the latest question and its answer (as it
@@ -567,13 +571,18 @@ function showTurns(earlier = []) {
 }
 
 // The answer as server-sent events: `data: {"text"}` per piece, then `done` (or `error`).
-async function streamAnswer(url, body, onPiece) {
+async function streamAnswer(url, body, onPiece, signal) {
   const headers = { "Content-Type": "application/json", ...(apiKey() ? { "X-API-Key": apiKey() } : {}) };
   let response;
   try {
-    response = await fetch(url, { method: "POST", headers, body: JSON.stringify({ ...body, stream: true }) });
+    response = await fetch(url, { method: "POST", headers, body: JSON.stringify({ ...body, stream: true }), signal });
   } catch (e) {
+    if (e.name === "AbortError") throw e;
     throw new ApiError(0, "cannot reach the search service: is `searchengine serve` running?");
+  }
+  if (response.status === 401) {
+    const key = prompt("This search service needs an API key:");
+    if (key) { localStorage.setItem("searchengine.api_key", key); return streamAnswer(url, body, onPiece, signal); }
   }
   if (!response.ok) {
     let message = `the service answered ${response.status}`;
@@ -591,9 +600,11 @@ async function streamAnswer(url, body, onPiece) {
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
       const block = buffer.slice(0, cut);
       buffer = buffer.slice(cut + 2);
+      const line = block.match(/^data: (.*)$/m);
+      if (!line) continue;  // a comment or keep-alive
       const event = (block.match(/^event: (.*)$/m) || [null, "message"])[1];
-      const data = JSON.parse((block.match(/^data: (.*)$/m) || [null, "{}"])[1]);
-      if (event === "message") onPiece(data.text);
+      const data = JSON.parse(line[1]);
+      if (event === "message" && typeof data.text === "string") onPiece(data.text);
       else if (event === "done") return data;
       else if (event === "error") throw new ApiError(500, data.error);
     }
@@ -615,13 +626,16 @@ async function ask(e) {
   $("d-answer").textContent = "Thinking…";
   $("d-ask-go").disabled = true;
   let text = "";
+  const controller = new AbortController();
+  state.answering = controller;
   try {
-    const done = await streamAnswer(`/api/images/${h.id}/chat`, { question, turns }, (piece) => {
+    // The server drops the oldest turns that do not fit the model; it takes at most 50.
+    const done = await streamAnswer(`/api/images/${h.id}/chat`, { question, turns: turns.slice(-50) }, (piece) => {
       if (asking !== state.asking) return;
       text += piece;
       $("d-answer").className = "answer";
       $("d-answer").textContent = text;
-    });
+    }, controller.signal);
     if (asking !== state.asking) return;
     $("d-answer").className = "answer";
     $("d-answer").textContent = done.answer || "(no answer)";
@@ -629,13 +643,16 @@ async function ask(e) {
     state.turns = turns.concat([{ question, answer: done.answer }]);
     $("d-new-chat").hidden = false;
   } catch (err) {
-    if (asking !== state.asking) return;
+    if (asking !== state.asking || err.name === "AbortError") return;
     state.turns = turns;
     $("d-answer").className = "error";
     $("d-answer").textContent = err.message;
     if (err.status === 503) { state.vqa = { available: false }; }
   } finally {
-    $("d-ask-go").disabled = false;
+    if (asking === state.asking) {
+      $("d-ask-go").disabled = false;
+      state.answering = null;
+    }
   }
 }
 
@@ -938,7 +955,11 @@ function wire() {
   }, { rootMargin: "600px" }).observe($("sentinel"));
 }
 
-function closeDetailSilently() { $("detail").hidden = true; state.detail = -1; }
+function closeDetailSilently() {
+  if (state.answering) state.answering.abort();
+  $("detail").hidden = true;
+  state.detail = -1;
+}
 
 async function start() {
   try {

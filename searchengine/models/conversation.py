@@ -54,7 +54,8 @@ def fit(turns: Sequence[Turn], question: str, tokens: Callable[[str], int], budg
         text = prompt(turns[start:], question)
         if tokens(text) <= budget:
             return text, len(turns) - start
-    raise QueryError(f"the question is too long for the model's context ({budget} tokens with the answer's); ask a shorter one")
+    raise QueryError(f"the question does not fit the model's context beside the answer's new tokens ({max(budget, 0)} tokens "
+                     "left for the prompt): ask a shorter question, or fewer max_new_tokens")
 
 
 @dataclass(frozen=True)

@@ -134,42 +134,61 @@ class Answerer:
 
     def stream(self, image: "Image.Image", turns: Sequence[Turn], question: str, decoding: Decoding = Decoding()) -> Iterator[str]:
         """The answer's text as it is generated, piece by piece (`clipped("".join(...))` is
-        `chat`'s answer). Beam search settles its answer only at the end: it comes in one piece."""
+        `chat`'s answer). What can be refused is refused here, before the first piece. Beam
+        search settles its answer only at the end: it comes in one piece. A reader that stops
+        early (closes the iterator: a client gone) stops the generation at its next token."""
         if not decoding.streams:
-            yield self.chat(image, turns, question, decoding).answer
-            return
-        import torch
-        from transformers import TextIteratorStreamer
-
+            return iter([self.chat(image, turns, question, decoding).answer])
         inputs, _, _ = self._prepare(image, turns, question, decoding)
+        return self._pieces(inputs, decoding)
+
+    def _pieces(self, inputs: dict, decoding: Decoding) -> Iterator[str]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failed: list[BaseException] = []
+        gone = threading.Event()
+
+        class ReaderGone(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return gone.is_set()
 
         def generate() -> None:
             try:
                 with self._lock, torch.inference_mode():
-                    self.model.generate(**inputs, **decoding.generate_kwargs(), streamer=streamer)
+                    self.model.generate(**inputs, **decoding.generate_kwargs(), streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([ReaderGone()]))
             except BaseException as e:  # noqa: BLE001 - handed to the reader below
                 failed.append(e)
                 streamer.end()
 
         thread = threading.Thread(target=generate, name="vqa-stream", daemon=True)
         thread.start()
-        yield from streamer
+        try:
+            yield from streamer
+        finally:
+            gone.set()
         thread.join()
         if failed:
             raise failed[0]
+
+    def prompt_tokens(self, text: str) -> int:
+        return len(self.processor.tokenizer(text)["input_ids"])
+
+    def prompt_budget(self, decoding: Decoding) -> int:
+        """The prompt's tokens that fit the language model's context beside the image's query
+        tokens and the answer's."""
+        config = self.model.config
+        context = getattr(config.text_config, "max_position_embeddings", None) or 512
+        return context - int(getattr(config, "num_query_tokens", 32)) - decoding.max_new_tokens
 
     def _prepare(self, image: "Image.Image", turns: Sequence[Turn], question: str, decoding: Decoding):
         """(the model's inputs, how many turns the prompt keeps, the question as asked)."""
         question = check_question(question)
         turns = check_turns(turns, check_question)
         decoding.checked()
-        config = self.model.config
-        context = getattr(config.text_config, "max_position_embeddings", None) or 512
-        budget = context - int(getattr(config, "num_query_tokens", 32)) - decoding.max_new_tokens
-        tokenizer = self.processor.tokenizer
-        text, kept = fit(turns, question, lambda t: len(tokenizer(t)["input_ids"]), budget)
+        text, kept = fit(turns, question, self.prompt_tokens, self.prompt_budget(decoding))
         inputs = self.processor(images=image, text=text, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)

@@ -36,7 +36,7 @@ from searchengine.models.retrieval import RetrievalModel
 from searchengine.search import Filters, Page, RankingCache, Searcher, SearchRequest
 from searchengine.config.settings import Settings
 from searchengine.store.records import FolderCount
-from searchengine.models.conversation import Decoding, Turn, check_turns
+from searchengine.models.conversation import Decoding, Turn, check_turns, fit
 from searchengine.models.vqa import ANSWER_TOKENS, Answer, LazyAnswerer, check_question
 from searchengine.media import heatmap
 from searchengine.models.explain import HeatMap
@@ -371,11 +371,12 @@ class QueryService:
         answer.timings_ms["total"] = sum(answer.timings_ms.values())
         return answer
 
-    def chat_stream(self, image_id: int, turns: list[Turn], question: str, decoding: Decoding) -> tuple[str, Iterator[str]]:
-        """(the model's name, the answer's pieces as they are generated). Everything that can
-        be refused is refused here, before the first piece."""
+    def chat_stream(self, image_id: int, turns: list[Turn], question: str, decoding: Decoding) -> tuple[str, int, Iterator[str]]:
+        """(the model's name, how many turns the prompt keeps, the answer's pieces as they are
+        generated). Everything that can be refused is refused here, before the first piece."""
         answerer, image, _ = self._for_answer(image_id, turns, question, decoding)
-        return answerer.name, answerer.stream(image, turns, question, decoding)
+        kept = fit(turns, question, answerer.prompt_tokens, answerer.prompt_budget(decoding))[1]
+        return answerer.name, kept, answerer.stream(image, turns, question, decoding)
 
     def _for_answer(self, image_id: int, turns: list[Turn], question: str, decoding: Decoding):
         """(the answerer, the image, ms to read it), the request checked first."""
@@ -396,12 +397,13 @@ class QueryService:
         the ViT output re-ranking scores it with; with `overlay`, drawn over its preview too."""
         query = check_query(query, self.settings.max_query_chars)
         t0 = time.perf_counter()
-        features = ItmFeatures(self.model, self.library, self.settings).get([image_id], {})
+        model = self.model  # one model for the features and the map (a re-index may switch it)
+        features = ItmFeatures(model, self.library, self.settings).get([image_id], {})
         if image_id not in features:
             self._open_indexed(image_id).close()  # why not: no such image, or its file is gone
             raise IndexedFileError(f"image {image_id}'s file cannot be read any more; re-index its folder")
         t1 = time.perf_counter()
-        heat = self.model.explain(query, features[image_id])
+        heat = model.explain(query, features[image_id])
         timings = {"features": (t1 - t0) * 1000, "explain": (time.perf_counter() - t1) * 1000}
         png = None
         if overlay:
@@ -415,11 +417,13 @@ class QueryService:
         `preview_size`); decodes take turns as searches by an upload do."""
         query = check_query(query, self.settings.max_query_chars)
 
+        model = self.model  # one model for the ViT and the map (a re-index may switch it)
+
         def work(image: Image.Image) -> Explained:
             t0 = time.perf_counter()
-            size = self.model.image_size
-            vit = self.model.vit(self.model.preprocess([image.resize((size, size), Image.Resampling.BICUBIC)]))
-            heat = self.model.explain(query, vit)
+            size = model.image_size
+            vit = model.vit(model.preprocess([image.resize((size, size), Image.Resampling.BICUBIC)]))
+            heat = model.explain(query, vit)
             image.thumbnail((self.settings.preview_size, self.settings.preview_size), Image.Resampling.LANCZOS)
             png = heatmap.overlay(image, heat.grid)
             return Explained(None, query, heat, {"explain": (time.perf_counter() - t0) * 1000}, png)

@@ -156,11 +156,12 @@ def _with_texts(
 
 
 def similarity(itc: np.ndarray, texts: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """ITC [N, T]: for each image and text, the best of the image's vectors' dot products."""
+    """ITC [N, T]: for each image and text, the best of the image's vectors' dot products. A
+    score that is not a number (weights that diverged in training) ranks last, never first."""
     out = np.empty((len(itc), len(texts)), np.float32)
     for s in range(0, len(itc), chunk):
         out[s:s + chunk] = np.einsum("nqd,td->ntq", itc[s:s + chunk], texts, optimize=True).max(axis=2)
-    return out
+    return np.nan_to_num(out, nan=-np.inf)
 
 
 def rank_of(scores: np.ndarray, right: np.ndarray) -> int:
@@ -177,7 +178,7 @@ def reranked_rank(itc: np.ndarray, right: np.ndarray, top: np.ndarray, itm: np.n
     """Rank of the best-placed right answer when the `top` candidates (by ITC) rank first by
     ITM + ITC, and the rest follow by ITC."""
     final = np.full(len(itc), -np.inf, np.float32)
-    final[top] = itm + itc[top]
+    final[top] = np.nan_to_num(itm + itc[top], nan=-np.inf)  # not a number: last
     in_top = np.zeros(len(itc), bool)
     in_top[top] = True
     best = len(itc)

@@ -42,7 +42,7 @@ from searchengine.util.durable import write_json
 from searchengine.config.settings import Settings
 from searchengine.tuning import evaluation, lr_sweep
 from searchengine.tuning.datasets import CaptionedSet
-from searchengine.tuning.training import Schedule, Trainer
+from searchengine.tuning.training import Diverged, Schedule, Trainer
 from searchengine.tuning.vit_cache import Batches, ViTCache
 from searchengine.tuning.vision import VisionSplit
 
@@ -196,6 +196,9 @@ def run(
         state = {"step": 0, "history": [], "best": {"epoch": 0, "recalls": held.itc(model, split, settings), "weights": base}}
     fit = _Fit(trainer, batches, held, settings, work, key, before, lr, trials)
     fit.train(state, total, on_stage("fine-tuning", total), progress)
+    if fit.diverged is not None:
+        on_note(f"the loss stopped being a number at step {fit.diverged}: training stopped there; "
+                f"the best epoch's weights are kept (try a lower --lr)")
     model.model.load_state_dict(fit.best["weights"], strict=False)
     model.model.eval()
     after = (_measure(model, evaluation.from_vit(model, held.emb, settings), config, on_stage, "measuring after") if not split.trained
@@ -255,13 +258,17 @@ def _learning_rate(model, split, batches: Batches, held: Held, config: Config, s
 
         trainer = Trainer(model, VisionSplit(model, 0), config.schedule(lr, steps), weight_decay=config.weight_decay,
                           layer_decay=config.layer_decay, temp_init=config.temp_init, smoothing=config.label_smoothing, seed=config.seed)
-        for step in range(steps):
-            cached, texts, rng = batches.at(step)
-            with torch.no_grad():
-                vit = split.tail(cached)
-            trainer.step(step, vit, texts, rng)
-            progress(1)
-        recalls = held.itc(model, split, settings)
+        try:
+            for step in range(steps):
+                cached, texts, rng = batches.at(step)
+                with torch.no_grad():
+                    vit = split.tail(cached)
+                trainer.step(step, vit, texts, rng)
+                progress(1)
+            recalls = held.itc(model, split, settings)
+        except Diverged:  # the worst a trial can do
+            recalls = {**{f"R@{k}": 0.0 for k in evaluation.KS}, "mean": 0.0}
+            progress(steps - step)
         model.model.load_state_dict(base, strict=False)
         return recalls
 
@@ -302,6 +309,7 @@ class _Fit:
         self.trainer, self.batches, self.held, self.settings = trainer, batches, held, settings
         self.work, self.key, self.kept = work, key, {"before": before, "lr": lr, "trials": trials}
         self.step, self.history, self.best = 0, [], {}
+        self.diverged: int | None = None  # the step whose loss was not a number, where one was
 
     def train(self, state: dict, total: int, bar: Callable[[int], None], progress: _Progress) -> None:
         config = progress.config
@@ -325,7 +333,11 @@ class _Fit:
                     break
                 t0 = time.perf_counter()
                 busy = True  # weights and step disagree until the step is counted
-                losses = self.trainer.step(self.step, *self.batches.at(self.step))
+                try:
+                    losses = self.trainer.step(self.step, *self.batches.at(self.step))
+                except Diverged:
+                    busy, self.diverged = False, self.step + 1
+                    break
                 self.step += 1
                 busy = False
                 bar(1)

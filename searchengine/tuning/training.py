@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from searchengine.config.devices import is_cuda
+from searchengine.errors import FinetuneError
 from searchengine.tuning.vision import VisionSplit
 
 if TYPE_CHECKING:
@@ -99,6 +100,14 @@ def batch_losses(
     return loss_itc, F.cross_entropy(itm.float(), labels)
 
 
+class Diverged(FinetuneError):
+    """The loss stopped being a number: the learning rate is too high for this model and set."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"the loss is not a number at step {step + 1}: the learning rate is too high")
+        self.step = step
+
+
 @dataclass
 class Losses:
     itc: float
@@ -144,8 +153,11 @@ class Trainer:
         share = self.schedule.hard_share(step)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=is_cuda(str(self.model.device))):  # float32 weights, bf16 maths
             loss_itc, loss_itm = batch_losses(self.model, self.split.tail(vit), texts, self.temp, rng, share, self.smoothing)
+        loss = loss_itc + loss_itm
+        if not bool(torch.isfinite(loss.detach())):
+            raise Diverged(step)  # before the update: the weights are those of the step before
         self.opt.zero_grad(set_to_none=True)
-        (loss_itc + loss_itm).backward()
+        loss.backward()
         self.opt.step()
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)

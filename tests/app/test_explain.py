@@ -97,6 +97,12 @@ def test_an_upload_is_explained_and_drawn_over(squares):
     assert body["image_id"] is None and np.array(body["grid"]).shape == (8, 8)
     drawn = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
     assert drawn.format == "PNG" and drawn.size == (200, 200)  # the upload, at preview_size at most
+    # A photo's size of upload (over the 1 MiB a JSON body may have) is taken as uploads are.
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (900, 900, 3), dtype=np.uint8)).save(big, "PNG")
+    assert big.tell() > 2 << 20
+    r = client.post("/api/explain", files={"image": ("big.png", big.getvalue(), "image/png")}, data={"q": "a red square"})
+    assert r.status_code == 200, r.text
 
 
 def test_what_it_refuses(squares):

@@ -37,7 +37,7 @@ def test_turns_are_cut_from_the_oldest_until_the_prompt_fits():
                          (words(prompt([], "and now?")), 0)):
         text, n = fit(TURNS, "and now?", words, budget)
         assert n == kept and text == prompt(TURNS[20 - kept:], "and now?") and words(text) <= budget
-    with pytest.raises(QueryError, match="too long for the model's context"):
+    with pytest.raises(QueryError, match="does not fit the model's context beside the answer's new tokens"):
         fit(TURNS, "and now?", words, 2)
 
 
@@ -99,3 +99,37 @@ def test_a_streamed_answer_equals_the_whole_one(blip2):
         assert len(pieces) >= (1 if decoding.method == "beam" else 2)  # token by token where it can
     with pytest.raises(QueryError, match="question is empty"):
         list(answerer.stream(image, turns, "   ", Decoding()))
+
+
+def test_a_reader_that_stops_early_stops_the_generation(blip2):
+    """A client gone (the iterator closed after its first piece) ends the generation at its
+    next token, and frees the model for the next question."""
+    import time
+
+    _, answerer = blip2
+    language_model = answerer.model.language_model
+    forward, lengths = language_model.forward, []
+
+    def slow(*args, **kwargs):  # 20 ms a token, so that the whole answer would take 0.8 s
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    generate = answerer.model.generate
+
+    def counted(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        lengths.append(out.shape[1])
+        return out
+
+    language_model.forward, answerer.model.generate = slow, counted
+    try:
+        pieces = answerer.stream(picture(2), [], "what is it?", Decoding(max_new_tokens=40))
+        next(pieces)
+        pieces.close()
+        assert answerer._lock.acquire(timeout=5)  # the generation let go of the model
+        answerer._lock.release()
+        whole = answerer.chat(picture(2), [], "what is it?", Decoding(max_new_tokens=40))
+    finally:
+        language_model.forward, answerer.model.generate = forward, generate
+    assert len(lengths) == 2 and lengths[0] < lengths[1], lengths  # stopped early; the full answer is longer
+    assert whole.answer

@@ -381,3 +381,22 @@ def test_a_resumed_run_keeps_the_learning_rate_it_chose(tmp_path, colour_model_d
     assert again[0] == f"learning rate {chosen:.0e}, chosen before" and not any("held-out R@1" in n for n in again), again
     assert again[1].startswith("resuming from step 3 of")
     assert report.lr == chosen and len(report.lr_trials) == 6
+
+
+def test_weights_that_diverge_rank_last_and_stop_the_run(tmp_path, colour_model_dir):
+    """A score that is not a number ranked first (every rank 0: R@1 100), so a diverged trial
+    or epoch won. Now it ranks last, and a loss that is not a number stops training, the best
+    epoch's weights kept."""
+    from searchengine.tuning import evaluation
+
+    nan = np.full((3, 2, 4), np.nan, np.float32)
+    scores = evaluation.similarity(nan, np.ones((3, 4), np.float32))
+    assert [evaluation.rank_of(scores[:, t], np.array([t])) for t in range(3)] == [0, 1, 2]  # by index, as ties
+    (tmp_path / "set").mkdir()
+    data = datasets.load(new_domain(tmp_path / "set", per_colour=3))
+    notes = []
+    report = finetune.run(load(colour_model_dir), data, tmp_path / "out", Config(epochs=3, batch_size=4, lr=1e9, held_out=0.25, k_test=5),
+                          settings_for(tmp_path, batch_size=4), on_note=notes.append)
+    assert any(n.startswith("the loss stopped being a number at step") for n in notes), notes
+    assert report.stopped_early and report.best_epoch == 0
+    assert report.after == report.before  # the base model's weights, measured again

@@ -184,7 +184,7 @@ def install(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     key = settings.api_key.get_secret_value() if settings.api_key else None
     # Inside the guard (added first): a refused body is logged and counted like any answer.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes,
-                       upload_paths={"/api/search/image"})
+                       upload_paths={"/api/search/image", "/api/explain"})
 
     @app.middleware("http")
     async def guard_and_log(request: Request, call_next):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import mimetypes
 import time
 from typing import Iterator
@@ -15,7 +16,10 @@ from starlette.background import BackgroundTask
 
 from searchengine.app.api.deps import Files, ImageId, Service
 from searchengine.app.api.schemas import FILE_RESPONSES, AskIn, AskOut, ChatIn, ChatOut, ErrorOut, ImageOut, VqaOut
+from searchengine.errors import SearchEngineError
 from searchengine.models.vqa import clipped
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -85,13 +89,14 @@ async def chat(service: Service, image_id: ImageId, body: ChatIn):
     if not body.stream:
         answer = await asyncio.to_thread(service.chat, image_id, turns, body.question, decoding)
         return ChatOut(**answer.as_json(), kept_turns=answer.kept_turns)
-    model, pieces = await asyncio.to_thread(service.chat_stream, image_id, turns, body.question, decoding)
-    return StreamingResponse(sse(body.question, model, pieces), media_type="text/event-stream",
+    model, kept, pieces = await asyncio.to_thread(service.chat_stream, image_id, turns, body.question, decoding)
+    return StreamingResponse(sse(body.question, model, kept, pieces), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-def sse(question: str, model: str, pieces) -> Iterator[str]:
-    """Server-sent events of an answer's pieces (run in the thread pool: `pieces` blocks)."""
+def sse(question: str, model: str, kept: int, pieces) -> Iterator[str]:
+    """Server-sent events of an answer's pieces (run in the thread pool: `pieces` blocks). A
+    client that goes away closes this generator, and with it the generation."""
     t0 = time.perf_counter()
     first, text = None, []
     try:
@@ -101,10 +106,16 @@ def sse(question: str, model: str, pieces) -> Iterator[str]:
             text.append(piece)
             yield f"data: {json.dumps({'text': piece})}\n\n"
     except Exception as e:  # noqa: BLE001 - the status line has gone: say it in the stream
-        yield f"event: error\ndata: {json.dumps({'error': str(e)})}\n\n"
+        log.exception("the answer stopped while it streamed")
+        said = str(e) if isinstance(e, SearchEngineError) else "the answer could not be finished (the server's log says why)"
+        yield f"event: error\ndata: {json.dumps({'error': said})}\n\n"
         return
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
     total = (time.perf_counter() - t0) * 1000
-    done = {"question": question, "answer": clipped("".join(text)), "model": model,
+    done = {"question": question, "answer": clipped("".join(text)), "model": model, "kept_turns": kept,
             "timings_ms": {"first_piece": first if first is not None else total, "total": total}}
     yield f"event: done\ndata: {json.dumps(done)}\n\n"
 
