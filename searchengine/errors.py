@@ -105,6 +105,14 @@ class FinetuneError(SearchEngineError):
     """The run cannot start (an output folder in the way, an interrupted run of other settings)."""
 
 
+class Diverged(FinetuneError):
+    """A fine-tune's loss stopped being a number: the learning rate is too high for this model and set."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"the loss is not a number at step {step + 1}: the learning rate is too high")
+        self.step = step
+
+
 class Stopped(Exception):
     """`Indexer.stop` was called: the run ended between two batches, with every batch before
     committed; the files of the one on its way are handled by the next run."""

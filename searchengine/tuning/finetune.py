@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from searchengine.errors import FinetuneError
+from searchengine.errors import Diverged, FinetuneError
 from searchengine.util.durable import write_json
 from searchengine.config.settings import Settings
 from searchengine.tuning import evaluation, lr_sweep
 from searchengine.tuning.datasets import CaptionedSet
-from searchengine.tuning.training import Diverged, Schedule, Trainer
+from searchengine.tuning.training import Schedule, Trainer
 from searchengine.tuning.vit_cache import Batches, ViTCache
 from searchengine.tuning.vision import VisionSplit
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from searchengine.config.devices import is_cuda
-from searchengine.errors import FinetuneError
+from searchengine.errors import Diverged
 from searchengine.tuning.vision import VisionSplit
 
 if TYPE_CHECKING:
@@ -98,14 +98,6 @@ def batch_losses(
     labels = torch.tensor([1] * b + [0] * (len(pairs_text) - b), device=model.device)
     itm = model.itm_logits(ids[pairs_text], mask[pairs_text], vit[pairs_image])
     return loss_itc, F.cross_entropy(itm.float(), labels)
-
-
-class Diverged(FinetuneError):
-    """The loss stopped being a number: the learning rate is too high for this model and set."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__(f"the loss is not a number at step {step + 1}: the learning rate is too high")
-        self.step = step
 
 
 @dataclass
