@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import photos  # noqa: E402
-from benchmarks.vqa import QUESTIONS, build  # noqa: E402
+from benchmarks.vqa import QUESTIONS, built  # noqa: E402
 
 
 def main() -> None:
@@ -29,18 +29,10 @@ def main() -> None:
     args = parser.parse_args()
     from PIL import Image
 
-    from searchengine.app.wiring import use_threads
-    from searchengine.config.settings import Settings
     from searchengine.models.conversation import Decoding, Turn
-    from searchengine.models.loading import resolve_device, resolve_dtype
     from searchengine.models.vqa import Answerer, clipped
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype("auto", device)
-    use_threads(Settings(), device)
-    t = time.perf_counter()
-    model, processor = build(device, dtype)
-    print(f"BLIP-2 OPT-2.7b architecture, {dtype} on {device}: built in {time.perf_counter() - t:.0f} s", flush=True)
+    device, _, model, processor = built(args.device)
     image = Image.open(photos(1)[0]).convert("RGB")
     answerer = Answerer("blip2-opt-2.7b (random)", model, processor, device=device)
     decoding = Decoding(max_new_tokens=args.tokens)

@@ -62,6 +62,24 @@ def build(device: str, dtype):
     return model, processor
 
 
+def built(device_name: str):
+    """(device, dtype, model, processor): the architecture built on the device the name
+    resolves to, in the dtype `auto` picks there, with the product's thread settings."""
+    from searchengine.app.wiring import use_threads
+    from searchengine.config.settings import Settings
+    from searchengine.models.loading import resolve_device, resolve_dtype
+
+    device = resolve_device(device_name)
+    dtype = resolve_dtype("auto", device)
+    use_threads(Settings(), device)
+    t = time.perf_counter()
+    model, processor = build(device, dtype)
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    print(f"BLIP-2 OPT-2.7b architecture, {params:.2f} B parameters, {dtype} on {device}: built in {time.perf_counter() - t:.0f} s",
+          flush=True)
+    return device, dtype, model, processor
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=3)
@@ -70,19 +88,9 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from searchengine.models.loading import resolve_device, resolve_dtype
     from searchengine.models.vqa import Answerer
-    from searchengine.app.wiring import use_threads
-    from searchengine.config.settings import Settings
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype("auto", device)
-    use_threads(Settings(), device)
-    t = time.perf_counter()
-    model, processor = build(device, dtype)
-    params = sum(p.numel() for p in model.parameters()) / 1e9
-    print(f"BLIP-2 OPT-2.7b architecture, {params:.2f} B parameters, {dtype} on {device}: built in {time.perf_counter() - t:.0f} s",
-          flush=True)
+    device, _, model, processor = built(args.device)
     images = [Image.open(p).convert("RGB") for p in photos(args.questions)]
     full = Answerer("blip2-opt-2.7b (random)", model, processor, device=device)
     first = Answerer("blip2-opt-2.7b (random)", model, processor, device=device, max_new_tokens=1)

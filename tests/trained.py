@@ -36,19 +36,27 @@ def colour_picture(colour: str, rng: np.random.Generator, size: int = 48) -> Ima
     return Image.fromarray(np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8))
 
 
-def train_colour_model(out_dir: Path, *, steps: int = STEPS, seed: int = 0) -> Path:
+def untrained(out_dir: Path, seed: int, image_size: int | None = None):
+    """(the tiny model, its processor, a generator), random from `seed`, torch seeded too."""
     import torch
-    from torch.nn import functional as F
     from transformers import AutoProcessor, Blip2ForImageTextRetrieval
 
     from searchengine.models.tiny import build_tiny_model
 
-    base = build_tiny_model(Path(out_dir) / "untrained", seed=seed)
+    base = build_tiny_model(Path(out_dir) / "untrained", seed=seed, image_size=image_size)
     model = Blip2ForImageTextRetrieval.from_pretrained(base)
     processor = AutoProcessor.from_pretrained(base)
-    names = list(COLOURS)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
+    return model, processor, rng
+
+
+def train_colour_model(out_dir: Path, *, steps: int = STEPS, seed: int = 0) -> Path:
+    import torch
+    from torch.nn import functional as F
+
+    model, processor, rng = untrained(out_dir, seed)
+    names = list(COLOURS)
     tok = processor.tokenizer
 
     def text(colour: str) -> str:  # the colour word with any other word around it
@@ -236,16 +244,9 @@ def two_squares(rng: np.random.Generator, size: int = OBJECT_SIZE, side: tuple[i
 def train_object_model(out_dir: Path, *, steps: int = OBJECT_STEPS, seed: int = 0) -> Path:
     import torch
     from torch.nn import functional as F
-    from transformers import AutoProcessor, Blip2ForImageTextRetrieval
 
-    from searchengine.models.tiny import build_tiny_model
-
-    base = build_tiny_model(Path(out_dir) / "untrained", seed=seed, image_size=OBJECT_SIZE)
-    model = Blip2ForImageTextRetrieval.from_pretrained(base)
-    processor = AutoProcessor.from_pretrained(base)
+    model, processor, rng = untrained(out_dir, seed, OBJECT_SIZE)
     names = list(COLOURS)
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
     tok = processor.tokenizer
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     model.train()

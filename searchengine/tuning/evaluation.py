@@ -199,9 +199,10 @@ def top_by_itc(scores: np.ndarray, k: int) -> np.ndarray:
     return order[:k]
 
 
-def itc_recalls(emb: Embedded) -> dict[str, dict[str, float]]:
-    """(a) by ITC alone, without ITM: {"text_to_image": recalls, "image_to_text": recalls}."""
-    sim = similarity(emb.itc, emb.texts)[:, emb.text_of]  # [N, T]
+def itc_recalls(emb: Embedded, sim: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """(a) by ITC alone, without ITM: {"text_to_image": recalls, "image_to_text": recalls};
+    `sim`: the [N, T] similarities where the caller has them."""
+    sim = similarity(emb.itc, emb.texts)[:, emb.text_of] if sim is None else sim  # [N, T]
     data = emb.data
     per_image = data.image_texts()
     return {
@@ -240,7 +241,7 @@ def in_memory(
         i2t_itm.append(reranked_rank(row, right, top, itm))
         progress(1)
     return {
-        "itc": itc_recalls(emb),
+        "itc": itc_recalls(emb, sim),
         "itm": {"text_to_image": recalls(np.array(t2i_itm)), "image_to_text": recalls(np.array(i2t_itm))},
     }
 
